@@ -1,0 +1,229 @@
+"""`ctedge` command line: a thin shell over the library.
+
+TensorFlow is imported only inside the commands that need it, so `predict`
+and `bench` run on the base install.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import CtedgeError
+from .progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Put a chest-CT COVID-19 classifier onto edge hardware.\n\n"
+                       "Workflow: `ctedge train DATA` (or `ctedge tune DATA`), "
+                       "`ctedge export --onnx`, `ctedge bench`.")
+
+# Options shared by several commands.
+DataArg = Annotated[Path, typer.Argument(help="Data folder: one subfolder per class.")]
+SplitDir = Annotated[Optional[Path], typer.Option(
+    help="Folder of official split lists ({train,val,test}_CLASS.txt).")]
+Positive = Annotated[Optional[str], typer.Option(help="Positive class folder (detected when unset).")]
+Clean = Annotated[str, typer.Option(help="Images with coloured annotation marks: drop|report|off.")]
+GroupRegex = Annotated[Optional[str], typer.Option(
+    help="Regex on file names giving the group (patient/source); its first group is used.")]
+Seed = Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")]
+ImageSize = Annotated[int, typer.Option(help="Model input size in pixels (B3 native: 300).")]
+Weights = Annotated[str, typer.Option(help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5.")]
+JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON ('-' for stdout).")]
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)])
+
+
+def command(func):
+    """Register a command: clear message and exit code for user errors, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        _setup_logging()
+        try:
+            return func(*args, **kwargs)
+        except CtedgeError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return app.command()(wrapper)
+
+
+def write_json(result: dict, path: Path | None) -> None:
+    if path is None:
+        return
+    text = json.dumps(result, indent=2, default=str)
+    if str(path) == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ctedge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Put a chest-CT COVID-19 classifier onto edge hardware."""
+
+
+@command
+def train(
+    data: DataArg,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/train-TIME).")] = None,
+    split_dir: SplitDir = None,
+    positive: Positive = None,
+    clean: Clean = "drop",
+    group_regex: GroupRegex = None,
+    test_fraction: Annotated[float, typer.Option(help="Test part of a random split.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Validation part carved from train.")] = 0.2,
+    seed: Seed = 42,
+    image_size: ImageSize = 300,
+    window_low: Annotated[float, typer.Option(help="HU window low end.")] = -1000.0,
+    window_high: Annotated[float, typer.Option(help="HU window high end.")] = 400.0,
+    centre: Annotated[float, typer.Option(help="Zero-centre subtracted after windowing.")] = 0.25,
+    rotation: Annotated[float, typer.Option(help="Augmentation: max rotation (degrees).")] = 15.0,
+    shift: Annotated[float, typer.Option(help="Augmentation: max width/height shift (fraction).")] = 0.1,
+    flip: Annotated[bool, typer.Option(help="Augmentation: random horizontal flip.")] = True,
+    zoom: Annotated[float, typer.Option(help="Augmentation: max zoom in/out (padding) fraction.")] = 0.1,
+    weights: Weights = "imagenet",
+    units: Annotated[int, typer.Option(help="Width of the head's dense layer.")] = 256,
+    dropout: Annotated[float, typer.Option(help="Dropout after the dense layer.")] = 0.0,
+    freeze_backbone: Annotated[Optional[bool], typer.Option(
+        "--freeze-backbone/--train-backbone",
+        help="Train only the head (default: yes with pretrained weights, no with --weights none).")] = None,
+    fine_tune_blocks: Annotated[int, typer.Option(help="Also train the top N backbone blocks (1-7).")] = 0,
+    epochs: Annotated[int, typer.Option(help="Epochs (paper: 100).")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Batch size (paper: 16).")] = 16,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Adam learning rate (paper: 5e-5).")] = 5e-5,
+    early_stopping: Annotated[bool, typer.Option(help="Stop when validation AUC stops improving.")] = True,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience (epochs).")] = 10,
+    checkpoint_best: Annotated[bool, typer.Option(help="Keep the epoch with the best validation AUC.")] = True,
+    json_out: JsonOut = None,
+) -> None:
+    """Train EfficientNetB3 + the paper's head on a data folder.
+
+    Example: `ctedge train ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits
+    --weights none --image-size 128 --epochs 3`
+    """
+    from .data import DataOptions
+    from .model import ModelConfig
+    from .preprocess import AugmentConfig, PreprocessConfig
+    from .train import TrainConfig, default_run_dir
+    from .train import train as run_training
+
+    run_dir = out or default_run_dir()
+    summary = run_training(
+        DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
+                    test_fraction, val_fraction, group_regex, clean),
+        TrainConfig(epochs, batch_size, learning_rate, early_stopping, patience, checkpoint_best, seed),
+        ModelConfig(weights, units, dropout, 4, freeze_backbone, fine_tune_blocks),
+        PreprocessConfig(image_size, window_low, window_high, centre,
+                         AugmentConfig(rotation, shift, flip, zoom)),
+        run_dir)
+    result = summary["result"]
+    for name, part in summary["splits"].items():
+        if part["unreadable"]:
+            console.print(f"[yellow]{name}: skipped {len(part['unreadable'])} unreadable file(s):[/]")
+            for item in part["unreadable"]:
+                console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+        if part["dropped"]:
+            console.print(f"{name}: dropped {len(part['dropped'])} image(s) with annotation marks")
+    best = {k: v for k, v in result.items() if k.startswith("best_")}
+    console.print(f"[green]trained[/] {result['epochs_run']} epoch(s) in {result['seconds']:.0f} s, "
+                  f"{result['images_per_s']:.1f} images/s, "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in best.items()))
+    console.print(f"run folder: {run_dir} (model.keras, config.json, history.csv, "
+                  "training_curves.png, tensorboard/)")
+    write_json(summary, json_out)
+
+
+def print_metrics(report: dict) -> None:
+    """Metric table with CIs, confusion matrix and operating points."""
+    from rich.table import Table
+
+    table = Table(title=f"{report['split']} split: {report['images']} images "
+                        f"({report['positive']} positive), threshold {report['threshold']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% CI", justify="right")
+    for name, entry in report["metrics"].items():
+        lo, hi = entry["ci95"]
+        table.add_row(name, f"{entry['value']:.3f}", f"{lo:.3f} - {hi:.3f}")
+    console.print(table)
+    (tn, fp), (fn, tp) = report["confusion"]
+    console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {report['ece']:.3f}")
+    for name, value in report["operating_points"].items():
+        console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
+
+
+@command
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Trained model (.keras).")],
+    data: DataArg,
+    split: Annotated[str, typer.Option(help="train | val | test | all")] = "val",
+    threshold: Annotated[float, typer.Option(help="Decision threshold on P(positive).")] = 0.5,
+    split_dir: SplitDir = None,
+    group_regex: GroupRegex = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default beside the model).")] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Accuracy, precision, sensitivity, specificity, F1 and AUC with bootstrap 95% CIs,
+    confusion matrix, ROC and calibration plots.
+
+    The split settings of the training run (config.json beside the model) are
+    reused, so `val` means the same images. Example:
+    `ctedge evaluate runs/train-X/model.keras ../shared/data/covid-ct --split val`
+    """
+    from .evaluate import evaluate as run_evaluation
+
+    report = run_evaluation(model, data, split, threshold, out, resamples,
+                            split_dir=str(split_dir) if split_dir else None, group_regex=group_regex)
+    print_metrics(report)
+    console.print(f"plots and metrics.json in {report['out_dir']}")
+    write_json(report, json_out)
+
+
+@command
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, run and report.")] = Path("demo"),
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
+    per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 100,
+    json_out: JsonOut = None,
+) -> None:
+    """Generate synthetic CT-like phantoms, train a small model (weights none, 64 px),
+    evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU."""
+    from .demo import run_demo
+
+    report = run_demo(out, epochs, per_class)
+    print_metrics(report["evaluation"])
+    console.print(report["verdict"])
+    console.print(f"data: {report['data']}\nrun:  {report['run_dir']}\n"
+                  f"took {report['seconds']:.0f} s")
+    write_json(report, json_out)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,266 @@
+"""Data sets: class folders, splits made before anything else, cached decoding.
+
+A data set is a folder with one subfolder per class (COVID-CT's ``CT_COVID/``
+and ``CT_NonCOVID/`` work as they are). Splits come from official split lists
+(``--split-dir``) or a stratified, seeded split; augmentation happens later,
+in training, on the training part only, so the paper's leak (augmenting before
+splitting) cannot happen here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CtedgeError, UnreadableImage
+from .imageio import SUPPORTED_SUFFIXES, read_image
+from .preprocess import PreprocessConfig, annotation_fraction, to_model_input
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+CLEAN_MODES = ("drop", "report", "off")
+ANNOTATION_MIN_FRACTION = 0.001
+_POSITIVE_HINT = re.compile(r"covid|positive|pos\b|abnormal|disease", re.I)
+_NEGATIVE_HINT = re.compile(r"non|neg|normal|healthy", re.I)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 1 = positive class
+    class_name: str
+
+
+@dataclass
+class DataSet:
+    root: Path
+    class_names: list[str]  # [negative, positive]
+    samples: list[Sample]
+
+    @property
+    def positive(self) -> str:
+        return self.class_names[1]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in SUPPORTED_SUFFIXES)
+
+
+def _pick_positive(names: list[str]) -> str:
+    hinted = [n for n in names if _POSITIVE_HINT.search(n) and not _NEGATIVE_HINT.search(n)]
+    if len(hinted) == 1:
+        return hinted[0]
+    raise CtedgeError(f"cannot tell which class is positive among {names}; pass --positive NAME")
+
+
+def discover(root: str | Path, positive: str | None = None) -> DataSet:
+    """Find the two class folders under ``root`` and their image files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CtedgeError(f"data folder not found: {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and p.name != "splits")
+    files = {f.name: _image_files(f) for f in folders}
+    files = {name: found for name, found in files.items() if found or name == positive}
+    if len(files) != 2:
+        raise CtedgeError(
+            f"{root}: expected two class folders with images, found "
+            f"{len(files)} ({', '.join(files) or 'none'}); each class needs its own subfolder")
+    names = sorted(files)
+    positive = positive or _pick_positive(names)
+    if positive not in files:
+        raise CtedgeError(f"--positive {positive!r} is not a class folder of {root} ({names})")
+    for name, found in files.items():
+        if not found:
+            raise CtedgeError(f"class folder {root / name} has no images")
+    negative = next(n for n in names if n != positive)
+    samples = [Sample(p, int(name == positive), name) for name in (negative, positive)
+               for p in files[name]]
+    return DataSet(root=root, class_names=[negative, positive], samples=samples)
+
+
+def _class_for_list(list_suffix: str, class_names: list[str]) -> str | None:
+    wanted = list_suffix.lower()
+    matches = [c for c in class_names
+               if c.lower() == wanted or c.lower().endswith("_" + wanted)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def split_from_lists(dataset: DataSet, split_dir: str | Path) -> dict[str, list[Sample]]:
+    """Use official split lists: ``{train,val,test}_{CLASS}.txt``, one file name a line."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise CtedgeError(f"split folder not found: {split_dir}")
+    by_name = {(s.class_name, s.path.name): s for s in dataset.samples}
+    parts: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    used: set[Path] = set()
+    missing = 0
+    for list_file in sorted(split_dir.glob("*.txt")):
+        part, _, suffix = list_file.stem.partition("_")
+        class_name = _class_for_list(suffix, dataset.class_names)
+        if part not in parts or class_name is None:
+            log.warning("ignoring split list %s (no matching part/class)", list_file)
+            continue
+        for line in list_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            sample = by_name.get((class_name, line.strip()))
+            if sample is None:
+                missing += bool(line.strip())
+                continue
+            if sample.path in used:
+                raise CtedgeError(f"{sample.path.name} is listed in more than one split ({list_file})")
+            used.add(sample.path)
+            parts[part].append(sample)
+    if not parts["train"]:
+        raise CtedgeError(f"{split_dir}: no split list names a training image of {dataset.root}")
+    if missing:
+        log.warning("%d file(s) named in %s are not in %s", missing, split_dir, dataset.root)
+    unlisted = len(dataset.samples) - len(used)
+    if unlisted:
+        log.warning("%d image(s) in %s are in no split list and are left out", unlisted, dataset.root)
+    return parts
+
+
+def group_of(path: Path, group_regex: str | None) -> str:
+    """The group (patient, source figure) of a file: the regex's first group."""
+    if not group_regex:
+        return path.name
+    match = re.search(group_regex, path.name)
+    if not match:
+        return path.name
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def random_split(dataset: DataSet, seed: int = 42, test_fraction: float = 0.2,
+                 val_fraction: float = 0.2, group_regex: str | None = None
+                 ) -> dict[str, list[Sample]]:
+    """Stratified, seeded train/val/test split; group-aware when a regex is given."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    def cut(samples: list[Sample], fraction: float, salt: int) -> tuple[list, list]:
+        if fraction <= 0:
+            return samples, []
+        labels = [s.label for s in samples]
+        groups = [group_of(s.path, group_regex) for s in samples]
+        folds = max(2, round(1 / fraction))
+        if min(np.bincount(labels, minlength=2)) < folds:
+            raise CtedgeError(f"too few images per class ({np.bincount(labels)}) to split "
+                              f"off {fraction:.0%}; add images or pass --split-dir")
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + salt)
+        keep, held = next(splitter.split(np.zeros(len(samples)), labels, groups))
+        return [samples[i] for i in keep], [samples[i] for i in held]
+
+    rest, test = cut(list(dataset.samples), test_fraction, 0)
+    train, val = cut(rest, val_fraction, 1)
+    return {"train": train, "val": val, "test": test}
+
+
+def make_splits(dataset: DataSet, split_dir: str | Path | None = None, seed: int = 42,
+                test_fraction: float = 0.2, val_fraction: float = 0.2,
+                group_regex: str | None = None) -> dict[str, list[Sample]]:
+    """Official lists when ``split_dir`` is given, else a stratified seeded split."""
+    if split_dir:
+        return split_from_lists(dataset, split_dir)
+    return random_split(dataset, seed, test_fraction, val_fraction, group_regex)
+
+
+@dataclass
+class LoadedSplit:
+    """Decoded model inputs of one split, and what was left out and why."""
+
+    x: np.ndarray  # (N, S, S, 3) float32, 0-255
+    y: np.ndarray  # (N,) int
+    paths: list[Path]
+    hashes: list[str]
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    annotated: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"images": len(self.y), "positive": int(self.y.sum()),
+                "negative": int(len(self.y) - self.y.sum()),
+                "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
+                "annotated": self.annotated, "dropped": self.dropped}
+
+
+def _decode(sample: Sample, config: PreprocessConfig):
+    try:
+        decoded = read_image(sample.path, config.window)
+    except UnreadableImage as exc:
+        return exc
+    digest = hashlib.sha256(sample.path.read_bytes()).hexdigest()
+    return (to_model_input(decoded.gray, config.image_size),
+            annotation_fraction(decoded.colour), digest)
+
+
+def load_split(samples: list[Sample], config: PreprocessConfig, clean: str = "drop",
+               progress: str | None = None, workers: int = 4) -> LoadedSplit:
+    """Decode and resize each image once; skip unreadable files with a warning."""
+    if clean not in CLEAN_MODES:
+        raise CtedgeError(f"--clean must be one of {CLEAN_MODES}, not {clean!r}")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda s: _decode(s, config), samples)
+        if progress:
+            from .progress import track
+            results = track(results, total=len(samples), description=progress)
+        results = list(results)
+    size = config.image_size
+    xs, ys, paths, hashes = [], [], [], []
+    loaded = LoadedSplit(np.zeros((0, size, size, 3), np.float32), np.zeros(0, int), [], [])
+    for sample, result in zip(samples, results):
+        if isinstance(result, UnreadableImage):
+            log.warning("skipping unreadable file %s", result)
+            loaded.unreadable.append((str(sample.path), result.reason))
+            continue
+        image, marks, digest = result
+        if clean != "off" and marks >= ANNOTATION_MIN_FRACTION:
+            loaded.annotated.append(str(sample.path))
+            if clean == "drop":
+                loaded.dropped.append(str(sample.path))
+                continue
+        xs.append(image)
+        ys.append(sample.label)
+        paths.append(sample.path)
+        hashes.append(digest)
+    if xs:
+        loaded.x = np.stack(xs)
+        loaded.y = np.asarray(ys, dtype=int)
+    loaded.paths, loaded.hashes = paths, hashes
+    return loaded
+
+
+@dataclass
+class DataOptions:
+    """How a data folder becomes splits; stored in run configs for reuse."""
+
+    root: str = ""
+    split_dir: str | None = None
+    positive: str | None = None
+    seed: int = 42
+    test_fraction: float = 0.2
+    val_fraction: float = 0.2
+    group_regex: str | None = None
+    clean: str = "drop"
+
+
+def load_data(options: DataOptions, config: PreprocessConfig, parts: tuple[str, ...] = SPLITS
+              ) -> tuple[DataSet, dict[str, LoadedSplit]]:
+    """Discover, split, then decode the requested parts (each image once)."""
+    dataset = discover(options.root, options.positive)
+    splits = make_splits(dataset, options.split_dir, options.seed, options.test_fraction,
+                         options.val_fraction, options.group_regex)
+    loaded = {}
+    for part in parts:
+        loaded[part] = load_split(splits[part], config, options.clean,
+                                  progress=f"decoding {part}" if splits[part] else None)
+        if splits[part] and not len(loaded[part].y):
+            raise CtedgeError(f"no readable images left in the {part} split of {options.root}")
+    return dataset, loaded

@@ -1,0 +1,108 @@
+"""`ctedge evaluate`: metrics with bootstrap CIs, confusion matrix, ROC, calibration."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .data import SPLITS, DataOptions, LoadedSplit, group_of, load_data
+from .errors import CtedgeError
+from .metrics import bootstrap_ci, calibration, confusion, operating_points, point_metrics
+from .plots import reliability, roc_curve
+from .preprocess import PreprocessConfig
+
+
+def run_config(model_path: Path) -> dict:
+    """The ``config.json`` written beside a trained model, or {}."""
+    path = model_path.parent / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def data_options_for(model_path: Path, root: str | Path, **overrides) -> DataOptions:
+    """The training run's split settings (so 'val' means the same images),
+    with the user's overrides on top."""
+    stored = run_config(model_path).get("data", {})
+    options = DataOptions(**{**stored, "root": str(root)})
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(options, key, value)
+    return options
+
+
+def keras_preprocess_config(model) -> PreprocessConfig:
+    """Image size and window as built into a Keras classifier."""
+    layer = model.get_layer("ct_preprocess")
+    return PreprocessConfig(image_size=int(model.input_shape[1]), **{
+        k: layer.get_config()[k] for k in ("window_low", "window_high", "centre")})
+
+
+def merge(parts: list[LoadedSplit]) -> LoadedSplit:
+    merged = LoadedSplit(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
+                         [q for p in parts for q in p.paths], [h for p in parts for h in p.hashes])
+    for p in parts:
+        merged.unreadable += p.unreadable
+        merged.annotated += p.annotated
+        merged.dropped += p.dropped
+    return merged
+
+
+def score(y: np.ndarray, p: np.ndarray, threshold: float, groups: np.ndarray | None,
+          resamples: int, seed: int) -> dict:
+    """Point metrics, CIs, operating points, confusion matrix and ECE."""
+    ci = bootstrap_ci(y, p, threshold, resamples, seed, groups)
+    point = point_metrics(y, p, threshold)
+    *_, ece = calibration(y, p)
+    return {
+        "metrics": {name: {"value": point[name], "ci95": list(ci[name])} for name in point},
+        "operating_points": operating_points(y, p),
+        "confusion": confusion(y, p, threshold),
+        "ece": ece,
+    }
+
+
+def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
+             threshold: float = 0.5, out_dir: str | Path | None = None, resamples: int = 1000,
+             seed: int = 0, **data_overrides) -> dict:
+    """Score a saved Keras model on one split (or all) of a data folder."""
+    from sklearn.metrics import roc_curve as sk_roc
+
+    from .model import load_model
+
+    if split not in (*SPLITS, "all"):
+        raise CtedgeError(f"--split must be one of {', '.join(SPLITS)}, all; not {split!r}")
+    if not 0.0 < threshold < 1.0:
+        raise CtedgeError(f"--threshold must be between 0 and 1, not {threshold}")
+    model_path = Path(model_path)
+    model = load_model(model_path)
+    options = data_options_for(model_path, data_root, **data_overrides)
+    preprocess = keras_preprocess_config(model)
+    parts = SPLITS if split == "all" else (split,)
+    _, loaded = load_data(options, preprocess, parts=parts)
+    data = merge([loaded[p] for p in parts])
+    if not len(data.y):
+        raise CtedgeError(f"the {split} split of {data_root} is empty")
+    probabilities = model.predict(data.x, batch_size=32, verbose=0)[:, 0]
+    groups = (np.array([group_of(p, options.group_regex) for p in data.paths])
+              if options.group_regex else None)
+    report = {"model": str(model_path), "data": asdict(options), "split": split,
+              "threshold": threshold, "images": len(data.y), "positive": int(data.y.sum()),
+              "groups": len(set(groups)) if groups is not None else None,
+              **score(data.y, probabilities, threshold, groups, resamples, seed),
+              "skipped": data.summary()["unreadable"], "dropped_annotated": data.dropped}
+    out = Path(out_dir or model_path.parent / f"eval-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    if 0 < data.y.sum() < len(data.y):
+        fpr, tpr, _ = sk_roc(data.y, probabilities)
+        report["roc_png"] = str(roc_curve(fpr, tpr, report["metrics"]["auc"]["value"], out / "roc.png"))
+    report["calibration_png"] = str(reliability(*calibration(data.y, probabilities), out / "calibration.png"))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "probability"])
+        writer.writerows(zip(map(str, data.paths), data.y.tolist(), probabilities.round(6).tolist()))
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    report["out_dir"] = str(out)
+    return report

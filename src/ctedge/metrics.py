@@ -1,0 +1,85 @@
+"""Binary classification metrics with bootstrap CIs (group-aware), calibration.
+
+numpy + scikit-learn only, so evaluation of ONNX models needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+METRICS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
+
+
+def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, precision, sensitivity (recall), specificity, F1 and ROC AUC."""
+    y = np.asarray(y).astype(int)
+    predicted = np.asarray(p) >= threshold
+    tp = int(np.sum(predicted & (y == 1)))
+    tn = int(np.sum(~predicted & (y == 0)))
+    fp = int(np.sum(predicted & (y == 0)))
+    fn = int(np.sum(~predicted & (y == 1)))
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    precision, sensitivity = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    return {
+        "accuracy": ratio(tp + tn, len(y)),
+        "precision": precision,
+        "sensitivity": sensitivity,
+        "specificity": ratio(tn, tn + fp),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "auc": float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan"),
+    }
+
+
+def confusion(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> list[list[int]]:
+    """[[TN, FP], [FN, TP]]."""
+    y = np.asarray(y).astype(int)
+    predicted = (np.asarray(p) >= threshold).astype(int)
+    return [[int(np.sum((y == t) & (predicted == q))) for q in (0, 1)] for t in (0, 1)]
+
+
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, resamples: int = 1000,
+                 seed: int = 0, groups: np.ndarray | None = None, level: float = 0.95
+                 ) -> dict[str, tuple[float, float]]:
+    """Percentile CIs; resamples whole groups (patients, source figures) when given,
+    since slices of one group are not independent."""
+    y, p = np.asarray(y), np.asarray(p)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    unique, index = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(index == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    draws = {name: [] for name in METRICS}
+    for _ in range(resamples):
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
+        for name, value in point_metrics(y[rows], p[rows], threshold).items():
+            draws[name].append(value)
+    tail = (1 - level) / 2 * 100
+    return {name: tuple(float(v) for v in np.nanpercentile(values, [tail, 100 - tail]))
+            if not np.all(np.isnan(values)) else (float("nan"), float("nan"))
+            for name, values in draws.items()}
+
+
+def operating_points(y: np.ndarray, p: np.ndarray, targets=(0.90, 0.95)) -> dict[str, float]:
+    """Sensitivity at fixed specificity and specificity at fixed sensitivity."""
+    if not 0 < np.sum(y) < len(y):
+        return {}
+    fpr, tpr, _ = roc_curve(y, p)
+    out = {}
+    for target in targets:
+        out[f"sensitivity_at_specificity_{target:.2f}"] = float(tpr[fpr <= 1 - target].max(initial=0.0))
+        out[f"specificity_at_sensitivity_{target:.2f}"] = float(1 - fpr[tpr >= target].min(initial=1.0))
+    return out
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10):
+    """Per-bin mean probability, observed rate and count; expected calibration error."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    confidence = np.bincount(which, weights=p, minlength=bins) / np.maximum(counts, 1)
+    observed = np.bincount(which, weights=y, minlength=bins) / np.maximum(counts, 1)
+    ece = float(np.sum(counts * np.abs(confidence - observed)) / max(len(y), 1))
+    return confidence, observed, counts, ece

@@ -1,0 +1,176 @@
+"""EfficientNetB3 with the paper's head, preprocessing inside the graph.
+
+    raw image (N, S, S, 3) float32 0-255
+      -> CTPreprocess (gray -> HU -> window -> zero-centre -> backbone range)
+      -> EfficientNetB3 (no top; its own Rescaling + ImageNet Normalization)
+      -> AveragePooling2D 4x4 -> Flatten -> Dense(units, ReLU) [-> Dropout]
+      -> Dense(1, sigmoid)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from unittest import mock
+
+import keras
+from keras import layers, ops
+
+from .errors import CtedgeError
+from .preprocess import PreprocessConfig, model_pixels
+
+BACKBONE_NAME = "efficientnetb3"
+WEIGHTS_FILE = "efficientnetb3_notop.h5"
+
+
+@keras.saving.register_keras_serializable(package="ctedge")
+class CTPreprocess(layers.Layer):
+    """The paper's HU window and zero-centre, as a layer (see ``preprocess``)."""
+
+    def __init__(self, window_low: float = -1000.0, window_high: float = 400.0,
+                 centre: float = 0.25, **kwargs):
+        super().__init__(**kwargs)
+        self.config_ = PreprocessConfig(window_low=window_low, window_high=window_high,
+                                        centre=centre)
+
+    def call(self, inputs):
+        return model_pixels(inputs, self.config_, clip=ops.clip)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "window_low": self.config_.window_low,
+                "window_high": self.config_.window_high, "centre": self.config_.centre}
+
+
+@dataclass
+class ModelConfig:
+    """Backbone weights, head and which layers train."""
+
+    weights: str = "imagenet"  # imagenet | none | path to efficientnetb3_notop.h5
+    units: int = 256
+    dropout: float = 0.0
+    pool_size: int = 4
+    freeze_backbone: bool | None = None  # None: freeze pretrained weights, train random ones
+    fine_tune_blocks: int = 0  # unfreeze the top N blocks (1-7) of the backbone
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_pretrained(weights: str | None) -> bool:
+    return weights not in (None, "none", "None")
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_backbone(weights: str, image_size: int) -> keras.Model:
+    """EfficientNetB3 without top. ``imagenet`` downloads through Keras; a local
+    file is loaded into the model Keras builds for ``imagenet`` (which has an
+    extra rescaling step that ``weights=None`` lacks), so both see the same
+    preprocessing."""
+    from keras.src.applications import efficientnet
+
+    shape = (image_size, image_size, 3)
+    if not is_pretrained(weights):
+        backbone = efficientnet.EfficientNetB3(include_top=False, weights=None, input_shape=shape)
+        # From scratch on a few hundred images, Keras's BatchNorm momentum (0.99)
+        # leaves the inference statistics near their initial values for hundreds
+        # of steps; 0.9 lets validation track training within an epoch or two.
+        for layer in backbone.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = 0.9
+        return backbone
+    if weights == "imagenet":
+        try:
+            return efficientnet.EfficientNetB3(include_top=False, weights="imagenet",
+                                               input_shape=shape)
+        except Exception as exc:  # urllib/HTTP/OS errors, whichever Keras raised
+            raise CtedgeError(
+                f"could not download the ImageNet weights through Keras ({exc.__class__.__name__}: "
+                f"{exc}). Without a network, fetch {efficientnet.BASE_WEIGHTS_PATH}{WEIGHTS_FILE} "
+                f"elsewhere and pass --weights /path/to/{WEIGHTS_FILE}") from None
+    path = Path(weights)
+    if not path.is_file():
+        raise CtedgeError(f"--weights: no such file {path} (use imagenet, none or a path)")
+    expected = efficientnet.WEIGHTS_HASHES["b3"][1]
+    if _md5(path) != expected:
+        import logging
+        logging.getLogger(__name__).warning(
+            "%s is not Keras's official %s (md5 differs); loading it anyway", path, WEIGHTS_FILE)
+    with mock.patch.object(efficientnet.file_utils, "get_file", return_value=str(path)):
+        try:
+            return efficientnet.EfficientNetB3(include_top=False, weights="imagenet",
+                                               input_shape=shape)
+        except (ValueError, OSError) as exc:
+            raise CtedgeError(f"{path}: not EfficientNetB3 no-top weights ({exc})") from None
+
+
+def _block_id(layer_name: str) -> int | None:
+    match = re.match(r"block(\d)", layer_name)
+    return int(match.group(1)) if match else None
+
+
+def set_trainable(backbone: keras.Model, freeze: bool, fine_tune_blocks: int) -> None:
+    """Freeze the backbone, or train its top ``fine_tune_blocks`` blocks (plus
+    the top conv, BatchNorm layers staying frozen), or all of it."""
+    if not freeze and not fine_tune_blocks:
+        backbone.trainable = True
+        return
+    backbone.trainable = bool(fine_tune_blocks)
+    first = 8 - fine_tune_blocks
+    for layer in backbone.layers:
+        block = _block_id(layer.name)
+        top = layer.name.startswith("top_")
+        layer.trainable = bool(fine_tune_blocks) and (top or (block is not None and block >= first))
+        if isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
+
+
+def add_head(features, units: int, dropout: float = 0.0, pool_size: int = 4):
+    """The paper's head on a backbone feature map (or its cached copy)."""
+    pool = min(pool_size, int(features.shape[1]))
+    x = layers.AveragePooling2D(pool_size=pool, name="head_pool")(features)
+    x = layers.Flatten(name="head_flatten")(x)
+    x = layers.Dense(units, activation="relu", name="head_dense")(x)
+    if dropout:
+        x = layers.Dropout(dropout, name="head_dropout")(x)
+    return layers.Dense(1, activation="sigmoid", name="head_output")(x)
+
+
+def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig) -> keras.Model:
+    """The full classifier: raw 0-255 image in, P(positive) out."""
+    size = preprocess_config.image_size
+    if size < 32:
+        raise CtedgeError(f"--image-size {size} is too small for EfficientNetB3 (32 or more)")
+    if not 0 <= model_config.fine_tune_blocks <= 7:
+        raise CtedgeError(f"--fine-tune-blocks must be 0-7, not {model_config.fine_tune_blocks}")
+    backbone = build_backbone(model_config.weights, size)
+    pretrained = is_pretrained(model_config.weights)
+    freeze = pretrained if model_config.freeze_backbone is None else model_config.freeze_backbone
+    set_trainable(backbone, freeze, model_config.fine_tune_blocks)
+    inputs = keras.Input((size, size, 3), name="image")
+    x = CTPreprocess(preprocess_config.window_low, preprocess_config.window_high,
+                     preprocess_config.centre, name="ct_preprocess")(inputs)
+    # Pretrained BatchNorm statistics stay fixed (the usual transfer-learning
+    # recipe); a backbone trained from scratch must learn its own.
+    features = backbone(x, training=False if pretrained else None)
+    outputs = add_head(features, model_config.units, model_config.dropout, model_config.pool_size)
+    return keras.Model(inputs, outputs, name="ctedge_efficientnetb3")
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a saved ``.keras`` classifier, with a clear error for a bad path."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtedgeError(f"model not found: {path}")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a bad archive
+        raise CtedgeError(f"{path}: not a loadable Keras model ({exc})") from None

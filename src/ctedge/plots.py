@@ -1,0 +1,79 @@
+"""Figures people would rather look at than read (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def training_curves(history: dict[str, list[float]], path: Path) -> Path:
+    """Loss and AUC per epoch, train beside validation."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "auc")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history.get(prefix + metric)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, label=prefix + metric)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def roc_curve(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: Path,
+              baseline: tuple[np.ndarray, np.ndarray, float] | None = None) -> Path:
+    """ROC of the model, with the shortcut baseline's when given."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"model (AUC {auc:.3f})")
+    if baseline is not None:
+        ax.plot(baseline[0], baseline[1], ":", label=f"metadata baseline (AUC {baseline[2]:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def reliability(bin_confidence: np.ndarray, bin_accuracy: np.ndarray, bin_counts: np.ndarray,
+                ece: float, path: Path) -> Path:
+    """Reliability diagram: predicted probability against observed frequency."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    mask = bin_counts > 0
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+    ax.plot(bin_confidence[mask], bin_accuracy[mask], "o-", label=f"model (ECE {ece:.3f})")
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed positive rate")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def latency_histogram(samples_ms: dict[str, np.ndarray], path: Path) -> Path:
+    """Latency distribution per model/provider."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in samples_ms.items():
+        ax.hist(values, bins=40, alpha=0.5, label=label)
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("runs")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

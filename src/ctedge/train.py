@@ -1,0 +1,186 @@
+"""`ctedge train`: fit the classifier with the paper's defaults.
+
+The split is made before anything else; augmentation is applied per batch to
+the training part only (``AugmentedBatches``), never inside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from . import __version__
+from .data import DataOptions, LoadedSplit, load_data
+from .errors import CtedgeError
+from .model import ModelConfig, build_model
+from .plots import training_curves
+from .preprocess import AugmentConfig, PreprocessConfig, augment
+from .progress import console
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (paper: Adam 5e-5, batch 16, 100 epochs)."""
+
+    epochs: int = 100
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    early_stopping: bool = True
+    patience: int = 10
+    checkpoint_best: bool = True
+    seed: int = 42
+
+
+class AugmentedBatches(keras.utils.PyDataset):
+    """Shuffled, augmented batches of the training split, reproducible by seed."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int,
+                 augment_config: AugmentConfig, seed: int):
+        super().__init__()
+        self.x, self.y = x, y.astype("float32")
+        self.batch_size = batch_size
+        self.augment_config = augment_config
+        self.seed = seed
+        self.epoch = 0
+        self.order = np.random.default_rng(seed).permutation(len(x))
+
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.x) / self.batch_size))
+
+    def __getitem__(self, index: int):
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        batch = self.x[rows]
+        if self.augment_config.enabled:
+            batch = np.stack([augment(image, rng, self.augment_config) for image in batch])
+        return batch, self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.x))
+
+
+class RichProgress(keras.callbacks.Callback):
+    """Epoch/batch progress bar with images per second."""
+
+    def __init__(self, epochs: int, steps: int, images: int):
+        super().__init__()
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.images = images
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=console, transient=True)
+        self.epochs_task = self.progress.add_task("epochs", total=epochs, info="")
+        self.batch_task = self.progress.add_task("batches", total=steps, info="")
+        self.images_per_second: list[float] = []
+
+    def on_train_begin(self, logs=None):
+        self.progress.start()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+        self.progress.reset(self.batch_task)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.progress.update(self.batch_task, completed=batch + 1,
+                             info=f"loss {logs.get('loss', float('nan')):.4f}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        rate = self.images / (time.perf_counter() - self.started)
+        self.images_per_second.append(rate)
+        logs = logs or {}
+        logs["images_per_s"] = rate
+        summary = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "images_per_s")
+        console.log(f"epoch {epoch + 1}: {summary}, {rate:.1f} images/s")
+        self.progress.update(self.epochs_task, advance=1, info=f"{rate:.1f} img/s")
+
+    def on_train_end(self, logs=None):
+        self.progress.stop()
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("train-%Y%m%d-%H%M%S")
+
+
+def _callbacks(run_dir: Path, config: TrainConfig, has_val: bool) -> list:
+    monitor = "val_auc" if has_val else "auc"
+    callbacks = [keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
+                 keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))]
+    if config.checkpoint_best:
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            str(run_dir / "model.keras"), monitor=monitor, mode="max", save_best_only=True))
+    if config.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=monitor, mode="max", patience=config.patience, restore_best_weights=True))
+    return callbacks
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
+                  metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+
+
+def fit(model: keras.Model, train: LoadedSplit, val: LoadedSplit | None, config: TrainConfig,
+        augment_config: AugmentConfig, callbacks: list) -> dict[str, list[float]]:
+    """Fit on augmented training batches; returns Keras's history dict."""
+    batches = AugmentedBatches(train.x, train.y, config.batch_size, augment_config, config.seed)
+    progress = RichProgress(config.epochs, len(batches), len(train.y))
+    validation = (val.x, val.y.astype("float32")) if val is not None and len(val.y) else None
+    history = model.fit(batches, validation_data=validation, epochs=config.epochs,
+                        callbacks=[progress, *callbacks], verbose=0)
+    return history.history
+
+
+def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfig,
+          preprocess_config: PreprocessConfig, run_dir: Path | None = None) -> dict:
+    """Train and write the run folder; returns the run's config/summary dict."""
+    if train_config.epochs < 1 or train_config.batch_size < 1:
+        raise CtedgeError("--epochs and --batch-size must be at least 1")
+    keras.utils.set_random_seed(train_config.seed)
+    run_dir = Path(run_dir or default_run_dir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dataset, parts = load_data(data, preprocess_config, parts=("train", "val", "test"))
+    train_part, val_part = parts["train"], parts["val"]
+    has_val = bool(len(val_part.y))
+    model = build_model(model_config, preprocess_config)
+    compile_model(model, train_config.learning_rate)
+    started = time.perf_counter()
+    history = fit(model, train_part, val_part if has_val else None, train_config,
+                  preprocess_config.augment, _callbacks(run_dir, train_config, has_val))
+    seconds = time.perf_counter() - started
+    if not train_config.checkpoint_best:
+        model.save(run_dir / "model.keras")
+    training_curves(history, run_dir / "training_curves.png")
+    monitor = "val_auc" if has_val else "auc"
+    summary = {
+        "ctedge_version": __version__,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "data": asdict(data),
+        "train": asdict(train_config),
+        "model": model_config.to_dict(),
+        "preprocess": preprocess_config.to_dict(),
+        "classes": dataset.class_names,
+        "positive": dataset.positive,
+        "splits": {name: part.summary() for name, part in parts.items()},
+        "files": {name: dict(zip(map(str, part.paths), part.hashes)) for name, part in parts.items()},
+        "result": {
+            "epochs_run": len(history.get("loss", [])),
+            "best_" + monitor: float(max(history.get(monitor, [float("nan")]))),
+            "seconds": seconds,
+            "images_per_s": float(np.median(history["images_per_s"])),
+        },
+    }
+    (run_dir / "config.json").write_text(json.dumps(summary, indent=2))
+    return summary
+

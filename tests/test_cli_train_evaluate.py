@@ -1,0 +1,79 @@
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+from ctedge.cli import app
+
+runner = CliRunner()
+
+
+def test_train_writes_the_run_folder_and_skips_bad_files(tmp_path, phantom_data):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_data, data)
+    (data / "CT_COVID" / "junk.png").write_text("not an image")
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(data), "--weights", "none", "--image-size", "48",
+                                 "--epochs", "2", "--batch-size", "8", "--units", "8", "--lr", "1e-3",
+                                 "-o", str(run), "--json", str(tmp_path / "train.json")])
+    assert result.exit_code == 0, result.output
+    for name in ("model.keras", "config.json", "history.csv", "training_curves.png"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").rglob("events.*"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["epochs"] == 2 and config["preprocess"]["image_size"] == 48
+    skipped = [u for part in config["splits"].values() for u in part["unreadable"]]
+    assert [u["path"].endswith("junk.png") for u in skipped] == [True]
+    assert "junk.png" in result.stderr
+    assert sum(len(files) for files in config["files"].values()) == 24
+    assert config["result"]["images_per_s"] > 0
+    assert json.loads((tmp_path / "train.json").read_text())["result"] == config["result"]
+
+
+def test_training_is_repeatable_with_a_seed(tmp_path, phantom_data):
+    histories = []
+    for name in ("a", "b"):
+        args = ["train", str(phantom_data), "--weights", "none", "--image-size", "32", "--epochs", "1",
+                "--batch-size", "8", "--units", "4", "--seed", "7", "-o", str(tmp_path / name)]
+        assert runner.invoke(app, args).exit_code == 0
+        histories.append((tmp_path / name / "history.csv").read_text())
+    loss = [h.splitlines()[1].split(",") for h in histories]
+    header = histories[0].splitlines()[0].split(",")
+    i = header.index("loss")
+    assert abs(float(loss[0][i]) - float(loss[1][i])) < 1e-4
+
+
+def test_evaluate_prints_metrics_with_cis(tmp_path, trained_run, phantom_data):
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["evaluate", str(trained_run / "model.keras"), str(phantom_data),
+                                 "--split", "all", "--resamples", "50", "-o", str(out),
+                                 "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["images"] == 24
+    for entry in report["metrics"].values():
+        lo, hi = entry["ci95"]
+        assert lo <= entry["value"] + 1e-9 and entry["value"] <= hi + 1e-9
+    assert sum(map(sum, report["confusion"])) == 24
+    assert (out / "roc.png").is_file() and (out / "calibration.png").is_file()
+    assert "sensitivity" in result.stdout + result.stderr
+
+
+def test_user_errors_get_a_message_and_exit_code_not_a_traceback(tmp_path, trained_run):
+    result = runner.invoke(app, ["train", str(tmp_path / "missing"), "--weights", "none"])
+    assert result.exit_code == 2
+    assert "data folder not found" in result.stderr and "Traceback" not in result.output
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "none.keras"), str(tmp_path)])
+    assert result.exit_code == 2 and "model not found" in result.stderr
+    result = runner.invoke(app, ["evaluate", str(trained_run / "model.keras"), str(tmp_path),
+                                 "--split", "bogus"])
+    assert result.exit_code == 2 and "--split" in result.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--epochs", "1",
+                                 "--per-class", "10", "--json", str(tmp_path / "demo.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert (tmp_path / "demo" / "run" / "model.keras").is_file()
+    assert report["evaluation"]["split"] == "test" and "chance" in report["verdict"]

@@ -1,0 +1,61 @@
+import cv2
+import numpy as np
+
+from ctedge.preprocess import (AugmentConfig, PreprocessConfig, augment, gray_to_hu,
+                               has_annotation, letterbox, model_pixels, to_model_input,
+                               zero_centred)
+
+
+def test_known_hu_gives_known_zero_centred_value():
+    window = (-1000.0, 400.0)
+    hu = np.array([-1000.0, -300.0, 400.0, -2000.0, 3000.0])
+    np.testing.assert_allclose(zero_centred(hu, window, 0.25), [-0.25, 0.25, 0.75, -0.25, 0.75])
+
+
+def test_gray_levels_span_the_window():
+    np.testing.assert_allclose(gray_to_hu(np.array([0.0, 127.5, 255.0]), (-1000, 400)),
+                               [-1000, -300, 400])
+
+
+def test_backbone_sees_0_255_for_the_default_window():
+    pixels = np.array([0.0, 51.0, 255.0])
+    np.testing.assert_allclose(model_pixels(pixels, PreprocessConfig()), pixels, atol=1e-4)
+
+
+def test_narrower_window_changes_what_the_backbone_sees():
+    config = PreprocessConfig(window_low=-1000, window_high=400, centre=0.5)
+    # gray 0-255 still spans the window; the centre only shifts and is shifted back
+    np.testing.assert_allclose(model_pixels(np.array([0.0, 255.0]), config), [0, 255], atol=1e-4)
+
+
+def test_letterbox_keeps_the_whole_image_and_pads_black():
+    wide = np.full((20, 40), 200, np.float32)
+    square = letterbox(wide, 40)
+    assert square.shape == (40, 40)
+    assert square[:10].max() == 0 and square[30:].max() == 0
+    assert np.all(square[10:30] == 200)
+
+
+def test_model_input_is_three_equal_channels_of_the_requested_size():
+    image = to_model_input(np.random.default_rng(0).uniform(0, 255, (100, 70)), 48)
+    assert image.shape == (48, 48, 3) and image.dtype == np.float32
+    assert np.array_equal(image[..., 0], image[..., 2])
+
+
+def test_red_box_is_flagged_and_plain_gray_is_not():
+    gray = np.random.default_rng(0).integers(0, 255, (128, 128), np.uint8)
+    plain = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    marked = plain.copy()
+    cv2.rectangle(marked, (20, 20), (90, 90), (0, 0, 255), 2)
+    assert has_annotation(marked)
+    assert not has_annotation(plain)
+
+
+def test_augmentation_is_seeded_and_changes_the_image():
+    image = to_model_input(np.random.default_rng(1).uniform(0, 255, (48, 48)), 48)
+    config = AugmentConfig(rotation_deg=20, shift=0.1, zoom=0.1)
+    a = augment(image, np.random.default_rng(5), config)
+    b = augment(image, np.random.default_rng(5), config)
+    assert a.shape == image.shape
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, image)
