@@ -86,3 +86,16 @@ def test_failed_imagenet_download_explains_the_offline_route(monkeypatch):
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(CtedgeError, match="no such file"):
         build_backbone(str(tmp_path / "nope.h5"), 64)
+
+
+def test_precise_batchnorm_sets_moving_stats_to_the_data_average():
+    from ctedge.train import recalibrate_batchnorm
+
+    inputs = keras.Input((4,))
+    hidden = layers.Dense(3, name="dense")(inputs)
+    model = keras.Model(inputs, layers.BatchNormalization(momentum=0.99)(hidden))
+    x = np.random.default_rng(0).normal(5.0, 2.0, (64, 4)).astype("float32")
+    assert recalibrate_batchnorm(model, x, batch_size=16) == 1
+    expected = np.asarray(model.get_layer("dense")(x)).mean(axis=0)
+    np.testing.assert_allclose(model.layers[-1].moving_mean.numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert model.layers[-1].momentum == 0.99

@@ -45,6 +45,7 @@ def _setup_logging() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)])
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
 
 
 def command(func):
@@ -209,8 +210,8 @@ def evaluate(
 @command
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, run and report.")] = Path("demo"),
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
-    per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 100,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 12,
+    per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 200,
     json_out: JsonOut = None,
 ) -> None:
     """Generate synthetic CT-like phantoms, train a small model (weights none, 64 px),
@@ -223,6 +224,64 @@ def demo(
     console.print(f"data: {report['data']}\nrun:  {report['run_dir']}\n"
                   f"took {report['seconds']:.0f} s")
     write_json(report, json_out)
+
+
+@command
+def export(
+    model: Annotated[Optional[Path], typer.Argument(
+        help="Trained .keras model (default: best model of the newest tuning/ project).")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the only format so far).")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output .onnx (default exports/NAME.onnx).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an FP16 variant (NAME_fp16.onnx).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write a static INT8 QDQ variant (NAME_int8.onnx).")] = False,
+    calibration_data: Annotated[Optional[Path], typer.Option(help="Images for INT8 calibration.")] = None,
+    check_data: Annotated[Optional[Path], typer.Option(
+        help="Real images for the parity check (labelled class folders also give AUC); default: generated.")] = None,
+    check_count: Annotated[int, typer.Option(help="Images in the parity check.")] = 32,
+    threshold: Annotated[float, typer.Option(help="Decision threshold stored in the metadata.")] = 0.5,
+    tolerance: Annotated[float, typer.Option(help="fp32 parity: max |Keras - ONNX|.")] = 1e-4,
+    fp16_tolerance: Annotated[float, typer.Option(help="FP16 variant: max |Δp| before it is flagged.")] = 1e-2,
+    int8_tolerance: Annotated[float, typer.Option(help="INT8 variant: max |Δp| before it is flagged.")] = 0.05,
+    json_out: JsonOut = None,
+) -> None:
+    """Export a trained model to ONNX with preprocessing inside, metadata, a parity gate
+    against Keras, and optional FP16/INT8 variants, each with a model card (NAME.json).
+
+    Example: `ctedge export runs/b3-128/model.keras --onnx --fp16 --int8
+    --calibration-data ../shared/data/covid-ct --check-data ../shared/data/covid-ct`
+    """
+    from .export import ExportOptions, export_onnx, latest_model
+
+    if not onnx:
+        raise CtedgeError("say which format: --onnx")
+    if model is None:
+        model = latest_model()
+        console.print(f"exporting {model} (newest model found)")
+    report = export_onnx(model, output, ExportOptions(
+        opset, fp16, int8, str(calibration_data) if calibration_data else None, 64,
+        str(check_data) if check_data else None, check_count, threshold, tolerance,
+        fp16_tolerance, int8_tolerance))
+    from rich.table import Table
+
+    table = Table(title=f"ONNX export of {report['model']}")
+    for column in ("variant", "file", "MB", "max |Δp|", "agree", "AUC Δ", "status"):
+        table.add_column(column)
+    flagged = False
+    for name, card in report["variants"].items():
+        check = card["parity"]
+        flagged |= check["status"] != "ok"
+        auc = f"{check['auc_change']:+.4f}" if "auc_change" in check else "-"
+        table.add_row(name, Path(card["file"]).name, f"{card['size_mb']:.1f}", f"{check['max_abs_diff']:.2e}",
+                      f"{check['decision_agreement']:.3f}", auc,
+                      "ok" if check["status"] == "ok" else "[red]FLAGGED[/]")
+    console.print(table)
+    console.print(f"parity on {report['variants']['fp32']['parity']['check_data']}; files and "
+                  f"model cards (.json) in {Path(report['output']).parent}")
+    write_json(report, json_out)
+    if flagged:
+        console.print("[bold red]a variant is beyond its tolerance: see its model card before shipping it[/]")
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

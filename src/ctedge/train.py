@@ -142,6 +142,35 @@ def fit(model: keras.Model, train: LoadedSplit, val: LoadedSplit | None, config:
     return history.history
 
 
+def recalibrate_batchnorm(model: keras.Model, x: np.ndarray, batch_size: int = 32) -> int:
+    """Precise BatchNorm: recompute the moving statistics of trainable BatchNorm
+    layers as the plain average over ``x`` under the final weights.
+
+    Trained from scratch on a few hundred images, the exponential moving
+    averages lag the weights, and inference-mode outputs collapse towards a
+    constant. Returns the number of layers recalibrated.
+    """
+    norms = [layer for layer in _all_layers(model)
+             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if not norms:
+        return 0
+    momenta = [layer.momentum for layer in norms]
+    for step, start in enumerate(range(0, len(x), batch_size)):
+        for layer in norms:
+            layer.momentum = step / (step + 1)  # running mean of batch statistics
+        model(x[start:start + batch_size], training=True)
+    for layer, momentum in zip(norms, momenta):
+        layer.momentum = momentum
+    return len(norms)
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
 def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfig,
           preprocess_config: PreprocessConfig, run_dir: Path | None = None) -> dict:
     """Train and write the run folder; returns the run's config/summary dict."""
@@ -159,8 +188,11 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
     history = fit(model, train_part, val_part if has_val else None, train_config,
                   preprocess_config.augment, _callbacks(run_dir, train_config, has_val))
     seconds = time.perf_counter() - started
-    if not train_config.checkpoint_best:
-        model.save(run_dir / "model.keras")
+    if train_config.checkpoint_best and (run_dir / "model.keras").is_file():
+        model.load_weights(run_dir / "model.keras")
+    if recalibrate_batchnorm(model, train_part.x, train_config.batch_size * 2):
+        log.info("recalibrated BatchNorm statistics on the training images (backbone trained from scratch)")
+    model.save(run_dir / "model.keras")
     training_curves(history, run_dir / "training_curves.png")
     monitor = "val_auc" if has_val else "auc"
     summary = {
