@@ -1,0 +1,341 @@
+"""`ctedge export --onnx`: the trained Keras model as a verified ONNX file.
+
+convert (tf2onnx) -> graph checks (onnx checker, no training-time ops) ->
+metadata -> parity against Keras on real or generated images -> atomic write.
+FP16 and INT8 variants get their own parity figures against the fp32 Keras
+model, recorded in their model cards; one beyond tolerance is flagged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .errors import CheckFailed, CtedgeError
+from .evaluate import keras_preprocess_config, run_config
+from .preprocess import PreprocessConfig
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "probability"
+TRAINING_OPS = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike",
+                "Multinomial", "Bernoulli", "Dropout"}
+
+
+@dataclass
+class ExportOptions:
+    opset: int = 17
+    fp16: bool = False
+    int8: bool = False
+    calibration_data: str | None = None
+    calibration_count: int = 64
+    check_data: str | None = None
+    check_count: int = 32
+    threshold: float = 0.5
+    tolerance: float = 1e-4  # fp32: max |Keras - ORT|
+    fp16_tolerance: float = 1e-2
+    int8_tolerance: float = 0.05
+    int8_per_channel: bool = True
+    int8_reduce_range: bool = False
+    int8_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- conversion and graph checks ---------------------------------------------
+
+def convert(model, opset: int = 17) -> onnx.ModelProto:
+    """Keras -> ONNX with a named, dynamic-batch NHWC float32 input."""
+    import tensorflow as tf
+    import tf2onnx
+
+    size = int(model.input_shape[1])
+    spec = [tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)]
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    old = proto.graph.output[0].name
+    for node in proto.graph.node:
+        node.output[:] = [OUTPUT_NAME if o == old else o for o in node.output]
+    proto.graph.output[0].name = OUTPUT_NAME
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
+
+
+def check_graph(proto: onnx.ModelProto) -> None:
+    """ONNX's full checker, and no random/dropout op may remain."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise CheckFailed(f"the exported graph fails onnx.checker: {exc}") from None
+    training = sorted({n.op_type for n in proto.graph.node} & TRAINING_OPS)
+    if training:
+        raise CheckFailed(f"the exported graph holds training-time ops: {', '.join(training)}")
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
+    """ctedge's keys as JSON strings, ONNX's Image.* conventions as plain strings."""
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key = key
+        entry.value = value if key.startswith("Image.") else json.dumps(value)
+
+
+def build_metadata(model, model_path: Path, threshold: float, variant: str) -> dict:
+    """Everything a host app needs to feed the model and read its output."""
+    config = run_config(model_path)
+    preprocess = keras_preprocess_config(model)
+    classes = config.get("classes", ["negative", "positive"])
+    return {
+        "ctedge.version": __version__,
+        "ctedge.variant": variant,
+        "ctedge.classes": classes,
+        "ctedge.positive_class": config.get("positive", classes[1]),
+        "ctedge.threshold": threshold,
+        "ctedge.input": {"name": INPUT_NAME, "layout": "NHWC", "dtype": "float32",
+                         "size": preprocess.image_size, "channels": 3, "pixel_range": [0, 255],
+                         "host_steps": "gray levels 0-255 (DICOM: HU window -> 0-255), pad to square "
+                                       "with 0, resize, repeat gray into 3 channels"},
+        "ctedge.output": {"name": OUTPUT_NAME, "shape": ["batch", 1],
+                          "meaning": "probability of the positive class"},
+        "ctedge.preprocess": {k: v for k, v in preprocess.to_dict().items() if k != "augment"},
+        "ctedge.source_model": {"path": str(model_path), "sha256": sha256(model_path)},
+        "ctedge.hyperparameters": config.get("hyperparameters") or {
+            **config.get("model", {}), "learning_rate": config.get("train", {}).get("learning_rate")},
+        "ctedge.training_data": {name: {k: part.get(k) for k in ("images", "positive", "negative")}
+                                 for name, part in config.get("splits", {}).items()},
+        "Image.BitmapPixelFormat": "Rgb8",
+        "Image.ColorSpaceGamma": "SRGB",
+        "Image.NominalPixelRange": "NominalRange_0_255",
+    }
+
+
+# --- images for parity and calibration -----------------------------------------
+
+def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Up to ``count`` model inputs from a class-folder data set (labelled), a flat
+    folder of images (unlabelled), or generated phantoms when ``folder`` is None."""
+    from .data import Sample, discover, load_split
+    from .demo import phantom
+    from .imageio import SUPPORTED_SUFFIXES
+    from .preprocess import to_model_input
+
+    rng = np.random.default_rng(seed)
+    if folder is None:
+        images = [to_model_input(phantom(rng, 96, bool(i % 2)).astype(np.float32), config.image_size)
+                  for i in range(count)]
+        return np.stack(images), np.arange(count) % 2, f"{count} generated phantoms"
+    root = Path(folder)
+    try:
+        samples, labelled = discover(root).samples, True
+    except CtedgeError:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES)
+        samples, labelled = [Sample(p, 0, "") for p in files], False
+    if not samples:
+        raise CtedgeError(f"no images found in {root}")
+    chosen = [samples[i] for i in sorted(rng.choice(len(samples), min(count, len(samples)), replace=False))]
+    loaded = load_split(chosen, config, clean="off")
+    if not len(loaded.y):
+        raise CtedgeError(f"no readable images in {root}")
+    return loaded.x, loaded.y if labelled else None, f"{len(loaded.y)} images from {root}"
+
+
+# --- parity ------------------------------------------------------------------
+
+def onnx_probabilities(proto_or_path, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    import onnxruntime as ort
+
+    source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) \
+        else str(proto_or_path)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {INPUT_NAME: images[i:i + batch]})[0][:, 0]
+                           for i in range(0, len(images), batch)])
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
+           threshold: float) -> dict:
+    """max |Δp|, decision agreement and (labelled) AUC of both."""
+    from .metrics import point_metrics
+
+    report = {"images": int(len(reference)),
+              "max_abs_diff": float(np.max(np.abs(reference - candidate))),
+              "mean_abs_diff": float(np.mean(np.abs(reference - candidate))),
+              "decision_agreement": float(np.mean((reference >= threshold) == (candidate >= threshold))),
+              "reference_spread": float(np.ptp(reference))}
+    if labels is not None and 0 < labels.sum() < len(labels):
+        report["auc_keras"] = point_metrics(labels, reference, threshold)["auc"]
+        report["auc"] = point_metrics(labels, candidate, threshold)["auc"]
+        report["auc_change"] = report["auc"] - report["auc_keras"]
+    return report
+
+
+# --- variants ----------------------------------------------------------------
+
+def _unshare_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Give each consumer of a shared initializer its own copy: tf2onnx shares
+    equal constants, and onnxconverter-common leaves a constant in float32 for
+    every node once one consumer (e.g. Min/Max) must keep it so."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    initializers = {i.name: i for i in proto.graph.initializer}
+    seen: set[str] = set()
+    for node in proto.graph.node:
+        for k, name in enumerate(node.input):
+            if name not in initializers:
+                continue
+            if name in seen:
+                copy = proto.graph.initializer.add()
+                copy.CopyFrom(initializers[name])
+                copy.name = f"{name}__{node.name}_{k}"
+                node.input[k] = copy.name
+            seen.add(name)
+    return proto
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and compute in float16, float32 input and output kept."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "number truncated to 1e-07", per weight
+        return float16.convert_float_to_float16(_unshare_initializers(proto), keep_io_types=True)
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over model inputs, one image a batch."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = iter(images)
+
+    def get_next(self):
+        image = next(self.images, None)
+        return None if image is None else {INPUT_NAME: image[None]}
+
+
+def to_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, options: ExportOptions) -> None:
+    """Static QDQ quantisation (pre-processed, per-channel) of Conv/Gemm/MatMul."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
+
+    CalibrationDataReader.register(_Calibration)
+    prepared = out_path.with_suffix(".prep.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(str(prepared), str(out_path), _Calibration(calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=options.int8_per_channel,
+                        reduce_range=options.int8_reduce_range,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=options.int8_ops)
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+# --- writing -------------------------------------------------------------------
+
+def atomic_write(data: bytes, path: Path) -> None:
+    """Temp file in the target folder, then rename: never a half-written model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def latest_model(tuning_dir: Path = Path("tuning"), runs_dir: Path = Path("runs")) -> Path:
+    """The best model of the most recent tuning project, else the newest trained run."""
+    candidates = sorted(tuning_dir.glob("*/best_model.keras"), key=lambda p: p.stat().st_mtime)
+    candidates = candidates or sorted(runs_dir.glob("*/model.keras"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise CtedgeError(f"no model given and none found in {tuning_dir}/*/best_model.keras "
+                          f"or {runs_dir}/*/model.keras; pass MODEL.keras")
+    return candidates[-1]
+
+
+def default_output(model_path: Path, exports_dir: Path = Path("exports")) -> Path:
+    name = model_path.parent.name if model_path.stem in ("model", "best_model") else model_path.stem
+    return exports_dir / f"{name}.onnx"
+
+
+def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance: float,
+                    metadata: dict, check: dict, options: ExportOptions, gate: bool = False) -> dict:
+    """Check, measure parity against Keras, then write the file and its model card.
+
+    With ``gate`` a parity failure raises and nothing is written; otherwise a
+    variant beyond ``tolerance`` is written with status "flagged".
+    """
+    set_metadata(proto, {**metadata, "ctedge.variant": variant})
+    check_graph(proto)
+    report = parity(check["reference"], onnx_probabilities(proto, check["images"]),
+                    check["labels"], options.threshold)
+    report.update(tolerance=tolerance, check_data=check["source"])
+    passed = report["max_abs_diff"] <= tolerance and report["decision_agreement"] == 1.0
+    report["status"] = "ok" if passed else "flagged"
+    if gate and not passed:
+        raise CheckFailed(
+            f"{variant} parity check failed on {check['source']}: max |Keras - ONNX| = "
+            f"{report['max_abs_diff']:.3g} (tolerance {tolerance:g}), decision agreement "
+            f"{report['decision_agreement']:.3f}; nothing written to {path}")
+    atomic_write(proto.SerializeToString(), path)
+    card = {"file": str(path), "variant": variant, "size_mb": path.stat().st_size / 1e6,
+            "metadata": {**metadata, "ctedge.variant": variant}, "parity": report}
+    atomic_write(json.dumps(card, indent=2).encode(), path.with_suffix(".json"))
+    return card
+
+
+def export_onnx(model_path: str | Path | None = None, output: str | Path | None = None,
+                options: ExportOptions | None = None) -> dict:
+    """Export, verify and write fp32 (+ fp16/int8) ONNX files with model cards."""
+    from .model import load_model
+
+    options = options or ExportOptions()
+    model_path = Path(model_path) if model_path else latest_model()
+    output = Path(output) if output else default_output(model_path)
+    if options.int8 and not options.calibration_data:
+        raise CtedgeError("--int8 needs --calibration-data DIR (images like those it will see)")
+    model = load_model(model_path)
+    preprocess = keras_preprocess_config(model)
+    images, labels, source = sample_images(options.check_data, preprocess, options.check_count)
+    check = {"images": images, "labels": labels, "source": source,
+             "reference": model.predict(images, batch_size=16, verbose=0)[:, 0]}
+    metadata = build_metadata(model, model_path, options.threshold, "fp32")
+    proto = convert(model, options.opset)
+    cards = {"fp32": _finish_variant(proto, output, "fp32", options.tolerance, metadata, check,
+                                     options, gate=True)}
+    if options.fp16:
+        cards["fp16"] = _finish_variant(to_fp16(proto), output.with_name(output.stem + "_fp16.onnx"),
+                                        "fp16", options.fp16_tolerance, metadata, check, options)
+    if options.int8:
+        calibration, _, calibration_source = sample_images(
+            options.calibration_data, preprocess, options.calibration_count, seed=1)
+        with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+            quantized = Path(tmp) / "int8.onnx"
+            to_int8(output, quantized, calibration, options)
+            cards["int8"] = _finish_variant(onnx.load(quantized),
+                                            output.with_name(output.stem + "_int8.onnx"), "int8",
+                                            options.int8_tolerance,
+                                            {**metadata, "ctedge.int8_calibration": calibration_source},
+                                            check, options)
+    return {"model": str(model_path), "output": str(output), "options": asdict(options),
+            "variants": cards}

@@ -1,0 +1,119 @@
+import json
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+from typer.testing import CliRunner
+
+from ctedge import export
+from ctedge.cli import app
+from ctedge.errors import CheckFailed
+from ctedge.export import ExportOptions, check_graph, export_onnx, latest_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, trained_run, phantom_data):
+    out = tmp_path_factory.mktemp("exports") / "tiny.onnx"
+    report = export_onnx(trained_run / "model.keras", out, ExportOptions(
+        fp16=True, int8=True, calibration_data=str(phantom_data), calibration_count=8,
+        check_data=str(phantom_data), check_count=16, int8_tolerance=1.0))
+    return out, report
+
+
+def test_fp32_matches_keras_on_a_trained_model(exported):
+    _, report = exported
+    check = report["variants"]["fp32"]["parity"]
+    assert check["reference_spread"] > 0.01, "parity on a constant model proves nothing"
+    assert check["max_abs_diff"] <= 1e-4 and check["decision_agreement"] == 1.0
+    assert "auc" in check  # labelled check data
+
+
+def test_metadata_reads_back_through_onnxruntime(exported):
+    path, _ = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["ctedge.classes"]) == ["CT_NonCOVID", "CT_COVID"]
+    assert json.loads(meta["ctedge.input"])["size"] == 48
+    assert json.loads(meta["ctedge.preprocess"])["window_low"] == -1000.0
+    assert meta["Image.NominalPixelRange"] == "NominalRange_0_255"
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, inp.shape, out.name) == ("image", ["batch", 48, 48, 3], "probability")
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["metadata"]["ctedge.source_model"]["sha256"] == json.loads(meta["ctedge.source_model"])["sha256"]
+
+
+def test_graph_has_no_training_ops(exported):
+    path, _ = exported
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert not ops & export.TRAINING_OPS
+
+
+def test_fp16_and_int8_variants_have_their_own_cards(exported):
+    path, report = exported
+    for variant in ("fp16", "int8"):
+        card = json.loads(path.with_name(f"tiny_{variant}.json").read_text())
+        assert card["variant"] == variant and card["parity"]["status"] in ("ok", "flagged")
+        assert card["size_mb"] < report["variants"]["fp32"]["size_mb"]
+        check = card["parity"]
+        within = check["max_abs_diff"] <= check["tolerance"] and check["decision_agreement"] == 1.0
+        assert check["status"] == ("ok" if within else "flagged")
+    assert report["variants"]["fp16"]["parity"]["max_abs_diff"] < 0.05
+
+
+def test_opencv_dnn_gives_the_same_probabilities(exported):
+    path, _ = exported
+    images = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"image": images})[0]
+    net = cv2.dnn.readNetFromONNX(str(path))
+    got = []
+    for image in images:
+        net.setInput(image[None])
+        got.append(net.forward().ravel())
+    np.testing.assert_allclose(np.concatenate(got), expected.ravel(), atol=1e-4)
+
+
+def _broken(path):
+    proto = onnx.load(path)
+    bias = next(i for i in proto.graph.initializer if "head_output" in i.name and len(i.dims) == 1)
+    values = onnx.numpy_helper.to_array(bias) + 3.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), bias.name))
+    return proto
+
+
+def test_a_broken_graph_is_refused_and_nothing_is_written(exported, trained_run, tmp_path, monkeypatch):
+    path, _ = exported
+    monkeypatch.setattr(export, "convert", lambda model, opset: _broken(path))
+    out = tmp_path / "broken.onnx"
+    result = runner.invoke(app, ["export", str(trained_run / "model.keras"), "--onnx", "-o", str(out)])
+    assert result.exit_code == 3, result.output
+    assert "parity check failed" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_time_ops_are_refused(exported):
+    proto = onnx.load(exported[0])
+    proto.graph.node.append(helper.make_node("RandomUniform", [], ["noise"], shape=[1]))
+    with pytest.raises(CheckFailed, match="RandomUniform"):
+        check_graph(proto)
+
+
+def test_int8_without_calibration_data_is_a_clear_error(trained_run, tmp_path):
+    result = runner.invoke(app, ["export", str(trained_run / "model.keras"), "--onnx", "--int8",
+                                 "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2 and "--calibration-data" in result.stderr
+
+
+def test_without_a_model_the_newest_tuned_one_is_taken(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("old", "new"):
+        (tmp_path / "tuning" / name).mkdir(parents=True)
+        (tmp_path / "tuning" / name / "best_model.keras").write_text(name)
+    assert latest_model().parent.name == "new"
+    result = runner.invoke(app, ["export", "--onnx"])
+    assert "tuning/new/best_model.keras" in result.stderr and result.exit_code == 2
