@@ -59,3 +59,4 @@ def test_augmentation_is_seeded_and_changes_the_image():
     assert a.shape == image.shape
     assert np.array_equal(a, b)
     assert not np.allclose(a, image)
+

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
 from . import __version__
@@ -282,6 +283,129 @@ def export(
     if flagged:
         console.print("[bold red]a variant is beyond its tolerance: see its model card before shipping it[/]")
         raise typer.Exit(1)
+
+
+Provider = Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt (falls back to the CPU with a message).")]
+Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
+
+
+@command
+def predict(
+    model: Annotated[Path, typer.Argument(help="Exported .onnx model.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 8,
+    provider: Provider = "auto",
+    threads: Threads = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write rows as CSV ('-' for stdout).")] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Classify images with an exported ONNX model (no TensorFlow needed).
+
+    One row per image: path, probability of the positive class, label. A file
+    that can't be read gets an error row and the rest go on; exit code 1 if any
+    failed. Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`
+    """
+    import csv
+
+    from rich.table import Table
+
+    from .runtime import Classifier, expand_paths
+
+    files = expand_paths(paths)
+    if not files:
+        raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
+    clf = Classifier(model, provider, threads)
+    rows = clf.predict_files(files, batch_size)
+    table = Table(title=f"{model.name} on {clf.providers[0]}: P({clf.positive}), threshold {clf.threshold}")
+    for column in ("path", "probability", "label"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.path, "" if row.error else f"{row.probability:.4f}",
+                      f"[red]error: {row.error}[/]" if row.error else row.label)
+    console.print(table)
+    records = [{"path": r.path, "probability": r.probability, "label": r.label, "error": r.error}
+               for r in rows]
+    if csv_out:
+        handle = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        if handle is not sys.stdout:
+            handle.close()
+    write_json({"model": str(model), "provider": clf.providers[0], "predictions": records}, json_out)
+    failed = sum(r.error is not None for r in rows)
+    if failed:
+        console.print(f"[yellow]{failed} of {len(rows)} file(s) could not be read[/]")
+        raise typer.Exit(1)
+
+
+@command
+def bench(
+    models: Annotated[Optional[list[Path]], typer.Argument(
+        help=".onnx (and .keras for a TF baseline) models; default: every .onnx in exports/.")] = None,
+    provider: Annotated[str, typer.Option(help="cpu | cuda | tensorrt | all")] = "cpu",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,16",
+    threads: Threads = None,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up calls.")] = 3,
+    runs: Annotated[int, typer.Option(help="Timed calls per measure.")] = 20,
+    seconds: Annotated[Optional[float], typer.Option(help="Time each measure for S seconds instead of --runs.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Images (class folders give accuracy/AUC); default: generated.")] = None,
+    budget_ms: Annotated[float, typer.Option(help="End-to-end budget per image (the seed's 'few seconds').")] = 2000.0,
+    markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as markdown.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Latency histogram PNG (needs matplotlib).")] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Latency (min/mean/p50/p90/p99/max), throughput, cold start, end-to-end time
+    from a file, accuracy/AUC and size per model and provider, with a verdict
+    against the time budget.
+
+    Example: `ctedge bench --data ../shared/data/covid-ct --markdown bench.md`
+    """
+    from rich.table import Table
+
+    from .bench import BenchOptions, markdown, run_bench
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",")]
+    except ValueError:
+        raise CtedgeError(f"--batch-sizes must be comma-separated integers, not {batch_sizes!r}") from None
+    if provider not in ("cpu", "cuda", "tensorrt", "all"):
+        raise CtedgeError(f"--provider must be cpu, cuda, tensorrt or all, not {provider!r}")
+    report = run_bench(models or [], BenchOptions(provider, sizes, threads, warmup, runs, seconds,
+                                                  str(data) if data else None, 16, budget_ms))
+    m = report["machine"]
+    table = Table(title=f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}")
+    for column in ("model", "provider", "MB", "batch", "p50 ms", "p99 ms", "img/s", "e2e p50 ms",
+                   "cold ms", "AUC"):
+        table.add_column(column, justify="right")
+    for r in report["results"]:
+        for batch, lat in r["latency"].items():
+            e2e = r.get("end_to_end_ms", {}).get("p50")
+            cold = r.get("cold_start_ms", {}).get("process_to_first_prediction")
+            table.add_row(Path(r["model"]).name, r["provider"].replace("ExecutionProvider", ""),
+                          f"{r['size_mb']:.1f}", batch, f"{lat['p50']:.1f}", f"{lat['p99']:.1f}",
+                          f"{lat['images_per_s']:.1f}", "" if e2e is None else f"{e2e:.1f}",
+                          "" if cold is None else f"{cold:.0f}",
+                          "" if r.get("auc") is None else f"{r['auc']:.3f}")
+    console.print(table)
+    for r in report["results"]:
+        if "budget" in r:
+            b = r["budget"]
+            verdict = "[green]within[/]" if b["within"] else "[red]OVER[/]"
+            console.print(f"{Path(r['model']).name} ({r['provider']}): end-to-end p50 "
+                          f"{b['end_to_end_p50_ms']:.1f} ms, {verdict} the {b['budget_ms']:.0f} ms budget "
+                          f"(margin {b['margin_ms']:.0f} ms); decode+resize is "
+                          f"{b['preprocessing_share']:.0%} of it")
+    if markdown_out:
+        markdown_out.write_text(markdown(report))
+    if plot:
+        try:
+            from .plots import latency_histogram
+        except ImportError:
+            raise CtedgeError("--plot needs matplotlib (pip install ctedge[train])") from None
+        latency_histogram({f"{Path(r['model']).name} {r['provider']}": np.asarray(r["samples_ms"])
+                           for r in report["results"]}, plot)
+    write_json(report, json_out)
 
 
 if __name__ == "__main__":

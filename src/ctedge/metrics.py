@@ -1,14 +1,28 @@
 """Binary classification metrics with bootstrap CIs (group-aware), calibration.
 
-numpy + scikit-learn only, so evaluation of ONNX models needs no TensorFlow.
+numpy only at import (scikit-learn inside the functions that need it), so the
+TensorFlow-free base install can score ONNX models too.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 METRICS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count half); nan with one class."""
+    y, p = np.asarray(y).astype(bool), np.asarray(p, float)
+    positives, negatives = int(y.sum()), int((~y).sum())
+    if not positives or not negatives:
+        return float("nan")
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(len(p))
+    ranks[order] = np.arange(1, len(p) + 1)
+    for value in np.unique(p[order][np.diff(p[order], prepend=np.nan) == 0]):
+        ranks[p == value] = ranks[p == value].mean()  # average rank of ties
+    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -30,7 +44,7 @@ def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[
         "sensitivity": sensitivity,
         "specificity": ratio(tn, tn + fp),
         "f1": ratio(2 * tp, 2 * tp + fp + fn),
-        "auc": float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan"),
+        "auc": roc_auc(y, p),
     }
 
 
@@ -64,6 +78,8 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, resamples
 
 def operating_points(y: np.ndarray, p: np.ndarray, targets=(0.90, 0.95)) -> dict[str, float]:
     """Sensitivity at fixed specificity and specificity at fixed sensitivity."""
+    from sklearn.metrics import roc_curve
+
     if not 0 < np.sum(y) < len(y):
         return {}
     fpr, tpr, _ = roc_curve(y, p)

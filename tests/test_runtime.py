@@ -1,0 +1,147 @@
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ctedge.cli import app
+from ctedge.errors import CtedgeError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory, trained_run):
+    from ctedge.export import export_onnx
+
+    out = tmp_path_factory.mktemp("rt") / "model.onnx"
+    export_onnx(trained_run / "model.keras", out)
+    return out
+
+
+def test_runtime_never_imports_tensorflow(onnx_model, phantom_data):
+    image = next((phantom_data / "CT_COVID").iterdir())
+    code = ("import sys; from ctedge.runtime import Classifier; "
+            f"rows = Classifier({str(onnx_model)!r}).predict_files([{str(image)!r}]); "
+            "assert rows[0].probability is not None; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'sklearn')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_predict_and_bench_commands_never_import_tensorflow(onnx_model, phantom_data, tmp_path):
+    code = ("import sys; from ctedge.cli import app; "
+            "sys.argv = ['ctedge'] + sys.argv[1:]\n"
+            "try:\n    app()\nexcept SystemExit:\n    pass\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
+            "print('IMPORTED', bad); sys.exit(3 if bad else 0)")
+    for args in (["predict", str(onnx_model), str(phantom_data)],
+                 ["bench", str(onnx_model), "--runs", "2", "--warmup", "1", "--batch-sizes", "1"]):
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_runtime_matches_the_keras_model(onnx_model, trained_run, phantom_data):
+    from ctedge.model import load_model
+    from ctedge.runtime import Classifier
+
+    clf = Classifier(onnx_model, provider="cpu")
+    files = sorted((phantom_data / "CT_COVID").iterdir())[:4]
+    rows = clf.predict_files(files, batch_size=3)
+    keras_model = load_model(trained_run / "model.keras")
+    expected = keras_model.predict(np.stack([clf.load(f) for f in files]), verbose=0)[:, 0]
+    np.testing.assert_allclose([r.probability for r in rows], expected, atol=1e-4)
+    assert [r.path for r in rows] == [str(f) for f in files]
+    assert all(r.label == ("CT_COVID" if r.probability >= 0.5 else "CT_NonCOVID") for r in rows)
+
+
+def test_missing_provider_falls_back_to_cpu(onnx_model, caplog, monkeypatch):
+    import onnxruntime as ort
+
+    from ctedge.runtime import Classifier
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    clf = Classifier(onnx_model, provider="tensorrt")
+    assert clf.providers == ["CPUExecutionProvider"]
+    assert "not available" in caplog.text
+
+
+def test_models_that_are_not_ctedge_onnx_are_refused(tmp_path, onnx_model):
+    import onnx
+    from ctedge.runtime import Classifier
+
+    (tmp_path / "junk.onnx").write_text("not onnx")
+    with pytest.raises(CtedgeError, match="junk.onnx: not a loadable ONNX model"):
+        Classifier(tmp_path / "junk.onnx")
+    proto = onnx.load(onnx_model)
+    del proto.metadata_props[:]
+    onnx.save(proto, tmp_path / "bare.onnx")
+    with pytest.raises(CtedgeError, match="bare.onnx: ONNX model has no ctedge metadata"):
+        Classifier(tmp_path / "bare.onnx")
+
+
+def test_predict_reports_bad_files_and_goes_on(tmp_path, onnx_model, phantom_data):
+    from test_imageio import write_dicom
+
+    good = sorted((phantom_data / "CT_COVID").iterdir())[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("hello")
+    data = good.read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 3])
+    cv2.imwrite(str(folder / "one_pixel.png"), np.array([[128]], np.uint8))
+    cv2.imwrite(str(folder / "deep.png"), (np.random.default_rng(0).integers(0, 65535, (40, 40))).astype(np.uint16))
+    cv2.imwrite(str(folder / "rgba.png"), np.full((30, 30, 4), 120, np.uint8))
+    write_dicom(folder / "norescale.dcm", np.zeros((8, 8)), rescale=False)
+    write_dicom(folder / "slice.dcm", np.full((8, 8), -300.0))
+    result = runner.invoke(app, ["predict", str(onnx_model), str(folder), str(good),
+                                 "--json", str(tmp_path / "p.json"), "--csv", str(tmp_path / "p.csv")])
+    assert result.exit_code == 1, result.output
+    rows = {json.loads(json.dumps(r))["path"].split("/")[-1]: r
+            for r in json.loads((tmp_path / "p.json").read_text())["predictions"]}
+    assert {n for n, r in rows.items() if r["error"]} == {"empty.png", "text.png", "truncated.png",
+                                                          "norescale.dcm"}
+    for name in ("one_pixel.png", "deep.png", "rgba.png", "slice.dcm", good.name):
+        assert 0.0 <= rows[name]["probability"] <= 1.0
+    assert "RescaleSlope" in rows["norescale.dcm"]["error"]
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 10
+    assert "Traceback" not in result.output
+
+
+def test_huge_image_is_predicted(tmp_path, onnx_model):
+    from ctedge.runtime import Classifier
+
+    big = np.zeros((10000, 10000), np.uint8)
+    cv2.circle(big, (5000, 5000), 3000, 200, -1)
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    (row,) = Classifier(onnx_model).predict_files([tmp_path / "big.png"])
+    assert row.error is None and 0 <= row.probability <= 1
+
+
+def test_bench_reports_latency_cold_start_and_budget(tmp_path, onnx_model, phantom_data):
+    result = runner.invoke(app, ["bench", str(onnx_model), "--data", str(phantom_data), "--runs", "3",
+                                 "--warmup", "1", "--batch-sizes", "1,2", "--budget-ms", "5000",
+                                 "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md"),
+                                 "--plot", str(tmp_path / "lat.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    (r,) = report["results"]
+    assert set(r["latency"]) == {"1", "2"}
+    lat = r["latency"]["1"]
+    assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert r["cold_start_ms"]["process_to_first_prediction"] > r["cold_start_ms"]["first_inference"]
+    assert r["end_to_end_ms"]["p50"] > 0 and 0 <= r["auc"] <= 1
+    assert r["budget"]["within"] == (r["end_to_end_ms"]["p50"] <= 5000)
+    assert report["machine"]["cores"] >= 1 and "onnxruntime" in report["machine"]
+    assert "| model |" in (tmp_path / "b.md").read_text() and (tmp_path / "lat.png").is_file()
+
+
+def test_bench_without_models_needs_exports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["bench"])
+    assert result.exit_code == 2 and "ctedge export --onnx" in result.stderr
