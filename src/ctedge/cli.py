@@ -285,6 +285,71 @@ def export(
         raise typer.Exit(1)
 
 
+@command
+def tune(
+    data: DataArg,
+    split_dir: SplitDir = None,
+    positive: Positive = None,
+    clean: Clean = "drop",
+    group_regex: GroupRegex = None,
+    seed: Seed = 42,
+    image_size: ImageSize = 300,
+    weights: Weights = "imagenet",
+    algorithm: Annotated[str, typer.Option(help="random | bayesian | hyperband")] = "random",
+    max_trials: Annotated[int, typer.Option(help="Trials to run (the paper's defaults are the first).")] = 10,
+    epochs: Annotated[int, typer.Option(help="Epochs per trial (early stopping on the objective).")] = 20,
+    time_budget: Annotated[Optional[float], typer.Option(help="Start no new trial after MIN minutes.")] = None,
+    objective: Annotated[str, typer.Option(help="val_auc | val_accuracy | val_loss")] = "val_auc",
+    directory: Annotated[Path, typer.Option(help="Keras Tuner project root.")] = Path("tuning"),
+    project: Annotated[Optional[str], typer.Option(help="Project name (default DATA-SIZE).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the project over.")] = False,
+    views: Annotated[int, typer.Option(help="Augmented views per training image in the feature cache.")] = 4,
+    fine_tune: Annotated[bool, typer.Option("--fine-tune", help="Train full models (no feature cache).")] = False,
+    search_space: Annotated[Optional[Path], typer.Option(help="YAML/JSON search space (see tuning/*.example.*).")] = None,
+    role: Annotated[Optional[str], typer.Option(help="Distributed: chief | worker (Keras Tuner's engine).")] = None,
+    oracle: Annotated[Optional[str], typer.Option(help="Distributed: the chief's HOST:PORT.")] = None,
+    tuner_id: Annotated[Optional[str], typer.Option(help="Distributed: this worker's id.")] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Search head width, learning rate and dropout around the paper's defaults with
+    Keras Tuner; resumable (rerun the same command), fast on cached backbone features.
+
+    Example: `ctedge tune ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits
+    --weights none --image-size 128 --max-trials 4 --epochs 3`
+
+    Distributed: `ctedge tune DATA --role chief --oracle 0.0.0.0:8000` on one machine,
+    `ctedge tune DATA --role worker --oracle CHIEF:8000` on each other, one shared --directory.
+    """
+    from rich.table import Table
+
+    from .data import DataOptions
+    from .model import ModelConfig
+    from .preprocess import PreprocessConfig
+    from .tuning import SearchSpace, TuneOptions, set_distributed
+    from .tuning import tune as run_tuning
+
+    set_distributed(role, oracle, tuner_id)
+    space = SearchSpace.from_file(search_space) if search_space else SearchSpace()
+    summary = run_tuning(
+        DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
+                    group_regex=group_regex, clean=clean),
+        ModelConfig(weights=weights, freeze_backbone=False if fine_tune else None),
+        PreprocessConfig(image_size=image_size),
+        TuneOptions(algorithm, max_trials, epochs, time_budget, objective, str(directory), project,
+                    overwrite, views, fine_tune, seed=seed), space)
+    table = Table(title=f"{summary['project']}: {len(summary['trials'])} trial(s), {summary['mode']} mode")
+    for column in ("trial", "units", "lr", "dropout", objective, "best epoch", "seconds", "status"):
+        table.add_column(column, justify="right")
+    for r in summary["trials"]:
+        table.add_row(r["trial"], str(r["units"]), f"{r['learning_rate']:.2e}", f"{r['dropout']:.1f}",
+                      "" if r["score"] is None else f"{r['score']:.4f}", str(r["best_epoch"] or ""),
+                      "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["status"])
+    console.print(table)
+    console.print(f"best: {summary['best_hyperparameters']} ({objective} {summary['best_score']:.4f})")
+    console.print(f"best model: {summary['best_model']} ({summary['best_model_source']})")
+    write_json(summary, json_out)
+
+
 Provider = Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt (falls back to the CPU with a message).")]
 Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
 

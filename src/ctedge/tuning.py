@@ -1,0 +1,371 @@
+"""`ctedge tune`: Keras Tuner search of head width, learning rate and dropout.
+
+Kept apart as in Keras Tuner: ``SearchSpace`` (what may vary), ``HeadHyperModel``
+(how a trial's model is built), ``paper_first`` oracles (which values come
+next: the paper's defaults first, then the algorithm's; a time budget stops the
+search) and the tuner (``CtedgeTuner``: times trials and clears Keras state).
+
+Fast mode (default with a frozen backbone): the backbone runs once over the
+training images (K augmented views each) and validation, the features are
+cached on disk, and trials train only the head on them. ``--fine-tune`` (or
+``--no-cache``) trains full models, the backbone recomputed every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import keras_tuner as kt
+import numpy as np
+
+from .data import DataOptions, load_data
+from .errors import CtedgeError
+from .model import ModelConfig, add_head, build_backbone, build_model, set_trainable
+from .preprocess import PreprocessConfig, augment
+from .train import compile_model
+
+log = logging.getLogger(__name__)
+ALGORITHMS = {"random": kt.oracles.RandomSearchOracle,
+              "bayesian": kt.oracles.BayesianOptimizationOracle,
+              "hyperband": kt.oracles.HyperbandOracle}
+
+
+@dataclass
+class SearchSpace:
+    """Ranges around the paper's defaults (units 256, lr 5e-5, no dropout)."""
+
+    units_min: int = 32
+    units_max: int = 1024
+    lr_min: float = 1e-5
+    lr_max: float = 1e-3
+    dropout_max: float = 0.5
+    default_units: int = 256
+    default_lr: float = 5e-5
+
+    def validate(self) -> "SearchSpace":
+        if not (0 < self.units_min <= self.default_units <= self.units_max):
+            raise CtedgeError(f"search space: units range [{self.units_min}, {self.units_max}] is empty "
+                              f"or leaves out the paper's {self.default_units}")
+        if not (0 < self.lr_min <= self.default_lr <= self.lr_max):
+            raise CtedgeError(f"search space: learning-rate range [{self.lr_min}, {self.lr_max}] is "
+                              f"empty or leaves out the paper's {self.default_lr}")
+        if not 0 <= self.dropout_max < 1:
+            raise CtedgeError(f"search space: dropout_max must be in [0, 1), not {self.dropout_max}")
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SearchSpace":
+        """JSON or YAML with any of the fields above."""
+        path = Path(path)
+        if not path.is_file():
+            raise CtedgeError(f"search space file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+            return cls(**data).validate()
+        except (ValueError, TypeError) as exc:
+            raise CtedgeError(f"{path}: not a valid search space ({exc})") from None
+
+    def hyperparameters(self) -> kt.HyperParameters:
+        hp = kt.HyperParameters()
+        hp.Int("units", self.units_min, self.units_max, sampling="log", default=self.default_units)
+        hp.Float("learning_rate", self.lr_min, self.lr_max, sampling="log", default=self.default_lr)
+        if self.dropout_max:
+            hp.Float("dropout", 0.0, self.dropout_max, step=0.1, default=0.0)
+        return hp
+
+
+class HeadHyperModel(kt.HyperModel):
+    """A trial's model: the head on cached features, or the full classifier."""
+
+    def __init__(self, feature_shape: tuple | None, model_config: ModelConfig,
+                 preprocess_config: PreprocessConfig):
+        super().__init__()
+        self.feature_shape = feature_shape
+        self.model_config = model_config
+        self.preprocess_config = preprocess_config
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        units, dropout = hp.get("units"), hp.get("dropout") if "dropout" in hp.values else 0.0
+        if self.feature_shape is not None:
+            inputs = keras.Input(self.feature_shape, name="features")
+            model = keras.Model(inputs, add_head(inputs, units, dropout, self.model_config.pool_size))
+        else:
+            config = ModelConfig(**{**self.model_config.to_dict(), "units": units, "dropout": dropout})
+            model = build_model(config, self.preprocess_config)
+        compile_model(model, hp.get("learning_rate"))
+        return model
+
+
+def paper_first(base: type, deadline: float | None) -> type:
+    """An oracle class whose first trial is the paper's defaults and which stops
+    creating trials once ``deadline`` (time.time()) has passed."""
+
+    class PaperFirst(base):
+        def populate_space(self, trial_id):
+            if deadline is not None and time.time() > deadline:
+                return {"status": kt.engine.trial.TrialStatus.STOPPED, "values": None}
+            if not self.trials or list(self.trials) == [trial_id]:
+                return {"status": kt.engine.trial.TrialStatus.RUNNING,
+                        "values": self.hyperparameters.values}
+            return super().populate_space(trial_id)
+
+    PaperFirst.__name__ = f"PaperFirst{base.__name__}"
+    return PaperFirst
+
+
+class CtedgeTuner(kt.Tuner):
+    """Times each trial and clears Keras's global state after it, so memory
+    does not grow trial after trial."""
+
+    def run_trial(self, trial, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return super().run_trial(trial, *args, **kwargs)
+        finally:
+            if not trial.metrics.exists("seconds"):
+                trial.metrics.register("seconds", direction="min")
+            trial.metrics.update("seconds", time.perf_counter() - started)
+
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        keras.backend.clear_session()
+
+
+# --- cached backbone features --------------------------------------------------
+
+def cache_key(hashes: list[str], preprocess: PreprocessConfig, weights: str, views: int, seed: int) -> str:
+    """Data hash + image size + weights + preprocessing + views: what the features depend on."""
+    blob = json.dumps({"files": hashes, "preprocess": preprocess.to_dict(), "weights": weights,
+                       "views": views, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def backbone_features(backbone: keras.Model, preprocess: PreprocessConfig, x: np.ndarray,
+                      batch_size: int = 32) -> np.ndarray:
+    """The frozen backbone's feature maps of model inputs (preprocessing included)."""
+    from .model import CTPreprocess
+
+    inputs = keras.Input(x.shape[1:])
+    pixels = CTPreprocess(preprocess.window_low, preprocess.window_high, preprocess.centre)(inputs)
+    extractor = keras.Model(inputs, backbone(pixels, training=False))
+    return extractor.predict(x, batch_size=batch_size, verbose=0)
+
+
+def cached_features(directory: Path, parts: dict, preprocess: PreprocessConfig, weights: str,
+                    views: int, seed: int) -> dict[str, np.ndarray]:
+    """Train features for K augmented views per image and val features, on disk."""
+    key = cache_key(parts["train"].hashes + parts["val"].hashes, preprocess, weights, views, seed)
+    path = directory / f"features-{key}.npz"
+    if path.is_file():
+        log.info("using cached backbone features %s", path)
+        with np.load(path) as cached:
+            return dict(cached)
+    backbone = build_backbone(weights, preprocess.image_size)
+    rng = np.random.default_rng(seed)
+    train_x, train_y = [parts["train"].x], [parts["train"].y]
+    for _ in range(views - 1):
+        train_x.append(np.stack([augment(image, rng, preprocess.augment) for image in parts["train"].x]))
+        train_y.append(parts["train"].y)
+    started = time.perf_counter()
+    features = {"train_x": backbone_features(backbone, preprocess, np.concatenate(train_x)),
+                "train_y": np.concatenate(train_y).astype("float32"),
+                "val_x": backbone_features(backbone, preprocess, parts["val"].x),
+                "val_y": parts["val"].y.astype("float32")}
+    log.info("backbone features for %d images in %.1f s, cached in %s",
+             len(features["train_y"]) + len(features["val_y"]), time.perf_counter() - started, path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **features)
+    os.replace(tmp, path)
+    return features
+
+
+# --- the search ------------------------------------------------------------------
+
+@dataclass
+class TuneOptions:
+    algorithm: str = "random"
+    max_trials: int = 10
+    epochs: int = 20
+    time_budget_min: float | None = None
+    objective: str = "val_auc"
+    directory: str = "tuning"
+    project: str | None = None
+    overwrite: bool = False
+    views: int = 4
+    fine_tune: bool = False
+    batch_size: int = 16
+    patience: int = 5
+    seed: int = 42
+
+
+def _fingerprint(space: SearchSpace, hashes: list[str], preprocess: PreprocessConfig,
+                 model_config: ModelConfig, options: TuneOptions, cached: bool) -> dict:
+    return {"search_space": asdict(space),
+            "data": hashlib.sha256("".join(hashes).encode()).hexdigest()[:16],
+            "preprocess": preprocess.to_dict(), "weights": model_config.weights,
+            "mode": "cached" if cached else "full", "views": options.views if cached else None,
+            "algorithm": options.algorithm, "objective": options.objective}
+
+
+def _guard_project(project_dir: Path, fingerprint: dict, overwrite: bool) -> None:
+    """Refuse to resume a project whose search space or data changed (Keras
+    Tuner would silently carry on with the old trials)."""
+    path = project_dir / "ctedge_fingerprint.json"
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+        if changed:
+            raise CtedgeError(f"project {project_dir} was made with another {', '.join(changed)}; "
+                              "use --overwrite to start over or --project NAME for a new one")
+    project_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fingerprint, indent=2))
+
+
+def _validate(options: TuneOptions) -> None:
+    if options.algorithm not in ALGORITHMS:
+        raise CtedgeError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {options.algorithm!r}")
+    if options.max_trials < 1:
+        raise CtedgeError(f"--max-trials must be at least 1, not {options.max_trials}")
+    if options.epochs < 1 or options.views < 1:
+        raise CtedgeError("--epochs and --views must be at least 1")
+    if options.objective not in ("val_auc", "val_accuracy", "val_loss"):
+        raise CtedgeError(f"--objective must be val_auc, val_accuracy or val_loss, not {options.objective!r}")
+
+
+def _oracle(options: TuneOptions, space: SearchSpace):
+    direction = "min" if options.objective == "val_loss" else "max"
+    deadline = time.time() + options.time_budget_min * 60 if options.time_budget_min else None
+    common = dict(objective=kt.Objective(options.objective, direction), seed=options.seed,
+                  hyperparameters=space.hyperparameters(), max_consecutive_failed_trials=3)
+    oracle_class = paper_first(ALGORITHMS[options.algorithm], deadline)
+    if options.algorithm == "hyperband":
+        return oracle_class(max_epochs=options.epochs, **common)
+    return oracle_class(max_trials=options.max_trials, **common)
+
+
+def trial_table(tuner: kt.Tuner, objective: str) -> list[dict]:
+    """Every trial: id, hyperparameters, score, epochs, seconds, status; best first."""
+    rows = []
+    for trial in tuner.oracle.trials.values():
+        metrics = trial.metrics
+        rows.append({"trial": trial.trial_id, "units": trial.hyperparameters.values.get("units"),
+                     "learning_rate": trial.hyperparameters.values.get("learning_rate"),
+                     "dropout": trial.hyperparameters.values.get("dropout", 0.0),
+                     "score": trial.score,
+                     "best_epoch": None if trial.best_step is None else trial.best_step + 1,
+                     "seconds": metrics.get_last_value("seconds") if metrics.exists("seconds") else None,
+                     "status": trial.status})
+    reverse = objective != "val_loss"
+    return sorted(rows, key=lambda r: (r["score"] is None, -(r["score"] or 0) if reverse else (r["score"] or 0)))
+
+
+def assemble(head: keras.Model, model_config: ModelConfig, preprocess: PreprocessConfig,
+             hp: dict) -> keras.Model:
+    """Backbone + a head trained on cached features: the deployable classifier."""
+    config = ModelConfig(**{**model_config.to_dict(), "units": hp["units"],
+                            "dropout": hp.get("dropout", 0.0), "freeze_backbone": True})
+    model = build_model(config, preprocess)
+    for layer in head.layers:
+        if layer.weights:
+            model.get_layer(layer.name).set_weights(layer.get_weights())
+    return model
+
+
+def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessConfig,
+         options: TuneOptions, space: SearchSpace | None = None) -> dict:
+    """Run (or resume) a search; returns the summary also written to summary.json."""
+    from . import __version__
+
+    _validate(options)
+    space = (space or SearchSpace()).validate()
+    keras.utils.set_random_seed(options.seed)
+    dataset, parts = load_data(data, preprocess, parts=("train", "val"))
+    if not len(parts["val"].y):
+        raise CtedgeError("tuning needs a validation split (official lists or --val-fraction)")
+    cached = not options.fine_tune and model_config.freeze_backbone is not False
+    project = options.project or f"{Path(data.root).resolve().name}-{preprocess.image_size}"
+    project_dir = Path(options.directory) / project
+    if options.overwrite and project_dir.exists():
+        import shutil
+        shutil.rmtree(project_dir)
+    _guard_project(project_dir, _fingerprint(space, parts["train"].hashes + parts["val"].hashes,
+                                             preprocess, model_config, options, cached),
+                   options.overwrite)
+    if cached:
+        features = cached_features(project_dir, parts, preprocess, model_config.weights,
+                                   options.views, options.seed)
+        x, y = features["train_x"], features["train_y"]
+        validation = (features["val_x"], features["val_y"])
+        hypermodel = HeadHyperModel(x.shape[1:], model_config, preprocess)
+    else:
+        x, y = parts["train"].x, parts["train"].y.astype("float32")
+        validation = (parts["val"].x, parts["val"].y.astype("float32"))
+        fine = ModelConfig(**{**model_config.to_dict(), "freeze_backbone": False})
+        hypermodel = HeadHyperModel(None, fine, preprocess)
+    tuner = CtedgeTuner(oracle=_oracle(options, space), hypermodel=hypermodel,
+                        directory=options.directory, project_name=project, overwrite=False)
+    monitor = options.objective
+    stop = keras.callbacks.EarlyStopping(monitor=monitor, mode="min" if monitor == "val_loss" else "max",
+                                         patience=options.patience)
+    started = time.perf_counter()
+    tuner.search(x, y, validation_data=validation, epochs=options.epochs,
+                 batch_size=options.batch_size, callbacks=[stop], verbose=0)
+    rows = trial_table(tuner, options.objective)
+    completed = [r for r in rows if r["status"] == "COMPLETED"]
+    if not completed:
+        raise CtedgeError(f"no trial completed in {project_dir}; see the trial folders there")
+    best_hp = tuner.get_best_hyperparameters(1)[0].values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # optimizer state is not restored, by design
+        best = tuner.get_best_models(1)[0]
+    if cached:
+        model = assemble(best, model_config, preprocess, best_hp)
+        how = "backbone + the best trial's head, restored from its checkpoint"
+    else:
+        model, how = best, "the best trial's full model, restored from its checkpoint"
+    model.save(project_dir / "best_model.keras")
+    summary = {
+        "ctedge_version": __version__, "project": str(project_dir), "mode": "cached" if cached else "full",
+        "algorithm": options.algorithm, "objective": options.objective, "trials": rows,
+        "best_hyperparameters": best_hp, "best_score": completed[0]["score"],
+        "best_model": str(project_dir / "best_model.keras"), "best_model_source": how,
+        "search_seconds": time.perf_counter() - started, "options": asdict(options),
+        "search_space": asdict(space),
+    }
+    run_config = {"data": asdict(data), "model": {**model_config.to_dict(), **best_hp},
+                  "preprocess": preprocess.to_dict(), "classes": dataset.class_names,
+                  "positive": dataset.positive, "hyperparameters": best_hp,
+                  "splits": {name: part.summary() for name, part in parts.items()}}
+    (project_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+    (project_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def set_distributed(role: str | None, oracle: str | None, tuner_id: str | None) -> None:
+    """Keras Tuner's own chief/worker mode, through its KERASTUNER_* variables."""
+    if role is None:
+        return
+    if role not in ("chief", "worker"):
+        raise CtedgeError(f"--role must be chief or worker, not {role!r}")
+    if not oracle or ":" not in oracle:
+        raise CtedgeError("--role needs --oracle HOST:PORT (the chief's address)")
+    host, port = oracle.rsplit(":", 1)
+    if not port.isdigit():
+        raise CtedgeError(f"--oracle port must be a number, not {port!r}")
+    os.environ["KERASTUNER_ORACLE_IP"] = host
+    os.environ["KERASTUNER_ORACLE_PORT"] = port
+    os.environ["KERASTUNER_TUNER_ID"] = "chief" if role == "chief" else (tuner_id or f"worker-{os.getpid()}")

@@ -1,0 +1,109 @@
+import json
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ctedge.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained_backbone(tmp_path_factory, trained_run):
+    """The tiny trained run's backbone as a local weights file: its features
+    differ between images, unlike a random frozen backbone's."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    from ctedge.model import load_model
+
+    path = tmp_path_factory.mktemp("weights") / "efficientnetb3_notop.h5"
+    backbone = load_model(trained_run / "model.keras").get_layer("efficientnetb3")
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, backbone)
+    return path
+
+
+def tune_args(data, directory, weights, *extra):
+    return ["tune", str(data), "--weights", str(weights), "--image-size", "48", "--max-trials", "2",
+            "--epochs", "2", "--views", "2", "--directory", str(directory), "--project", "p", *extra]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, phantom_data, trained_backbone):
+    directory = tmp_path_factory.mktemp("tuning")
+    result = runner.invoke(app, tune_args(phantom_data, directory, trained_backbone,
+                                          "--json", str(directory / "out.json")))
+    assert result.exit_code == 0, result.output
+    return directory, json.loads((directory / "out.json").read_text())
+
+
+def test_search_runs_the_papers_defaults_first_and_saves_the_best_model(tuned):
+    directory, summary = tuned
+    assert summary["mode"] == "cached" and len(summary["trials"]) == 2
+    first = next(t for t in summary["trials"] if t["trial"] == "0")
+    assert (first["units"], first["learning_rate"]) == (256, 5e-5)
+    assert all(t["status"] == "COMPLETED" and t["seconds"] > 0 for t in summary["trials"])
+    assert (directory / "p" / "best_model.keras").is_file()
+    assert json.loads((directory / "p" / "summary.json").read_text())["trials"] == summary["trials"]
+
+
+def test_assembled_model_predicts_what_the_cached_head_did(tuned):
+    from ctedge.data import DataOptions, load_data
+    from ctedge.evaluate import run_config
+    from ctedge.model import load_model
+    from ctedge.preprocess import PreprocessConfig
+
+    directory, summary = tuned
+    model = load_model(directory / "p" / "best_model.keras")
+    features = np.load(next((directory / "p").glob("features-*.npz")))
+    config = run_config(directory / "p" / "best_model.keras")
+    _, parts = load_data(DataOptions(**config["data"]), PreprocessConfig(image_size=48), parts=("val",))
+    full = model.predict(parts["val"].x, verbose=0)[:, 0]
+    assert np.ptp(full) > 1e-4, "a constant model would make this test vacuous"
+    head_in = keras.Input(features["val_x"].shape[1:])
+    x = head_in
+    for name in ("head_pool", "head_flatten", "head_dense", "head_output"):
+        x = model.get_layer(name)(x)
+    cached = keras.Model(head_in, x).predict(features["val_x"], verbose=0)[:, 0]
+    np.testing.assert_allclose(full, cached, atol=1e-5)
+
+
+def test_rerun_resumes_without_running_trials_again(tuned, phantom_data, trained_backbone):
+    directory, summary = tuned
+    trial_dirs = sorted(p.name for p in (directory / "p").glob("trial_*"))
+    result = runner.invoke(app, tune_args(phantom_data, directory, trained_backbone,
+                                          "--json", str(directory / "again.json")))
+    assert result.exit_code == 0, result.output
+    again = json.loads((directory / "again.json").read_text())
+    assert again["trials"] == summary["trials"]
+    assert sorted(p.name for p in (directory / "p").glob("trial_*")) == trial_dirs
+
+
+def test_changed_search_space_is_refused(tuned, phantom_data, trained_backbone, tmp_path):
+    directory, _ = tuned
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"units_min": 64, "units_max": 512}))
+    result = runner.invoke(app, tune_args(phantom_data, directory, trained_backbone,
+                                          "--search-space", str(space)))
+    assert result.exit_code == 2 and "another search_space" in result.stderr
+    assert (directory / "p" / "best_model.keras").is_file()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--algorithm", "grid"], "--algorithm"),
+    (["--max-trials", "0"], "--max-trials"),
+    (["--role", "worker"], "--oracle HOST:PORT"),
+])
+def test_bad_options_are_refused(phantom_data, tmp_path, extra, message):
+    result = runner.invoke(app, tune_args(phantom_data, tmp_path, "none", *extra))
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_empty_search_space_is_refused(phantom_data, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("units_min: 512\nunits_max: 64\n")
+    result = runner.invoke(app, tune_args(phantom_data, tmp_path, "none", "--search-space", str(space)))
+    assert result.exit_code == 2 and "units range" in result.stderr
