@@ -350,6 +350,63 @@ def tune(
     write_json(summary, json_out)
 
 
+@command
+def audit(
+    data: DataArg,
+    split_dir: SplitDir = None,
+    positive: Positive = None,
+    group_regex: GroupRegex = None,
+    seed: Seed = 42,
+    image_size: ImageSize = 300,
+    threshold: Annotated[int, typer.Option(help="Near-duplicate candidates: max differing bits of 64 (pHash).")] = 12,
+    show: Annotated[int, typer.Option(help="Rows of each list to print.")] = 10,
+    json_out: JsonOut = None,
+) -> None:
+    """Find leakage and shortcuts: near-duplicates within/across splits, annotated
+    images, a metadata-only shortcut baseline, class balance, unreadable/small images.
+
+    Exit code 0 when clean, 4 when images are duplicated across splits (leakage),
+    so CI can gate on it. Example:
+    `ctedge audit ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits`
+    """
+    from .audit import LEAKAGE_EXIT_CODE
+    from .audit import audit as run_audit
+    from .data import DataOptions
+
+    report = run_audit(DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
+                                   group_regex=group_regex), image_size, threshold)
+    for split, b in report["balance"].items():
+        if b["images"]:
+            console.print(f"{split}: {b['images']} images, {b['positive']} positive "
+                          f"({b['positive'] / b['images']:.0%})")
+    pairs = report["near_duplicates"]
+    console.print(f"[bold]near-duplicates[/] (≤ {threshold} bits): {len(pairs)} pair(s), "
+                  f"{report['cross_split_duplicates']} across splits")
+    for p in pairs[:show]:
+        tag = "[red]CROSS-SPLIT[/]" if p["cross_split"] else "within " + p["splits"][0]
+        console.print(f"  {tag} {p['bits']:2d} bits  {p['a']}  ~  {p['b']}", highlight=False)
+    console.print(f"[bold]annotated[/] (coloured marks): {len(report['annotated'])}")
+    for path in report["annotated"][:show]:
+        console.print(f"  {path}", highlight=False)
+    console.print(f"smaller than {image_size} px: {len(report['too_small'])}; unreadable: {len(report['unreadable'])}")
+    for item in report["unreadable"][:show]:
+        console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+    baseline = report["shortcut_baseline"]
+    for split in ("val", "test"):
+        if split in baseline:
+            b = baseline[split]
+            loud = b["auc"] >= 0.7
+            console.print(("[bold red]SHORTCUT: [/]" if loud else "") +
+                          f"a classifier on file metadata alone (size, channels, format, bytes/pixel) "
+                          f"reaches AUC {b['auc']:.3f}, accuracy {b['accuracy']:.3f} on {split} "
+                          f"({b['images']} images)" + (": read any image model's figures against this"
+                                                       if loud else ""))
+    write_json(report, json_out)
+    if report["leakage"]:
+        console.print("[bold red]leakage: the same image is in more than one split[/]")
+        raise typer.Exit(LEAKAGE_EXIT_CODE)
+
+
 Provider = Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt (falls back to the CPU with a message).")]
 Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
 

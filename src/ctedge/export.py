@@ -45,6 +45,7 @@ class ExportOptions:
     int8_per_channel: bool = True
     int8_reduce_range: bool = False
     int8_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
+    int8_format: str = "qdq"  # qdq | qoperator
 
 
 def sha256(path: Path) -> str:
@@ -228,7 +229,7 @@ class _Calibration:
 
 
 def to_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, options: ExportOptions) -> None:
-    """Static QDQ quantisation (pre-processed, per-channel) of Conv/Gemm/MatMul."""
+    """Static quantisation (pre-processed; QDQ, per-channel, Conv/Gemm/MatMul by default)."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
 
@@ -237,7 +238,8 @@ def to_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, options: E
     try:
         quant_pre_process(str(fp32_path), str(prepared))
         quantize_static(str(prepared), str(out_path), _Calibration(calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=options.int8_per_channel,
+                        quant_format=QuantFormat.QOperator if options.int8_format == "qoperator"
+                        else QuantFormat.QDQ, per_channel=options.int8_per_channel,
                         reduce_range=options.int8_reduce_range,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=options.int8_ops)

@@ -1,0 +1,152 @@
+"""Edge inference benchmark: ORT fp32 / fp16 / INT8 recipes vs TF tf.function,
+EfficientNetB3 at 300 px (native) and 224 px, all in one run on this machine.
+
+    python benchmarks/edge_speed.py --data ../shared/data/covid-ct \
+        --trained runs/b3-128/model.keras --out benchmarks/results
+
+Speed is measured on the architecture (random weights are as fast as trained
+ones). INT8 accuracy needs a trained model: ``--trained`` is exported with each
+INT8 recipe and scored on the labelled images of ``--data`` (val split when
+``--split-dir`` is given). Targets are ratios within this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from ctedge.bench import bench_keras, bench_onnx, BenchOptions, machine_info, stats_ms, time_calls  # noqa: E402
+from ctedge.export import ExportOptions, export_onnx  # noqa: E402
+
+INT8_RECIPES = {
+    "qdq-per-channel": dict(int8_per_channel=True),
+    "qdq-per-tensor": dict(int8_per_channel=False),
+    "qdq-per-tensor-conv-only": dict(int8_per_channel=False, int8_ops=["Conv"]),
+    "qoperator-per-tensor": dict(int8_per_channel=False, int8_format="qoperator"),
+    "qdq-per-channel-reduce-range": dict(int8_per_channel=True, int8_reduce_range=True),
+}
+
+
+def random_model(size: int, folder: Path) -> Path:
+    from ctedge.model import ModelConfig, build_model
+    from ctedge.preprocess import PreprocessConfig
+
+    path = folder / f"b3_{size}.keras"
+    build_model(ModelConfig(weights="none"), PreprocessConfig(image_size=size)).save(path)
+    return path
+
+
+def export_all(model: Path, out: Path, data: str, recipes: dict) -> dict[str, Path]:
+    """fp32 + fp16 once, then each INT8 recipe; returns variant name -> file."""
+    files = {}
+    report = export_onnx(model, out, ExportOptions(fp16=True, check_data=data, check_count=16,
+                                                   fp16_tolerance=1.0))
+    files["fp32"], files["fp16"] = Path(report["variants"]["fp32"]["file"]), Path(report["variants"]["fp16"]["file"])
+    for name, recipe in recipes.items():
+        target = out.with_name(f"{out.stem}_{name}.onnx")
+        r = export_onnx(model, target, ExportOptions(int8=True, calibration_data=data, calibration_count=32,
+                                                     check_data=data, check_count=16, int8_tolerance=1.0,
+                                                     **recipe))
+        files[f"int8 {name}"] = Path(r["variants"]["int8"]["file"])
+    return files
+
+
+def speed(files: dict[str, Path], keras_model: Path, data: str, runs: int) -> dict:
+    options = BenchOptions(batch_sizes=[1, 8], runs=runs, warmup=3, data=data, files=16)
+    from ctedge.bench import bench_files
+
+    images, labels, _ = bench_files(data, 300, 16)
+    results = {name: bench_onnx(path, "cpu", options, images, None) for name, path in files.items()}
+    results["tf.function"] = bench_keras(keras_model, options)
+    return results
+
+
+def accuracy(files: dict[str, Path], data: str, split_dir: str | None) -> dict:
+    """AUC of each variant on the labelled val images (all images without split lists)."""
+    from ctedge.data import DataOptions, load_data
+    from ctedge.export import onnx_probabilities
+    from ctedge.metrics import roc_auc
+    from ctedge.runtime import Classifier
+
+    size = Classifier(files["fp32"], "cpu").size
+    from ctedge.preprocess import PreprocessConfig
+    _, parts = load_data(DataOptions(root=data, split_dir=split_dir), PreprocessConfig(image_size=size),
+                         parts=("val",))
+    x, y = parts["val"].x, parts["val"].y
+    return {name: {"auc": roc_auc(y, onnx_probabilities(path, x)), "images": int(len(y))}
+            for name, path in files.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split-dir")
+    parser.add_argument("--trained", help="trained .keras model for the INT8 accuracy check")
+    parser.add_argument("--sizes", default="300,224")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine_info(None), "date": time.strftime("%Y-%m-%d %H:%M"), "sizes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for size in map(int, args.sizes.split(",")):
+            model = random_model(size, tmp)
+            files = export_all(model, tmp / f"b3_{size}.onnx", args.data, INT8_RECIPES)
+            results = speed(files, model, args.data, args.runs)
+            fp32, tf = results["fp32"], results["tf.function"]
+            report["sizes"][size] = {
+                "results": {k: {kk: v[kk] for kk in ("format", "size_mb", "latency", "inference_ms",
+                                                     "end_to_end_ms", "cold_start_ms") if kk in v}
+                            for k, v in results.items()},
+                "ratios": {
+                    "end_to_end_p50 / session.run_p50": fp32["end_to_end_ms"]["p50"] / fp32["inference_ms"]["p50"],
+                    "ort_fp32 / tf.function (batch 1 p50)": fp32["latency"]["1"]["p50"] / tf["latency"]["1"]["p50"],
+                    **{f"{k} / fp32 (batch 1 p50)": v["latency"]["1"]["p50"] / fp32["latency"]["1"]["p50"]
+                       for k, v in results.items() if k.startswith(("int8", "fp16"))},
+                },
+                "process_start_to_first_prediction_ms": fp32["cold_start_ms"]["process_to_first_prediction"],
+            }
+            print(json.dumps(report["sizes"][size]["ratios"], indent=2), flush=True)
+        if args.trained:
+            files = export_all(Path(args.trained), tmp / "trained.onnx", args.data, INT8_RECIPES)
+            report["int8_accuracy"] = {"model": args.trained, **accuracy(files, args.data, args.split_dir)}
+    (out / "edge_speed.json").write_text(json.dumps(report, indent=2))
+    (out / "edge_speed.md").write_text(to_markdown(report))
+    print((out / "edge_speed.md").read_text())
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Edge inference benchmark ({report['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, "
+             f"onnxruntime {m['onnxruntime']} ({', '.join(m['available_providers'])}), default threads.", ""]
+    for size, entry in report["sizes"].items():
+        lines += [f"## {size} px", "", "| variant | MB | batch 1 p50 ms | batch 1 p99 ms | batch 8 images/s | "
+                  "end-to-end p50 ms |", "|---|---|---|---|---|---|"]
+        for name, r in entry["results"].items():
+            e2e = r.get("end_to_end_ms", {}).get("p50")
+            lines.append(f"| {name} | {r['size_mb']:.1f} | {r['latency']['1']['p50']:.1f} | "
+                         f"{r['latency']['1']['p99']:.1f} | {r['latency']['8']['images_per_s']:.1f} | "
+                         f"{'' if e2e is None else f'{e2e:.1f}'} |")
+        lines += ["", "| ratio | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in entry["ratios"].items()]
+        lines += [f"| process start → first prediction (ms) | {entry['process_start_to_first_prediction_ms']:.0f} |", ""]
+    if "int8_accuracy" in report:
+        acc = report["int8_accuracy"]
+        lines += [f"## Accuracy of each variant ({acc['model']})", "", "| variant | AUC | images |", "|---|---|---|"]
+        lines += [f"| {k} | {v['auc']:.4f} | {v['images']} |" for k, v in acc.items() if isinstance(v, dict)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
