@@ -21,9 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-
-from ctedge.bench import bench_keras, bench_onnx, BenchOptions, machine_info, stats_ms, time_calls  # noqa: E402
+from ctedge.bench import BenchOptions, bench_files, bench_keras, bench_onnx, machine_info  # noqa: E402
 from ctedge.export import ExportOptions, export_onnx  # noqa: E402
 
 INT8_RECIPES = {
@@ -61,9 +59,7 @@ def export_all(model: Path, out: Path, data: str, recipes: dict) -> dict[str, Pa
 
 def speed(files: dict[str, Path], keras_model: Path, data: str, runs: int) -> dict:
     options = BenchOptions(batch_sizes=[1, 8], runs=runs, warmup=3, data=data, files=16)
-    from ctedge.bench import bench_files
-
-    images, labels, _ = bench_files(data, 300, 16)
+    images, _, _ = bench_files(data, 300, 16)
     results = {name: bench_onnx(path, "cpu", options, images, None) for name, path in files.items()}
     results["tf.function"] = bench_keras(keras_model, options)
     return results
@@ -74,10 +70,10 @@ def accuracy(files: dict[str, Path], data: str, split_dir: str | None) -> dict:
     from ctedge.data import DataOptions, load_data
     from ctedge.export import onnx_probabilities
     from ctedge.metrics import roc_auc
+    from ctedge.preprocess import PreprocessConfig
     from ctedge.runtime import Classifier
 
     size = Classifier(files["fp32"], "cpu").size
-    from ctedge.preprocess import PreprocessConfig
     _, parts = load_data(DataOptions(root=data, split_dir=split_dir), PreprocessConfig(image_size=size),
                          parts=("val",))
     x, y = parts["val"].x, parts["val"].y

@@ -107,3 +107,32 @@ def test_empty_search_space_is_refused(phantom_data, tmp_path):
     space.write_text("units_min: 512\nunits_max: 64\n")
     result = runner.invoke(app, tune_args(phantom_data, tmp_path, "none", "--search-space", str(space)))
     assert result.exit_code == 2 and "units range" in result.stderr
+
+
+def test_chief_and_two_workers_run_every_trial_once(tmp_path, phantom_data):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    base = [sys.executable, "-m", "ctedge.cli", *tune_args(phantom_data, tmp_path, "none")[:-2],
+            "--project", "dist", "--max-trials", "4", "--epochs", "1", "--oracle", f"127.0.0.1:{port}"]
+    chief = subprocess.Popen(base + ["--role", "chief", "--json", str(tmp_path / "chief.json")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(15)  # the chief computes the cached features and starts the oracle server
+    workers = [subprocess.Popen(base + ["--role", "worker", "--tuner-id", f"w{i}",
+                                        "--json", str(tmp_path / f"w{i}.json")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in (1, 2)]
+    for process in [*workers, chief]:
+        output, _ = process.communicate(timeout=420)
+        assert process.returncode == 0, output
+    ran = [json.loads((tmp_path / f"w{i}.json").read_text())["trials_run"] for i in (1, 2)]
+    summary = json.loads((tmp_path / "chief.json").read_text())
+    assert sorted(ran[0] + ran[1]) == sorted(t["trial"] for t in summary["trials"])
+    assert len(summary["trials"]) == 4 and all(t["status"] == "COMPLETED" for t in summary["trials"])

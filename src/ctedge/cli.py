@@ -337,6 +337,11 @@ def tune(
         PreprocessConfig(image_size=image_size),
         TuneOptions(algorithm, max_trials, epochs, time_budget, objective, str(directory), project,
                     overwrite, views, fine_tune, seed=seed), space)
+    if summary.get("role") == "worker":
+        console.print(f"worker {summary['tuner_id']} ran trial(s) {', '.join(summary['trials_run']) or 'none'}; "
+                      f"the chief writes {summary['project']}/summary.json")
+        write_json(summary, json_out)
+        return
     table = Table(title=f"{summary['project']}: {len(summary['trials'])} trial(s), {summary['mode']} mode")
     for column in ("trial", "units", "lr", "dropout", objective, "best epoch", "seconds", "status"):
         table.add_column(column, justify="right")

@@ -8,9 +8,7 @@ model, recorded in their model cards; one beyond tolerance is flagged.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import onnx
 
 from . import __version__
 from .errors import CheckFailed, CtedgeError
+from .files import atomic_write, file_digest
 from .evaluate import keras_preprocess_config, run_config
 from .preprocess import PreprocessConfig
 
@@ -46,14 +45,6 @@ class ExportOptions:
     int8_reduce_range: bool = False
     int8_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
     int8_format: str = "qdq"  # qdq | qoperator
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- conversion and graph checks ---------------------------------------------
@@ -113,7 +104,7 @@ def build_metadata(model, model_path: Path, threshold: float, variant: str) -> d
         "ctedge.output": {"name": OUTPUT_NAME, "shape": ["batch", 1],
                           "meaning": "probability of the positive class"},
         "ctedge.preprocess": {k: v for k, v in preprocess.to_dict().items() if k != "augment"},
-        "ctedge.source_model": {"path": str(model_path), "sha256": sha256(model_path)},
+        "ctedge.source_model": {"path": str(model_path), "sha256": file_digest(model_path)},
         "ctedge.hyperparameters": config.get("hyperparameters") or {
             **config.get("model", {}), "learning_rate": config.get("train", {}).get("learning_rate")},
         "ctedge.training_data": {name: {k: part.get(k) for k in ("images", "positive", "negative")}
@@ -245,24 +236,6 @@ def to_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, options: E
                         op_types_to_quantize=options.int8_ops)
     finally:
         prepared.unlink(missing_ok=True)
-
-
-# --- writing -------------------------------------------------------------------
-
-def atomic_write(data: bytes, path: Path) -> None:
-    """Temp file in the target folder, then rename: never a half-written model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def latest_model(tuning_dir: Path = Path("tuning"), runs_dir: Path = Path("runs")) -> Path:

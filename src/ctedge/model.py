@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import keras
 from keras import layers, ops
 
 from .errors import CtedgeError
+from .files import file_digest
 from .preprocess import PreprocessConfig, model_pixels
 
 BACKBONE_NAME = "efficientnetb3"
@@ -62,14 +62,6 @@ def is_pretrained(weights: str | None) -> bool:
     return weights not in (None, "none", "None")
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_backbone(weights: str, image_size: int) -> keras.Model:
     """EfficientNetB3 without top. ``imagenet`` downloads through Keras; a local
     file is loaded into the model Keras builds for ``imagenet`` (which has an
@@ -100,7 +92,7 @@ def build_backbone(weights: str, image_size: int) -> keras.Model:
     if not path.is_file():
         raise CtedgeError(f"--weights: no such file {path} (use imagenet, none or a path)")
     expected = efficientnet.WEIGHTS_HASHES["b3"][1]
-    if _md5(path) != expected:
+    if file_digest(path, "md5") != expected:
         import logging
         logging.getLogger(__name__).warning(
             "%s is not Keras's official %s (md5 differs); loading it anyway", path, WEIGHTS_FILE)

@@ -11,6 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _finish(fig, ax, path: Path, legend: str = "best") -> Path:
+    ax.legend(loc=legend)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def training_curves(history: dict[str, list[float]], path: Path) -> Path:
     """Loss and AUC per epoch, train beside validation."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -39,12 +48,7 @@ def roc_curve(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: Path,
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "lower right")
 
 
 def reliability(bin_confidence: np.ndarray, bin_accuracy: np.ndarray, bin_counts: np.ndarray,
@@ -56,12 +60,7 @@ def reliability(bin_confidence: np.ndarray, bin_accuracy: np.ndarray, bin_counts
     ax.plot(bin_confidence[mask], bin_accuracy[mask], "o-", label=f"model (ECE {ece:.3f})")
     ax.set_xlabel("predicted probability")
     ax.set_ylabel("observed positive rate")
-    ax.legend(loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "upper left")
 
 
 def latency_histogram(samples_ms: dict[str, np.ndarray], path: Path) -> Path:
@@ -71,9 +70,4 @@ def latency_histogram(samples_ms: dict[str, np.ndarray], path: Path) -> Path:
         ax.hist(values, bins=40, alpha=0.5, label=label)
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("runs")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)

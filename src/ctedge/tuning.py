@@ -28,7 +28,7 @@ import numpy as np
 
 from .data import DataOptions, load_data
 from .errors import CtedgeError
-from .model import ModelConfig, add_head, build_backbone, build_model, set_trainable
+from .model import ModelConfig, add_head, build_backbone, build_model
 from .preprocess import PreprocessConfig, augment
 from .train import compile_model
 
@@ -117,7 +117,7 @@ def paper_first(base: type, deadline: float | None) -> type:
         def populate_space(self, trial_id):
             if deadline is not None and time.time() > deadline:
                 return {"status": kt.engine.trial.TrialStatus.STOPPED, "values": None}
-            if not self.trials or list(self.trials) == [trial_id]:
+            if not self.trials:
                 return {"status": kt.engine.trial.TrialStatus.RUNNING,
                         "values": self.hyperparameters.values}
             return super().populate_space(trial_id)
@@ -127,8 +127,12 @@ def paper_first(base: type, deadline: float | None) -> type:
 
 
 class CtedgeTuner(kt.Tuner):
-    """Times each trial and clears Keras's global state after it, so memory
-    does not grow trial after trial."""
+    """Times each trial, remembers which it ran, and clears Keras's global
+    state after each, so memory does not grow trial after trial."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ran: list[str] = []
 
     def run_trial(self, trial, *args, **kwargs):
         started = time.perf_counter()
@@ -141,6 +145,7 @@ class CtedgeTuner(kt.Tuner):
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
+        self.ran.append(trial.trial_id)
         keras.backend.clear_session()
 
 
@@ -324,6 +329,9 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
     started = time.perf_counter()
     tuner.search(x, y, validation_data=validation, epochs=options.epochs,
                  batch_size=options.batch_size, callbacks=[stop], verbose=0)
+    if tuner._is_worker():  # the chief holds the oracle and writes the summary
+        return {"role": "worker", "tuner_id": tuner.tuner_id, "project": str(project_dir),
+                "trials_run": tuner.ran, "search_seconds": time.perf_counter() - started}
     rows = trial_table(tuner, options.objective)
     completed = [r for r in rows if r["status"] == "COMPLETED"]
     if not completed:
