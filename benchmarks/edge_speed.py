@@ -4,7 +4,8 @@ EfficientNetB3 at 300 px (native) and 224 px, all in one run on this machine.
     python benchmarks/edge_speed.py --data ../shared/data/covid-ct \
         --trained runs/b3-128/model.keras --out benchmarks/results
 
-Speed is measured on the architecture (random weights are as fast as trained
+ONNX variants are timed in interleaved rounds (drift hits all alike), TF in a
+separate process. Speed is measured on the architecture (random weights are as fast as trained
 ones). INT8 accuracy needs a trained model: ``--trained`` is exported with each
 INT8 recipe and scored on the labelled images of ``--data`` (val split when
 ``--split-dir`` is given). Targets are ratios within this one run.
@@ -15,13 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from ctedge.bench import BenchOptions, bench_files, bench_keras, bench_onnx, machine_info  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ctedge.bench import BenchOptions, bench_files, bench_onnx, machine_info, stats_ms, time_calls  # noqa: E402
 from ctedge.export import ExportOptions, export_onnx  # noqa: E402
 
 INT8_RECIPES = {
@@ -57,11 +62,43 @@ def export_all(model: Path, out: Path, data: str, recipes: dict) -> dict[str, Pa
     return files
 
 
+def interleaved_latency(files: dict[str, Path], runs: int, rounds: int = 5) -> dict:
+    """Batch-1 and batch-8 latency of every variant, measured in interleaved rounds
+    (A B C A B C ...) so that drift on a shared machine hits all variants alike."""
+    from ctedge.runtime import Classifier
+
+    sessions = {name: Classifier(path, "cpu") for name, path in files.items()}
+    sessions["fp32, 1 thread"] = Classifier(files["fp32"], "cpu", threads=1)
+    rng = np.random.default_rng(0)
+    size = sessions["fp32"].size
+    inputs = {b: rng.uniform(0, 255, (b, size, size, 3)).astype(np.float32) for b in (1, 8)}
+    samples = {name: {1: [], 8: []} for name in sessions}
+    for _ in range(rounds):
+        for name, clf in sessions.items():
+            for batch, x in inputs.items():
+                samples[name][batch] += time_calls(lambda: clf.predict_arrays(x), 2, max(runs // rounds, 2), None)
+    return {name: {"size_mb": files.get(name, files["fp32"]).stat().st_size / 1e6,
+                   "latency": {str(b): {**stats_ms(v), "images_per_s": b / np.mean(v)} for b, v in per.items()}}
+            for name, per in samples.items()}
+
+
+def keras_baseline(model: Path, runs: int) -> dict:
+    """TF tf.function latency in a fresh process, so TensorFlow's thread pools
+    never share a process with the onnxruntime measurements."""
+    code = ("import json, sys; from pathlib import Path; from ctedge.bench import BenchOptions, bench_keras; "
+            "r = bench_keras(Path(sys.argv[1]), BenchOptions(batch_sizes=[1, 8], runs=int(sys.argv[2]))); "
+            "r.pop('samples_ms'); print('RESULT' + json.dumps(r))")
+    out = subprocess.run([sys.executable, "-c", code, str(model), str(runs)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
+    return json.loads(out.split("RESULT", 1)[1])
+
+
 def speed(files: dict[str, Path], keras_model: Path, data: str, runs: int) -> dict:
-    options = BenchOptions(batch_sizes=[1, 8], runs=runs, warmup=3, data=data, files=16)
     images, _, _ = bench_files(data, 300, 16)
-    results = {name: bench_onnx(path, "cpu", options, images, None) for name, path in files.items()}
-    results["tf.function"] = bench_keras(keras_model, options)
+    results = interleaved_latency(files, runs)
+    fp32 = bench_onnx(files["fp32"], "cpu", BenchOptions(batch_sizes=[1], runs=runs, data=data), images, None)
+    results["fp32"].update({k: fp32[k] for k in ("inference_ms", "end_to_end_ms", "cold_start_ms")})
+    results["tf.function"] = keras_baseline(keras_model, runs)
     return results
 
 
@@ -101,14 +138,14 @@ def main() -> None:
             results = speed(files, model, args.data, args.runs)
             fp32, tf = results["fp32"], results["tf.function"]
             report["sizes"][size] = {
-                "results": {k: {kk: v[kk] for kk in ("format", "size_mb", "latency", "inference_ms",
+                "results": {k: {kk: v[kk] for kk in ("size_mb", "latency", "inference_ms",
                                                      "end_to_end_ms", "cold_start_ms") if kk in v}
                             for k, v in results.items()},
                 "ratios": {
                     "end_to_end_p50 / session.run_p50": fp32["end_to_end_ms"]["p50"] / fp32["inference_ms"]["p50"],
                     "ort_fp32 / tf.function (batch 1 p50)": fp32["latency"]["1"]["p50"] / tf["latency"]["1"]["p50"],
                     **{f"{k} / fp32 (batch 1 p50)": v["latency"]["1"]["p50"] / fp32["latency"]["1"]["p50"]
-                       for k, v in results.items() if k.startswith(("int8", "fp16"))},
+                       for k, v in results.items() if k not in ("fp32", "tf.function")},
                 },
                 "process_start_to_first_prediction_ms": fp32["cold_start_ms"]["process_to_first_prediction"],
             }

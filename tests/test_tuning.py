@@ -136,3 +136,12 @@ def test_chief_and_two_workers_run_every_trial_once(tmp_path, phantom_data):
     summary = json.loads((tmp_path / "chief.json").read_text())
     assert sorted(ran[0] + ran[1]) == sorted(t["trial"] for t in summary["trials"])
     assert len(summary["trials"]) == 4 and all(t["status"] == "COMPLETED" for t in summary["trials"])
+
+
+def test_naive_mode_trains_full_models_on_augmented_batches(tmp_path, phantom_data):
+    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, "none", "--no-cache"), "--max-trials", "1",
+                                 "--epochs", "1", "--json", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["mode"] == "naive" and summary["trials"][0]["status"] == "COMPLETED"
+    assert not list((tmp_path / "p").glob("features-*.npz"))

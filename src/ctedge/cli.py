@@ -305,6 +305,8 @@ def tune(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the project over.")] = False,
     views: Annotated[int, typer.Option(help="Augmented views per training image in the feature cache.")] = 4,
     fine_tune: Annotated[bool, typer.Option("--fine-tune", help="Train full models (no feature cache).")] = False,
+    cache: Annotated[bool, typer.Option(help="Tune the head on cached backbone features (--no-cache: "
+                                             "recompute the backbone every epoch).")] = True,
     search_space: Annotated[Optional[Path], typer.Option(help="YAML/JSON search space (see tuning/*.example.*).")] = None,
     role: Annotated[Optional[str], typer.Option(help="Distributed: chief | worker (Keras Tuner's engine).")] = None,
     oracle: Annotated[Optional[str], typer.Option(help="Distributed: the chief's HOST:PORT.")] = None,
@@ -336,7 +338,7 @@ def tune(
         ModelConfig(weights=weights, freeze_backbone=False if fine_tune else None),
         PreprocessConfig(image_size=image_size),
         TuneOptions(algorithm, max_trials, epochs, time_budget, objective, str(directory), project,
-                    overwrite, views, fine_tune, seed=seed), space)
+                    overwrite, views, fine_tune, cache, seed=seed), space)
     if summary.get("role") == "worker":
         console.print(f"worker {summary['tuner_id']} ran trial(s) {', '.join(summary['trials_run']) or 'none'}; "
                       f"the chief writes {summary['project']}/summary.json")

@@ -28,9 +28,9 @@ import numpy as np
 
 from .data import DataOptions, load_data
 from .errors import CtedgeError
-from .model import ModelConfig, add_head, build_backbone, build_model
+from .model import ModelConfig, add_head, build_backbone, build_model, is_pretrained
 from .preprocess import PreprocessConfig, augment
-from .train import compile_model
+from .train import AugmentedBatches, compile_model
 
 log = logging.getLogger(__name__)
 ALGORITHMS = {"random": kt.oracles.RandomSearchOracle,
@@ -126,6 +126,17 @@ def paper_first(base: type, deadline: float | None) -> type:
     return PaperFirst
 
 
+def rss_mb() -> float:
+    """Resident memory of this process (Linux), to show it does not grow per trial."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 class CtedgeTuner(kt.Tuner):
     """Times each trial, remembers which it ran, and clears Keras's global
     state after each, so memory does not grow trial after trial."""
@@ -139,9 +150,10 @@ class CtedgeTuner(kt.Tuner):
         try:
             return super().run_trial(trial, *args, **kwargs)
         finally:
-            if not trial.metrics.exists("seconds"):
-                trial.metrics.register("seconds", direction="min")
-            trial.metrics.update("seconds", time.perf_counter() - started)
+            for name, value in (("seconds", time.perf_counter() - started), ("rss_mb", rss_mb())):
+                if not trial.metrics.exists(name):
+                    trial.metrics.register(name, direction="min")
+                trial.metrics.update(name, value)
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
@@ -212,6 +224,7 @@ class TuneOptions:
     overwrite: bool = False
     views: int = 4
     fine_tune: bool = False
+    cache: bool = True  # False: the naive way, backbone recomputed every epoch
     batch_size: int = 16
     patience: int = 5
     seed: int = 42
@@ -222,7 +235,8 @@ def _fingerprint(space: SearchSpace, hashes: list[str], preprocess: PreprocessCo
     return {"search_space": asdict(space),
             "data": hashlib.sha256("".join(hashes).encode()).hexdigest()[:16],
             "preprocess": preprocess.to_dict(), "weights": model_config.weights,
-            "mode": "cached" if cached else "full", "views": options.views if cached else None,
+            "mode": "cached" if cached else ("fine-tune" if options.fine_tune else "naive"),
+            "views": options.views if cached else None,
             "algorithm": options.algorithm, "objective": options.objective}
 
 
@@ -273,9 +287,10 @@ def trial_table(tuner: kt.Tuner, objective: str) -> list[dict]:
                      "score": trial.score,
                      "best_epoch": None if trial.best_step is None else trial.best_step + 1,
                      "seconds": metrics.get_last_value("seconds") if metrics.exists("seconds") else None,
+                     "rss_mb": metrics.get_last_value("rss_mb") if metrics.exists("rss_mb") else None,
                      "status": trial.status})
-    reverse = objective != "val_loss"
-    return sorted(rows, key=lambda r: (r["score"] is None, -(r["score"] or 0) if reverse else (r["score"] or 0)))
+    sign = -1 if objective != "val_loss" else 1
+    return sorted(rows, key=lambda r: (r["score"] is None, sign * (r["score"] or 0), r["trial"]))
 
 
 def assemble(head: keras.Model, model_config: ModelConfig, preprocess: PreprocessConfig,
@@ -301,7 +316,10 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
     dataset, parts = load_data(data, preprocess, parts=("train", "val"))
     if not len(parts["val"].y):
         raise CtedgeError("tuning needs a validation split (official lists or --val-fraction)")
-    cached = not options.fine_tune and model_config.freeze_backbone is not False
+    cached = options.cache and not options.fine_tune and model_config.freeze_backbone is not False
+    if cached and not is_pretrained(model_config.weights):
+        log.warning("--weights none with a frozen backbone: the cached features come from random "
+                    "filters, so expect chance-level scores; use imagenet or a weights file, or --fine-tune")
     project = options.project or f"{Path(data.root).resolve().name}-{preprocess.image_size}"
     project_dir = Path(options.directory) / project
     if options.overwrite and project_dir.exists():
@@ -316,19 +334,22 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
         x, y = features["train_x"], features["train_y"]
         validation = (features["val_x"], features["val_y"])
         hypermodel = HeadHyperModel(x.shape[1:], model_config, preprocess)
-    else:
-        x, y = parts["train"].x, parts["train"].y.astype("float32")
+    else:  # augmented batches, as `ctedge train` feeds them
+        x, y = AugmentedBatches(parts["train"].x, parts["train"].y, options.batch_size,
+                                preprocess.augment, options.seed), None
         validation = (parts["val"].x, parts["val"].y.astype("float32"))
-        fine = ModelConfig(**{**model_config.to_dict(), "freeze_backbone": False})
-        hypermodel = HeadHyperModel(None, fine, preprocess)
+        full = ModelConfig(**{**model_config.to_dict(),
+                              "freeze_backbone": False if options.fine_tune else model_config.freeze_backbone})
+        hypermodel = HeadHyperModel(None, full, preprocess)
     tuner = CtedgeTuner(oracle=_oracle(options, space), hypermodel=hypermodel,
                         directory=options.directory, project_name=project, overwrite=False)
     monitor = options.objective
     stop = keras.callbacks.EarlyStopping(monitor=monitor, mode="min" if monitor == "val_loss" else "max",
                                          patience=options.patience)
     started = time.perf_counter()
-    tuner.search(x, y, validation_data=validation, epochs=options.epochs,
-                 batch_size=options.batch_size, callbacks=[stop], verbose=0)
+    batching = {"batch_size": options.batch_size} if y is not None else {}
+    tuner.search(x, y, validation_data=validation, epochs=options.epochs, callbacks=[stop],
+                 verbose=0, **batching)
     if tuner._is_worker():  # the chief holds the oracle and writes the summary
         return {"role": "worker", "tuner_id": tuner.tuner_id, "project": str(project_dir),
                 "trials_run": tuner.ran, "search_seconds": time.perf_counter() - started}
@@ -347,7 +368,8 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
         model, how = best, "the best trial's full model, restored from its checkpoint"
     model.save(project_dir / "best_model.keras")
     summary = {
-        "ctedge_version": __version__, "project": str(project_dir), "mode": "cached" if cached else "full",
+        "ctedge_version": __version__, "project": str(project_dir),
+        "mode": "cached" if cached else ("fine-tune" if options.fine_tune else "naive"),
         "algorithm": options.algorithm, "objective": options.objective, "trials": rows,
         "best_hyperparameters": best_hp, "best_score": completed[0]["score"],
         "best_model": str(project_dir / "best_model.keras"), "best_model_source": how,
