@@ -57,6 +57,18 @@ def test_evaluate_prints_metrics_with_cis(tmp_path, trained_run, phantom_data):
     assert sum(map(sum, report["confusion"])) == 24
     assert (out / "roc.png").is_file() and (out / "calibration.png").is_file()
     assert "sensitivity" in result.stdout + result.stderr
+    assert report["shortcut_baseline"] == {}  # only for val/test
+
+
+def test_evaluate_puts_the_metadata_baseline_beside_the_model(tmp_path, trained_run, phantom_data):
+    result = runner.invoke(app, ["evaluate", str(trained_run / "model.keras"), str(phantom_data),
+                                 "--split", "test", "--resamples", "20", "-o", str(tmp_path / "e"),
+                                 "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    baseline = report["shortcut_baseline"]
+    assert 0.0 <= baseline["auc"] <= 1.0 and baseline["images"] == report["images"]
+    assert "shortcut baseline" in result.stderr
 
 
 def test_user_errors_get_a_message_and_exit_code_not_a_traceback(tmp_path, trained_run):

@@ -178,6 +178,10 @@ def print_metrics(report: dict) -> None:
     console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {report['ece']:.3f}")
     for name, value in report["operating_points"].items():
         console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
+    baseline = report.get("shortcut_baseline") or {}
+    if "auc" in baseline:
+        console.print(f"shortcut baseline (file metadata only, trained on train): AUC {baseline['auc']:.3f} "
+                      f"beside the model's {report['metrics']['auc']['value']:.3f}")
 
 
 @command

@@ -86,12 +86,21 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
     if not len(data.y):
         raise CtedgeError(f"the {split} split of {data_root} is empty")
     probabilities = model.predict(data.x, batch_size=32, verbose=0)[:, 0]
+    baseline = {}
+    if split in ("val", "test"):
+        from .audit import metadata_baseline
+        from .data import discover, make_splits
+
+        splits = make_splits(discover(options.root, options.positive), options.split_dir, options.seed,
+                             options.test_fraction, options.val_fraction, options.group_regex)
+        baseline = metadata_baseline({"train": splits["train"], split: splits[split]}).get(split, {})
     groups = (np.array([group_of(p, options.group_regex) for p in data.paths])
               if options.group_regex else None)
     report = {"model": str(model_path), "data": asdict(options), "split": split,
               "threshold": threshold, "images": len(data.y), "positive": int(data.y.sum()),
               "groups": len(set(groups)) if groups is not None else None,
               **score(data.y, probabilities, threshold, groups, resamples, seed),
+              "shortcut_baseline": baseline,
               "skipped": data.summary()["unreadable"], "dropped_annotated": data.dropped}
     out = Path(out_dir or model_path.parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
