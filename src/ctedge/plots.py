@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _finish(fig, ax, path: Path, legend: str = "best") -> Path:
@@ -29,6 +30,7 @@ def training_curves(history: dict[str, list[float]], path: Path) -> Path:
             if values:
                 ax.plot(range(1, len(values) + 1), values, style, label=prefix + metric)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric)
         ax.legend()
         ax.grid(alpha=0.3)
