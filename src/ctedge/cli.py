@@ -418,6 +418,56 @@ def audit(
         raise typer.Exit(LEAKAGE_EXIT_CODE)
 
 
+
+@command
+def explain(
+    model: Annotated[Path, typer.Argument(help="Trained model (.keras): Grad-CAM needs its gradients.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the overlays.")] = Path("explained"),
+    threshold: Annotated[float, typer.Option(help="Decision threshold written on each overlay.")] = 0.5,
+    alpha: Annotated[float, typer.Option(help="Heatmap opacity at its hottest (0-1).")] = 0.5,
+    sheet: Annotated[bool, typer.Option(help="Also write contact_sheet.png when there are several images.")] = True,
+    json_out: JsonOut = None,
+) -> None:
+    """Grad-CAM heatmaps for the positive class: where in each image the model
+    found its evidence. Writes NAME.gradcam.png (the image, the heatmap over it
+    and the probability above it) and a contact sheet.
+
+    A file that can't be read gets an error row and the rest go on; exit code 1
+    if any failed. Example:
+    `ctedge explain runs/train-X/model.keras ../shared/data/covid-ct/CT_COVID --out explained`
+    """
+    from rich.table import Table
+
+    from .evaluate import run_config
+    from .explain import explain as run_explain
+    from .runtime import expand_paths
+
+    if model.suffix != ".keras":
+        raise CtedgeError(f"{model}: explain needs the trained .keras model (an ONNX file has no gradients)")
+    if not 0.0 <= alpha <= 1.0:
+        raise CtedgeError(f"--alpha must be between 0 and 1, not {alpha}")
+    files = expand_paths(paths)
+    if not files:
+        raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
+    positive = run_config(model).get("positive") or "positive"
+    report = run_explain(model, files, out, threshold, positive, alpha, sheet=sheet)
+    rows = report["explanations"]
+    table = Table(title=f"Grad-CAM for P({positive}), threshold {threshold}")
+    for column in ("path", "probability", "overlay"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.path, "" if row.error else f"{row.probability:.4f}",
+                      f"[red]error: {row.error}[/]" if row.error else row.overlay)
+    console.print(table)
+    if report["contact_sheet"]:
+        console.print(f"contact sheet: {report['contact_sheet']}")
+    write_json({**report, "explanations": [row.to_dict() for row in rows]}, json_out)
+    failed = sum(row.error is not None for row in rows)
+    if failed:
+        console.print(f"[yellow]{failed} of {len(rows)} file(s) could not be read[/]")
+        raise typer.Exit(1)
+
 Provider = Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt (falls back to the CPU with a message).")]
 Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
 
