@@ -68,6 +68,8 @@ def test_evaluate_puts_the_metadata_baseline_beside_the_model(tmp_path, trained_
     report = json.loads((tmp_path / "m.json").read_text())
     baseline = report["shortcut_baseline"]
     assert 0.0 <= baseline["auc"] <= 1.0 and baseline["images"] == report["images"]
+    fpr, tpr = baseline["roc"]["fpr"], baseline["roc"]["tpr"]  # drawn into roc.png beside the model's
+    assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0 and fpr == sorted(fpr)
     assert "shortcut baseline" in result.stderr
 
 

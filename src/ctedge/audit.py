@@ -136,6 +136,7 @@ def metadata_baseline(splits: dict[str, list[Sample]]) -> dict:
 def shortcut_baseline(facts: list[FileFacts]) -> dict:
     """Train a small classifier on metadata of the training part; score the rest."""
     from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import roc_curve
 
     from .metrics import point_metrics
 
@@ -149,8 +150,11 @@ def shortcut_baseline(facts: list[FileFacts]) -> dict:
     for split in ("val", "test"):
         rows = splits == split
         if rows.any() and len(set(y[rows])) == 2:
-            m = point_metrics(y[rows], model.predict_proba(x[rows])[:, 1])
-            report[split] = {"auc": m["auc"], "accuracy": m["accuracy"], "images": int(rows.sum())}
+            scores = model.predict_proba(x[rows])[:, 1]
+            m = point_metrics(y[rows], scores)
+            fpr, tpr, _ = roc_curve(y[rows], scores)
+            report[split] = {"auc": m["auc"], "accuracy": m["accuracy"], "images": int(rows.sum()),
+                             "roc": {"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist()}}
     return report
 
 

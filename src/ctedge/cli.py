@@ -38,6 +38,7 @@ Seed = Annotated[int, typer.Option(help="Seed for the split, augmentation and in
 ImageSize = Annotated[int, typer.Option(help="Model input size in pixels (B3 native: 300).")]
 Weights = Annotated[str, typer.Option(help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5.")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON ('-' for stdout).")]
+HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page.")]
 
 
 def _setup_logging() -> None:
@@ -195,6 +196,7 @@ def evaluate(
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default beside the model).")] = None,
     json_out: JsonOut = None,
+    html_out: HtmlOut = None,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC with bootstrap 95% CIs,
     confusion matrix, ROC and calibration plots.
@@ -210,6 +212,12 @@ def evaluate(
     print_metrics(report)
     console.print(f"plots and metrics.json in {report['out_dir']}")
     write_json(report, json_out)
+    if html_out:
+        from .report import evaluation_section, verdict, write_page
+
+        write_page(html_out, f"ctedge evaluation: {model}", [verdict(report, None), evaluation_section(report)],
+                   f"data {data}")
+        console.print(f"HTML page: {html_out}")
 
 
 @command
@@ -372,6 +380,7 @@ def audit(
     threshold: Annotated[int, typer.Option(help="Near-duplicate candidates: max differing bits of 64 (pHash).")] = 12,
     show: Annotated[int, typer.Option(help="Rows of each list to print.")] = 10,
     json_out: JsonOut = None,
+    html_out: HtmlOut = None,
 ) -> None:
     """Find leakage and shortcuts: near-duplicates within/across splits, annotated
     images, a metadata-only shortcut baseline, class balance, unreadable/small images.
@@ -413,6 +422,11 @@ def audit(
                           f"({b['images']} images)" + (": read any image model's figures against this"
                                                        if loud else ""))
     write_json(report, json_out)
+    if html_out:
+        from .report import audit_section, verdict, write_page
+
+        write_page(html_out, f"ctedge audit: {data}", [verdict(None, report), audit_section(report)])
+        console.print(f"HTML page: {html_out}")
     if report["leakage"]:
         console.print("[bold red]leakage: the same image is in more than one split[/]")
         raise typer.Exit(LEAKAGE_EXIT_CODE)
@@ -467,6 +481,38 @@ def explain(
     if failed:
         console.print(f"[yellow]{failed} of {len(rows)} file(s) could not be read[/]")
         raise typer.Exit(1)
+
+
+@command
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Training run folder (model.keras + config.json).")],
+    data: Annotated[Optional[Path], typer.Option(help="Data folder (default: the one the run trained on).")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate: train | val | test | all")] = "val",
+    explain_count: Annotated[int, typer.Option("--explain", help="Images to explain with Grad-CAM (0: none).")] = 12,
+    run_audit: Annotated[bool, typer.Option("--audit/--no-audit", help="Include the data audit.")] = True,
+    fresh: Annotated[bool, typer.Option(help="Recompute the evaluation and audit even if the run folder has them.")] = False,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default RUN_DIR/report.html).")] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """One self-contained HTML page for a training run: data summary, audit
+    findings, metrics with CIs, ROC (with the metadata shortcut's), confusion
+    matrix, calibration and a grid of Grad-CAM explained images.
+
+    Runs the evaluation, audit and Grad-CAM it needs, reusing eval-SPLIT/ and
+    audit.json when the run folder already has them. Example:
+    `ctedge report runs/train-X` then open runs/train-X/report.html
+    """
+    from .report import build
+
+    result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh)
+    print_metrics(result["evaluation"])
+    audit = result["audit"]
+    if audit:
+        console.print(f"audit: {len(audit['near_duplicates'])} near-duplicate pair(s), "
+                      f"{audit['cross_split_duplicates']} across splits; {len(audit['annotated'])} annotated")
+    console.print(f"[green]report:[/] {result['report']}")
+    write_json(result, json_out)
 
 Provider = Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt (falls back to the CPU with a message).")]
 Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]

@@ -106,7 +106,8 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
     out.mkdir(parents=True, exist_ok=True)
     if 0 < data.y.sum() < len(data.y):
         fpr, tpr, _ = sk_roc(data.y, probabilities)
-        report["roc_png"] = str(roc_curve(fpr, tpr, report["metrics"]["auc"]["value"], out / "roc.png"))
+        shortcut = (baseline["roc"]["fpr"], baseline["roc"]["tpr"], baseline["auc"]) if "roc" in baseline else None
+        report["roc_png"] = str(roc_curve(fpr, tpr, report["metrics"]["auc"]["value"], out / "roc.png", shortcut))
     report["calibration_png"] = str(reliability(*calibration(data.y, probabilities), out / "calibration.png"))
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)

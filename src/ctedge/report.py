@@ -1,0 +1,294 @@
+"""One self-contained HTML page for a run: data, audit, metrics, plots, Grad-CAM.
+
+Everything is inline (CSS, pictures as base64 data URIs), so the page can be
+mailed or attached to a ticket and opened anywhere without the run folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import __version__
+from .errors import CtedgeError, UnreadableImage
+from .files import atomic_write
+from .imageio import read_image
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:28px 0 10px;border-bottom:1px solid #d8dbe2;padding-bottom:4px}
+.sub{color:#5b6475;font-size:13px}
+section{background:#fff;border-radius:8px;padding:4px 18px 14px;margin:14px 0;box-shadow:0 1px 2px #0001}
+table{border-collapse:collapse;margin:8px 0}td,th{padding:4px 10px;border-bottom:1px solid #eceef2;text-align:right}
+td:first-child,th:first-child,.kv td{text-align:left}th{background:#f0f2f5}
+.verdict{padding:10px 14px;border-radius:6px;margin:10px 0;font-weight:600}
+.bad{background:#fde8e8;border-left:5px solid #c81e1e}.warn{background:#fdf6e3;border-left:5px solid #c27c0e}
+.good{background:#e7f6ec;border-left:5px solid #1e7e34}
+.plots{display:flex;flex-wrap:wrap;gap:12px}.plots img{max-width:100%;border:1px solid #eceef2}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:10px}
+figure{margin:0;background:#fafbfc;border:1px solid #eceef2;border-radius:6px;padding:6px}
+figure img{width:100%;display:block}figcaption{font-size:12px;color:#3c4454;word-break:break-all}
+.pair{display:flex;gap:4px;align-items:flex-start}.pair img{width:calc(50% - 2px)}
+.cm td{width:90px;text-align:center;font-weight:600}
+code{font-size:13px;background:#f0f2f5;padding:1px 4px;border-radius:3px}
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def picture(path: str | Path, alt: str, max_side: int | None = None) -> str:
+    """An ``<img>`` holding the file itself (PNG), or a JPEG thumbnail of an image file."""
+    path = Path(path)
+    if max_side is None:
+        data, mime = path.read_bytes(), "image/png"
+    else:
+        try:
+            decoded = read_image(path)
+        except UnreadableImage:
+            return f"<span class=sub>({_e(path.name)}: unreadable)</span>"
+        image = decoded.colour if decoded.colour is not None else np.clip(decoded.gray, 0, 255).astype(np.uint8)
+        scale = min(1.0, max_side / max(image.shape[:2]))
+        if scale < 1.0:
+            image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        data, mime = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes(), "image/jpeg"
+    return f'<img alt="{_e(alt)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
+
+
+def _table(header: list[str], rows: list[list], css_class: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{css_class}"><tr>{head}</tr>{body}</table>'
+
+
+def verdict(evaluation: dict | None, audit: dict | None) -> str:
+    """The one paragraph a reader must see first: leakage, and the model against
+    the metadata shortcut."""
+    lines = []
+    if audit and audit.get("leakage"):
+        lines.append(("bad", f"Leakage: {audit['cross_split_duplicates']} near-duplicate pair(s) "
+                             "span splits, so held-out figures are inflated."))
+    if evaluation:
+        auc = evaluation["metrics"]["auc"]
+        lo, hi = auc["ci95"]
+        base = (evaluation.get("shortcut_baseline") or {}).get("auc")
+        model_text = f"model AUC {auc['value']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {evaluation['split']}"
+        if base is None:
+            lines.append(("warn", f"{model_text}; no metadata baseline on this split to read it against."))
+        elif base >= lo:
+            lines.append(("bad", f"{model_text} does not clearly beat a classifier that sees only file "
+                                 f"metadata (AUC {base:.3f}): its figures may reflect how the images were "
+                                 "collected, not the lungs."))
+        else:
+            lines.append(("good", f"{model_text}, above the metadata-only shortcut baseline "
+                                  f"(AUC {base:.3f})."))
+    elif audit:
+        for split, b in audit["shortcut_baseline"].items():
+            if isinstance(b, dict) and b.get("auc", 0) >= 0.7:
+                lines.append(("warn", f"File metadata alone reaches AUC {b['auc']:.3f} on {split}: read any "
+                                      "image model's figures against this shortcut."))
+    return "".join(f'<div class="verdict {kind}">{_e(text)}</div>' for kind, text in lines)
+
+
+def training_section(config: dict, run_dir: Path) -> str:
+    splits = config.get("splits", {})
+    rows = [[name, s["images"], s["positive"], s["negative"], len(s["dropped"]), len(s["unreadable"])]
+            for name, s in splits.items() if s["images"] or s["dropped"] or s["unreadable"]]
+    model, train, pre = config.get("model", {}), config.get("train", {}), config.get("preprocess", {})
+    result = config.get("result", {})
+    settings = [["data", config.get("data", {}).get("root")], ["classes", ", ".join(config.get("classes", []))],
+                ["positive class", config.get("positive")], ["backbone weights", model.get("weights")],
+                ["head width", model.get("units")], ["image size", pre.get("image_size")],
+                ["HU window", f"{pre.get('window_low')} to {pre.get('window_high')}"],
+                ["epochs run", result.get("epochs_run")], ["learning rate", train.get("learning_rate")],
+                ["batch size", train.get("batch_size")],
+                ["training time", f"{result.get('seconds', 0):.0f} s"]]
+    curves = run_dir / "training_curves.png"
+    return ("<h2>Data and training</h2>"
+            + _table(["split", "images", "positive", "negative", "dropped (annotated)", "unreadable"], rows)
+            + _table(["setting", "value"], settings, "kv")
+            + (f'<div class="plots">{picture(curves, "training curves")}</div>' if curves.is_file() else ""))
+
+
+def audit_section(audit: dict, show: int = 6) -> str:
+    pairs = audit["near_duplicates"]
+    balance = [[s, b["images"], b["positive"], f"{b['positive'] / b['images']:.0%}" if b["images"] else "-"]
+               for s, b in audit["balance"].items()]
+    out = ["<h2>Data audit</h2>", _table(["split", "images", "positive", "share"], balance),
+           f"<p><b>Near-duplicates</b>: {len(pairs)} pair(s), <b>{audit['cross_split_duplicates']}</b> across "
+           f"splits (pHash within {audit['hash_threshold_bits']} bits, confirmed by ORB keypoints).</p>"]
+    if pairs:
+        out.append('<div class="grid">')
+        for p in pairs[:show]:
+            tag = "ACROSS SPLITS" if p["cross_split"] else f"within {p['splits'][0]}"
+            out.append(f'<figure><div class="pair">{picture(p["a"], "a", 240)}{picture(p["b"], "b", 240)}</div>'
+                       f"<figcaption>{_e(tag)}, {p['bits']} bits: {_e(Path(p['a']).name)} ~ "
+                       f"{_e(Path(p['b']).name)}</figcaption></figure>")
+        out.append("</div>")
+        if len(pairs) > show:
+            out.append(f"<p class=sub>... and {len(pairs) - show} more pair(s) in the audit JSON.</p>")
+    annotated = audit["annotated"]
+    out.append(f"<p><b>Annotated images</b> (coloured marks): {len(annotated)}</p>")
+    if annotated:
+        out.append('<div class="grid">' + "".join(
+            f"<figure>{picture(a, 'annotated', 240)}<figcaption>{_e(Path(a).name)}</figcaption></figure>"
+            for a in annotated[:show]) + "</div>")
+    baseline = audit["shortcut_baseline"]
+    rows = [[s, baseline[s]["images"], f"{baseline[s]['auc']:.3f}", f"{baseline[s]['accuracy']:.3f}"]
+            for s in ("val", "test") if s in baseline]
+    out.append("<p><b>Shortcut baseline</b>: a random forest on file metadata alone (height, width, aspect, "
+               "channels, format, bytes per pixel), trained on the training part.</p>")
+    out.append(_table(["split", "images", "AUC", "accuracy"], rows) if rows
+               else f"<p class=sub>{_e(baseline.get('note', 'no val/test part to score'))}</p>")
+    out.append(f"<p>Unreadable: {len(audit['unreadable'])}; smaller than the model input: "
+               f"{len(audit['too_small'])}.</p>")
+    return "".join(out)
+
+
+def evaluation_section(evaluation: dict) -> str:
+    rows = [[name, f"{m['value']:.3f}", f"{m['ci95'][0]:.3f} - {m['ci95'][1]:.3f}"]
+            for name, m in evaluation["metrics"].items()]
+    (tn, fp), (fn, tp) = evaluation["confusion"]
+    shade = max(tn, fp, fn, tp) or 1
+
+    def cell(n: int, good: bool) -> str:
+        colour = (30, 126, 52) if good else (200, 30, 30)
+        return f'<td style="background:rgba{(*colour, round(0.1 + 0.5 * n / shade, 2))}">{n}</td>'
+
+    confusion = ('<table class="cm"><tr><th></th><th>predicted negative</th><th>predicted positive</th></tr>'
+                 f"<tr><th>negative</th>{cell(tn, True)}{cell(fp, False)}</tr>"
+                 f"<tr><th>positive</th>{cell(fn, False)}{cell(tp, True)}</tr></table>")
+    points = [[name.replace("_", " "), f"{value:.3f}"] for name, value in evaluation["operating_points"].items()]
+    groups = f", {evaluation['groups']} groups resampled" if evaluation.get("groups") else ""
+    plots = "".join(picture(evaluation[k], k) for k in ("roc_png", "calibration_png")
+                    if evaluation.get(k) and Path(evaluation[k]).is_file())
+    return (f"<h2>Evaluation: {_e(evaluation['split'])} split</h2>"
+            f"<p>{evaluation['images']} images, {evaluation['positive']} positive; threshold "
+            f"{evaluation['threshold']}; bootstrap 95% CIs ({_e(groups.lstrip(', ') or 'images resampled')}); "
+            f"ECE {evaluation['ece']:.3f}.</p>"
+            f'<div class="plots"><div>{_table(["metric", "value", "95% CI"], rows)}{confusion}'
+            f'{_table(["operating point", "value"], points)}</div>{plots}</div>')
+
+
+def explain_section(rows: list[dict], labels: dict[str, int], positive: str) -> str:
+    figures = []
+    order = {"TP": 0, "TN": 1, "FP": 2, "FN": 3, "": 4}
+    for row in rows:
+        if row.get("error"):
+            continue
+        truth = labels.get(row["path"])
+        said = row["probability"] >= row.get("threshold", 0.5)
+        kind = "" if truth is None else ("TP" if truth and said else "FN" if truth else "FP" if said else "TN")
+        figures.append((order[kind], f"<figure>{picture(row['overlay'], 'Grad-CAM', 400)}<figcaption><b>{kind}</b> "
+                       f"P({_e(positive)}) {row['probability']:.3f} · {_e(Path(row['path']).name)}"
+                       "</figcaption></figure>"))
+    figures.sort(key=lambda f: f[0])
+    return ("<h2>Where the model looked (Grad-CAM, positive class)</h2>"
+            "<p class=sub>Red: evidence for the positive class. TP/FP/FN/TN against the true label; "
+            "the most confident of each kind are shown.</p>"
+            f'<div class="grid">{"".join(f for _, f in figures)}</div>')
+
+
+def page(title: str, sections: list[str], subtitle: str = "") -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = "".join(f"<section>{s}</section>" for s in sections if s)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
+            f"<h1>{_e(title)}</h1><div class=sub>{_e(subtitle)} · ctedge {__version__} · {stamp}</div>"
+            f"{body}</main></body></html>")
+
+
+def write_page(path: str | Path, title: str, sections: list[str], subtitle: str = "") -> Path:
+    path = Path(path)
+    atomic_write(page(title, sections, subtitle).encode(), path)
+    return path
+
+
+def pick_for_explaining(predictions_csv: Path, count: int, threshold: float = 0.5) -> list[tuple[str, int]]:
+    """The most confident true/false positives/negatives, in turn, up to ``count``."""
+    with open(predictions_csv) as f:
+        rows = [(r["path"], int(r["label"]), float(r["probability"])) for r in csv.DictReader(f)]
+    kinds = {
+        "FN": sorted((r for r in rows if r[1] and r[2] < threshold), key=lambda r: r[2]),
+        "FP": sorted((r for r in rows if not r[1] and r[2] >= threshold), key=lambda r: -r[2]),
+        "TP": sorted((r for r in rows if r[1] and r[2] >= threshold), key=lambda r: -r[2]),
+        "TN": sorted((r for r in rows if not r[1] and r[2] < threshold), key=lambda r: r[2]),
+    }
+    picked: list[tuple[str, int]] = []
+    while len(picked) < count and any(kinds.values()):
+        for queue in kinds.values():
+            if queue and len(picked) < count:
+                path, label, _ = queue.pop(0)
+                picked.append((path, label))
+    return picked
+
+
+def _cached(path: Path, make, fresh: bool = False) -> dict:
+    """JSON at ``path`` if a previous step wrote it (and not ``fresh``), else
+    ``make()``, then saved."""
+    if path.is_file() and not fresh:
+        return json.loads(path.read_text())
+    result = make()
+    atomic_write(json.dumps(result, indent=2, default=str).encode(), path)
+    return result
+
+
+def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val",
+          explain_count: int = 12, run_audit: bool = True, out: str | Path | None = None,
+          resamples: int = 1000, fresh: bool = False) -> dict:
+    """The report of a training run folder. ``eval-SPLIT/metrics.json``
+    (``ctedge evaluate``) and ``audit.json`` are reused unless ``fresh``, else
+    made; the most confident right and wrong calls are explained into
+    ``report-explained/``."""
+    from .data import DataOptions
+    from .evaluate import evaluate, run_config
+
+    run_dir = Path(run_dir)
+    model = run_dir / "model.keras"
+    config = run_config(model)
+    if not config or not model.is_file():
+        raise CtedgeError(f"{run_dir}: not a training run folder (no config.json and model.keras; "
+                          "`ctedge train` writes them)")
+    root = Path(data or config["data"]["root"])
+    if not root.is_dir():
+        raise CtedgeError(f"data folder not found: {root} (the run was trained on it; pass --data)")
+    eval_dir = run_dir / f"eval-{split}"
+    evaluation = _cached(eval_dir / "metrics.json",
+                         lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), fresh)
+    for key in ("roc_png", "calibration_png"):  # the folder may have moved since
+        if (eval_dir / f"{key[:-4]}.png").is_file():
+            evaluation[key] = str(eval_dir / f"{key[:-4]}.png")
+    audit = None
+    if run_audit:
+        from .audit import audit as audit_data
+
+        stored = config["data"]
+        options = DataOptions(**{**stored, "root": str(root)})
+        audit = _cached(run_dir / "audit.json",
+                        lambda: audit_data(options, config["preprocess"]["image_size"]), fresh)
+    explained: list[dict] = []
+    labels: dict[str, int] = {}
+    if explain_count:
+        from .explain import explain
+
+        picked = pick_for_explaining(eval_dir / "predictions.csv", explain_count, evaluation["threshold"])
+        labels = dict(picked)
+        result = explain(model, [Path(p) for p, _ in picked], run_dir / "report-explained",
+                         evaluation["threshold"], config.get("positive") or "positive", sheet=False)
+        explained = [e.to_dict() | {"threshold": evaluation["threshold"]} for e in result["explanations"]]
+    sections = [verdict(evaluation, audit), training_section(config, run_dir),
+                audit_section(audit) if audit else "", evaluation_section(evaluation),
+                explain_section(explained, labels, config.get("positive") or "positive") if explained else ""]
+    target = write_page(out or run_dir / "report.html", f"ctedge report: {run_dir.name}", sections,
+                        f"model {model}")
+    return {"report": str(target), "evaluation": evaluation, "audit": audit, "explained": explained}
