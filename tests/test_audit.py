@@ -73,3 +73,10 @@ def test_clean_data_exits_0_and_reports_balance_and_baseline(tmp_path):
     assert report["balance"]["train"]["images"] == 14 and report["balance"]["val"]["positive"] == 3
     assert len(report["too_small"]) == 19  # 192 px < the default 300 px input
     assert 0.0 <= report["shortcut_baseline"]["val"]["auc"] <= 1.0
+
+
+def test_demo_phantoms_carry_no_file_size_shortcut(phantom_data):
+    sizes = {p.parent.name: set() for p in phantom_data.rglob("*.png")}
+    for p in phantom_data.rglob("*.png"):
+        sizes[p.parent.name].add(p.stat().st_size)
+    assert sizes["CT_COVID"] == sizes["CT_NonCOVID"] and len(sizes["CT_COVID"]) == 1

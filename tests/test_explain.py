@@ -7,7 +7,7 @@ from keras import layers
 from typer.testing import CliRunner
 
 from ctedge.cli import app
-from ctedge.explain import explain, grad_cam, to_image_size
+from ctedge.explain import MIN_SHOWN, explain, grad_cam, to_image_size
 from ctedge.imageio import read_image
 from ctedge.model import CTPreprocess, add_head
 from ctedge.preprocess import to_model_input
@@ -87,7 +87,9 @@ def test_explain_command_writes_overlays_a_contact_sheet_and_error_rows(tmp_path
     for row in rows[:-1]:
         picture = cv2.imread(row["overlay"])
         source = cv2.imread(row["path"], cv2.IMREAD_UNCHANGED)
-        assert picture.shape[1] == source.shape[1] and picture.shape[0] > source.shape[0]  # caption banner
+        enlarged = max(1.0, MIN_SHOWN / max(source.shape[:2]))  # small phantoms are shown larger
+        assert picture.shape[1] == round(source.shape[1] * enlarged)
+        assert picture.shape[0] > round(source.shape[0] * enlarged)  # the caption banner above
         assert 0.0 <= row["probability"] <= 1.0
     assert cv2.imread(report["contact_sheet"]) is not None
 

@@ -79,6 +79,27 @@ def write_json(result: dict, path: Path | None) -> None:
         path.write_text(text)
 
 
+def print_file_rows(title: str, rows: list, third: str) -> int:
+    """Table of per-file results (path, probability, ``third`` attribute), errors
+    in red; returns how many files failed."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("path", "probability", third):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.path, "" if row.error else f"{row.probability:.4f}",
+                      f"[red]error: {row.error}[/]" if row.error else getattr(row, third))
+    console.print(table)
+    return sum(row.error is not None for row in rows)
+
+
+def exit_if_failed(failed: int, total: int) -> None:
+    if failed:
+        console.print(f"[yellow]{failed} of {total} file(s) could not be read[/]")
+        raise typer.Exit(1)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ctedge {__version__}")
@@ -440,7 +461,7 @@ def explain(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the overlays.")] = Path("explained"),
     threshold: Annotated[float, typer.Option(help="Decision threshold written on each overlay.")] = 0.5,
     alpha: Annotated[float, typer.Option(help="Heatmap opacity at its hottest (0-1).")] = 0.5,
-    sheet: Annotated[bool, typer.Option(help="Also write contact_sheet.png when there are several images.")] = True,
+    sheet: Annotated[bool, typer.Option(help="Also write contact_sheet.png (the first 48 images) when there are several.")] = True,
     json_out: JsonOut = None,
 ) -> None:
     """Grad-CAM heatmaps for the positive class: where in each image the model
@@ -451,8 +472,6 @@ def explain(
     if any failed. Example:
     `ctedge explain runs/train-X/model.keras ../shared/data/covid-ct/CT_COVID --out explained`
     """
-    from rich.table import Table
-
     from .evaluate import run_config
     from .explain import explain as run_explain
     from .runtime import expand_paths
@@ -467,20 +486,11 @@ def explain(
     positive = run_config(model).get("positive") or "positive"
     report = run_explain(model, files, out, threshold, positive, alpha, sheet=sheet)
     rows = report["explanations"]
-    table = Table(title=f"Grad-CAM for P({positive}), threshold {threshold}")
-    for column in ("path", "probability", "overlay"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(row.path, "" if row.error else f"{row.probability:.4f}",
-                      f"[red]error: {row.error}[/]" if row.error else row.overlay)
-    console.print(table)
+    failed = print_file_rows(f"Grad-CAM for P({positive}), threshold {threshold}", rows, "overlay")
     if report["contact_sheet"]:
         console.print(f"contact sheet: {report['contact_sheet']}")
     write_json({**report, "explanations": [row.to_dict() for row in rows]}, json_out)
-    failed = sum(row.error is not None for row in rows)
-    if failed:
-        console.print(f"[yellow]{failed} of {len(rows)} file(s) could not be read[/]")
-        raise typer.Exit(1)
+    exit_if_failed(failed, len(rows))
 
 
 @command
@@ -536,8 +546,6 @@ def predict(
     """
     import csv
 
-    from rich.table import Table
-
     from .runtime import Classifier, expand_paths
 
     files = expand_paths(paths)
@@ -545,13 +553,8 @@ def predict(
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
     clf = Classifier(model, provider, threads)
     rows = clf.predict_files(files, batch_size)
-    table = Table(title=f"{model.name} on {clf.providers[0]}: P({clf.positive}), threshold {clf.threshold}")
-    for column in ("path", "probability", "label"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row.path, "" if row.error else f"{row.probability:.4f}",
-                      f"[red]error: {row.error}[/]" if row.error else row.label)
-    console.print(table)
+    failed = print_file_rows(f"{model.name} on {clf.providers[0]}: P({clf.positive}), threshold {clf.threshold}",
+                             rows, "label")
     records = [{"path": r.path, "probability": r.probability, "label": r.label, "error": r.error}
                for r in rows]
     if csv_out:
@@ -562,10 +565,7 @@ def predict(
         if handle is not sys.stdout:
             handle.close()
     write_json({"model": str(model), "provider": clf.providers[0], "predictions": records}, json_out)
-    failed = sum(r.error is not None for r in rows)
-    if failed:
-        console.print(f"[yellow]{failed} of {len(rows)} file(s) could not be read[/]")
-        raise typer.Exit(1)
+    exit_if_failed(failed, len(rows))
 
 
 @command

@@ -21,6 +21,9 @@ from .imageio import read_image
 from .preprocess import to_model_input
 
 
+MIN_SHOWN = 384  # pixels: smaller images are enlarged in the overlay PNG
+
+
 @dataclass
 class Explanation:
     """One explained image; ``error`` is set instead when it could not be read."""
@@ -90,7 +93,8 @@ def to_image_size(cam: np.ndarray, height: int, width: int) -> np.ndarray:
 def _caption(image: np.ndarray, text: str) -> np.ndarray:
     """``image`` with a dark banner of text above it."""
     width = image.shape[1]
-    scale = max(0.35, min(1.2, width / 700))
+    (text_w, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
+    scale = min(1.2, width / 700, (width - 10) / text_w)  # large enough to read, never cut off
     (_, text_h), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     banner = np.full((text_h + baseline + 10, width, 3), 24, np.uint8)
     cv2.putText(banner, text, (5, text_h + 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
@@ -105,14 +109,18 @@ def overlay(base_bgr: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np
     return (base_bgr.astype(np.float32) * (1 - weight) + colours * weight).astype(np.uint8)
 
 
+def fit(image: np.ndarray, side: int) -> np.ndarray:
+    """``image`` scaled so that its longer side is ``side`` pixels."""
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
 def contact_sheet(items: list[tuple[np.ndarray, str]], columns: int = 4, tile: int = 256) -> np.ndarray:
     """Grid of captioned thumbnails (BGR); each caption is cut to 36 characters."""
     tiles = []
     for image, text in items:
-        h, w = image.shape[:2]
-        scale = tile / max(h, w)
-        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
-                           interpolation=cv2.INTER_AREA)
+        small = fit(image, tile)
         square = np.zeros((tile, tile, 3), np.uint8)
         top, left = (tile - small.shape[0]) // 2, (tile - small.shape[1]) // 2
         square[top:top + small.shape[0], left:left + small.shape[1]] = small
@@ -141,10 +149,12 @@ def _unique_name(path: Path, taken: set[str]) -> str:
 
 def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
             threshold: float = 0.5, positive: str = "positive", alpha: float = 0.5,
-            batch_size: int = 8, sheet: bool = True, keep_heatmaps: bool = False) -> dict:
-    """Grad-CAM overlays (``NAME.gradcam.png``) for ``files``; a contact sheet
-    when there are several. Unreadable files get an error entry; the heatmaps
-    themselves are kept on the entries only when asked (they are image-sized)."""
+            batch_size: int = 8, sheet: bool = True, keep_heatmaps: bool = False,
+            sheet_limit: int = 48) -> dict:
+    """Grad-CAM overlays (``NAME.gradcam.png``) for ``files``; a contact sheet of
+    the first ``sheet_limit`` when there are several. Files are read a batch at a
+    time; unreadable ones get an error entry. The image-sized heatmaps are kept on
+    the entries only when asked."""
     from .model import load_model
     from .progress import track
 
@@ -152,17 +162,20 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
     size = int(model.input_shape[1])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[int, Explanation] = {}
-    decoded = []
-    for index, path in enumerate(files):
-        try:
-            decoded.append((index, path, read_image(path)))
-        except UnreadableImage as exc:
-            results[index] = Explanation(str(path), error=exc.reason)
+    results: list[Explanation | None] = []
     taken: set[str] = set()
     sheet_items = []
-    batches = [decoded[i:i + batch_size] for i in range(0, len(decoded), batch_size)]
-    for batch in track(batches, total=len(batches), description="Grad-CAM"):
+    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    for chunk in track(chunks, total=len(chunks), description="Grad-CAM"):
+        batch = []
+        for path in chunk:
+            try:
+                batch.append((len(results), path, read_image(path)))
+                results.append(None)  # filled below
+            except UnreadableImage as exc:
+                results.append(Explanation(str(path), error=exc.reason))
+        if not batch:
+            continue
         x = np.stack([to_model_input(image.gray, size) for _, _, image in batch])
         probabilities, cams = grad_cam(model, x)
         for (index, path, image), p, cam in zip(batch, probabilities, cams):
@@ -172,14 +185,18 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
                 np.clip(image.gray, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
             label = positive if p >= threshold else f"not {positive}"
             shown = overlay(base, heat, alpha)
+            if max(h, w) < MIN_SHOWN:  # small images: enlarged so the caption can be read
+                shown = cv2.resize(shown, None, fx=MIN_SHOWN / max(h, w), fy=MIN_SHOWN / max(h, w),
+                                   interpolation=cv2.INTER_NEAREST)
             target = out / _unique_name(path, taken)
             _write_png(target, _caption(shown, f"P({positive}) {p:.3f}: {label}"))
             y_peak, x_peak = np.unravel_index(int(heat.argmax()), heat.shape)
             results[index] = Explanation(str(path), float(p), str(target), (int(x_peak), int(y_peak)),
                                          heatmap=heat if keep_heatmaps else None)
-            sheet_items.append((shown, f"{p:.2f} {path.name}"))
+            if len(sheet_items) < sheet_limit:
+                sheet_items.append((fit(shown, 256), f"{p:.2f} {path.name}"))
     report = {"model": str(model_path), "positive": positive, "threshold": threshold,
-              "explanations": [results[i] for i in sorted(results)], "contact_sheet": None}
+              "explanations": results, "contact_sheet": None}
     if sheet and len(sheet_items) > 1:
         target = out / "contact_sheet.png"
         _write_png(target, contact_sheet(sheet_items))
