@@ -446,7 +446,8 @@ def audit(
     if html_out:
         from .report import audit_section, verdict, write_page
 
-        write_page(html_out, f"ctedge audit: {data}", [verdict(None, report), audit_section(report)])
+        write_page(html_out, f"ctedge audit: {data}", [verdict(None, report), audit_section(report)],
+                   f"split lists {split_dir}" if split_dir else "random split, seed " + str(seed))
         console.print(f"HTML page: {html_out}")
     if report["leakage"]:
         console.print("[bold red]leakage: the same image is in more than one split[/]")

@@ -200,11 +200,12 @@ def explain_section(rows: list[dict], labels: dict[str, int], positive: str) -> 
 
 def page(title: str, sections: list[str], subtitle: str = "") -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    byline = " · ".join(filter(None, [subtitle, f"ctedge {__version__}", stamp]))
     body = "".join(f"<section>{s}</section>" for s in sections if s)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
-            f"<h1>{_e(title)}</h1><div class=sub>{_e(subtitle)} · ctedge {__version__} · {stamp}</div>"
+            f"<h1>{_e(title)}</h1><div class=sub>{_e(byline)}</div>"
             f"{body}</main></body></html>")
 
 
