@@ -77,6 +77,14 @@ def test_report_is_one_self_contained_page_with_every_section(tmp_path, trained_
     assert metrics.stat().st_mtime_ns == stamp  # the evaluation was reused, not redone
     assert parse(tmp_path / "b.html").headings == ["Data and training", "Evaluation: val split"]
 
+    moved = shutil.copytree(phantom_data, tmp_path / "moved")
+    result = runner.invoke(app, ["report", str(run), "--data", str(moved), "--no-audit", "--explain", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(metrics.read_text())["data"]["root"] == str(moved)  # other data: evaluated again
+
+    result = runner.invoke(app, ["report", str(run), "--explain", "-1"])
+    assert result.exit_code == 2 and "--explain" in result.stderr
+
 
 def test_report_names_a_folder_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])

@@ -234,11 +234,14 @@ def pick_for_explaining(predictions_csv: Path, count: int, threshold: float = 0.
     return picked
 
 
-def _cached(path: Path, make, fresh: bool = False) -> dict:
-    """JSON at ``path`` if a previous step wrote it (and not ``fresh``), else
-    ``make()``, then saved."""
+def _cached(path: Path, make, root: Path, fresh: bool = False) -> dict:
+    """JSON at ``path`` if a previous step wrote it for the data folder ``root``
+    (and not ``fresh``), else ``make()``, then saved."""
     if path.is_file() and not fresh:
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        data = stored.get("data")
+        if (data.get("root") if isinstance(data, dict) else data) == str(root):
+            return stored
     result = make()
     atomic_write(json.dumps(result, indent=2, default=str).encode(), path)
     return result
@@ -248,8 +251,8 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
           explain_count: int = 12, run_audit: bool = True, out: str | Path | None = None,
           resamples: int = 1000, fresh: bool = False) -> dict:
     """The report of a training run folder. ``eval-SPLIT/metrics.json``
-    (``ctedge evaluate``) and ``audit.json`` are reused unless ``fresh``, else
-    made; the most confident right and wrong calls are explained into
+    (``ctedge evaluate``) and ``audit.json`` are reused when made from the same
+    data folder, unless ``fresh``, else made; the most confident right and wrong calls are explained into
     ``report-explained/``."""
     from .data import DataOptions
     from .evaluate import evaluate, run_config
@@ -260,12 +263,14 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     if not config or not model.is_file():
         raise CtedgeError(f"{run_dir}: not a training run folder (no config.json and model.keras; "
                           "`ctedge train` writes them)")
+    if explain_count < 0:
+        raise CtedgeError(f"--explain must be 0 or more, not {explain_count}")
     root = Path(data or config["data"]["root"])
     if not root.is_dir():
         raise CtedgeError(f"data folder not found: {root} (the run was trained on it; pass --data)")
     eval_dir = run_dir / f"eval-{split}"
     evaluation = _cached(eval_dir / "metrics.json",
-                         lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), fresh)
+                         lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), root, fresh)
     for key in ("roc_png", "calibration_png"):  # the folder may have moved since
         if (eval_dir / f"{key[:-4]}.png").is_file():
             evaluation[key] = str(eval_dir / f"{key[:-4]}.png")
@@ -276,7 +281,7 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         stored = config["data"]
         options = DataOptions(**{**stored, "root": str(root)})
         audit = _cached(run_dir / "audit.json",
-                        lambda: audit_data(options, config["preprocess"]["image_size"]), fresh)
+                        lambda: audit_data(options, config["preprocess"]["image_size"]), root, fresh)
     explained: list[dict] = []
     labels: dict[str, int] = {}
     if explain_count:
