@@ -88,7 +88,7 @@ def test_report_is_one_self_contained_page_with_every_section(tmp_path, trained_
 
 def test_report_names_a_folder_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
-    assert result.exit_code == 2 and "not a training run folder" in result.stderr
+    assert result.exit_code == 2 and "not a training run folder or tuning project" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -496,7 +496,8 @@ def explain(
 
 @command
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="Training run folder (model.keras + config.json).")],
+    run_dir: Annotated[Path, typer.Argument(
+        help="Training run folder (model.keras + config.json) or tuning project (best_model.keras).")],
     data: Annotated[Optional[Path], typer.Option(help="Data folder (default: the one the run trained on).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: train | val | test | all")] = "val",
     explain_count: Annotated[int, typer.Option("--explain", help="Images to explain with Grad-CAM (0: none).")] = 12,
@@ -506,7 +507,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default RUN_DIR/report.html).")] = None,
     json_out: JsonOut = None,
 ) -> None:
-    """One self-contained HTML page for a training run: data summary, audit
+    """One self-contained HTML page for a training run or tuning project: data summary, audit
     findings, metrics with CIs, ROC (with the metadata shortcut's), confusion
     matrix, calibration and a grid of Grad-CAM explained images.
 

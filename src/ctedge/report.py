@@ -100,6 +100,8 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
 
 
 def training_section(config: dict, run_dir: Path) -> str:
+    """Split counts and settings of a training run, or of a tuning project
+    (then with its trial table from ``summary.json``)."""
     splits = config.get("splits", {})
     rows = [[name, s["images"], s["positive"], s["negative"], len(s["dropped"]), len(s["unreadable"])]
             for name, s in splits.items() if s["images"] or s["dropped"] or s["unreadable"]]
@@ -109,14 +111,26 @@ def training_section(config: dict, run_dir: Path) -> str:
                 ["positive class", config.get("positive")], ["backbone weights", model.get("weights")],
                 ["head width", model.get("units")], ["image size", pre.get("image_size")],
                 ["HU window", f"{pre.get('window_low')} to {pre.get('window_high')}"],
-                ["epochs run", result.get("epochs_run")], ["learning rate", train.get("learning_rate")],
+                ["epochs run", result.get("epochs_run")],
+                ["learning rate", train.get("learning_rate", model.get("learning_rate"))],
                 ["batch size", train.get("batch_size")],
-                ["training time", f"{result.get('seconds', 0):.0f} s"]]
-    curves = run_dir / "training_curves.png"
-    return ("<h2>Data and training</h2>"
-            + _table(["split", "images", "positive", "negative", "dropped (annotated)", "unreadable"], rows)
-            + _table(["setting", "value"], settings, "kv")
-            + (f'<div class="plots">{picture(curves, "training curves")}</div>' if curves.is_file() else ""))
+                ["training time", f"{result['seconds']:.0f} s" if "seconds" in result else None]]
+    out = ["<h2>Data and training</h2>",
+           _table(["split", "images", "positive", "negative", "dropped (annotated)", "unreadable"], rows),
+           _table(["setting", "value"], [row for row in settings if row[1] is not None], "kv")]
+    curves, summary = run_dir / "training_curves.png", run_dir / "summary.json"
+    if curves.is_file():
+        out.append(f'<div class="plots">{picture(curves, "training curves")}</div>')
+    if summary.is_file():
+        tuned = json.loads(summary.read_text())
+        out.append(f"<p><b>Tuning</b> ({_e(tuned['mode'])}, {_e(tuned['algorithm'])}, objective "
+                   f"{_e(tuned['objective'])}; best model: {_e(tuned['best_model_source'])})</p>")
+        out.append(_table(["trial", "units", "learning rate", "dropout", "score", "seconds", "status"],
+                          [[t["trial"], t["units"], f"{t['learning_rate']:.2g}", t["dropout"],
+                            "-" if t["score"] is None else f"{t['score']:.4f}",
+                            "-" if t["seconds"] is None else f"{t['seconds']:.1f}", t["status"]]
+                           for t in tuned["trials"]]))
+    return "".join(out)
 
 
 def audit_section(audit: dict, show: int = 6) -> str:
@@ -250,7 +264,7 @@ def _cached(path: Path, make, root: Path, fresh: bool = False) -> dict:
 def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val",
           explain_count: int = 12, run_audit: bool = True, out: str | Path | None = None,
           resamples: int = 1000, fresh: bool = False) -> dict:
-    """The report of a training run folder. ``eval-SPLIT/metrics.json``
+    """The report of a training run folder or tuning project. ``eval-SPLIT/metrics.json``
     (``ctedge evaluate``) and ``audit.json`` are reused when made from the same
     data folder, unless ``fresh``, else made; the most confident right and wrong calls are explained into
     ``report-explained/``."""
@@ -258,11 +272,12 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     from .evaluate import evaluate, run_config
 
     run_dir = Path(run_dir)
-    model = run_dir / "model.keras"
+    model = next((run_dir / name for name in ("model.keras", "best_model.keras") if (run_dir / name).is_file()),
+                 run_dir / "model.keras")
     config = run_config(model)
     if not config or not model.is_file():
-        raise CtedgeError(f"{run_dir}: not a training run folder (no config.json and model.keras; "
-                          "`ctedge train` writes them)")
+        raise CtedgeError(f"{run_dir}: not a training run folder or tuning project (no config.json and "
+                          "model.keras or best_model.keras; `ctedge train` and `ctedge tune` write them)")
     if explain_count < 0:
         raise CtedgeError(f"--explain must be 0 or more, not {explain_count}")
     root = Path(data or config["data"]["root"])
