@@ -145,3 +145,40 @@ def test_naive_mode_trains_full_models_on_augmented_batches(tmp_path, phantom_da
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["mode"] == "naive" and summary["trials"][0]["status"] == "COMPLETED"
     assert not list((tmp_path / "p").glob("features-*.npz"))
+
+
+def test_report_on_a_tuning_project_shows_its_trials(tuned, tmp_path):
+    import shutil
+
+    directory, summary = tuned
+    project = shutil.copytree(directory / "p", tmp_path / "p")
+    result = runner.invoke(app, ["report", str(project), "--no-audit", "--explain", "2", "--resamples", "20"])
+    assert result.exit_code == 0, result.output
+    page = (project / "report.html").read_text()
+    assert "<b>Tuning</b> (cached" in page
+    assert page.count("COMPLETED") == len(summary["trials"]) == 2
+    assert "Where the model looked" in page
+
+
+def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tmp_path, phantom_data):
+    """With --weights none the cached features come from a random backbone; the
+    saved best model must carry that same backbone, not a fresh random one."""
+    from ctedge.data import DataOptions, load_data
+    from ctedge.evaluate import run_config
+    from ctedge.model import load_model
+    from ctedge.preprocess import PreprocessConfig
+    from ctedge.tuning import backbone_features
+
+    args = ["tune", str(phantom_data), "--weights", "none", "--image-size", "32", "--max-trials", "1",
+            "--epochs", "1", "--views", "1", "--directory", str(tmp_path), "--project", "r"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    best = tmp_path / "r" / "best_model.keras"
+    model = load_model(best)
+    preprocess = PreprocessConfig(image_size=32)
+    _, parts = load_data(DataOptions(**run_config(best)["data"]), preprocess, parts=("val",))
+    cached = np.load(next((tmp_path / "r").glob("features-*.npz")))["val_x"]
+    rebuilt = backbone_features(model.get_layer("efficientnetb3"), preprocess, parts["val"].x)
+    scale = np.abs(cached).max()  # a random backbone's features are tiny (~1e-6): compare relative to them
+    assert scale > 0
+    np.testing.assert_allclose(rebuilt / scale, cached / scale, atol=1e-3)

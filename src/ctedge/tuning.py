@@ -190,6 +190,7 @@ def cached_features(directory: Path, parts: dict, preprocess: PreprocessConfig, 
         log.info("using cached backbone features %s", path)
         with np.load(path) as cached:
             return dict(cached)
+    keras.utils.set_random_seed(seed)  # a random-init backbone is then the one assemble() rebuilds
     backbone = build_backbone(weights, preprocess.image_size)
     rng = np.random.default_rng(seed)
     train_x, train_y = [parts["train"].x], [parts["train"].y]
@@ -294,10 +295,13 @@ def trial_table(tuner: kt.Tuner, objective: str) -> list[dict]:
 
 
 def assemble(head: keras.Model, model_config: ModelConfig, preprocess: PreprocessConfig,
-             hp: dict) -> keras.Model:
-    """Backbone + a head trained on cached features: the deployable classifier."""
+             hp: dict, seed: int) -> keras.Model:
+    """Backbone + a head trained on cached features: the deployable classifier.
+    Seeded as in ``cached_features``, so that with ``--weights none`` the random
+    backbone is the very one the features came from."""
     config = ModelConfig(**{**model_config.to_dict(), "units": hp["units"],
                             "dropout": hp.get("dropout", 0.0), "freeze_backbone": True})
+    keras.utils.set_random_seed(seed)
     model = build_model(config, preprocess)
     for layer in head.layers:
         if layer.weights:
@@ -362,7 +366,7 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
         warnings.simplefilter("ignore", UserWarning)  # optimizer state is not restored, by design
         best = tuner.get_best_models(1)[0]
     if cached:
-        model = assemble(best, model_config, preprocess, best_hp)
+        model = assemble(best, model_config, preprocess, best_hp, options.seed)
         how = "backbone + the best trial's head, restored from its checkpoint"
     else:
         model, how = best, "the best trial's full model, restored from its checkpoint"
