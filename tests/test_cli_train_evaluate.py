@@ -91,3 +91,20 @@ def test_demo_runs_end_to_end(tmp_path):
     report = json.loads((tmp_path / "demo.json").read_text())
     assert (tmp_path / "demo" / "run" / "model.keras").is_file()
     assert report["evaluation"]["split"] == "test" and "chance" in report["verdict"]
+
+
+def test_evaluate_says_when_the_model_is_effectively_constant(tmp_path, phantom_data):
+    import numpy as np
+
+    from ctedge.model import ModelConfig, build_model
+    from ctedge.preprocess import PreprocessConfig
+
+    model = build_model(ModelConfig(weights="none", units=4), PreprocessConfig(image_size=32))
+    output = model.get_layer("head_output")
+    output.set_weights([np.zeros_like(output.kernel.numpy()), np.array([0.3], np.float32)])
+    model.save(tmp_path / "constant.keras")
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "constant.keras"), str(phantom_data), "--split", "all",
+                                 "--resamples", "10", "-o", str(tmp_path / "e"), "--html", str(tmp_path / "e.html")])
+    assert result.exit_code == 0, result.output
+    assert "effectively constant" in result.stderr
+    assert "effectively constant" in (tmp_path / "e.html").read_text()

@@ -200,6 +200,11 @@ def print_metrics(report: dict) -> None:
     console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {report['ece']:.3f}")
     for name, value in report["operating_points"].items():
         console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
+    from .evaluate import CONSTANT_SPREAD
+
+    if report.get("output_spread", 1.0) < CONSTANT_SPREAD:
+        console.print(f"[bold red]the model is effectively constant[/]: its outputs span only "
+                      f"{report['output_spread']:.1e}, so its AUC ranks round-off, not evidence")
     baseline = report.get("shortcut_baseline") or {}
     if "auc" in baseline:
         console.print(f"shortcut baseline (file metadata only, trained on train): AUC {baseline['auc']:.3f} "

@@ -15,6 +15,8 @@ from .metrics import bootstrap_ci, calibration, confusion, operating_points, poi
 from .plots import reliability, roc_curve
 from .preprocess import PreprocessConfig
 
+CONSTANT_SPREAD = 1e-3  # outputs spanning less than this: the AUC only ranks round-off
+
 
 def run_config(model_path: Path) -> dict:
     """The ``config.json`` written beside a trained model, or {}."""
@@ -100,7 +102,7 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
               "threshold": threshold, "images": len(data.y), "positive": int(data.y.sum()),
               "groups": len(set(groups)) if groups is not None else None,
               **score(data.y, probabilities, threshold, groups, resamples, seed),
-              "shortcut_baseline": baseline,
+              "shortcut_baseline": baseline, "output_spread": float(np.ptp(probabilities)),
               "skipped": data.summary()["unreadable"], "dropped_annotated": data.dropped}
     out = Path(out_dir or model_path.parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)

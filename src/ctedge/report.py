@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CtedgeError, UnreadableImage
+from .evaluate import CONSTANT_SPREAD
 from .files import atomic_write
 from .imageio import read_image
 
@@ -77,6 +78,9 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
     if audit and audit.get("leakage"):
         lines.append(("bad", f"Leakage: {audit['cross_split_duplicates']} near-duplicate pair(s) "
                              "span splits, so held-out figures are inflated."))
+    if evaluation and evaluation.get("output_spread", 1.0) < CONSTANT_SPREAD:
+        lines.append(("bad", f"The model is effectively constant: its outputs span only "
+                             f"{evaluation['output_spread']:.1e}, so its AUC ranks round-off, not evidence."))
     if evaluation:
         auc = evaluation["metrics"]["auc"]
         lo, hi = auc["ci95"]
