@@ -94,7 +94,7 @@ def keras_baseline(model: Path, runs: int) -> dict:
 
 
 def speed(files: dict[str, Path], keras_model: Path, data: str, runs: int) -> dict:
-    images, _, _ = bench_files(data, 300, 16)
+    images, _, _ = bench_files(data, 16)
     results = interleaved_latency(files, runs)
     fp32 = bench_onnx(files["fp32"], "cpu", BenchOptions(batch_sizes=[1], runs=runs, data=data), images, None)
     results["fp32"].update({k: fp32[k] for k in ("inference_ms", "end_to_end_ms", "cold_start_ms")})

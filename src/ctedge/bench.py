@@ -73,26 +73,18 @@ def time_calls(call, warmup: int, runs: int, seconds: float | None) -> list[floa
     return samples
 
 
-def bench_files(data: str | None, size: int, count: int) -> tuple[list[Path], np.ndarray | None, str]:
+def bench_files(data: str | None, count: int) -> tuple[list[Path], np.ndarray | None, str]:
     """Image files for end-to-end timing and accuracy: a labelled data folder, a
     flat folder, or generated phantom PNGs."""
     import cv2
 
-    from .data import discover
+    from .data import pick_samples
     from .demo import phantom
 
     if data:
-        try:
-            samples = discover(data).samples
-        except CtedgeError:
-            from .runtime import expand_paths
-            files = expand_paths([data])[:count]
-            if not files:
-                raise CtedgeError(f"no images found in {data}") from None
-            return files, None, f"{len(files)} images from {data}"
-        rng = np.random.default_rng(0)
-        chosen = [samples[i] for i in sorted(rng.choice(len(samples), min(count, len(samples)), replace=False))]
-        return [s.path for s in chosen], np.array([s.label for s in chosen]), f"{len(chosen)} images from {data}"
+        chosen, labelled = pick_samples(data, count)
+        labels = np.array([s.label for s in chosen]) if labelled else None
+        return [s.path for s in chosen], labels, f"{len(chosen)} images from {data}"
     folder = Path(tempfile.mkdtemp(prefix="ctedge-bench-"))
     rng = np.random.default_rng(0)
     files = []
@@ -121,9 +113,9 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
     started = time.perf_counter()
     clf = Classifier(path, provider, options.threads)
     created = time.perf_counter() - started
-    first_input = clf.load(files[0])[None]
+    one = clf.load(files[0])[None]
     started = time.perf_counter()
-    clf.predict_arrays(first_input)
+    clf.predict_arrays(one)
     first = time.perf_counter() - started
     result = {"model": str(path), "format": f"onnx-{clf.metadata.get('variant', 'fp32')}",
               "provider": clf.providers[0], "size_mb": path.stat().st_size / 1e6,
@@ -139,7 +131,6 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
         entry = stats_ms(samples)
         entry["images_per_s"] = batch / np.mean(samples)
         result["latency"][str(batch)] = entry
-    one = clf.load(files[0])[None]
     samples = time_calls(lambda: clf.predict_arrays(one), options.warmup, options.runs, options.seconds)
     result["inference_ms"] = stats_ms(samples)
     result["samples_ms"] = (np.asarray(samples) * 1000).tolist()
@@ -147,9 +138,10 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
     result["end_to_end_ms"] = stats_ms(time_calls(lambda: clf.predict_files([next(cycle)], 1),
                                                   options.warmup, options.runs, options.seconds))
     if labels is not None:
-        p = np.concatenate([clf.predict_arrays(np.stack([clf.load(f) for f in files[i:i + 8]]))
-                            for i in range(0, len(files), 8)])
-        scores = point_metrics(labels, p, clf.threshold)
+        rows = clf.predict_files(files)
+        read = np.array([row.error is None for row in rows])
+        scores = point_metrics(labels[read], np.array([row.probability for row in rows if row.error is None]),
+                               clf.threshold)
         result["accuracy"], result["auc"] = scores["accuracy"], scores["auc"]
     e2e = result["end_to_end_ms"]["p50"]
     result["budget"] = {"budget_ms": options.budget_ms, "end_to_end_p50_ms": e2e,
@@ -203,12 +195,7 @@ def run_bench(models: list[Path], options: BenchOptions) -> dict:
     available = ort.get_available_providers()
     providers = ([name for name, ep in PROVIDERS.items() if ep in available]
                  if options.provider == "all" else [options.provider])
-    onnx_models = [m for m in models if m.suffix == ".onnx"]
-    size = 0
-    if onnx_models:
-        from .runtime import Classifier
-        size = Classifier(onnx_models[0], "cpu").size
-    files, labels, source = bench_files(options.data, size or 300, options.files)
+    files, labels, source = bench_files(options.data, options.files)
     results = []
     for model in models:
         if model.suffix == ".keras":
@@ -222,23 +209,30 @@ def run_bench(models: list[Path], options: BenchOptions) -> dict:
             "data": source, "results": results}
 
 
+def table_rows(report: dict) -> list[dict]:
+    """One row per model, provider and batch size, as both tables show them."""
+    rows = []
+    for r in report["results"]:
+        e2e = r.get("end_to_end_ms", {}).get("p50")
+        cold = r.get("cold_start_ms", {}).get("process_to_first_prediction")
+        for batch, lat in r["latency"].items():
+            rows.append({"model": Path(r["model"]).name, "format": r["format"], "provider": r["provider"],
+                         "MB": f"{r['size_mb']:.1f}", "batch": batch, "p50 ms": f"{lat['p50']:.1f}",
+                         "p90 ms": f"{lat['p90']:.1f}", "p99 ms": f"{lat['p99']:.1f}",
+                         "images/s": f"{lat['images_per_s']:.1f}",
+                         "end-to-end p50 ms": "" if e2e is None else f"{e2e:.1f}",
+                         "cold start ms": "" if cold is None else f"{cold:.0f}",
+                         "AUC": "" if r.get("auc") is None else f"{r['auc']:.3f}"})
+    return rows
+
+
 def markdown(report: dict) -> str:
     """The report as a markdown table with the machine described."""
     m = report["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, "
              f"onnxruntime {m['onnxruntime']} ({', '.join(m['available_providers'])}), "
-             f"threads {m['threads']}. Data: {report['data']}.", "",
-             "| model | format | provider | MB | batch | p50 ms | p90 ms | p99 ms | images/s | "
-             "end-to-end p50 ms | cold start ms | AUC |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        for batch, lat in r["latency"].items():
-            e2e = r.get("end_to_end_ms", {}).get("p50")
-            cold = r.get("cold_start_ms", {}).get("process_to_first_prediction")
-            auc = r.get("auc")
-            lines.append(
-                f"| {Path(r['model']).name} | {r['format']} | {r['provider']} | {r['size_mb']:.1f} | "
-                f"{batch} | {lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | "
-                f"{lat['images_per_s']:.1f} | {'' if e2e is None else f'{e2e:.1f}'} | "
-                f"{'' if cold is None else f'{cold:.0f}'} | {'' if auc is None else f'{auc:.3f}'} |")
+             f"threads {m['threads']}. Data: {report['data']}.", ""]
+    rows = table_rows(report)
+    lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -480,7 +480,7 @@ def explain(
     """
     from .evaluate import run_config
     from .explain import explain as run_explain
-    from .runtime import expand_paths
+    from .imageio import expand_paths
 
     if model.suffix != ".keras":
         raise CtedgeError(f"{model}: explain needs the trained .keras model (an ONNX file has no gradients)")
@@ -552,8 +552,10 @@ def predict(
     failed. Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`
     """
     import csv
+    from dataclasses import asdict
 
-    from .runtime import Classifier, expand_paths
+    from .imageio import expand_paths
+    from .runtime import Classifier
 
     files = expand_paths(paths)
     if not files:
@@ -562,8 +564,7 @@ def predict(
     rows = clf.predict_files(files, batch_size)
     failed = print_file_rows(f"{model.name} on {clf.providers[0]}: P({clf.positive}), threshold {clf.threshold}",
                              rows, "label")
-    records = [{"path": r.path, "probability": r.probability, "label": r.label, "error": r.error}
-               for r in rows]
+    records = [asdict(r) for r in rows]
     if csv_out:
         handle = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
         writer = csv.DictWriter(handle, fieldnames=list(records[0]))
@@ -599,7 +600,7 @@ def bench(
     """
     from rich.table import Table
 
-    from .bench import BenchOptions, markdown, run_bench
+    from .bench import BenchOptions, markdown, run_bench, table_rows
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",")]
@@ -611,18 +612,12 @@ def bench(
                                                   str(data) if data else None, 16, budget_ms))
     m = report["machine"]
     table = Table(title=f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}")
-    for column in ("model", "provider", "MB", "batch", "p50 ms", "p99 ms", "img/s", "e2e p50 ms",
-                   "cold ms", "AUC"):
+    shown = ("model", "provider", "MB", "batch", "p50 ms", "p99 ms", "images/s", "end-to-end p50 ms",
+             "cold start ms", "AUC")
+    for column in shown:
         table.add_column(column, justify="right")
-    for r in report["results"]:
-        for batch, lat in r["latency"].items():
-            e2e = r.get("end_to_end_ms", {}).get("p50")
-            cold = r.get("cold_start_ms", {}).get("process_to_first_prediction")
-            table.add_row(Path(r["model"]).name, r["provider"].replace("ExecutionProvider", ""),
-                          f"{r['size_mb']:.1f}", batch, f"{lat['p50']:.1f}", f"{lat['p99']:.1f}",
-                          f"{lat['images_per_s']:.1f}", "" if e2e is None else f"{e2e:.1f}",
-                          "" if cold is None else f"{cold:.0f}",
-                          "" if r.get("auc") is None else f"{r['auc']:.3f}")
+    for row in table_rows(report):
+        table.add_row(*[row[c].replace("ExecutionProvider", "") for c in shown])
     console.print(table)
     for r in report["results"]:
         if "budget" in r:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CtedgeError, UnreadableImage
-from .imageio import SUPPORTED_SUFFIXES, read_image
+from .imageio import image_files, read_image
 from .preprocess import PreprocessConfig, annotation_fraction, to_model_input
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,6 @@ class DataSet:
         return self.class_names[1]
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in SUPPORTED_SUFFIXES)
-
-
 def _pick_positive(names: list[str]) -> str:
     hinted = [n for n in names if _POSITIVE_HINT.search(n) and not _NEGATIVE_HINT.search(n)]
     if len(hinted) == 1:
@@ -69,7 +63,7 @@ def discover(root: str | Path, positive: str | None = None) -> DataSet:
         raise CtedgeError(f"data folder not found: {root}")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and p.name != "splits")
-    files = {f.name: _image_files(f) for f in folders}
+    files = {f.name: image_files(f) for f in folders}
     files = {name: found for name, found in files.items() if found or name == positive}
     if len(files) != 2:
         raise CtedgeError(
@@ -86,6 +80,22 @@ def discover(root: str | Path, positive: str | None = None) -> DataSet:
     samples = [Sample(p, int(name == positive), name) for name in (negative, positive)
                for p in files[name]]
     return DataSet(root=root, class_names=[negative, positive], samples=samples)
+
+
+def pick_samples(folder: str | Path, count: int, seed: int = 0) -> tuple[list[Sample], bool]:
+    """Up to ``count`` files, seeded, for checks and benchmarks: from class
+    folders (labelled: True) or from any folder of images (labelled: False)."""
+    root = Path(folder)
+    try:
+        samples, labelled = discover(root).samples, True
+    except CtedgeError:
+        if not root.is_dir():
+            raise
+        samples, labelled = [Sample(p, 0, "") for p in image_files(root)], False
+    if not samples:
+        raise CtedgeError(f"no images found in {root}")
+    chosen = np.random.default_rng(seed).choice(len(samples), min(count, len(samples)), replace=False)
+    return [samples[i] for i in sorted(chosen)], labelled
 
 
 def _class_for_list(list_suffix: str, class_names: list[str]) -> str | None:

@@ -121,29 +121,20 @@ def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed
                   ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Up to ``count`` model inputs from a class-folder data set (labelled), a flat
     folder of images (unlabelled), or generated phantoms when ``folder`` is None."""
-    from .data import Sample, discover, load_split
+    from .data import load_split, pick_samples
     from .demo import phantom
-    from .imageio import SUPPORTED_SUFFIXES
     from .preprocess import to_model_input
 
-    rng = np.random.default_rng(seed)
     if folder is None:
+        rng = np.random.default_rng(seed)
         images = [to_model_input(phantom(rng, 96, bool(i % 2)).astype(np.float32), config.image_size)
                   for i in range(count)]
         return np.stack(images), np.arange(count) % 2, f"{count} generated phantoms"
-    root = Path(folder)
-    try:
-        samples, labelled = discover(root).samples, True
-    except CtedgeError:
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES)
-        samples, labelled = [Sample(p, 0, "") for p in files], False
-    if not samples:
-        raise CtedgeError(f"no images found in {root}")
-    chosen = [samples[i] for i in sorted(rng.choice(len(samples), min(count, len(samples)), replace=False))]
+    chosen, labelled = pick_samples(folder, count, seed)
     loaded = load_split(chosen, config, clean="off")
     if not len(loaded.y):
-        raise CtedgeError(f"no readable images in {root}")
-    return loaded.x, loaded.y if labelled else None, f"{len(loaded.y)} images from {root}"
+        raise CtedgeError(f"no readable images in {folder}")
+    return loaded.x, loaded.y if labelled else None, f"{len(loaded.y)} images from {folder}"
 
 
 # --- parity ------------------------------------------------------------------

@@ -17,6 +17,20 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Supported image files under ``folder`` (recursive, sorted, hidden ones skipped)."""
+    return sorted(p for p in Path(folder).rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SUPPORTED_SUFFIXES)
+
+
+def expand_paths(paths: list[str | Path]) -> list[Path]:
+    """Files as given, folders searched recursively for supported images."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        found += image_files(path) if path.is_dir() else [path]
+    return found
+
+
 @dataclass
 class Decoded:
     """A decoded file: gray levels 0-255 (float32, HxW) and, for colour

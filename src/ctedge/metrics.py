@@ -17,11 +17,8 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     positives, negatives = int(y.sum()), int((~y).sum())
     if not positives or not negatives:
         return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(len(p))
-    ranks[order] = np.arange(1, len(p) + 1)
-    for value in np.unique(p[order][np.diff(p[order], prepend=np.nan) == 0]):
-        ranks[p == value] = ranks[p == value].mean()  # average rank of ties
+    _, index, counts = np.unique(p, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[index]  # 1-based, ties share their average rank
     return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import CtedgeError, UnreadableImage
-from .imageio import SUPPORTED_SUFFIXES, read_image
+from .imageio import read_image
 from .preprocess import to_model_input
 
 log = logging.getLogger(__name__)
@@ -124,14 +124,3 @@ class Classifier:
         order = {str(p): i for i, p in enumerate(paths)}
         return sorted(rows, key=lambda row: order[row.path])
 
-
-def expand_paths(paths: list[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for supported images."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file()
-                            and p.suffix.lower() in SUPPORTED_SUFFIXES)
-        else:
-            found.append(path)
-    return found

@@ -28,6 +28,7 @@ import numpy as np
 
 from .data import DataOptions, load_data
 from .errors import CtedgeError
+from .files import file_digest
 from .model import ModelConfig, add_head, build_backbone, build_model, is_pretrained
 from .preprocess import PreprocessConfig, augment
 from .train import AugmentedBatches, compile_model
@@ -164,7 +165,10 @@ class CtedgeTuner(kt.Tuner):
 # --- cached backbone features --------------------------------------------------
 
 def cache_key(hashes: list[str], preprocess: PreprocessConfig, weights: str, views: int, seed: int) -> str:
-    """Data hash + image size + weights + preprocessing + views: what the features depend on."""
+    """Data hash + image size + weights (a local file by its content) + preprocessing
+    + views: what the features depend on."""
+    if Path(weights).is_file():
+        weights = file_digest(weights)
     blob = json.dumps({"files": hashes, "preprocess": preprocess.to_dict(), "weights": weights,
                        "views": views, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -241,11 +245,11 @@ def _fingerprint(space: SearchSpace, hashes: list[str], preprocess: PreprocessCo
             "algorithm": options.algorithm, "objective": options.objective}
 
 
-def _guard_project(project_dir: Path, fingerprint: dict, overwrite: bool) -> None:
+def _guard_project(project_dir: Path, fingerprint: dict) -> None:
     """Refuse to resume a project whose search space or data changed (Keras
     Tuner would silently carry on with the old trials)."""
     path = project_dir / "ctedge_fingerprint.json"
-    if path.is_file() and not overwrite:
+    if path.is_file():
         old = json.loads(path.read_text())
         changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if changed:
@@ -330,8 +334,7 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
         import shutil
         shutil.rmtree(project_dir)
     _guard_project(project_dir, _fingerprint(space, parts["train"].hashes + parts["val"].hashes,
-                                             preprocess, model_config, options, cached),
-                   options.overwrite)
+                                             preprocess, model_config, options, cached))
     if cached:
         features = cached_features(project_dir, parts, preprocess, model_config.weights,
                                    options.views, options.seed)
