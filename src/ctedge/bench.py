@@ -73,6 +73,16 @@ def time_calls(call, warmup: int, runs: int, seconds: float | None) -> list[floa
     return samples
 
 
+def _readable(path: Path) -> bool:
+    from .imageio import read_image
+
+    try:
+        read_image(path)
+        return True
+    except CtedgeError:
+        return False
+
+
 def bench_files(data: str | None, count: int) -> tuple[list[Path], np.ndarray | None, str]:
     """Image files for end-to-end timing and accuracy: a labelled data folder, a
     flat folder, or generated phantom PNGs."""
@@ -83,8 +93,12 @@ def bench_files(data: str | None, count: int) -> tuple[list[Path], np.ndarray | 
 
     if data:
         chosen, labelled = pick_samples(data, count)
-        labels = np.array([s.label for s in chosen]) if labelled else None
-        return [s.path for s in chosen], labels, f"{len(chosen)} images from {data}"
+        readable = [s for s in chosen if _readable(s.path)]
+        if not readable:
+            raise CtedgeError(f"none of the {len(chosen)} images picked from {data} can be read")
+        labels = np.array([s.label for s in readable]) if labelled else None
+        skipped = f", {len(chosen) - len(readable)} unreadable skipped" if len(readable) < len(chosen) else ""
+        return [s.path for s in readable], labels, f"{len(readable)} images from {data}{skipped}"
     folder = Path(tempfile.mkdtemp(prefix="ctedge-bench-"))
     rng = np.random.default_rng(0)
     files = []
@@ -138,9 +152,7 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
     result["end_to_end_ms"] = stats_ms(time_calls(lambda: clf.predict_files([next(cycle)], 1),
                                                   options.warmup, options.runs, options.seconds))
     if labels is not None:
-        rows = clf.predict_files(files)
-        read = np.array([row.error is None for row in rows])
-        scores = point_metrics(labels[read], np.array([row.probability for row in rows if row.error is None]),
+        scores = point_metrics(labels, np.array([row.probability for row in clf.predict_files(files)]),
                                clf.threshold)
         result["accuracy"], result["auc"] = scores["accuracy"], scores["auc"]
     e2e = result["end_to_end_ms"]["p50"]

@@ -612,10 +612,11 @@ def bench(
                                                   str(data) if data else None, 16, budget_ms))
     m = report["machine"]
     table = Table(title=f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}")
-    shown = ("model", "provider", "MB", "batch", "p50 ms", "p99 ms", "images/s", "end-to-end p50 ms",
-             "cold start ms", "AUC")
-    for column in shown:
-        table.add_column(column, justify="right")
+    shown = {"model": "model", "provider": "provider", "MB": "MB", "batch": "batch", "p50 ms": "p50 ms",
+             "p99 ms": "p99 ms", "images/s": "img/s", "end-to-end p50 ms": "e2e p50 ms",
+             "cold start ms": "cold ms", "AUC": "AUC"}  # row key -> short console header
+    for header in shown.values():
+        table.add_column(header, justify="right")
     for row in table_rows(report):
         table.add_row(*[row[c].replace("ExecutionProvider", "") for c in shown])
     console.print(table)
@@ -626,7 +627,8 @@ def bench(
             console.print(f"{Path(r['model']).name} ({r['provider']}): end-to-end p50 "
                           f"{b['end_to_end_p50_ms']:.1f} ms, {verdict} the {b['budget_ms']:.0f} ms budget "
                           f"(margin {b['margin_ms']:.0f} ms); decode+resize is "
-                          f"{b['preprocessing_share']:.0%} of it")
+                          + (f"{b['preprocessing_share']:.0%} of it" if b["preprocessing_share"] > 0
+                             else "within the timing noise"))
     if markdown_out:
         markdown_out.write_text(markdown(report))
     if plot:

@@ -286,7 +286,8 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         raise CtedgeError(f"--explain must be 0 or more, not {explain_count}")
     root = Path(data or config["data"]["root"])
     if not root.is_dir():
-        raise CtedgeError(f"data folder not found: {root} (the run was trained on it; pass --data)")
+        hint = "" if data else " (the run was trained on it; pass --data)"
+        raise CtedgeError(f"data folder not found: {root}{hint}")
     eval_dir = run_dir / f"eval-{split}"
     evaluation = _cached(eval_dir / "metrics.json",
                          lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), root, fresh)
