@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -145,3 +146,16 @@ def test_bench_without_models_needs_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["bench"])
     assert result.exit_code == 2 and "ctedge export --onnx" in result.stderr
+
+
+def test_bench_skips_unreadable_images_in_its_data(tmp_path, onnx_model, phantom_data):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    (folder / "a_broken.png").write_text("not an image")  # sorts first: it used to stop the run
+    shutil.copy(next((phantom_data / "CT_COVID").glob("*.png")), folder / "b_good.png")
+    result = runner.invoke(app, ["bench", str(onnx_model), "--data", str(folder), "--runs", "2", "--warmup", "1",
+                                 "--batch-sizes", "1", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["data"].endswith("1 images from " + str(folder) + ", 1 unreadable skipped")
+    assert "auc" not in report["results"][0]  # a flat folder has no labels
