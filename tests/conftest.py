@@ -34,7 +34,3 @@ def trained_run(tmp_path_factory, phantom_data) -> Path:
           ModelConfig(weights="none", units=8, freeze_backbone=False),
           PreprocessConfig(image_size=48), run_dir)
     return run_dir
-
-
-def gray_image(size: int = 40, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)

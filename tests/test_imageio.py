@@ -1,32 +1,11 @@
 import cv2
 import numpy as np
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ctedge.errors import UnreadableImage
 from ctedge.imageio import hu_to_gray, read_image
 
-from conftest import gray_image
-
-
-def write_dicom(path, hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0,
-                rescale: bool = True):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality = "CT"
-    stored = np.round((hu - intercept) / slope).astype(np.uint16)
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    if rescale:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = stored.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+from helpers import gray_image, write_dicom
 
 
 @pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif"])

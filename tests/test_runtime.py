@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 from ctedge.cli import app
 from ctedge.errors import CtedgeError
 
+from helpers import write_dicom
+
 runner = CliRunner()
 
 
@@ -86,8 +88,6 @@ def test_models_that_are_not_ctedge_onnx_are_refused(tmp_path, onnx_model):
 
 
 def test_predict_reports_bad_files_and_goes_on(tmp_path, onnx_model, phantom_data):
-    from test_imageio import write_dicom
-
     good = sorted((phantom_data / "CT_COVID").iterdir())[0]
     folder = tmp_path / "in"
     folder.mkdir()

@@ -1,0 +1,81 @@
+"""Test helpers shared across files: small images, DICOM slices, a stand-in ONNX model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+
+def gray_image(size: int = 40, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+
+
+def write_dicom(path, hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0,
+                rescale: bool = True):
+    """A single-frame CT slice holding ``hu`` (stored = (hu - intercept) / slope)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality = "CT"
+    stored = np.round((hu - intercept) / slope).astype(np.uint16)
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def brightness_onnx(path: Path, size: int = 32, centre: float = 60.0, gain: float = 0.1,
+                    classes=("CT_COVID", "CT_NonCOVID"), positive: str = "CT_COVID",
+                    threshold: float = 0.5, window=(-1000.0, 400.0)) -> Path:
+    """A TensorFlow-free stand-in for an exported ctedge model, with its metadata:
+    P(positive) = sigmoid(gain * (mean pixel - centre)), so brighter images (denser
+    lungs) score higher. Builds in milliseconds; for runtime, study and CLI tests."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Reshape", ["image", "flat_shape"], ["flat"]),
+        helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
+        helper.make_node("Sub", ["mean", "centre"], ["shifted"]),
+        helper.make_node("Mul", ["shifted", "gain"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["probability"]),
+    ]
+    initializers = [
+        helper.make_tensor("flat_shape", TensorProto.INT64, [2], [0, -1]),
+        helper.make_tensor("centre", TensorProto.FLOAT, [], [centre]),
+        helper.make_tensor("gain", TensorProto.FLOAT, [], [gain]),
+    ]
+    graph = helper.make_graph(
+        nodes, "brightness",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", size, size, 3])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    metadata = {
+        "ctedge.variant": "fp32",
+        "ctedge.classes": list(classes),
+        "ctedge.positive_class": positive,
+        "ctedge.threshold": threshold,
+        "ctedge.input": {"name": "image", "layout": "NHWC", "dtype": "float32", "size": size,
+                         "channels": 3, "pixel_range": [0, 255]},
+        "ctedge.output": {"name": "probability", "shape": ["batch", 1]},
+        "ctedge.preprocess": {"image_size": size, "window_low": window[0],
+                              "window_high": window[1], "centre": 0.25},
+    }
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return Path(path)
