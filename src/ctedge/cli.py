@@ -59,7 +59,10 @@ def command(func):
         try:
             return func(*args, **kwargs)
         except CtedgeError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            from rich.markup import escape
+
+            # escaped: a message may hold brackets, e.g. the extra to install, "ctedge[cpu]"
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -282,25 +285,28 @@ def export(
     tolerance: Annotated[float, typer.Option(help="fp32 parity: max |Keras - ONNX|.")] = 1e-4,
     fp16_tolerance: Annotated[float, typer.Option(help="FP16 variant: max |Δp| before it is flagged.")] = 1e-2,
     int8_tolerance: Annotated[float, typer.Option(help="INT8 variant: max |Δp| before it is flagged.")] = 0.05,
+    openvino: Annotated[bool, typer.Option(
+        "--openvino", help="Also write OpenVINO IR (NAME_ov.xml, gated like the ONNX file; its BF16 run checked "
+                           "when the CPU has BF16) and an NNCF INT8 IR (NAME_ov_int8.xml); needs --calibration-data.")] = False,
     json_out: JsonOut = None,
 ) -> None:
     """Export a trained model to ONNX with preprocessing inside, metadata, a parity gate
     against Keras, and optional FP16/INT8 variants, each with a model card (NAME.json).
 
-    Example: `ctedge export runs/b3-128/model.keras --onnx --fp16 --int8
+    Example: `ctedge export runs/b3-128/model.keras --onnx --fp16 --int8 --openvino
     --calibration-data ../shared/data/covid-ct --check-data ../shared/data/covid-ct`
     """
     from .export import ExportOptions, export_onnx, latest_model
 
-    if not onnx:
-        raise CtedgeError("say which format: --onnx")
+    if not (onnx or openvino):
+        raise CtedgeError("say which format: --onnx and/or --openvino (which converts the verified ONNX file)")
     if model is None:
         model = latest_model()
         console.print(f"exporting {model} (newest model found)")
     report = export_onnx(model, output, ExportOptions(
         opset, fp16, int8, str(calibration_data) if calibration_data else None, 64,
         str(check_data) if check_data else None, check_count, threshold, tolerance,
-        fp16_tolerance, int8_tolerance))
+        fp16_tolerance, int8_tolerance, openvino=openvino))
     from rich.table import Table
 
     table = Table(title=f"ONNX export of {report['model']}")
