@@ -21,7 +21,7 @@ def exported(tmp_path_factory, trained_run, phantom_data):
     out = tmp_path_factory.mktemp("exports") / "tiny.onnx"
     report = export_onnx(trained_run / "model.keras", out, ExportOptions(
         fp16=True, int8=True, calibration_data=str(phantom_data), calibration_count=8,
-        check_data=str(phantom_data), check_count=16, int8_tolerance=1.0))
+        check_data=str(phantom_data), check_count=16, int8_tolerance=1.0, openvino=True))
     return out, report
 
 
@@ -63,6 +63,29 @@ def test_fp16_and_int8_variants_have_their_own_cards(exported):
         within = check["max_abs_diff"] <= check["tolerance"] and check["decision_agreement"] == 1.0
         assert check["status"] == ("ok" if within else "flagged")
     assert report["variants"]["fp16"]["parity"]["max_abs_diff"] < 0.05
+
+
+def test_openvino_ir_passes_the_gate_and_runs_with_its_metadata(exported):
+    from ctedge.engines import ov_capabilities
+    from ctedge.runtime import Classifier
+
+    path, report = exported
+    ir, ir_int8 = path.with_name("tiny_ov.xml"), path.with_name("tiny_ov_int8.xml")
+    card = json.loads(path.with_name("tiny_ov.json").read_text())
+    assert card["parity"]["status"] == "ok" and card["parity"]["max_abs_diff"] <= 1e-4
+    assert card["parity"]["reference_spread"] > 0.01 and "auc" in card["parity"]
+    assert ("bf16_parity" in card) == ("BF16" in ov_capabilities("CPU"))
+    int8_card = json.loads(path.with_name("tiny_ov_int8.json").read_text())
+    assert int8_card["variant"] == "int8" and "ctedge.int8_calibration" in int8_card["metadata"]
+    assert report["variants"]["ov-int8"]["file"] == str(ir_int8) and ir_int8.with_suffix(".bin").is_file()
+    images = np.random.default_rng(0).uniform(0, 255, (3, 48, 48, 3)).astype(np.float32)
+    onnx_p = Classifier(path, runtime="onnxruntime").predict_arrays(images)
+    ir_clf = Classifier(ir, runtime="openvino", precision="fp32")
+    assert (ir_clf.size, ir_clf.classes, ir_clf.metadata["variant"]) == (48, ["CT_NonCOVID", "CT_COVID"], "fp32")
+    np.testing.assert_allclose(ir_clf.predict_arrays(images), onnx_p, atol=1e-4)
+    int8 = Classifier(path, runtime="openvino", precision="int8")  # finds tiny_ov_int8.xml beside
+    assert int8.engine.path == ir_int8 and int8.metadata["variant"] == "int8"
+    assert np.all((int8.predict_arrays(images) >= 0) & (int8.predict_arrays(images) <= 1))
 
 
 def test_opencv_dnn_gives_the_same_probabilities(exported):

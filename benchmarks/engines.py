@@ -1,0 +1,221 @@
+"""Engines benchmark: onnxruntime vs OpenVINO (fp32, BF16, FP16, NNCF INT8 recipes),
+thread settings and batch sizes, with accuracy on the shared val split.
+
+    ctedge export MODEL.keras --onnx --openvino -o /tmp/x/b3.onnx \
+        --calibration-data TRAIN_ONLY_DIR --check-data DATA
+    python benchmarks/engines.py --model /tmp/x/b3.onnx --data ../shared/data/covid-ct \
+        --split-dir ../shared/data/covid-ct/splits --out benchmarks/results
+
+Every variant is timed in interleaved rounds (one call of each in turn), so the
+load of a shared machine hits all alike; ratios to onnxruntime fp32 within this
+one run are the figures to read. Accuracy: AUC with a 95% bootstrap CI on every
+val image, and its change against onnxruntime fp32 on the same images. NNCF
+recipes are calibrated (and accuracy-controlled) on train images only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ctedge.bench import machine_info, process_start_ms, score, stats_ms, time_interleaved
+
+
+def ort_session(path: Path, threads: int | None = None, spinning: bool = True):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"image": x})[0][:, 0]
+
+
+def ov_compiled(model, hint: str = "f32", threads: int | None = None):
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(model if not isinstance(model, Path) else str(model), "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})[0][:, 0].copy()
+
+
+def split_samples(data: str, split_dir: str, part: str):
+    from ctedge.data import discover, split_from_lists
+
+    return split_from_lists(discover(data), split_dir)[part]
+
+
+def load_inputs(samples, size: int, window) -> tuple[np.ndarray, np.ndarray]:
+    from ctedge.errors import CtedgeError
+    from ctedge.imageio import read_image
+    from ctedge.preprocess import to_model_input
+
+    x, y = [], []
+    for s in samples:
+        try:
+            x.append(to_model_input(read_image(s.path, window).gray, size))
+            y.append(s.label)
+        except CtedgeError:
+            continue
+    return np.stack(x), np.array(y)
+
+
+def nncf_recipes(ir: Path, train_x: np.ndarray, train_y: np.ndarray, calibration: int, out: Path,
+                 accuracy_control: bool) -> dict[str, Path]:
+    """Extra NNCF INT8 IRs beside the export's default one: SE blocks kept in float,
+    and (optionally) accuracy control against AUC on held-out train images."""
+    import nncf
+    import openvino as ov
+
+    from ctedge.metrics import roc_auc
+
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(train_x))
+    calib, held = order[:calibration], order[calibration:calibration + 128]
+    dataset = nncf.Dataset(list(train_x[calib]), lambda image: image[None])
+    found = {}
+    model = ov.Core().read_model(str(ir))
+    started = time.perf_counter()
+    q = nncf.quantize(model, dataset, subset_size=len(calib),
+                      ignored_scope=nncf.IgnoredScope(patterns=[".*_se_.*"], validate=False))
+    found["openvino int8 (SE blocks float)"] = (out / "int8_no_se.xml", time.perf_counter() - started)
+    ov.save_model(q, str(found["openvino int8 (SE blocks float)"][0]), compress_to_fp16=False)
+    if accuracy_control:
+        validation = nncf.Dataset([(train_x[i], train_y[i]) for i in held], lambda item: item[0][None])
+
+        def validate(compiled, items) -> float:
+            p = np.array([compiled(image)[0][0, 0] for image in items])
+            return roc_auc(train_y[held], p)
+
+        started = time.perf_counter()
+        q = nncf.quantize_with_accuracy_control(
+            ov.Core().read_model(str(ir)), dataset, validation, validate, max_drop=0.005,
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib))
+        found["openvino int8 (accuracy control, max AUC drop 0.005)"] = (out / "int8_ac.xml",
+                                                                         time.perf_counter() - started)
+        ov.save_model(q, str(found["openvino int8 (accuracy control, max AUC drop 0.005)"][0]),
+                      compress_to_fp16=False)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="fp32 .onnx written by `ctedge export --onnx --openvino`")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split-dir", required=True)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--batch-sizes", default="1,8,16")
+    parser.add_argument("--calibration", type=int, default=200, help="train images for the NNCF recipes")
+    parser.add_argument("--accuracy-control", action="store_true", help="also nncf.quantize_with_accuracy_control")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    from ctedge.runtime import Classifier
+
+    model = Path(args.model)
+    ir = model.with_name(model.stem + "_ov.xml")
+    ir_int8 = model.with_name(model.stem + "_ov_int8.xml")
+    clf = Classifier(model, runtime="onnxruntime")
+    val_x, val_y = load_inputs(split_samples(args.data, args.split_dir, "val"), clf.size, clf.window)
+    train_x, train_y = load_inputs(split_samples(args.data, args.split_dir, "train"), clf.size, clf.window)
+    work = model.parent / "engines-bench"
+    work.mkdir(exist_ok=True)
+    recipes = nncf_recipes(ir, train_x, train_y, args.calibration, work, args.accuracy_control)
+
+    variants = {
+        "onnxruntime fp32": ort_session(model),
+        "onnxruntime fp32, 1 thread": ort_session(model, 1),
+        "onnxruntime fp32, 2 threads, no spinning": ort_session(model, 2, spinning=False),
+        "openvino fp32": ov_compiled(ir),
+        "openvino bf16": ov_compiled(ir, "bf16"),
+        "openvino fp16": ov_compiled(ir, "f16"),
+        "openvino int8 (NNCF default, export --openvino)": ov_compiled(ir_int8),
+        "openvino int8 + bf16 for the float ops": ov_compiled(ir_int8, "bf16"),
+        **{name: ov_compiled(path) for name, (path, _) in recipes.items()},
+    }
+    int8_ort = model.with_name(model.stem + "_int8.onnx")
+    if int8_ort.is_file():
+        variants["onnxruntime int8 (ctedge --int8 QDQ)"] = ort_session(int8_ort)
+    names = list(variants)
+    rng = np.random.default_rng(0)
+    latency = {name: {} for name in names}
+    for batch in map(int, args.batch_sizes.split(",")):
+        x = rng.uniform(0, 255, (batch, clf.size, clf.size, 3)).astype(np.float32)
+        timed = time_interleaved([lambda f=variants[n], x=x: f(x) for n in names], 3, args.runs, None)
+        for name, samples in zip(names, timed):
+            latency[name][str(batch)] = {**stats_ms(samples), "images_per_s": batch / float(np.mean(samples))}
+        print(f"batch {batch}: " + ", ".join(f"{n} {latency[n][str(batch)]['p50']:.1f}" for n in names), flush=True)
+
+    outputs = {n: np.concatenate([variants[n](val_x[i:i + 16]) for i in range(0, len(val_x), 16)]) for n in names}
+    reference = outputs[names[0]]
+    accuracy = {}
+    for name in names:
+        s = score(val_y, outputs[name], clf.threshold, 1000)
+        s["auc_change"] = s["auc"] - accuracy.get(names[0], s)["auc"]
+        s["max_abs_diff"] = float(np.max(np.abs(outputs[name] - reference)))
+        accuracy[name] = s
+
+    image = next(p for p in sorted((Path(args.data) / "CT_COVID").iterdir()))
+    starts = {}
+    for label, runtime, precision in (("onnxruntime fp32", "onnxruntime", "fp32"),
+                                      ("openvino bf16", "openvino", "bf16")):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as cache:
+            empty = process_start_ms(model, image, "auto", runtime, precision, cache) if runtime == "openvino" else None
+            warm = [process_start_ms(model, image, "auto", runtime, precision, cache) for _ in range(3)]
+        starts[label] = {"empty_cache_ms": empty, "warm_cache_ms": float(np.median(warm)), "runs": warm}
+
+    report = {"machine": machine_info(None), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "model": str(model), "input_size": clf.size, "val_images": int(len(val_y)),
+              "calibration": f"{min(args.calibration, len(train_x))} train-split images",
+              "nncf_seconds": {n: t for n, (_, t) in recipes.items()},
+              "latency": latency, "accuracy": accuracy, "process_start": starts,
+              "note": "shared 2-core machine: ratios within this run, not absolute figures, are what to compare"}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engines.json").write_text(json.dumps(report, indent=2))
+    (out / "engines.md").write_text(to_markdown(report))
+    print((out / "engines.md").read_text())
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    names = list(report["latency"])
+    base = report["latency"][names[0]]
+    isa = ", ".join(k for k, v in m["isa"].items() if v)
+    lines = [f"# Engines benchmark ({report['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs), ISA {isa}; "
+             f"onnxruntime {m['onnxruntime']}, OpenVINO {m['openvino']}, Python {m['python']}. "
+             f"EfficientNetB3 at {report['input_size']} px trained on the shared train split; accuracy on the "
+             f"{report['val_images']} val images; NNCF calibration on {report['calibration']}. "
+             "All variants timed interleaved in one run; read the ratios.", "",
+             "| variant | batch 1 p50 ms | / ORT fp32 | batch 8 img/s | batch 16 img/s | val AUC (95% CI) | AUC Δ | max abs Δp |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        lat, acc = report["latency"][n], report["accuracy"][n]
+        lines.append(f"| {n} | {lat['1']['p50']:.1f} | {lat['1']['p50'] / base['1']['p50']:.2f} | "
+                     f"{lat.get('8', {}).get('images_per_s', float('nan')):.1f} | "
+                     f"{lat.get('16', {}).get('images_per_s', float('nan')):.1f} | "
+                     f"{acc['auc']:.4f} ({acc['auc_ci'][0]:.3f}-{acc['auc_ci'][1]:.3f}) | {acc['auc_change']:+.4f} | "
+                     f"{acc['max_abs_diff']:.1e} |")
+    lines += ["", "| process start → first prediction (one PNG) | empty cache ms | warm cache ms |", "|---|---|---|"]
+    for n, s in report["process_start"].items():
+        empty = "" if s["empty_cache_ms"] is None else f"{s['empty_cache_ms']:.0f}"
+        lines.append(f"| {n} | {empty} | {s['warm_cache_ms']:.0f} |")
+    if report["nncf_seconds"]:
+        lines += ["", "NNCF time: " + "; ".join(f"{n} {t:.0f} s" for n, t in report["nncf_seconds"].items())]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
