@@ -108,6 +108,55 @@ def nncf_recipes(ir: Path, train_x: np.ndarray, train_y: np.ndarray, calibration
     return found
 
 
+ORT_OPENVINO_SNIPPET = r"""
+import json, sys, time
+import numpy as np
+import onnxruntime as ort
+model, inputs, runs, batches, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+sessions = {
+    "onnxruntime-openvino wheel: CPU EP fp32": ort.InferenceSession(model, providers=["CPUExecutionProvider"]),
+    "onnxruntime-openvino wheel: OpenVINO EP fp32": ort.InferenceSession(
+        model, providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "precision": "FP32"})]),
+    "onnxruntime-openvino wheel: OpenVINO EP bf16": ort.InferenceSession(
+        model, providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "load_config":
+                                                          json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}})})]),
+}
+names = list(sessions)
+size = sessions[names[0]].get_inputs()[0].shape[1]
+rng = np.random.default_rng(0)
+report = {"version": ort.__version__, "providers": {n: s.get_providers()[0] for n, s in sessions.items()},
+          "latency": {n: {} for n in names}}
+for batch in map(int, batches.split(",")):
+    x = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+    samples = {n: [] for n in names}
+    for i in range(runs + 3):
+        for n in names:
+            t = time.perf_counter(); sessions[n].run(None, {"image": x}); dt = time.perf_counter() - t
+            if i >= 3:
+                samples[n].append(dt)
+    for n in names:
+        report["latency"][n][str(batch)] = {"p50": float(np.median(samples[n]) * 1000),
+                                            "images_per_s": batch / float(np.mean(samples[n]))}
+val = np.load(inputs)
+report["outputs"] = {n: np.concatenate([s.run(None, {"image": val[i:i + 16]})[0][:, 0]
+                                        for i in range(0, len(val), 16)]).tolist() for n, s in sessions.items()}
+open(out, "w").write(json.dumps(report))
+"""
+
+
+def ort_openvino_ep(python: str, model: Path, val_x: np.ndarray, runs: int, batches: str, work: Path) -> dict:
+    """onnxruntime's OpenVINO execution provider: its wheel (onnxruntime-openvino) owns
+    the same `onnxruntime` package as onnxruntime, so it runs from its own environment;
+    its CPU EP is timed in the same interleaved rounds as the reference."""
+    import subprocess
+
+    np.save(work / "val.npy", val_x)
+    out = work / "ort_openvino.json"
+    subprocess.run([python, "-c", ORT_OPENVINO_SNIPPET, str(model), str(work / "val.npy"), str(runs), batches,
+                    str(out)], check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="fp32 .onnx written by `ctedge export --onnx --openvino`")
@@ -117,6 +166,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,16")
     parser.add_argument("--calibration", type=int, default=200, help="train images for the NNCF recipes")
     parser.add_argument("--accuracy-control", action="store_true", help="also nncf.quantize_with_accuracy_control")
+    parser.add_argument("--ort-openvino-python", help="python of a separate venv with onnxruntime-openvino")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     from ctedge.runtime import Classifier
@@ -164,6 +214,19 @@ def main() -> None:
         s["max_abs_diff"] = float(np.max(np.abs(outputs[name] - reference)))
         accuracy[name] = s
 
+    ep = None
+    if args.ort_openvino_python:
+        ep = ort_openvino_ep(args.ort_openvino_python, model, val_x, args.runs, args.batch_sizes, work)
+        cpu_name = "onnxruntime-openvino wheel: CPU EP fp32"
+        for name, outs in ep.pop("outputs").items():
+            p = np.asarray(outs)
+            s = score(val_y, p, clf.threshold, 1000)
+            s["auc_change"] = s["auc"] - accuracy[names[0]]["auc"]
+            s["max_abs_diff"] = float(np.max(np.abs(p - reference)))
+            ep.setdefault("accuracy", {})[name] = s
+            ep.setdefault("ratio_to_its_cpu_ep", {})[name] = {
+                b: ep["latency"][name][b]["p50"] / ep["latency"][cpu_name][b]["p50"] for b in ep["latency"][name]}
+
     image = next(p for p in sorted((Path(args.data) / "CT_COVID").iterdir()))
     starts = {}
     for label, runtime, precision in (("onnxruntime fp32", "onnxruntime", "fp32"),
@@ -179,7 +242,7 @@ def main() -> None:
               "model": str(model), "input_size": clf.size, "val_images": int(len(val_y)),
               "calibration": f"{min(args.calibration, len(train_x))} train-split images",
               "nncf_seconds": {n: t for n, (_, t) in recipes.items()},
-              "latency": latency, "accuracy": accuracy, "process_start": starts,
+              "latency": latency, "accuracy": accuracy, "process_start": starts, "ort_openvino_ep": ep,
               "note": "shared 2-core machine: ratios within this run, not absolute figures, are what to compare"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,6 +275,18 @@ def to_markdown(report: dict) -> str:
     for n, s in report["process_start"].items():
         empty = "" if s["empty_cache_ms"] is None else f"{s['empty_cache_ms']:.0f}"
         lines.append(f"| {n} | {empty} | {s['warm_cache_ms']:.0f} |")
+    ep = report.get("ort_openvino_ep")
+    if ep:
+        lines += ["", f"onnxruntime's OpenVINO execution provider (onnxruntime-openvino {ep['version']}, its own "
+                  "environment: it cannot be installed beside onnxruntime; ratios to that wheel's CPU EP, "
+                  "interleaved in its own process):", "",
+                  "| variant | batch 1 p50 ms | / its CPU EP | batch 8 img/s | val AUC | AUC Δ vs ORT fp32 |",
+                  "|---|---|---|---|---|---|"]
+        for n, lat in ep["latency"].items():
+            acc = ep["accuracy"][n]
+            lines.append(f"| {n} | {lat['1']['p50']:.1f} | {ep['ratio_to_its_cpu_ep'][n]['1']:.2f} | "
+                         f"{lat.get('8', {}).get('images_per_s', float('nan')):.1f} | {acc['auc']:.4f} | "
+                         f"{acc['auc_change']:+.4f} |")
     if report["nncf_seconds"]:
         lines += ["", "NNCF time: " + "; ".join(f"{n} {t:.0f} s" for n, t in report["nncf_seconds"].items())]
     return "\n".join(lines) + "\n"

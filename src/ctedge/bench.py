@@ -64,17 +64,9 @@ class Variant:
 
 def machine_info(threads: int | None) -> dict:
     """CPU, cores, ISA features, engine versions and providers: part of every report."""
-    from .engines import installed, isa_features
+    from .engines import cpu_name, installed, isa_features
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "isa": isa_features(), "threads": threads or "default",
             "onnxruntime": None, "available_providers": [], "openvino": None}
     if installed("onnxruntime"):

@@ -89,17 +89,22 @@ def isa_features() -> dict[str, bool]:
             "AMX": bool({"amx_tile", "amx_bf16", "amx_int8"} & flags)}
 
 
-def machine_key() -> str:
-    """What a saved runtime choice is valid for: CPU model and core count."""
-    cpu = "unknown"
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform says."""
+    import platform
+
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu} x{os.cpu_count()}"
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """What a saved runtime choice is valid for: CPU model and core count."""
+    return f"{cpu_name()} x{os.cpu_count()}"
 
 
 def choice_path(model: Path) -> Path:

@@ -248,6 +248,21 @@ def default_output(model_path: Path, exports_dir: Path = Path("exports")) -> Pat
     return exports_dir / f"{name}.onnx"
 
 
+def judge(probabilities: np.ndarray, check: dict, tolerance: float, options: ExportOptions, what: str,
+          engine: str, refuse_to: Path | None = None) -> dict:
+    """Parity report with its verdict; with ``refuse_to`` a failure raises (the gate)."""
+    report = parity(check["reference"], probabilities, check["labels"], options.threshold)
+    report.update(tolerance=tolerance, check_data=check["source"])
+    passed = report["max_abs_diff"] <= tolerance and report["decision_agreement"] == 1.0
+    report["status"] = "ok" if passed else "flagged"
+    if refuse_to is not None and not passed:
+        raise CheckFailed(
+            f"{what} failed on {check['source']}: max |Keras - {engine}| = "
+            f"{report['max_abs_diff']:.3g} (tolerance {tolerance:g}), decision agreement "
+            f"{report['decision_agreement']:.3f}; nothing written to {refuse_to}")
+    return report
+
+
 def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance: float,
                     metadata: dict, check: dict, options: ExportOptions, gate: bool = False) -> dict:
     """Check, measure parity against Keras, then write the file and its model card.
@@ -257,16 +272,8 @@ def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance:
     """
     set_metadata(proto, {**metadata, "ctedge.variant": variant})
     check_graph(proto)
-    report = parity(check["reference"], onnx_probabilities(proto, check["images"]),
-                    check["labels"], options.threshold)
-    report.update(tolerance=tolerance, check_data=check["source"])
-    passed = report["max_abs_diff"] <= tolerance and report["decision_agreement"] == 1.0
-    report["status"] = "ok" if passed else "flagged"
-    if gate and not passed:
-        raise CheckFailed(
-            f"{variant} parity check failed on {check['source']}: max |Keras - ONNX| = "
-            f"{report['max_abs_diff']:.3g} (tolerance {tolerance:g}), decision agreement "
-            f"{report['decision_agreement']:.3f}; nothing written to {path}")
+    report = judge(onnx_probabilities(proto, check["images"]), check, tolerance, options,
+                   f"{variant} parity check", "ONNX", path if gate else None)
     atomic_write(proto.SerializeToString(), path)
     card = {"file": str(path), "variant": variant, "size_mb": path.stat().st_size / 1e6,
             "metadata": {**metadata, "ctedge.variant": variant}, "parity": report}
@@ -351,16 +358,9 @@ def _finish_ir(model, path: Path, variant: str, tolerance: float, metadata: dict
     """The parity gate and model card of ``_finish_variant`` for an OpenVINO IR."""
     for key, value in {**metadata, "ctedge.variant": variant}.items():
         model.set_rt_info(value if key.startswith("Image.") else json.dumps(value), ["framework", key])
-    report = parity(check["reference"], openvino_probabilities(model, check["images"]),
-                    check["labels"], options.threshold)
-    report.update(tolerance=tolerance, check_data=check["source"], runtime="openvino f32")
-    passed = report["max_abs_diff"] <= tolerance and report["decision_agreement"] == 1.0
-    report["status"] = "ok" if passed else "flagged"
-    if gate and not passed:
-        raise CheckFailed(
-            f"{variant} parity check failed on {check['source']}: max |Keras - OpenVINO| = "
-            f"{report['max_abs_diff']:.3g} (tolerance {tolerance:g}), decision agreement "
-            f"{report['decision_agreement']:.3f}; nothing written to {path}")
+    report = judge(openvino_probabilities(model, check["images"]), check, tolerance, options,
+                   f"OpenVINO {variant} parity check", "OpenVINO", path if gate else None)
+    report["runtime"] = "openvino f32"
     _save_ir(model, path)
     card = {"file": str(path), "variant": variant, "runtime": "openvino",
             "size_mb": (path.stat().st_size + path.with_suffix(".bin").stat().st_size) / 1e6,
@@ -384,11 +384,9 @@ def export_openvino(onnx_path: Path, metadata: dict, check: dict, options: Expor
     model = ov.Core().read_model(str(onnx_path))
     bf16 = None
     if "BF16" in ov_capabilities("CPU"):
-        report = parity(check["reference"], openvino_probabilities(model, check["images"], "bf16"),
-                        check["labels"], options.threshold)
-        passed = report["max_abs_diff"] <= options.bf16_tolerance and report["decision_agreement"] == 1.0
-        bf16 = {**report, "tolerance": options.bf16_tolerance, "check_data": check["source"],
-                "runtime": "openvino bf16 inference precision of this IR", "status": "ok" if passed else "flagged"}
+        bf16 = judge(openvino_probabilities(model, check["images"], "bf16"), check, options.bf16_tolerance,
+                     options, "bf16 parity check", "OpenVINO bf16")
+        bf16["runtime"] = "openvino bf16 inference precision of this IR"
     cards["ov-fp32"] = _finish_ir(model, ir_path, "fp32", options.ov_tolerance, metadata, check, options,
                                   gate=True, extra={"bf16_parity": bf16} if bf16 else None)
     if bf16:
