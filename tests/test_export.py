@@ -80,8 +80,9 @@ def test_openvino_ir_passes_the_gate_and_runs_with_its_metadata(exported):
     assert report["variants"]["ov-int8"]["file"] == str(ir_int8) and ir_int8.with_suffix(".bin").is_file()
     images = np.random.default_rng(0).uniform(0, 255, (3, 48, 48, 3)).astype(np.float32)
     onnx_p = Classifier(path, runtime="onnxruntime").predict_arrays(images)
-    ir_clf = Classifier(ir, runtime="openvino", precision="fp32")
-    assert (ir_clf.size, ir_clf.classes, ir_clf.metadata["variant"]) == (48, ["CT_NonCOVID", "CT_COVID"], "fp32")
+    ir_clf = Classifier(ir)  # auto: an IR runs on OpenVINO
+    assert (ir_clf.runtime, ir_clf.size, ir_clf.classes, ir_clf.metadata["variant"]) == (
+        "openvino", 48, ["CT_NonCOVID", "CT_COVID"], "fp32")
     np.testing.assert_allclose(ir_clf.predict_arrays(images), onnx_p, atol=1e-4)
     int8 = Classifier(path, runtime="openvino", precision="int8")  # finds tiny_ov_int8.xml beside
     assert int8.engine.path == ir_int8 and int8.metadata["variant"] == "int8"

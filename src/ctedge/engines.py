@@ -133,7 +133,7 @@ def saved_choice(model: Path) -> dict | None:
 
 def resolve(model: Path, config: EngineConfig) -> EngineConfig:
     """Fill in runtime="auto" and precision=None: the saved bench choice, else
-    onnxruntime (else OpenVINO when onnxruntime is not installed) at fp32."""
+    onnxruntime (OpenVINO for an IR .xml, or when onnxruntime is not installed) at fp32."""
     config.validate()
     runtime, precision, provider = config.runtime, config.precision, config.provider
     if runtime == "auto":
@@ -143,7 +143,7 @@ def resolve(model: Path, config: EngineConfig) -> EngineConfig:
             if provider == "auto":
                 provider = choice.get("provider", "auto")
             log.info("runtime auto: %s %s (fastest in %s)", runtime, precision, choice_path(model).name)
-        elif installed("onnxruntime"):
+        elif installed("onnxruntime") and model.suffix != ".xml":  # IR: OpenVINO's own format
             runtime = "onnxruntime"
         elif installed("openvino"):
             runtime = "openvino"
