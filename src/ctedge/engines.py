@@ -266,7 +266,8 @@ class OpenVinoEngine:
         elif config.precision in OV_HINTS:
             hint = OV_HINTS[config.precision]
         core = ov.Core()
-        if device not in core.available_devices:
+        # only a non-CPU device is looked up: listing devices loads every plugin (slow)
+        if device != "CPU" and device not in core.available_devices:
             raise CtedgeError(f"OpenVINO device {device} not found (available: "
                               f"{', '.join(core.available_devices)})")
         capability = OV_CAPABILITY.get(config.precision)
@@ -282,10 +283,14 @@ class OpenVinoEngine:
             core.set_property({"CACHE_DIR": str(cache)})
         except OSError as exc:
             log.warning("OpenVINO cache %s not usable (%s); compiling without a cache", cache, exc)
+            cache = None
         try:
-            model = core.read_model(str(self.path))
-            self.raw_metadata = ov_metadata(model)
-            self.compiled = core.compile_model(model, device, properties)
+            self.raw_metadata = cached_metadata(cache, self.path)
+            if self.raw_metadata is None:  # first start: read the model for its metadata
+                self.raw_metadata = ov_metadata(core.read_model(str(self.path)))
+                remember_metadata(cache, self.path, self.raw_metadata)
+            # compiled from the path: with a warm cache OpenVINO loads the blob and never parses the model
+            self.compiled = core.compile_model(str(self.path), device, properties)
         except RuntimeError as exc:
             raise CtedgeError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0]})") from None
         self.request = self.compiled.create_infer_request()
@@ -297,6 +302,32 @@ class OpenVinoEngine:
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.request.infer({0: images})[0][:, 0].copy()
+
+
+def _metadata_file(cache: Path, path: Path) -> Path:
+    import hashlib
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return cache / f"ctedge-metadata-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def cached_metadata(cache: Path | None, path: Path) -> dict[str, str] | None:
+    """The model's metadata saved at its first start (keyed by path, size, mtime)."""
+    if cache is None:
+        return None
+    try:
+        return json.loads(_metadata_file(cache, path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remember_metadata(cache: Path | None, path: Path, metadata: dict[str, str]) -> None:
+    if cache is not None:
+        try:
+            _metadata_file(cache, path).write_text(json.dumps(metadata))
+        except OSError:
+            pass
 
 
 def ov_metadata(model) -> dict[str, str]:
