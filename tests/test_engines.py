@@ -169,3 +169,15 @@ def test_openvino_path_imports_no_training_stack(model, images, cache):
             "'onnxruntime')]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_openvino_cache_is_reused_but_never_stale(tmp_path, cache):
+    model = brightness_onnx(tmp_path / "m.onnx", threshold=0.5)
+    assert Classifier(model, runtime="openvino", cache_dir=cache).threshold == 0.5
+    assert len(list(engines.Path(cache).glob("*/ctedge-metadata.json"))) == 1
+    assert Classifier(model, runtime="openvino", cache_dir=cache).threshold == 0.5  # warm start
+    brightness_onnx(model, threshold=0.7, gain=-0.1)  # the same file name, a new model
+    clf = Classifier(model, runtime="openvino", cache_dir=cache)
+    x = np.full((1, 32, 32, 3), 120, np.float32)
+    assert clf.threshold == 0.7 and clf.predict_arrays(x)[0] < 0.5  # the new gain, not the cached blob
+    assert len(list(engines.Path(cache).glob("*/ctedge-metadata.json"))) == 1  # the old version's folder went

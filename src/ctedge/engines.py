@@ -277,18 +277,14 @@ class OpenVinoEngine:
         properties = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if config.threads:
             properties["INFERENCE_NUM_THREADS"] = config.threads
-        cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
+        cache = model_cache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(), self.path)
+        if cache is not None:
             core.set_property({"CACHE_DIR": str(cache)})
-        except OSError as exc:
-            log.warning("OpenVINO cache %s not usable (%s); compiling without a cache", cache, exc)
-            cache = None
         try:
-            self.raw_metadata = cached_metadata(cache, self.path)
+            self.raw_metadata = cached_metadata(cache)
             if self.raw_metadata is None:  # first start: read the model for its metadata
                 self.raw_metadata = ov_metadata(core.read_model(str(self.path)))
-                remember_metadata(cache, self.path, self.raw_metadata)
+                remember_metadata(cache, self.raw_metadata)
             # compiled from the path: with a warm cache OpenVINO loads the blob and never parses the model
             self.compiled = core.compile_model(str(self.path), device, properties)
         except RuntimeError as exc:
@@ -304,28 +300,43 @@ class OpenVinoEngine:
         return self.request.infer({0: images})[0][:, 0].copy()
 
 
-def _metadata_file(cache: Path, path: Path) -> Path:
+def model_cache(root: Path, path: Path) -> Path | None:
+    """This model file's own cache folder, keyed by its path, size and modification
+    time: OpenVINO keys a model compiled from a path by the path alone, so a model
+    re-exported under the same name would get the old compiled blob. Folders of
+    earlier versions of the same path are removed."""
     import hashlib
+    import shutil
 
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return cache / f"ctedge-metadata-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    version = hashlib.sha256(f"{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = root / f"{where}-{version}"
+    try:
+        if not folder.is_dir():
+            for old in root.glob(f"{where}-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("OpenVINO cache %s not usable (%s); compiling without a cache", root, exc)
+        return None
+    return folder
 
 
-def cached_metadata(cache: Path | None, path: Path) -> dict[str, str] | None:
-    """The model's metadata saved at its first start (keyed by path, size, mtime)."""
+def cached_metadata(cache: Path | None) -> dict[str, str] | None:
+    """The model's metadata saved in its cache folder at its first start."""
     if cache is None:
         return None
     try:
-        return json.loads(_metadata_file(cache, path).read_text())
+        return json.loads((cache / "ctedge-metadata.json").read_text())
     except (OSError, ValueError):
         return None
 
 
-def remember_metadata(cache: Path | None, path: Path, metadata: dict[str, str]) -> None:
+def remember_metadata(cache: Path | None, metadata: dict[str, str]) -> None:
     if cache is not None:
         try:
-            _metadata_file(cache, path).write_text(json.dumps(metadata))
+            (cache / "ctedge-metadata.json").write_text(json.dumps(metadata))
         except OSError:
             pass
 
