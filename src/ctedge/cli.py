@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -37,12 +36,16 @@ GroupRegex = Annotated[Optional[str], typer.Option(
 Seed = Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")]
 ImageSize = Annotated[int, typer.Option(help="Model input size in pixels (B3 native: 300).")]
 Weights = Annotated[str, typer.Option(help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5.")]
+Backbone = Annotated[str, typer.Option(
+    help="b3 (EfficientNetB3, the paper's) | tiny (a 1%-compute EfficientNet for tests and smoke runs).")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON ('-' for stdout).")]
 HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page.")]
 
 
+VERBOSE = {"on": False}  # set by the --verbose option before a command runs
+
+
 def _setup_logging() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
@@ -50,13 +53,19 @@ def _setup_logging() -> None:
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
 
 
-def command(func):
-    """Register a command: clear message and exit code for user errors, never a traceback."""
+def command(func=None, *, tensorflow: bool = False):
+    """Register a command: clear message and exit code for user errors, never a
+    traceback. ``tensorflow=True``: import TensorFlow first, quietly."""
+    if func is None:
+        return functools.partial(command, tensorflow=tensorflow)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         _setup_logging()
         try:
+            if tensorflow:
+                from .quiet import import_tensorflow
+                import_tensorflow(VERBOSE["on"])
             return func(*args, **kwargs)
         except CtedgeError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False)
@@ -108,11 +117,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Print the version and exit.")] = False) -> None:
+                                               help="Print the version and exit.")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
+                                               "and C++ log lines (hidden by default).")] = False) -> None:
     """Put a chest-CT COVID-19 classifier onto edge hardware."""
+    VERBOSE["on"] = verbose
 
 
-@command
+@command(tensorflow=True)
 def train(
     data: DataArg,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/train-TIME).")] = None,
@@ -132,6 +144,7 @@ def train(
     flip: Annotated[bool, typer.Option(help="Augmentation: random horizontal flip.")] = True,
     zoom: Annotated[float, typer.Option(help="Augmentation: max zoom in/out (padding) fraction.")] = 0.1,
     weights: Weights = "imagenet",
+    backbone: Backbone = "b3",
     units: Annotated[int, typer.Option(help="Width of the head's dense layer.")] = 256,
     dropout: Annotated[float, typer.Option(help="Dropout after the dense layer.")] = 0.0,
     freeze_backbone: Annotated[Optional[bool], typer.Option(
@@ -162,7 +175,8 @@ def train(
         DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
                     test_fraction, val_fraction, group_regex, clean),
         TrainConfig(epochs, batch_size, learning_rate, early_stopping, patience, checkpoint_best, seed),
-        ModelConfig(weights, units, dropout, 4, freeze_backbone, fine_tune_blocks),
+        ModelConfig(weights=weights, backbone=backbone, units=units, dropout=dropout,
+                    freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
         PreprocessConfig(image_size, window_low, window_high, centre,
                          AugmentConfig(rotation, shift, flip, zoom)),
         run_dir)
@@ -211,7 +225,7 @@ def print_metrics(report: dict) -> None:
                       f"beside the model's {report['metrics']['auc']['value']:.3f}")
 
 
-@command
+@command(tensorflow=True)
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Trained model (.keras).")],
     data: DataArg,
@@ -246,18 +260,19 @@ def evaluate(
         console.print(f"HTML page: {html_out}")
 
 
-@command
+@command(tensorflow=True)
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, run and report.")] = Path("demo"),
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 12,
     per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 200,
+    backbone: Backbone = "b3",
     json_out: JsonOut = None,
 ) -> None:
     """Generate synthetic CT-like phantoms, train a small model (weights none, 64 px),
     evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU."""
     from .demo import run_demo
 
-    report = run_demo(out, epochs, per_class)
+    report = run_demo(out, epochs, per_class, backbone)
     print_metrics(report["evaluation"])
     console.print(report["verdict"])
     console.print(f"data: {report['data']}\nrun:  {report['run_dir']}\n"
@@ -265,7 +280,7 @@ def demo(
     write_json(report, json_out)
 
 
-@command
+@command(tensorflow=True)
 def export(
     model: Annotated[Optional[Path], typer.Argument(
         help="Trained .keras model (default: best model of the newest tuning/ project).")] = None,
@@ -323,7 +338,7 @@ def export(
         raise typer.Exit(1)
 
 
-@command
+@command(tensorflow=True)
 def tune(
     data: DataArg,
     split_dir: SplitDir = None,
@@ -333,6 +348,7 @@ def tune(
     seed: Seed = 42,
     image_size: ImageSize = 300,
     weights: Weights = "imagenet",
+    backbone: Backbone = "b3",
     algorithm: Annotated[str, typer.Option(help="random | bayesian | hyperband")] = "random",
     max_trials: Annotated[int, typer.Option(help="Trials to run (the paper's defaults are the first).")] = 10,
     epochs: Annotated[int, typer.Option(help="Epochs per trial (early stopping on the objective).")] = 20,
@@ -373,7 +389,7 @@ def tune(
     summary = run_tuning(
         DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
                     group_regex=group_regex, clean=clean),
-        ModelConfig(weights=weights, freeze_backbone=False if fine_tune else None),
+        ModelConfig(weights=weights, backbone=backbone, freeze_backbone=False if fine_tune else None),
         PreprocessConfig(image_size=image_size),
         TuneOptions(algorithm, max_trials, epochs, time_budget, objective, str(directory), project,
                     overwrite, views, fine_tune, cache, seed=seed), space)
@@ -460,7 +476,7 @@ def audit(
 
 
 
-@command
+@command(tensorflow=True)
 def explain(
     model: Annotated[Path, typer.Argument(help="Trained model (.keras): Grad-CAM needs its gradients.")],
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
@@ -499,7 +515,7 @@ def explain(
     exit_if_failed(failed, len(rows))
 
 
-@command
+@command(tensorflow=True)
 def report(
     run_dir: Annotated[Path, typer.Argument(
         help="Training run folder (model.keras + config.json) or tuning project (best_model.keras).")],
