@@ -13,14 +13,14 @@ from pathlib import Path
 
 
 def make_b3(folder: Path, size: int = 300) -> Path:
+    output = folder / f"b3_{size}.onnx"
+    if output.is_file():
+        return output  # without importing TensorFlow (timings run in this process)
     from ctedge.export import ExportOptions, export_onnx
     from ctedge.model import ModelConfig, build_model
     from ctedge.preprocess import PreprocessConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    output = folder / f"b3_{size}.onnx"
-    if output.is_file():
-        return output
     keras_path = folder / f"b3_{size}.keras"
     build_model(ModelConfig(weights="none"), PreprocessConfig(image_size=size)).save(keras_path)
     # random BatchNorm statistics make Keras/ONNX parity loose; timing does not care

@@ -276,3 +276,17 @@ def test_study_path_never_imports_tensorflow(tmp_path, model):
     result = subprocess.run([sys.executable, "-c", code, str(model), str(tmp_path / "s")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bench_study_splits_the_stages(tmp_path, model):
+    write_study(tmp_path / "s", np.random.default_rng(11), True, slices=12)
+    result = runner.invoke(app, ["bench", str(model), "--study", str(tmp_path / "s"), "--study-runs", "1",
+                                 "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    run = report["runs"][0]
+    assert set(st.STAGES) <= set(run) and run["slices_total"] == 12
+    assert 0 < run["slices_used"] <= run["slices_sampled"] == 12
+    assert run["wall_s"] >= run["pipeline_wall_s"] >= run["inference"] > 0
+    assert run["slices_per_s"] == pytest.approx(run["slices_used"] / run["wall_s"])
+    assert report["process_wall_s"]["median"] > 0 and "--study" in report["process_wall_s"]["command"]

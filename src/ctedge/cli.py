@@ -674,16 +674,25 @@ def bench(
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as markdown.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Latency histogram PNG (needs matplotlib).")] = None,
     json_out: JsonOut = None,
+    study: Annotated[Optional[Path], typer.Option(
+        help="Time one CT study (folder/.zip) end to end instead, split into stages.")] = None,
+    slice_step: Annotated[Optional[int], typer.Option(help="--study: every Nth slice (default: at most 64).")] = None,
+    study_runs: Annotated[int, typer.Option(help="--study: timed runs (and fresh-process runs).")] = 3,
 ) -> None:
     """Latency (min/mean/p50/p90/p99/max), throughput, cold start, end-to-end time
     from a file, accuracy/AUC and size per model and provider, with a verdict
     against the time budget.
 
-    Example: `ctedge bench --data ../shared/data/covid-ct --markdown bench.md`
+    Example: `ctedge bench --data ../shared/data/covid-ct --markdown bench.md`;
+    for a whole study: `ctedge bench exports/b3.onnx --study patient1/ --json -`
     """
     from rich.table import Table
 
     from .bench import BenchOptions, markdown, run_bench, table_rows
+
+    if study is not None:
+        bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out)
+        return
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",")]
@@ -722,6 +731,36 @@ def bench(
         latency_histogram({f"{Path(r['model']).name} {r['provider']}": np.asarray(r["samples_ms"])
                            for r in report["results"]}, plot)
     write_json(report, json_out)
+
+
+def bench_study_command(models: list[Path], study: Path, provider: str, threads: int | None,
+                        slice_step: int | None, runs: int, json_out: Path | None) -> None:
+    """`bench --study`: stage split and slices/s of one study (median of the runs)."""
+    from rich.table import Table
+
+    from .bench import find_models
+    from .study import STAGES, StudyOptions, bench_study
+
+    if json_out is not None:
+        from .files import check_writable
+
+        check_writable(json_out, "--json")
+    for model in find_models(models):
+        report = bench_study(model, study, StudyOptions(slice_step=slice_step), provider, threads, runs)
+        m, med = report["machine"], report["median"]
+        table = Table(title=f"{model.name} on {report['provider']}, {m['cpu']}, {m['cores']} cores: "
+                            f"{med['slices_used']:.0f} of {med['slices_total']:.0f} slices "
+                            f"(every {med['slice_step']:.0f}.), median of {runs}")
+        table.add_column("stage")
+        table.add_column("seconds", justify="right")
+        for stage in STAGES + ("pipeline_wall_s", "wall_s"):
+            table.add_row(stage, f"{med[stage]:.3f}")
+        console.print(table)
+        console.print(f"{med['slices_per_s']:.1f} slices/s; pipeline wall / (slices used x "
+                      f"{report['per_slice_inference_s'] * 1000:.1f} ms batched inference per slice) = "
+                      f"{med['target_ratio']:.2f} (target <= 1.1); model load {report['session_s']:.2f} s; "
+                      f"fresh process, command start to answer: {report['process_wall_s']['median']:.2f} s")
+        write_json(report, json_out)
 
 
 if __name__ == "__main__":

@@ -741,3 +741,73 @@ def csv_row(result: StudyResult) -> dict:
     row = {key: getattr(result, key) for key in CSV_FIELDS}
     row["warnings"] = " | ".join(result.warnings)
     return row
+
+
+# --- benchmark ----------------------------------------------------------------------
+
+STAGES = ("headers_selection", "decode_preprocess_cpu", "decode_wait", "inference", "aggregation")
+
+
+def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | None = None,
+                provider: str = "cpu", threads: int | None = None, runs: int = 3,
+                process: bool = True) -> dict:
+    """Time one study end to end, ``runs`` times, split into stages.
+
+    Stages overlap (decoding runs in threads during inference), so their busy
+    times add up to more than the wall time; ``decode_wait`` is the time the
+    inference loop sat waiting for a decoded slice (reading *not* hidden).
+    The target ratio compares the pipeline's wall time with slices used x the
+    per-slice time of batched inference alone (1.0: reading fully hidden).
+    """
+    import subprocess
+    import sys
+
+    from .bench import machine_info, stats_ms, time_calls
+    from .runtime import Classifier
+
+    options = options or StudyOptions()
+    options.check()
+    started = time.perf_counter()
+    clf = Classifier(model, provider, threads)
+    session_s = time.perf_counter() - started
+    x = np.random.default_rng(0).uniform(0, 255, (options.batch_size, clf.size, clf.size, 3)).astype(np.float32)
+    batch_ms = stats_ms(time_calls(lambda: clf.predict_arrays(x), 1, 5, None))
+    per_slice_s = batch_ms["p50"] / 1000 / options.batch_size
+    rows = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        results = predict_studies(clf, [folder], options)
+        wall = time.perf_counter() - started
+        ok = [r for r in results if not r.error]
+        if not ok:
+            raise CtedgeError(f"{folder}: no study could be classified ({results[0].error})")
+        r = ok[0]
+        row = {stage: r.timings_s.get(stage, 0.0) for stage in STAGES}
+        row.update(wall_s=wall, pipeline_wall_s=r.timings_s["pipeline_wall"], slices_total=r.slices_total,
+                   slices_sampled=r.slices_sampled, slices_used=r.slices_used, slice_step=r.slice_step,
+                   slices_per_s=r.slices_used / wall, probability=r.probability,
+                   target_ratio=r.timings_s["pipeline_wall"] / (r.slices_used * per_slice_s))
+        rows.append(row)
+    median = {key: float(np.median([row[key] for row in rows])) for key in rows[0] if key != "probability"}
+    report = {"machine": machine_info(threads), "model": str(model), "provider": clf.providers[0],
+              "input_size": clf.size, "study": str(folder), "options": asdict(options),
+              "session_s": session_s, "batch_inference_ms": batch_ms, "per_slice_inference_s": per_slice_s,
+              "runs": rows, "median": median}
+    if process:
+        command = [sys.executable, "-m", "ctedge.cli", "predict", str(model), str(folder), "--study",
+                   "--max-slices", str(options.max_slices), "--aggregate", options.aggregate]
+        if options.slice_step:
+            command += ["--slice-step", str(options.slice_step)]
+        if threads:
+            command += ["--threads", str(threads)]
+        command += ["--provider", provider]
+        walls = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            walls.append(time.perf_counter() - started)
+            if done.returncode != 0:
+                raise CtedgeError(f"`{' '.join(command)}` failed: {done.stderr[-500:]}")
+        report["process_wall_s"] = {"runs": walls, "median": float(np.median(walls)),
+                                    "command": " ".join(["ctedge"] + command[3:])}
+    return report
