@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,9 @@ def markdown(results: list[dict]) -> str:
                      + " | ".join(f"{d[s]:.3f}" for s in STAGES)
                      + f" | {d['pipeline_wall_s']:.2f} | {d['wall_s']:.2f} | {d['slices_per_s']:.1f} | "
                      f"{d['target_ratio']:.2f} | {r['process_wall_s']['median']:.2f} |")
+    if "load_average_1_5_15" in results[-1]:
+        load = results[-1]["load_average_1_5_15"]
+        lines += ["", f"Load average (1/5/15 min) before: {load['before']}, after: {load['after']}."]
     lines += ["", f"Batched inference alone (batch 8): {results[0]['per_slice_inference_s'] * 1000:.1f} ms per "
               f"slice; model load {results[0]['session_s']:.2f} s.", "",
               "Commands: " + "; ".join(f"`{r['process_wall_s']['command']}`" for r in results), ""]
@@ -74,8 +78,10 @@ def main() -> None:
     model = args.model or make_b3(args.work)
     study = make_study(args.work / "ct300")
     results = []
+    load_before = os.getloadavg()
     for step in (None, 1):
         report = bench_study(model, study, StudyOptions(slice_step=step), "cpu", None, args.runs)
+        report["load_average_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
         results.append(report)
         print(json.dumps(report["median"]), report["process_wall_s"]["median"], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

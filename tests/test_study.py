@@ -22,7 +22,13 @@ from typer.testing import CliRunner
 from ctedge import study as st
 from ctedge.cli import app
 from ctedge.runtime import Classifier
-from ctedge.studydemo import fixed_uid, phantom_slice, write_scout, write_series, write_study
+from ctedge.studydemo import (
+    fixed_uid,
+    phantom_slice,
+    write_scout,
+    write_series,
+    write_study,
+)
 
 runner = CliRunner()
 OPACITY = (7, 8, 9)  # slices with ground glass in the positive patients' flat-lung volumes
