@@ -13,7 +13,7 @@ TRAINING_MODULES = ("ctedge.train", "ctedge.model", "ctedge.tuning", "ctedge.exp
 
 
 @pytest.mark.parametrize("module", ["ctedge.runtime", "ctedge.imageio", "ctedge.preprocess",
-                                    "ctedge.bench", "ctedge.cli"])
+                                    "ctedge.bench", "ctedge.study", "ctedge.cli"])
 def test_edge_modules_never_import_the_training_stack(module):
     code = (f"import sys, json; import {module}; "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "

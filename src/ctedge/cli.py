@@ -560,12 +560,25 @@ def predict(
     threads: Threads = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write rows as CSV ('-' for stdout).")] = None,
     json_out: JsonOut = None,
+    study: Annotated[bool, typer.Option("--study", help="Each path is a CT study (DICOM folder or .zip, "
+                                        "or NIfTI): one answer per study (patient).")] = False,
+    series: Annotated[Optional[str], typer.Option(help="--study: classify this SeriesInstanceUID.")] = None,
+    slice_step: Annotated[Optional[int], typer.Option(
+        help="--study: take every Nth slice (default: the smallest step giving at most --max-slices).")] = None,
+    max_slices: Annotated[int, typer.Option(help="--study: slices sampled at most when --slice-step is unset.")] = 64,
+    aggregate: Annotated[str, typer.Option(help="--study: topk | max | mean of the slice probabilities.")] = "topk",
+    top_k: Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")] = 5,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="--study: folder for one PNG per study (needs matplotlib).")] = None,
 ) -> None:
     """Classify images with an exported ONNX model (no TensorFlow needed).
 
     One row per image: path, probability of the positive class, label. A file
     that can't be read gets an error row and the rest go on; exit code 1 if any
     failed. Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`
+
+    With `--study`, one row per CT study instead (see README, "Whole CT studies"):
+    `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
     """
     import csv
     from dataclasses import asdict
@@ -573,6 +586,13 @@ def predict(
     from .imageio import expand_paths
     from .runtime import Classifier
 
+    if study:
+        from .study import StudyOptions
+
+        options = StudyOptions(series, slice_step, max_slices, aggregate, top_k, batch_size,
+                               keep_thumbnails=plot is not None)
+        predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot)
+        return
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
@@ -592,6 +612,69 @@ def predict(
     exit_if_failed(failed, len(rows))
 
 
+def predict_studies_command(model: Path, paths: list[Path], options, provider: str, threads: int | None,
+                            csv_out: Path | None, json_out: Path | None, plot: Path | None) -> None:
+    """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
+    import csv
+
+    from rich.table import Table
+
+    from .files import check_writable
+    from .runtime import Classifier
+    from .study import CSV_FIELDS, csv_row, predict_studies
+
+    options.check()
+    for path, what, folder in ((csv_out, "--csv", False), (json_out, "--json", False), (plot, "--plot", True)):
+        if path is not None:
+            check_writable(path, what, folder)
+    if plot is not None:
+        try:
+            from .plots import study_plot
+        except ImportError:
+            raise CtedgeError('--plot needs matplotlib: pip install "ctedge[train]"') from None
+    clf = Classifier(model, provider, threads)
+    results = predict_studies(clf, paths, options,
+                              progress=lambda r: console.print(f"{r.input}: {r.study_uid or '-'} done",
+                                                               highlight=False))
+    table = Table(title=f"{model.name} on {clf.providers[0]}: P({clf.positive}) per study, "
+                        f"threshold {clf.threshold}, aggregate {options.aggregate}")
+    for column in ("input", "patient", "slices used/total", "probability", "label"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(r.input, r.patient_id, f"{r.slices_used}/{r.slices_total}",
+                      "" if r.error else f"{r.probability:.4f}",
+                      f"[red]error: {r.error}[/]" if r.error else r.label)
+    console.print(table)
+    for r in results:
+        if r.series_uid:
+            console.print(f"{r.input}: series {r.series_uid} ({r.series_description or 'no description'}), "
+                          f"every {r.slice_step}. slice: {r.slices_sampled} sampled, "
+                          f"{r.slices_without_lung} without lung, {r.slices_used} classified", highlight=False)
+        for rejected in r.series_rejected:
+            console.print(f"  rejected series {rejected['series_uid']} ({rejected['slices']} file(s)): "
+                          f"{rejected['reason']}", highlight=False)
+        for warning in r.warnings:
+            console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+    if plot is not None:
+        for r in results:
+            if not r.error:
+                console.print(f"plot: {study_plot(r, plot)}", highlight=False)
+    if csv_out:
+        handle = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(csv_row(r) for r in results)
+        if handle is not sys.stdout:
+            handle.close()
+    write_json({"model": str(model), "provider": clf.providers[0], "threshold": clf.threshold,
+                "options": {k: v for k, v in vars(options).items() if k != "keep_thumbnails"},
+                "studies": [r.to_dict() for r in results]}, json_out)
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        console.print(f"[yellow]{failed} of {len(results)} stud(ies) got no answer[/]")
+        raise typer.Exit(1)
+
+
 @command
 def bench(
     models: Annotated[Optional[list[Path]], typer.Argument(
@@ -607,16 +690,25 @@ def bench(
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as markdown.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Latency histogram PNG (needs matplotlib).")] = None,
     json_out: JsonOut = None,
+    study: Annotated[Optional[Path], typer.Option(
+        help="Time one CT study (folder/.zip) end to end instead, split into stages.")] = None,
+    slice_step: Annotated[Optional[int], typer.Option(help="--study: every Nth slice (default: at most 64).")] = None,
+    study_runs: Annotated[int, typer.Option(help="--study: timed runs (and fresh-process runs).")] = 3,
 ) -> None:
     """Latency (min/mean/p50/p90/p99/max), throughput, cold start, end-to-end time
     from a file, accuracy/AUC and size per model and provider, with a verdict
     against the time budget.
 
-    Example: `ctedge bench --data ../shared/data/covid-ct --markdown bench.md`
+    Example: `ctedge bench --data ../shared/data/covid-ct --markdown bench.md`;
+    for a whole study: `ctedge bench exports/b3.onnx --study patient1/ --json -`
     """
     from rich.table import Table
 
     from .bench import BenchOptions, markdown, run_bench, table_rows
+
+    if study is not None:
+        bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out)
+        return
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",")]
@@ -655,6 +747,36 @@ def bench(
         latency_histogram({f"{Path(r['model']).name} {r['provider']}": np.asarray(r["samples_ms"])
                            for r in report["results"]}, plot)
     write_json(report, json_out)
+
+
+def bench_study_command(models: list[Path], study: Path, provider: str, threads: int | None,
+                        slice_step: int | None, runs: int, json_out: Path | None) -> None:
+    """`bench --study`: stage split and slices/s of one study (median of the runs)."""
+    from rich.table import Table
+
+    from .bench import find_models
+    from .study import STAGES, StudyOptions, bench_study
+
+    if json_out is not None:
+        from .files import check_writable
+
+        check_writable(json_out, "--json")
+    for model in find_models(models):
+        report = bench_study(model, study, StudyOptions(slice_step=slice_step), provider, threads, runs)
+        m, med = report["machine"], report["median"]
+        table = Table(title=f"{model.name} on {report['provider']}, {m['cpu']}, {m['cores']} cores: "
+                            f"{med['slices_used']:.0f} of {med['slices_total']:.0f} slices "
+                            f"(every {med['slice_step']:.0f}.), median of {runs}")
+        table.add_column("stage")
+        table.add_column("seconds", justify="right")
+        for stage in STAGES + ("pipeline_wall_s", "wall_s"):
+            table.add_row(stage, f"{med[stage]:.3f}")
+        console.print(table)
+        console.print(f"{med['slices_per_s']:.1f} slices/s; pipeline wall / (slices used x "
+                      f"{report['per_slice_inference_s'] * 1000:.1f} ms batched inference per slice) = "
+                      f"{med['target_ratio']:.2f} (target <= 1.1); model load {report['session_s']:.2f} s; "
+                      f"fresh process, command start to answer: {report['process_wall_s']['median']:.2f} s")
+        write_json(report, json_out)
 
 
 if __name__ == "__main__":
