@@ -9,6 +9,15 @@ import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+TRAIN_SIZE = 48  # input size of the session's trained run (conftest.trained)
+
+
+def tune_args(data, directory, weights, *extra) -> list[str]:
+    """`ctedge tune` on the tiny backbone, small enough for a test."""
+    return ["tune", str(data), "--backbone", "tiny", "--weights", str(weights), "--image-size",
+            str(TRAIN_SIZE), "--max-trials", "2", "--epochs", "2", "--views", "2",
+            "--directory", str(directory), "--project", "p", *extra]
+
 
 def gray_image(size: int = 40, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)

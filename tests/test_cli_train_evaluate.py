@@ -1,5 +1,4 @@
 import json
-import shutil
 
 from typer.testing import CliRunner
 
@@ -8,39 +7,32 @@ from ctedge.cli import app
 runner = CliRunner()
 
 
-def test_train_writes_the_run_folder_and_skips_bad_files(tmp_path, phantom_data):
-    data = tmp_path / "data"
-    shutil.copytree(phantom_data, data)
-    (data / "CT_COVID" / "junk.png").write_text("not an image")
-    run = tmp_path / "run"
-    result = runner.invoke(app, ["train", str(data), "--weights", "none", "--image-size", "48",
-                                 "--epochs", "2", "--batch-size", "8", "--units", "8", "--lr", "1e-3",
-                                 "-o", str(run), "--json", str(tmp_path / "train.json")])
-    assert result.exit_code == 0, result.output
+def test_train_writes_the_run_folder_and_skips_bad_files(trained):
+    run = trained.run_dir
     for name in ("model.keras", "config.json", "history.csv", "training_curves.png"):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").rglob("events.*"))
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["epochs"] == 2 and config["preprocess"]["image_size"] == 48
+    assert config["model"]["backbone"] == "tiny"
     skipped = [u for part in config["splits"].values() for u in part["unreadable"]]
     assert [u["path"].endswith("junk.png") for u in skipped] == [True]
-    assert "junk.png" in result.stderr
+    assert "junk.png" in trained.stderr
     assert sum(len(files) for files in config["files"].values()) == 24
     assert config["result"]["images_per_s"] > 0
-    assert json.loads((tmp_path / "train.json").read_text())["result"] == config["result"]
+    assert trained.summary["result"] == config["result"]
 
 
-def test_training_is_repeatable_with_a_seed(tmp_path, phantom_data):
-    histories = []
-    for name in ("a", "b"):
-        args = ["train", str(phantom_data), "--weights", "none", "--image-size", "32", "--epochs", "1",
-                "--batch-size", "8", "--units", "4", "--seed", "7", "-o", str(tmp_path / name)]
-        assert runner.invoke(app, args).exit_code == 0
-        histories.append((tmp_path / name / "history.csv").read_text())
-    loss = [h.splitlines()[1].split(",") for h in histories]
-    header = histories[0].splitlines()[0].split(",")
-    i = header.index("loss")
-    assert abs(float(loss[0][i]) - float(loss[1][i])) < 1e-4
+def test_training_is_repeatable_with_a_seed(tmp_path, trained):
+    """The session's run again, same command and seed: the same losses."""
+    config = json.loads((trained.run_dir / "config.json").read_text())
+    args = ["train", config["data"]["root"], "--backbone", "tiny", "--weights", "none", "--image-size", "48",
+            "--epochs", "1", "--batch-size", "4", "--units", "8", "--lr", "1e-3", "-o", str(tmp_path / "again")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    first, again = ((run / "history.csv").read_text().splitlines() for run in (trained.run_dir, tmp_path / "again"))
+    i = first[0].split(",").index("loss")
+    assert abs(float(first[1].split(",")[i]) - float(again[1].split(",")[i])) < 1e-4
 
 
 def test_evaluate_prints_metrics_with_cis(tmp_path, trained_run, phantom_data):
@@ -85,7 +77,7 @@ def test_user_errors_get_a_message_and_exit_code_not_a_traceback(tmp_path, train
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--epochs", "1",
+    result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--epochs", "1", "--backbone", "tiny",
                                  "--per-class", "10", "--json", str(tmp_path / "demo.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "demo.json").read_text())
@@ -99,7 +91,7 @@ def test_evaluate_says_when_the_model_is_effectively_constant(tmp_path, phantom_
     from ctedge.model import ModelConfig, build_model
     from ctedge.preprocess import PreprocessConfig
 
-    model = build_model(ModelConfig(weights="none", units=4), PreprocessConfig(image_size=32))
+    model = build_model(ModelConfig(weights="none", backbone="tiny", units=4), PreprocessConfig(image_size=32))
     output = model.get_layer("head_output")
     output.set_weights([np.zeros_like(output.kernel.numpy()), np.array([0.3], np.float32)])
     model.save(tmp_path / "constant.keras")
@@ -108,3 +100,10 @@ def test_evaluate_says_when_the_model_is_effectively_constant(tmp_path, phantom_
     assert result.exit_code == 0, result.output
     assert "effectively constant" in result.stderr
     assert "effectively constant" in (tmp_path / "e.html").read_text()
+
+
+def test_error_messages_keep_their_brackets(tmp_path):
+    """Rich markup must not eat '[...]' in a message (paths, extras like ctedge[train])."""
+    folder = tmp_path / "scans[old]"
+    result = runner.invoke(app, ["train", str(folder / "missing"), "--weights", "none"])
+    assert result.exit_code == 2 and "scans[old]" in result.stderr

@@ -4,8 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ctedge.data import (DataOptions, discover, load_data, load_split, make_splits,
-                         random_split, split_from_lists)
+from ctedge.data import DataOptions, discover, load_data, load_split, make_splits, random_split, split_from_lists
 from ctedge.errors import CtedgeError
 from ctedge.preprocess import PreprocessConfig
 

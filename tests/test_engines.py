@@ -14,7 +14,6 @@ from ctedge import engines
 from ctedge.cli import app
 from ctedge.errors import CtedgeError
 from ctedge.runtime import Classifier
-
 from helpers import brightness_onnx, gray_image
 
 runner = CliRunner()

@@ -1,4 +1,5 @@
 import json
+import os
 
 import cv2
 import numpy as np
@@ -14,15 +15,6 @@ from ctedge.errors import CheckFailed
 from ctedge.export import ExportOptions, check_graph, export_onnx, latest_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, trained_run, phantom_data):
-    out = tmp_path_factory.mktemp("exports") / "tiny.onnx"
-    report = export_onnx(trained_run / "model.keras", out, ExportOptions(
-        fp16=True, int8=True, calibration_data=str(phantom_data), calibration_count=8,
-        check_data=str(phantom_data), check_count=16, int8_tolerance=1.0, openvino=True))
-    return out, report
 
 
 def test_fp32_matches_keras_on_a_trained_model(exported):
@@ -58,11 +50,19 @@ def test_fp16_and_int8_variants_have_their_own_cards(exported):
     for variant in ("fp16", "int8"):
         card = json.loads(path.with_name(f"tiny_{variant}.json").read_text())
         assert card["variant"] == variant and card["parity"]["status"] in ("ok", "flagged")
-        assert card["size_mb"] < report["variants"]["fp32"]["size_mb"]
         check = card["parity"]
         within = check["max_abs_diff"] <= check["tolerance"] and check["decision_agreement"] == 1.0
         assert check["status"] == ("ok" if within else "flagged")
     assert report["variants"]["fp16"]["parity"]["max_abs_diff"] < 0.05
+    assert report["variants"]["fp16"]["size_mb"] < report["variants"]["fp32"]["size_mb"]
+    # The weights really changed precision (on the tiny backbone, INT8's QDQ scales
+    # outweigh what the int8 weights save, so size alone would not tell).
+    fp16 = onnx.load(path.with_name("tiny_fp16.onnx"))
+    conv_weights = {n.input[1] for n in fp16.graph.node if n.op_type == "Conv"}
+    assert {i.data_type for i in fp16.graph.initializer if i.name in conv_weights} == {onnx.TensorProto.FLOAT16}
+    int8 = onnx.load(path.with_name("tiny_int8.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in int8.graph.initializer)
 
 
 def test_openvino_ir_passes_the_gate_and_runs_with_its_metadata(exported):
@@ -135,9 +135,35 @@ def test_int8_without_calibration_data_is_a_clear_error(trained_run, tmp_path):
 
 def test_without_a_model_the_newest_tuned_one_is_taken(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ("old", "new"):
+    for stamp, name in ((2_000_000_000, "new"), (1_000_000_000, "old")):  # "old" written last
         (tmp_path / "tuning" / name).mkdir(parents=True)
-        (tmp_path / "tuning" / name / "best_model.keras").write_text(name)
+        model = tmp_path / "tuning" / name / "best_model.keras"
+        model.write_text(name)
+        os.utime(model, (stamp, stamp))
     assert latest_model().parent.name == "new"
     result = runner.invoke(app, ["export", "--onnx"])
     assert "tuning/new/best_model.keras" in result.stderr and result.exit_code == 2
+
+
+def test_efficientnetb3_itself_converts_with_parity(tmp_path, phantom_data):
+    """The one B3 export of the suite: the real backbone's graph through tf2onnx.
+    Random weights with BatchNorm statistics recomputed on phantoms (as after
+    from-scratch training), so the outputs spread and parity can fail."""
+    from ctedge.data import DataOptions, load_data
+    from ctedge.model import ModelConfig, build_model
+    from ctedge.preprocess import PreprocessConfig
+    from ctedge.train import recalibrate_batchnorm
+
+    preprocess = PreprocessConfig(image_size=32)
+    model = build_model(ModelConfig(weights="none", units=8), preprocess)
+    _, parts = load_data(DataOptions(root=str(phantom_data)), preprocess, parts=("train",))
+    recalibrate_batchnorm(model, parts["train"].x)
+    model.save(tmp_path / "model.keras")
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"backbone": "b3"}}))
+    report = export_onnx(tmp_path / "model.keras", tmp_path / "b3.onnx", ExportOptions(
+        check_data=str(phantom_data), check_count=16))
+    check = report["variants"]["fp32"]["parity"]
+    assert check["reference_spread"] > 0.01, "parity on a constant model proves nothing"
+    assert check["max_abs_diff"] <= 1e-4 and check["decision_agreement"] == 1.0
+    meta = ort.InferenceSession(str(tmp_path / "b3.onnx")).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["ctedge.backbone"]) == "b3"

@@ -4,7 +4,6 @@ import pytest
 
 from ctedge.errors import UnreadableImage
 from ctedge.imageio import hu_to_gray, read_image
-
 from helpers import gray_image, write_dicom
 
 

@@ -1,11 +1,13 @@
 import numpy as np
-
-from ctedge.metrics import bootstrap_ci, calibration, confusion, point_metrics
-
-
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from ctedge.metrics import roc_auc  # noqa: E402
+from ctedge.metrics import (
+    bootstrap_ci,
+    calibration,
+    confusion,
+    point_metrics,
+    roc_auc,  # noqa: E402
+)
 
 
 def test_numpy_auc_matches_scikit_learn_with_ties():

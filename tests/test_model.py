@@ -5,18 +5,25 @@ import pytest
 from keras import layers
 
 from ctedge.errors import CtedgeError
-from ctedge.model import CTPreprocess, ModelConfig, build_backbone, build_model
+from ctedge.model import CTPreprocess, ModelConfig, backbone_of, build_backbone, build_model
 from ctedge.preprocess import PreprocessConfig
+
+
+def tiny(size: int = 64, **config) -> keras.Model:
+    return build_model(ModelConfig(**{"weights": "none", "backbone": "tiny", "units": 32, **config}),
+                       PreprocessConfig(image_size=size))
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(ModelConfig(weights="none", units=32), PreprocessConfig(image_size=64))
+    return tiny()
 
 
-def test_head_is_the_papers(model):
+def test_head_is_the_papers_on_efficientnetb3():
+    model = build_model(ModelConfig(weights="none", units=32), PreprocessConfig(image_size=64))
     names = [layer.name for layer in model.layers]
     assert names[:3] == ["image", "ct_preprocess", "efficientnetb3"]
+    assert backbone_of(model).count_params() > 10_000_000
     pool, flatten, dense, out = (model.get_layer(n) for n in
                                  ("head_pool", "head_flatten", "head_dense", "head_output"))
     assert isinstance(pool, layers.AveragePooling2D) and isinstance(flatten, layers.Flatten)
@@ -24,9 +31,21 @@ def test_head_is_the_papers(model):
     assert out.units == 1 and out.activation.__name__ == "sigmoid"
 
 
-def test_pool_is_4x4_where_the_feature_map_allows():
-    big = build_model(ModelConfig(weights="none"), PreprocessConfig(image_size=128))
-    assert big.get_layer("head_pool").pool_size == (4, 4)
+def test_tiny_backbone_has_b3s_layer_names_at_a_fraction_of_its_size(model):
+    backbone = backbone_of(model)
+    names = {layer.name for layer in backbone.layers}
+    assert {"stem_conv", "top_conv", *(f"block{i}a_project_conv" for i in range(1, 8))} <= names
+    assert backbone.count_params() < 100_000
+    assert backbone.output.shape[1] == 64 // 32  # the same stride-32 feature map as B3
+    with pytest.raises(CtedgeError, match="tiny backbone has no pretrained weights"):
+        build_backbone("imagenet", 64, "tiny")
+    with pytest.raises(CtedgeError, match="backbone must be one of b3, tiny"):
+        build_backbone("none", 64, "b7")
+
+
+def test_pool_is_4x4_where_the_feature_map_allows(model):
+    assert tiny(128).get_layer("head_pool").pool_size == (4, 4)
+    assert model.get_layer("head_pool").pool_size == (2, 2)  # 64 px: a 2x2 feature map
 
 
 def test_output_is_a_probability_per_image(model):
@@ -43,29 +62,30 @@ def test_preprocessing_layer_survives_save_and_load(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), np.clip(x, 0, 255), atol=1e-3)
 
 
-def test_random_weights_train_the_backbone_and_pretrained_freeze_it(model):
-    assert model.get_layer("efficientnetb3").trainable
+def test_random_weights_train_the_backbone_and_pretrained_freeze_it(model, trained_backbone):
+    assert backbone_of(model).trainable
+    pretrained = tiny(48, weights=str(trained_backbone))
+    assert not backbone_of(pretrained).trainable
+    assert not [w for w in pretrained.trainable_weights if not w.path.startswith("head_")]
 
 
 def test_fine_tuning_unfreezes_only_the_top_blocks():
-    m = build_model(ModelConfig(weights="none", freeze_backbone=True, fine_tune_blocks=1),
-                    PreprocessConfig(image_size=64))
-    backbone = m.get_layer("efficientnetb3")
+    backbone = backbone_of(tiny(freeze_backbone=True, fine_tune_blocks=1))
     trainable = {layer.name for layer in backbone.layers if layer.trainable and layer.weights}
     assert trainable and all(n.startswith(("block7", "top_")) for n in trainable)
     assert not any(isinstance(backbone.get_layer(n), layers.BatchNormalization) for n in trainable)
     with pytest.raises(CtedgeError, match="fine-tune-blocks"):
-        build_model(ModelConfig(weights="none", fine_tune_blocks=9), PreprocessConfig(image_size=64))
+        tiny(fine_tune_blocks=9)
 
 
 def test_local_weights_file_gets_the_imagenet_preprocessing(tmp_path):
     from keras.src.legacy.saving import legacy_h5_format
 
-    source = build_backbone("none", 64)
+    source = build_backbone("none", 32)
     path = tmp_path / "efficientnetb3_notop.h5"
     with h5py.File(path, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, source)
-    loaded = build_backbone(str(path), 64)
+    loaded = build_backbone(str(path), 32)
     rescalings = [layer for layer in loaded.layers if isinstance(layer, layers.Rescaling)]
     assert len(rescalings) == 2  # 1/255 and Keras's extra ImageNet-only stddev rescaling
     np.testing.assert_array_equal(loaded.get_layer("stem_conv").get_weights()[0],
@@ -80,7 +100,7 @@ def test_failed_imagenet_download_explains_the_offline_route(monkeypatch):
 
     monkeypatch.setattr(efficientnet.file_utils, "get_file", offline)
     with pytest.raises(CtedgeError, match="--weights /path/to/efficientnetb3_notop.h5"):
-        build_backbone("imagenet", 64)
+        build_backbone("imagenet", 32)
 
 
 def test_missing_weights_file_is_named(tmp_path):

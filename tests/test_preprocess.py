@@ -1,9 +1,17 @@
 import cv2
 import numpy as np
 
-from ctedge.preprocess import (AugmentConfig, PreprocessConfig, augment, gray_to_hu,
-                               has_annotation, letterbox, model_pixels, to_model_input,
-                               zero_centred)
+from ctedge.preprocess import (
+    AugmentConfig,
+    PreprocessConfig,
+    augment,
+    gray_to_hu,
+    has_annotation,
+    letterbox,
+    model_pixels,
+    to_model_input,
+    zero_centred,
+)
 
 
 def test_known_hu_gives_known_zero_centred_value():
@@ -22,10 +30,25 @@ def test_backbone_sees_0_255_for_the_default_window():
     np.testing.assert_allclose(model_pixels(pixels, PreprocessConfig()), pixels, atol=1e-4)
 
 
-def test_narrower_window_changes_what_the_backbone_sees():
-    config = PreprocessConfig(window_low=-1000, window_high=400, centre=0.5)
-    # gray 0-255 still spans the window; the centre only shifts and is shifted back
-    np.testing.assert_allclose(model_pixels(np.array([0.0, 255.0]), config), [0, 255], atol=1e-4)
+def test_for_8bit_input_window_and_centre_compose_to_a_clip():
+    """Gray 0-255 always spans the stored window, and the centre is shifted back
+    before the backbone: whatever their values, the graph passes clip(g, 0, 255)."""
+    pixels = np.array([-10.0, 0.0, 51.0, 200.0, 255.0, 300.0])
+    for low, high, centre in ((-1000, 400, 0.25), (-600, -100, 0.5), (-1200, 600, 0.0)):
+        config = PreprocessConfig(window_low=low, window_high=high, centre=centre)
+        np.testing.assert_allclose(model_pixels(pixels, config), np.clip(pixels, 0, 255), atol=1e-3)
+
+
+def test_the_window_acts_where_dicom_hu_become_gray_levels(tmp_path):
+    """So a narrower window changes what the backbone sees only for DICOM input."""
+    from ctedge.imageio import read_image
+    from helpers import write_dicom
+
+    path = write_dicom(tmp_path / "slice.dcm", np.array([[-1000.0, -600.0], [-300.0, 100.0]]))
+    wide = read_image(path, (-1000.0, 400.0)).gray
+    lung = read_image(path, (-1000.0, -200.0)).gray
+    np.testing.assert_allclose(wide.ravel(), [0.0, 72.9, 127.5, 200.4], atol=0.5)
+    np.testing.assert_allclose(lung.ravel(), [0.0, 127.5, 223.1, 255.0], atol=0.5)
 
 
 def test_letterbox_keeps_the_whole_image_and_pads_black():

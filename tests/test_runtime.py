@@ -10,19 +10,9 @@ from typer.testing import CliRunner
 
 from ctedge.cli import app
 from ctedge.errors import CtedgeError
-
 from helpers import write_dicom
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory, trained_run):
-    from ctedge.export import export_onnx
-
-    out = tmp_path_factory.mktemp("rt") / "model.onnx"
-    export_onnx(trained_run / "model.keras", out)
-    return out
 
 
 def test_runtime_never_imports_tensorflow(onnx_model, phantom_data):
@@ -75,6 +65,7 @@ def test_missing_provider_falls_back_to_cpu(onnx_model, caplog, monkeypatch):
 
 def test_models_that_are_not_ctedge_onnx_are_refused(tmp_path, onnx_model):
     import onnx
+
     from ctedge.runtime import Classifier
 
     (tmp_path / "junk.onnx").write_text("not onnx")
@@ -117,8 +108,8 @@ def test_predict_reports_bad_files_and_goes_on(tmp_path, onnx_model, phantom_dat
 def test_huge_image_is_predicted(tmp_path, onnx_model):
     from ctedge.runtime import Classifier
 
-    big = np.zeros((10000, 10000), np.uint8)
-    cv2.circle(big, (5000, 5000), 3000, 200, -1)
+    big = np.zeros((4096, 4096), np.uint8)
+    cv2.circle(big, (2048, 2048), 1200, 200, -1)
     cv2.imwrite(str(tmp_path / "big.png"), big)
     (row,) = Classifier(onnx_model).predict_files([tmp_path / "big.png"])
     assert row.error is None and 0 <= row.probability <= 1

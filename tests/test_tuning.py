@@ -1,43 +1,14 @@
 import json
 
-import h5py
 import keras
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from ctedge.cli import app
+from helpers import tune_args
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def trained_backbone(tmp_path_factory, trained_run):
-    """The tiny trained run's backbone as a local weights file: its features
-    differ between images, unlike a random frozen backbone's."""
-    from keras.src.legacy.saving import legacy_h5_format
-
-    from ctedge.model import load_model
-
-    path = tmp_path_factory.mktemp("weights") / "efficientnetb3_notop.h5"
-    backbone = load_model(trained_run / "model.keras").get_layer("efficientnetb3")
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, backbone)
-    return path
-
-
-def tune_args(data, directory, weights, *extra):
-    return ["tune", str(data), "--weights", str(weights), "--image-size", "48", "--max-trials", "2",
-            "--epochs", "2", "--views", "2", "--directory", str(directory), "--project", "p", *extra]
-
-
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory, phantom_data, trained_backbone):
-    directory = tmp_path_factory.mktemp("tuning")
-    result = runner.invoke(app, tune_args(phantom_data, directory, trained_backbone,
-                                          "--json", str(directory / "out.json")))
-    assert result.exit_code == 0, result.output
-    return directory, json.loads((directory / "out.json").read_text())
 
 
 def test_search_runs_the_papers_defaults_first_and_saves_the_best_model(tuned):
@@ -109,33 +80,47 @@ def test_empty_search_space_is_refused(phantom_data, tmp_path):
     assert result.exit_code == 2 and "units range" in result.stderr
 
 
+def wait_for_port(port: int, process, seconds: float) -> None:
+    """Until something listens on 127.0.0.1:port; fails early if ``process`` died."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listened on port {port} within {seconds} s")
+
+
 def test_chief_and_two_workers_run_every_trial_once(tmp_path, phantom_data):
     import os
     import socket
     import subprocess
     import sys
-    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     base = [sys.executable, "-m", "ctedge.cli", *tune_args(phantom_data, tmp_path, "none")[:-2],
-            "--project", "dist", "--max-trials", "4", "--epochs", "1", "--oracle", f"127.0.0.1:{port}"]
+            "--project", "dist", "--max-trials", "3", "--epochs", "1", "--oracle", f"127.0.0.1:{port}"]
     chief = subprocess.Popen(base + ["--role", "chief", "--json", str(tmp_path / "chief.json")], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(15)  # the chief computes the cached features and starts the oracle server
+    wait_for_port(port, chief, 180)  # the chief computes the cached features, then serves the oracle
     workers = [subprocess.Popen(base + ["--role", "worker", "--tuner-id", f"w{i}",
                                         "--json", str(tmp_path / f"w{i}.json")], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in (1, 2)]
     for process in [*workers, chief]:
-        output, _ = process.communicate(timeout=420)
+        output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output
     ran = [json.loads((tmp_path / f"w{i}.json").read_text())["trials_run"] for i in (1, 2)]
     summary = json.loads((tmp_path / "chief.json").read_text())
     assert sorted(ran[0] + ran[1]) == sorted(t["trial"] for t in summary["trials"])
-    assert len(summary["trials"]) == 4 and all(t["status"] == "COMPLETED" for t in summary["trials"])
+    assert len(summary["trials"]) == 3 and all(t["status"] == "COMPLETED" for t in summary["trials"])
 
 
 def test_naive_mode_trains_full_models_on_augmented_batches(tmp_path, phantom_data):
@@ -165,11 +150,12 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
     saved best model must carry that same backbone, not a fresh random one."""
     from ctedge.data import DataOptions, load_data
     from ctedge.evaluate import run_config
-    from ctedge.model import load_model
+    from ctedge.model import backbone_of, load_model
     from ctedge.preprocess import PreprocessConfig
     from ctedge.tuning import backbone_features
 
-    args = ["tune", str(phantom_data), "--weights", "none", "--image-size", "32", "--max-trials", "1",
+    args = ["tune", str(phantom_data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+            "--max-trials", "1",
             "--epochs", "1", "--views", "1", "--directory", str(tmp_path), "--project", "r"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -178,7 +164,7 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
     preprocess = PreprocessConfig(image_size=32)
     _, parts = load_data(DataOptions(**run_config(best)["data"]), preprocess, parts=("val",))
     cached = np.load(next((tmp_path / "r").glob("features-*.npz")))["val_x"]
-    rebuilt = backbone_features(model.get_layer("efficientnetb3"), preprocess, parts["val"].x)
+    rebuilt = backbone_features(backbone_of(model), preprocess, parts["val"].x)
     scale = np.abs(cached).max()  # a random backbone's features are tiny (~1e-6): compare relative to them
     assert scale > 0
     np.testing.assert_allclose(rebuilt / scale, cached / scale, atol=1e-3)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 
 from . import __version__
 from .errors import CtedgeError
@@ -37,12 +37,16 @@ GroupRegex = Annotated[Optional[str], typer.Option(
 Seed = Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")]
 ImageSize = Annotated[int, typer.Option(help="Model input size in pixels (B3 native: 300).")]
 Weights = Annotated[str, typer.Option(help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5.")]
+Backbone = Annotated[str, typer.Option(
+    help="b3 (EfficientNetB3, the paper's) | tiny (a 1%-compute EfficientNet for tests and smoke runs).")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON ('-' for stdout).")]
 HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page.")]
 
 
+VERBOSE = {"on": False}  # set by the --verbose option before a command runs
+
+
 def _setup_logging() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
@@ -50,18 +54,21 @@ def _setup_logging() -> None:
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
 
 
-def command(func):
-    """Register a command: clear message and exit code for user errors, never a traceback."""
+def command(func=None, *, tensorflow: bool = False):
+    """Register a command: clear message and exit code for user errors, never a
+    traceback. ``tensorflow=True``: import TensorFlow first, quietly."""
+    if func is None:
+        return functools.partial(command, tensorflow=tensorflow)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         _setup_logging()
         try:
+            if tensorflow:
+                from .quiet import import_tensorflow
+                import_tensorflow(VERBOSE["on"])
             return func(*args, **kwargs)
         except CtedgeError as exc:
-            from rich.markup import escape
-
-            # escaped: a message may hold brackets, e.g. the extra to install, "ctedge[cpu]"
             console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
@@ -111,11 +118,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Print the version and exit.")] = False) -> None:
+                                               help="Print the version and exit.")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
+                                               "and C++ log lines (hidden by default).")] = False) -> None:
     """Put a chest-CT COVID-19 classifier onto edge hardware."""
+    VERBOSE["on"] = verbose
 
 
-@command
+@command(tensorflow=True)
 def train(
     data: DataArg,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/train-TIME).")] = None,
@@ -135,6 +145,7 @@ def train(
     flip: Annotated[bool, typer.Option(help="Augmentation: random horizontal flip.")] = True,
     zoom: Annotated[float, typer.Option(help="Augmentation: max zoom in/out (padding) fraction.")] = 0.1,
     weights: Weights = "imagenet",
+    backbone: Backbone = "b3",
     units: Annotated[int, typer.Option(help="Width of the head's dense layer.")] = 256,
     dropout: Annotated[float, typer.Option(help="Dropout after the dense layer.")] = 0.0,
     freeze_backbone: Annotated[Optional[bool], typer.Option(
@@ -165,7 +176,8 @@ def train(
         DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
                     test_fraction, val_fraction, group_regex, clean),
         TrainConfig(epochs, batch_size, learning_rate, early_stopping, patience, checkpoint_best, seed),
-        ModelConfig(weights, units, dropout, 4, freeze_backbone, fine_tune_blocks),
+        ModelConfig(weights=weights, backbone=backbone, units=units, dropout=dropout,
+                    freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
         PreprocessConfig(image_size, window_low, window_high, centre,
                          AugmentConfig(rotation, shift, flip, zoom)),
         run_dir)
@@ -174,7 +186,7 @@ def train(
         if part["unreadable"]:
             console.print(f"[yellow]{name}: skipped {len(part['unreadable'])} unreadable file(s):[/]")
             for item in part["unreadable"]:
-                console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+                console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False)
         if part["dropped"]:
             console.print(f"{name}: dropped {len(part['dropped'])} image(s) with annotation marks")
     best = {k: v for k, v in result.items() if k.startswith("best_")}
@@ -214,7 +226,7 @@ def print_metrics(report: dict) -> None:
                       f"beside the model's {report['metrics']['auc']['value']:.3f}")
 
 
-@command
+@command(tensorflow=True)
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Trained model (.keras).")],
     data: DataArg,
@@ -249,18 +261,19 @@ def evaluate(
         console.print(f"HTML page: {html_out}")
 
 
-@command
+@command(tensorflow=True)
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, run and report.")] = Path("demo"),
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 12,
     per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 200,
+    backbone: Backbone = "b3",
     json_out: JsonOut = None,
 ) -> None:
     """Generate synthetic CT-like phantoms, train a small model (weights none, 64 px),
     evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU."""
     from .demo import run_demo
 
-    report = run_demo(out, epochs, per_class)
+    report = run_demo(out, epochs, per_class, backbone)
     print_metrics(report["evaluation"])
     console.print(report["verdict"])
     console.print(f"data: {report['data']}\nrun:  {report['run_dir']}\n"
@@ -268,7 +281,7 @@ def demo(
     write_json(report, json_out)
 
 
-@command
+@command(tensorflow=True)
 def export(
     model: Annotated[Optional[Path], typer.Argument(
         help="Trained .keras model (default: best model of the newest tuning/ project).")] = None,
@@ -329,7 +342,7 @@ def export(
         raise typer.Exit(1)
 
 
-@command
+@command(tensorflow=True)
 def tune(
     data: DataArg,
     split_dir: SplitDir = None,
@@ -339,6 +352,7 @@ def tune(
     seed: Seed = 42,
     image_size: ImageSize = 300,
     weights: Weights = "imagenet",
+    backbone: Backbone = "b3",
     algorithm: Annotated[str, typer.Option(help="random | bayesian | hyperband")] = "random",
     max_trials: Annotated[int, typer.Option(help="Trials to run (the paper's defaults are the first).")] = 10,
     epochs: Annotated[int, typer.Option(help="Epochs per trial (early stopping on the objective).")] = 20,
@@ -379,7 +393,7 @@ def tune(
     summary = run_tuning(
         DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
                     group_regex=group_regex, clean=clean),
-        ModelConfig(weights=weights, freeze_backbone=False if fine_tune else None),
+        ModelConfig(weights=weights, backbone=backbone, freeze_backbone=False if fine_tune else None),
         PreprocessConfig(image_size=image_size),
         TuneOptions(algorithm, max_trials, epochs, time_budget, objective, str(directory), project,
                     overwrite, views, fine_tune, cache, seed=seed), space)
@@ -436,13 +450,13 @@ def audit(
                   f"{report['cross_split_duplicates']} across splits")
     for p in pairs[:show]:
         tag = "[red]CROSS-SPLIT[/]" if p["cross_split"] else "within " + p["splits"][0]
-        console.print(f"  {tag} {p['bits']:2d} bits  {p['a']}  ~  {p['b']}", highlight=False)
+        console.print(f"  {tag} {p['bits']:2d} bits  {escape(p['a'])}  ~  {escape(p['b'])}", highlight=False)
     console.print(f"[bold]annotated[/] (coloured marks): {len(report['annotated'])}")
     for path in report["annotated"][:show]:
-        console.print(f"  {path}", highlight=False)
+        console.print(f"  {path}", highlight=False, markup=False)
     console.print(f"smaller than {image_size} px: {len(report['too_small'])}; unreadable: {len(report['unreadable'])}")
     for item in report["unreadable"][:show]:
-        console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+        console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False)
     baseline = report["shortcut_baseline"]
     for split in ("val", "test"):
         if split in baseline:
@@ -466,7 +480,7 @@ def audit(
 
 
 
-@command
+@command(tensorflow=True)
 def explain(
     model: Annotated[Path, typer.Argument(help="Trained model (.keras): Grad-CAM needs its gradients.")],
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
@@ -505,7 +519,7 @@ def explain(
     exit_if_failed(failed, len(rows))
 
 
-@command
+@command(tensorflow=True)
 def report(
     run_dir: Annotated[Path, typer.Argument(
         help="Training run folder (model.keras + config.json) or tuning project (best_model.keras).")],
@@ -534,7 +548,7 @@ def report(
     if audit:
         console.print(f"audit: {len(audit['near_duplicates'])} near-duplicate pair(s), "
                       f"{audit['cross_split_duplicates']} across splits; {len(audit['annotated'])} annotated")
-    console.print(f"[green]report:[/] {result['report']}")
+    console.print(f"[green]report:[/] {escape(str(result['report']))}")
     write_json(result, json_out)
 
 Provider = Annotated[str, typer.Option(
@@ -564,6 +578,16 @@ def predict(
     cache_dir: CacheDir = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write rows as CSV ('-' for stdout).")] = None,
     json_out: JsonOut = None,
+    study: Annotated[bool, typer.Option("--study", help="Each path is a CT study (DICOM folder or .zip, "
+                                        "or NIfTI): one answer per study (patient).")] = False,
+    series: Annotated[Optional[str], typer.Option(help="--study: classify this SeriesInstanceUID.")] = None,
+    slice_step: Annotated[Optional[int], typer.Option(
+        help="--study: take every Nth slice (default: the smallest step giving at most --max-slices).")] = None,
+    max_slices: Annotated[int, typer.Option(help="--study: slices sampled at most when --slice-step is unset.")] = 64,
+    aggregate: Annotated[str, typer.Option(help="--study: topk | max | mean of the slice probabilities.")] = "topk",
+    top_k: Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")] = 5,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="--study: folder for one PNG per study (needs matplotlib).")] = None,
 ) -> None:
     """Classify images with an exported model (no TensorFlow needed), on
     onnxruntime or OpenVINO.
@@ -572,6 +596,9 @@ def predict(
     that can't be read gets an error row and the rest go on; exit code 1 if any
     failed. Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`;
     `ctedge predict exports/b3.onnx scans/ --runtime openvino --precision bf16`
+
+    With `--study`, one row per CT study instead (see README, "Whole CT studies"):
+    `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
     """
     import csv
     from dataclasses import asdict
@@ -581,6 +608,14 @@ def predict(
 
     if batch_size < 1:
         raise CtedgeError(f"--batch-size must be at least 1, not {batch_size}")
+    if study:
+        from .study import StudyOptions
+
+        options = StudyOptions(series, slice_step, max_slices, aggregate, top_k, batch_size,
+                               keep_thumbnails=plot is not None)
+        predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
+                                runtime=runtime, precision=precision, cache_dir=cache_dir)
+        return
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
@@ -600,6 +635,72 @@ def predict(
     write_json({"model": str(model), "runtime": clf.runtime, "precision": clf.precision,
                 "provider": clf.providers[0], "predictions": records}, json_out)
     exit_if_failed(failed, len(rows))
+
+
+def predict_studies_command(model: Path, paths: list[Path], options, provider: str, threads: int | None,
+                            csv_out: Path | None, json_out: Path | None, plot: Path | None, *,
+                            runtime: str = "auto", precision: str | None = None,
+                            cache_dir: Path | None = None) -> None:
+    """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
+    import csv
+
+    from rich.table import Table
+
+    from .files import check_writable
+    from .runtime import Classifier
+    from .study import CSV_FIELDS, csv_row, predict_studies
+
+    options.check()
+    for path, what, folder in ((csv_out, "--csv", False), (json_out, "--json", False), (plot, "--plot", True)):
+        if path is not None:
+            check_writable(path, what, folder)
+    if plot is not None:
+        try:
+            from .plots import study_plot
+        except ImportError:
+            raise CtedgeError('--plot needs matplotlib: pip install "ctedge[train]"') from None
+    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
+                     cache_dir=str(cache_dir) if cache_dir else None)
+    results = predict_studies(clf, paths, options,
+                              progress=lambda r: console.print(f"{r.input}: {r.study_uid or '-'} done",
+                                                               highlight=False))
+    table = Table(title=f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): P({clf.positive}) per study, "
+                        f"threshold {clf.threshold}, aggregate {options.aggregate}")
+    for column in ("input", "patient", "slices used/total", "probability", "label"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(r.input, r.patient_id, f"{r.slices_used}/{r.slices_total}",
+                      "" if r.error else f"{r.probability:.4f}",
+                      f"[red]error: {r.error}[/]" if r.error else r.label)
+    console.print(table)
+    for r in results:
+        if r.series_uid:
+            console.print(f"{r.input}: series {r.series_uid} ({r.series_description or 'no description'}), "
+                          f"every {r.slice_step}. slice: {r.slices_sampled} sampled, "
+                          f"{r.slices_without_lung} without lung, {r.slices_used} classified", highlight=False)
+        for rejected in r.series_rejected:
+            console.print(f"  rejected series {rejected['series_uid']} ({rejected['slices']} file(s)): "
+                          f"{rejected['reason']}", highlight=False)
+        for warning in r.warnings:
+            console.print(f"  [yellow]warning:[/] {escape(warning)}", highlight=False)
+    if plot is not None:
+        for r in results:
+            if not r.error:
+                console.print(f"plot: {study_plot(r, plot)}", highlight=False, markup=False)
+    if csv_out:
+        handle = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(csv_row(r) for r in results)
+        if handle is not sys.stdout:
+            handle.close()
+    write_json({"model": str(model), "provider": clf.providers[0], "threshold": clf.threshold,
+                "options": {k: v for k, v in vars(options).items() if k != "keep_thumbnails"},
+                "studies": [r.to_dict() for r in results]}, json_out)
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        console.print(f"[yellow]{failed} of {len(results)} stud(ies) got no answer[/]")
+        raise typer.Exit(1)
 
 
 @command
@@ -632,6 +733,10 @@ def bench(
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as markdown.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Latency histogram PNG (needs matplotlib).")] = None,
     json_out: JsonOut = None,
+    study: Annotated[Optional[Path], typer.Option(
+        help="Time one CT study (folder/.zip) end to end instead, split into stages.")] = None,
+    slice_step: Annotated[Optional[int], typer.Option(help="--study: every Nth slice (default: at most 64).")] = None,
+    study_runs: Annotated[int, typer.Option(help="--study: timed runs (and fresh-process runs).")] = 3,
 ) -> None:
     """Latency (min/mean/p50/p90/p99/max), throughput, cold start, end-to-end time
     from a file, accuracy/AUC with n and a 95% bootstrap CI (and its change against
@@ -640,11 +745,16 @@ def bench(
     timed interleaved.
 
     Example: `ctedge bench exports/b3.onnx --runtime all --data ../shared/data/covid-ct
-    --split-dir ../shared/data/covid-ct/splits --markdown bench.md`
+    --split-dir ../shared/data/covid-ct/splits --markdown bench.md`;
+    for a whole study: `ctedge bench exports/b3.onnx --study patient1/ --json -`
     """
     from rich.table import Table
 
     from .bench import BenchOptions, closing_lines, isa_line, markdown, run_bench, table_rows
+
+    if study is not None:
+        bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out)
+        return
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",")]
@@ -700,6 +810,36 @@ def bench(
         latency_histogram({f"{Path(r['model']).name} {r['format']} {r['provider']}": np.asarray(r["samples_ms"])
                            for r in report["results"]}, plot)
     write_json(report, json_out)
+
+
+def bench_study_command(models: list[Path], study: Path, provider: str, threads: int | None,
+                        slice_step: int | None, runs: int, json_out: Path | None) -> None:
+    """`bench --study`: stage split and slices/s of one study (median of the runs)."""
+    from rich.table import Table
+
+    from .bench import find_models
+    from .study import STAGES, StudyOptions, bench_study
+
+    if json_out is not None:
+        from .files import check_writable
+
+        check_writable(json_out, "--json")
+    for model in find_models(models):
+        report = bench_study(model, study, StudyOptions(slice_step=slice_step), provider, threads, runs)
+        m, med = report["machine"], report["median"]
+        table = Table(title=f"{model.name} on {report['provider']}, {m['cpu']}, {m['cores']} cores: "
+                            f"{med['slices_used']:.0f} of {med['slices_total']:.0f} slices "
+                            f"(every {med['slice_step']:.0f}.), median of {runs}")
+        table.add_column("stage")
+        table.add_column("seconds", justify="right")
+        for stage in STAGES + ("pipeline_wall_s", "wall_s"):
+            table.add_row(stage, f"{med[stage]:.3f}")
+        console.print(table)
+        console.print(f"{med['slices_per_s']:.1f} slices/s; pipeline wall / (slices used x "
+                      f"{report['per_slice_inference_s'] * 1000:.1f} ms batched inference per slice) = "
+                      f"{med['target_ratio']:.2f} (target <= 1.1); model load {report['session_s']:.2f} s; "
+                      f"fresh process, command start to answer: {report['process_wall_s']['median']:.2f} s")
+        write_json(report, json_out)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def make_dataset(root: str | Path, per_class: int = 60, size: int = 96, seed: in
     return root
 
 
-def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200) -> dict:
+def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
+             backbone: str = "b3") -> dict:
     """Phantoms -> train (weights none, 64 px, whole network, lr 1e-3, no augmentation:
     from scratch on 128 images it keeps the model from learning in a few epochs)
     -> evaluate on the held-out test part."""
@@ -78,7 +79,7 @@ def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200) -
     run_dir = out / "run"
     train(DataOptions(root=str(data)),
           TrainConfig(epochs=epochs, learning_rate=1e-3, patience=epochs),
-          ModelConfig(weights="none", units=64, freeze_backbone=False),
+          ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
           PreprocessConfig(image_size=64, augment=AugmentConfig(0.0, 0.0, False, 0.0)),
           run_dir)
     report = evaluate(run_dir / "model.keras", data, split="test", resamples=500)

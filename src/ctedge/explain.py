@@ -20,7 +20,6 @@ from .files import atomic_write
 from .imageio import read_image
 from .preprocess import to_model_input
 
-
 MIN_SHOWN = 384  # pixels: smaller images are enlarged in the overlay PNG
 
 

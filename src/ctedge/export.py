@@ -18,8 +18,8 @@ import onnx
 
 from . import __version__
 from .errors import CheckFailed, CtedgeError
-from .files import atomic_write, file_digest
 from .evaluate import keras_preprocess_config, run_config
+from .files import atomic_write, file_digest
 from .preprocess import PreprocessConfig
 
 INPUT_NAME = "image"
@@ -99,6 +99,7 @@ def build_metadata(model, model_path: Path, threshold: float, variant: str) -> d
         "ctedge.version": __version__,
         "ctedge.variant": variant,
         "ctedge.classes": classes,
+        "ctedge.backbone": config.get("model", {}).get("backbone", "b3"),
         "ctedge.positive_class": config.get("positive", classes[1]),
         "ctedge.threshold": threshold,
         "ctedge.input": {"name": INPUT_NAME, "layout": "NHWC", "dtype": "float32",
@@ -216,8 +217,13 @@ class _Calibration:
 
 def to_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, options: ExportOptions) -> None:
     """Static quantisation (pre-processed; QDQ, per-channel, Conv/Gemm/MatMul by default)."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     CalibrationDataReader.register(_Calibration)
     prepared = out_path.with_suffix(".prep.onnx")

@@ -31,3 +31,22 @@ def atomic_write(data: bytes, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: Path, what: str, folder: bool = False) -> None:
+    """Refuse an output path that can't be written, before any work is done.
+
+    ``-`` (stdout) passes; a missing parent (or, with ``folder``, the folder itself)
+    is created."""
+    from .errors import CtedgeError
+
+    if str(path) == "-":
+        return
+    target = path if folder else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CtedgeError(f"{what} {path}: cannot create {target} ({exc.strerror})") from None
+    if (not folder and path.is_dir()) or not os.access(target, os.W_OK) or \
+            (not folder and path.exists() and not os.access(path, os.W_OK)):
+        raise CtedgeError(f"{what} {path}: not writable")

@@ -21,8 +21,13 @@ from .errors import CtedgeError
 from .files import file_digest
 from .preprocess import PreprocessConfig, model_pixels
 
-BACKBONE_NAME = "efficientnetb3"
 WEIGHTS_FILE = "efficientnetb3_notop.h5"
+BACKBONES = ("b3", "tiny")
+# Keras's own EfficientNet builder at width 0.1 / depth 0.1: every stage keeps one
+# block, so layer names (stem_conv, block1a..block7a, top_conv) and every code path
+# are B3's, at about 1% of its compute. For tests and smoke runs, not for diagnosis.
+TINY = {"width_coefficient": 0.1, "depth_coefficient": 0.1, "default_size": 224,
+        "dropout_rate": 0.2, "name": "efficientnet_tiny"}
 
 
 @keras.saving.register_keras_serializable(package="ctedge")
@@ -48,6 +53,7 @@ class ModelConfig:
     """Backbone weights, head and which layers train."""
 
     weights: str = "imagenet"  # imagenet | none | path to efficientnetb3_notop.h5
+    backbone: str = "b3"  # b3 | tiny (tests and smoke runs only)
     units: int = 256
     dropout: float = 0.0
     pool_size: int = 4
@@ -62,23 +68,21 @@ def is_pretrained(weights: str | None) -> bool:
     return weights not in (None, "none", "None")
 
 
-def build_backbone(weights: str, image_size: int) -> keras.Model:
-    """EfficientNetB3 without top. ``imagenet`` downloads through Keras; a local
-    file is loaded into the model Keras builds for ``imagenet`` (which has an
-    extra rescaling step that ``weights=None`` lacks), so both see the same
-    preprocessing."""
+def build_backbone(weights: str, image_size: int, backbone: str = "b3") -> keras.Model:
+    """EfficientNetB3 (or the tiny test backbone) without top. ``imagenet``
+    downloads through Keras; a local B3 file is loaded into the model Keras
+    builds for ``imagenet`` (which has an extra rescaling step that
+    ``weights=None`` lacks), so both see the same preprocessing."""
     from keras.src.applications import efficientnet
 
+    if backbone not in BACKBONES:
+        raise CtedgeError(f"backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
     shape = (image_size, image_size, 3)
+    if backbone == "tiny":
+        return _build_tiny(weights, shape)
     if not is_pretrained(weights):
-        backbone = efficientnet.EfficientNetB3(include_top=False, weights=None, input_shape=shape)
-        # From scratch on a few hundred images, Keras's BatchNorm momentum (0.99)
-        # leaves the inference statistics near their initial values for hundreds
-        # of steps; 0.9 lets validation track training within an epoch or two.
-        for layer in backbone.layers:
-            if isinstance(layer, layers.BatchNormalization):
-                layer.momentum = 0.9
-        return backbone
+        return _scratch_momentum(efficientnet.EfficientNetB3(include_top=False, weights=None,
+                                                             input_shape=shape))
     if weights == "imagenet":
         try:
             return efficientnet.EfficientNetB3(include_top=False, weights="imagenet",
@@ -88,9 +92,7 @@ def build_backbone(weights: str, image_size: int) -> keras.Model:
                 f"could not download the ImageNet weights through Keras ({exc.__class__.__name__}: "
                 f"{exc}). Without a network, fetch {efficientnet.BASE_WEIGHTS_PATH}{WEIGHTS_FILE} "
                 f"elsewhere and pass --weights /path/to/{WEIGHTS_FILE}") from None
-    path = Path(weights)
-    if not path.is_file():
-        raise CtedgeError(f"--weights: no such file {path} (use imagenet, none or a path)")
+    path = _weights_file(weights)
     expected = efficientnet.WEIGHTS_HASHES["b3"][1]
     if file_digest(path, "md5") != expected:
         import logging
@@ -102,6 +104,49 @@ def build_backbone(weights: str, image_size: int) -> keras.Model:
                                                input_shape=shape)
         except (ValueError, OSError) as exc:
             raise CtedgeError(f"{path}: not EfficientNetB3 no-top weights ({exc})") from None
+
+
+def _weights_file(weights: str) -> Path:
+    path = Path(weights)
+    if not path.is_file():
+        raise CtedgeError(f"--weights: no such file {path} (use imagenet, none or a path)")
+    return path
+
+
+def _scratch_momentum(backbone: keras.Model) -> keras.Model:
+    """From scratch on a few hundred images, Keras's BatchNorm momentum (0.99)
+    leaves the inference statistics near their initial values for hundreds of
+    steps; 0.9 lets validation track training within an epoch or two."""
+    for layer in backbone.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = 0.9
+    return backbone
+
+
+def _build_tiny(weights: str, shape: tuple[int, int, int]) -> keras.Model:
+    """The tiny test backbone: random, or a local weights file saved from one."""
+    from keras.src.applications import efficientnet
+
+    if weights == "imagenet":
+        raise CtedgeError("the tiny backbone has no pretrained weights (it is for tests): "
+                          "use --weights none or a file saved from a tiny backbone")
+    backbone = efficientnet.EfficientNet(**TINY, include_top=False, weights=None, input_shape=shape)
+    if not is_pretrained(weights):
+        return _scratch_momentum(backbone)
+    path = _weights_file(weights)
+    try:
+        backbone.load_weights(path)
+    except (ValueError, OSError) as exc:
+        raise CtedgeError(f"{path}: not weights of the tiny backbone ({exc})") from None
+    return backbone
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The nested backbone of a ctedge classifier (B3 or tiny, any saved name)."""
+    try:
+        return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    except StopIteration:
+        raise CtedgeError(f"{model.name}: no nested backbone model in it") from None
 
 
 def _block_id(layer_name: str) -> int | None:
@@ -140,10 +185,10 @@ def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig) 
     """The full classifier: raw 0-255 image in, P(positive) out."""
     size = preprocess_config.image_size
     if size < 32:
-        raise CtedgeError(f"--image-size {size} is too small for EfficientNetB3 (32 or more)")
+        raise CtedgeError(f"--image-size {size} is too small for EfficientNet (32 or more)")
     if not 0 <= model_config.fine_tune_blocks <= 7:
         raise CtedgeError(f"--fine-tune-blocks must be 0-7, not {model_config.fine_tune_blocks}")
-    backbone = build_backbone(model_config.weights, size)
+    backbone = build_backbone(model_config.weights, size, model_config.backbone)
     pretrained = is_pretrained(model_config.weights)
     freeze = pretrained if model_config.freeze_backbone is None else model_config.freeze_backbone
     set_trainable(backbone, freeze, model_config.fine_tune_blocks)
@@ -154,7 +199,7 @@ def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig) 
     # recipe); a backbone trained from scratch must learn its own.
     features = backbone(x, training=False if pretrained else None)
     outputs = add_head(features, model_config.units, model_config.dropout, model_config.pool_size)
-    return keras.Model(inputs, outputs, name="ctedge_efficientnetb3")
+    return keras.Model(inputs, outputs, name=f"ctedge_efficientnet{model_config.backbone}")
 
 
 def load_model(path: str | Path) -> keras.Model:

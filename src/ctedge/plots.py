@@ -73,3 +73,40 @@ def latency_histogram(samples_ms: dict[str, np.ndarray], path: Path) -> Path:
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("runs")
     return _finish(fig, ax, path)
+
+
+def study_plot(result, folder: Path) -> Path:
+    """One study (``ctedge.study.StudyResult``): slice probability against slice
+    position with the patient's probability, and the top slices as thumbnails."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in (result.patient_id or "study"))
+    path = folder / f"{name}_{result.study_uid[-12:] or 'study'}.png"
+    top = result.top_slices
+    columns = max(1, len(top))
+    fig = plt.figure(figsize=(max(8, 1.6 * columns), 5.5))
+    grid = fig.add_gridspec(2, columns, height_ratios=(2.2, 1))
+    ax = fig.add_subplot(grid[0, :])
+    positions = [s["position_mm"] for s in result.slices]
+    ax.plot(positions, [s["probability"] for s in result.slices], "o-", ms=3, label="slice")
+    ax.plot([s["position_mm"] for s in top], [s["probability"] for s in top], "o", color="red",
+            label=f"top {len(top)}")
+    ax.axhline(result.probability, color="black", ls="--", lw=1,
+               label=f"patient {result.probability:.3f} ({result.aggregate}): {result.label}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("slice position along the normal (mm)")
+    ax.set_ylabel("P(positive)")
+    ax.set_title(f"patient {result.patient_id or '?'}, {result.slices_used} of {result.slices_total} slices")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    for column, entry in enumerate(top):
+        thumb = fig.add_subplot(grid[1, column])
+        image = result.thumbnails.get(entry["index"])
+        if image is not None:
+            thumb.imshow(image, cmap="gray", vmin=0, vmax=255)
+        thumb.set_title(f"#{entry['index']} {entry['position_mm']:.0f} mm\np {entry['probability']:.3f}", fontsize=8)
+        thumb.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

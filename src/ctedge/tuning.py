@@ -164,13 +164,15 @@ class CtedgeTuner(kt.Tuner):
 
 # --- cached backbone features --------------------------------------------------
 
-def cache_key(hashes: list[str], preprocess: PreprocessConfig, weights: str, views: int, seed: int) -> str:
-    """Data hash + image size + weights (a local file by its content) + preprocessing
-    + views: what the features depend on."""
+def cache_key(hashes: list[str], preprocess: PreprocessConfig, model_config: ModelConfig,
+              views: int, seed: int) -> str:
+    """Data hash + image size + backbone and its weights (a local file by its content)
+    + preprocessing + views: what the features depend on."""
+    weights = model_config.weights
     if Path(weights).is_file():
         weights = file_digest(weights)
     blob = json.dumps({"files": hashes, "preprocess": preprocess.to_dict(), "weights": weights,
-                       "views": views, "seed": seed}, sort_keys=True)
+                       "backbone": model_config.backbone, "views": views, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -185,17 +187,17 @@ def backbone_features(backbone: keras.Model, preprocess: PreprocessConfig, x: np
     return extractor.predict(x, batch_size=batch_size, verbose=0)
 
 
-def cached_features(directory: Path, parts: dict, preprocess: PreprocessConfig, weights: str,
-                    views: int, seed: int) -> dict[str, np.ndarray]:
+def cached_features(directory: Path, parts: dict, preprocess: PreprocessConfig,
+                    model_config: ModelConfig, views: int, seed: int) -> dict[str, np.ndarray]:
     """Train features for K augmented views per image and val features, on disk."""
-    key = cache_key(parts["train"].hashes + parts["val"].hashes, preprocess, weights, views, seed)
+    key = cache_key(parts["train"].hashes + parts["val"].hashes, preprocess, model_config, views, seed)
     path = directory / f"features-{key}.npz"
     if path.is_file():
         log.info("using cached backbone features %s", path)
         with np.load(path) as cached:
             return dict(cached)
     keras.utils.set_random_seed(seed)  # a random-init backbone is then the one assemble() rebuilds
-    backbone = build_backbone(weights, preprocess.image_size)
+    backbone = build_backbone(model_config.weights, preprocess.image_size, model_config.backbone)
     rng = np.random.default_rng(seed)
     train_x, train_y = [parts["train"].x], [parts["train"].y]
     for _ in range(views - 1):
@@ -240,6 +242,7 @@ def _fingerprint(space: SearchSpace, hashes: list[str], preprocess: PreprocessCo
     return {"search_space": asdict(space),
             "data": hashlib.sha256("".join(hashes).encode()).hexdigest()[:16],
             "preprocess": preprocess.to_dict(), "weights": model_config.weights,
+            "backbone": model_config.backbone,
             "mode": "cached" if cached else ("fine-tune" if options.fine_tune else "naive"),
             "views": options.views if cached else None,
             "algorithm": options.algorithm, "objective": options.objective}
@@ -250,7 +253,7 @@ def _guard_project(project_dir: Path, fingerprint: dict) -> None:
     Tuner would silently carry on with the old trials)."""
     path = project_dir / "ctedge_fingerprint.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {"backbone": "b3", **json.loads(path.read_text())}  # projects from before --backbone
         changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if changed:
             raise CtedgeError(f"project {project_dir} was made with another {', '.join(changed)}; "
@@ -336,7 +339,7 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
     _guard_project(project_dir, _fingerprint(space, parts["train"].hashes + parts["val"].hashes,
                                              preprocess, model_config, options, cached))
     if cached:
-        features = cached_features(project_dir, parts, preprocess, model_config.weights,
+        features = cached_features(project_dir, parts, preprocess, model_config,
                                    options.views, options.seed)
         x, y = features["train_x"], features["train_y"]
         validation = (features["val_x"], features["val_y"])

@@ -1,0 +1,32 @@
+"""Build EfficientNetB3 at 300 px with random weights (``weights="none"``) and
+export it to ONNX: a model for *timing* only (its outputs mean nothing).
+
+    python benchmarks/make_b3.py runs/bench-b3   # -> runs/bench-b3/b3_300.onnx
+
+Needs the train extra (TensorFlow); the output folder should be git-ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def make_b3(folder: Path, size: int = 300) -> Path:
+    output = folder / f"b3_{size}.onnx"
+    if output.is_file():
+        return output  # without importing TensorFlow (timings run in this process)
+    from ctedge.export import ExportOptions, export_onnx
+    from ctedge.model import ModelConfig, build_model
+    from ctedge.preprocess import PreprocessConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keras_path = folder / f"b3_{size}.keras"
+    build_model(ModelConfig(weights="none"), PreprocessConfig(image_size=size)).save(keras_path)
+    # random BatchNorm statistics make Keras/ONNX parity loose; timing does not care
+    export_onnx(keras_path, output, ExportOptions(check_count=4, tolerance=1.0))
+    return output
+
+
+if __name__ == "__main__":
+    print(make_b3(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-b3")))

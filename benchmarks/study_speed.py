@@ -1,0 +1,94 @@
+"""Whole-study speed (issue 11): a synthetic 300-slice 512x512 CT series (plus a
+scout) through `ctedge predict --study` with EfficientNetB3 at 300 px.
+
+    python benchmarks/study_speed.py            # writes benchmarks/results/study_speed.{json,md}
+
+The model has random weights (benchmarks/make_b3.py; timing only) and lives with
+the study in runs/bench-study/ (git-ignored). Each configuration is timed
+--runs times in-process (stage split) and as a fresh `ctedge predict --study`
+process (command start to the patient's answer); medians are reported. The
+machine is shared, so compare the configurations within one run of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_b3 import make_b3  # noqa: E402
+
+from ctedge.study import STAGES, StudyOptions, bench_study  # noqa: E402
+from ctedge.studydemo import fixed_uid, phantom_volume, write_scout, write_series  # noqa: E402
+
+
+def make_study(folder: Path, slices: int = 300, size: int = 512) -> Path:
+    if folder.is_dir() and len(list(folder.iterdir())) >= slices:
+        return folder
+    rng = np.random.default_rng(0)
+    uid = fixed_uid(rng)
+    write_series(folder, phantom_volume(rng, slices, size, positive=True), rng, study_uid=uid,
+                 patient_id="BENCH-0001", spacing=1.0)
+    write_scout(folder, rng, uid, "BENCH-0001", size)
+    return folder
+
+
+def markdown(results: list[dict]) -> str:
+    m = results[0]["machine"]
+    lines = [f"# Whole-study speed (`benchmarks/study_speed.py`, {time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores (shared with other work, so numbers are noisy; "
+             f"compare rows of this one run), {m['platform']}, Python {m['python']}, onnxruntime "
+             f"{m['onnxruntime']}. Model: EfficientNetB3 at {results[0]['input_size']} px, random weights, "
+             "fp32 ONNX, CPUExecutionProvider. Study: one synthetic 300-slice 512x512 uncompressed axial "
+             "series + a 2-image scout, shuffled file names. Medians of the runs shown.", "",
+             "| selection | slices used / sampled / total | headers+selection s | decode+preprocess s (CPU, "
+             "threads) | waiting for decode s | inference s | aggregation s | pipeline wall s | "
+             "in-process wall s | slices/s | pipeline / (used x batched per-slice) | fresh process: "
+             "command start to answer s |", "|" + "---|" * 12]
+    for r in results:
+        d = r["median"]
+        step = r["options"]["slice_step"]
+        label = f"--slice-step {step}" if step else f"default (at most {r['options']['max_slices']}: every {d['slice_step']:.0f}.)"
+        lines.append(f"| {label} | {d['slices_used']:.0f} / {d['slices_sampled']:.0f} / {d['slices_total']:.0f} | "
+                     + " | ".join(f"{d[s]:.3f}" for s in STAGES)
+                     + f" | {d['pipeline_wall_s']:.2f} | {d['wall_s']:.2f} | {d['slices_per_s']:.1f} | "
+                     f"{d['target_ratio']:.2f} | {r['process_wall_s']['median']:.2f} |")
+    if "load_average_1_5_15" in results[-1]:
+        load = results[-1]["load_average_1_5_15"]
+        lines += ["", f"Load average (1/5/15 min) before: {load['before']}, after: {load['after']}."]
+    lines += ["", f"Batched inference alone (batch 8): {results[0]['per_slice_inference_s'] * 1000:.1f} ms per "
+              f"slice; model load {results[0]['session_s']:.2f} s.", "",
+              "Commands: " + "; ".join(f"`{r['process_wall_s']['command']}`" for r in results), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-study"))
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "study_speed")
+    args = parser.parse_args()
+    model = args.model or make_b3(args.work)
+    study = make_study(args.work / "ct300")
+    results = []
+    load_before = os.getloadavg()
+    for step in (None, 1):
+        report = bench_study(model, study, StudyOptions(slice_step=step), "cpu", None, args.runs)
+        report["load_average_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
+        results.append(report)
+        print(json.dumps(report["median"]), report["process_wall_s"]["median"], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

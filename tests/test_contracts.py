@@ -1,0 +1,23 @@
+"""The edge path's import contract: what the base install runs never pulls in
+the training stack, checked in a fresh interpreter per module."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+TRAINING_STACK = ("tensorflow", "keras", "tf2onnx", "sklearn", "keras_tuner")
+TRAINING_MODULES = ("ctedge.train", "ctedge.model", "ctedge.tuning", "ctedge.export",
+                    "ctedge.evaluate", "ctedge.explain", "ctedge.report", "ctedge.quiet")
+
+
+@pytest.mark.parametrize("module", ["ctedge.runtime", "ctedge.imageio", "ctedge.preprocess",
+                                    "ctedge.bench", "ctedge.study", "ctedge.cli"])
+def test_edge_modules_never_import_the_training_stack(module):
+    code = (f"import sys, json; import {module}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            f"{TRAINING_STACK!r} or m in {TRAINING_MODULES!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == [], f"{module} imports {result.stdout}"
+
