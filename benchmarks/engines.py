@@ -85,11 +85,15 @@ def nncf_recipes(ir: Path, train_x: np.ndarray, train_y: np.ndarray, calibration
     dataset = nncf.Dataset(list(train_x[calib]), lambda image: image[None])
     found = {}
     model = ov.Core().read_model(str(ir))
-    started = time.perf_counter()
-    q = nncf.quantize(model, dataset, subset_size=len(calib),
-                      ignored_scope=nncf.IgnoredScope(patterns=[".*_se_.*"], validate=False))
-    found["openvino int8 (SE blocks float)"] = (out / "int8_no_se.xml", time.perf_counter() - started)
-    ov.save_model(q, str(found["openvino int8 (SE blocks float)"][0]), compress_to_fp16=False)
+    no_se = out / "int8_no_se.xml"
+    if no_se.is_file() and no_se.stat().st_mtime > ir.stat().st_mtime:  # made from this IR already
+        found["openvino int8 (SE blocks float)"] = (no_se, None)
+    else:
+        started = time.perf_counter()
+        q = nncf.quantize(model, dataset, subset_size=len(calib),
+                          ignored_scope=nncf.IgnoredScope(patterns=[".*_se_.*"], validate=False))
+        found["openvino int8 (SE blocks float)"] = (no_se, time.perf_counter() - started)
+        ov.save_model(q, str(no_se), compress_to_fp16=False)
     if accuracy_control:
         validation = nncf.Dataset([(train_x[i], train_y[i]) for i in held], lambda item: item[0][None])
 
@@ -113,13 +117,19 @@ import json, sys, time
 import numpy as np
 import onnxruntime as ort
 model, inputs, runs, batches, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+threads = int(sys.argv[6])
+options = ort.SessionOptions()
+extra = {}
+if threads:
+    options.intra_op_num_threads = threads
+    extra = {"num_of_threads": str(threads)}
 sessions = {
-    "onnxruntime-openvino wheel: CPU EP fp32": ort.InferenceSession(model, providers=["CPUExecutionProvider"]),
+    "onnxruntime-openvino wheel: CPU EP fp32": ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]),
     "onnxruntime-openvino wheel: OpenVINO EP fp32": ort.InferenceSession(
-        model, providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "precision": "FP32"})]),
+        model, options, providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "precision": "FP32", **extra})]),
     "onnxruntime-openvino wheel: OpenVINO EP bf16": ort.InferenceSession(
-        model, providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", "load_config":
-                                                          json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}})})]),
+        model, options, providers=[("OpenVINOExecutionProvider", {"device_type": "CPU", **extra, "load_config":
+                                    json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}})})]),
 }
 names = list(sessions)
 size = sessions[names[0]].get_inputs()[0].shape[1]
@@ -144,7 +154,8 @@ open(out, "w").write(json.dumps(report))
 """
 
 
-def ort_openvino_ep(python: str, model: Path, val_x: np.ndarray, runs: int, batches: str, work: Path) -> dict:
+def ort_openvino_ep(python: str, model: Path, val_x: np.ndarray, runs: int, batches: str, work: Path,
+                    threads: int | None) -> dict:
     """onnxruntime's OpenVINO execution provider: its wheel (onnxruntime-openvino) owns
     the same `onnxruntime` package as onnxruntime, so it runs from its own environment;
     its CPU EP is timed in the same interleaved rounds as the reference."""
@@ -153,7 +164,7 @@ def ort_openvino_ep(python: str, model: Path, val_x: np.ndarray, runs: int, batc
     np.save(work / "val.npy", val_x)
     out = work / "ort_openvino.json"
     subprocess.run([python, "-c", ORT_OPENVINO_SNIPPET, str(model), str(work / "val.npy"), str(runs), batches,
-                    str(out)], check=True, capture_output=True)
+                    str(out), str(threads or 0)], check=True, capture_output=True)
     return json.loads(out.read_text())
 
 
@@ -167,6 +178,8 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=200, help="train images for the NNCF recipes")
     parser.add_argument("--accuracy-control", action="store_true", help="also nncf.quantize_with_accuracy_control")
     parser.add_argument("--ort-openvino-python", help="python of a separate venv with onnxruntime-openvino")
+    parser.add_argument("--threads", type=int, help="threads for every variant (default: each engine's own); "
+                        "1 keeps ratios meaningful when other jobs oversubscribe the cores")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     from ctedge.runtime import Classifier
@@ -181,21 +194,24 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     recipes = nncf_recipes(ir, train_x, train_y, args.calibration, work, args.accuracy_control)
 
-    variants = {
-        "onnxruntime fp32": ort_session(model),
-        "onnxruntime fp32, 1 thread": ort_session(model, 1),
-        "onnxruntime fp32, 2 threads, no spinning": ort_session(model, 2, spinning=False),
-        "openvino fp32": ov_compiled(ir),
-        "openvino bf16": ov_compiled(ir, "bf16"),
-        "openvino fp16": ov_compiled(ir, "f16"),
-        "openvino int8 (NNCF default, export --openvino)": ov_compiled(ir_int8),
-        "openvino int8 + bf16 for the float ops": ov_compiled(ir_int8, "bf16"),
-        **{name: ov_compiled(path) for name, (path, _) in recipes.items()},
-    }
+    t = args.threads
+    variants = {"onnxruntime fp32": ort_session(model, t)}
+    if t is None:  # thread settings, compared with the default
+        variants["onnxruntime fp32, 1 thread"] = ort_session(model, 1)
+        variants["onnxruntime fp32, 2 threads, no spinning"] = ort_session(model, 2, spinning=False)
+    variants.update({
+        "openvino fp32": ov_compiled(ir, threads=t),
+        "openvino bf16": ov_compiled(ir, "bf16", t),
+        "openvino fp16": ov_compiled(ir, "f16", t),
+        "openvino int8 (NNCF default, export --openvino)": ov_compiled(ir_int8, threads=t),
+        "openvino int8 + bf16 for the float ops": ov_compiled(ir_int8, "bf16", t),
+        **{name: ov_compiled(path, threads=t) for name, (path, _) in recipes.items()},
+    })
     int8_ort = model.with_name(model.stem + "_int8.onnx")
     if int8_ort.is_file():
-        variants["onnxruntime int8 (ctedge --int8 QDQ)"] = ort_session(int8_ort)
+        variants["onnxruntime int8 (ctedge --int8 QDQ)"] = ort_session(int8_ort, t)
     names = list(variants)
+    load = {"before": list(__import__("os").getloadavg())}
     rng = np.random.default_rng(0)
     latency = {name: {} for name in names}
     for batch in map(int, args.batch_sizes.split(",")):
@@ -205,6 +221,7 @@ def main() -> None:
             latency[name][str(batch)] = {**stats_ms(samples), "images_per_s": batch / float(np.mean(samples))}
         print(f"batch {batch}: " + ", ".join(f"{n} {latency[n][str(batch)]['p50']:.1f}" for n in names), flush=True)
 
+    load["after_timing"] = list(__import__("os").getloadavg())
     outputs = {n: np.concatenate([variants[n](val_x[i:i + 16]) for i in range(0, len(val_x), 16)]) for n in names}
     reference = outputs[names[0]]
     accuracy = {}
@@ -216,7 +233,7 @@ def main() -> None:
 
     ep = None
     if args.ort_openvino_python:
-        ep = ort_openvino_ep(args.ort_openvino_python, model, val_x, args.runs, args.batch_sizes, work)
+        ep = ort_openvino_ep(args.ort_openvino_python, model, val_x, args.runs, args.batch_sizes, work, args.threads)
         cpu_name = "onnxruntime-openvino wheel: CPU EP fp32"
         for name, outs in ep.pop("outputs").items():
             p = np.asarray(outs)
@@ -241,7 +258,8 @@ def main() -> None:
     report = {"machine": machine_info(None), "date": time.strftime("%Y-%m-%d %H:%M"),
               "model": str(model), "input_size": clf.size, "val_images": int(len(val_y)),
               "calibration": f"{min(args.calibration, len(train_x))} train-split images",
-              "nncf_seconds": {n: t for n, (_, t) in recipes.items()},
+              "nncf_seconds": {n: t for n, (_, t) in recipes.items() if t is not None},
+              "load_average_1_5_15_min": load, "runs": args.runs, "threads": args.threads or "each engine's default",
               "latency": latency, "accuracy": accuracy, "process_start": starts, "ort_openvino_ep": ep,
               "note": "shared 2-core machine: ratios within this run, not absolute figures, are what to compare"}
     out = Path(args.out)
@@ -261,7 +279,11 @@ def to_markdown(report: dict) -> str:
              f"onnxruntime {m['onnxruntime']}, OpenVINO {m['openvino']}, Python {m['python']}. "
              f"EfficientNetB3 at {report['input_size']} px trained on the shared train split; accuracy on the "
              f"{report['val_images']} val images; NNCF calibration on {report['calibration']}. "
-             "All variants timed interleaved in one run; read the ratios.", "",
+             f"All variants timed interleaved in one run ({report['runs']} rounds, threads per variant: "
+             f"{report['threads']}); read the ratios. "
+             f"Load average (1/5/15 min) before timing: {', '.join(f'{v:.1f}' for v in report['load_average_1_5_15_min']['before'])}, "
+             f"after: {', '.join(f'{v:.1f}' for v in report['load_average_1_5_15_min']['after_timing'])} "
+             "(other engineers' jobs on the same 2 cores).", "",
              "| variant | batch 1 p50 ms | / ORT fp32 | batch 8 img/s | batch 16 img/s | val AUC (95% CI) | AUC Δ | max abs Δp |",
              "|---|---|---|---|---|---|---|---|"]
     for n in names:
