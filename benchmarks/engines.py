@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="threads for every variant (default: each engine's own); "
                         "1 keeps ratios meaningful when other jobs oversubscribe the cores")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="engines", help="result files: OUT/NAME.md and OUT/NAME.json")
     args = parser.parse_args()
     from ctedge.runtime import Classifier
 
@@ -264,9 +265,13 @@ def main() -> None:
               "note": "shared 2-core machine: ratios within this run, not absolute figures, are what to compare"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "engines.json").write_text(json.dumps(report, indent=2))
-    (out / "engines.md").write_text(to_markdown(report))
-    print((out / "engines.md").read_text())
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{args.name}.md").write_text(to_markdown(report))
+    print((out / f"{args.name}.md").read_text())
+
+
+def _rate(latency: dict, batch: str) -> str:
+    return f"{latency[batch]['images_per_s']:.1f}" if batch in latency else "not run"
 
 
 def to_markdown(report: dict) -> str:
@@ -289,8 +294,7 @@ def to_markdown(report: dict) -> str:
     for n in names:
         lat, acc = report["latency"][n], report["accuracy"][n]
         lines.append(f"| {n} | {lat['1']['p50']:.1f} | {lat['1']['p50'] / base['1']['p50']:.2f} | "
-                     f"{lat.get('8', {}).get('images_per_s', float('nan')):.1f} | "
-                     f"{lat.get('16', {}).get('images_per_s', float('nan')):.1f} | "
+                     f"{_rate(lat, '8')} | {_rate(lat, '16')} | "
                      f"{acc['auc']:.4f} ({acc['auc_ci'][0]:.3f}-{acc['auc_ci'][1]:.3f}) | {acc['auc_change']:+.4f} | "
                      f"{acc['max_abs_diff']:.1e} |")
     lines += ["", "| process start → first prediction (one PNG) | empty cache ms | warm cache ms |", "|---|---|---|"]
@@ -307,7 +311,7 @@ def to_markdown(report: dict) -> str:
         for n, lat in ep["latency"].items():
             acc = ep["accuracy"][n]
             lines.append(f"| {n} | {lat['1']['p50']:.1f} | {ep['ratio_to_its_cpu_ep'][n]['1']:.2f} | "
-                         f"{lat.get('8', {}).get('images_per_s', float('nan')):.1f} | {acc['auc']:.4f} | "
+                         f"{_rate(lat, '8')} | {acc['auc']:.4f} | "
                          f"{acc['auc_change']:+.4f} |")
     if report["nncf_seconds"]:
         lines += ["", "NNCF time: " + "; ".join(f"{n} {t:.0f} s" for n, t in report["nncf_seconds"].items())]
