@@ -60,13 +60,13 @@ def trained_run(trained) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, trained_run, phantom_data):
-    """The trained run exported once, with FP16 and INT8 variants: (path, report)."""
+    """The trained run exported once, with FP16 and INT8 variants and OpenVINO IRs: (path, report)."""
     from ctedge.export import ExportOptions, export_onnx
 
     out = tmp_path_factory.mktemp("exports") / "tiny.onnx"
     report = export_onnx(trained_run / "model.keras", out, ExportOptions(
         fp16=True, int8=True, calibration_data=str(phantom_data), calibration_count=8,
-        check_data=str(phantom_data), check_count=16, int8_tolerance=1.0))
+        check_data=str(phantom_data), check_count=16, int8_tolerance=1.0, openvino=True))
     keep = os.environ.get("CTEDGE_KEEP_TEST_EXPORT")  # .ci/run checks the base install on it
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,30 @@ def test_fp16_and_int8_variants_have_their_own_cards(exported):
     assert any(i.data_type == onnx.TensorProto.INT8 for i in int8.graph.initializer)
 
 
+def test_openvino_ir_passes_the_gate_and_runs_with_its_metadata(exported):
+    from ctedge.engines import ov_capabilities
+    from ctedge.runtime import Classifier
+
+    path, report = exported
+    ir, ir_int8 = path.with_name("tiny_ov.xml"), path.with_name("tiny_ov_int8.xml")
+    card = json.loads(path.with_name("tiny_ov.json").read_text())
+    assert card["parity"]["status"] == "ok" and card["parity"]["max_abs_diff"] <= 1e-4
+    assert card["parity"]["reference_spread"] > 0.01 and "auc" in card["parity"]
+    assert ("bf16_parity" in card) == ("BF16" in ov_capabilities("CPU"))
+    int8_card = json.loads(path.with_name("tiny_ov_int8.json").read_text())
+    assert int8_card["variant"] == "int8" and "ctedge.int8_calibration" in int8_card["metadata"]
+    assert report["variants"]["ov-int8"]["file"] == str(ir_int8) and ir_int8.with_suffix(".bin").is_file()
+    images = np.random.default_rng(0).uniform(0, 255, (3, 48, 48, 3)).astype(np.float32)
+    onnx_p = Classifier(path, runtime="onnxruntime").predict_arrays(images)
+    ir_clf = Classifier(ir)  # auto: an IR runs on OpenVINO
+    assert (ir_clf.runtime, ir_clf.size, ir_clf.classes, ir_clf.metadata["variant"]) == (
+        "openvino", 48, ["CT_NonCOVID", "CT_COVID"], "fp32")
+    np.testing.assert_allclose(ir_clf.predict_arrays(images), onnx_p, atol=1e-4)
+    int8 = Classifier(path, runtime="openvino", precision="int8")  # finds tiny_ov_int8.xml beside
+    assert int8.engine.path == ir_int8 and int8.metadata["variant"] == "int8"
+    assert np.all((int8.predict_arrays(images) >= 0) & (int8.predict_arrays(images) <= 1))
+
+
 def test_opencv_dnn_gives_the_same_probabilities(exported):
     path, _ = exported
     images = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype(np.float32)

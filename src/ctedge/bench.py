@@ -1,7 +1,11 @@
-"""`ctedge bench`: latency, throughput, cold start, end-to-end and accuracy per model.
+"""`ctedge bench`: latency, throughput, cold start, end-to-end and accuracy per
+model, runtime (onnxruntime, OpenVINO), precision and provider.
 
-TensorFlow-free for ONNX models; a ``.keras`` model adds a TF ``tf.function``
-baseline in the same run (TensorFlow imported only then).
+TensorFlow-free for ONNX/IR models; a ``.keras`` model adds a TF ``tf.function``
+baseline in the same run (TensorFlow imported only then). Variants of one model
+are timed interleaved (one call of each in turn), so a noisy shared machine
+slows them alike; accuracy is measured on every labelled image given, with a
+bootstrap CI, and compared with the model's fp32 run on the same images.
 """
 
 from __future__ import annotations
@@ -20,37 +24,66 @@ import numpy as np
 from .errors import CtedgeError
 
 DEFAULT_BUDGET_MS = 2000.0  # the seed paper's "within a few seconds", end to end
+BENCH_RUNTIMES = ("auto", "onnxruntime", "openvino", "all")
 
 
 @dataclass
 class BenchOptions:
-    provider: str = "cpu"  # cpu | cuda | tensorrt | all
+    provider: str = "cpu"  # cpu | cuda | tensorrt | all (onnxruntime)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 16])
     threads: int | None = None
     warmup: int = 3
     runs: int = 20
     seconds: float | None = None
     data: str | None = None
-    files: int = 16  # images for the end-to-end and accuracy measures (max)
+    files: int = 16  # images for the end-to-end measure (max)
     budget_ms: float = DEFAULT_BUDGET_MS
     process_start: bool = True
+    runtime: str = "onnxruntime"  # auto | onnxruntime | openvino | all
+    precision: str | None = None  # None: fp32 (with --runtime all: every precision the engine has here)
+    split_dir: str | None = None  # with split: accuracy on that split of --data only
+    split: str = "val"
+    accuracy_images: int | None = None  # None: every labelled image given
+    auc_tolerance: float = 0.005  # |AUC change| vs fp32 for "within tolerance"
+    probability_tolerance: float = 0.05  # max |Δp| vs fp32 when there are no labels
+    resamples: int = 1000
+    cache_dir: str | None = None  # OpenVINO compiled-model cache
+    save_choice: bool = True  # --runtime all: write MODEL.runtime.json for runtime="auto"
+
+
+@dataclass(frozen=True)
+class Variant:
+    runtime: str
+    precision: str
+    provider: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.runtime} {self.precision} {self.provider}"
 
 
 def machine_info(threads: int | None) -> dict:
-    """CPU, cores, onnxruntime version and providers: part of every report."""
-    import onnxruntime as ort
+    """CPU, cores, ISA features, engine versions and providers: part of every report."""
+    from .engines import cpu_name, installed, isa_features
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "available_providers": ort.get_available_providers(), "threads": threads or "default"}
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "isa": isa_features(), "threads": threads or "default",
+            "onnxruntime": None, "available_providers": [], "openvino": None}
+    if installed("onnxruntime"):
+        import onnxruntime as ort
+
+        info["onnxruntime"], info["available_providers"] = ort.__version__, ort.get_available_providers()
+    if installed("openvino"):
+        import openvino as ov
+
+        info["openvino"] = ov.__version__.split("-")[0]
+        info["openvino_cpu_capabilities"] = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return info
+
+
+def isa_line(machine: dict) -> str:
+    isa = machine.get("isa", {})
+    return "ISA: " + ", ".join(f"{name} {'yes' if has else 'no'}" for name, has in isa.items())
 
 
 def stats_ms(samples: list[float]) -> dict:
@@ -62,14 +95,22 @@ def stats_ms(samples: list[float]) -> dict:
 
 def time_calls(call, warmup: int, runs: int, seconds: float | None) -> list[float]:
     """Wall time of ``call()`` after warm-up, for ``runs`` calls or ``seconds``."""
+    return time_interleaved([call], warmup, runs, seconds)[0]
+
+
+def time_interleaved(calls: list, warmup: int, runs: int, seconds: float | None) -> list[list[float]]:
+    """Wall time of each call, one call of each in turn per round, so load on a
+    shared machine hits every variant alike; ``runs`` rounds or ``seconds`` each."""
     for _ in range(warmup):
-        call()
-    samples: list[float] = []
-    deadline = time.perf_counter() + seconds if seconds else None
-    while (len(samples) < runs) if deadline is None else (time.perf_counter() < deadline or not samples):
-        started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
+        for call in calls:
+            call()
+    samples: list[list[float]] = [[] for _ in calls]
+    deadline = time.perf_counter() + seconds * len(calls) if seconds else None
+    while (len(samples[0]) < runs) if deadline is None else (time.perf_counter() < deadline or not samples[0]):
+        for call, out in zip(calls, samples):
+            started = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - started)
     return samples
 
 
@@ -109,57 +150,261 @@ def bench_files(data: str | None, count: int) -> tuple[list[Path], np.ndarray | 
     return files, None, f"{count} generated 512 px phantoms (timing only)"
 
 
-def process_start_ms(model: Path, image: Path, provider: str) -> float:
+def accuracy_files(options: BenchOptions) -> tuple[list[Path], np.ndarray, str] | None:
+    """Every labelled image of --data (its --split with --split-dir), or a stated
+    seeded sample of --accuracy-images; None without class folders."""
+    from .data import discover, split_from_lists
+
+    if not options.data:
+        return None
+    try:
+        dataset = discover(options.data)
+    except CtedgeError:
+        if options.split_dir:
+            raise
+        return None  # a flat folder: timing only
+    samples, where = dataset.samples, f"{options.data}"
+    if options.split_dir:
+        parts = split_from_lists(dataset, options.split_dir)
+        if options.split not in parts or not parts[options.split]:
+            raise CtedgeError(f"--split {options.split!r}: no images of {options.data} in that split "
+                              f"of {options.split_dir}")
+        samples, where = parts[options.split], f"the {options.split} split of {options.data}"
+    total = len(samples)
+    if options.accuracy_images and options.accuracy_images < total:
+        chosen = np.random.default_rng(0).choice(total, options.accuracy_images, replace=False)
+        samples = [samples[i] for i in sorted(chosen)]
+        where = f"a seeded sample of {len(samples)} of the {total} images of {where}"
+    else:
+        where = f"all {total} images of {where}"
+    return [s.path for s in samples], np.array([s.label for s in samples]), where
+
+
+def process_start_ms(model: Path, image: Path, provider: str, runtime: str = "onnxruntime",
+                     precision: str = "fp32", cache_dir: str | None = None) -> float:
     """A fresh Python process: import, open the model, decode, predict one file."""
     code = ("import sys; from ctedge.runtime import Classifier; "
-            "c = Classifier(sys.argv[1], provider=sys.argv[3]); c.predict_files([sys.argv[2]])")
+            "c = Classifier(sys.argv[1], provider=sys.argv[3], runtime=sys.argv[4], precision=sys.argv[5], "
+            "cache_dir=sys.argv[6] or None); c.predict_files([sys.argv[2]])")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(model), str(image), provider], check=True,
-                   capture_output=True)
+    done = subprocess.run([sys.executable, "-c", code, str(model), str(image), provider, runtime, precision,
+                           cache_dir or ""], capture_output=True, text=True)
+    if done.returncode:
+        raise CtedgeError(f"process-start measure of {model} ({runtime} {precision}) failed: "
+                          f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     return (time.perf_counter() - started) * 1000
+
+
+def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
+    """What to run a model with: one variant, or with --runtime all every runtime ×
+    precision × provider this machine has (the model's fp32 run first)."""
+    from .engines import EngineConfig, installed, resolve
+
+    if options.runtime != "all":
+        providers = [options.provider]
+        if options.provider == "all":
+            import onnxruntime as ort
+
+            from .engines import PROVIDERS
+
+            available = ort.get_available_providers()
+            providers = [name for name, ep in PROVIDERS.items() if ep in available]
+        chosen = []
+        for provider in providers:
+            config = resolve(model, EngineConfig(options.runtime, options.precision, provider))
+            chosen.append(Variant(config.runtime, config.precision,
+                                  provider if config.runtime == "onnxruntime" else config.provider))
+        return chosen
+    found: list[Variant] = []
+    if installed("onnxruntime") and model.suffix == ".onnx":
+        import onnxruntime as ort
+
+        from .engines import PROVIDERS
+
+        available = ort.get_available_providers()
+        wanted = [options.provider] if options.provider in PROVIDERS else list(PROVIDERS)
+        for provider in [p for p in wanted if PROVIDERS[p] in available]:
+            found.append(Variant("onnxruntime", "fp32", provider))
+            for precision, suffix in (("fp16", "_fp16"), ("int8", "_int8")):
+                if model.with_name(model.stem + suffix + ".onnx").is_file():
+                    found.append(Variant("onnxruntime", precision, provider))
+    if installed("openvino"):
+        from .engines import OV_CAPABILITY, ov_capabilities
+
+        capabilities = ov_capabilities("CPU")
+        found.append(Variant("openvino", "fp32", "cpu"))
+        for precision in ("bf16", "fp16"):
+            if OV_CAPABILITY[precision] in capabilities:
+                found.append(Variant("openvino", precision, "cpu"))
+        ir = model if model.suffix == ".xml" else model.with_name(model.stem + "_ov.xml")
+        if ir.with_name(ir.stem + "_int8.xml").is_file():
+            found.append(Variant("openvino", "int8", "cpu"))
+    if not found:
+        from .engines import no_engine_message
+
+        raise CtedgeError(no_engine_message())
+    return found
+
+
+def score(labels: np.ndarray, probabilities: np.ndarray, threshold: float, resamples: int) -> dict:
+    """AUC and accuracy with n and a 95% bootstrap CI."""
+    from .metrics import bootstrap_ci, point_metrics
+
+    point = point_metrics(labels, probabilities, threshold)
+    ci = bootstrap_ci(labels, probabilities, threshold, resamples=resamples)
+    return {"n": int(len(labels)), "positive": int(np.sum(labels)), "auc": point["auc"],
+            "auc_ci": list(ci["auc"]), "accuracy": point["accuracy"], "accuracy_ci": list(ci["accuracy"])}
+
+
+def bench_model(path: Path, options: BenchOptions, files: list[Path],
+                accuracy: tuple[list[Path], np.ndarray, str] | None) -> list[dict]:
+    """Every variant of one model, timed interleaved; accuracy against its fp32 run."""
+    from .runtime import Classifier
+
+    variants = variants_for(path, options)
+    opened, results = [], []
+    for v in variants:
+        started = time.perf_counter()
+        clf = Classifier(path, v.provider, options.threads, runtime=v.runtime, precision=v.precision,
+                         cache_dir=options.cache_dir)
+        created = time.perf_counter() - started
+        one = clf.load(files[0])[None]
+        started = time.perf_counter()
+        clf.predict_arrays(one)
+        first = time.perf_counter() - started
+        opened.append(clf)
+        model_file = Path(getattr(clf.engine, "path", path))
+        results.append({
+            "model": str(path), "file": str(model_file), "runtime": v.runtime, "precision": v.precision,
+            "provider": clf.providers[0], "provider_option": v.provider,
+            "format": f"{v.runtime}-{v.precision}", "size_mb": _size_mb(model_file), "input_size": clf.size,
+            "cold_start_ms": {"session": created * 1000, "first_inference": first * 1000}})
+    if options.process_start:
+        for v, r in zip(variants, results):
+            cold = r["cold_start_ms"]
+            if v.runtime == "openvino":
+                with tempfile.TemporaryDirectory(prefix="ctedge-ov-cache-") as empty:
+                    cold["process_to_first_prediction_empty_cache"] = process_start_ms(
+                        path, files[0], v.provider, v.runtime, v.precision, empty)
+            cold["process_to_first_prediction"] = process_start_ms(
+                path, files[0], v.provider, v.runtime, v.precision, options.cache_dir)
+    rng = np.random.default_rng(0)
+    size = opened[0].size
+    for r in results:
+        r["latency"] = {}
+    for batch in options.batch_sizes:
+        x = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+        timed = time_interleaved([lambda c=c, x=x: c.predict_arrays(x) for c in opened], options.warmup,
+                                 options.runs, options.seconds)
+        for r, samples in zip(results, timed):
+            entry = stats_ms(samples)
+            entry["images_per_s"] = batch / np.mean(samples)
+            r["latency"][str(batch)] = entry
+    one = opened[0].load(files[0])[None]
+    timed = time_interleaved([lambda c=c: c.predict_arrays(one) for c in opened], options.warmup,
+                             options.runs, options.seconds)
+    for r, samples in zip(results, timed):
+        r["inference_ms"] = stats_ms(samples)
+        r["samples_ms"] = (np.asarray(samples) * 1000).tolist()
+    cycles = [iter(files * (options.runs + options.warmup + 1000)) for _ in opened]
+    timed = time_interleaved([lambda c=c, it=it: c.predict_files([next(it)], 1) for c, it in zip(opened, cycles)],
+                             options.warmup, options.runs, options.seconds)
+    for r, samples in zip(results, timed):
+        r["end_to_end_ms"] = stats_ms(samples)
+        e2e = r["end_to_end_ms"]["p50"]
+        r["budget"] = {"budget_ms": options.budget_ms, "end_to_end_p50_ms": e2e,
+                       "margin_ms": options.budget_ms - e2e, "within": e2e <= options.budget_ms,
+                       "preprocessing_share": 1 - r["inference_ms"]["p50"] / e2e}
+    compare_outputs(opened, results, options, files, accuracy)
+    return results
+
+
+def _size_mb(model_file: Path) -> float:
+    size = model_file.stat().st_size
+    if model_file.suffix == ".xml" and model_file.with_suffix(".bin").is_file():
+        size += model_file.with_suffix(".bin").stat().st_size
+    return size / 1e6
+
+
+def compare_outputs(opened: list, results: list[dict], options: BenchOptions, files: list[Path],
+                    accuracy: tuple[list[Path], np.ndarray, str] | None) -> None:
+    """Each variant's probabilities on the same images against the first (fp32)
+    variant's: max |Δp|, decision agreement, and with labels AUC/accuracy with CIs."""
+    if accuracy:
+        paths, labels, _ = accuracy
+    else:
+        paths, labels = files, None
+    inputs, keep = [], []
+    for i, path in enumerate(paths):
+        try:
+            inputs.append(opened[0].load(path))
+            keep.append(i)
+        except CtedgeError:
+            continue
+    if not inputs:
+        return
+    images = np.stack(inputs)
+    labels = labels[keep] if labels is not None else None
+    outputs = [np.concatenate([c.predict_arrays(images[i:i + 16]) for i in range(0, len(images), 16)])
+               for c in opened]
+    reference, threshold = outputs[0], opened[0].threshold
+    for r, p in zip(results, outputs):
+        change = {"reference": results[0]["format"], "images": int(len(p)),
+                  "max_abs_diff": float(np.max(np.abs(p - reference))),
+                  "decision_agreement": float(np.mean((p >= threshold) == (reference >= threshold)))}
+        if labels is not None and 0 < labels.sum() < len(labels):
+            scores = score(labels, p, threshold, options.resamples)
+            r["accuracy_detail"] = scores
+            r["auc"], r["accuracy"] = scores["auc"], scores["accuracy"]
+            change["auc_change"] = scores["auc"] - results[0]["accuracy_detail"]["auc"]
+            change["accuracy_change"] = scores["accuracy"] - results[0]["accuracy_detail"]["accuracy"]
+            change["within_tolerance"] = abs(change["auc_change"]) <= options.auc_tolerance
+            change["tolerance"] = f"|AUC change| <= {options.auc_tolerance}"
+        else:
+            change["within_tolerance"] = change["max_abs_diff"] <= options.probability_tolerance
+            change["tolerance"] = f"max |Δp| <= {options.probability_tolerance}"
+        r["vs_fp32"] = change
+
+
+def fastest(results: list[dict]) -> dict | None:
+    """The variant with the lowest batch-1 (else smallest batch) p50 within tolerance."""
+    def p50(r):
+        latency = r["latency"]
+        return latency["1"]["p50"] if "1" in latency else latency[min(latency, key=int)]["p50"]
+
+    ok = [r for r in results if r.get("vs_fp32", {}).get("within_tolerance")]
+    return min(ok, key=p50) if ok else None
+
+
+def save_choice(model: Path, best: dict, reference: dict) -> Path | None:
+    """MODEL.runtime.json beside the model: what runtime="auto" uses on this machine."""
+    import json
+    import logging
+
+    from .engines import choice_path, machine_key
+
+    batch = "1" if "1" in best["latency"] else min(best["latency"], key=int)
+    choice = {"runtime": best["runtime"], "precision": best["precision"], "provider": best["provider_option"],
+              "machine": machine_key(), "measured": time.strftime("%Y-%m-%d %H:%M"),
+              "batch": int(batch), "p50_ms": best["latency"][batch]["p50"],
+              "ratio_to_fp32": best["latency"][batch]["p50"] / reference["latency"][batch]["p50"],
+              "vs_fp32": best.get("vs_fp32")}
+    path = choice_path(model)
+    try:
+        path.write_text(json.dumps(choice, indent=2))
+    except OSError as exc:
+        logging.getLogger(__name__).warning("could not write %s (%s); runtime auto stays onnxruntime", path, exc)
+        return None
+    return path
 
 
 def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Path],
                labels: np.ndarray | None) -> dict:
-    from .metrics import point_metrics
-    from .runtime import Classifier
-
-    started = time.perf_counter()
-    clf = Classifier(path, provider, options.threads)
-    created = time.perf_counter() - started
-    one = clf.load(files[0])[None]
-    started = time.perf_counter()
-    clf.predict_arrays(one)
-    first = time.perf_counter() - started
-    result = {"model": str(path), "format": f"onnx-{clf.metadata.get('variant', 'fp32')}",
-              "provider": clf.providers[0], "size_mb": path.stat().st_size / 1e6,
-              "input_size": clf.size,
-              "cold_start_ms": {"session": created * 1000, "first_inference": first * 1000}}
-    if options.process_start:
-        result["cold_start_ms"]["process_to_first_prediction"] = process_start_ms(path, files[0], provider)
-    rng = np.random.default_rng(0)
-    result["latency"] = {}
-    for batch in options.batch_sizes:
-        x = rng.uniform(0, 255, (batch, clf.size, clf.size, 3)).astype(np.float32)
-        samples = time_calls(lambda: clf.predict_arrays(x), options.warmup, options.runs, options.seconds)
-        entry = stats_ms(samples)
-        entry["images_per_s"] = batch / np.mean(samples)
-        result["latency"][str(batch)] = entry
-    samples = time_calls(lambda: clf.predict_arrays(one), options.warmup, options.runs, options.seconds)
-    result["inference_ms"] = stats_ms(samples)
-    result["samples_ms"] = (np.asarray(samples) * 1000).tolist()
-    cycle = iter(files * (options.runs + options.warmup + 1000))
-    result["end_to_end_ms"] = stats_ms(time_calls(lambda: clf.predict_files([next(cycle)], 1),
-                                                  options.warmup, options.runs, options.seconds))
-    if labels is not None:
-        scores = point_metrics(labels, np.array([row.probability for row in clf.predict_files(files)]),
-                               clf.threshold)
-        result["accuracy"], result["auc"] = scores["accuracy"], scores["auc"]
-    e2e = result["end_to_end_ms"]["p50"]
-    result["budget"] = {"budget_ms": options.budget_ms, "end_to_end_p50_ms": e2e,
-                        "margin_ms": options.budget_ms - e2e, "within": e2e <= options.budget_ms,
-                        "preprocessing_share": 1 - result["inference_ms"]["p50"] / e2e}
-    return result
+    """One model on one onnxruntime provider (kept for benchmarks/edge_speed.py)."""
+    single = BenchOptions(**{**asdict(options), "runtime": "onnxruntime", "provider": provider,
+                             "precision": "fp32"})
+    accuracy = (files, labels, f"{len(files)} images") if labels is not None else None
+    return bench_model(path, single, files, accuracy)[0]
 
 
 def bench_keras(path: Path, options: BenchOptions) -> dict:
@@ -198,53 +443,87 @@ def find_models(models: list[Path], exports_dir: Path = Path("exports")) -> list
 
 
 def run_bench(models: list[Path], options: BenchOptions) -> dict:
-    """Benchmark every model on every requested provider; one report."""
-    import onnxruntime as ort
-
-    from .runtime import PROVIDERS
-
+    """Benchmark every model on every requested runtime, precision and provider; one report."""
+    if options.runtime not in BENCH_RUNTIMES:
+        raise CtedgeError(f"--runtime must be {', '.join(BENCH_RUNTIMES)}, not {options.runtime!r}")
     models = find_models(models)
-    available = ort.get_available_providers()
-    providers = ([name for name, ep in PROVIDERS.items() if ep in available]
-                 if options.provider == "all" else [options.provider])
-    files, labels, source = bench_files(options.data, options.files)
-    results = []
+    files, _, source = bench_files(options.data, options.files)
+    accuracy = accuracy_files(options)
+    results, choices = [], {}
     for model in models:
         if model.suffix == ".keras":
             results.append(bench_keras(model, options))
             continue
-        if model.suffix != ".onnx":
-            raise CtedgeError(f"{model}: bench takes .onnx or .keras models")
-        for provider in providers:
-            results.append(bench_onnx(model, provider, options, files, labels))
+        if model.suffix not in (".onnx", ".xml"):
+            raise CtedgeError(f"{model}: bench takes .onnx, OpenVINO .xml or .keras models")
+        rows = bench_model(model, options, files, accuracy)
+        results += rows
+        best = fastest(rows)
+        if best is not None:
+            choices[str(model)] = {"runtime": best["runtime"], "precision": best["precision"],
+                                   "provider": best["provider"], "saved": None}
+            if options.runtime == "all" and options.save_choice:
+                saved = save_choice(model, best, rows[0])
+                choices[str(model)]["saved"] = str(saved) if saved else None
     return {"machine": machine_info(options.threads), "options": asdict(options),
-            "data": source, "results": results}
+            "data": source, "accuracy_data": accuracy[2] if accuracy else None,
+            "results": results, "fastest": choices}
 
 
 def table_rows(report: dict) -> list[dict]:
-    """One row per model, provider and batch size, as both tables show them."""
+    """One row per model, variant and batch size, as both tables show them."""
     rows = []
     for r in report["results"]:
         e2e = r.get("end_to_end_ms", {}).get("p50")
         cold = r.get("cold_start_ms", {}).get("process_to_first_prediction")
+        change = r.get("vs_fp32", {})
+        detail = r.get("accuracy_detail")
+        base = next((x for x in report["results"] if x["model"] == r["model"]), r)
         for batch, lat in r["latency"].items():
+            ref = base["latency"].get(batch, {}).get("p50")
             rows.append({"model": Path(r["model"]).name, "format": r["format"], "provider": r["provider"],
                          "MB": f"{r['size_mb']:.1f}", "batch": batch, "p50 ms": f"{lat['p50']:.1f}",
                          "p90 ms": f"{lat['p90']:.1f}", "p99 ms": f"{lat['p99']:.1f}",
+                         "/ fp32": "" if not ref else f"{lat['p50'] / ref:.2f}",
                          "images/s": f"{lat['images_per_s']:.1f}",
                          "end-to-end p50 ms": "" if e2e is None else f"{e2e:.1f}",
                          "cold start ms": "" if cold is None else f"{cold:.0f}",
-                         "AUC": "" if r.get("auc") is None else f"{r['auc']:.3f}"})
+                         "AUC": "" if detail is None else
+                         f"{detail['auc']:.3f} ({detail['auc_ci'][0]:.3f}-{detail['auc_ci'][1]:.3f}) n={detail['n']}",
+                         "AUC Δ": "" if "auc_change" not in change else f"{change['auc_change']:+.4f}",
+                         "max |Δp|": "" if not change else f"{change['max_abs_diff']:.1e}"})
     return rows
+
+
+def closing_lines(report: dict) -> list[str]:
+    """Per model: the fastest variant within the accuracy tolerance."""
+    lines = []
+    for model, choice in report.get("fastest", {}).items():
+        rows = [r for r in report["results"] if r["model"] == model]
+        best = next(r for r in rows if r["runtime"] == choice["runtime"] and r["precision"] == choice["precision"]
+                    and r["provider"] == choice["provider"])
+        batch = "1" if "1" in best["latency"] else min(best["latency"], key=int)
+        ratio = best["latency"][batch]["p50"] / rows[0]["latency"][batch]["p50"]
+        line = (f"fastest within tolerance for {Path(model).name}: {best['runtime']} {best['precision']} on "
+                f"{best['provider']}, batch-{batch} p50 {best['latency'][batch]['p50']:.1f} ms "
+                f"({ratio:.2f}x {rows[0]['format']}; {best['vs_fp32']['tolerance']})")
+        if choice.get("saved"):
+            line += f"; saved to {choice['saved']} for --runtime auto"
+        lines.append(line)
+    return lines
 
 
 def markdown(report: dict) -> str:
     """The report as a markdown table with the machine described."""
     m = report["machine"]
+    engines = ", ".join(filter(None, [
+        m.get("onnxruntime") and f"onnxruntime {m['onnxruntime']} ({', '.join(m['available_providers'])})",
+        m.get("openvino") and f"OpenVINO {m['openvino']}"]))
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, "
-             f"onnxruntime {m['onnxruntime']} ({', '.join(m['available_providers'])}), "
-             f"threads {m['threads']}. Data: {report['data']}.", ""]
+             f"{engines}, threads {m['threads']}. {isa_line(m)}. Timing data: {report['data']}."
+             + (f" Accuracy: {report['accuracy_data']}." if report.get("accuracy_data") else ""), ""]
     rows = table_rows(report)
     lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+    lines += [""] + closing_lines(report)
     return "\n".join(lines) + "\n"

@@ -298,25 +298,28 @@ def export(
     tolerance: Annotated[float, typer.Option(help="fp32 parity: max |Keras - ONNX|.")] = 1e-4,
     fp16_tolerance: Annotated[float, typer.Option(help="FP16 variant: max |Δp| before it is flagged.")] = 1e-2,
     int8_tolerance: Annotated[float, typer.Option(help="INT8 variant: max |Δp| before it is flagged.")] = 0.05,
+    openvino: Annotated[bool, typer.Option(
+        "--openvino", help="Also write OpenVINO IR (NAME_ov.xml, gated like the ONNX file; its BF16 run checked "
+                           "when the CPU has BF16) and an NNCF INT8 IR (NAME_ov_int8.xml); needs --calibration-data.")] = False,
     json_out: JsonOut = None,
 ) -> None:
     """Export a trained model to ONNX with preprocessing inside, metadata, a parity gate
     against Keras, and optional FP16/INT8 variants, each with a model card (NAME.json).
 
-    Example: `ctedge export runs/b3-128/model.keras --onnx --fp16 --int8
+    Example: `ctedge export runs/b3-128/model.keras --onnx --fp16 --int8 --openvino
     --calibration-data ../shared/data/covid-ct --check-data ../shared/data/covid-ct`
     """
     from .export import ExportOptions, export_onnx, latest_model
 
-    if not onnx:
-        raise CtedgeError("say which format: --onnx")
+    if not (onnx or openvino):
+        raise CtedgeError("say which format: --onnx and/or --openvino (which converts the verified ONNX file)")
     if model is None:
         model = latest_model()
         console.print(f"exporting {model} (newest model found)")
     report = export_onnx(model, output, ExportOptions(
         opset, fp16, int8, str(calibration_data) if calibration_data else None, 64,
         str(check_data) if check_data else None, check_count, threshold, tolerance,
-        fp16_tolerance, int8_tolerance))
+        fp16_tolerance, int8_tolerance, openvino=openvino))
     from rich.table import Table
 
     table = Table(title=f"ONNX export of {report['model']}")
@@ -548,17 +551,31 @@ def report(
     console.print(f"[green]report:[/] {escape(str(result['report']))}")
     write_json(result, json_out)
 
-Provider = Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt (falls back to the CPU with a message).")]
-Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")]
+Provider = Annotated[str, typer.Option(
+    help="Device. onnxruntime: auto | cpu | cuda | tensorrt (falls back to the CPU with a message); "
+         "openvino: auto | cpu | gpu | npu.")]
+Threads = Annotated[Optional[int], typer.Option(help="Inference threads (default: all cores).")]
+Runtime = Annotated[str, typer.Option(
+    help="Engine: auto (what `ctedge bench --runtime all` found fastest here, saved beside the model; "
+         "else onnxruntime) | onnxruntime | openvino.")]
+Precision = Annotated[Optional[str], typer.Option(
+    help="fp32 | bf16 | fp16 | int8. OpenVINO: bf16/fp16 are inference precisions of the fp32 model "
+         "(CPU support needed), int8 the IR from `export --openvino`; onnxruntime: fp16/int8 run the "
+         "NAME_fp16/NAME_int8.onnx files from export. Default: auto's choice, else fp32.")]
+CacheDir = Annotated[Optional[Path], typer.Option(
+    help="OpenVINO compiled-model cache (default ~/.cache/ctedge/openvino): a second start skips compiling.")]
 
 
 @command
 def predict(
-    model: Annotated[Path, typer.Argument(help="Exported .onnx model.")],
+    model: Annotated[Path, typer.Argument(help="Exported .onnx model (or OpenVINO IR .xml).")],
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 8,
+    runtime: Runtime = "auto",
+    precision: Precision = None,
     provider: Provider = "auto",
     threads: Threads = None,
+    cache_dir: CacheDir = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write rows as CSV ('-' for stdout).")] = None,
     json_out: JsonOut = None,
     study: Annotated[bool, typer.Option("--study", help="Each path is a CT study (DICOM folder or .zip, "
@@ -572,11 +589,13 @@ def predict(
     plot: Annotated[Optional[Path], typer.Option(
         help="--study: folder for one PNG per study (needs matplotlib).")] = None,
 ) -> None:
-    """Classify images with an exported ONNX model (no TensorFlow needed).
+    """Classify images with an exported model (no TensorFlow needed), on
+    onnxruntime or OpenVINO.
 
     One row per image: path, probability of the positive class, label. A file
     that can't be read gets an error row and the rest go on; exit code 1 if any
-    failed. Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`
+    failed. Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`;
+    `ctedge predict exports/b3.onnx scans/ --runtime openvino --precision bf16`
 
     With `--study`, one row per CT study instead (see README, "Whole CT studies"):
     `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
@@ -587,20 +606,24 @@ def predict(
     from .imageio import expand_paths
     from .runtime import Classifier
 
+    if batch_size < 1:
+        raise CtedgeError(f"--batch-size must be at least 1, not {batch_size}")
     if study:
         from .study import StudyOptions
 
         options = StudyOptions(series, slice_step, max_slices, aggregate, top_k, batch_size,
                                keep_thumbnails=plot is not None)
-        predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot)
+        predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
+                                runtime=runtime, precision=precision, cache_dir=cache_dir)
         return
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
-    clf = Classifier(model, provider, threads)
+    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
+                     cache_dir=str(cache_dir) if cache_dir else None)
     rows = clf.predict_files(files, batch_size)
-    failed = print_file_rows(f"{model.name} on {clf.providers[0]}: P({clf.positive}), threshold {clf.threshold}",
-                             rows, "label")
+    failed = print_file_rows(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
+                             f"P({clf.positive}), threshold {clf.threshold}", rows, "label")
     records = [asdict(r) for r in rows]
     if csv_out:
         handle = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
@@ -609,12 +632,15 @@ def predict(
         writer.writerows(records)
         if handle is not sys.stdout:
             handle.close()
-    write_json({"model": str(model), "provider": clf.providers[0], "predictions": records}, json_out)
+    write_json({"model": str(model), "runtime": clf.runtime, "precision": clf.precision,
+                "provider": clf.providers[0], "predictions": records}, json_out)
     exit_if_failed(failed, len(rows))
 
 
 def predict_studies_command(model: Path, paths: list[Path], options, provider: str, threads: int | None,
-                            csv_out: Path | None, json_out: Path | None, plot: Path | None) -> None:
+                            csv_out: Path | None, json_out: Path | None, plot: Path | None, *,
+                            runtime: str = "auto", precision: str | None = None,
+                            cache_dir: Path | None = None) -> None:
     """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
     import csv
 
@@ -633,11 +659,12 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
             from .plots import study_plot
         except ImportError:
             raise CtedgeError('--plot needs matplotlib: pip install "ctedge[train]"') from None
-    clf = Classifier(model, provider, threads)
+    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
+                     cache_dir=str(cache_dir) if cache_dir else None)
     results = predict_studies(clf, paths, options,
                               progress=lambda r: console.print(f"{r.input}: {r.study_uid or '-'} done",
                                                                highlight=False))
-    table = Table(title=f"{model.name} on {clf.providers[0]}: P({clf.positive}) per study, "
+    table = Table(title=f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): P({clf.positive}) per study, "
                         f"threshold {clf.threshold}, aggregate {options.aggregate}")
     for column in ("input", "patient", "slices used/total", "probability", "label"):
         table.add_column(column, overflow="fold")
@@ -679,14 +706,29 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
 @command
 def bench(
     models: Annotated[Optional[list[Path]], typer.Argument(
-        help=".onnx (and .keras for a TF baseline) models; default: every .onnx in exports/.")] = None,
-    provider: Annotated[str, typer.Option(help="cpu | cuda | tensorrt | all")] = "cpu",
+        help=".onnx or OpenVINO .xml (and .keras for a TF baseline) models; default: every .onnx in exports/.")] = None,
+    runtime: Annotated[str, typer.Option(
+        help="onnxruntime | openvino | auto | all (every runtime × precision × provider this machine has; "
+             "saves the fastest within tolerance beside the model for --runtime auto).")] = "onnxruntime",
+    precision: Precision = None,
+    provider: Annotated[str, typer.Option(help="onnxruntime provider: cpu | cuda | tensorrt | all")] = "cpu",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,16",
     threads: Threads = None,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up calls.")] = 3,
     runs: Annotated[int, typer.Option(help="Timed calls per measure.")] = 20,
     seconds: Annotated[Optional[float], typer.Option(help="Time each measure for S seconds instead of --runs.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Images (class folders give accuracy/AUC); default: generated.")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Images (class folders give accuracy/AUC on all of them); default: generated.")] = None,
+    split_dir: Annotated[Optional[Path], typer.Option(
+        help="Official split lists: accuracy on --split of --data only.")] = None,
+    split: Annotated[str, typer.Option(help="Split for accuracy with --split-dir: train | val | test.")] = "val",
+    accuracy_images: Annotated[Optional[int], typer.Option(
+        help="Score a seeded sample of N labelled images instead of all (stated in the report).")] = None,
+    auc_tolerance: Annotated[float, typer.Option(
+        help="A variant is within tolerance when |AUC - fp32 AUC| is at most this (labelled data).")] = 0.005,
+    cache_dir: CacheDir = None,
+    save_choice: Annotated[bool, typer.Option(
+        help="With --runtime all, write MODEL.runtime.json (the fastest within tolerance) for --runtime auto.")] = True,
     budget_ms: Annotated[float, typer.Option(help="End-to-end budget per image (the seed's 'few seconds').")] = 2000.0,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as markdown.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Latency histogram PNG (needs matplotlib).")] = None,
@@ -697,15 +739,18 @@ def bench(
     study_runs: Annotated[int, typer.Option(help="--study: timed runs (and fresh-process runs).")] = 3,
 ) -> None:
     """Latency (min/mean/p50/p90/p99/max), throughput, cold start, end-to-end time
-    from a file, accuracy/AUC and size per model and provider, with a verdict
-    against the time budget.
+    from a file, accuracy/AUC with n and a 95% bootstrap CI (and its change against
+    the model's fp32 run on the same images) and size per model, runtime,
+    precision and provider, with a verdict against the time budget. Variants are
+    timed interleaved.
 
-    Example: `ctedge bench --data ../shared/data/covid-ct --markdown bench.md`;
+    Example: `ctedge bench exports/b3.onnx --runtime all --data ../shared/data/covid-ct
+    --split-dir ../shared/data/covid-ct/splits --markdown bench.md`;
     for a whole study: `ctedge bench exports/b3.onnx --study patient1/ --json -`
     """
     from rich.table import Table
 
-    from .bench import BenchOptions, markdown, run_bench, table_rows
+    from .bench import BenchOptions, closing_lines, isa_line, markdown, run_bench, table_rows
 
     if study is not None:
         bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out)
@@ -715,29 +760,46 @@ def bench(
         sizes = [int(b) for b in batch_sizes.split(",")]
     except ValueError:
         raise CtedgeError(f"--batch-sizes must be comma-separated integers, not {batch_sizes!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise CtedgeError(f"--batch-sizes must be positive integers, not {batch_sizes!r}")
     if provider not in ("cpu", "cuda", "tensorrt", "all"):
         raise CtedgeError(f"--provider must be cpu, cuda, tensorrt or all, not {provider!r}")
-    report = run_bench(models or [], BenchOptions(provider, sizes, threads, warmup, runs, seconds,
-                                                  str(data) if data else None, 16, budget_ms))
+    if accuracy_images is not None and accuracy_images < 2:
+        raise CtedgeError(f"--accuracy-images must be at least 2, not {accuracy_images}")
+    if split_dir and not data:
+        raise CtedgeError("--split-dir needs --data (the class folders the lists name)")
+    report = run_bench(models or [], BenchOptions(
+        provider, sizes, threads, warmup, runs, seconds, str(data) if data else None, 16, budget_ms,
+        runtime=runtime, precision=precision, split_dir=str(split_dir) if split_dir else None, split=split,
+        accuracy_images=accuracy_images, auc_tolerance=auc_tolerance,
+        cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice))
     m = report["machine"]
-    table = Table(title=f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}")
-    shown = {"model": "model", "provider": "provider", "MB": "MB", "batch": "batch", "p50 ms": "p50 ms",
-             "p99 ms": "p99 ms", "images/s": "img/s", "end-to-end p50 ms": "e2e p50 ms",
-             "cold start ms": "cold ms", "AUC": "AUC"}  # row key -> short console header
+    engines = ", ".join(filter(None, [m["onnxruntime"] and f"onnxruntime {m['onnxruntime']}",
+                                      m["openvino"] and f"OpenVINO {m['openvino']}"]))
+    table = Table(title=f"{m['cpu']}, {m['cores']} cores, {engines}")
+    shown = {"model": "model", "format": "runtime", "provider": "provider", "batch": "batch",
+             "p50 ms": "p50 ms", "p99 ms": "p99 ms", "/ fp32": "/fp32", "images/s": "img/s",
+             "end-to-end p50 ms": "e2e p50 ms", "cold start ms": "cold ms", "AUC": "AUC (95% CI) n",
+             "AUC Δ": "AUC Δ"}  # row key -> short console header
     for header in shown.values():
         table.add_column(header, justify="right")
     for row in table_rows(report):
         table.add_row(*[row[c].replace("ExecutionProvider", "") for c in shown])
     console.print(table)
+    console.print(isa_line(m), highlight=False)
+    if report.get("accuracy_data"):
+        console.print(f"accuracy on {report['accuracy_data']}", highlight=False)
     for r in report["results"]:
         if "budget" in r:
             b = r["budget"]
             verdict = "[green]within[/]" if b["within"] else "[red]OVER[/]"
-            console.print(f"{Path(r['model']).name} ({r['provider']}): end-to-end p50 "
+            console.print(f"{Path(r['model']).name} ({r['format']}, {r['provider']}): end-to-end p50 "
                           f"{b['end_to_end_p50_ms']:.1f} ms, {verdict} the {b['budget_ms']:.0f} ms budget "
                           f"(margin {b['margin_ms']:.0f} ms); decode+resize is "
                           + (f"{b['preprocessing_share']:.0%} of it" if b["preprocessing_share"] > 0
                              else "within the timing noise"))
+    for line in closing_lines(report):
+        console.print(f"[bold]{line}[/]", highlight=False)
     if markdown_out:
         markdown_out.write_text(markdown(report))
     if plot:
@@ -745,7 +807,7 @@ def bench(
             from .plots import latency_histogram
         except ImportError:
             raise CtedgeError("--plot needs matplotlib (pip install ctedge[train])") from None
-        latency_histogram({f"{Path(r['model']).name} {r['provider']}": np.asarray(r["samples_ms"])
+        latency_histogram({f"{Path(r['model']).name} {r['format']} {r['provider']}": np.asarray(r["samples_ms"])
                            for r in report["results"]}, plot)
     write_json(report, json_out)
 

@@ -45,6 +45,10 @@ class ExportOptions:
     int8_reduce_range: bool = False
     int8_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
     int8_format: str = "qdq"  # qdq | qoperator
+    openvino: bool = False  # also OpenVINO IR (NAME_ov.xml) and NNCF INT8 IR (NAME_ov_int8.xml)
+    ov_tolerance: float = 1e-4  # OpenVINO fp32: max |Keras - OpenVINO|
+    bf16_tolerance: float = 0.05  # OpenVINO BF16 inference precision of the fp32 IR
+    ov_int8_ignored_types: list[str] = field(default_factory=list)  # NNCF ignored scope (op types)
 
 
 # --- conversion and graph checks ---------------------------------------------
@@ -250,6 +254,21 @@ def default_output(model_path: Path, exports_dir: Path = Path("exports")) -> Pat
     return exports_dir / f"{name}.onnx"
 
 
+def judge(probabilities: np.ndarray, check: dict, tolerance: float, options: ExportOptions, what: str,
+          engine: str, refuse_to: Path | None = None) -> dict:
+    """Parity report with its verdict; with ``refuse_to`` a failure raises (the gate)."""
+    report = parity(check["reference"], probabilities, check["labels"], options.threshold)
+    report.update(tolerance=tolerance, check_data=check["source"])
+    passed = report["max_abs_diff"] <= tolerance and report["decision_agreement"] == 1.0
+    report["status"] = "ok" if passed else "flagged"
+    if refuse_to is not None and not passed:
+        raise CheckFailed(
+            f"{what} failed on {check['source']}: max |Keras - {engine}| = "
+            f"{report['max_abs_diff']:.3g} (tolerance {tolerance:g}), decision agreement "
+            f"{report['decision_agreement']:.3f}; nothing written to {refuse_to}")
+    return report
+
+
 def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance: float,
                     metadata: dict, check: dict, options: ExportOptions, gate: bool = False) -> dict:
     """Check, measure parity against Keras, then write the file and its model card.
@@ -259,16 +278,8 @@ def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance:
     """
     set_metadata(proto, {**metadata, "ctedge.variant": variant})
     check_graph(proto)
-    report = parity(check["reference"], onnx_probabilities(proto, check["images"]),
-                    check["labels"], options.threshold)
-    report.update(tolerance=tolerance, check_data=check["source"])
-    passed = report["max_abs_diff"] <= tolerance and report["decision_agreement"] == 1.0
-    report["status"] = "ok" if passed else "flagged"
-    if gate and not passed:
-        raise CheckFailed(
-            f"{variant} parity check failed on {check['source']}: max |Keras - ONNX| = "
-            f"{report['max_abs_diff']:.3g} (tolerance {tolerance:g}), decision agreement "
-            f"{report['decision_agreement']:.3f}; nothing written to {path}")
+    report = judge(onnx_probabilities(proto, check["images"]), check, tolerance, options,
+                   f"{variant} parity check", "ONNX", path if gate else None)
     atomic_write(proto.SerializeToString(), path)
     card = {"file": str(path), "variant": variant, "size_mb": path.stat().st_size / 1e6,
             "metadata": {**metadata, "ctedge.variant": variant}, "parity": report}
@@ -284,8 +295,14 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
     options = options or ExportOptions()
     model_path = Path(model_path) if model_path else latest_model()
     output = Path(output) if output else default_output(model_path)
-    if options.int8 and not options.calibration_data:
-        raise CtedgeError("--int8 needs --calibration-data DIR (images like those it will see)")
+    if (options.int8 or options.openvino) and not options.calibration_data:
+        raise CtedgeError(f"{'--int8' if options.int8 else '--openvino'} needs --calibration-data DIR "
+                          "(images like those it will see)")
+    from .engines import require
+
+    require("onnxruntime")  # the parity gate runs the ONNX file on onnxruntime
+    if options.openvino:
+        require("openvino")
     model = load_model(model_path)
     preprocess = keras_preprocess_config(model)
     images, labels, source = sample_images(options.check_data, preprocess, options.check_count)
@@ -309,5 +326,83 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
                                             options.int8_tolerance,
                                             {**metadata, "ctedge.int8_calibration": calibration_source},
                                             check, options)
+    if options.openvino:
+        calibration, _, calibration_source = sample_images(
+            options.calibration_data, preprocess, options.calibration_count, seed=1)
+        cards.update(export_openvino(output, metadata, check, options, calibration, calibration_source))
     return {"model": str(model_path), "output": str(output), "options": asdict(options),
             "variants": cards}
+
+
+# --- OpenVINO ----------------------------------------------------------------
+
+def openvino_probabilities(model, images: np.ndarray, precision: str = "f32", batch: int = 16) -> np.ndarray:
+    """An OpenVINO model (or IR path) run on the CPU at an inference precision."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model if not isinstance(model, Path) else str(model), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": precision})
+    return np.concatenate([compiled(images[i:i + batch])[0][:, 0] for i in range(0, len(images), batch)])
+
+
+def _save_ir(model, path: Path) -> None:
+    """IR .xml + .bin in float32, written beside ``path`` then renamed into place."""
+    import os
+
+    import openvino as ov
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
+        staged = Path(tmp) / path.name
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(staged, path)
+
+
+def _finish_ir(model, path: Path, variant: str, tolerance: float, metadata: dict, check: dict,
+               options: ExportOptions, gate: bool = False, extra: dict | None = None) -> dict:
+    """The parity gate and model card of ``_finish_variant`` for an OpenVINO IR."""
+    for key, value in {**metadata, "ctedge.variant": variant}.items():
+        model.set_rt_info(value if key.startswith("Image.") else json.dumps(value), ["framework", key])
+    report = judge(openvino_probabilities(model, check["images"]), check, tolerance, options,
+                   f"OpenVINO {variant} parity check", "OpenVINO", path if gate else None)
+    report["runtime"] = "openvino f32"
+    _save_ir(model, path)
+    card = {"file": str(path), "variant": variant, "runtime": "openvino",
+            "size_mb": (path.stat().st_size + path.with_suffix(".bin").stat().st_size) / 1e6,
+            "metadata": {**metadata, "ctedge.variant": variant}, "parity": report, **(extra or {})}
+    atomic_write(json.dumps(card, indent=2).encode(), path.with_suffix(".json"))
+    return card
+
+
+def export_openvino(onnx_path: Path, metadata: dict, check: dict, options: ExportOptions,
+                    calibration: np.ndarray, calibration_source: str) -> dict:
+    """OpenVINO IR of the verified ONNX file (gated like it), its BF16 inference
+    precision checked when the CPU has it, and an NNCF INT8 IR (flagged beyond
+    ``int8_tolerance``), each with a model card."""
+    import nncf
+    import openvino as ov
+
+    from .engines import ov_capabilities
+
+    cards = {}
+    ir_path = onnx_path.with_name(onnx_path.stem + "_ov.xml")
+    model = ov.Core().read_model(str(onnx_path))
+    bf16 = None
+    if "BF16" in ov_capabilities("CPU"):
+        bf16 = judge(openvino_probabilities(model, check["images"], "bf16"), check, options.bf16_tolerance,
+                     options, "bf16 parity check", "OpenVINO bf16")
+        bf16["runtime"] = "openvino bf16 inference precision of this IR"
+    cards["ov-fp32"] = _finish_ir(model, ir_path, "fp32", options.ov_tolerance, metadata, check, options,
+                                  gate=True, extra={"bf16_parity": bf16} if bf16 else None)
+    if bf16:
+        cards["ov-bf16"] = {"file": str(ir_path), "variant": "bf16 (run-time precision)",
+                            "size_mb": cards["ov-fp32"]["size_mb"], "parity": bf16}
+    ignored = nncf.IgnoredScope(types=options.ov_int8_ignored_types) if options.ov_int8_ignored_types else None
+    quantized = nncf.quantize(ov.Core().read_model(str(ir_path)),
+                              nncf.Dataset(list(calibration), lambda image: image[None]),
+                              subset_size=len(calibration), **({"ignored_scope": ignored} if ignored else {}))
+    cards["ov-int8"] = _finish_ir(quantized, ir_path.with_name(ir_path.stem + "_int8.xml"), "int8",
+                                  options.int8_tolerance,
+                                  {**metadata, "ctedge.int8_calibration": calibration_source}, check, options)
+    return cards

@@ -1,10 +1,12 @@
-"""TensorFlow-free inference on an exported ctedge ONNX model.
+"""TensorFlow-free inference on an exported ctedge model.
 
-Imports numpy, opencv and onnxruntime only (plus pydicom for DICOM files), so
-other apps can embed it on an edge box with the base install:
+Imports numpy and opencv (plus pydicom for DICOM files) and the inference
+engine it is asked for — onnxruntime or OpenVINO, each imported only when used
+(see ``ctedge.engines``) — so other apps can embed it on an edge box:
 
     from ctedge.runtime import Classifier
-    clf = Classifier("exports/b3.onnx")
+    clf = Classifier("exports/b3.onnx")                       # auto: fastest benched, else onnxruntime
+    clf = Classifier("exports/b3.onnx", runtime="openvino", precision="bf16")
     for row in clf.predict_files(["scan.png", "slice.dcm"]):
         print(row.path, row.probability, row.label)
 """
@@ -17,16 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from .engines import PROVIDERS, EngineConfig, open_engine, resolve, resolve_providers, session_options
 from .errors import CtedgeError, UnreadableImage
 from .imageio import read_image
 from .preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "tensorrt": "TensorrtExecutionProvider"}
+__all__ = ["Classifier", "Prediction", "EngineConfig", "PROVIDERS", "resolve_providers",
+           "session_options", "parse_metadata"]
 
 
 @dataclass
@@ -37,52 +39,32 @@ class Prediction:
     error: str | None = None
 
 
-def resolve_providers(provider: str) -> list[str]:
-    """ORT provider list for auto|cpu|cuda|tensorrt, falling back with a message."""
-    available = ort.get_available_providers()
-    if provider == "auto":
-        return [p for p in PROVIDERS.values() if p in available][::-1]
-    if provider not in PROVIDERS:
-        raise CtedgeError(f"--provider must be auto, cpu, cuda or tensorrt, not {provider!r}")
-    wanted = PROVIDERS[provider]
-    if wanted not in available:
-        log.warning("%s is not available in this onnxruntime (%s); using the CPU. "
-                    "For NVIDIA GPUs install ctedge[cuda].", wanted, ", ".join(available))
-        return ["CPUExecutionProvider"]
-    chain = [wanted, "CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in dict.fromkeys(chain) if p in available]
-
-
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
-
-
-def read_metadata(session: ort.InferenceSession, path: Path) -> dict:
+def parse_metadata(raw: dict[str, str], path: Path) -> dict:
     """ctedge's metadata keys, parsed; refuses a model without them."""
-    meta = session.get_modelmeta().custom_metadata_map
-    if "ctedge.input" not in meta:
-        raise CtedgeError(f"{path}: ONNX model has no ctedge metadata (export it with "
+    if "ctedge.input" not in raw:
+        kind = "ONNX model" if path.suffix == ".onnx" else "model"
+        raise CtedgeError(f"{path}: {kind} has no ctedge metadata (export it with "
                           "`ctedge export --onnx`)")
-    return {k.removeprefix("ctedge."): json.loads(v) for k, v in meta.items() if k.startswith("ctedge.")}
+    return {k.removeprefix("ctedge."): json.loads(v) for k, v in raw.items() if k.startswith("ctedge.")}
 
 
 class Classifier:
-    """An exported ctedge model: decode, resize as in training, run, threshold."""
+    """An exported ctedge model: decode, resize as in training, run, threshold.
 
-    def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None):
+    ``runtime``: auto | onnxruntime | openvino; ``precision``: fp32 | bf16 | fp16 |
+    int8 (None: what ``runtime="auto"`` picked, else fp32); ``provider``: the
+    engine's device (onnxruntime: auto | cpu | cuda | tensorrt; OpenVINO: auto |
+    cpu | gpu | npu).
+    """
+
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None, *,
+                 runtime: str = "auto", precision: str | None = None, cache_dir: str | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise CtedgeError(f"model not found: {self.path}")
-        try:
-            self.session = ort.InferenceSession(str(self.path), session_options(threads),
-                                                providers=resolve_providers(provider))
-        except Exception as exc:  # ORT raises its own types for a non-ONNX file
-            raise CtedgeError(f"{self.path}: not a loadable ONNX model ({exc})") from None
-        self.metadata = read_metadata(self.session, self.path)
+        self.config = resolve(self.path, EngineConfig(runtime, precision, provider, threads, cache_dir))
+        self.engine = open_engine(self.path, self.config)
+        self.metadata = parse_metadata(self.engine.raw_metadata, self.engine.path)
         spec = self.metadata["input"]
         self.input_name, self.size = spec["name"], int(spec["size"])
         preprocess = self.metadata["preprocess"]
@@ -92,8 +74,21 @@ class Classifier:
         self.threshold = float(self.metadata["threshold"])
 
     @property
+    def runtime(self) -> str:
+        return self.config.runtime
+
+    @property
+    def precision(self) -> str:
+        return self.config.precision
+
+    @property
     def providers(self) -> list[str]:
-        return self.session.get_providers()
+        return self.engine.devices
+
+    @property
+    def session(self):
+        """The onnxruntime session (onnxruntime only)."""
+        return getattr(self.engine, "session", None)
 
     def load(self, path: str | Path) -> np.ndarray:
         """One file -> model input (size, size, 3) float32 0-255."""
@@ -101,7 +96,7 @@ class Classifier:
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Batch of model inputs -> P(positive) per image."""
-        return self.session.run(None, {self.input_name: np.asarray(images, np.float32)})[0][:, 0]
+        return self.engine.run(np.ascontiguousarray(images, np.float32))
 
     def label(self, probability: float) -> str:
         negative = next(c for c in self.classes if c != self.positive)

@@ -1,0 +1,91 @@
+"""CI check: every install command the README documents resolves to the engine
+it promises and to at most one onnxruntime distribution.
+
+onnxruntime, onnxruntime-gpu and onnxruntime-openvino all own the same
+``onnxruntime`` Python package: when two of them are installed, whichever lands
+last overwrites the other's files. This asks pip what each documented install
+would resolve to (``pip install --dry-run --ignore-installed --report``; nothing
+is installed) and checks the onnxruntime builds and OpenVINO in it.
+
+    python scripts/check_installs.py            # all documented installs
+    python scripts/check_installs.py ".[cuda]"  # one of them
+
+Exit code 0 when every install resolves as documented, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ORT_DISTRIBUTIONS = {"onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                     "onnxruntime-training", "onnxruntime-qnn"}
+# README's install commands -> (the one onnxruntime build expected or None, OpenVINO expected)
+DOCUMENTED = {
+    ".": (None, False),
+    ".[cpu]": ("onnxruntime", False),
+    ".[cuda]": ("onnxruntime-gpu", False),
+    ".[openvino]": (None, True),
+    ".[cpu,openvino]": ("onnxruntime", True),
+    ".[cuda,openvino]": ("onnxruntime-gpu", True),
+    ".[train,cpu]": ("onnxruntime", False),
+    ".[train,cuda]": ("onnxruntime-gpu", False),
+    ".[train,cpu,openvino]": ("onnxruntime", True),
+    ".[test]": ("onnxruntime", True),
+}
+
+
+def resolve(spec: str) -> list[str]:
+    """Distribution names pip would install for ``spec`` into an empty environment."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
+                               "--ignore-installed", "--report", str(report), spec],
+                              cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"pip cannot resolve {spec}: {done.stderr.strip().splitlines()[-1:]}")
+        return [item["metadata"]["name"].lower().replace("_", "-")
+                for item in json.loads(report.read_text())["install"]]
+
+
+def check(spec: str) -> list[str]:
+    """Problems with one install; empty when it resolves as documented."""
+    expected_ort, expected_ov = DOCUMENTED[spec]
+    names = resolve(spec)
+    ort = sorted(set(names) & ORT_DISTRIBUTIONS)
+    problems = []
+    if len(ort) > 1:
+        problems.append(f"{len(ort)} onnxruntime builds that overwrite each other: {', '.join(ort)}")
+    if ort != ([expected_ort] if expected_ort else []):
+        problems.append(f"onnxruntime build {ort or 'none'}, documented {expected_ort or 'none'}")
+    if ("openvino" in names) != expected_ov:
+        problems.append(f"OpenVINO {'present' if 'openvino' in names else 'missing'}, documented "
+                        f"{'present' if expected_ov else 'absent'}")
+    return problems
+
+
+def main(specs: list[str]) -> int:
+    unknown = [s for s in specs if s not in DOCUMENTED]
+    if unknown:
+        print(f"not a documented install: {', '.join(unknown)} (known: {', '.join(DOCUMENTED)})", file=sys.stderr)
+        return 2
+    failed = 0
+    for spec in specs or list(DOCUMENTED):
+        started = time.perf_counter()
+        try:
+            problems = check(spec)
+        except RuntimeError as exc:
+            problems = [str(exc)]
+        failed += bool(problems)
+        verdict = "ok" if not problems else "FAIL: " + "; ".join(problems)
+        print(f'pip install "{spec}": {verdict} ({time.perf_counter() - started:.0f} s)', flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
