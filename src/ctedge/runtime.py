@@ -11,7 +11,6 @@ other apps can embed it on an edge box with the base install:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import onnxruntime as ort
 
 from .errors import CtedgeError, UnreadableImage
 from .imageio import read_image
+from .metadata import ModelMetadata
 from .preprocess import to_model_input
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,6 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def read_metadata(session: ort.InferenceSession, path: Path) -> dict:
-    """ctedge's metadata keys, parsed; refuses a model without them."""
-    meta = session.get_modelmeta().custom_metadata_map
-    if "ctedge.input" not in meta:
-        raise CtedgeError(f"{path}: ONNX model has no ctedge metadata (export it with "
-                          "`ctedge export --onnx`)")
-    return {k.removeprefix("ctedge."): json.loads(v) for k, v in meta.items() if k.startswith("ctedge.")}
-
-
 class Classifier:
     """An exported ctedge model: decode, resize as in training, run, threshold."""
 
@@ -82,14 +73,11 @@ class Classifier:
                                                 providers=resolve_providers(provider))
         except Exception as exc:  # ORT raises its own types for a non-ONNX file
             raise CtedgeError(f"{self.path}: not a loadable ONNX model ({exc})") from None
-        self.metadata = read_metadata(self.session, self.path)
-        spec = self.metadata["input"]
-        self.input_name, self.size = spec["name"], int(spec["size"])
-        preprocess = self.metadata["preprocess"]
-        self.window = (preprocess["window_low"], preprocess["window_high"])
-        self.classes = self.metadata["classes"]
-        self.positive = self.metadata["positive_class"]
-        self.threshold = float(self.metadata["threshold"])
+        checked = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, self.path,
+                                           {i.name: i.shape for i in self.session.get_inputs()})
+        self.metadata, self.input_name, self.size = checked.raw, checked.input_name, checked.size
+        self.window, self.classes, self.positive = checked.window, list(checked.classes), checked.positive
+        self.threshold = checked.threshold
 
     @property
     def providers(self) -> list[str]:
