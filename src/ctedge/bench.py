@@ -6,6 +6,7 @@ baseline in the same run (TensorFlow imported only then).
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import subprocess
@@ -83,9 +84,11 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def bench_files(data: str | None, count: int) -> tuple[list[Path], np.ndarray | None, str]:
+def bench_files(data: str | None, count: int, folder: Path | None = None
+                ) -> tuple[list[Path], np.ndarray | None, str]:
     """Image files for end-to-end timing and accuracy: a labelled data folder, a
-    flat folder, or generated phantom PNGs."""
+    flat folder, or generated phantom PNGs written to ``folder`` (the caller's
+    temporary folder, which it removes)."""
     import cv2
 
     from .data import pick_samples
@@ -99,7 +102,8 @@ def bench_files(data: str | None, count: int) -> tuple[list[Path], np.ndarray | 
         labels = np.array([s.label for s in readable]) if labelled else None
         skipped = f", {len(chosen) - len(readable)} unreadable skipped" if len(readable) < len(chosen) else ""
         return [s.path for s in readable], labels, f"{len(readable)} images from {data}{skipped}"
-    folder = Path(tempfile.mkdtemp(prefix="ctedge-bench-"))
+    if folder is None:
+        raise ValueError("bench_files needs a folder for the generated phantoms")
     rng = np.random.default_rng(0)
     files = []
     for i in range(count):
@@ -114,8 +118,12 @@ def process_start_ms(model: Path, image: Path, provider: str) -> float:
     code = ("import sys; from ctedge.runtime import Classifier; "
             "c = Classifier(sys.argv[1], provider=sys.argv[3]); c.predict_files([sys.argv[2]])")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(model), str(image), provider], check=True,
-                   capture_output=True)
+    done = subprocess.run([sys.executable, "-c", code, str(model), str(image), provider],
+                          capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise CtedgeError(f"{model}: the fresh-process cold-start run failed (exit {done.returncode}): "
+                          f"{last}")
     return (time.perf_counter() - started) * 1000
 
 
@@ -148,7 +156,7 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
     samples = time_calls(lambda: clf.predict_arrays(one), options.warmup, options.runs, options.seconds)
     result["inference_ms"] = stats_ms(samples)
     result["samples_ms"] = (np.asarray(samples) * 1000).tolist()
-    cycle = iter(files * (options.runs + options.warmup + 1000))
+    cycle = itertools.cycle(files)
     result["end_to_end_ms"] = stats_ms(time_calls(lambda: clf.predict_files([next(cycle)], 1),
                                                   options.warmup, options.runs, options.seconds))
     if labels is not None:
@@ -207,16 +215,18 @@ def run_bench(models: list[Path], options: BenchOptions) -> dict:
     available = ort.get_available_providers()
     providers = ([name for name, ep in PROVIDERS.items() if ep in available]
                  if options.provider == "all" else [options.provider])
-    files, labels, source = bench_files(options.data, options.files)
+    bad = [m for m in models if m.suffix not in (".onnx", ".keras")]
+    if bad:
+        raise CtedgeError(f"{bad[0]}: bench takes .onnx or .keras models")
     results = []
-    for model in models:
-        if model.suffix == ".keras":
-            results.append(bench_keras(model, options))
-            continue
-        if model.suffix != ".onnx":
-            raise CtedgeError(f"{model}: bench takes .onnx or .keras models")
-        for provider in providers:
-            results.append(bench_onnx(model, provider, options, files, labels))
+    with tempfile.TemporaryDirectory(prefix="ctedge-bench-") as tmp:
+        files, labels, source = bench_files(options.data, options.files, Path(tmp))
+        for model in models:
+            if model.suffix == ".keras":
+                results.append(bench_keras(model, options))
+                continue
+            for provider in providers:
+                results.append(bench_onnx(model, provider, options, files, labels))
     return {"machine": machine_info(options.threads), "options": asdict(options),
             "data": source, "results": results}
 
