@@ -206,7 +206,9 @@ def _read_raster(path: Path, max_pixels: int) -> Decoded:
             image = image[:, :, :3]
         colour = image if image.dtype == np.uint8 else (image / 257).astype(np.uint8)
         image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    gray = image.astype(np.float32) * scale
+    gray = image.astype(np.float32)
+    if scale != 1.0:
+        gray *= scale  # in place: a large image is not copied twice more
     return Decoded(gray=gray, colour=colour, kind=path.suffix.lower().lstrip(".") or "image")
 
 
