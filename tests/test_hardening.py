@@ -303,8 +303,13 @@ def test_a_killed_training_run_resumes_with_every_epoch_once(tmp_path, phantom_d
         time.sleep(0.005)
     victim.kill()
     assert victim.wait() == -9  # killed mid-run, not finished
-    done = json.loads(state.read_text())["epochs_done"]
+    saved = json.loads(state.read_text())
+    done = saved["epochs_done"]
     assert 1 <= done < 3
+    assert saved["best"] is not None and saved["early_stopping"]["best"] == saved["best"]
+    from ctedge.model import load_model
+
+    load_model(run / "model.keras")  # the best so far is whole, whenever the kill came
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2 and "add --resume" in refused.stderr, refused.output
     result = runner.invoke(app, [*args, "--resume", "--json", str(tmp_path / "t.json")])
