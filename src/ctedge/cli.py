@@ -636,8 +636,9 @@ def predict(
     """Classify images with an exported ONNX model (no TensorFlow needed).
 
     One row per image: path, probability of the positive class, label. A file
-    that can't be read gets an error row and the rest go on; exit code 1 if any
-    failed. Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`
+    that can't be read, or above the pixel budget (50 MP; `ctedge --max-pixels N predict ...`),
+    gets an error row and the rest go on; exit code 1 if any failed.
+    Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`
 
     With `--study`, one row per CT study instead (see README, "Whole CT studies"):
     `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
