@@ -100,3 +100,10 @@ def test_evaluate_says_when_the_model_is_effectively_constant(tmp_path, phantom_
     assert result.exit_code == 0, result.output
     assert "effectively constant" in result.stderr
     assert "effectively constant" in (tmp_path / "e.html").read_text()
+
+
+def test_error_messages_keep_their_brackets(tmp_path):
+    """Rich markup must not eat '[...]' in a message (paths, extras like ctedge[train])."""
+    folder = tmp_path / "scans[old]"
+    result = runner.invoke(app, ["train", str(folder / "missing"), "--weights", "none"])
+    assert result.exit_code == 2 and "scans[old]" in result.stderr

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 
 from . import __version__
 from .errors import CtedgeError
@@ -78,7 +79,7 @@ def command(func=None, *, tensorflow: bool = False):
                 import_tensorflow(VERBOSE["on"])
             return func(*args, **kwargs)
         except CtedgeError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -239,7 +240,7 @@ def train(
         if part["unreadable"]:
             console.print(f"[yellow]{name}: skipped {len(part['unreadable'])} unreadable file(s):[/]")
             for item in part["unreadable"]:
-                console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+                console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False)
         if part["dropped"]:
             console.print(f"{name}: dropped {len(part['dropped'])} image(s) with annotation marks")
     best = {k: v for k, v in result.items() if k.startswith("best_")}
@@ -506,13 +507,13 @@ def audit(
                   f"{report['cross_split_duplicates']} across splits")
     for p in pairs[:show]:
         tag = "[red]CROSS-SPLIT[/]" if p["cross_split"] else "within " + p["splits"][0]
-        console.print(f"  {tag} {p['bits']:2d} bits  {p['a']}  ~  {p['b']}", highlight=False)
+        console.print(f"  {tag} {p['bits']:2d} bits  {escape(p['a'])}  ~  {escape(p['b'])}", highlight=False)
     console.print(f"[bold]annotated[/] (coloured marks): {len(report['annotated'])}")
     for path in report["annotated"][:show]:
-        console.print(f"  {path}", highlight=False)
+        console.print(f"  {path}", highlight=False, markup=False)
     console.print(f"smaller than {image_size} px: {len(report['too_small'])}; unreadable: {len(report['unreadable'])}")
     for item in report["unreadable"][:show]:
-        console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+        console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False)
     baseline = report["shortcut_baseline"]
     for split in ("val", "test"):
         if split in baseline:
@@ -606,7 +607,7 @@ def report(
     if audit:
         console.print(f"audit: {len(audit['near_duplicates'])} near-duplicate pair(s), "
                       f"{audit['cross_split_duplicates']} across splits; {len(audit['annotated'])} annotated")
-    console.print(f"[green]report:[/] {result['report']}")
+    console.print(f"[green]report:[/] {escape(str(result['report']))}")
     write_json(result, json_out)
 
 Provider = Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt (falls back to the CPU with a message).")]
@@ -706,11 +707,11 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
             console.print(f"  rejected series {rejected['series_uid']} ({rejected['slices']} file(s)): "
                           f"{rejected['reason']}", highlight=False)
         for warning in r.warnings:
-            console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+            console.print(f"  [yellow]warning:[/] {escape(warning)}", highlight=False)
     if plot is not None:
         for r in results:
             if not r.error:
-                console.print(f"plot: {study_plot(r, plot)}", highlight=False)
+                console.print(f"plot: {study_plot(r, plot)}", highlight=False, markup=False)
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_json({"model": str(model), "provider": clf.providers[0], "threshold": clf.threshold,
                 "options": {k: v for k, v in vars(options).items() if k != "keep_thumbnails"},

@@ -307,7 +307,7 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
         model.optimizer.build(model.trainable_variables)
         model.load_weights(run_dir / RESUME_DIR / state["weights"])
         read_history(run_dir / "history.csv", done)
-        console.print(f"resuming {run_dir} after epoch {done} of {train_config.epochs}")
+        console.print(f"resuming {run_dir} after epoch {done} of {train_config.epochs}", markup=False)
     started = time.perf_counter()
     history = fit(model, train_part, val_part if has_val else None, train_config,
                   preprocess_config.augment, _callbacks(run_dir, train_config, has_val, settings, state), done)

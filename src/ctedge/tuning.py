@@ -167,7 +167,7 @@ class CtedgeTuner(kt.Tuner):
         score = "no score" if trial.score is None else f"score {trial.score:.4f}"
         seconds = trial.metrics.get_last_value("seconds") if trial.metrics.exists("seconds") else None
         console.print(f"trial {trial.trial_id} {trial.status.lower()}: {values}; {score}"
-                      + (f", {seconds:.1f} s" if seconds is not None else ""), highlight=False)
+                      + (f", {seconds:.1f} s" if seconds is not None else ""), highlight=False, markup=False)
         keras.backend.clear_session()
 
 
