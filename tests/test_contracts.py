@@ -12,7 +12,7 @@ TRAINING_MODULES = ("ctedge.train", "ctedge.model", "ctedge.tuning", "ctedge.exp
                     "ctedge.evaluate", "ctedge.explain", "ctedge.report", "ctedge.quiet")
 
 
-@pytest.mark.parametrize("module", ["ctedge.runtime", "ctedge.imageio", "ctedge.preprocess",
+@pytest.mark.parametrize("module", ["ctedge.runtime", "ctedge.metadata", "ctedge.files", "ctedge.imageio", "ctedge.preprocess",
                                     "ctedge.bench", "ctedge.study", "ctedge.cli"])
 def test_edge_modules_never_import_the_training_stack(module):
     code = (f"import sys, json; import {module}; "

@@ -83,6 +83,21 @@ def test_a_file_listed_in_two_splits_is_refused(tmp_path, phantom_data):
         split_from_lists(discover(phantom_data), tmp_path)
 
 
+def test_a_file_listed_twice_in_one_list_names_that_list(tmp_path, phantom_data):
+    name = discover(phantom_data).samples[-1].path.name
+    (tmp_path / "train_COVID.txt").write_text(f"{name}\n{name}\n")
+    with pytest.raises(CtedgeError, match=f"{name} is listed twice in {tmp_path / 'train_COVID.txt'}"):
+        split_from_lists(discover(phantom_data), tmp_path)
+
+
+def test_files_missing_from_the_data_are_named(tmp_path, phantom_data, caplog):
+    names = [s.path.name for s in discover(phantom_data).samples if s.label]
+    (tmp_path / "train_COVID.txt").write_text("\n".join(names + [f"gone{i}.png" for i in range(7)]))
+    split_from_lists(discover(phantom_data), tmp_path)
+    assert f"7 file(s) named in {tmp_path} are not in {phantom_data}: gone0.png, gone1.png, gone2.png, " \
+           "gone3.png, gone4.png, ..." in caplog.text
+
+
 def test_unreadable_files_are_named_skipped_and_counted(tmp_path, phantom_data):
     data = tmp_path / "data"
     shutil.copytree(phantom_data, data)

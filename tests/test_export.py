@@ -32,6 +32,7 @@ def test_metadata_reads_back_through_onnxruntime(exported):
     assert json.loads(meta["ctedge.classes"]) == ["CT_NonCOVID", "CT_COVID"]
     assert json.loads(meta["ctedge.input"])["size"] == 48
     assert json.loads(meta["ctedge.preprocess"])["window_low"] == -1000.0
+    assert json.loads(meta["ctedge.preprocess"])["contract"] == 2  # resize, then pad
     assert meta["Image.NominalPixelRange"] == "NominalRange_0_255"
     (inp,), (out,) = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.shape, out.name) == ("image", ["batch", 48, 48, 3], "probability")

@@ -129,6 +129,7 @@ def test_naive_mode_trains_full_models_on_augmented_batches(tmp_path, phantom_da
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["mode"] == "naive" and summary["trials"][0]["status"] == "COMPLETED"
+    assert f"trial {summary['trials'][0]['trial']} completed: units 256" in result.stderr  # as it finished
     assert not list((tmp_path / "p").glob("features-*.npz"))
 
 

@@ -10,6 +10,7 @@ bootstrap CI, and compared with the model's fp32 run on the same images.
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import subprocess
@@ -124,9 +125,11 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def bench_files(data: str | None, count: int) -> tuple[list[Path], np.ndarray | None, str]:
+def bench_files(data: str | None, count: int, folder: Path | None = None
+                ) -> tuple[list[Path], np.ndarray | None, str]:
     """Image files for end-to-end timing and accuracy: a labelled data folder, a
-    flat folder, or generated phantom PNGs."""
+    flat folder, or generated phantom PNGs written to ``folder`` (the caller's
+    temporary folder, which it removes)."""
     import cv2
 
     from .data import pick_samples
@@ -140,7 +143,8 @@ def bench_files(data: str | None, count: int) -> tuple[list[Path], np.ndarray | 
         labels = np.array([s.label for s in readable]) if labelled else None
         skipped = f", {len(chosen) - len(readable)} unreadable skipped" if len(readable) < len(chosen) else ""
         return [s.path for s in readable], labels, f"{len(readable)} images from {data}{skipped}"
-    folder = Path(tempfile.mkdtemp(prefix="ctedge-bench-"))
+    if folder is None:
+        raise ValueError("bench_files needs a folder for the generated phantoms")
     rng = np.random.default_rng(0)
     files = []
     for i in range(count):
@@ -190,8 +194,9 @@ def process_start_ms(model: Path, image: Path, provider: str, runtime: str = "on
     done = subprocess.run([sys.executable, "-c", code, str(model), str(image), provider, runtime, precision,
                            cache_dir or ""], capture_output=True, text=True)
     if done.returncode:
-        raise CtedgeError(f"process-start measure of {model} ({runtime} {precision}) failed: "
-                          f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise CtedgeError(f"{model}: the fresh-process cold-start run ({runtime} {precision}) failed "
+                          f"(exit {done.returncode}): {last}")
     return (time.perf_counter() - started) * 1000
 
 
@@ -306,7 +311,7 @@ def bench_model(path: Path, options: BenchOptions, files: list[Path],
     for r, samples in zip(results, timed):
         r["inference_ms"] = stats_ms(samples)
         r["samples_ms"] = (np.asarray(samples) * 1000).tolist()
-    cycles = [iter(files * (options.runs + options.warmup + 1000)) for _ in opened]
+    cycles = [itertools.cycle(files) for _ in opened]
     timed = time_interleaved([lambda c=c, it=it: c.predict_files([next(it)], 1) for c, it in zip(opened, cycles)],
                              options.warmup, options.runs, options.seconds)
     for r, samples in zip(results, timed):
@@ -447,24 +452,25 @@ def run_bench(models: list[Path], options: BenchOptions) -> dict:
     if options.runtime not in BENCH_RUNTIMES:
         raise CtedgeError(f"--runtime must be {', '.join(BENCH_RUNTIMES)}, not {options.runtime!r}")
     models = find_models(models)
-    files, _, source = bench_files(options.data, options.files)
     accuracy = accuracy_files(options)
     results, choices = [], {}
-    for model in models:
-        if model.suffix == ".keras":
-            results.append(bench_keras(model, options))
-            continue
-        if model.suffix not in (".onnx", ".xml"):
-            raise CtedgeError(f"{model}: bench takes .onnx, OpenVINO .xml or .keras models")
-        rows = bench_model(model, options, files, accuracy)
-        results += rows
-        best = fastest(rows)
-        if best is not None:
-            choices[str(model)] = {"runtime": best["runtime"], "precision": best["precision"],
-                                   "provider": best["provider"], "saved": None}
-            if options.runtime == "all" and options.save_choice:
-                saved = save_choice(model, best, rows[0])
-                choices[str(model)]["saved"] = str(saved) if saved else None
+    with tempfile.TemporaryDirectory(prefix="ctedge-bench-") as tmp:
+        files, _, source = bench_files(options.data, options.files, Path(tmp))
+        for model in models:
+            if model.suffix == ".keras":
+                results.append(bench_keras(model, options))
+                continue
+            if model.suffix not in (".onnx", ".xml"):
+                raise CtedgeError(f"{model}: bench takes .onnx, OpenVINO .xml or .keras models")
+            rows = bench_model(model, options, files, accuracy)
+            results += rows
+            best = fastest(rows)
+            if best is not None:
+                choices[str(model)] = {"runtime": best["runtime"], "precision": best["precision"],
+                                       "provider": best["provider"], "saved": None}
+                if options.runtime == "all" and options.save_choice:
+                    saved = save_choice(model, best, rows[0])
+                    choices[str(model)]["saved"] = str(saved) if saved else None
     return {"machine": machine_info(options.threads), "options": asdict(options),
             "data": source, "accuracy_data": accuracy[2] if accuracy else None,
             "results": results, "fastest": choices}

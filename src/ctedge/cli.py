@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +21,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import CtedgeError
+from .imageio import DEFAULT_MAX_PIXELS
 from .progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
@@ -54,6 +57,11 @@ def _setup_logging() -> None:
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM (kill, a job scheduler) as Ctrl-C: temp files are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def command(func=None, *, tensorflow: bool = False):
     """Register a command: clear message and exit code for user errors, never a
     traceback. ``tensorflow=True``: import TensorFlow first, quietly."""
@@ -63,6 +71,8 @@ def command(func=None, *, tensorflow: bool = False):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         _setup_logging()
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
         try:
             if tensorflow:
                 from .quiet import import_tensorflow
@@ -74,19 +84,48 @@ def command(func=None, *, tensorflow: bool = False):
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return app.command()(wrapper)
 
 
-def write_json(result: dict, path: Path | None) -> None:
+def check_outputs(*outputs: tuple[Path | None, str] | tuple[Path | None, str, bool]) -> None:
+    """(path, option[, is_folder]) for each output: refuse one that can't be written
+    (exit 2 naming it) before any model or data is loaded; unset ones pass."""
+    from .files import check_writable
+
+    for path, what, *folder in outputs:
+        if path is not None:
+            check_writable(path, what, bool(folder and folder[0]))
+
+
+def write_text(text: str, path: Path | None) -> None:
+    """To stdout for '-', else atomically (never a half-written file)."""
+    from .files import atomic_write
+
     if path is None:
         return
-    text = json.dumps(result, indent=2, default=str)
     if str(path) == "-":
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(text)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        atomic_write(text.encode(), path)
+
+
+def write_json(result: dict, path: Path | None) -> None:
+    write_text(json.dumps(result, indent=2, default=str) + "\n", path)
+
+
+def write_csv(records: list[dict], fields: list[str], path: Path | None) -> None:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(records)
+    write_text(buffer.getvalue(), path)
 
 
 def print_file_rows(title: str, rows: list, third: str) -> int:
@@ -120,9 +159,17 @@ def _version(value: bool) -> None:
 def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Print the version and exit.")] = False,
          verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
-                                               "and C++ log lines (hidden by default).")] = False) -> None:
+                                               "and C++ log lines (hidden by default).")] = False,
+         max_pixels: Annotated[int, typer.Option(
+             envvar="CTEDGE_MAX_PIXELS", help="Refuse images of more pixels than this, read from the "
+             "file header before decoding (every command).")] = DEFAULT_MAX_PIXELS) -> None:
     """Put a chest-CT COVID-19 classifier onto edge hardware."""
+    from .imageio import set_max_pixels
+
     VERBOSE["on"] = verbose
+    if max_pixels < 1:
+        raise typer.BadParameter(f"must be at least 1, not {max_pixels}", param_hint="--max-pixels")
+    set_max_pixels(max_pixels)
 
 
 @command(tensorflow=True)
@@ -158,12 +205,16 @@ def train(
     early_stopping: Annotated[bool, typer.Option(help="Stop when validation AUC stops improving.")] = True,
     patience: Annotated[int, typer.Option(help="Early-stopping patience (epochs).")] = 10,
     checkpoint_best: Annotated[bool, typer.Option(help="Keep the epoch with the best validation AUC.")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its "
+                                         "last finished epoch (same options; --epochs may grow).")] = False,
     json_out: JsonOut = None,
 ) -> None:
     """Train EfficientNetB3 + the paper's head on a data folder.
 
     Example: `ctedge train ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits
     --weights none --image-size 128 --epochs 3`
+
+    Killed or interrupted? Rerun the same command with `--resume` (and the same `-o`).
     """
     from .data import DataOptions
     from .model import ModelConfig
@@ -171,7 +222,10 @@ def train(
     from .train import TrainConfig, default_run_dir
     from .train import train as run_training
 
+    if resume and out is None:
+        raise CtedgeError("--resume needs --out RUN_FOLDER (the interrupted run)")
     run_dir = out or default_run_dir()
+    check_outputs((run_dir, "--out", True), (json_out, "--json"))
     summary = run_training(
         DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
                     test_fraction, val_fraction, group_regex, clean),
@@ -180,7 +234,7 @@ def train(
                     freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
         PreprocessConfig(image_size, window_low, window_high, centre,
                          AugmentConfig(rotation, shift, flip, zoom)),
-        run_dir)
+        run_dir, resume)
     result = summary["result"]
     for name, part in summary["splits"].items():
         if part["unreadable"]:
@@ -248,6 +302,8 @@ def evaluate(
     """
     from .evaluate import evaluate as run_evaluation
 
+    check_outputs((out or model.parent / f"eval-{split}", "--out", True), (json_out, "--json"),
+                  (html_out, "--html"))
     report = run_evaluation(model, data, split, threshold, out, resamples,
                             split_dir=str(split_dir) if split_dir else None, group_regex=group_regex)
     print_metrics(report)
@@ -273,6 +329,7 @@ def demo(
     evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU."""
     from .demo import run_demo
 
+    check_outputs((out, "--out", True), (json_out, "--json"))
     report = run_demo(out, epochs, per_class, backbone)
     print_metrics(report["evaluation"])
     console.print(report["verdict"])
@@ -309,13 +366,14 @@ def export(
     Example: `ctedge export runs/b3-128/model.keras --onnx --fp16 --int8 --openvino
     --calibration-data ../shared/data/covid-ct --check-data ../shared/data/covid-ct`
     """
-    from .export import ExportOptions, export_onnx, latest_model
+    from .export import ExportOptions, default_output, export_onnx, latest_model
 
     if not (onnx or openvino):
         raise CtedgeError("say which format: --onnx and/or --openvino (which converts the verified ONNX file)")
     if model is None:
         model = latest_model()
         console.print(f"exporting {model} (newest model found)")
+    check_outputs((output or default_output(model), "--output"), (json_out, "--json"))
     report = export_onnx(model, output, ExportOptions(
         opset, fp16, int8, str(calibration_data) if calibration_data else None, 64,
         str(check_data) if check_data else None, check_count, threshold, tolerance,
@@ -388,6 +446,7 @@ def tune(
     from .tuning import SearchSpace, TuneOptions, set_distributed
     from .tuning import tune as run_tuning
 
+    check_outputs((directory, "--directory", True), (json_out, "--json"))
     set_distributed(role, oracle, tuner_id)
     space = SearchSpace.from_file(search_space) if search_space else SearchSpace()
     summary = run_tuning(
@@ -439,6 +498,7 @@ def audit(
     from .audit import audit as run_audit
     from .data import DataOptions
 
+    check_outputs((json_out, "--json"), (html_out, "--html"))
     report = run_audit(DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
                                    group_regex=group_regex), image_size, threshold)
     for split, b in report["balance"].items():
@@ -509,6 +569,7 @@ def explain(
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
+    check_outputs((out, "--out", True), (json_out, "--json"))
     positive = run_config(model).get("positive") or "positive"
     report = run_explain(model, files, out, threshold, positive, alpha, sheet=sheet)
     rows = report["explanations"]
@@ -542,6 +603,7 @@ def report(
     """
     from .report import build
 
+    check_outputs((out or run_dir / "report.html", "--out"), (json_out, "--json"))
     result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh)
     print_metrics(result["evaluation"])
     audit = result["audit"]
@@ -593,14 +655,14 @@ def predict(
     onnxruntime or OpenVINO.
 
     One row per image: path, probability of the positive class, label. A file
-    that can't be read gets an error row and the rest go on; exit code 1 if any
-    failed. Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`;
+    that can't be read, or above the pixel budget (50 MP; `ctedge --max-pixels N predict ...`),
+    gets an error row and the rest go on; exit code 1 if any failed.
+    Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`;
     `ctedge predict exports/b3.onnx scans/ --runtime openvino --precision bf16`
 
     With `--study`, one row per CT study instead (see README, "Whole CT studies"):
     `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
     """
-    import csv
     from dataclasses import asdict
 
     from .imageio import expand_paths
@@ -619,19 +681,14 @@ def predict(
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
+    check_outputs((csv_out, "--csv"), (json_out, "--json"))
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                      cache_dir=str(cache_dir) if cache_dir else None)
     rows = clf.predict_files(files, batch_size)
     failed = print_file_rows(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
                              f"P({clf.positive}), threshold {clf.threshold}", rows, "label")
     records = [asdict(r) for r in rows]
-    if csv_out:
-        handle = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-        if handle is not sys.stdout:
-            handle.close()
+    write_csv(records, list(records[0]), csv_out)
     write_json({"model": str(model), "runtime": clf.runtime, "precision": clf.precision,
                 "provider": clf.providers[0], "predictions": records}, json_out)
     exit_if_failed(failed, len(rows))
@@ -642,18 +699,13 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
                             runtime: str = "auto", precision: str | None = None,
                             cache_dir: Path | None = None) -> None:
     """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
-    import csv
-
     from rich.table import Table
 
-    from .files import check_writable
     from .runtime import Classifier
     from .study import CSV_FIELDS, csv_row, predict_studies
 
     options.check()
-    for path, what, folder in ((csv_out, "--csv", False), (json_out, "--json", False), (plot, "--plot", True)):
-        if path is not None:
-            check_writable(path, what, folder)
+    check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True))
     if plot is not None:
         try:
             from .plots import study_plot
@@ -687,13 +739,7 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
         for r in results:
             if not r.error:
                 console.print(f"plot: {study_plot(r, plot)}", highlight=False, markup=False)
-    if csv_out:
-        handle = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(csv_row(r) for r in results)
-        if handle is not sys.stdout:
-            handle.close()
+    write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_json({"model": str(model), "provider": clf.providers[0], "threshold": clf.threshold,
                 "options": {k: v for k, v in vars(options).items() if k != "keep_thumbnails"},
                 "studies": [r.to_dict() for r in results]}, json_out)
@@ -752,6 +798,7 @@ def bench(
 
     from .bench import BenchOptions, closing_lines, isa_line, markdown, run_bench, table_rows
 
+    check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"))
     if study is not None:
         bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out)
         return
@@ -799,9 +846,8 @@ def bench(
                           + (f"{b['preprocessing_share']:.0%} of it" if b["preprocessing_share"] > 0
                              else "within the timing noise"))
     for line in closing_lines(report):
-        console.print(f"[bold]{line}[/]", highlight=False)
-    if markdown_out:
-        markdown_out.write_text(markdown(report))
+        console.print(f"[bold]{escape(line)}[/]", highlight=False)
+    write_text(markdown(report), markdown_out)
     if plot:
         try:
             from .plots import latency_histogram
@@ -820,10 +866,6 @@ def bench_study_command(models: list[Path], study: Path, provider: str, threads:
     from .bench import find_models
     from .study import STAGES, StudyOptions, bench_study
 
-    if json_out is not None:
-        from .files import check_writable
-
-        check_writable(json_out, "--json")
     for model in find_models(models):
         report = bench_study(model, study, StudyOptions(slice_step=slice_step), provider, threads, runs)
         m, med = report["machine"], report["median"]

@@ -112,8 +112,8 @@ def split_from_lists(dataset: DataSet, split_dir: str | Path) -> dict[str, list[
         raise CtedgeError(f"split folder not found: {split_dir}")
     by_name = {(s.class_name, s.path.name): s for s in dataset.samples}
     parts: dict[str, list[Sample]] = {name: [] for name in SPLITS}
-    used: set[Path] = set()
-    missing = 0
+    used: dict[Path, Path] = {}  # sample -> the list naming it
+    missing: list[str] = []
     for list_file in sorted(split_dir.glob("*.txt")):
         part, _, suffix = list_file.stem.partition("_")
         class_name = _class_for_list(suffix, dataset.class_names)
@@ -123,16 +123,20 @@ def split_from_lists(dataset: DataSet, split_dir: str | Path) -> dict[str, list[
         for line in list_file.read_text(encoding="utf-8", errors="replace").splitlines():
             sample = by_name.get((class_name, line.strip()))
             if sample is None:
-                missing += bool(line.strip())
+                if line.strip():
+                    missing.append(line.strip())
                 continue
             if sample.path in used:
-                raise CtedgeError(f"{sample.path.name} is listed in more than one split ({list_file})")
-            used.add(sample.path)
+                where = (f"listed twice in {list_file}" if used[sample.path] == list_file
+                         else f"listed in more than one split ({used[sample.path]} and {list_file})")
+                raise CtedgeError(f"{sample.path.name} is {where}")
+            used[sample.path] = list_file
             parts[part].append(sample)
     if not parts["train"]:
         raise CtedgeError(f"{split_dir}: no split list names a training image of {dataset.root}")
     if missing:
-        log.warning("%d file(s) named in %s are not in %s", missing, split_dir, dataset.root)
+        log.warning("%d file(s) named in %s are not in %s: %s%s", len(missing), split_dir, dataset.root,
+                    ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "")
     unlisted = len(dataset.samples) - len(used)
     if unlisted:
         log.warning("%d image(s) in %s are in no split list and are left out", unlisted, dataset.root)

@@ -220,6 +220,7 @@ class OrtEngine:
             raise CtedgeError(f"{self.path}: not a loadable ONNX model ({exc})") from None
         self.raw_metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
+        self.inputs = {i.name: i.shape for i in self.session.get_inputs()}  # static dims as ints
 
     @property
     def devices(self) -> list[str]:
@@ -291,6 +292,9 @@ class OpenVinoEngine:
             raise CtedgeError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0]})") from None
         self.request = self.compiled.create_infer_request()
         self.device = device
+        self.inputs = {port.get_any_name(): [d.get_length() if d.is_static else None
+                                             for d in port.get_partial_shape()]
+                       for port in self.compiled.inputs}
 
     @property
     def devices(self) -> list[str]:

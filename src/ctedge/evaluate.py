@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 
 from .data import SPLITS, DataOptions, LoadedSplit, group_of, load_data
 from .errors import CtedgeError
+from .files import atomic_write
 from .metrics import bootstrap_ci, calibration, confusion, operating_points, point_metrics
 from .plots import reliability, roc_curve
 from .preprocess import PreprocessConfig
@@ -111,10 +113,11 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
         shortcut = (baseline["roc"]["fpr"], baseline["roc"]["tpr"], baseline["auc"]) if "roc" in baseline else None
         report["roc_png"] = str(roc_curve(fpr, tpr, report["metrics"]["auc"]["value"], out / "roc.png", shortcut))
     report["calibration_png"] = str(reliability(*calibration(data.y, probabilities), out / "calibration.png"))
-    with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "probability"])
-        writer.writerows(zip(map(str, data.paths), data.y.tolist(), probabilities.round(6).tolist()))
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["path", "label", "probability"])
+    writer.writerows(zip(map(str, data.paths), data.y.tolist(), probabilities.round(6).tolist()))
+    atomic_write(rows.getvalue().encode(), out / "predictions.csv")
+    atomic_write(json.dumps(report, indent=2).encode(), out / "metrics.json")
     report["out_dir"] = str(out)
     return report

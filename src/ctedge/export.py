@@ -20,6 +20,7 @@ from . import __version__
 from .errors import CheckFailed, CtedgeError
 from .evaluate import keras_preprocess_config, run_config
 from .files import atomic_write, file_digest
+from .metadata import PREPROCESS_CONTRACT
 from .preprocess import PreprocessConfig
 
 INPUT_NAME = "image"
@@ -108,7 +109,8 @@ def build_metadata(model, model_path: Path, threshold: float, variant: str) -> d
                                        "with 0, resize, repeat gray into 3 channels"},
         "ctedge.output": {"name": OUTPUT_NAME, "shape": ["batch", 1],
                           "meaning": "probability of the positive class"},
-        "ctedge.preprocess": {k: v for k, v in preprocess.to_dict().items() if k != "augment"},
+        "ctedge.preprocess": {**{k: v for k, v in preprocess.to_dict().items() if k != "augment"},
+                              "contract": PREPROCESS_CONTRACT},
         "ctedge.source_model": {"path": str(model_path), "sha256": file_digest(model_path)},
         "ctedge.hyperparameters": config.get("hyperparameters") or {
             **config.get("model", {}), "learning_rate": config.get("train", {}).get("learning_rate")},

@@ -6,6 +6,7 @@ too: training and inference decode files the same way.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,13 @@ import numpy as np
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
+DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: far above any CT slice (512x512 to 4096x4096)
+_limit = {"max_pixels": DEFAULT_MAX_PIXELS}
+
+
+def set_max_pixels(max_pixels: int) -> None:
+    """The default pixel budget of ``read_image`` in this process (`ctedge --max-pixels`)."""
+    _limit["max_pixels"] = max_pixels
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -65,16 +73,22 @@ def hu_to_gray(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return unit * 255.0
 
 
-def _read_dicom(path: Path, window: tuple[float, float]) -> Decoded:
+def _read_dicom(path: Path, window: tuple[float, float], max_pixels: int) -> Decoded:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        ds = pydicom.dcmread(path)
+    try:  # pixel data deferred: read from the file only when decoded, after the checks
+        ds = pydicom.dcmread(path, defer_size=1 << 16)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
         raise _unreadable(path, f"not a readable DICOM file ({exc})") from None
     if "PixelData" not in ds:
         raise _unreadable(path, "DICOM file has no pixel data")
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise _unreadable(path, "DICOM file has no valid Rows/Columns") from None
+    check_pixels(path, columns, rows * frames, max_pixels)
     if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
         raise _unreadable(
             path,
@@ -97,13 +111,86 @@ def _unreadable(path: Path, reason: str):
     return UnreadableImage(path, reason)
 
 
-def _read_raster(path: Path) -> Decoded:
+def _jpeg_size(data) -> tuple[int, int] | None:
+    """(width, height) from the first SOF segment."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD9)):  # no length field
+            at += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if at + 9 > len(data):
+                return None
+            height, width = struct.unpack_from(">HH", data, at + 5)
+            return width, height
+        at += 2 + struct.unpack_from(">H", data, at + 2)[0]
+    return None
+
+
+def _tiff_size(data) -> tuple[int, int] | None:
+    """(width, height) from the first IFD (classic TIFF and BigTIFF)."""
+    order = "<" if bytes(data[:2]) == b"II" else ">"
+    big = struct.unpack_from(order + "H", data, 2)[0] == 43
+    count_fmt, entry_size, offset_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+    ifd = struct.unpack_from(order + offset_fmt, data, 8 if big else 4)[0]
+    count = struct.unpack_from(order + count_fmt, data, ifd)[0]
+    start = ifd + (8 if big else 2)
+    found = {}
+    for i in range(count):
+        tag, kind = struct.unpack_from(order + "HH", data, start + i * entry_size)
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT, LONG or LONG8
+            fmt = {3: "H", 4: "I", 16: "Q"}.get(kind)
+            if fmt is None:
+                return None
+            found[tag] = struct.unpack_from(order + fmt, data, start + i * entry_size + (12 if big else 8))[0]
+    return (found[256], found[257]) if len(found) == 2 else None
+
+
+def raster_size(data) -> tuple[int, int] | None:
+    """(width, height) read from a PNG, JPEG, BMP or TIFF header without decoding
+    the pixels; None when ``data`` is none of these or its header is cut short."""
+    head = bytes(data[:4])
+    try:
+        if bytes(data[:8]) == b"\x89PNG\r\n\x1a\n" and bytes(data[12:16]) == b"IHDR":
+            return struct.unpack_from(">II", data, 16)
+        if head[:3] == b"\xff\xd8\xff":
+            return _jpeg_size(data)
+        if head[:2] == b"BM":
+            if struct.unpack_from("<I", data, 14)[0] == 12:  # OS/2 core header
+                return struct.unpack_from("<HH", data, 18)
+            width, height = struct.unpack_from("<ii", data, 18)
+            return abs(width), abs(height)
+        if head in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            return _tiff_size(data)
+    except struct.error:  # header shorter than it says
+        return None
+    return None
+
+
+def check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image above the pixel budget before its pixels are decoded."""
+    if width * height > max_pixels:
+        raise _unreadable(path, f"{width}x{height} pixels ({width * height / 1e6:.0f} MP) is above the "
+                                f"{max_pixels / 1e6:g} MP limit (raise it with ctedge --max-pixels N)")
+
+
+def _read_raster(path: Path, max_pixels: int) -> Decoded:
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise _unreadable(path, f"cannot read file ({exc.strerror})") from None
     if data.size == 0:
         raise _unreadable(path, "file is empty")
+    size = raster_size(data)
+    if size is None:
+        raise _unreadable(path, "not a readable image (corrupt, truncated or not an image)")
+    check_pixels(path, *size, max_pixels)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise _unreadable(path, "not a readable image (corrupt, truncated or not an image)")
@@ -119,15 +206,23 @@ def _read_raster(path: Path) -> Decoded:
             image = image[:, :, :3]
         colour = image if image.dtype == np.uint8 else (image / 257).astype(np.uint8)
         image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    gray = image.astype(np.float32) * scale
+    gray = image.astype(np.float32)
+    if scale != 1.0:
+        gray *= scale  # in place: a large image is not copied twice more
     return Decoded(gray=gray, colour=colour, kind=path.suffix.lower().lstrip(".") or "image")
 
 
-def read_image(path: str | Path, window: tuple[float, float] = (-1000.0, 400.0)) -> Decoded:
-    """Decode ``path`` to gray levels 0-255; raises ``UnreadableImage`` naming it."""
+def read_image(path: str | Path, window: tuple[float, float] = (-1000.0, 400.0),
+               max_pixels: int | None = None) -> Decoded:
+    """Decode ``path`` to gray levels 0-255; raises ``UnreadableImage`` naming it.
+
+    An image of more than ``max_pixels`` (default: ``set_max_pixels``, 50 MP) is
+    refused from its header, before its pixels are decoded (a decompression bomb:
+    a small PNG of 20000x20000 pixels would take gigabytes)."""
     path = Path(path)
+    limit = max_pixels or _limit["max_pixels"]
     if not path.is_file():
         raise _unreadable(path, "no such file")
     if is_dicom(path):
-        return _read_dicom(path, window)
-    return _read_raster(path)
+        return _read_dicom(path, window, limit)
+    return _read_raster(path, limit)

@@ -88,14 +88,19 @@ def model_pixels(pixels, config: PreprocessConfig, clip: Callable = np.clip):
 # --- host side ------------------------------------------------------------
 
 def letterbox(gray: np.ndarray, size: int) -> np.ndarray:
-    """Pad to a square with black (air) keeping the whole image, then resize."""
+    """Resize the longest side to ``size`` keeping the aspect ratio, then pad to a
+    square with black (air), centred. (Contract 2, see ``metadata.PREPROCESS_CONTRACT``:
+    contract 1 padded first, which made a float32 square of the original's longest
+    side; the two differ only by sub-pixel rounding at the pad edge.)"""
     h, w = gray.shape[:2]
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    square = np.zeros((side, side), dtype=np.float32)
-    square[top:top + h, left:left + w] = gray
-    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    return cv2.resize(square, (size, size), interpolation=interpolation)
+    scale = size / max(h, w)
+    new_h, new_w = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(gray, (new_w, new_h), interpolation=interpolation)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    square = np.zeros((size, size), dtype=np.float32)
+    square[top:top + new_h, left:left + new_w] = resized
+    return square
 
 
 def to_model_input(gray: np.ndarray, size: int) -> np.ndarray:

@@ -13,7 +13,6 @@ engine it is asked for — onnxruntime or OpenVINO, each imported only when used
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,13 @@ import numpy as np
 from .engines import PROVIDERS, EngineConfig, open_engine, resolve, resolve_providers, session_options
 from .errors import CtedgeError, UnreadableImage
 from .imageio import read_image
+from .metadata import ModelMetadata
 from .preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Classifier", "Prediction", "EngineConfig", "PROVIDERS", "resolve_providers",
-           "session_options", "parse_metadata"]
+           "session_options"]
 
 
 @dataclass
@@ -39,13 +39,6 @@ class Prediction:
     error: str | None = None
 
 
-def parse_metadata(raw: dict[str, str], path: Path) -> dict:
-    """ctedge's metadata keys, parsed; refuses a model without them."""
-    if "ctedge.input" not in raw:
-        kind = "ONNX model" if path.suffix == ".onnx" else "model"
-        raise CtedgeError(f"{path}: {kind} has no ctedge metadata (export it with "
-                          "`ctedge export --onnx`)")
-    return {k.removeprefix("ctedge."): json.loads(v) for k, v in raw.items() if k.startswith("ctedge.")}
 
 
 class Classifier:
@@ -64,14 +57,10 @@ class Classifier:
             raise CtedgeError(f"model not found: {self.path}")
         self.config = resolve(self.path, EngineConfig(runtime, precision, provider, threads, cache_dir))
         self.engine = open_engine(self.path, self.config)
-        self.metadata = parse_metadata(self.engine.raw_metadata, self.engine.path)
-        spec = self.metadata["input"]
-        self.input_name, self.size = spec["name"], int(spec["size"])
-        preprocess = self.metadata["preprocess"]
-        self.window = (preprocess["window_low"], preprocess["window_high"])
-        self.classes = self.metadata["classes"]
-        self.positive = self.metadata["positive_class"]
-        self.threshold = float(self.metadata["threshold"])
+        checked = ModelMetadata.from_props(self.engine.raw_metadata, self.engine.path, self.engine.inputs)
+        self.metadata, self.input_name, self.size = checked.raw, checked.input_name, checked.size
+        self.window, self.classes, self.positive = checked.window, list(checked.classes), checked.positive
+        self.threshold = checked.threshold
 
     @property
     def runtime(self) -> str:

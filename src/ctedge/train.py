@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -19,12 +21,14 @@ import numpy as np
 from . import __version__
 from .data import DataOptions, LoadedSplit, load_data
 from .errors import CtedgeError
+from .files import atomic_write, remove_stale_temps, temp_name
 from .model import ModelConfig, build_model
 from .plots import training_curves
 from .preprocess import AugmentConfig, PreprocessConfig, augment
 from .progress import console
 
 log = logging.getLogger(__name__)
+RESUME_DIR = "resume"  # in the run folder while training: what --resume continues from
 
 
 @dataclass
@@ -65,14 +69,19 @@ class AugmentedBatches(keras.utils.PyDataset):
         return batch, self.y[rows]
 
     def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self.order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.x))
+        self.start_at(self.epoch + 1)
+
+    def start_at(self, epoch: int) -> None:
+        """The order and augmentation of ``epoch``, as an uninterrupted run has them."""
+        self.epoch = epoch
+        rng = np.random.default_rng((self.seed, epoch) if epoch else self.seed)
+        self.order = rng.permutation(len(self.x))
 
 
 class RichProgress(keras.callbacks.Callback):
     """Epoch/batch progress bar with images per second."""
 
-    def __init__(self, epochs: int, steps: int, images: int):
+    def __init__(self, epochs: int, steps: int, images: int, done: int = 0):
         super().__init__()
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -81,7 +90,7 @@ class RichProgress(keras.callbacks.Callback):
                                  TextColumn("{task.completed}/{task.total}"),
                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                                  console=console, transient=True)
-        self.epochs_task = self.progress.add_task("epochs", total=epochs, info="")
+        self.epochs_task = self.progress.add_task("epochs", total=epochs, completed=done, info="")
         self.batch_task = self.progress.add_task("batches", total=steps, info="")
         self.images_per_second: list[float] = []
 
@@ -113,17 +122,102 @@ def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("train-%Y%m%d-%H%M%S")
 
 
-def _callbacks(run_dir: Path, config: TrainConfig, has_val: bool) -> list:
+def save_model(model: keras.Model, path: Path) -> None:
+    """``model.save`` through a temp file and a rename: a kill never leaves half a model."""
+    remove_stale_temps(path)
+    tmp = temp_name(path, ".keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """Kill-safe epoch ends (``train --resume``): the best model so far
+    (``model.keras``) and, after every epoch, the weights with optimizer state
+    plus the early-stopping and best-so-far state (``resume/``), each written
+    to a temp file and renamed. Listed after EarlyStopping so that, resumed,
+    it restores that callback's state after the callback resets it."""
+
+    def __init__(self, run_dir: Path, monitor: str, save_best: bool, settings: dict,
+                 stopping: keras.callbacks.EarlyStopping | None, state: dict | None = None):
+        super().__init__()
+        self.run_dir, self.folder = run_dir, run_dir / RESUME_DIR
+        self.monitor, self.save_best, self.settings = monitor, save_best, settings
+        self.stopping = stopping
+        self.state = state or {"epochs_done": 0, "best": None}
+
+    def on_train_begin(self, logs=None):
+        saved = self.state.get("early_stopping")
+        if self.stopping is not None and saved:
+            self.stopping.wait, self.stopping.best = saved["wait"], saved["best"]
+            self.stopping.best_epoch = saved["best_epoch"]
+            best = self.run_dir / "model.keras"
+            if self.stopping.restore_best_weights and best.is_file():
+                self.stopping.best_weights = keras.models.load_model(best, compile=False).get_weights()
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get(self.monitor)
+        improved = current is not None and (self.state["best"] is None or current > self.state["best"])
+        if improved:
+            self.state["best"] = float(current)
+            if self.save_best:
+                save_model(self.model, self.run_dir / "model.keras")
+        self.folder.mkdir(exist_ok=True)
+        weights = self.folder / f"epoch-{epoch + 1}.weights.h5"
+        tmp = temp_name(weights, ".weights.h5")
+        self.model.save_weights(tmp)
+        os.replace(tmp, weights)
+        self.state.update(epochs_done=epoch + 1, weights=weights.name, settings=self.settings)
+        if self.stopping is not None:
+            self.state["early_stopping"] = {"wait": self.stopping.wait, "best_epoch": self.stopping.best_epoch,
+                                            "best": None if self.stopping.best is None
+                                            else float(self.stopping.best)}
+        atomic_write(json.dumps(self.state, indent=2).encode(), self.folder / "state.json")
+        for old in self.folder.glob("epoch-*.weights.h5"):
+            if old != weights:
+                old.unlink()
+
+
+def _callbacks(run_dir: Path, config: TrainConfig, has_val: bool, settings: dict,
+               state: dict | None) -> list:
     monitor = "val_auc" if has_val else "auc"
-    callbacks = [keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
+    callbacks = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=state is not None),
                  keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))]
-    if config.checkpoint_best:
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            str(run_dir / "model.keras"), monitor=monitor, mode="max", save_best_only=True))
+    stopping = None
     if config.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=monitor, mode="max", patience=config.patience, restore_best_weights=True))
+        stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=config.patience,
+                                                 restore_best_weights=True)
+        callbacks.append(stopping)
+    callbacks.append(Checkpoints(run_dir, monitor, config.checkpoint_best, settings, stopping, state))
     return callbacks
+
+
+def resume_state(run_dir: Path, settings: dict, resume: bool) -> dict | None:
+    """The saved state of an interrupted run in ``run_dir`` when resuming (its
+    settings must match, but for --epochs); refuses to start over one unasked."""
+    path = run_dir / RESUME_DIR / "state.json"
+    if not resume:
+        if path.is_file():
+            raise CtedgeError(f"{run_dir} holds an interrupted training run: add --resume to continue it, "
+                              "or choose another --out")
+        return None
+    if not path.is_file():
+        raise CtedgeError(f"nothing to resume in {run_dir} (no {RESUME_DIR}/state.json: the run finished, "
+                          "or never finished an epoch)")
+    try:
+        state = json.loads(path.read_text())
+        saved = state["settings"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CtedgeError(f"{path}: not a valid resume state ({exc})") from None
+    now = json.loads(json.dumps(settings))
+    changed = [f"{part}.{key}" for part, values in now.items() for key, value in values.items()
+               if (part, key) != ("train", "epochs") and saved.get(part, {}).get(key) != value]
+    if changed:
+        raise CtedgeError(f"--resume: {run_dir} was started with other settings ({', '.join(changed)}); "
+                          "resume with the same options (only --epochs may change)")
+    return state
 
 
 def compile_model(model: keras.Model, learning_rate: float) -> None:
@@ -132,14 +226,30 @@ def compile_model(model: keras.Model, learning_rate: float) -> None:
 
 
 def fit(model: keras.Model, train: LoadedSplit, val: LoadedSplit | None, config: TrainConfig,
-        augment_config: AugmentConfig, callbacks: list) -> dict[str, list[float]]:
-    """Fit on augmented training batches; returns Keras's history dict."""
+        augment_config: AugmentConfig, callbacks: list, done: int = 0) -> dict[str, list[float]]:
+    """Fit on augmented training batches from epoch ``done``; returns Keras's history dict."""
     batches = AugmentedBatches(train.x, train.y, config.batch_size, augment_config, config.seed)
-    progress = RichProgress(config.epochs, len(batches), len(train.y))
+    batches.start_at(done)
+    progress = RichProgress(config.epochs, len(batches), len(train.y), done)
     validation = (val.x, val.y.astype("float32")) if val is not None and len(val.y) else None
-    history = model.fit(batches, validation_data=validation, epochs=config.epochs,
+    history = model.fit(batches, validation_data=validation, epochs=config.epochs, initial_epoch=done,
                         callbacks=[progress, *callbacks], verbose=0)
     return history.history
+
+
+def read_history(path: Path, epochs: int | None = None) -> dict[str, list[float]]:
+    """history.csv as Keras's history dict; with ``epochs``, first cut it to those
+    epochs (rows a killed run wrote after its last saved state go)."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if epochs is not None:
+        rows = [r for r in rows if int(r["epoch"]) < epochs]
+        fields = list(rows[0]) if rows else []
+        lines = [",".join(fields)] + [",".join(r[k] for k in fields) for r in rows]
+        atomic_write(("\n".join(lines) + "\n").encode() if rows else b"", path)
+    return {k: [float(r[k]) for r in rows] for k in (rows[0] if rows else {}) if k != "epoch"}
 
 
 def recalibrate_batchnorm(model: keras.Model, x: np.ndarray, batch_size: int = 32) -> int:
@@ -172,27 +282,43 @@ def _all_layers(model: keras.Model):
 
 
 def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfig,
-          preprocess_config: PreprocessConfig, run_dir: Path | None = None) -> dict:
-    """Train and write the run folder; returns the run's config/summary dict."""
+          preprocess_config: PreprocessConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
+    """Train and write the run folder; returns the run's config/summary dict.
+
+    ``resume``: continue the interrupted run in ``run_dir`` from its last finished
+    epoch (weights, optimizer state, data order, best-so-far and early stopping)."""
     if train_config.epochs < 1 or train_config.batch_size < 1:
         raise CtedgeError("--epochs and --batch-size must be at least 1")
     keras.utils.set_random_seed(train_config.seed)
     run_dir = Path(run_dir or default_run_dir())
+    settings = {"data": asdict(data), "train": asdict(train_config), "model": model_config.to_dict(),
+                "preprocess": preprocess_config.to_dict()}
+    state = resume_state(run_dir, settings, resume)
+    done = state["epochs_done"] if state else 0
+    if done >= train_config.epochs:
+        raise CtedgeError(f"{run_dir} already ran {done} epoch(s); pass a larger --epochs to go on")
     run_dir.mkdir(parents=True, exist_ok=True)
     dataset, parts = load_data(data, preprocess_config, parts=("train", "val", "test"))
     train_part, val_part = parts["train"], parts["val"]
     has_val = bool(len(val_part.y))
     model = build_model(model_config, preprocess_config)
     compile_model(model, train_config.learning_rate)
+    if state:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(run_dir / RESUME_DIR / state["weights"])
+        read_history(run_dir / "history.csv", done)
+        console.print(f"resuming {run_dir} after epoch {done} of {train_config.epochs}", markup=False)
     started = time.perf_counter()
     history = fit(model, train_part, val_part if has_val else None, train_config,
-                  preprocess_config.augment, _callbacks(run_dir, train_config, has_val))
+                  preprocess_config.augment, _callbacks(run_dir, train_config, has_val, settings, state), done)
     seconds = time.perf_counter() - started
+    if state:
+        history = read_history(run_dir / "history.csv")
     if train_config.checkpoint_best and (run_dir / "model.keras").is_file():
         model.load_weights(run_dir / "model.keras")
     if recalibrate_batchnorm(model, train_part.x, train_config.batch_size * 2):
         log.info("recalibrated BatchNorm statistics on the training images (backbone trained from scratch)")
-    model.save(run_dir / "model.keras")
+    save_model(model, run_dir / "model.keras")
     training_curves(history, run_dir / "training_curves.png")
     monitor = "val_auc" if has_val else "auc"
     summary = {
@@ -213,6 +339,7 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
             "images_per_s": float(np.median(history["images_per_s"])),
         },
     }
-    (run_dir / "config.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(json.dumps(summary, indent=2).encode(), run_dir / "config.json")
+    shutil.rmtree(run_dir / RESUME_DIR, ignore_errors=True)  # finished: nothing left to resume
     return summary
 

@@ -13,6 +13,7 @@ cached on disk, and trials train only the head on them. ``--fine-tune`` (or
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,13 +26,15 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 import numpy as np
+from keras_tuner.src.distribute import utils as dist_utils
 
 from .data import DataOptions, load_data
 from .errors import CtedgeError
-from .files import file_digest
+from .files import atomic_write, exclusive_lock, file_digest
 from .model import ModelConfig, add_head, build_backbone, build_model, is_pretrained
 from .preprocess import PreprocessConfig, augment
-from .train import AugmentedBatches, compile_model
+from .progress import console
+from .train import AugmentedBatches, compile_model, save_model
 
 log = logging.getLogger(__name__)
 ALGORITHMS = {"random": kt.oracles.RandomSearchOracle,
@@ -159,6 +162,12 @@ class CtedgeTuner(kt.Tuner):
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
         self.ran.append(trial.trial_id)
+        values = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in trial.hyperparameters.values.items())
+        score = "no score" if trial.score is None else f"score {trial.score:.4f}"
+        seconds = trial.metrics.get_last_value("seconds") if trial.metrics.exists("seconds") else None
+        console.print(f"trial {trial.trial_id} {trial.status.lower()}: {values}; {score}"
+                      + (f", {seconds:.1f} s" if seconds is not None else ""), highlight=False, markup=False)
         keras.backend.clear_session()
 
 
@@ -259,7 +268,7 @@ def _guard_project(project_dir: Path, fingerprint: dict) -> None:
             raise CtedgeError(f"project {project_dir} was made with another {', '.join(changed)}; "
                               "use --overwrite to start over or --project NAME for a new one")
     project_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(fingerprint, indent=2))
+    atomic_write(json.dumps(fingerprint, indent=2).encode(), path)
 
 
 def _validate(options: TuneOptions) -> None:
@@ -318,11 +327,24 @@ def assemble(head: keras.Model, model_config: ModelConfig, preprocess: Preproces
 
 def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessConfig,
          options: TuneOptions, space: SearchSpace | None = None) -> dict:
-    """Run (or resume) a search; returns the summary also written to summary.json."""
-    from . import __version__
-
+    """Run (or resume) a search; returns the summary also written to summary.json.
+    The single-process run or the chief holds DIRECTORY/PROJECT.lock meanwhile."""
     _validate(options)
     space = (space or SearchSpace()).validate()
+    project = options.project or f"{Path(data.root).resolve().name}-{preprocess.image_size}"
+    project_dir = Path(options.directory) / project
+    with contextlib.ExitStack() as held:
+        if not (dist_utils.has_chief_oracle() and not dist_utils.is_chief_oracle()):  # workers share it
+            held.enter_context(exclusive_lock(Path(options.directory) / f"{project}.lock",
+                                              f"tuning project {project_dir}"))
+        return _search(data, model_config, preprocess, options, space, project_dir)
+
+
+def _search(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessConfig,
+            options: TuneOptions, space: SearchSpace, project_dir: Path) -> dict:
+    from . import __version__
+
+    project = project_dir.name
     keras.utils.set_random_seed(options.seed)
     dataset, parts = load_data(data, preprocess, parts=("train", "val"))
     if not len(parts["val"].y):
@@ -331,8 +353,6 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
     if cached and not is_pretrained(model_config.weights):
         log.warning("--weights none with a frozen backbone: the cached features come from random "
                     "filters, so expect chance-level scores; use imagenet or a weights file, or --fine-tune")
-    project = options.project or f"{Path(data.root).resolve().name}-{preprocess.image_size}"
-    project_dir = Path(options.directory) / project
     if options.overwrite and project_dir.exists():
         import shutil
         shutil.rmtree(project_dir)
@@ -376,7 +396,7 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
         how = "backbone + the best trial's head, restored from its checkpoint"
     else:
         model, how = best, "the best trial's full model, restored from its checkpoint"
-    model.save(project_dir / "best_model.keras")
+    save_model(model, project_dir / "best_model.keras")
     summary = {
         "ctedge_version": __version__, "project": str(project_dir),
         "mode": "cached" if cached else ("fine-tune" if options.fine_tune else "naive"),
@@ -390,8 +410,8 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
                   "preprocess": preprocess.to_dict(), "classes": dataset.class_names,
                   "positive": dataset.positive, "hyperparameters": best_hp,
                   "splits": {name: part.summary() for name, part in parts.items()}}
-    (project_dir / "config.json").write_text(json.dumps(run_config, indent=2))
-    (project_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write(json.dumps(run_config, indent=2).encode(), project_dir / "config.json")
+    atomic_write(json.dumps(summary, indent=2, default=str).encode(), project_dir / "summary.json")
     return summary
 
 
