@@ -42,6 +42,14 @@ JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the 
 HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page.")]
 
 
+# Options of whole-study classification (predict --study, evaluate --study).
+SeriesOpt = Annotated[Optional[str], typer.Option("--series", help="--study: classify this SeriesInstanceUID.")]
+SliceStep = Annotated[Optional[int], typer.Option(
+    help="--study: take every Nth slice (default: the smallest step giving at most --max-slices).")]
+MaxSlices = Annotated[int, typer.Option(help="--study: slices sampled at most when --slice-step is unset.")]
+AggregateOpt = Annotated[str, typer.Option("--aggregate", help="--study: topk | max | mean of the slice probabilities.")]
+TopK = Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")]
+
 VERBOSE = {"on": False}  # set by the --verbose option before a command runs
 
 
@@ -201,8 +209,13 @@ def print_metrics(report: dict) -> None:
     """Metric table with CIs, confusion matrix and operating points."""
     from rich.table import Table
 
-    table = Table(title=f"{report['split']} split: {report['images']} images "
-                        f"({report['positive']} positive), threshold {report['threshold']}")
+    if report.get("unit") == "study":
+        title = (f"{report['studies']} studies of {report['patients']} patients ({report['positive']} "
+                 f"positive), threshold {report['threshold']}, CIs resampled by patient")
+    else:
+        title = f"{report['split']} split: {report['images']} images ({report['positive']} positive), " \
+                f"threshold {report['threshold']}"
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI", justify="right")
@@ -225,18 +238,28 @@ def print_metrics(report: dict) -> None:
                       f"beside the model's {report['metrics']['auc']['value']:.3f}")
 
 
-@command(tensorflow=True)
+@command
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="Trained model (.keras).")],
+    model: Annotated[Path, typer.Argument(help="Trained model (.keras); with --study the exported .onnx.")],
     data: DataArg,
     split: Annotated[str, typer.Option(help="train | val | test | all")] = "val",
-    threshold: Annotated[float, typer.Option(help="Decision threshold on P(positive).")] = 0.5,
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Decision threshold on P(positive) (default 0.5; with --study the model's metadata threshold).")] = None,
     split_dir: SplitDir = None,
     group_regex: GroupRegex = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default beside the model).")] = None,
     json_out: JsonOut = None,
     html_out: HtmlOut = None,
+    study: Annotated[bool, typer.Option("--study", help="DATA's class folders hold one study (DICOM folder, .zip "
+                                        "or NIfTI) per patient: patient-level metrics of an exported .onnx "
+                                        "model, CIs resampled by patient.")] = False,
+    positive: Positive = None,
+    series: SeriesOpt = None,
+    slice_step: SliceStep = None,
+    max_slices: MaxSlices = 64,
+    aggregate: AggregateOpt = "topk",
+    top_k: TopK = 5,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC with bootstrap 95% CIs,
     confusion matrix, ROC and calibration plots.
@@ -244,13 +267,28 @@ def evaluate(
     The split settings of the training run (config.json beside the model) are
     reused, so `val` means the same images. Example:
     `ctedge evaluate runs/train-X/model.keras ../shared/data/covid-ct --split val`
-    """
-    from .evaluate import evaluate as run_evaluation
 
-    report = run_evaluation(model, data, split, threshold, out, resamples,
-                            split_dir=str(split_dir) if split_dir else None, group_regex=group_regex)
-    print_metrics(report)
-    console.print(f"plots and metrics.json in {report['out_dir']}")
+    With `--study`, one answer per patient as `predict --study` gives it, scored
+    against the class folder; `--split` does not apply (every study is scored):
+    `ctedge evaluate exports/b3.onnx held-out-studies/ --study`
+    """
+    if html_out is not None:
+        from .files import check_writable
+
+        check_writable(html_out, "--html")
+    if study:
+        report = evaluate_studies_command(model, data, threshold, out, resamples, positive,
+                                          (series, slice_step, max_slices, aggregate, top_k))
+    else:
+        from .evaluate import evaluate as run_evaluation
+        from .quiet import import_tensorflow
+
+        import_tensorflow(VERBOSE["on"])
+        report = run_evaluation(model, data, split, 0.5 if threshold is None else threshold, out, resamples,
+                                split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
+                                positive=positive)
+        print_metrics(report)
+        console.print(f"plots and metrics.json in {report['out_dir']}")
     write_json(report, json_out)
     if html_out:
         from .report import evaluation_section, verdict, write_page
@@ -258,6 +296,38 @@ def evaluate(
         write_page(html_out, f"ctedge evaluation: {model}", [verdict(report, None), evaluation_section(report)],
                    f"data {data}")
         console.print(f"HTML page: {html_out}")
+    if report.get("failed"):
+        raise typer.Exit(1)
+
+
+def evaluate_studies_command(model: Path, data: Path, threshold: float | None, out: Path | None,
+                             resamples: int, positive: str | None, study_options: tuple) -> dict:
+    """`evaluate --study`: patient-level metrics; failed studies named (exit 1 after the outputs)."""
+    import importlib.util
+
+    from .study import StudyOptions
+
+    missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CtedgeError(f"evaluate needs {' and '.join(missing)} (not TensorFlow): pip install 'ctedge[train]'")
+    from .evaluate import evaluate_studies
+
+    series, slice_step, max_slices, aggregate, top_k = study_options
+    report = evaluate_studies(model, data, threshold, out, resamples, positive=positive,
+                              options=StudyOptions(series, slice_step, max_slices, aggregate, top_k),
+                              progress=lambda r: console.print(f"{r.input}: " + (f"{r.probability:.3f}" if r.error is None
+                                                               else f"[red]no answer[/] ({r.error})"),
+                                                               highlight=False))
+    print_metrics(report)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if report["failed"]:
+        console.print(f"[yellow]{len(report['failed'])} of {report['studies'] + len(report['failed'])} "
+                      "stud(ies) got no answer and are not in the metrics:[/]")
+        for item in report["failed"]:
+            console.print(f"  {item['input']}: {item['error']}", highlight=False)
+    console.print(f"plots, metrics.json and studies.csv in {report['out_dir']}")
+    return report
 
 
 @command(tensorflow=True)
@@ -562,12 +632,11 @@ def predict(
     json_out: JsonOut = None,
     study: Annotated[bool, typer.Option("--study", help="Each path is a CT study (DICOM folder or .zip, "
                                         "or NIfTI): one answer per study (patient).")] = False,
-    series: Annotated[Optional[str], typer.Option(help="--study: classify this SeriesInstanceUID.")] = None,
-    slice_step: Annotated[Optional[int], typer.Option(
-        help="--study: take every Nth slice (default: the smallest step giving at most --max-slices).")] = None,
-    max_slices: Annotated[int, typer.Option(help="--study: slices sampled at most when --slice-step is unset.")] = 64,
-    aggregate: Annotated[str, typer.Option(help="--study: topk | max | mean of the slice probabilities.")] = "topk",
-    top_k: Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")] = 5,
+    series: SeriesOpt = None,
+    slice_step: SliceStep = None,
+    max_slices: MaxSlices = 64,
+    aggregate: AggregateOpt = "topk",
+    top_k: TopK = 5,
     plot: Annotated[Optional[Path], typer.Option(
         help="--study: folder for one PNG per study (needs matplotlib).")] = None,
 ) -> None:

@@ -186,12 +186,23 @@ def evaluation_section(evaluation: dict) -> str:
                  f"<tr><th>negative</th>{cell(tn, True)}{cell(fp, False)}</tr>"
                  f"<tr><th>positive</th>{cell(fn, False)}{cell(tp, True)}</tr></table>")
     points = [[name.replace("_", " "), f"{value:.3f}"] for name, value in evaluation["operating_points"].items()]
-    groups = f", {evaluation['groups']} groups resampled" if evaluation.get("groups") else ""
     plots = "".join(picture(evaluation[k], k) for k in ("roc_png", "calibration_png")
                     if evaluation.get(k) and Path(evaluation[k]).is_file())
-    return (f"<h2>Evaluation: {_e(evaluation['split'])} split</h2>"
-            f"<p>{evaluation['images']} images, {evaluation['positive']} positive; threshold "
-            f"{evaluation['threshold']}; bootstrap 95% CIs ({_e(groups.lstrip(', ') or 'images resampled')}); "
+    if evaluation.get("unit") == "study":
+        title = "Evaluation: whole studies, one answer per patient"
+        counts = f"{evaluation['studies']} studies of {evaluation['patients']} patients"
+        resampled = "patients resampled"
+        failed = evaluation.get("failed", [])
+        if failed:
+            counts += (f" ({len(failed)} more got no answer and are not scored: "
+                       + "; ".join(f"{f['input']}: {f['error']}" for f in failed) + ")")
+    else:
+        title = f"Evaluation: {evaluation['split']} split"
+        counts = f"{evaluation['images']} images"
+        resampled = f"{evaluation['groups']} groups resampled" if evaluation.get("groups") else "images resampled"
+    return (f"<h2>{_e(title)}</h2>"
+            f"<p>{_e(counts)}, {evaluation['positive']} positive; threshold "
+            f"{evaluation['threshold']}; bootstrap 95% CIs ({_e(resampled)}); "
             f"ECE {evaluation['ece']:.3f}.</p>"
             f'<div class="plots"><div>{_table(["metric", "value", "95% CI"], rows)}{confusion}'
             f'{_table(["operating point", "value"], points)}</div>{plots}</div>')
