@@ -332,17 +332,53 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
 
 @command(tensorflow=True)
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, run and report.")] = Path("demo"),
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 12,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the data, run and report "
+                                                "(default demo/, with --study demo-study/).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 12, with --study 8).")] = None,
     per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 200,
     backbone: Backbone = "b3",
     json_out: JsonOut = None,
+    study: Annotated[bool, typer.Option("--study", help="Whole-study path instead: phantom DICOM patients, "
+                                        "train on the training patients' slices, export to ONNX, "
+                                        "predict --study and patient-level evaluation on held-out patients.")] = False,
+    patients: Annotated[int, typer.Option(help="--study: phantom patients per class, half held out.")] = 32,
+    slices: Annotated[int, typer.Option(help="--study: slices per axial series (64x64 px).")] = 24,
 ) -> None:
     """Generate synthetic CT-like phantoms, train a small model (weights none, 64 px),
-    evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU."""
+    evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU.
+
+    `ctedge demo --study` does it for whole CT studies (see README, "Whole CT studies"):
+    `ctedge demo --study` then `ctedge report demo-study/run --study --data demo-study/studies/test`
+    """
+    if json_out is not None:
+        from .files import check_writable
+
+        check_writable(json_out, "--json")
+    if study:
+        from .demo import run_study_demo
+
+        report = run_study_demo(out or Path("demo-study"), epochs or 8, patients, slices, backbone)
+        for r in report["predicted"]:
+            console.print(f"predict --study {r['input']}: P = {r['probability']:.3f} ({r['label']}), "
+                          f"{r['slices_used']} of {r['slices_total']} slices classified; plot {r['plot']}",
+                          highlight=False)
+        print_metrics(report["evaluation"])
+        console.print(report["verdict"])
+        onnx, evaluation = report["onnx"], report["evaluation"]
+        console.print(f"studies: {report['studies']} (train/, test/: {report['held_out_patients']} held-out "
+                      f"patients)\nslices:  {report['slices']} ({report['training_slices']} PNGs of "
+                      f"{report['training_patients']} training patients)\nrun:     {report['run_dir']} "
+                      f"(model.keras, model.onnx)\npatient-level evaluation: {evaluation['out_dir']}\n"
+                      f"took {report['seconds']:.0f} s ("
+                      + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in report["stage_seconds"].items())
+                      + f")\nagain by hand: ctedge predict {onnx} {report['studies']}/test/CT_COVID/* --study; "
+                      f"ctedge evaluate {onnx} {report['studies']}/test --study; "
+                      f"ctedge report {report['run_dir']} --study --data {report['studies']}/test", highlight=False)
+        write_json(report, json_out)
+        return
     from .demo import run_demo
 
-    report = run_demo(out, epochs, per_class, backbone)
+    report = run_demo(out or Path("demo"), epochs or 12, per_class, backbone)
     print_metrics(report["evaluation"])
     console.print(report["verdict"])
     console.print(f"data: {report['data']}\nrun:  {report['run_dir']}\n"
@@ -597,6 +633,9 @@ def report(
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default RUN_DIR/report.html).")] = None,
     json_out: JsonOut = None,
+    study: Annotated[bool, typer.Option("--study", help="--data holds class folders of studies: patient-level "
+                                        "evaluation of the exported model (see evaluate --study).")] = False,
+    onnx: Annotated[Optional[Path], typer.Option(help="--study: the exported model (default RUN_DIR/model.onnx).")] = None,
 ) -> None:
     """One self-contained HTML page for a training run or tuning project: data summary, audit
     findings, metrics with CIs, ROC (with the metadata shortcut's), confusion
@@ -604,11 +643,12 @@ def report(
 
     Runs the evaluation, audit and Grad-CAM it needs, reusing eval-SPLIT/ and
     audit.json when the run folder already has them. Example:
-    `ctedge report runs/train-X` then open runs/train-X/report.html
+    `ctedge report runs/train-X` then open runs/train-X/report.html;
+    for patients: `ctedge report demo-study/run --study --data demo-study/studies/test`
     """
     from .report import build
 
-    result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh)
+    result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh, study, onnx)
     print_metrics(result["evaluation"])
     audit = result["audit"]
     if audit:

@@ -276,15 +276,35 @@ def _cached(path: Path, make, root: Path, fresh: bool = False) -> dict:
     return result
 
 
+def studies_section(evaluation: dict) -> str:
+    """One row per study of a patient-level evaluation (from its studies.csv)."""
+    path = Path(evaluation["out_dir"]) / "studies.csv" if "out_dir" in evaluation else None
+    path = path if path and path.is_file() else Path(evaluation.get("studies_csv", ""))
+    if not path.is_file():
+        return ""
+    with open(path) as f:
+        rows = [[r["input"], r["class"], r["probability"] and f"{float(r['probability']):.3f}",
+                 r["label"] or "-", f"{r['slices_used']}/{r['slices_total']}", r["error"] or ""]
+                for r in csv.DictReader(f)]
+    return ("<h2>Studies</h2>" + _table(["study", "class", "probability", "label", "slices used/total", "error"],
+                                        rows))
+
+
 def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val",
           explain_count: int = 12, run_audit: bool = True, out: str | Path | None = None,
-          resamples: int = 1000, fresh: bool = False) -> dict:
+          resamples: int = 1000, fresh: bool = False, study: bool = False,
+          onnx: str | Path | None = None) -> dict:
     """The report of a training run folder or tuning project. ``eval-SPLIT/metrics.json``
     (``ctedge evaluate``) and ``audit.json`` are reused when made from the same
     data folder, unless ``fresh``, else made; the most confident right and wrong calls are explained into
-    ``report-explained/``."""
+    ``report-explained/``.
+
+    With ``study``, ``data`` holds class folders of studies: the evaluation is
+    patient-level, of the exported ``onnx`` model (default RUN_DIR/model.onnx),
+    in ``eval-studies/``; the audit covers the run's own (slice) training data;
+    no Grad-CAM (it needs slice images and the .keras model)."""
     from .data import DataOptions
-    from .evaluate import evaluate, run_config
+    from .evaluate import evaluate, evaluate_studies, run_config
 
     run_dir = Path(run_dir)
     model = next((run_dir / name for name in ("model.keras", "best_model.keras") if (run_dir / name).is_file()),
@@ -295,13 +315,27 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
                           "model.keras or best_model.keras; `ctedge train` and `ctedge tune` write them)")
     if explain_count < 0:
         raise CtedgeError(f"--explain must be 0 or more, not {explain_count}")
+    if study and data is None:
+        raise CtedgeError("--study needs --data: a folder of class folders holding one study per patient")
     root = Path(data or config["data"]["root"])
     if not root.is_dir():
         hint = "" if data else " (the run was trained on it; pass --data)"
         raise CtedgeError(f"data folder not found: {root}{hint}")
-    eval_dir = run_dir / f"eval-{split}"
-    evaluation = _cached(eval_dir / "metrics.json",
-                         lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), root, fresh)
+    if study:
+        onnx = Path(onnx or run_dir / "model.onnx")
+        if not onnx.is_file():
+            raise CtedgeError(f"{onnx}: no exported model; studies are scored with the ONNX model `predict --study` "
+                              f"runs (`ctedge export {model} --onnx -o {onnx}`, or pass --onnx)")
+        eval_dir = run_dir / "eval-studies"
+        evaluation = _cached(eval_dir / "metrics.json", lambda: evaluate_studies(
+            onnx, root, out_dir=eval_dir, resamples=resamples), root, fresh)
+        evaluation["out_dir"], explain_count = str(eval_dir), 0
+        root = Path(config["data"]["root"])  # the audit is of the training data
+        run_audit = run_audit and root.is_dir()
+    else:
+        eval_dir = run_dir / f"eval-{split}"
+        evaluation = _cached(eval_dir / "metrics.json",
+                             lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), root, fresh)
     for key in ("roc_png", "calibration_png"):  # the folder may have moved since
         if (eval_dir / f"{key[:-4]}.png").is_file():
             evaluation[key] = str(eval_dir / f"{key[:-4]}.png")
@@ -325,6 +359,7 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         explained = [e.to_dict() | {"threshold": evaluation["threshold"]} for e in result["explanations"]]
     sections = [verdict(evaluation, audit), training_section(config, run_dir),
                 audit_section(audit) if audit else "", evaluation_section(evaluation),
+                studies_section(evaluation) if study else "",
                 explain_section(explained, labels, config.get("positive") or "positive") if explained else ""]
     target = write_page(out or run_dir / "report.html", f"ctedge report: {run_dir.name}", sections,
                         f"model {model}")
