@@ -343,3 +343,5 @@ def test_evaluate_study_refuses_a_keras_model_and_an_image_folder(tmp_path, mode
     assert result.exit_code == 2 and "ONNX" in result.output
     result = runner.invoke(app, ["evaluate", str(model), str(phantom_data), "--study", "-o", str(tmp_path / "e")])
     assert result.exit_code == 2 and "studies (folders, .zip or NIfTI)" in result.output, result.output
+    result = runner.invoke(app, ["evaluate", str(model), str(phantom_data)])
+    assert result.exit_code == 2 and "--study" in result.output

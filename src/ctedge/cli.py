@@ -280,6 +280,9 @@ def evaluate(
         report = evaluate_studies_command(model, data, threshold, out, resamples, positive,
                                           (series, slice_step, max_slices, aggregate, top_k))
     else:
+        if model.suffix.lower() == ".onnx":
+            raise CtedgeError(f"{model}: an .onnx model is evaluated on whole studies (--study, class folders "
+                              "of studies); image-level evaluation takes the trained .keras model")
         from .evaluate import evaluate as run_evaluation
         from .quiet import import_tensorflow
 
