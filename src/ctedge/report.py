@@ -75,7 +75,11 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
     """The one paragraph a reader must see first: leakage, and the model against
     the metadata shortcut."""
     lines = []
-    if audit and audit.get("leakage"):
+    if audit and audit.get("leakage") and evaluation and evaluation.get("unit") == "study":
+        lines.append(("bad", f"Leakage in the training data: {audit['cross_split_duplicates']} near-duplicate "
+                             "pair(s) span the run's splits, so its validation figures are inflated; the studies "
+                             "scored below are not part of that audit."))
+    elif audit and audit.get("leakage"):
         lines.append(("bad", f"Leakage: {audit['cross_split_duplicates']} near-duplicate pair(s) "
                              "span splits, so held-out figures are inflated."))
     if evaluation and evaluation.get("output_spread", 1.0) < CONSTANT_SPREAD:
