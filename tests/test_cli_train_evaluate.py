@@ -127,3 +127,10 @@ def test_demo_study_runs_the_whole_study_path(tmp_path):
     assert result.exit_code == 0, result.output
     html = page.read_text()
     assert "whole studies, one answer per patient" in html and "P0008.zip" in html
+
+
+def test_error_messages_keep_their_brackets(tmp_path):
+    """Rich markup must not eat '[...]' in a message (paths, extras like ctedge[train])."""
+    folder = tmp_path / "scans[old]"
+    result = runner.invoke(app, ["train", str(folder / "missing"), "--weights", "none"])
+    assert result.exit_code == 2 and "scans[old]" in result.stderr

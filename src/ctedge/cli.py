@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 
 from . import __version__
 from .errors import CtedgeError
@@ -76,7 +77,7 @@ def command(func=None, *, tensorflow: bool = False):
                 import_tensorflow(VERBOSE["on"])
             return func(*args, **kwargs)
         except CtedgeError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -193,7 +194,7 @@ def train(
         if part["unreadable"]:
             console.print(f"[yellow]{name}: skipped {len(part['unreadable'])} unreadable file(s):[/]")
             for item in part["unreadable"]:
-                console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+                console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False)
         if part["dropped"]:
             console.print(f"{name}: dropped {len(part['dropped'])} image(s) with annotation marks")
     best = {k: v for k, v in result.items() if k.startswith("best_")}
@@ -318,18 +319,19 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
     series, slice_step, max_slices, aggregate, top_k = study_options
     report = evaluate_studies(model, data, threshold, out, resamples, positive=positive,
                               options=StudyOptions(series, slice_step, max_slices, aggregate, top_k),
-                              progress=lambda r: console.print(f"{r.input}: " + (f"{r.probability:.3f}" if r.error is None
-                                                               else f"[red]no answer[/] ({r.error})"),
-                                                               highlight=False))
+                              progress=lambda r: console.print(
+                                  f"{escape(r.input)}: " + (f"{r.probability:.3f}" if r.error is None
+                                                            else f"[red]no answer[/] ({escape(r.error)})"),
+                                  highlight=False))
     print_metrics(report)
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if report["failed"]:
         console.print(f"[yellow]{len(report['failed'])} of {report['studies'] + len(report['failed'])} "
                       "stud(ies) got no answer and are not in the metrics:[/]")
         for item in report["failed"]:
-            console.print(f"  {item['input']}: {item['error']}", highlight=False)
-    console.print(f"plots, metrics.json and studies.csv in {report['out_dir']}")
+            console.print(f"  {item['input']}: {item['error']}", highlight=False, markup=False)
+    console.print(f"plots, metrics.json and studies.csv in {report['out_dir']}", markup=False)
     return report
 
 
@@ -364,7 +366,7 @@ def demo(
         for r in report["predicted"]:
             console.print(f"predict --study {r['input']}: P = {r['probability']:.3f} ({r['label']}), "
                           f"{r['slices_used']} of {r['slices_total']} slices classified; plot {r['plot']}",
-                          highlight=False)
+                          highlight=False, markup=False)
         print_metrics(report["evaluation"])
         console.print(report["verdict"])
         onnx, evaluation = report["onnx"], report["evaluation"]
@@ -376,7 +378,8 @@ def demo(
                       + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in report["stage_seconds"].items())
                       + f")\nagain by hand: ctedge predict {onnx} {report['studies']}/test/CT_COVID/* --study; "
                       f"ctedge evaluate {onnx} {report['studies']}/test --study; "
-                      f"ctedge report {report['run_dir']} --study --data {report['studies']}/test", highlight=False)
+                      f"ctedge report {report['run_dir']} --study --data {report['studies']}/test",
+                      highlight=False, markup=False)
         write_json(report, json_out)
         return
     from .demo import run_demo
@@ -555,13 +558,13 @@ def audit(
                   f"{report['cross_split_duplicates']} across splits")
     for p in pairs[:show]:
         tag = "[red]CROSS-SPLIT[/]" if p["cross_split"] else "within " + p["splits"][0]
-        console.print(f"  {tag} {p['bits']:2d} bits  {p['a']}  ~  {p['b']}", highlight=False)
+        console.print(f"  {tag} {p['bits']:2d} bits  {escape(p['a'])}  ~  {escape(p['b'])}", highlight=False)
     console.print(f"[bold]annotated[/] (coloured marks): {len(report['annotated'])}")
     for path in report["annotated"][:show]:
-        console.print(f"  {path}", highlight=False)
+        console.print(f"  {path}", highlight=False, markup=False)
     console.print(f"smaller than {image_size} px: {len(report['too_small'])}; unreadable: {len(report['unreadable'])}")
     for item in report["unreadable"][:show]:
-        console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+        console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False)
     baseline = report["shortcut_baseline"]
     for split in ("val", "test"):
         if split in baseline:
@@ -657,7 +660,7 @@ def report(
     if audit:
         console.print(f"audit: {len(audit['near_duplicates'])} near-duplicate pair(s), "
                       f"{audit['cross_split_duplicates']} across splits; {len(audit['annotated'])} annotated")
-    console.print(f"[green]report:[/] {result['report']}")
+    console.print(f"[green]report:[/] {escape(str(result['report']))}")
     write_json(result, json_out)
 
 Provider = Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt (falls back to the CPU with a message).")]
@@ -766,11 +769,11 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
             console.print(f"  rejected series {rejected['series_uid']} ({rejected['slices']} file(s)): "
                           f"{rejected['reason']}", highlight=False)
         for warning in r.warnings:
-            console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+            console.print(f"  [yellow]warning:[/] {escape(warning)}", highlight=False)
     if plot is not None:
         for r in results:
             if not r.error:
-                console.print(f"plot: {study_plot(r, plot)}", highlight=False)
+                console.print(f"plot: {study_plot(r, plot)}", highlight=False, markup=False)
     if csv_out:
         handle = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
