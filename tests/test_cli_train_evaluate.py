@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -100,6 +101,32 @@ def test_evaluate_says_when_the_model_is_effectively_constant(tmp_path, phantom_
     assert result.exit_code == 0, result.output
     assert "effectively constant" in result.stderr
     assert "effectively constant" in (tmp_path / "e.html").read_text()
+
+
+def test_demo_study_runs_the_whole_study_path(tmp_path):
+    """`demo --study` at test size: DICOM patients -> slices -> train -> ONNX ->
+    predict --study and patient-level evaluation on the held-out patients (one of
+    them zipped); then `report --study` on the run."""
+    demo = tmp_path / "d"
+    result = runner.invoke(app, ["demo", "--study", "-o", str(demo), "--epochs", "1", "--backbone", "tiny",
+                                 "--patients", "6", "--slices", "8", "--json", str(tmp_path / "d.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "d.json").read_text())
+    evaluation = report["evaluation"]
+    assert evaluation["unit"] == "study" and evaluation["failed"] == []
+    assert (evaluation["studies"], evaluation["patients"], report["held_out_patients"]) == (6, 6, 6)
+    assert sorted(p.name for p in (demo / "studies" / "test" / "CT_NonCOVID").iterdir()) == ["P0006", "P0007", "P0008.zip"]
+    assert (demo / "run" / "model.onnx").is_file() and (demo / "run" / "eval-studies" / "studies.csv").is_file()
+    assert [Path(r["plot"]).is_file() for r in report["predicted"]] == [True, True]
+    slices = {cls: list((demo / "slices" / cls).glob("*.png")) for cls in ("CT_COVID", "CT_NonCOVID")}
+    assert all(slices.values()) and len({p.stat().st_size for found in slices.values() for p in found}) == 1
+    assert "chance" in report["verdict"] and "took" in result.stderr
+    page = tmp_path / "r.html"
+    result = runner.invoke(app, ["report", str(demo / "run"), "--study", "--data", str(demo / "studies" / "test"),
+                                 "--no-audit", "--resamples", "20", "-o", str(page)])
+    assert result.exit_code == 0, result.output
+    html = page.read_text()
+    assert "whole studies, one answer per patient" in html and "P0008.zip" in html
 
 
 def test_error_messages_keep_their_brackets(tmp_path):

@@ -7,6 +7,7 @@ P(positive) grows with the mean pixel, so ground-glass slices score higher.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -296,3 +297,51 @@ def test_bench_study_splits_the_stages(tmp_path, model):
     assert run["wall_s"] >= run["pipeline_wall_s"] >= run["inference"] > 0
     assert run["slices_per_s"] == pytest.approx(run["slices_used"] / run["wall_s"])
     assert report["process_wall_s"]["median"] > 0 and "--study" in report["process_wall_s"]["command"]
+
+
+def test_evaluate_study_scores_patients_names_failures_and_never_imports_tensorflow(tmp_path, model):
+    """Patient-level evaluation through the ONNX path: one row per study, CIs by
+    PatientID (two studies of P3 count as one patient), a broken study named and
+    not scored (exit 1), --threshold overriding the metadata's; in a fresh
+    interpreter, to see that TensorFlow stays out."""
+    rng = np.random.default_rng(12)
+    data = tmp_path / "data"
+    for i, positive in enumerate((True, True, True, False, False, False)):
+        cls = "CT_COVID" if positive else "CT_NonCOVID"
+        write_study(data / cls / f"s{i}", rng, positive, slices=12, patient_id=f"P{min(i, 3)}" if i < 5 else "")
+    shutil.make_archive(str(data / "CT_COVID" / "s0"), "zip", data / "CT_COVID" / "s0")
+    shutil.rmtree(data / "CT_COVID" / "s0")
+    (data / "CT_NonCOVID" / "broken").mkdir()
+    (data / "CT_NonCOVID" / "broken" / "notes.txt").write_text("no images")
+    out = tmp_path / "eval"
+    code = ("import sys; from ctedge.cli import app\n"
+            "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
+            "print('IMPORTED', bad); sys.exit(3 if bad else code)")
+    result = subprocess.run([sys.executable, "-c", code, "evaluate", str(model), str(data), "--study",
+                             "--threshold", "0.86", "--resamples", "50", "-o", str(out),
+                             "--json", str(tmp_path / "m.json")], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr  # the broken study
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["unit"] == "study" and report["threshold"] == 0.86
+    assert (report["studies"], report["positive"], report["patients"]) == (6, 3, 5)
+    assert [f["input"] for f in report["failed"]] == [str(data / "CT_NonCOVID" / "broken")]
+    assert "broken" in result.stderr and "not in the metrics" in result.stderr
+    assert report["metrics"]["auc"]["value"] == 1.0  # ground glass is brighter: the stand-in ranks it first
+    assert report["metrics"]["accuracy"]["value"] == 1.0  # and 0.86 lies between the classes here
+    assert sum(map(sum, report["confusion"])) == 6
+    assert (out / "roc.png").is_file() and (out / "calibration.png").is_file() and (out / "metrics.json").is_file()
+    with open(out / "studies.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and sum(bool(r["error"]) for r in rows) == 1
+    assert {r["label"] for r in rows if r["truth"] == "1"} == {"CT_COVID"}
+    assert any(r["input"].endswith("s0.zip") and r["probability"] for r in rows)
+
+
+def test_evaluate_study_refuses_a_keras_model_and_an_image_folder(tmp_path, model, phantom_data):
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "model.keras"), str(phantom_data), "--study"])
+    assert result.exit_code == 2 and "ONNX" in result.output
+    result = runner.invoke(app, ["evaluate", str(model), str(phantom_data), "--study", "-o", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "studies (folders, .zip or NIfTI)" in result.output, result.output
+    result = runner.invoke(app, ["evaluate", str(model), str(phantom_data)])
+    assert result.exit_code == 2 and "--study" in result.output

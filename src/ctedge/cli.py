@@ -46,6 +46,14 @@ JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the 
 HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page.")]
 
 
+# Options of whole-study classification (predict --study, evaluate --study).
+SeriesOpt = Annotated[Optional[str], typer.Option("--series", help="--study: classify this SeriesInstanceUID.")]
+SliceStep = Annotated[Optional[int], typer.Option(
+    help="--study: take every Nth slice (default: the smallest step giving at most --max-slices).")]
+MaxSlices = Annotated[int, typer.Option(help="--study: slices sampled at most when --slice-step is unset.")]
+AggregateOpt = Annotated[str, typer.Option("--aggregate", help="--study: topk | max | mean of the slice probabilities.")]
+TopK = Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")]
+
 VERBOSE = {"on": False}  # set by the --verbose option before a command runs
 
 
@@ -118,14 +126,9 @@ def write_json(result: dict, path: Path | None) -> None:
 
 
 def write_csv(records: list[dict], fields: list[str], path: Path | None) -> None:
-    import csv
-    import io
+    from .files import csv_text
 
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(records)
-    write_text(buffer.getvalue(), path)
+    write_text(csv_text(fields, records), path)
 
 
 def print_file_rows(title: str, rows: list, third: str) -> int:
@@ -256,8 +259,13 @@ def print_metrics(report: dict) -> None:
     """Metric table with CIs, confusion matrix and operating points."""
     from rich.table import Table
 
-    table = Table(title=f"{report['split']} split: {report['images']} images "
-                        f"({report['positive']} positive), threshold {report['threshold']}")
+    if report.get("unit") == "study":
+        title = (f"{report['studies']} studies of {report['patients']} patients ({report['positive']} "
+                 f"positive), threshold {report['threshold']}, CIs resampled by patient")
+    else:
+        title = f"{report['split']} split: {report['images']} images ({report['positive']} positive), " \
+                f"threshold {report['threshold']}"
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI", justify="right")
@@ -280,18 +288,28 @@ def print_metrics(report: dict) -> None:
                       f"beside the model's {report['metrics']['auc']['value']:.3f}")
 
 
-@command(tensorflow=True)
+@command
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="Trained model (.keras).")],
+    model: Annotated[Path, typer.Argument(help="Trained model (.keras); with --study the exported .onnx.")],
     data: DataArg,
     split: Annotated[str, typer.Option(help="train | val | test | all")] = "val",
-    threshold: Annotated[float, typer.Option(help="Decision threshold on P(positive).")] = 0.5,
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Decision threshold on P(positive) (default 0.5; with --study the model's metadata threshold).")] = None,
     split_dir: SplitDir = None,
     group_regex: GroupRegex = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default beside the model).")] = None,
     json_out: JsonOut = None,
     html_out: HtmlOut = None,
+    study: Annotated[bool, typer.Option("--study", help="DATA's class folders hold one study (DICOM folder, .zip "
+                                        "or NIfTI) per patient: patient-level metrics of an exported .onnx "
+                                        "model, CIs resampled by patient.")] = False,
+    positive: Positive = None,
+    series: SeriesOpt = None,
+    slice_step: SliceStep = None,
+    max_slices: MaxSlices = 64,
+    aggregate: AggregateOpt = "topk",
+    top_k: TopK = 5,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC with bootstrap 95% CIs,
     confusion matrix, ROC and calibration plots.
@@ -299,15 +317,29 @@ def evaluate(
     The split settings of the training run (config.json beside the model) are
     reused, so `val` means the same images. Example:
     `ctedge evaluate runs/train-X/model.keras ../shared/data/covid-ct --split val`
-    """
-    from .evaluate import evaluate as run_evaluation
 
-    check_outputs((out or model.parent / f"eval-{split}", "--out", True), (json_out, "--json"),
-                  (html_out, "--html"))
-    report = run_evaluation(model, data, split, threshold, out, resamples,
-                            split_dir=str(split_dir) if split_dir else None, group_regex=group_regex)
-    print_metrics(report)
-    console.print(f"plots and metrics.json in {report['out_dir']}")
+    With `--study`, one answer per patient as `predict --study` gives it, scored
+    against the class folder; `--split` does not apply (every study is scored):
+    `ctedge evaluate exports/b3.onnx held-out-studies/ --study`
+    """
+    default_out = model.parent / (f"eval-studies-{model.stem}" if study else f"eval-{split}")
+    check_outputs((out or default_out, "--out", True), (json_out, "--json"), (html_out, "--html"))
+    if study:
+        report = evaluate_studies_command(model, data, threshold, out, resamples, positive,
+                                          (series, slice_step, max_slices, aggregate, top_k))
+    else:
+        if model.suffix.lower() == ".onnx":
+            raise CtedgeError(f"{model}: an .onnx model is evaluated on whole studies (--study, class folders "
+                              "of studies); image-level evaluation takes the trained .keras model")
+        from .evaluate import evaluate as run_evaluation
+        from .quiet import import_tensorflow
+
+        import_tensorflow(VERBOSE["on"])
+        report = run_evaluation(model, data, split, 0.5 if threshold is None else threshold, out, resamples,
+                                split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
+                                positive=positive)
+        print_metrics(report)
+        console.print(f"plots and metrics.json in {report['out_dir']}")
     write_json(report, json_out)
     if html_out:
         from .report import evaluation_section, verdict, write_page
@@ -315,22 +347,88 @@ def evaluate(
         write_page(html_out, f"ctedge evaluation: {model}", [verdict(report, None), evaluation_section(report)],
                    f"data {data}")
         console.print(f"HTML page: {html_out}")
+    if report.get("failed"):
+        raise typer.Exit(1)
+
+
+def evaluate_studies_command(model: Path, data: Path, threshold: float | None, out: Path | None,
+                             resamples: int, positive: str | None, study_options: tuple) -> dict:
+    """`evaluate --study`: patient-level metrics; failed studies named (exit 1 after the outputs)."""
+    import importlib.util
+
+    from .study import StudyOptions
+
+    missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CtedgeError(f"evaluate needs {' and '.join(missing)} (not TensorFlow): pip install 'ctedge[train]'")
+    from .evaluate import evaluate_studies
+
+    series, slice_step, max_slices, aggregate, top_k = study_options
+    report = evaluate_studies(model, data, threshold, out, resamples, positive=positive,
+                              options=StudyOptions(series, slice_step, max_slices, aggregate, top_k),
+                              progress=lambda r: console.print(
+                                  f"{escape(r.input)}: " + (f"{r.probability:.3f}" if r.error is None
+                                                            else f"[red]no answer[/] ({escape(r.error)})"),
+                                  highlight=False))
+    print_metrics(report)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    if report["failed"]:
+        console.print(f"[yellow]{len(report['failed'])} of {report['studies'] + len(report['failed'])} "
+                      "stud(ies) got no answer and are not in the metrics:[/]")
+        for item in report["failed"]:
+            console.print(f"  {item['input']}: {item['error']}", highlight=False, markup=False)
+    console.print(f"plots, metrics.json and studies.csv in {report['out_dir']}", markup=False)
+    return report
 
 
 @command(tensorflow=True)
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, run and report.")] = Path("demo"),
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 12,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the data, run and report "
+                                                "(default demo/, with --study demo-study/).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 12, with --study 8).")] = None,
     per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 200,
     backbone: Backbone = "b3",
     json_out: JsonOut = None,
+    study: Annotated[bool, typer.Option("--study", help="Whole-study path instead: phantom DICOM patients, "
+                                        "train on the training patients' slices, export to ONNX, "
+                                        "predict --study and patient-level evaluation on held-out patients.")] = False,
+    patients: Annotated[int, typer.Option(help="--study: phantom patients per class, half held out.")] = 32,
+    slices: Annotated[int, typer.Option(help="--study: slices per axial series (64x64 px).")] = 24,
 ) -> None:
     """Generate synthetic CT-like phantoms, train a small model (weights none, 64 px),
-    evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU."""
+    evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU.
+
+    `ctedge demo --study` does it for whole CT studies (see README, "Whole CT studies"):
+    `ctedge demo --study` then `ctedge report demo-study/run --study --data demo-study/studies/test`
+    """
+    check_outputs((out or Path("demo-study" if study else "demo"), "--out", True), (json_out, "--json"))
+    if study:
+        from .demo import run_study_demo
+
+        report = run_study_demo(out or Path("demo-study"), epochs or 8, patients, slices, backbone)
+        for r in report["predicted"]:
+            console.print(f"predict --study {r['input']}: P = {r['probability']:.3f} ({r['label']}), "
+                          f"{r['slices_used']} of {r['slices_total']} slices classified; plot {r['plot']}",
+                          highlight=False, markup=False)
+        print_metrics(report["evaluation"])
+        console.print(report["verdict"])
+        onnx, evaluation = report["onnx"], report["evaluation"]
+        console.print(f"studies: {report['studies']} (train/, test/: {report['held_out_patients']} held-out "
+                      f"patients)\nslices:  {report['slices']} ({report['training_slices']} PNGs of "
+                      f"{report['training_patients']} training patients)\nrun:     {report['run_dir']} "
+                      f"(model.keras, model.onnx)\npatient-level evaluation: {evaluation['out_dir']}\n"
+                      f"took {report['seconds']:.0f} s ("
+                      + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in report["stage_seconds"].items())
+                      + f")\nagain by hand: ctedge predict {onnx} {report['studies']}/test/CT_COVID/* --study; "
+                      f"ctedge evaluate {onnx} {report['studies']}/test --study; "
+                      f"ctedge report {report['run_dir']} --study --data {report['studies']}/test",
+                      highlight=False, markup=False)
+        write_json(report, json_out)
+        return
     from .demo import run_demo
 
-    check_outputs((out, "--out", True), (json_out, "--json"))
-    report = run_demo(out, epochs, per_class, backbone)
+    report = run_demo(out or Path("demo"), epochs or 12, per_class, backbone)
     print_metrics(report["evaluation"])
     console.print(report["verdict"])
     console.print(f"data: {report['data']}\nrun:  {report['run_dir']}\n"
@@ -592,6 +690,9 @@ def report(
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default RUN_DIR/report.html).")] = None,
     json_out: JsonOut = None,
+    study: Annotated[bool, typer.Option("--study", help="--data holds class folders of studies: patient-level "
+                                        "evaluation of the exported model (see evaluate --study).")] = False,
+    onnx: Annotated[Optional[Path], typer.Option(help="--study: the exported model (default RUN_DIR/model.onnx).")] = None,
 ) -> None:
     """One self-contained HTML page for a training run or tuning project: data summary, audit
     findings, metrics with CIs, ROC (with the metadata shortcut's), confusion
@@ -599,12 +700,13 @@ def report(
 
     Runs the evaluation, audit and Grad-CAM it needs, reusing eval-SPLIT/ and
     audit.json when the run folder already has them. Example:
-    `ctedge report runs/train-X` then open runs/train-X/report.html
+    `ctedge report runs/train-X` then open runs/train-X/report.html;
+    for patients: `ctedge report demo-study/run --study --data demo-study/studies/test`
     """
     from .report import build
 
     check_outputs((out or run_dir / "report.html", "--out"), (json_out, "--json"))
-    result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh)
+    result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh, study, onnx)
     print_metrics(result["evaluation"])
     audit = result["audit"]
     if audit:
@@ -642,12 +744,11 @@ def predict(
     json_out: JsonOut = None,
     study: Annotated[bool, typer.Option("--study", help="Each path is a CT study (DICOM folder or .zip, "
                                         "or NIfTI): one answer per study (patient).")] = False,
-    series: Annotated[Optional[str], typer.Option(help="--study: classify this SeriesInstanceUID.")] = None,
-    slice_step: Annotated[Optional[int], typer.Option(
-        help="--study: take every Nth slice (default: the smallest step giving at most --max-slices).")] = None,
-    max_slices: Annotated[int, typer.Option(help="--study: slices sampled at most when --slice-step is unset.")] = 64,
-    aggregate: Annotated[str, typer.Option(help="--study: topk | max | mean of the slice probabilities.")] = "topk",
-    top_k: Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")] = 5,
+    series: SeriesOpt = None,
+    slice_step: SliceStep = None,
+    max_slices: MaxSlices = 64,
+    aggregate: AggregateOpt = "topk",
+    top_k: TopK = 5,
     plot: Annotated[Optional[Path], typer.Option(
         help="--study: folder for one PNG per study (needs matplotlib).")] = None,
 ) -> None:

@@ -56,18 +56,30 @@ def _pick_positive(names: list[str]) -> str:
     raise CtedgeError(f"cannot tell which class is positive among {names}; pass --positive NAME")
 
 
-def discover(root: str | Path, positive: str | None = None) -> DataSet:
-    """Find the two class folders under ``root`` and their image files."""
+STUDY_SUFFIXES = (".zip", ".nii", ".nii.gz")
+
+
+def study_entries(folder: Path) -> list[Path]:
+    """The studies in a class folder: subfolders, ``.zip`` files and NIfTI volumes
+    (one patient's study each; hidden entries skipped)."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")
+                  and (p.is_dir() or p.name.lower().endswith(STUDY_SUFFIXES)))
+
+
+def discover(root: str | Path, positive: str | None = None, studies: bool = False) -> DataSet:
+    """Find the two class folders under ``root`` and their image files (or, with
+    ``studies``, their studies: one folder, zip or NIfTI volume per patient)."""
     root = Path(root)
     if not root.is_dir():
         raise CtedgeError(f"data folder not found: {root}")
+    what = "studies (folders, .zip or NIfTI)" if studies else "images"
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and p.name != "splits")
-    files = {f.name: image_files(f) for f in folders}
+    files = {f.name: (study_entries if studies else image_files)(f) for f in folders}
     files = {name: found for name, found in files.items() if found or name == positive}
     if len(files) != 2:
         raise CtedgeError(
-            f"{root}: expected two class folders with images, found "
+            f"{root}: expected two class folders with {what}, found "
             f"{len(files)} ({', '.join(files) or 'none'}); each class needs its own subfolder")
     names = sorted(files)
     positive = positive or _pick_positive(names)
@@ -75,7 +87,7 @@ def discover(root: str | Path, positive: str | None = None) -> DataSet:
         raise CtedgeError(f"--positive {positive!r} is not a class folder of {root} ({names})")
     for name, found in files.items():
         if not found:
-            raise CtedgeError(f"class folder {root / name} has no images")
+            raise CtedgeError(f"class folder {root / name} has no {what}")
     negative = next(n for n in names if n != positive)
     samples = [Sample(p, int(name == positive), name) for name in (negative, positive)
                for p in files[name]]

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import CtedgeError
 from .imageio import hu_to_gray
 
 WINDOW = (-1000.0, 400.0)
@@ -83,11 +84,105 @@ def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
           PreprocessConfig(image_size=64, augment=AugmentConfig(0.0, 0.0, False, 0.0)),
           run_dir)
     report = evaluate(run_dir / "model.keras", data, split="test", resamples=500)
-    accuracy = report["metrics"]["accuracy"]
-    chance = max(report["positive"], report["images"] - report["positive"]) / report["images"]
-    above = accuracy["ci95"][0] > chance
-    verdict = (f"test accuracy {accuracy['value']:.3f} (95% CI {accuracy['ci95'][0]:.3f}-"
-               f"{accuracy['ci95'][1]:.3f}) vs chance {chance:.3f}: "
-               + ("well above chance" if above else "NOT clearly above chance"))
+    verdict, above = against_chance(report, report["images"], "test")
     return {"data": str(data), "run_dir": str(run_dir), "evaluation": report,
             "verdict": verdict, "above_chance": above, "seconds": time.perf_counter() - started}
+
+
+def against_chance(report: dict, count: int, what: str) -> tuple[str, bool]:
+    """The verdict: is the accuracy's CI above always answering the larger class?"""
+    accuracy = report["metrics"]["accuracy"]
+    chance = max(report["positive"], count - report["positive"]) / count
+    above = accuracy["ci95"][0] > chance
+    return (f"{what} accuracy {accuracy['value']:.3f} (95% CI {accuracy['ci95'][0]:.3f}-"
+            f"{accuracy['ci95'][1]:.3f}) vs chance {chance:.3f}: "
+            + ("well above chance" if above else "NOT clearly above chance")), above
+
+
+CLASSES = (("CT_NonCOVID", False), ("CT_COVID", True))
+
+
+def write_patients(root: Path, rng: np.random.Generator, first: int, count: int, slices: int, size: int,
+                   zip_every: int = 0) -> list[tuple[str, bool, Path]]:
+    """``count`` phantom patients per class as DICOM studies (axial series + scout) in
+    ``root/CLASS/PATIENT``; every ``zip_every``-th as PATIENT.zip (stored, not
+    compressed, so file sizes stay equal across classes)."""
+    import shutil
+    import zipfile
+
+    from .studydemo import write_study
+
+    written = []
+    for name, positive in CLASSES:
+        for i in range(count):
+            patient = f"P{first + len(written):04d}"
+            folder = root / name / patient
+            write_study(folder, rng, positive, slices, size, patient_id=patient)
+            if zip_every and i % zip_every == zip_every - 1:
+                with zipfile.ZipFile(folder.with_suffix(".zip"), "w", zipfile.ZIP_STORED) as archive:
+                    for file in sorted(folder.iterdir()):
+                        archive.write(file, file.name)
+                shutil.rmtree(folder)
+                folder = folder.with_suffix(".zip")
+            written.append((patient, positive, folder))
+    return written
+
+
+def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: int = 32, slices: int = 24,
+                   backbone: str = "b3", size: int = 64, seed: int = 0) -> dict:
+    """The whole study path on phantom patients (``patients`` per class, half held out):
+
+    DICOM studies -> the training patients' lung slices as PNG class folders (a
+    positive patient's slices where the phantom put ground glass, as a reader marks
+    slices; all lung slices of a negative patient) -> train as ``run_demo`` does,
+    splitting by patient -> ONNX -> ``predict --study`` on two held-out patients and
+    patient-level evaluation on all held-out ones."""
+    from .data import DataOptions
+    from .evaluate import evaluate_studies
+    from .export import ExportOptions, export_onnx
+    from .model import ModelConfig
+    from .preprocess import AugmentConfig, PreprocessConfig
+    from .runtime import Classifier
+    from .study import StudyOptions, export_slices, find_studies, predict_studies
+    from .studydemo import opacity_slices
+    from .train import TrainConfig, train
+
+    if patients < 4 or slices < 8:
+        raise CtedgeError(f"--patients must be at least 4 and --slices at least 8, not {patients} and {slices}")
+    started = time.perf_counter()
+    seconds = {}
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    held_out = patients // 2
+    training = write_patients(out / "studies" / "train", rng, 0, patients - held_out, slices, size)
+    testing = write_patients(out / "studies" / "test", rng, len(training), held_out, slices, size, zip_every=3)
+    marked = opacity_slices(slices)
+    slice_root = out / "slices"
+    for patient, positive, folder in training:
+        for study in find_studies(folder):
+            export_slices(study, slice_root / CLASSES[positive][0], patient, WINDOW,
+                          keep=(lambda i, n: bool(marked[i])) if positive else None)
+    seconds["write_studies_and_slices"] = time.perf_counter() - started
+    run_dir = out / "run"
+    train(DataOptions(root=str(slice_root), test_fraction=0.0, val_fraction=0.25, group_regex=r"^(P\d+)_"),
+          TrainConfig(epochs=epochs, learning_rate=1e-3, patience=epochs),
+          ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
+          PreprocessConfig(image_size=size, augment=AugmentConfig(0.0, 0.0, False, 0.0)), run_dir)
+    seconds["train"] = time.perf_counter() - started - sum(seconds.values())
+    onnx = run_dir / "model.onnx"
+    export_onnx(run_dir / "model.keras", onnx, ExportOptions(check_data=str(slice_root), check_count=16))
+    seconds["export"] = time.perf_counter() - started - sum(seconds.values())
+    examples = [next(f for _, p, f in testing if p == positive) for positive in (True, False)]
+    plots = out / "predict-plots"
+    results = predict_studies(Classifier(onnx), examples, StudyOptions(keep_thumbnails=True))
+    from .plots import study_plot
+
+    predicted = [{**r.to_dict(), "plot": str(study_plot(r, plots))} for r in results]
+    report = evaluate_studies(onnx, out / "studies" / "test", out_dir=run_dir / "eval-studies", resamples=500)
+    seconds["predict_and_evaluate"] = time.perf_counter() - started - sum(seconds.values())
+    verdict, above = against_chance(report, report["studies"], "held-out patients:")
+    return {"studies": str(out / "studies"), "slices": str(slice_root), "run_dir": str(run_dir), "onnx": str(onnx),
+            "training_patients": len(training), "held_out_patients": len(testing),
+            "training_slices": sum(1 for _ in slice_root.rglob("*.png")), "predicted": predicted,
+            "plots": str(plots), "evaluation": report, "verdict": verdict, "above_chance": above,
+            "stage_seconds": seconds, "seconds": time.perf_counter() - started}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +10,7 @@ import numpy as np
 
 from .data import SPLITS, DataOptions, LoadedSplit, group_of, load_data
 from .errors import CtedgeError
-from .files import atomic_write
+from .files import atomic_write, csv_text
 from .metrics import bootstrap_ci, calibration, confusion, operating_points, point_metrics
 from .plots import reliability, roc_curve
 from .preprocess import PreprocessConfig
@@ -68,12 +66,25 @@ def score(y: np.ndarray, p: np.ndarray, threshold: float, groups: np.ndarray | N
     }
 
 
+def plot_scores(y: np.ndarray, p: np.ndarray, auc: float, out: Path, shortcut: dict | None = None) -> dict:
+    """roc.png (with the metadata shortcut's curve when given; both classes needed)
+    and calibration.png in ``out``; their paths."""
+    from sklearn.metrics import roc_curve as sk_roc
+
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    if 0 < y.sum() < len(y):
+        fpr, tpr, _ = sk_roc(y, p)
+        other = (shortcut["roc"]["fpr"], shortcut["roc"]["tpr"], shortcut["auc"]) if shortcut and "roc" in shortcut else None
+        plots["roc_png"] = str(roc_curve(fpr, tpr, auc, out / "roc.png", other))
+    plots["calibration_png"] = str(reliability(*calibration(y, p), out / "calibration.png"))
+    return plots
+
+
 def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
              threshold: float = 0.5, out_dir: str | Path | None = None, resamples: int = 1000,
              seed: int = 0, **data_overrides) -> dict:
     """Score a saved Keras model on one split (or all) of a data folder."""
-    from sklearn.metrics import roc_curve as sk_roc
-
     from .model import load_model
 
     if split not in (*SPLITS, "all"):
@@ -107,17 +118,77 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
               "shortcut_baseline": baseline, "output_spread": float(np.ptp(probabilities)),
               "skipped": data.summary()["unreadable"], "dropped_annotated": data.dropped}
     out = Path(out_dir or model_path.parent / f"eval-{split}")
-    out.mkdir(parents=True, exist_ok=True)
-    if 0 < data.y.sum() < len(data.y):
-        fpr, tpr, _ = sk_roc(data.y, probabilities)
-        shortcut = (baseline["roc"]["fpr"], baseline["roc"]["tpr"], baseline["auc"]) if "roc" in baseline else None
-        report["roc_png"] = str(roc_curve(fpr, tpr, report["metrics"]["auc"]["value"], out / "roc.png", shortcut))
-    report["calibration_png"] = str(reliability(*calibration(data.y, probabilities), out / "calibration.png"))
-    rows = io.StringIO()
-    writer = csv.writer(rows)
-    writer.writerow(["path", "label", "probability"])
-    writer.writerows(zip(map(str, data.paths), data.y.tolist(), probabilities.round(6).tolist()))
-    atomic_write(rows.getvalue().encode(), out / "predictions.csv")
+    report.update(plot_scores(data.y, probabilities, report["metrics"]["auc"]["value"], out, baseline))
+    atomic_write(csv_text(["path", "label", "probability"],
+                          [{"path": str(path), "label": label, "probability": p} for path, label, p in
+                           zip(data.paths, data.y.tolist(), probabilities.round(6).tolist())]).encode(),
+                 out / "predictions.csv")
+    atomic_write(json.dumps(report, indent=2).encode(), out / "metrics.json")
+    report["out_dir"] = str(out)
+    return report
+
+
+def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: float | None = None,
+                     out_dir: str | Path | None = None, resamples: int = 1000, seed: int = 0,
+                     positive: str | None = None, options=None, provider: str = "auto",
+                     threads: int | None = None, progress=None) -> dict:
+    """Patient-level metrics of an exported model on class folders that hold one
+    study (DICOM folder, .zip or NIfTI) per patient.
+
+    Each study goes through the path ``predict --study`` runs (the same
+    ``Classifier``, options and metadata threshold unless ``threshold``); the CIs
+    resample patients (PatientID; a study without one counts as its own patient).
+    Studies that get no answer are listed in ``failed`` and in ``studies.csv``,
+    never scored silently.
+    """
+    from .data import discover
+    from .files import check_writable
+    from .runtime import Classifier
+    from .study import CSV_FIELDS, StudyOptions, csv_row, predict_studies
+
+    model_path = Path(model_path)
+    if model_path.suffix.lower() != ".onnx":
+        raise CtedgeError(f"{model_path}: studies are evaluated with the exported ONNX model that "
+                          "`predict --study` runs (`ctedge export MODEL.keras --onnx`), not a .keras file")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise CtedgeError(f"--threshold must be between 0 and 1, not {threshold}")
+    options = options or StudyOptions()
+    options.check()
+    out = Path(out_dir or model_path.parent / f"eval-studies-{model_path.stem}")
+    check_writable(out, "--out", folder=True)
+    clf = Classifier(model_path, provider, threads)
+    if positive is None and (Path(data_root) / clf.positive).is_dir():
+        positive = clf.positive
+    dataset = discover(data_root, positive, studies=True)
+    if threshold is not None:
+        clf.threshold = threshold
+    rows = [(sample, result) for sample in dataset.samples
+            for result in predict_studies(clf, [sample.path], options, progress)]
+    scored = [(s, r) for s, r in rows if r.error is None]
+    failed = [{"input": r.input, "study_uid": r.study_uid, "error": r.error} for _, r in rows if r.error]
+    if not scored:
+        raise CtedgeError(f"none of the {len(rows)} studies in {data_root} got an answer (first: "
+                          f"{failed[0]['input']}: {failed[0]['error']})")
+    y = np.array([s.label for s, _ in scored])
+    p = np.array([r.probability for _, r in scored])
+    patients = np.array([r.patient_id or f"{r.input}#{r.study_uid}" for _, r in scored])
+    warnings = []
+    if len(scored) > 1 and len(set(patients)) == 1:
+        warnings.append(f"all {len(scored)} studies share PatientID {patients[0]!r} (anonymised?): "
+                        "the CIs resample studies instead")
+        patients = np.array([f"{r.input}#{r.study_uid}" for _, r in scored])
+    report = {"model": str(model_path), "provider": clf.providers[0], "data": str(data_root), "split": "studies",
+              "unit": "study", "classes": dataset.class_names, "threshold": clf.threshold,
+              "studies": len(scored), "positive": int(y.sum()), "patients": len(set(patients)),
+              **score(y, p, clf.threshold, patients, resamples, seed),
+              "shortcut_baseline": {}, "output_spread": float(np.ptp(p)),
+              "failed": failed, "warnings": warnings,
+              "options": {k: v for k, v in asdict(options).items() if k != "keep_thumbnails"}}
+    report.update(plot_scores(y, p, report["metrics"]["auc"]["value"], out))
+    atomic_write(csv_text(["class", "truth", *CSV_FIELDS],
+                          [{"class": s.class_name, "truth": s.label, **csv_row(r)} for s, r in rows]).encode(),
+                 out / "studies.csv")
+    report["studies_csv"] = str(out / "studies.csv")
     atomic_write(json.dumps(report, indent=2).encode(), out / "metrics.json")
     report["out_dir"] = str(out)
     return report

@@ -131,3 +131,15 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
                 path.unlink()
         except (OSError, ValueError):
             pass
+
+
+def csv_text(fields: list[str], rows: list[dict]) -> str:
+    """Rows as CSV text with a header, for an atomic write or stdout."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

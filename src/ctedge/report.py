@@ -75,7 +75,11 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
     """The one paragraph a reader must see first: leakage, and the model against
     the metadata shortcut."""
     lines = []
-    if audit and audit.get("leakage"):
+    if audit and audit.get("leakage") and evaluation and evaluation.get("unit") == "study":
+        lines.append(("bad", f"Leakage in the training data: {audit['cross_split_duplicates']} near-duplicate "
+                             "pair(s) span the run's splits, so its validation figures are inflated; the studies "
+                             "scored below are not part of that audit."))
+    elif audit and audit.get("leakage"):
         lines.append(("bad", f"Leakage: {audit['cross_split_duplicates']} near-duplicate pair(s) "
                              "span splits, so held-out figures are inflated."))
     if evaluation and evaluation.get("output_spread", 1.0) < CONSTANT_SPREAD:
@@ -186,12 +190,23 @@ def evaluation_section(evaluation: dict) -> str:
                  f"<tr><th>negative</th>{cell(tn, True)}{cell(fp, False)}</tr>"
                  f"<tr><th>positive</th>{cell(fn, False)}{cell(tp, True)}</tr></table>")
     points = [[name.replace("_", " "), f"{value:.3f}"] for name, value in evaluation["operating_points"].items()]
-    groups = f", {evaluation['groups']} groups resampled" if evaluation.get("groups") else ""
     plots = "".join(picture(evaluation[k], k) for k in ("roc_png", "calibration_png")
                     if evaluation.get(k) and Path(evaluation[k]).is_file())
-    return (f"<h2>Evaluation: {_e(evaluation['split'])} split</h2>"
-            f"<p>{evaluation['images']} images, {evaluation['positive']} positive; threshold "
-            f"{evaluation['threshold']}; bootstrap 95% CIs ({_e(groups.lstrip(', ') or 'images resampled')}); "
+    if evaluation.get("unit") == "study":
+        title = "Evaluation: whole studies, one answer per patient"
+        counts = f"{evaluation['studies']} studies of {evaluation['patients']} patients"
+        resampled = "patients resampled"
+        failed = evaluation.get("failed", [])
+        if failed:
+            counts += (f" ({len(failed)} more got no answer and are not scored: "
+                       + "; ".join(f"{f['input']}: {f['error']}" for f in failed) + ")")
+    else:
+        title = f"Evaluation: {evaluation['split']} split"
+        counts = f"{evaluation['images']} images"
+        resampled = f"{evaluation['groups']} groups resampled" if evaluation.get("groups") else "images resampled"
+    return (f"<h2>{_e(title)}</h2>"
+            f"<p>{_e(counts)}, {evaluation['positive']} positive; threshold "
+            f"{evaluation['threshold']}; bootstrap 95% CIs ({_e(resampled)}); "
             f"ECE {evaluation['ece']:.3f}.</p>"
             f'<div class="plots"><div>{_table(["metric", "value", "95% CI"], rows)}{confusion}'
             f'{_table(["operating point", "value"], points)}</div>{plots}</div>')
@@ -265,15 +280,35 @@ def _cached(path: Path, make, root: Path, fresh: bool = False) -> dict:
     return result
 
 
+def studies_section(evaluation: dict) -> str:
+    """One row per study of a patient-level evaluation (from its studies.csv)."""
+    path = Path(evaluation["out_dir"]) / "studies.csv" if "out_dir" in evaluation else None
+    path = path if path and path.is_file() else Path(evaluation.get("studies_csv", ""))
+    if not path.is_file():
+        return ""
+    with open(path) as f:
+        rows = [[r["input"], r["class"], r["probability"] and f"{float(r['probability']):.3f}",
+                 r["label"] or "-", f"{r['slices_used']}/{r['slices_total']}", r["error"] or ""]
+                for r in csv.DictReader(f)]
+    return ("<h2>Studies</h2>" + _table(["study", "class", "probability", "label", "slices used/total", "error"],
+                                        rows))
+
+
 def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val",
           explain_count: int = 12, run_audit: bool = True, out: str | Path | None = None,
-          resamples: int = 1000, fresh: bool = False) -> dict:
+          resamples: int = 1000, fresh: bool = False, study: bool = False,
+          onnx: str | Path | None = None) -> dict:
     """The report of a training run folder or tuning project. ``eval-SPLIT/metrics.json``
     (``ctedge evaluate``) and ``audit.json`` are reused when made from the same
     data folder, unless ``fresh``, else made; the most confident right and wrong calls are explained into
-    ``report-explained/``."""
+    ``report-explained/``.
+
+    With ``study``, ``data`` holds class folders of studies: the evaluation is
+    patient-level, of the exported ``onnx`` model (default RUN_DIR/model.onnx),
+    in ``eval-studies/``; the audit covers the run's own (slice) training data;
+    no Grad-CAM (it needs slice images and the .keras model)."""
     from .data import DataOptions
-    from .evaluate import evaluate, run_config
+    from .evaluate import evaluate, evaluate_studies, run_config
 
     run_dir = Path(run_dir)
     model = next((run_dir / name for name in ("model.keras", "best_model.keras") if (run_dir / name).is_file()),
@@ -284,13 +319,27 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
                           "model.keras or best_model.keras; `ctedge train` and `ctedge tune` write them)")
     if explain_count < 0:
         raise CtedgeError(f"--explain must be 0 or more, not {explain_count}")
+    if study and data is None:
+        raise CtedgeError("--study needs --data: a folder of class folders holding one study per patient")
     root = Path(data or config["data"]["root"])
     if not root.is_dir():
         hint = "" if data else " (the run was trained on it; pass --data)"
         raise CtedgeError(f"data folder not found: {root}{hint}")
-    eval_dir = run_dir / f"eval-{split}"
-    evaluation = _cached(eval_dir / "metrics.json",
-                         lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), root, fresh)
+    if study:
+        onnx = Path(onnx or run_dir / "model.onnx")
+        if not onnx.is_file():
+            raise CtedgeError(f"{onnx}: no exported model; studies are scored with the ONNX model `predict --study` "
+                              f"runs (`ctedge export {model} --onnx -o {onnx}`, or pass --onnx)")
+        eval_dir = run_dir / "eval-studies"
+        evaluation = _cached(eval_dir / "metrics.json", lambda: evaluate_studies(
+            onnx, root, out_dir=eval_dir, resamples=resamples), root, fresh)
+        evaluation["out_dir"], explain_count = str(eval_dir), 0
+        root = Path(config["data"]["root"])  # the audit is of the training data
+        run_audit = run_audit and root.is_dir()
+    else:
+        eval_dir = run_dir / f"eval-{split}"
+        evaluation = _cached(eval_dir / "metrics.json",
+                             lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), root, fresh)
     for key in ("roc_png", "calibration_png"):  # the folder may have moved since
         if (eval_dir / f"{key[:-4]}.png").is_file():
             evaluation[key] = str(eval_dir / f"{key[:-4]}.png")
@@ -314,6 +363,7 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         explained = [e.to_dict() | {"threshold": evaluation["threshold"]} for e in result["explanations"]]
     sections = [verdict(evaluation, audit), training_section(config, run_dir),
                 audit_section(audit) if audit else "", evaluation_section(evaluation),
+                studies_section(evaluation) if study else "",
                 explain_section(explained, labels, config.get("positive") or "positive") if explained else ""]
     target = write_page(out or run_dir / "report.html", f"ctedge report: {run_dir.name}", sections,
                         f"model {model}")

@@ -54,13 +54,20 @@ def phantom_slice(rng: np.random.Generator, size: int, lung_scale: float, opacit
     return hu
 
 
+def opacity_slices(slices: int) -> np.ndarray:
+    """Which slices of a positive phantom series (feet to head) have ground glass:
+    the phantom's own annotation, as a reader would mark them."""
+    t = np.linspace(0, 1, slices)
+    return (t >= OPACITY_EXTENT[0]) & (t <= OPACITY_EXTENT[1])
+
+
 def phantom_volume(rng: np.random.Generator, slices: int = 16, size: int = 64,
                    positive: bool = False) -> np.ndarray:
     """(slices, size, size) HU, feet-to-head order."""
     t = np.linspace(0, 1, slices)
     lo, hi = LUNG_EXTENT
     scale = np.where((t >= lo) & (t <= hi), np.sin(np.pi * np.clip((t - lo) / (hi - lo), 0, 1)) ** 0.5, 0.0)
-    opacity = positive & (t >= OPACITY_EXTENT[0]) & (t <= OPACITY_EXTENT[1])
+    opacity = positive & opacity_slices(slices)
     return np.stack([phantom_slice(rng, size, float(s), bool(o)) for s, o in zip(scale, opacity)])
 
 
