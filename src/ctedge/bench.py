@@ -121,7 +121,9 @@ def process_start_ms(model: Path, image: Path, provider: str) -> float:
 
 def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Path],
                labels: np.ndarray | None) -> dict:
-    from .metrics import point_metrics
+    """Timings on random arrays and ``files``; output spread (and, labelled,
+    accuracy/AUC) when the files are the user's (``options.data``), not phantoms."""
+    from .metrics import constant_message, output_spread, point_metrics
     from .runtime import Classifier
 
     started = time.perf_counter()
@@ -149,12 +151,16 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
     result["inference_ms"] = stats_ms(samples)
     result["samples_ms"] = (np.asarray(samples) * 1000).tolist()
     cycle = iter(files * (options.runs + options.warmup + 1000))
+    given = options.data is not None
     result["end_to_end_ms"] = stats_ms(time_calls(lambda: clf.predict_files([next(cycle)], 1),
                                                   options.warmup, options.runs, options.seconds))
-    if labels is not None:
-        scores = point_metrics(labels, np.array([row.probability for row in clf.predict_files(files)]),
-                               clf.threshold)
-        result["accuracy"], result["auc"] = scores["accuracy"], scores["auc"]
+    if given:  # the user's images: is the model constant on them? and, labelled, how good?
+        probabilities = np.array([row.probability for row in clf.predict_files(files)])
+        result["output_spread"] = output_spread(probabilities)
+        result["constant_warning"] = constant_message(result["output_spread"], len(files))
+        if labels is not None:
+            scores = point_metrics(labels, probabilities, clf.threshold)
+            result["accuracy"], result["auc"] = scores["accuracy"], scores["auc"]
     e2e = result["end_to_end_ms"]["p50"]
     result["budget"] = {"budget_ms": options.budget_ms, "end_to_end_p50_ms": e2e,
                         "margin_ms": options.budget_ms - e2e, "within": e2e <= options.budget_ms,

@@ -11,11 +11,9 @@ import numpy as np
 
 from .data import SPLITS, DataOptions, LoadedSplit, group_of, load_data
 from .errors import CtedgeError
-from .metrics import bootstrap_ci, calibration, confusion, operating_points, point_metrics
+from .metrics import bootstrap_ci, calibration, confusion, operating_points, output_spread, point_metrics
 from .plots import reliability, roc_curve
 from .preprocess import PreprocessConfig
-
-CONSTANT_SPREAD = 1e-3  # outputs spanning less than this: the AUC only ranks round-off
 
 
 def run_config(model_path: Path) -> dict:
@@ -102,7 +100,7 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
               "threshold": threshold, "images": len(data.y), "positive": int(data.y.sum()),
               "groups": len(set(groups)) if groups is not None else None,
               **score(data.y, probabilities, threshold, groups, resamples, seed),
-              "shortcut_baseline": baseline, "output_spread": float(np.ptp(probabilities)),
+              "shortcut_baseline": baseline, "output_spread": output_spread(probabilities),
               "skipped": data.summary()["unreadable"], "dropped_annotated": data.dropped}
     out = Path(out_dir or model_path.parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)

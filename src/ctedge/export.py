@@ -45,6 +45,7 @@ class ExportOptions:
     int8_reduce_range: bool = False
     int8_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
     int8_format: str = "qdq"  # qdq | qoperator
+    allow_constant: bool = False  # export a model whose outputs on the check images are constant
 
 
 # --- conversion and graph checks ---------------------------------------------
@@ -153,13 +154,13 @@ def onnx_probabilities(proto_or_path, images: np.ndarray, batch: int = 16) -> np
 def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
            threshold: float) -> dict:
     """max |Δp|, decision agreement and (labelled) AUC of both."""
-    from .metrics import point_metrics
+    from .metrics import output_spread, point_metrics
 
     report = {"images": int(len(reference)),
               "max_abs_diff": float(np.max(np.abs(reference - candidate))),
               "mean_abs_diff": float(np.mean(np.abs(reference - candidate))),
               "decision_agreement": float(np.mean((reference >= threshold) == (candidate >= threshold))),
-              "reference_spread": float(np.ptp(reference))}
+              "reference_spread": output_spread(reference)}
     if labels is not None and 0 < labels.sum() < len(labels):
         report["auc_keras"] = point_metrics(labels, reference, threshold)["auc"]
         report["auc"] = point_metrics(labels, candidate, threshold)["auc"]
@@ -271,7 +272,8 @@ def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance:
             f"{report['decision_agreement']:.3f}; nothing written to {path}")
     atomic_write(proto.SerializeToString(), path)
     card = {"file": str(path), "variant": variant, "size_mb": path.stat().st_size / 1e6,
-            "metadata": {**metadata, "ctedge.variant": variant}, "parity": report}
+            "metadata": {**metadata, "ctedge.variant": variant}, "parity": report,
+            "output_spread": check["spread"]}
     atomic_write(json.dumps(card, indent=2).encode(), path.with_suffix(".json"))
     return card
 
@@ -291,6 +293,7 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
     images, labels, source = sample_images(options.check_data, preprocess, options.check_count)
     check = {"images": images, "labels": labels, "source": source,
              "reference": model.predict(images, batch_size=16, verbose=0)[:, 0]}
+    check["spread"] = spread = refuse_constant(check["reference"], source, options.allow_constant)
     metadata = build_metadata(model, model_path, options.threshold, "fp32")
     proto = convert(model, options.opset)
     cards = {"fp32": _finish_variant(proto, output, "fp32", options.tolerance, metadata, check,
@@ -310,4 +313,18 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
                                             {**metadata, "ctedge.int8_calibration": calibration_source},
                                             check, options)
     return {"model": str(model_path), "output": str(output), "options": asdict(options),
-            "variants": cards}
+            "output_spread": spread, "variants": cards}
+
+
+def refuse_constant(reference: np.ndarray, source: str, allow: bool) -> dict:
+    """The Keras model's output spread on the check images; a constant model is
+    refused (exit 3) unless ``allow``: its AUC and labels would rank round-off."""
+    from .metrics import constant_message, output_spread
+
+    spread = output_spread(reference)
+    message = constant_message(spread, len(reference))
+    if message and not allow:
+        raise CheckFailed(f"{message} ({source}); nothing exported. Check the training run (or use "
+                          "--check-data with real images); --allow-constant exports it anyway")
+    return {"value": spread, "images": int(len(reference)), "check_data": source,
+            "constant": message is not None}

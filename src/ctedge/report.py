@@ -18,9 +18,9 @@ import numpy as np
 
 from . import __version__
 from .errors import CtedgeError, UnreadableImage
-from .evaluate import CONSTANT_SPREAD
 from .files import atomic_write
 from .imageio import read_image
+from .metrics import constant_message
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}
@@ -78,9 +78,10 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
     if audit and audit.get("leakage"):
         lines.append(("bad", f"Leakage: {audit['cross_split_duplicates']} near-duplicate pair(s) "
                              "span splits, so held-out figures are inflated."))
-    if evaluation and evaluation.get("output_spread", 1.0) < CONSTANT_SPREAD:
-        lines.append(("bad", f"The model is effectively constant: its outputs span only "
-                             f"{evaluation['output_spread']:.1e}, so its AUC ranks round-off, not evidence."))
+    constant = evaluation and constant_message(evaluation.get("output_spread", float("nan")),
+                                               evaluation["images"])
+    if constant:
+        lines.append(("bad", constant[0].upper() + constant[1:] + "."))
     if evaluation:
         auc = evaluation["metrics"]["auc"]
         lo, hi = auc["ci95"]
