@@ -103,6 +103,16 @@ def print_file_rows(title: str, rows: list, third: str) -> int:
     return sum(row.error is not None for row in rows)
 
 
+def warn_if_constant(spread: float | None, images: int) -> str | None:
+    """Print the constant-model warning when it applies; returns it."""
+    from .metrics import constant_message
+
+    message = constant_message(float("nan") if spread is None else spread, images)
+    if message:
+        console.print(f"[bold red]warning:[/] {message}", highlight=False)
+    return message
+
+
 def exit_if_failed(failed: int, total: int) -> None:
     if failed:
         console.print(f"[yellow]{failed} of {total} file(s) could not be read[/]")
@@ -214,11 +224,7 @@ def print_metrics(report: dict) -> None:
     console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {report['ece']:.3f}")
     for name, value in report["operating_points"].items():
         console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
-    from .evaluate import CONSTANT_SPREAD
-
-    if report.get("output_spread", 1.0) < CONSTANT_SPREAD:
-        console.print(f"[bold red]the model is effectively constant[/]: its outputs span only "
-                      f"{report['output_spread']:.1e}, so its AUC ranks round-off, not evidence")
+    warn_if_constant(report.get("output_spread"), report["images"])
     baseline = report.get("shortcut_baseline") or {}
     if "auc" in baseline:
         console.print(f"shortcut baseline (file metadata only, trained on train): AUC {baseline['auc']:.3f} "
@@ -297,6 +303,9 @@ def export(
     tolerance: Annotated[float, typer.Option(help="fp32 parity: max |Keras - ONNX|.")] = 1e-4,
     fp16_tolerance: Annotated[float, typer.Option(help="FP16 variant: max |Δp| before it is flagged.")] = 1e-2,
     int8_tolerance: Annotated[float, typer.Option(help="INT8 variant: max |Δp| before it is flagged.")] = 0.05,
+    allow_constant: Annotated[bool, typer.Option(
+        "--allow-constant", help="Export even a model whose outputs on the check images span < 1e-3 "
+                                 "(refused by default, exit 3).")] = False,
     json_out: JsonOut = None,
 ) -> None:
     """Export a trained model to ONNX with preprocessing inside, metadata, a parity gate
@@ -313,9 +322,11 @@ def export(
         model = latest_model()
         console.print(f"exporting {model} (newest model found)")
     report = export_onnx(model, output, ExportOptions(
-        opset, fp16, int8, str(calibration_data) if calibration_data else None, 64,
-        str(check_data) if check_data else None, check_count, threshold, tolerance,
-        fp16_tolerance, int8_tolerance))
+        opset=opset, fp16=fp16, int8=int8,
+        calibration_data=str(calibration_data) if calibration_data else None,
+        check_data=str(check_data) if check_data else None, check_count=check_count,
+        threshold=threshold, tolerance=tolerance, fp16_tolerance=fp16_tolerance,
+        int8_tolerance=int8_tolerance, allow_constant=allow_constant))
     from rich.table import Table
 
     table = Table(title=f"ONNX export of {report['model']}")
@@ -330,8 +341,10 @@ def export(
                       f"{check['decision_agreement']:.3f}", auc,
                       "ok" if check["status"] == "ok" else "[red]FLAGGED[/]")
     console.print(table)
-    console.print(f"parity on {report['variants']['fp32']['parity']['check_data']}; files and "
-                  f"model cards (.json) in {Path(report['output']).parent}")
+    spread = report["output_spread"]
+    console.print(f"parity on {spread['check_data']}, where the model's outputs span {spread['value']:.3g}; "
+                  f"files and model cards (.json) in {Path(report['output']).parent}")
+    warn_if_constant(spread["value"], spread["images"])
     write_json(report, json_out)
     if flagged:
         console.print("[bold red]a variant is beyond its tolerance: see its model card before shipping it[/]")
@@ -347,11 +360,16 @@ def tune(
     group_regex: GroupRegex = None,
     seed: Seed = 42,
     image_size: ImageSize = 300,
-    weights: Weights = "imagenet",
-    backbone: Backbone = "b3",
+    weights: Annotated[str, typer.Option(
+        help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5 | a trained ctedge "
+             "model (RUN/model.keras or the run folder): its backbone, exactly as trained.")] = "imagenet",
+    backbone: Annotated[Optional[str], typer.Option(
+        help="b3 | tiny (default: the trained model's with --weights RUN, else b3).")] = None,
     algorithm: Annotated[str, typer.Option(help="random | bayesian | hyperband")] = "random",
-    max_trials: Annotated[int, typer.Option(help="Trials to run (the paper's defaults are the first).")] = 10,
-    epochs: Annotated[int, typer.Option(help="Epochs per trial (early stopping on the objective).")] = 20,
+    max_trials: Annotated[int, typer.Option(
+        help="Trials to run (the paper's defaults are the first); caps Hyperband's brackets.")] = 10,
+    epochs: Annotated[int, typer.Option(
+        help="Epochs per trial (early stopping on the objective); Hyperband: the largest budget.")] = 20,
     time_budget: Annotated[Optional[float], typer.Option(help="Start no new trial after MIN minutes.")] = None,
     objective: Annotated[str, typer.Option(help="val_auc | val_accuracy | val_loss")] = "val_auc",
     directory: Annotated[Path, typer.Option(help="Keras Tuner project root.")] = Path("tuning"),
@@ -370,8 +388,9 @@ def tune(
     """Search head width, learning rate and dropout around the paper's defaults with
     Keras Tuner; resumable (rerun the same command), fast on cached backbone features.
 
-    Example: `ctedge tune ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits
-    --weights none --image-size 128 --max-trials 4 --epochs 3`
+    Example (heads on the backbone of a model trained here, e.g. by `ctedge train --weights none`):
+    `ctedge tune ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits
+    --weights runs/b3-128/model.keras --image-size 128 --max-trials 10 --epochs 20`
 
     Distributed: `ctedge tune DATA --role chief --oracle 0.0.0.0:8000` on one machine,
     `ctedge tune DATA --role worker --oracle CHIEF:8000` on each other, one shared --directory.
@@ -379,7 +398,7 @@ def tune(
     from rich.table import Table
 
     from .data import DataOptions
-    from .model import ModelConfig
+    from .model import ModelConfig, saved_backbone
     from .preprocess import PreprocessConfig
     from .tuning import SearchSpace, TuneOptions, set_distributed
     from .tuning import tune as run_tuning
@@ -387,22 +406,26 @@ def tune(
     set_distributed(role, oracle, tuner_id)
     space = SearchSpace.from_file(search_space) if search_space else SearchSpace()
     summary = run_tuning(
-        DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
-                    group_regex=group_regex, clean=clean),
-        ModelConfig(weights=weights, backbone=backbone, freeze_backbone=False if fine_tune else None),
+        DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
+                    seed=seed, group_regex=group_regex, clean=clean),
+        ModelConfig(weights=weights, backbone=backbone or saved_backbone(weights) or "b3",
+                    freeze_backbone=False if fine_tune else None),
         PreprocessConfig(image_size=image_size),
-        TuneOptions(algorithm, max_trials, epochs, time_budget, objective, str(directory), project,
-                    overwrite, views, fine_tune, cache, seed=seed), space)
+        TuneOptions(algorithm=algorithm, max_trials=max_trials, epochs=epochs, time_budget_min=time_budget,
+                    objective=objective, directory=str(directory), project=project, overwrite=overwrite,
+                    views=views, fine_tune=fine_tune, cache=cache, seed=seed), space)
     if summary.get("role") == "worker":
         console.print(f"worker {summary['tuner_id']} ran trial(s) {', '.join(summary['trials_run']) or 'none'}; "
                       f"the chief writes {summary['project']}/summary.json")
         write_json(summary, json_out)
         return
     table = Table(title=f"{summary['project']}: {len(summary['trials'])} trial(s), {summary['mode']} mode")
-    for column in ("trial", "units", "lr", "dropout", objective, "best epoch", "seconds", "status"):
+    for column in ("trial", "units", "lr", "dropout", "epochs", objective, "best epoch", "seconds", "status"):
         table.add_column(column, justify="right")
     for r in summary["trials"]:
-        table.add_row(r["trial"], str(r["units"]), f"{r['learning_rate']:.2e}", f"{r['dropout']:.1f}",
+        epochs_run = (f"{r['initial_epoch']}->{r['epochs']} from {r['parent']}" if r["parent"]
+                      else str(r["epochs"]))
+        table.add_row(r["trial"], str(r["units"]), f"{r['learning_rate']:.2e}", f"{r['dropout']:.1f}", epochs_run,
                       "" if r["score"] is None else f"{r['score']:.4f}", str(r["best_epoch"] or ""),
                       "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["status"])
     console.print(table)
@@ -600,6 +623,10 @@ def predict(
     rows = clf.predict_files(files, batch_size)
     failed = print_file_rows(f"{model.name} on {clf.providers[0]}: P({clf.positive}), threshold {clf.threshold}",
                              rows, "label")
+    scored = [r.probability for r in rows if r.error is None]
+    from .metrics import output_spread
+
+    constant = warn_if_constant(output_spread(scored), len(scored))
     records = [asdict(r) for r in rows]
     if csv_out:
         handle = sys.stdout if str(csv_out) == "-" else open(csv_out, "w", newline="")
@@ -608,7 +635,8 @@ def predict(
         writer.writerows(records)
         if handle is not sys.stdout:
             handle.close()
-    write_json({"model": str(model), "provider": clf.providers[0], "predictions": records}, json_out)
+    write_json({"model": str(model), "provider": clf.providers[0], "predictions": records,
+                "warnings": [constant] if constant else []}, json_out)
     exit_if_failed(failed, len(rows))
 
 
@@ -729,6 +757,9 @@ def bench(
         table.add_row(*[row[c].replace("ExecutionProvider", "") for c in shown])
     console.print(table)
     for r in report["results"]:
+        if r.get("constant_warning"):
+            console.print(f"[bold red]warning:[/] {Path(r['model']).name}: {r['constant_warning']}",
+                          highlight=False)
         if "budget" in r:
             b = r["budget"]
             verdict = "[green]within[/]" if b["within"] else "[red]OVER[/]"

@@ -52,7 +52,7 @@ class CTPreprocess(layers.Layer):
 class ModelConfig:
     """Backbone weights, head and which layers train."""
 
-    weights: str = "imagenet"  # imagenet | none | path to efficientnetb3_notop.h5
+    weights: str = "imagenet"  # imagenet | none | path to efficientnetb3_notop.h5 | trained ctedge model
     backbone: str = "b3"  # b3 | tiny (tests and smoke runs only)
     units: int = 256
     dropout: float = 0.0
@@ -78,6 +78,9 @@ def build_backbone(weights: str, image_size: int, backbone: str = "b3") -> keras
     if backbone not in BACKBONES:
         raise CtedgeError(f"backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
     shape = (image_size, image_size, 3)
+    run = run_model_path(weights)
+    if run is not None:
+        return _run_backbone(run, shape, backbone)
     if backbone == "tiny":
         return _build_tiny(weights, shape)
     if not is_pretrained(weights):
@@ -104,6 +107,62 @@ def build_backbone(weights: str, image_size: int, backbone: str = "b3") -> keras
                                                input_shape=shape)
         except (ValueError, OSError) as exc:
             raise CtedgeError(f"{path}: not EfficientNetB3 no-top weights ({exc})") from None
+
+
+def run_model_path(weights: str | None) -> Path | None:
+    """The trained ctedge model that ``weights`` names (a ``.keras`` file, or a
+    run folder / tuning project holding model.keras / best_model.keras), else None."""
+    if not is_pretrained(weights):
+        return None
+    path = Path(weights)
+    if path.suffix == ".keras":
+        if not path.is_file():
+            raise CtedgeError(f"--weights: no such model {path}")
+        return path
+    if path.is_dir():
+        for name in ("model.keras", "best_model.keras"):
+            if (path / name).is_file():
+                return path / name
+        raise CtedgeError(f"--weights {path}: a folder without model.keras or best_model.keras")
+    return None
+
+
+def saved_backbone(weights: str | None) -> str | None:
+    """The backbone (b3 | tiny) recorded in the config.json of the trained model
+    that ``weights`` names, or None."""
+    import json
+
+    run = run_model_path(weights)
+    config = run.parent / "config.json" if run is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model", {}).get("backbone")
+    except (ValueError, AttributeError):
+        raise CtedgeError(f"{config}: not a ctedge run configuration") from None
+
+
+def backbone_kind(backbone: keras.Model) -> str:
+    """b3 or tiny, from the name Keras's builder gave the backbone."""
+    return "tiny" if backbone.name == TINY["name"] else "b3"
+
+
+def _run_backbone(path: Path, shape: tuple[int, int, int], backbone: str) -> keras.Model:
+    """The backbone of a trained ctedge model exactly as trained (its own layers,
+    weights and BatchNorm statistics; no extra rescaling as the ImageNet .h5 path
+    has), rebuilt from its config when the input size differs."""
+    trained = backbone_of(load_model(path))
+    if backbone_kind(trained) != backbone:
+        raise CtedgeError(f"--weights {path}: its backbone is {backbone_kind(trained)}, not {backbone}; "
+                          f"pass --backbone {backbone_kind(trained)}")
+    if tuple(trained.input_shape[1:]) == shape:
+        return trained
+    config = trained.get_config()
+    inputs = [layer for layer in config["layers"] if layer["class_name"] == "InputLayer"]
+    inputs[0]["config"]["batch_shape"] = (None, *shape)
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(trained.get_weights())
+    return rebuilt
 
 
 def _weights_file(weights: str) -> Path:
