@@ -154,11 +154,14 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
     the first ``sheet_limit`` when there are several. Files are read a batch at a
     time; unreadable ones get an error entry. The image-sized heatmaps are kept on
     the entries only when asked."""
+    from .evaluate import keras_preprocess_config
     from .model import load_model
     from .progress import track
 
     model = load_model(model_path)
     size = int(model.input_shape[1])
+    preprocess = keras_preprocess_config(model)
+    window = (preprocess.window_low, preprocess.window_high)  # DICOM decoded as the runtime does
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: list[Explanation | None] = []
@@ -169,7 +172,7 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
         batch = []
         for path in chunk:
             try:
-                batch.append((len(results), path, read_image(path)))
+                batch.append((len(results), path, read_image(path, window)))
                 results.append(None)  # filled below
             except UnreadableImage as exc:
                 results.append(Explanation(str(path), error=exc.reason))

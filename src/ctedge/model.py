@@ -213,11 +213,19 @@ def _block_id(layer_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def set_trainable(backbone: keras.Model, freeze: bool, fine_tune_blocks: int) -> None:
+def set_trainable(backbone: keras.Model, freeze: bool, fine_tune_blocks: int,
+                  pretrained: bool = False) -> None:
     """Freeze the backbone, or train its top ``fine_tune_blocks`` blocks (plus
-    the top conv, BatchNorm layers staying frozen), or all of it."""
+    the top conv, BatchNorm layers staying frozen), or all of it: with
+    ``pretrained`` weights its BatchNorm layers stay frozen then too, since
+    Keras 3's ``fit`` passes ``training=True`` through the ``training=False``
+    of the model's call (keras-team/keras#20285) and would move their statistics."""
     if not freeze and not fine_tune_blocks:
         backbone.trainable = True
+        if pretrained:
+            for layer in backbone.layers:
+                if isinstance(layer, layers.BatchNormalization):
+                    layer.trainable = False
         return
     backbone.trainable = bool(fine_tune_blocks)
     first = 8 - fine_tune_blocks
@@ -250,7 +258,7 @@ def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig) 
     backbone = build_backbone(model_config.weights, size, model_config.backbone)
     pretrained = is_pretrained(model_config.weights)
     freeze = pretrained if model_config.freeze_backbone is None else model_config.freeze_backbone
-    set_trainable(backbone, freeze, model_config.fine_tune_blocks)
+    set_trainable(backbone, freeze, model_config.fine_tune_blocks, pretrained)
     inputs = keras.Input((size, size, 3), name="image")
     x = CTPreprocess(preprocess_config.window_low, preprocess_config.window_high,
                      preprocess_config.centre, name="ct_preprocess")(inputs)
