@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CtedgeError, UnreadableImage
-from .files import atomic_write
+from .files import atomic_write, file_digest
 from .imageio import read_image
 from .metrics import constant_message
 
@@ -79,7 +79,7 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
         lines.append(("bad", f"Leakage: {audit['cross_split_duplicates']} near-duplicate pair(s) "
                              "span splits, so held-out figures are inflated."))
     constant = evaluation and constant_message(evaluation.get("output_spread", float("nan")),
-                                               evaluation["images"])
+                                               evaluation.get("images", 0))
     if constant:
         lines.append(("bad", constant[0].upper() + constant[1:] + "."))
     if evaluation:
@@ -253,15 +253,15 @@ def pick_for_explaining(predictions_csv: Path, count: int, threshold: float = 0.
     return picked
 
 
-def _cached(path: Path, make, root: Path, fresh: bool = False) -> dict:
-    """JSON at ``path`` if a previous step wrote it for the data folder ``root``
-    (and not ``fresh``), else ``make()``, then saved."""
+def _cached(path: Path, make, key: dict, fresh: bool = False) -> dict:
+    """JSON at ``path`` if a previous step wrote it with the same ``key`` (and not
+    ``fresh``), else ``make()``, saved with its key."""
+    key = json.loads(json.dumps(key, default=str))
     if path.is_file() and not fresh:
         stored = json.loads(path.read_text())
-        data = stored.get("data")
-        if (data.get("root") if isinstance(data, dict) else data) == str(root):
+        if stored.get("reuse_key") == key:
             return stored
-    result = make()
+    result = {**make(), "reuse_key": key}
     atomic_write(json.dumps(result, indent=2, default=str).encode(), path)
     return result
 
@@ -290,8 +290,12 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         hint = "" if data else " (the run was trained on it; pass --data)"
         raise CtedgeError(f"data folder not found: {root}{hint}")
     eval_dir = run_dir / f"eval-{split}"
+    settings = {k: v for k, v in config["data"].items() if k != "root"}
+    # reused only for this very model (by content), data, split settings, resamples and threshold
     evaluation = _cached(eval_dir / "metrics.json",
-                         lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), root, fresh)
+                         lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples),
+                         {"model_sha256": file_digest(model), "data": str(root), "split": split,
+                          "split_settings": settings, "resamples": resamples, "threshold": 0.5}, fresh)
     for key in ("roc_png", "calibration_png"):  # the folder may have moved since
         if (eval_dir / f"{key[:-4]}.png").is_file():
             evaluation[key] = str(eval_dir / f"{key[:-4]}.png")
@@ -302,7 +306,9 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         stored = config["data"]
         options = DataOptions(**{**stored, "root": str(root)})
         audit = _cached(run_dir / "audit.json",
-                        lambda: audit_data(options, config["preprocess"]["image_size"]), root, fresh)
+                        lambda: audit_data(options, config["preprocess"]["image_size"]),
+                        {"data": str(root), "split_settings": settings,
+                         "image_size": config["preprocess"]["image_size"]}, fresh)
     explained: list[dict] = []
     labels: dict[str, int] = {}
     if explain_count:
