@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from ctedge.cli import app  # noqa: E402
-from ctedge.demo import make_dataset  # noqa: E402
+from ctedge.phantoms import make_dataset  # noqa: E402
 from helpers import TRAIN_SIZE, tune_args  # noqa: E402
 
 runner = CliRunner()

@@ -89,7 +89,7 @@ def bench_files(data: str | None, count: int) -> tuple[list[Path], np.ndarray | 
     import cv2
 
     from .data import pick_samples
-    from .demo import phantom
+    from .phantoms import phantom
 
     if data:
         chosen, labelled = pick_samples(data, count)

@@ -124,7 +124,7 @@ def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed
     """Up to ``count`` model inputs from a class-folder data set (labelled), a flat
     folder of images (unlabelled), or generated phantoms when ``folder`` is None."""
     from .data import load_split, pick_samples
-    from .demo import phantom
+    from .phantoms import phantom
     from .preprocess import to_model_input
 
     if folder is None:
