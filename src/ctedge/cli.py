@@ -146,9 +146,11 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Validation part carved from train.")] = 0.2,
     seed: Seed = 42,
     image_size: ImageSize = 300,
-    window_low: Annotated[float, typer.Option(help="HU window low end.")] = -1000.0,
-    window_high: Annotated[float, typer.Option(help="HU window high end.")] = 400.0,
-    centre: Annotated[float, typer.Option(help="Zero-centre subtracted after windowing.")] = 0.25,
+    window_low: Annotated[float, typer.Option(
+        help="HU window low end: how DICOM is decoded to gray (8-bit images: no effect).")] = -1000.0,
+    window_high: Annotated[float, typer.Option(help="HU window high end (as --window-low).")] = 400.0,
+    centre: Annotated[float, typer.Option(
+        help="The paper's zero-centre; recorded, but shifted back before the backbone (no effect).")] = 0.25,
     rotation: Annotated[float, typer.Option(help="Augmentation: max rotation (degrees).")] = 15.0,
     shift: Annotated[float, typer.Option(help="Augmentation: max width/height shift (fraction).")] = 0.1,
     flip: Annotated[bool, typer.Option(help="Augmentation: random horizontal flip.")] = True,
@@ -182,13 +184,17 @@ def train(
 
     run_dir = out or default_run_dir()
     summary = run_training(
-        DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
-                    test_fraction, val_fraction, group_regex, clean),
-        TrainConfig(epochs, batch_size, learning_rate, early_stopping, patience, checkpoint_best, seed),
+        DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
+                    seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                    group_regex=group_regex, clean=clean),
+        TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                    early_stopping=early_stopping, patience=patience, checkpoint_best=checkpoint_best,
+                    seed=seed),
         ModelConfig(weights=weights, backbone=backbone, units=units, dropout=dropout,
                     freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
-        PreprocessConfig(image_size, window_low, window_high, centre,
-                         AugmentConfig(rotation, shift, flip, zoom)),
+        PreprocessConfig(image_size=image_size, window_low=window_low, window_high=window_high,
+                         centre=centre, augment=AugmentConfig(rotation_deg=rotation, shift=shift,
+                                                              horizontal_flip=flip, zoom=zoom)),
         run_dir)
     result = summary["result"]
     for name, part in summary["splits"].items():
@@ -225,6 +231,10 @@ def print_metrics(report: dict) -> None:
     for name, value in report["operating_points"].items():
         console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
     warn_if_constant(report.get("output_spread"), report["images"])
+    for name, drift in (report.get("split_drift") or {}).items():
+        console.print(f"[bold red]warning:[/] the {name} split rebuilt from the data is not the one the "
+                      f"model was trained with: {drift['missing']} recorded file(s) missing, {drift['new']} "
+                      "new (by content); its figures are not comparable with the run's", highlight=False)
     baseline = report.get("shortcut_baseline") or {}
     if "auc" in baseline:
         console.print(f"shortcut baseline (file metadata only, trained on train): AUC {baseline['auc']:.3f} "
@@ -240,6 +250,9 @@ def evaluate(
     split_dir: SplitDir = None,
     group_regex: GroupRegex = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    external: Annotated[bool, typer.Option(
+        "--external", help="DATA is a separate test set: score every readable image in it "
+                           "(automatic when no file there is one the model trained on).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default beside the model).")] = None,
     json_out: JsonOut = None,
     html_out: HtmlOut = None,
@@ -248,13 +261,20 @@ def evaluate(
     confusion matrix, ROC and calibration plots.
 
     The split settings of the training run (config.json beside the model) are
-    reused, so `val` means the same images. Example:
+    reused, so `val` means the same images (checked against the file hashes recorded
+    at training; `--group-regex` groups the bootstrap only). On another data set
+    every readable image is scored. Example:
     `ctedge evaluate runs/train-X/model.keras ../shared/data/covid-ct --split val`
     """
     from .evaluate import evaluate as run_evaluation
 
     report = run_evaluation(model, data, split, threshold, out, resamples,
-                            split_dir=str(split_dir) if split_dir else None, group_regex=group_regex)
+                            split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
+                            external=external)
+    if report["external"]:
+        console.print(f"{data} is not the training data: scored every readable image there "
+                      f"({report['images']}), no split, no shortcut baseline (no training set to fit it on)",
+                      highlight=False)
     print_metrics(report)
     console.print(f"plots and metrics.json in {report['out_dir']}")
     write_json(report, json_out)
@@ -458,8 +478,8 @@ def audit(
     from .audit import audit as run_audit
     from .data import DataOptions
 
-    report = run_audit(DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
-                                   group_regex=group_regex), image_size, threshold)
+    report = run_audit(DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None,
+                                   positive=positive, seed=seed, group_regex=group_regex), image_size, threshold)
     for split, b in report["balance"].items():
         if b["images"]:
             console.print(f"{split}: {b['images']} images, {b['positive']} positive "
@@ -612,7 +632,8 @@ def predict(
     if study:
         from .study import StudyOptions
 
-        options = StudyOptions(series, slice_step, max_slices, aggregate, top_k, batch_size,
+        options = StudyOptions(series_uid=series, slice_step=slice_step, max_slices=max_slices,
+                               aggregate=aggregate, top_k=top_k, batch_size=batch_size,
                                keep_thumbnails=plot is not None)
         predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot)
         return
@@ -744,8 +765,9 @@ def bench(
         raise CtedgeError(f"--batch-sizes must be comma-separated integers, not {batch_sizes!r}") from None
     if provider not in ("cpu", "cuda", "tensorrt", "all"):
         raise CtedgeError(f"--provider must be cpu, cuda, tensorrt or all, not {provider!r}")
-    report = run_bench(models or [], BenchOptions(provider, sizes, threads, warmup, runs, seconds,
-                                                  str(data) if data else None, 16, budget_ms))
+    report = run_bench(models or [], BenchOptions(provider=provider, batch_sizes=sizes, threads=threads,
+                                                  warmup=warmup, runs=runs, seconds=seconds,
+                                                  data=str(data) if data else None, budget_ms=budget_ms))
     m = report["machine"]
     table = Table(title=f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}")
     shown = {"model": "model", "provider": "provider", "MB": "MB", "batch": "batch", "p50 ms": "p50 ms",

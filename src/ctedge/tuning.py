@@ -159,6 +159,11 @@ class CtedgeTuner(kt.Hyperband):
         kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
         self.ran: list[str] = []
 
+    def _build_hypermodel(self, hp):
+        with warnings.catch_warnings():  # a warm start restores weights, not the optimizer: by design
+            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+            return super()._build_hypermodel(hp)
+
     def run_trial(self, trial, *args, **kwargs):
         started = time.perf_counter()
         try:
@@ -195,9 +200,11 @@ class ExactValAUC(keras.callbacks.Callback):
         self.x, self.y, self.batch_size = x, y, batch_size
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and "val_auc" in logs:
-            logs["val_auc"] = roc_auc(self.y, self.model.predict(self.x, batch_size=self.batch_size,
-                                                                 verbose=0)[:, 0])
+        if logs is not None and "val_auc" in logs:  # eager calls: predict() would retrace per trial
+            p = np.concatenate([keras.ops.convert_to_numpy(self.model(self.x[i:i + self.batch_size],
+                                                                      training=False))[:, 0]
+                                for i in range(0, len(self.x), self.batch_size)])
+            logs["val_auc"] = roc_auc(self.y, p)
 
 
 def cache_key(hashes: list[str], preprocess: PreprocessConfig, model_config: ModelConfig,
