@@ -132,3 +132,14 @@ def test_evaluate_checks_the_split_by_content_and_groups_only_the_bootstrap(tmp_
     assert report["split_drift"] == {"val": {"missing": 1, "new": 1}} and "not the one" in result.stderr
     assert report["images"] == len(trained.summary["files"]["val"])  # the same val images
     assert report["data"]["group_regex"] is None and report["group_regex"] == r"phantom_(\d\d)"
+
+
+def test_a_config_json_that_is_not_a_run_configuration_is_named(tmp_path, trained_run, phantom_data):
+    import shutil
+
+    shutil.copy(trained_run / "model.keras", tmp_path / "model.keras")
+    for text in ("{not json", "[1, 2]"):
+        (tmp_path / "config.json").write_text(text)
+        result = runner.invoke(app, ["evaluate", str(tmp_path / "model.keras"), str(phantom_data)])
+        assert result.exit_code == 2 and str(tmp_path / "config.json") in result.stderr.replace("\n", "")
+        assert "Traceback" not in result.output

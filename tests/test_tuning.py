@@ -23,10 +23,10 @@ def test_search_runs_the_papers_defaults_first_and_saves_the_best_model(tuned):
 
 def test_assembled_model_predicts_what_the_cached_head_did(tuned):
     from ctedge.data import DataOptions, load_data
-    from ctedge.evaluate import run_config
     from ctedge.metrics import roc_auc
     from ctedge.model import load_model
     from ctedge.preprocess import PreprocessConfig
+    from ctedge.runconfig import run_config
 
     directory, summary = tuned
     model = load_model(directory / "p" / "best_model.keras")
@@ -151,9 +151,9 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
     """With --weights none the cached features come from a random backbone; the
     saved best model must carry that same backbone, not a fresh random one."""
     from ctedge.data import DataOptions, load_data
-    from ctedge.evaluate import run_config
     from ctedge.model import backbone_of, load_model
     from ctedge.preprocess import PreprocessConfig
+    from ctedge.runconfig import run_config
     from ctedge.tuning import backbone_features
 
     args = ["tune", str(phantom_data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",

@@ -537,9 +537,9 @@ def explain(
     if any failed. Example:
     `ctedge explain runs/train-X/model.keras ../shared/data/covid-ct/CT_COVID --out explained`
     """
-    from .evaluate import run_config
     from .explain import explain as run_explain
     from .imageio import expand_paths
+    from .runconfig import run_config
 
     if model.suffix != ".keras":
         raise CtedgeError(f"{model}: explain needs the trained .keras model (an ONNX file has no gradients)")

@@ -13,31 +13,7 @@ from .data import SPLITS, DataOptions, LoadedSplit, group_of, load_data
 from .errors import CtedgeError
 from .metrics import bootstrap_ci, calibration, confusion, operating_points, output_spread, point_metrics
 from .plots import reliability, roc_curve
-from .preprocess import PreprocessConfig
-
-
-def run_config(model_path: Path) -> dict:
-    """The ``config.json`` written beside a trained model, or {}."""
-    path = model_path.parent / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def data_options_for(model_path: Path, root: str | Path, **overrides) -> DataOptions:
-    """The training run's split settings (so 'val' means the same images),
-    with the user's overrides on top."""
-    stored = run_config(model_path).get("data", {})
-    options = DataOptions(**{**stored, "root": str(root)})
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(options, key, value)
-    return options
-
-
-def keras_preprocess_config(model) -> PreprocessConfig:
-    """Image size and window as built into a Keras classifier."""
-    layer = model.get_layer("ct_preprocess")
-    return PreprocessConfig(image_size=int(model.input_shape[1]), **{
-        k: layer.get_config()[k] for k in ("window_low", "window_high", "centre")})
+from .runconfig import data_options_for, keras_preprocess_config, run_config
 
 
 def merge(parts: list[LoadedSplit]) -> LoadedSplit:

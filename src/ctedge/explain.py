@@ -154,9 +154,9 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
     the first ``sheet_limit`` when there are several. Files are read a batch at a
     time; unreadable ones get an error entry. The image-sized heatmaps are kept on
     the entries only when asked."""
-    from .evaluate import keras_preprocess_config
     from .model import load_model
     from .progress import track
+    from .runconfig import keras_preprocess_config
 
     model = load_model(model_path)
     size = int(model.input_shape[1])

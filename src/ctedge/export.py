@@ -18,9 +18,9 @@ import onnx
 
 from . import __version__
 from .errors import CheckFailed, CtedgeError
-from .evaluate import keras_preprocess_config, run_config
 from .files import atomic_write, file_digest
 from .preprocess import PreprocessConfig
+from .runconfig import keras_preprocess_config, run_config
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"

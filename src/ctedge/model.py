@@ -128,18 +128,12 @@ def run_model_path(weights: str | None) -> Path | None:
 
 
 def saved_backbone(weights: str | None) -> str | None:
-    """The backbone (b3 | tiny) recorded in the config.json of the trained model
-    that ``weights`` names, or None."""
-    import json
+    """The backbone (b3 | tiny) recorded in the run configuration of the trained
+    model that ``weights`` names, or None."""
+    from .runconfig import run_config
 
     run = run_model_path(weights)
-    config = run.parent / "config.json" if run is not None else None
-    if config is None or not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("model", {}).get("backbone")
-    except (ValueError, AttributeError):
-        raise CtedgeError(f"{config}: not a ctedge run configuration") from None
+    return run_config(run).get("model", {}).get("backbone") if run is not None else None
 
 
 def backbone_kind(backbone: keras.Model) -> str:

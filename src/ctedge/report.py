@@ -274,7 +274,8 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     data folder, unless ``fresh``, else made; the most confident right and wrong calls are explained into
     ``report-explained/``."""
     from .data import DataOptions
-    from .evaluate import evaluate, run_config
+    from .evaluate import evaluate
+    from .runconfig import run_config
 
     run_dir = Path(run_dir)
     model = next((run_dir / name for name in ("model.keras", "best_model.keras") if (run_dir / name).is_file()),
