@@ -378,7 +378,8 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
     cached = options.cache and not options.fine_tune and model_config.freeze_backbone is not False
     if cached and not is_pretrained(model_config.weights):
         log.warning("--weights none with a frozen backbone: the cached features come from random "
-                    "filters, so expect chance-level scores; use imagenet or a weights file, or --fine-tune")
+                    "filters, so expect chance-level scores; use --weights RUN/model.keras (a model trained "
+                    "here, e.g. by `ctedge train --weights none`), imagenet or a weights file, or --fine-tune")
     project = options.project or f"{Path(data.root).resolve().name}-{preprocess.image_size}"
     project_dir = Path(options.directory) / project
     if options.overwrite and project_dir.exists():
