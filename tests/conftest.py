@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from ctedge.cli import app  # noqa: E402
-from ctedge.demo import make_dataset  # noqa: E402
+from ctedge.phantoms import make_dataset  # noqa: E402
 from helpers import TRAIN_SIZE, tune_args  # noqa: E402
 
 runner = CliRunner()
@@ -96,10 +96,11 @@ def trained_backbone(tmp_path_factory, trained_run) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tuned(tmp_path_factory, phantom_data, trained_backbone):
-    """One cached-feature tuning project on the trained backbone: (directory, summary)."""
+def tuned(tmp_path_factory, phantom_data, trained_run):
+    """One cached-feature tuning project on the trained run's backbone (`--weights
+    RUN`): (directory, summary)."""
     directory = tmp_path_factory.mktemp("tuning")
-    result = runner.invoke(app, tune_args(phantom_data, directory, trained_backbone,
+    result = runner.invoke(app, tune_args(phantom_data, directory, trained_run,
                                           "--json", str(directory / "out.json")))
     assert result.exit_code == 0, result.output
     return directory, json.loads((directory / "out.json").read_text())

@@ -134,3 +134,45 @@ def test_error_messages_keep_their_brackets(tmp_path):
     folder = tmp_path / "scans[old]"
     result = runner.invoke(app, ["train", str(folder / "missing"), "--weights", "none"])
     assert result.exit_code == 2 and "scans[old]" in result.stderr
+
+
+def test_evaluate_on_another_data_set_scores_every_image_there(tmp_path, trained_run):
+    from ctedge.phantoms import make_dataset
+
+    other = make_dataset(tmp_path / "other", per_class=4, size=64, seed=7)  # no file the run trained on
+    result = runner.invoke(app, ["evaluate", str(trained_run / "model.keras"), str(other), "--resamples", "10",
+                                 "-o", str(tmp_path / "e"), "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["external"] and report["split"] == "external" and report["images"] == 8
+    assert report["shortcut_baseline"] == {} and "not the training data" in result.stderr
+
+
+def test_evaluate_checks_the_split_by_content_and_groups_only_the_bootstrap(tmp_path, trained):
+    import shutil
+
+    import cv2
+
+    data = shutil.copytree(trained.summary["data"]["root"], tmp_path / "data")  # the very data, moved
+    val_file = Path(next(iter(trained.summary["files"]["val"])))
+    changed = data / val_file.parent.name / val_file.name
+    cv2.imwrite(str(changed), 255 - cv2.imread(str(changed)))  # same name, other content
+    result = runner.invoke(app, ["evaluate", str(trained.run_dir / "model.keras"), str(data), "--resamples", "10",
+                                 "--group-regex", r"phantom_(\d\d)", "-o", str(tmp_path / "e"),
+                                 "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["split_drift"] == {"val": {"missing": 1, "new": 1}} and "not the one" in result.stderr
+    assert report["images"] == len(trained.summary["files"]["val"])  # the same val images
+    assert report["data"]["group_regex"] is None and report["group_regex"] == r"phantom_(\d\d)"
+
+
+def test_a_config_json_that_is_not_a_run_configuration_is_named(tmp_path, trained_run, phantom_data):
+    import shutil
+
+    shutil.copy(trained_run / "model.keras", tmp_path / "model.keras")
+    for text in ("{not json", "[1, 2]"):
+        (tmp_path / "config.json").write_text(text)
+        result = runner.invoke(app, ["evaluate", str(tmp_path / "model.keras"), str(phantom_data)])
+        assert result.exit_code == 2 and str(tmp_path / "config.json") in result.stderr.replace("\n", "")
+        assert "Traceback" not in result.output

@@ -49,7 +49,7 @@ def test_random_split_is_disjoint_stratified_and_seeded(phantom_data):
 
 
 def test_group_aware_split_keeps_groups_together(tmp_path):
-    from ctedge.demo import phantom
+    from ctedge.phantoms import phantom
     rng = np.random.default_rng(0)
     for cls, label in (("CT_COVID", True), ("CT_NonCOVID", False)):
         (tmp_path / cls).mkdir()

@@ -99,3 +99,20 @@ def test_explain_refuses_an_onnx_file(tmp_path):
     onnx.write_bytes(b"\x08\x07")
     result = runner.invoke(app, ["explain", str(onnx), str(tmp_path)])
     assert result.exit_code == 2 and ".keras" in result.stderr and "Traceback" not in result.output
+
+
+def test_explain_decodes_dicom_with_the_models_window(tmp_path, monkeypatch):
+    from ctedge import explain as explain_module
+    from ctedge.model import ModelConfig, build_model
+    from ctedge.preprocess import PreprocessConfig
+    from helpers import write_dicom
+
+    model = build_model(ModelConfig(weights="none", backbone="tiny", units=4),
+                        PreprocessConfig(image_size=32, window_low=-600.0, window_high=200.0))
+    model.save(tmp_path / "m.keras")
+    dicom = write_dicom(tmp_path / "slice.dcm", np.linspace(-1000, 400, 32 * 32).reshape(32, 32))
+    seen = []
+    real = explain_module.read_image
+    monkeypatch.setattr(explain_module, "read_image", lambda path, window: seen.append(window) or real(path, window))
+    report = explain_module.explain(tmp_path / "m.keras", [dicom], tmp_path / "out", sheet=False)
+    assert seen == [(-600.0, 200.0)] and report["explanations"][0].error is None

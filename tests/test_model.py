@@ -119,3 +119,21 @@ def test_precise_batchnorm_sets_moving_stats_to_the_data_average():
     expected = np.asarray(model.get_layer("dense")(x)).mean(axis=0)
     np.testing.assert_allclose(model.layers[-1].moving_mean.numpy(), expected, rtol=1e-4, atol=1e-4)
     assert model.layers[-1].momentum == 0.99
+
+
+def test_train_backbone_on_pretrained_weights_keeps_batchnorm_statistics(trained_backbone):
+    """--train-backbone with pretrained weights: a training step moves the
+    convolutions but not BatchNorm's moving mean/variance."""
+    from ctedge.train import compile_model
+
+    model = tiny(32, weights=str(trained_backbone), freeze_backbone=False)
+    norms = [layer for layer in backbone_of(model).layers if isinstance(layer, layers.BatchNormalization)]
+    before = [[np.array(w) for w in layer.non_trainable_weights] for layer in norms]
+    conv = np.array(backbone_of(model).get_layer("stem_conv").kernel)
+    compile_model(model, 1e-2)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    model.fit(x, np.array([0, 1, 0, 1], "float32"), epochs=1, batch_size=4, verbose=0)
+    assert not np.array_equal(conv, np.array(backbone_of(model).get_layer("stem_conv").kernel))
+    for layer, old in zip(norms, before):
+        for weight, value in zip(layer.non_trainable_weights, old):
+            np.testing.assert_array_equal(np.array(weight), value)

@@ -72,10 +72,14 @@ def test_report_is_one_self_contained_page_with_every_section(tmp_path, trained_
     metrics = run / "eval-val" / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
 
-    result = runner.invoke(app, ["report", str(run), "--no-audit", "--explain", "0", "-o", str(tmp_path / "b.html")])
+    result = runner.invoke(app, ["report", str(run), "--no-audit", "--explain", "0", "--resamples", "20",
+                                 "-o", str(tmp_path / "b.html")])
     assert result.exit_code == 0, result.output
     assert metrics.stat().st_mtime_ns == stamp  # the evaluation was reused, not redone
     assert parse(tmp_path / "b.html").headings == ["Data and training", "Evaluation: val split"]
+    result = runner.invoke(app, ["report", str(run), "--no-audit", "--explain", "0", "--resamples", "30"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(metrics.read_text())["reuse_key"]["resamples"] == 30  # other resamples: redone
 
     moved = shutil.copytree(phantom_data, tmp_path / "moved")
     result = runner.invoke(app, ["report", str(run), "--data", str(moved), "--no-audit", "--explain", "0"])

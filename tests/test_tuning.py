@@ -23,9 +23,10 @@ def test_search_runs_the_papers_defaults_first_and_saves_the_best_model(tuned):
 
 def test_assembled_model_predicts_what_the_cached_head_did(tuned):
     from ctedge.data import DataOptions, load_data
-    from ctedge.evaluate import run_config
+    from ctedge.metrics import roc_auc
     from ctedge.model import load_model
     from ctedge.preprocess import PreprocessConfig
+    from ctedge.runconfig import run_config
 
     directory, summary = tuned
     model = load_model(directory / "p" / "best_model.keras")
@@ -40,12 +41,13 @@ def test_assembled_model_predicts_what_the_cached_head_did(tuned):
         x = model.get_layer(name)(x)
     cached = keras.Model(head_in, x).predict(features["val_x"], verbose=0)[:, 0]
     np.testing.assert_allclose(full, cached, atol=1e-5)
+    assert summary["best_score"] == pytest.approx(roc_auc(parts["val"].y, full), abs=1e-6)  # exact AUC
 
 
-def test_rerun_resumes_without_running_trials_again(tuned, phantom_data, trained_backbone):
+def test_rerun_resumes_without_running_trials_again(tuned, phantom_data, trained_run):
     directory, summary = tuned
     trial_dirs = sorted(p.name for p in (directory / "p").glob("trial_*"))
-    result = runner.invoke(app, tune_args(phantom_data, directory, trained_backbone,
+    result = runner.invoke(app, tune_args(phantom_data, directory, trained_run,
                                           "--json", str(directory / "again.json")))
     assert result.exit_code == 0, result.output
     again = json.loads((directory / "again.json").read_text())
@@ -53,11 +55,11 @@ def test_rerun_resumes_without_running_trials_again(tuned, phantom_data, trained
     assert sorted(p.name for p in (directory / "p").glob("trial_*")) == trial_dirs
 
 
-def test_changed_search_space_is_refused(tuned, phantom_data, trained_backbone, tmp_path):
+def test_changed_search_space_is_refused(tuned, phantom_data, trained_run, tmp_path):
     directory, _ = tuned
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"units_min": 64, "units_max": 512}))
-    result = runner.invoke(app, tune_args(phantom_data, directory, trained_backbone,
+    result = runner.invoke(app, tune_args(phantom_data, directory, trained_run,
                                           "--search-space", str(space)))
     assert result.exit_code == 2 and "another search_space" in result.stderr
     assert (directory / "p" / "best_model.keras").is_file()
@@ -150,9 +152,9 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
     """With --weights none the cached features come from a random backbone; the
     saved best model must carry that same backbone, not a fresh random one."""
     from ctedge.data import DataOptions, load_data
-    from ctedge.evaluate import run_config
     from ctedge.model import backbone_of, load_model
     from ctedge.preprocess import PreprocessConfig
+    from ctedge.runconfig import run_config
     from ctedge.tuning import backbone_features
 
     args = ["tune", str(phantom_data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
@@ -169,3 +171,83 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
     scale = np.abs(cached).max()  # a random backbone's features are tiny (~1e-6): compare relative to them
     assert scale > 0
     np.testing.assert_allclose(rebuilt / scale, cached / scale, atol=1e-3)
+
+
+def test_tuning_on_a_trained_run_uses_its_backbone_exactly_as_trained(tuned, trained_run):
+    """--weights RUN: the best model carries the run's backbone, same layers and
+    weights (no extra rescaling layer), the project records it by content, and
+    heads are scored by exact AUC on its features."""
+    from ctedge.files import file_digest
+    from ctedge.model import backbone_of, load_model, saved_backbone
+
+    directory, summary = tuned
+    trained = backbone_of(load_model(trained_run / "model.keras"))
+    best = backbone_of(load_model(directory / "p" / "best_model.keras"))
+    assert [layer.name for layer in best.layers] == [layer.name for layer in trained.layers]
+    for ours, theirs in zip(best.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+    fingerprint = json.loads((directory / "p" / "ctedge_fingerprint.json").read_text())
+    assert fingerprint["weights"] == "sha256:" + file_digest(trained_run / "model.keras")
+    assert saved_backbone(str(trained_run)) == "tiny"  # what `tune` uses when --backbone is left out
+
+
+def test_exact_auc_replaces_the_binned_one():
+    """Outputs within one of Keras's 200 AUC bins: binned AUC reads 0.5, the
+    objective must read the exact rank AUC."""
+    from ctedge.metrics import roc_auc
+    from ctedge.tuning import ExactValAUC
+
+    x = np.linspace(0, 1, 20, dtype="float32")[:, None]
+    y = (x[:, 0] > 0.5).astype("float32")
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.layers[0].set_weights([np.full((1, 1), 1e-4, "float32"), np.zeros(1, "float32")])
+    binned = keras.metrics.AUC()
+    binned.update_state(y, model.predict(x, verbose=0))
+    assert float(binned.result()) == 0.5
+    callback = ExactValAUC(x, y)
+    callback.set_model(model)
+    logs = {"val_auc": 0.5}
+    callback.on_epoch_end(0, logs)
+    assert logs["val_auc"] == roc_auc(y, model.predict(x, verbose=0)[:, 0]) == 1.0
+
+
+def test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts(tmp_path, phantom_data, trained_run):
+    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, trained_run, "--algorithm", "hyperband"),
+                                 "--max-trials", "4", "--epochs", "3", "--json", str(tmp_path / "h.json")])
+    # max 3 epochs, factor 3: the first bracket trains 3 trials for 1 epoch, then the best on to 3
+    assert result.exit_code == 0, result.output
+    trials = {t["trial"]: t for t in json.loads((tmp_path / "h.json").read_text())["trials"]}
+    assert sorted(t["epochs"] for t in trials.values()) == [1, 1, 1, 3]
+    first = trials[min(trials)]
+    assert (first["units"], first["learning_rate"], first["parent"]) == (256, 5e-5, None)
+    promoted = [t for t in trials.values() if t["parent"] is not None]
+    assert promoted, "no trial was continued from a parent's checkpoint"
+    for t in promoted:  # same hyperparameters, trained on from where the parent stopped
+        parent = trials[t["parent"]]
+        assert (t["units"], t["learning_rate"]) == (parent["units"], parent["learning_rate"])
+        assert t["initial_epoch"] == parent["epochs"] < t["epochs"]
+
+
+def test_bayesian_later_trials_depend_on_earlier_scores(tmp_path):
+    """Same seed, two different score landscapes: the seeded initial points are
+    equal, the first model-based proposal is not; the paper's defaults come first."""
+    from ctedge.tuning import SearchSpace, TuneOptions, _oracle
+
+    def proposals(score, project: str) -> list[dict]:
+        oracle = _oracle(TuneOptions(algorithm="bayesian", max_trials=7), SearchSpace(dropout_max=0))
+        oracle._set_project_dir(str(tmp_path), project)
+        values = []
+        for _ in range(7):
+            trial = oracle.create_trial("t")
+            values.append(dict(trial.hyperparameters.values))
+            oracle.update_trial(trial.trial_id, {"val_auc": score(trial.hyperparameters.values)})
+            trial.status = "COMPLETED"
+            oracle.end_trial(trial)
+        return values
+
+    up = proposals(lambda v: float(np.log(v["units"])), "up")
+    down = proposals(lambda v: -float(np.log(v["units"])), "down")
+    initial = 6  # 2 hyperparameters: 3 x 2 random initial points
+    assert (up[0]["units"], up[0]["learning_rate"]) == (256, 5e-5)
+    assert up[:initial] == down[:initial]
+    assert up[initial:] != down[initial:]

@@ -133,7 +133,7 @@ def bench_files(data: str | None, count: int, folder: Path | None = None
     import cv2
 
     from .data import pick_samples
-    from .demo import phantom
+    from .phantoms import phantom
 
     if data:
         chosen, labelled = pick_samples(data, count)
@@ -335,6 +335,8 @@ def compare_outputs(opened: list, results: list[dict], options: BenchOptions, fi
                     accuracy: tuple[list[Path], np.ndarray, str] | None) -> None:
     """Each variant's probabilities on the same images against the first (fp32)
     variant's: max |Δp|, decision agreement, and with labels AUC/accuracy with CIs."""
+    from .metrics import constant_message, output_spread
+
     if accuracy:
         paths, labels, _ = accuracy
     else:
@@ -354,6 +356,9 @@ def compare_outputs(opened: list, results: list[dict], options: BenchOptions, fi
                for c in opened]
     reference, threshold = outputs[0], opened[0].threshold
     for r, p in zip(results, outputs):
+        if options.data is not None:  # the user's images (not phantoms): is the model constant on them?
+            r["output_spread"] = output_spread(p)
+            r["constant_warning"] = constant_message(r["output_spread"], len(p))
         change = {"reference": results[0]["format"], "images": int(len(p)),
                   "max_abs_diff": float(np.max(np.abs(p - reference))),
                   "decision_agreement": float(np.mean((p >= threshold) == (reference >= threshold)))}

@@ -146,6 +146,16 @@ def print_file_rows(title: str, rows: list, third: str) -> int:
     return sum(row.error is not None for row in rows)
 
 
+def warn_if_constant(spread: float | None, images: int) -> str | None:
+    """Print the constant-model warning when it applies; returns it."""
+    from .metrics import constant_message
+
+    message = constant_message(float("nan") if spread is None else spread, images)
+    if message:
+        console.print(f"[bold red]warning:[/] {message}", highlight=False)
+    return message
+
+
 def exit_if_failed(failed: int, total: int) -> None:
     if failed:
         console.print(f"[yellow]{failed} of {total} file(s) could not be read[/]")
@@ -187,9 +197,11 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Validation part carved from train.")] = 0.2,
     seed: Seed = 42,
     image_size: ImageSize = 300,
-    window_low: Annotated[float, typer.Option(help="HU window low end.")] = -1000.0,
-    window_high: Annotated[float, typer.Option(help="HU window high end.")] = 400.0,
-    centre: Annotated[float, typer.Option(help="Zero-centre subtracted after windowing.")] = 0.25,
+    window_low: Annotated[float, typer.Option(
+        help="HU window low end: how DICOM is decoded to gray (8-bit images: no effect).")] = -1000.0,
+    window_high: Annotated[float, typer.Option(help="HU window high end (as --window-low).")] = 400.0,
+    centre: Annotated[float, typer.Option(
+        help="The paper's zero-centre; recorded, but shifted back before the backbone (no effect).")] = 0.25,
     rotation: Annotated[float, typer.Option(help="Augmentation: max rotation (degrees).")] = 15.0,
     shift: Annotated[float, typer.Option(help="Augmentation: max width/height shift (fraction).")] = 0.1,
     flip: Annotated[bool, typer.Option(help="Augmentation: random horizontal flip.")] = True,
@@ -230,13 +242,17 @@ def train(
     run_dir = out or default_run_dir()
     check_outputs((run_dir, "--out", True), (json_out, "--json"))
     summary = run_training(
-        DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
-                    test_fraction, val_fraction, group_regex, clean),
-        TrainConfig(epochs, batch_size, learning_rate, early_stopping, patience, checkpoint_best, seed),
+        DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
+                    seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                    group_regex=group_regex, clean=clean),
+        TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                    early_stopping=early_stopping, patience=patience, checkpoint_best=checkpoint_best,
+                    seed=seed),
         ModelConfig(weights=weights, backbone=backbone, units=units, dropout=dropout,
                     freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
-        PreprocessConfig(image_size, window_low, window_high, centre,
-                         AugmentConfig(rotation, shift, flip, zoom)),
+        PreprocessConfig(image_size=image_size, window_low=window_low, window_high=window_high,
+                         centre=centre, augment=AugmentConfig(rotation_deg=rotation, shift=shift,
+                                                              horizontal_flip=flip, zoom=zoom)),
         run_dir, resume)
     result = summary["result"]
     for name, part in summary["splits"].items():
@@ -277,11 +293,11 @@ def print_metrics(report: dict) -> None:
     console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {report['ece']:.3f}")
     for name, value in report["operating_points"].items():
         console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
-    from .evaluate import CONSTANT_SPREAD
-
-    if report.get("output_spread", 1.0) < CONSTANT_SPREAD:
-        console.print(f"[bold red]the model is effectively constant[/]: its outputs span only "
-                      f"{report['output_spread']:.1e}, so its AUC ranks round-off, not evidence")
+    warn_if_constant(report.get("output_spread"), report.get("images", report.get("studies")))
+    for name, drift in (report.get("split_drift") or {}).items():
+        console.print(f"[bold red]warning:[/] the {name} split rebuilt from the data is not the one the "
+                      f"model was trained with: {drift['missing']} recorded file(s) missing, {drift['new']} "
+                      "new (by content); its figures are not comparable with the run's", highlight=False)
     baseline = report.get("shortcut_baseline") or {}
     if "auc" in baseline:
         console.print(f"shortcut baseline (file metadata only, trained on train): AUC {baseline['auc']:.3f} "
@@ -298,6 +314,9 @@ def evaluate(
     split_dir: SplitDir = None,
     group_regex: GroupRegex = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    external: Annotated[bool, typer.Option(
+        "--external", help="DATA is a separate test set: score every readable image in it "
+                           "(automatic when no file there is one the model trained on).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default beside the model).")] = None,
     json_out: JsonOut = None,
     html_out: HtmlOut = None,
@@ -315,7 +334,9 @@ def evaluate(
     confusion matrix, ROC and calibration plots.
 
     The split settings of the training run (config.json beside the model) are
-    reused, so `val` means the same images. Example:
+    reused, so `val` means the same images (checked against the file hashes recorded
+    at training; `--group-regex` groups the bootstrap only). On another data set
+    every readable image is scored. Example:
     `ctedge evaluate runs/train-X/model.keras ../shared/data/covid-ct --split val`
 
     With `--study`, one answer per patient as `predict --study` gives it, scored
@@ -337,7 +358,11 @@ def evaluate(
         import_tensorflow(VERBOSE["on"])
         report = run_evaluation(model, data, split, 0.5 if threshold is None else threshold, out, resamples,
                                 split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
-                                positive=positive)
+                                external=external, positive=positive)
+        if report["external"]:
+            console.print(f"{data} is not the training data: scored every readable image there "
+                          f"({report['images']}), no split, no shortcut baseline (no training set to fit it on)",
+                          highlight=False, markup=False)
         print_metrics(report)
         console.print(f"plots and metrics.json in {report['out_dir']}")
     write_json(report, json_out)
@@ -456,6 +481,9 @@ def export(
     openvino: Annotated[bool, typer.Option(
         "--openvino", help="Also write OpenVINO IR (NAME_ov.xml, gated like the ONNX file; its BF16 run checked "
                            "when the CPU has BF16) and an NNCF INT8 IR (NAME_ov_int8.xml); needs --calibration-data.")] = False,
+    allow_constant: Annotated[bool, typer.Option(
+        "--allow-constant", help="Export even a model whose outputs on the check images span < 1e-3 "
+                                 "(refused by default, exit 3).")] = False,
     json_out: JsonOut = None,
 ) -> None:
     """Export a trained model to ONNX with preprocessing inside, metadata, a parity gate
@@ -473,9 +501,11 @@ def export(
         console.print(f"exporting {model} (newest model found)")
     check_outputs((output or default_output(model), "--output"), (json_out, "--json"))
     report = export_onnx(model, output, ExportOptions(
-        opset, fp16, int8, str(calibration_data) if calibration_data else None, 64,
-        str(check_data) if check_data else None, check_count, threshold, tolerance,
-        fp16_tolerance, int8_tolerance, openvino=openvino))
+        opset=opset, fp16=fp16, int8=int8,
+        calibration_data=str(calibration_data) if calibration_data else None,
+        check_data=str(check_data) if check_data else None, check_count=check_count,
+        threshold=threshold, tolerance=tolerance, fp16_tolerance=fp16_tolerance,
+        int8_tolerance=int8_tolerance, openvino=openvino, allow_constant=allow_constant))
     from rich.table import Table
 
     table = Table(title=f"ONNX export of {report['model']}")
@@ -490,8 +520,10 @@ def export(
                       f"{check['decision_agreement']:.3f}", auc,
                       "ok" if check["status"] == "ok" else "[red]FLAGGED[/]")
     console.print(table)
-    console.print(f"parity on {report['variants']['fp32']['parity']['check_data']}; files and "
-                  f"model cards (.json) in {Path(report['output']).parent}")
+    spread = report["output_spread"]
+    console.print(f"parity on {spread['check_data']}, where the model's outputs span {spread['value']:.3g}; "
+                  f"files and model cards (.json) in {Path(report['output']).parent}")
+    warn_if_constant(spread["value"], spread["images"])
     write_json(report, json_out)
     if flagged:
         console.print("[bold red]a variant is beyond its tolerance: see its model card before shipping it[/]")
@@ -507,11 +539,16 @@ def tune(
     group_regex: GroupRegex = None,
     seed: Seed = 42,
     image_size: ImageSize = 300,
-    weights: Weights = "imagenet",
-    backbone: Backbone = "b3",
+    weights: Annotated[str, typer.Option(
+        help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5 | a trained ctedge "
+             "model (RUN/model.keras or the run folder): its backbone, exactly as trained.")] = "imagenet",
+    backbone: Annotated[Optional[str], typer.Option(
+        help="b3 | tiny (default: the trained model's with --weights RUN, else b3).")] = None,
     algorithm: Annotated[str, typer.Option(help="random | bayesian | hyperband")] = "random",
-    max_trials: Annotated[int, typer.Option(help="Trials to run (the paper's defaults are the first).")] = 10,
-    epochs: Annotated[int, typer.Option(help="Epochs per trial (early stopping on the objective).")] = 20,
+    max_trials: Annotated[int, typer.Option(
+        help="Trials to run (the paper's defaults are the first); caps Hyperband's brackets.")] = 10,
+    epochs: Annotated[int, typer.Option(
+        help="Epochs per trial (early stopping on the objective); Hyperband: the largest budget.")] = 20,
     time_budget: Annotated[Optional[float], typer.Option(help="Start no new trial after MIN minutes.")] = None,
     objective: Annotated[str, typer.Option(help="val_auc | val_accuracy | val_loss")] = "val_auc",
     directory: Annotated[Path, typer.Option(help="Keras Tuner project root.")] = Path("tuning"),
@@ -530,8 +567,9 @@ def tune(
     """Search head width, learning rate and dropout around the paper's defaults with
     Keras Tuner; resumable (rerun the same command), fast on cached backbone features.
 
-    Example: `ctedge tune ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits
-    --weights none --image-size 128 --max-trials 4 --epochs 3`
+    Example (heads on the backbone of a model trained here, e.g. by `ctedge train --weights none`):
+    `ctedge tune ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits
+    --weights runs/b3-128/model.keras --image-size 128 --max-trials 10 --epochs 20`
 
     Distributed: `ctedge tune DATA --role chief --oracle 0.0.0.0:8000` on one machine,
     `ctedge tune DATA --role worker --oracle CHIEF:8000` on each other, one shared --directory.
@@ -539,7 +577,7 @@ def tune(
     from rich.table import Table
 
     from .data import DataOptions
-    from .model import ModelConfig
+    from .model import ModelConfig, saved_backbone
     from .preprocess import PreprocessConfig
     from .tuning import SearchSpace, TuneOptions, set_distributed
     from .tuning import tune as run_tuning
@@ -548,22 +586,26 @@ def tune(
     set_distributed(role, oracle, tuner_id)
     space = SearchSpace.from_file(search_space) if search_space else SearchSpace()
     summary = run_tuning(
-        DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
-                    group_regex=group_regex, clean=clean),
-        ModelConfig(weights=weights, backbone=backbone, freeze_backbone=False if fine_tune else None),
+        DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
+                    seed=seed, group_regex=group_regex, clean=clean),
+        ModelConfig(weights=weights, backbone=backbone or saved_backbone(weights) or "b3",
+                    freeze_backbone=False if fine_tune else None),
         PreprocessConfig(image_size=image_size),
-        TuneOptions(algorithm, max_trials, epochs, time_budget, objective, str(directory), project,
-                    overwrite, views, fine_tune, cache, seed=seed), space)
+        TuneOptions(algorithm=algorithm, max_trials=max_trials, epochs=epochs, time_budget_min=time_budget,
+                    objective=objective, directory=str(directory), project=project, overwrite=overwrite,
+                    views=views, fine_tune=fine_tune, cache=cache, seed=seed), space)
     if summary.get("role") == "worker":
         console.print(f"worker {summary['tuner_id']} ran trial(s) {', '.join(summary['trials_run']) or 'none'}; "
                       f"the chief writes {summary['project']}/summary.json")
         write_json(summary, json_out)
         return
     table = Table(title=f"{summary['project']}: {len(summary['trials'])} trial(s), {summary['mode']} mode")
-    for column in ("trial", "units", "lr", "dropout", objective, "best epoch", "seconds", "status"):
+    for column in ("trial", "units", "lr", "dropout", "epochs", objective, "best epoch", "seconds", "status"):
         table.add_column(column, justify="right")
     for r in summary["trials"]:
-        table.add_row(r["trial"], str(r["units"]), f"{r['learning_rate']:.2e}", f"{r['dropout']:.1f}",
+        epochs_run = (f"{r['initial_epoch']}->{r['epochs']} from {r['parent']}" if r["parent"]
+                      else str(r["epochs"]))
+        table.add_row(r["trial"], str(r["units"]), f"{r['learning_rate']:.2e}", f"{r['dropout']:.1f}", epochs_run,
                       "" if r["score"] is None else f"{r['score']:.4f}", str(r["best_epoch"] or ""),
                       "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["status"])
     console.print(table)
@@ -597,8 +639,8 @@ def audit(
     from .data import DataOptions
 
     check_outputs((json_out, "--json"), (html_out, "--html"))
-    report = run_audit(DataOptions(str(data), str(split_dir) if split_dir else None, positive, seed,
-                                   group_regex=group_regex), image_size, threshold)
+    report = run_audit(DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None,
+                                   positive=positive, seed=seed, group_regex=group_regex), image_size, threshold)
     for split, b in report["balance"].items():
         if b["images"]:
             console.print(f"{split}: {b['images']} images, {b['positive']} positive "
@@ -656,9 +698,9 @@ def explain(
     if any failed. Example:
     `ctedge explain runs/train-X/model.keras ../shared/data/covid-ct/CT_COVID --out explained`
     """
-    from .evaluate import run_config
     from .explain import explain as run_explain
     from .imageio import expand_paths
+    from .runconfig import run_config
 
     if model.suffix != ".keras":
         raise CtedgeError(f"{model}: explain needs the trained .keras model (an ONNX file has no gradients)")
@@ -774,7 +816,8 @@ def predict(
     if study:
         from .study import StudyOptions
 
-        options = StudyOptions(series, slice_step, max_slices, aggregate, top_k, batch_size,
+        options = StudyOptions(series_uid=series, slice_step=slice_step, max_slices=max_slices,
+                               aggregate=aggregate, top_k=top_k, batch_size=batch_size,
                                keep_thumbnails=plot is not None)
         predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
                                 runtime=runtime, precision=precision, cache_dir=cache_dir)
@@ -788,10 +831,15 @@ def predict(
     rows = clf.predict_files(files, batch_size)
     failed = print_file_rows(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
                              f"P({clf.positive}), threshold {clf.threshold}", rows, "label")
+    scored = [r.probability for r in rows if r.error is None]
+    from .metrics import output_spread
+
+    constant = warn_if_constant(output_spread(scored), len(scored))
     records = [asdict(r) for r in rows]
     write_csv(records, list(records[0]), csv_out)
     write_json({"model": str(model), "runtime": clf.runtime, "precision": clf.precision,
-                "provider": clf.providers[0], "predictions": records}, json_out)
+                "provider": clf.providers[0], "predictions": records,
+                "warnings": [constant] if constant else []}, json_out)
     exit_if_failed(failed, len(rows))
 
 
@@ -917,7 +965,8 @@ def bench(
     if split_dir and not data:
         raise CtedgeError("--split-dir needs --data (the class folders the lists name)")
     report = run_bench(models or [], BenchOptions(
-        provider, sizes, threads, warmup, runs, seconds, str(data) if data else None, 16, budget_ms,
+        provider=provider, batch_sizes=sizes, threads=threads, warmup=warmup, runs=runs, seconds=seconds,
+        data=str(data) if data else None, budget_ms=budget_ms,
         runtime=runtime, precision=precision, split_dir=str(split_dir) if split_dir else None, split=split,
         accuracy_images=accuracy_images, auc_tolerance=auc_tolerance,
         cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice))
@@ -938,6 +987,9 @@ def bench(
     if report.get("accuracy_data"):
         console.print(f"accuracy on {report['accuracy_data']}", highlight=False)
     for r in report["results"]:
+        if r.get("constant_warning"):
+            console.print(f"[bold red]warning:[/] {Path(r['model']).name}: {r['constant_warning']}",
+                          highlight=False)
         if "budget" in r:
             b = r["budget"]
             verdict = "[green]within[/]" if b["within"] else "[red]OVER[/]"

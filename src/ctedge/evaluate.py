@@ -11,35 +11,9 @@ import numpy as np
 from .data import SPLITS, DataOptions, LoadedSplit, group_of, load_data
 from .errors import CtedgeError
 from .files import atomic_write, csv_text
-from .metrics import bootstrap_ci, calibration, confusion, operating_points, point_metrics
+from .metrics import bootstrap_ci, calibration, confusion, operating_points, output_spread, point_metrics
 from .plots import reliability, roc_curve
-from .preprocess import PreprocessConfig
-
-CONSTANT_SPREAD = 1e-3  # outputs spanning less than this: the AUC only ranks round-off
-
-
-def run_config(model_path: Path) -> dict:
-    """The ``config.json`` written beside a trained model, or {}."""
-    path = model_path.parent / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def data_options_for(model_path: Path, root: str | Path, **overrides) -> DataOptions:
-    """The training run's split settings (so 'val' means the same images),
-    with the user's overrides on top."""
-    stored = run_config(model_path).get("data", {})
-    options = DataOptions(**{**stored, "root": str(root)})
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(options, key, value)
-    return options
-
-
-def keras_preprocess_config(model) -> PreprocessConfig:
-    """Image size and window as built into a Keras classifier."""
-    layer = model.get_layer("ct_preprocess")
-    return PreprocessConfig(image_size=int(model.input_shape[1]), **{
-        k: layer.get_config()[k] for k in ("window_low", "window_high", "centre")})
+from .runconfig import data_options_for, keras_preprocess_config, run_config
 
 
 def merge(parts: list[LoadedSplit]) -> LoadedSplit:
@@ -81,10 +55,48 @@ def plot_scores(y: np.ndarray, p: np.ndarray, auc: float, out: Path, shortcut: d
     return plots
 
 
+def is_external(stored: dict, root: str | Path) -> bool:
+    """True when no file under ``root`` is one the run trained on (by content):
+    another data set, whatever its folder is called. Unknown (no recorded
+    training files): False."""
+    from .data import discover
+    from .files import file_digest
+
+    trained = set(stored.get("files", {}).get("train", {}).values())
+    if not trained:
+        return False
+    return not any(file_digest(s.path) in trained for s in discover(root).samples)
+
+
+def split_check(stored: dict, loaded: dict[str, LoadedSplit]) -> dict:
+    """Files of each rebuilt split against those recorded at training (by content):
+    how many are missing and how many are new; empty when nothing was recorded."""
+    recorded = stored.get("files", {})
+    check = {}
+    for name, part in loaded.items():
+        if name in recorded:
+            then, now = set(recorded[name].values()), set(part.hashes)
+            check[name] = {"missing": len(then - now), "new": len(now - then)}
+    return check
+
+
+def external_options(stored: dict, root: str | Path) -> DataOptions:
+    """Every image of another data set, cleaned as at training: no split lists,
+    nothing held out (``test_fraction``/``val_fraction`` 0 put all in train)."""
+    positive = stored.get("positive")
+    if positive and not (Path(root) / positive).is_dir():
+        positive = None  # detected from the folder names
+    clean = stored.get("data", {}).get("clean", "drop")
+    return DataOptions(root=str(root), positive=positive, test_fraction=0.0, val_fraction=0.0, clean=clean)
+
+
 def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
              threshold: float = 0.5, out_dir: str | Path | None = None, resamples: int = 1000,
-             seed: int = 0, **data_overrides) -> dict:
-    """Score a saved Keras model on one split (or all) of a data folder."""
+             seed: int = 0, split_dir: str | None = None, group_regex: str | None = None,
+             external: bool = False, positive: str | None = None) -> dict:
+    """Score a saved Keras model on one split (or all) of a data folder, or on
+    every image of an external data set (``external``, or no file there is one
+    the run trained on). ``group_regex`` groups the bootstrap only."""
     from .model import load_model
 
     if split not in (*SPLITS, "all"):
@@ -93,29 +105,37 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
         raise CtedgeError(f"--threshold must be between 0 and 1, not {threshold}")
     model_path = Path(model_path)
     model = load_model(model_path)
-    options = data_options_for(model_path, data_root, **data_overrides)
+    stored = run_config(model_path)
+    external = external or is_external(stored, data_root)
     preprocess = keras_preprocess_config(model)
-    parts = SPLITS if split == "all" else (split,)
+    if external:
+        options, split, parts = external_options(stored, data_root), "external", ("train",)
+        options.positive = positive or options.positive
+    else:
+        options = data_options_for(model_path, data_root, split_dir=split_dir, positive=positive)
+        parts = SPLITS if split == "all" else (split,)
     _, loaded = load_data(options, preprocess, parts=parts)
     data = merge([loaded[p] for p in parts])
     if not len(data.y):
         raise CtedgeError(f"the {split} split of {data_root} is empty")
+    drift = {} if external else {k: v for k, v in split_check(stored, loaded).items() if any(v.values())}
     probabilities = model.predict(data.x, batch_size=32, verbose=0)[:, 0]
     baseline = {}
-    if split in ("val", "test"):
+    if split in ("val", "test"):  # a training set is known
         from .audit import metadata_baseline
         from .data import discover, make_splits
 
         splits = make_splits(discover(options.root, options.positive), options.split_dir, options.seed,
                              options.test_fraction, options.val_fraction, options.group_regex)
         baseline = metadata_baseline({"train": splits["train"], split: splits[split]}).get(split, {})
-    groups = (np.array([group_of(p, options.group_regex) for p in data.paths])
-              if options.group_regex else None)
-    report = {"model": str(model_path), "data": asdict(options), "split": split,
+    group_regex = group_regex or options.group_regex
+    groups = np.array([group_of(p, group_regex) for p in data.paths]) if group_regex else None
+    report = {"model": str(model_path), "data": asdict(options), "split": split, "external": external,
+              "group_regex": group_regex, "split_drift": drift,
               "threshold": threshold, "images": len(data.y), "positive": int(data.y.sum()),
               "groups": len(set(groups)) if groups is not None else None,
               **score(data.y, probabilities, threshold, groups, resamples, seed),
-              "shortcut_baseline": baseline, "output_spread": float(np.ptp(probabilities)),
+              "shortcut_baseline": baseline, "output_spread": output_spread(probabilities),
               "skipped": data.summary()["unreadable"], "dropped_annotated": data.dropped}
     out = Path(out_dir or model_path.parent / f"eval-{split}")
     report.update(plot_scores(data.y, probabilities, report["metrics"]["auc"]["value"], out, baseline))

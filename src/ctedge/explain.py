@@ -156,9 +156,12 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
     the entries only when asked."""
     from .model import load_model
     from .progress import track
+    from .runconfig import keras_preprocess_config
 
     model = load_model(model_path)
     size = int(model.input_shape[1])
+    preprocess = keras_preprocess_config(model)
+    window = (preprocess.window_low, preprocess.window_high)  # DICOM decoded as the runtime does
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: list[Explanation | None] = []
@@ -169,7 +172,7 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
         batch = []
         for path in chunk:
             try:
-                batch.append((len(results), path, read_image(path)))
+                batch.append((len(results), path, read_image(path, window)))
                 results.append(None)  # filled below
             except UnreadableImage as exc:
                 results.append(Explanation(str(path), error=exc.reason))

@@ -18,10 +18,10 @@ import onnx
 
 from . import __version__
 from .errors import CheckFailed, CtedgeError
-from .evaluate import keras_preprocess_config, run_config
 from .files import atomic_write, file_digest
 from .metadata import PREPROCESS_CONTRACT
 from .preprocess import PreprocessConfig
+from .runconfig import keras_preprocess_config, run_config
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
@@ -50,6 +50,7 @@ class ExportOptions:
     ov_tolerance: float = 1e-4  # OpenVINO fp32: max |Keras - OpenVINO|
     bf16_tolerance: float = 0.05  # OpenVINO BF16 inference precision of the fp32 IR
     ov_int8_ignored_types: list[str] = field(default_factory=list)  # NNCF ignored scope (op types)
+    allow_constant: bool = False  # export a model whose outputs on the check images are constant
 
 
 # --- conversion and graph checks ---------------------------------------------
@@ -129,7 +130,7 @@ def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed
     """Up to ``count`` model inputs from a class-folder data set (labelled), a flat
     folder of images (unlabelled), or generated phantoms when ``folder`` is None."""
     from .data import load_split, pick_samples
-    from .demo import phantom
+    from .phantoms import phantom
     from .preprocess import to_model_input
 
     if folder is None:
@@ -159,13 +160,13 @@ def onnx_probabilities(proto_or_path, images: np.ndarray, batch: int = 16) -> np
 def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
            threshold: float) -> dict:
     """max |Δp|, decision agreement and (labelled) AUC of both."""
-    from .metrics import point_metrics
+    from .metrics import output_spread, point_metrics
 
     report = {"images": int(len(reference)),
               "max_abs_diff": float(np.max(np.abs(reference - candidate))),
               "mean_abs_diff": float(np.mean(np.abs(reference - candidate))),
               "decision_agreement": float(np.mean((reference >= threshold) == (candidate >= threshold))),
-              "reference_spread": float(np.ptp(reference))}
+              "reference_spread": output_spread(reference)}
     if labels is not None and 0 < labels.sum() < len(labels):
         report["auc_keras"] = point_metrics(labels, reference, threshold)["auc"]
         report["auc"] = point_metrics(labels, candidate, threshold)["auc"]
@@ -284,7 +285,8 @@ def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance:
                    f"{variant} parity check", "ONNX", path if gate else None)
     atomic_write(proto.SerializeToString(), path)
     card = {"file": str(path), "variant": variant, "size_mb": path.stat().st_size / 1e6,
-            "metadata": {**metadata, "ctedge.variant": variant}, "parity": report}
+            "metadata": {**metadata, "ctedge.variant": variant}, "parity": report,
+            "output_spread": check["spread"]}
     atomic_write(json.dumps(card, indent=2).encode(), path.with_suffix(".json"))
     return card
 
@@ -310,6 +312,7 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
     images, labels, source = sample_images(options.check_data, preprocess, options.check_count)
     check = {"images": images, "labels": labels, "source": source,
              "reference": model.predict(images, batch_size=16, verbose=0)[:, 0]}
+    check["spread"] = spread = refuse_constant(check["reference"], source, options.allow_constant)
     metadata = build_metadata(model, model_path, options.threshold, "fp32")
     proto = convert(model, options.opset)
     cards = {"fp32": _finish_variant(proto, output, "fp32", options.tolerance, metadata, check,
@@ -333,7 +336,7 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
             options.calibration_data, preprocess, options.calibration_count, seed=1)
         cards.update(export_openvino(output, metadata, check, options, calibration, calibration_source))
     return {"model": str(model_path), "output": str(output), "options": asdict(options),
-            "variants": cards}
+            "output_spread": spread, "variants": cards}
 
 
 # --- OpenVINO ----------------------------------------------------------------
@@ -408,3 +411,17 @@ def export_openvino(onnx_path: Path, metadata: dict, check: dict, options: Expor
                                   options.int8_tolerance,
                                   {**metadata, "ctedge.int8_calibration": calibration_source}, check, options)
     return cards
+
+
+def refuse_constant(reference: np.ndarray, source: str, allow: bool) -> dict:
+    """The Keras model's output spread on the check images; a constant model is
+    refused (exit 3) unless ``allow``: its AUC and labels would rank round-off."""
+    from .metrics import constant_message, output_spread
+
+    spread = output_spread(reference)
+    message = constant_message(spread, len(reference))
+    if message and not allow:
+        raise CheckFailed(f"{message} ({source}); nothing exported. Check the training run (or use "
+                          "--check-data with real images); --allow-constant exports it anyway")
+    return {"value": spread, "images": int(len(reference)), "check_data": source,
+            "constant": message is not None}

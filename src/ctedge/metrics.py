@@ -9,6 +9,22 @@ from __future__ import annotations
 import numpy as np
 
 METRICS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
+CONSTANT_SPREAD = 1e-3  # outputs spanning less than this: the AUC only ranks round-off
+
+
+def output_spread(p) -> float:
+    """max - min of a model's outputs (nan for fewer than two)."""
+    p = np.asarray(p, float)
+    return float(np.ptp(p)) if len(p) > 1 else float("nan")
+
+
+def constant_message(spread: float, images: int) -> str | None:
+    """The one warning for an effectively constant model, or None when its
+    outputs on ``images`` images span at least ``CONSTANT_SPREAD``."""
+    if not spread < CONSTANT_SPREAD:  # nan (one image) is no evidence either way
+        return None
+    return (f"the model is effectively constant: its outputs on {images} images span only "
+            f"{spread:.1e} (< {CONSTANT_SPREAD:g}), so its AUC and labels rank round-off, not evidence")
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:

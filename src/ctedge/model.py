@@ -52,7 +52,7 @@ class CTPreprocess(layers.Layer):
 class ModelConfig:
     """Backbone weights, head and which layers train."""
 
-    weights: str = "imagenet"  # imagenet | none | path to efficientnetb3_notop.h5
+    weights: str = "imagenet"  # imagenet | none | path to efficientnetb3_notop.h5 | trained ctedge model
     backbone: str = "b3"  # b3 | tiny (tests and smoke runs only)
     units: int = 256
     dropout: float = 0.0
@@ -78,6 +78,9 @@ def build_backbone(weights: str, image_size: int, backbone: str = "b3") -> keras
     if backbone not in BACKBONES:
         raise CtedgeError(f"backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
     shape = (image_size, image_size, 3)
+    run = run_model_path(weights)
+    if run is not None:
+        return _run_backbone(run, shape, backbone)
     if backbone == "tiny":
         return _build_tiny(weights, shape)
     if not is_pretrained(weights):
@@ -104,6 +107,56 @@ def build_backbone(weights: str, image_size: int, backbone: str = "b3") -> keras
                                                input_shape=shape)
         except (ValueError, OSError) as exc:
             raise CtedgeError(f"{path}: not EfficientNetB3 no-top weights ({exc})") from None
+
+
+def run_model_path(weights: str | None) -> Path | None:
+    """The trained ctedge model that ``weights`` names (a ``.keras`` file, or a
+    run folder / tuning project holding model.keras / best_model.keras), else None."""
+    if not is_pretrained(weights):
+        return None
+    path = Path(weights)
+    if path.suffix == ".keras":
+        if not path.is_file():
+            raise CtedgeError(f"--weights: no such model {path}")
+        return path
+    if path.is_dir():
+        for name in ("model.keras", "best_model.keras"):
+            if (path / name).is_file():
+                return path / name
+        raise CtedgeError(f"--weights {path}: a folder without model.keras or best_model.keras")
+    return None
+
+
+def saved_backbone(weights: str | None) -> str | None:
+    """The backbone (b3 | tiny) recorded in the run configuration of the trained
+    model that ``weights`` names, or None."""
+    from .runconfig import run_config
+
+    run = run_model_path(weights)
+    return run_config(run).get("model", {}).get("backbone") if run is not None else None
+
+
+def backbone_kind(backbone: keras.Model) -> str:
+    """b3 or tiny, from the name Keras's builder gave the backbone."""
+    return "tiny" if backbone.name == TINY["name"] else "b3"
+
+
+def _run_backbone(path: Path, shape: tuple[int, int, int], backbone: str) -> keras.Model:
+    """The backbone of a trained ctedge model exactly as trained (its own layers,
+    weights and BatchNorm statistics; no extra rescaling as the ImageNet .h5 path
+    has), rebuilt from its config when the input size differs."""
+    trained = backbone_of(load_model(path))
+    if backbone_kind(trained) != backbone:
+        raise CtedgeError(f"--weights {path}: its backbone is {backbone_kind(trained)}, not {backbone}; "
+                          f"pass --backbone {backbone_kind(trained)}")
+    if tuple(trained.input_shape[1:]) == shape:
+        return trained
+    config = trained.get_config()
+    inputs = [layer for layer in config["layers"] if layer["class_name"] == "InputLayer"]
+    inputs[0]["config"]["batch_shape"] = (None, *shape)
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(trained.get_weights())
+    return rebuilt
 
 
 def _weights_file(weights: str) -> Path:
@@ -154,11 +207,19 @@ def _block_id(layer_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def set_trainable(backbone: keras.Model, freeze: bool, fine_tune_blocks: int) -> None:
+def set_trainable(backbone: keras.Model, freeze: bool, fine_tune_blocks: int,
+                  pretrained: bool = False) -> None:
     """Freeze the backbone, or train its top ``fine_tune_blocks`` blocks (plus
-    the top conv, BatchNorm layers staying frozen), or all of it."""
+    the top conv, BatchNorm layers staying frozen), or all of it: with
+    ``pretrained`` weights its BatchNorm layers stay frozen then too, since
+    Keras 3's ``fit`` passes ``training=True`` through the ``training=False``
+    of the model's call (keras-team/keras#20285) and would move their statistics."""
     if not freeze and not fine_tune_blocks:
         backbone.trainable = True
+        if pretrained:
+            for layer in backbone.layers:
+                if isinstance(layer, layers.BatchNormalization):
+                    layer.trainable = False
         return
     backbone.trainable = bool(fine_tune_blocks)
     first = 8 - fine_tune_blocks
@@ -191,7 +252,7 @@ def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig) 
     backbone = build_backbone(model_config.weights, size, model_config.backbone)
     pretrained = is_pretrained(model_config.weights)
     freeze = pretrained if model_config.freeze_backbone is None else model_config.freeze_backbone
-    set_trainable(backbone, freeze, model_config.fine_tune_blocks)
+    set_trainable(backbone, freeze, model_config.fine_tune_blocks, pretrained)
     inputs = keras.Input((size, size, 3), name="image")
     x = CTPreprocess(preprocess_config.window_low, preprocess_config.window_high,
                      preprocess_config.centre, name="ct_preprocess")(inputs)

@@ -18,9 +18,9 @@ import numpy as np
 
 from . import __version__
 from .errors import CtedgeError, UnreadableImage
-from .evaluate import CONSTANT_SPREAD
-from .files import atomic_write
+from .files import atomic_write, file_digest
 from .imageio import read_image
+from .metrics import constant_message
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}
@@ -82,9 +82,10 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
     elif audit and audit.get("leakage"):
         lines.append(("bad", f"Leakage: {audit['cross_split_duplicates']} near-duplicate pair(s) "
                              "span splits, so held-out figures are inflated."))
-    if evaluation and evaluation.get("output_spread", 1.0) < CONSTANT_SPREAD:
-        lines.append(("bad", f"The model is effectively constant: its outputs span only "
-                             f"{evaluation['output_spread']:.1e}, so its AUC ranks round-off, not evidence."))
+    constant = evaluation and constant_message(evaluation.get("output_spread", float("nan")),
+                                               evaluation.get("images", evaluation.get("studies", 0)))
+    if constant:
+        lines.append(("bad", constant[0].upper() + constant[1:] + "."))
     if evaluation:
         auc = evaluation["metrics"]["auc"]
         lo, hi = auc["ci95"]
@@ -267,15 +268,15 @@ def pick_for_explaining(predictions_csv: Path, count: int, threshold: float = 0.
     return picked
 
 
-def _cached(path: Path, make, root: Path, fresh: bool = False) -> dict:
-    """JSON at ``path`` if a previous step wrote it for the data folder ``root``
-    (and not ``fresh``), else ``make()``, then saved."""
+def _cached(path: Path, make, key: dict, fresh: bool = False) -> dict:
+    """JSON at ``path`` if a previous step wrote it with the same ``key`` (and not
+    ``fresh``), else ``make()``, saved with its key."""
+    key = json.loads(json.dumps(key, default=str))
     if path.is_file() and not fresh:
         stored = json.loads(path.read_text())
-        data = stored.get("data")
-        if (data.get("root") if isinstance(data, dict) else data) == str(root):
+        if stored.get("reuse_key") == key:
             return stored
-    result = make()
+    result = {**make(), "reuse_key": key}
     atomic_write(json.dumps(result, indent=2, default=str).encode(), path)
     return result
 
@@ -308,7 +309,8 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     in ``eval-studies/``; the audit covers the run's own (slice) training data;
     no Grad-CAM (it needs slice images and the .keras model)."""
     from .data import DataOptions
-    from .evaluate import evaluate, evaluate_studies, run_config
+    from .evaluate import evaluate, evaluate_studies
+    from .runconfig import run_config
 
     run_dir = Path(run_dir)
     model = next((run_dir / name for name in ("model.keras", "best_model.keras") if (run_dir / name).is_file()),
@@ -325,21 +327,27 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     if not root.is_dir():
         hint = "" if data else " (the run was trained on it; pass --data)"
         raise CtedgeError(f"data folder not found: {root}{hint}")
+    settings = {k: v for k, v in config["data"].items() if k != "root"}
     if study:
         onnx = Path(onnx or run_dir / "model.onnx")
         if not onnx.is_file():
             raise CtedgeError(f"{onnx}: no exported model; studies are scored with the ONNX model `predict --study` "
                               f"runs (`ctedge export {model} --onnx -o {onnx}`, or pass --onnx)")
         eval_dir = run_dir / "eval-studies"
+        # reused only for this very ONNX model (by content), data and resamples
         evaluation = _cached(eval_dir / "metrics.json", lambda: evaluate_studies(
-            onnx, root, out_dir=eval_dir, resamples=resamples), root, fresh)
+            onnx, root, out_dir=eval_dir, resamples=resamples),
+            {"model_sha256": file_digest(onnx), "data": str(root), "resamples": resamples}, fresh)
         evaluation["out_dir"], explain_count = str(eval_dir), 0
         root = Path(config["data"]["root"])  # the audit is of the training data
         run_audit = run_audit and root.is_dir()
     else:
         eval_dir = run_dir / f"eval-{split}"
+        # reused only for this very model (by content), data, split settings, resamples and threshold
         evaluation = _cached(eval_dir / "metrics.json",
-                             lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples), root, fresh)
+                             lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples),
+                             {"model_sha256": file_digest(model), "data": str(root), "split": split,
+                              "split_settings": settings, "resamples": resamples, "threshold": 0.5}, fresh)
     for key in ("roc_png", "calibration_png"):  # the folder may have moved since
         if (eval_dir / f"{key[:-4]}.png").is_file():
             evaluation[key] = str(eval_dir / f"{key[:-4]}.png")
@@ -350,7 +358,9 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         stored = config["data"]
         options = DataOptions(**{**stored, "root": str(root)})
         audit = _cached(run_dir / "audit.json",
-                        lambda: audit_data(options, config["preprocess"]["image_size"]), root, fresh)
+                        lambda: audit_data(options, config["preprocess"]["image_size"]),
+                        {"data": str(root), "split_settings": settings,
+                         "image_size": config["preprocess"]["image_size"]}, fresh)
     explained: list[dict] = []
     labels: dict[str, int] = {}
     if explain_count:

@@ -31,7 +31,8 @@ from keras_tuner.src.distribute import utils as dist_utils
 from .data import DataOptions, load_data
 from .errors import CtedgeError
 from .files import atomic_write, exclusive_lock, file_digest
-from .model import ModelConfig, add_head, build_backbone, build_model, is_pretrained
+from .metrics import roc_auc
+from .model import ModelConfig, add_head, build_backbone, build_model, is_pretrained, run_model_path
 from .preprocess import PreprocessConfig, augment
 from .progress import console
 from .train import AugmentedBatches, compile_model, save_model
@@ -115,16 +116,22 @@ class HeadHyperModel(kt.HyperModel):
 
 def paper_first(base: type, deadline: float | None) -> type:
     """An oracle class whose first trial is the paper's defaults and which stops
-    creating trials once ``deadline`` (time.time()) has passed."""
+    creating trials once ``deadline`` (time.time()) has passed.
+
+    The defaults replace the algorithm's first random draw, so they sit inside
+    it: Hyperband gives them a bracket and an epoch budget, Bayesian
+    optimisation counts them among its initial points."""
 
     class PaperFirst(base):
         def populate_space(self, trial_id):
             if deadline is not None and time.time() > deadline:
                 return {"status": kt.engine.trial.TrialStatus.STOPPED, "values": None}
-            if not self.trials:
-                return {"status": kt.engine.trial.TrialStatus.RUNNING,
-                        "values": self.hyperparameters.values}
             return super().populate_space(trial_id)
+
+        def _random_values(self):
+            if not self.trials:
+                return dict(self.hyperparameters.values)
+            return super()._random_values()
 
     PaperFirst.__name__ = f"PaperFirst{base.__name__}"
     return PaperFirst
@@ -141,13 +148,24 @@ def rss_mb() -> float:
     return float("nan")
 
 
-class CtedgeTuner(kt.Tuner):
+class CtedgeTuner(kt.Hyperband):
     """Times each trial, remembers which it ran, and clears Keras's global
-    state after each, so memory does not grow trial after trial."""
+    state after each, so memory does not grow trial after trial.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    A ``kt.Hyperband`` so that its ``run_trial`` and ``_build_hypermodel`` run:
+    with a Hyperband oracle a trial trains ``tuner/initial_epoch`` to
+    ``tuner/epochs``, warm-started from its parent trial's best checkpoint;
+    other oracles set no ``tuner/*`` values and those steps do nothing. Its
+    ``__init__`` (which would make a second oracle) is skipped for Tuner's."""
+
+    def __init__(self, oracle, hypermodel, **kwargs):
+        kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
         self.ran: list[str] = []
+
+    def _build_hypermodel(self, hp):
+        with warnings.catch_warnings():  # a warm start restores weights, not the optimizer: by design
+            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+            return super()._build_hypermodel(hp)
 
     def run_trial(self, trial, *args, **kwargs):
         started = time.perf_counter()
@@ -173,14 +191,37 @@ class CtedgeTuner(kt.Tuner):
 
 # --- cached backbone features --------------------------------------------------
 
+def weights_identity(weights: str) -> str:
+    """imagenet / none as they are; a weights file or trained model by its content."""
+    run = run_model_path(weights)
+    if run is not None:
+        return f"sha256:{file_digest(run)}"
+    return f"sha256:{file_digest(weights)}" if Path(weights).is_file() else weights
+
+
+class ExactValAUC(keras.callbacks.Callback):
+    """Replaces Keras's binned ``val_auc`` (200 thresholds: it reads exactly 0.5
+    when every output falls in one bin) by the exact rank AUC, before early
+    stopping, the tuner's checkpoint and the history read it."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int = 64):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and "val_auc" in logs:  # eager calls: predict() would retrace per trial
+            p = np.concatenate([keras.ops.convert_to_numpy(self.model(self.x[i:i + self.batch_size],
+                                                                      training=False))[:, 0]
+                                for i in range(0, len(self.x), self.batch_size)])
+            logs["val_auc"] = roc_auc(self.y, p)
+
+
 def cache_key(hashes: list[str], preprocess: PreprocessConfig, model_config: ModelConfig,
               views: int, seed: int) -> str:
     """Data hash + image size + backbone and its weights (a local file by its content)
     + preprocessing + views: what the features depend on."""
-    weights = model_config.weights
-    if Path(weights).is_file():
-        weights = file_digest(weights)
-    blob = json.dumps({"files": hashes, "preprocess": preprocess.to_dict(), "weights": weights,
+    blob = json.dumps({"files": hashes, "preprocess": preprocess.to_dict(),
+                       "weights": weights_identity(model_config.weights),
                        "backbone": model_config.backbone, "views": views, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -250,7 +291,7 @@ def _fingerprint(space: SearchSpace, hashes: list[str], preprocess: PreprocessCo
                  model_config: ModelConfig, options: TuneOptions, cached: bool) -> dict:
     return {"search_space": asdict(space),
             "data": hashlib.sha256("".join(hashes).encode()).hexdigest()[:16],
-            "preprocess": preprocess.to_dict(), "weights": model_config.weights,
+            "preprocess": preprocess.to_dict(), "weights": weights_identity(model_config.weights),
             "backbone": model_config.backbone,
             "mode": "cached" if cached else ("fine-tune" if options.fine_tune else "naive"),
             "views": options.views if cached else None,
@@ -288,19 +329,26 @@ def _oracle(options: TuneOptions, space: SearchSpace):
     common = dict(objective=kt.Objective(options.objective, direction), seed=options.seed,
                   hyperparameters=space.hyperparameters(), max_consecutive_failed_trials=3)
     oracle_class = paper_first(ALGORITHMS[options.algorithm], deadline)
-    if options.algorithm == "hyperband":
-        return oracle_class(max_epochs=options.epochs, **common)
+    if options.algorithm == "hyperband":  # brackets from max_epochs (factor 3); --max-trials caps them
+        oracle = oracle_class(max_epochs=options.epochs, **common)
+        oracle.max_trials = options.max_trials
+        return oracle
     return oracle_class(max_trials=options.max_trials, **common)
 
 
-def trial_table(tuner: kt.Tuner, objective: str) -> list[dict]:
-    """Every trial: id, hyperparameters, score, epochs, seconds, status; best first."""
+def trial_table(tuner: kt.Tuner, objective: str, epochs: int) -> list[dict]:
+    """Every trial: id, hyperparameters, epoch budget (Hyperband: from its bracket,
+    warm-started from ``parent`` at ``initial_epoch``), score, seconds, status; best first."""
     rows = []
     for trial in tuner.oracle.trials.values():
         metrics = trial.metrics
-        rows.append({"trial": trial.trial_id, "units": trial.hyperparameters.values.get("units"),
-                     "learning_rate": trial.hyperparameters.values.get("learning_rate"),
-                     "dropout": trial.hyperparameters.values.get("dropout", 0.0),
+        values = trial.hyperparameters.values
+        rows.append({"trial": trial.trial_id, "units": values.get("units"),
+                     "learning_rate": values.get("learning_rate"),
+                     "dropout": values.get("dropout", 0.0),
+                     "epochs": values.get("tuner/epochs", epochs),
+                     "initial_epoch": values.get("tuner/initial_epoch", 0),
+                     "parent": values.get("tuner/trial_id"),
                      "score": trial.score,
                      "best_epoch": None if trial.best_step is None else trial.best_step + 1,
                      "seconds": metrics.get_last_value("seconds") if metrics.exists("seconds") else None,
@@ -352,7 +400,8 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
     cached = options.cache and not options.fine_tune and model_config.freeze_backbone is not False
     if cached and not is_pretrained(model_config.weights):
         log.warning("--weights none with a frozen backbone: the cached features come from random "
-                    "filters, so expect chance-level scores; use imagenet or a weights file, or --fine-tune")
+                    "filters, so expect chance-level scores; use --weights RUN/model.keras (a model trained "
+                    "here, e.g. by `ctedge train --weights none`), imagenet or a weights file, or --fine-tune")
     if options.overwrite and project_dir.exists():
         import shutil
         shutil.rmtree(project_dir)
@@ -378,16 +427,17 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
                                          patience=options.patience)
     started = time.perf_counter()
     batching = {"batch_size": options.batch_size} if y is not None else {}
-    tuner.search(x, y, validation_data=validation, epochs=options.epochs, callbacks=[stop],
-                 verbose=0, **batching)
+    tuner.search(x, y, validation_data=validation, epochs=options.epochs,
+                 callbacks=[ExactValAUC(*validation), stop], verbose=0, **batching)
     if tuner._is_worker():  # the chief holds the oracle and writes the summary
         return {"role": "worker", "tuner_id": tuner.tuner_id, "project": str(project_dir),
                 "trials_run": tuner.ran, "search_seconds": time.perf_counter() - started}
-    rows = trial_table(tuner, options.objective)
+    rows = trial_table(tuner, options.objective, options.epochs)
     completed = [r for r in rows if r["status"] == "COMPLETED"]
     if not completed:
         raise CtedgeError(f"no trial completed in {project_dir}; see the trial folders there")
-    best_hp = tuner.get_best_hyperparameters(1)[0].values
+    best_hp = {k: v for k, v in tuner.get_best_hyperparameters(1)[0].values.items()
+               if not k.startswith("tuner/")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # optimizer state is not restored, by design
         best = tuner.get_best_models(1)[0]
