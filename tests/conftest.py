@@ -70,7 +70,9 @@ def exported(tmp_path_factory, trained_run, phantom_data):
     keep = os.environ.get("CTEDGE_KEEP_TEST_EXPORT")  # .ci/run checks the base install on it
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(out, Path(keep) / out.name)
+        staged = Path(keep) / f".{out.name}.{os.getpid()}"  # pytest-xdist workers may both get here
+        shutil.copy(out, staged)
+        os.replace(staged, Path(keep) / out.name)
         shutil.copytree(phantom_data, Path(keep) / "images", dirs_exist_ok=True)
     return out, report
 

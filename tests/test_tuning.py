@@ -82,59 +82,6 @@ def test_empty_search_space_is_refused(phantom_data, tmp_path):
     assert result.exit_code == 2 and "units range" in result.stderr
 
 
-def wait_for_port(port: int, process, seconds: float) -> None:
-    """Until something listens on 127.0.0.1:port; fails early if ``process`` died."""
-    import socket
-    import time
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[0]
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listened on port {port} within {seconds} s")
-
-
-def test_chief_and_two_workers_run_every_trial_once(tmp_path, phantom_data):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    base = [sys.executable, "-m", "ctedge.cli", *tune_args(phantom_data, tmp_path, "none")[:-2],
-            "--project", "dist", "--max-trials", "3", "--epochs", "1", "--oracle", f"127.0.0.1:{port}"]
-    chief = subprocess.Popen(base + ["--role", "chief", "--json", str(tmp_path / "chief.json")], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_port(port, chief, 180)  # the chief computes the cached features, then serves the oracle
-    workers = [subprocess.Popen(base + ["--role", "worker", "--tuner-id", f"w{i}",
-                                        "--json", str(tmp_path / f"w{i}.json")], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in (1, 2)]
-    for process in [*workers, chief]:
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output
-    ran = [json.loads((tmp_path / f"w{i}.json").read_text())["trials_run"] for i in (1, 2)]
-    summary = json.loads((tmp_path / "chief.json").read_text())
-    assert sorted(ran[0] + ran[1]) == sorted(t["trial"] for t in summary["trials"])
-    assert len(summary["trials"]) == 3 and all(t["status"] == "COMPLETED" for t in summary["trials"])
-
-
-def test_naive_mode_trains_full_models_on_augmented_batches(tmp_path, phantom_data):
-    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, "none", "--no-cache"), "--max-trials", "1",
-                                 "--epochs", "1", "--json", str(tmp_path / "s.json")])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["mode"] == "naive" and summary["trials"][0]["status"] == "COMPLETED"
-    assert f"trial {summary['trials'][0]['trial']} completed: units 256" in result.stderr  # as it finished
-    assert not list((tmp_path / "p").glob("features-*.npz"))
-
-
 def test_report_on_a_tuning_project_shows_its_trials(tuned, tmp_path):
     import shutil
 
@@ -146,31 +93,6 @@ def test_report_on_a_tuning_project_shows_its_trials(tuned, tmp_path):
     assert "<b>Tuning</b> (cached" in page
     assert page.count("COMPLETED") == len(summary["trials"]) == 2
     assert "Where the model looked" in page
-
-
-def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tmp_path, phantom_data):
-    """With --weights none the cached features come from a random backbone; the
-    saved best model must carry that same backbone, not a fresh random one."""
-    from ctedge.data import DataOptions, load_data
-    from ctedge.model import backbone_of, load_model
-    from ctedge.preprocess import PreprocessConfig
-    from ctedge.runconfig import run_config
-    from ctedge.tuning import backbone_features
-
-    args = ["tune", str(phantom_data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
-            "--max-trials", "1",
-            "--epochs", "1", "--views", "1", "--directory", str(tmp_path), "--project", "r"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    best = tmp_path / "r" / "best_model.keras"
-    model = load_model(best)
-    preprocess = PreprocessConfig(image_size=32)
-    _, parts = load_data(DataOptions(**run_config(best)["data"]), preprocess, parts=("val",))
-    cached = np.load(next((tmp_path / "r").glob("features-*.npz")))["val_x"]
-    rebuilt = backbone_features(backbone_of(model), preprocess, parts["val"].x)
-    scale = np.abs(cached).max()  # a random backbone's features are tiny (~1e-6): compare relative to them
-    assert scale > 0
-    np.testing.assert_allclose(rebuilt / scale, cached / scale, atol=1e-3)
 
 
 def test_tuning_on_a_trained_run_uses_its_backbone_exactly_as_trained(tuned, trained_run):
@@ -209,45 +131,3 @@ def test_exact_auc_replaces_the_binned_one():
     logs = {"val_auc": 0.5}
     callback.on_epoch_end(0, logs)
     assert logs["val_auc"] == roc_auc(y, model.predict(x, verbose=0)[:, 0]) == 1.0
-
-
-def test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts(tmp_path, phantom_data, trained_run):
-    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, trained_run, "--algorithm", "hyperband"),
-                                 "--max-trials", "4", "--epochs", "3", "--json", str(tmp_path / "h.json")])
-    # max 3 epochs, factor 3: the first bracket trains 3 trials for 1 epoch, then the best on to 3
-    assert result.exit_code == 0, result.output
-    trials = {t["trial"]: t for t in json.loads((tmp_path / "h.json").read_text())["trials"]}
-    assert sorted(t["epochs"] for t in trials.values()) == [1, 1, 1, 3]
-    first = trials[min(trials)]
-    assert (first["units"], first["learning_rate"], first["parent"]) == (256, 5e-5, None)
-    promoted = [t for t in trials.values() if t["parent"] is not None]
-    assert promoted, "no trial was continued from a parent's checkpoint"
-    for t in promoted:  # same hyperparameters, trained on from where the parent stopped
-        parent = trials[t["parent"]]
-        assert (t["units"], t["learning_rate"]) == (parent["units"], parent["learning_rate"])
-        assert t["initial_epoch"] == parent["epochs"] < t["epochs"]
-
-
-def test_bayesian_later_trials_depend_on_earlier_scores(tmp_path):
-    """Same seed, two different score landscapes: the seeded initial points are
-    equal, the first model-based proposal is not; the paper's defaults come first."""
-    from ctedge.tuning import SearchSpace, TuneOptions, _oracle
-
-    def proposals(score, project: str) -> list[dict]:
-        oracle = _oracle(TuneOptions(algorithm="bayesian", max_trials=7), SearchSpace(dropout_max=0))
-        oracle._set_project_dir(str(tmp_path), project)
-        values = []
-        for _ in range(7):
-            trial = oracle.create_trial("t")
-            values.append(dict(trial.hyperparameters.values))
-            oracle.update_trial(trial.trial_id, {"val_auc": score(trial.hyperparameters.values)})
-            trial.status = "COMPLETED"
-            oracle.end_trial(trial)
-        return values
-
-    up = proposals(lambda v: float(np.log(v["units"])), "up")
-    down = proposals(lambda v: -float(np.log(v["units"])), "down")
-    initial = 6  # 2 hyperparameters: 3 x 2 random initial points
-    assert (up[0]["units"], up[0]["learning_rate"]) == (256, 5e-5)
-    assert up[:initial] == down[:initial]
-    assert up[initial:] != down[initial:]
