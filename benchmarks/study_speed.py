@@ -13,6 +13,7 @@ machine is shared, so compare the configurations within one run of this script.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -26,6 +27,8 @@ from make_b3 import make_b3  # noqa: E402
 
 from ctedge.study import STAGES, StudyOptions, bench_study  # noqa: E402
 from ctedge.studydemo import fixed_uid, phantom_volume, write_scout, write_series  # noqa: E402
+
+ENGINES = (("onnxruntime", "fp32"), ("openvino", "bf16"))  # fp32 baseline, the fastest variant here
 
 
 def make_study(folder: Path, slices: int = 300, size: int = 512) -> Path:
@@ -45,17 +48,17 @@ def markdown(results: list[dict]) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores (shared with other work, so numbers are noisy; "
              f"compare rows of this one run), {m['platform']}, Python {m['python']}, onnxruntime "
              f"{m['onnxruntime']}. Model: EfficientNetB3 at {results[0]['input_size']} px, random weights, "
-             "fp32 ONNX, CPUExecutionProvider. Study: one synthetic 300-slice 512x512 uncompressed axial "
+             "the fp32 ONNX file on each engine named in the first column. Study: one synthetic 300-slice 512x512 uncompressed axial "
              "series + a 2-image scout, shuffled file names. Medians of the runs shown.", "",
-             "| selection | slices used / sampled / total | headers+selection s | decode+preprocess s (CPU, "
+             "| engine | selection | slices used / sampled / total | headers+selection s | decode+preprocess s (CPU, "
              "threads) | waiting for decode s | inference s | aggregation s | pipeline wall s | "
              "in-process wall s | slices/s | pipeline / (used x batched per-slice) | fresh process: "
-             "command start to answer s |", "|" + "---|" * 12]
+             "command start to answer s |", "|" + "---|" * 13]
     for r in results:
         d = r["median"]
         step = r["options"]["slice_step"]
         label = f"--slice-step {step}" if step else f"default (at most {r['options']['max_slices']}: every {d['slice_step']:.0f}.)"
-        lines.append(f"| {label} | {d['slices_used']:.0f} / {d['slices_sampled']:.0f} / {d['slices_total']:.0f} | "
+        lines.append(f"| {r['runtime']} {r['precision']} | {label} | {d['slices_used']:.0f} / {d['slices_sampled']:.0f} / {d['slices_total']:.0f} | "
                      + " | ".join(f"{d[s]:.3f}" for s in STAGES)
                      + f" | {d['pipeline_wall_s']:.2f} | {d['wall_s']:.2f} | {d['slices_per_s']:.1f} | "
                      f"{d['target_ratio']:.2f} | {r['process_wall_s']['median']:.2f} |")
@@ -79,8 +82,9 @@ def main() -> None:
     study = make_study(args.work / "ct300")
     results = []
     load_before = os.getloadavg()
-    for step in (None, 1):
-        report = bench_study(model, study, StudyOptions(slice_step=step), "cpu", None, args.runs)
+    for (runtime, precision), step in itertools.product(ENGINES, (None, 1)):
+        report = bench_study(model, study, StudyOptions(slice_step=step), "cpu", None, args.runs,
+                             runtime=runtime, precision=precision)
         report["load_average_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
         results.append(report)
         print(json.dumps(report["median"]), report["process_wall_s"]["median"], flush=True)

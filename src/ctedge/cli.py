@@ -949,7 +949,8 @@ def bench(
 
     check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"))
     if study is not None:
-        bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out)
+        bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out,
+                            runtime, precision)
         return
 
     try:
@@ -1012,7 +1013,8 @@ def bench(
 
 
 def bench_study_command(models: list[Path], study: Path, provider: str, threads: int | None,
-                        slice_step: int | None, runs: int, json_out: Path | None) -> None:
+                        slice_step: int | None, runs: int, json_out: Path | None,
+                        runtime: str = "auto", precision: str | None = None) -> None:
     """`bench --study`: stage split and slices/s of one study (median of the runs)."""
     from rich.table import Table
 
@@ -1020,7 +1022,8 @@ def bench_study_command(models: list[Path], study: Path, provider: str, threads:
     from .study import STAGES, StudyOptions, bench_study
 
     for model in find_models(models):
-        report = bench_study(model, study, StudyOptions(slice_step=slice_step), provider, threads, runs)
+        report = bench_study(model, study, StudyOptions(slice_step=slice_step), provider, threads, runs,
+                             runtime="auto" if runtime == "all" else runtime, precision=precision)
         m, med = report["machine"], report["median"]
         table = Table(title=f"{model.name} on {report['provider']}, {m['cpu']}, {m['cores']} cores: "
                             f"{med['slices_used']:.0f} of {med['slices_total']:.0f} slices "

@@ -780,7 +780,7 @@ STAGES = ("headers_selection", "decode_preprocess_cpu", "decode_wait", "inferenc
 
 def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | None = None,
                 provider: str = "cpu", threads: int | None = None, runs: int = 3,
-                process: bool = True) -> dict:
+                process: bool = True, runtime: str = "auto", precision: str | None = None) -> dict:
     """Time one study end to end, ``runs`` times, split into stages.
 
     Stages overlap (decoding runs in threads during inference), so their busy
@@ -798,7 +798,7 @@ def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | N
     options = options or StudyOptions()
     options.check()
     started = time.perf_counter()
-    clf = Classifier(model, provider, threads)
+    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision)
     session_s = time.perf_counter() - started
     x = np.random.default_rng(0).uniform(0, 255, (options.batch_size, clf.size, clf.size, 3)).astype(np.float32)
     batch_ms = stats_ms(time_calls(lambda: clf.predict_arrays(x), 1, 5, None))
@@ -820,6 +820,7 @@ def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | N
         rows.append(row)
     median = {key: float(np.median([row[key] for row in rows])) for key in rows[0] if key != "probability"}
     report = {"machine": machine_info(threads), "model": str(model), "provider": clf.providers[0],
+              "runtime": clf.runtime, "precision": clf.precision,
               "input_size": clf.size, "study": str(folder), "options": asdict(options),
               "session_s": session_s, "batch_inference_ms": batch_ms, "per_slice_inference_s": per_slice_s,
               "runs": rows, "median": median}
@@ -830,7 +831,7 @@ def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | N
             command += ["--slice-step", str(options.slice_step)]
         if threads:
             command += ["--threads", str(threads)]
-        command += ["--provider", provider]
+        command += ["--provider", provider, "--runtime", clf.runtime, "--precision", clf.precision]
         walls = []
         for _ in range(runs):
             started = time.perf_counter()
