@@ -45,7 +45,7 @@ def write_dicom(path, hu: np.ndarray, slope: float = 1.0, intercept: float = -10
 
 def brightness_onnx(path: Path, size: int = 32, centre: float = 60.0, gain: float = 0.1,
                     classes=("CT_COVID", "CT_NonCOVID"), positive: str = "CT_COVID",
-                    threshold: float = 0.5, window=(-1000.0, 400.0)) -> Path:
+                    threshold: float = 0.5, window=(-1000.0, 400.0), contract: int | None = None) -> Path:
     """A TensorFlow-free stand-in for an exported ctedge model, with its metadata:
     P(positive) = sigmoid(gain * (mean pixel - centre)), so brighter images (denser
     lungs) score higher. Builds in milliseconds; for runtime, study and CLI tests."""
@@ -79,8 +79,8 @@ def brightness_onnx(path: Path, size: int = 32, centre: float = 60.0, gain: floa
         "ctedge.input": {"name": "image", "layout": "NHWC", "dtype": "float32", "size": size,
                          "channels": 3, "pixel_range": [0, 255]},
         "ctedge.output": {"name": "probability", "shape": ["batch", 1]},
-        "ctedge.preprocess": {"image_size": size, "window_low": window[0],
-                              "window_high": window[1], "centre": 0.25},
+        "ctedge.preprocess": {"image_size": size, "window_low": window[0], "window_high": window[1],
+                              "centre": 0.25, **({"contract": contract} if contract else {})},
     }
     for key, value in metadata.items():
         entry = model.metadata_props.add()

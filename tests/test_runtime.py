@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ctedge.cli import app
 from ctedge.errors import CtedgeError
-from helpers import write_dicom
+from helpers import brightness_onnx, write_dicom
 
 runner = CliRunner()
 
@@ -150,3 +150,21 @@ def test_bench_skips_unreadable_images_in_its_data(tmp_path, onnx_model, phantom
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["data"].endswith("1 images from " + str(folder) + ", 1 unreadable skipped")
     assert "auc" not in report["results"][0]  # a flat folder has no labels
+
+
+def test_each_model_gets_the_preprocessing_contract_it_was_exported_under(tmp_path):
+    """Contract 1 (no number in older exports) padded before resizing; 2 resizes first.
+    On a non-square image with sharp edges they differ, so each model gets its own."""
+    from ctedge.preprocess import to_model_input
+    from ctedge.runtime import Classifier
+
+    gray = np.zeros((37, 90), np.uint8)
+    gray[:, ::7] = 255  # sharp vertical lines: a sub-pixel shift shows
+    cv2.imwrite(str(tmp_path / "wide.png"), gray)
+    old = Classifier(brightness_onnx(tmp_path / "old.onnx", size=32))
+    new = Classifier(brightness_onnx(tmp_path / "new.onnx", size=32, contract=2))
+    assert (old.contract, new.contract) == (1, 2)
+    as_old, as_new = old.load(tmp_path / "wide.png"), new.load(tmp_path / "wide.png")
+    np.testing.assert_allclose(as_old, to_model_input(gray.astype(np.float32), 32, contract=1))
+    np.testing.assert_allclose(as_new, to_model_input(gray.astype(np.float32), 32, contract=2))
+    assert np.abs(as_old - as_new).max() > 20

@@ -16,12 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CtedgeError
-
-# Host preprocessing contract, stored as ctedge.preprocess.contract:
-# 1 (absent): pad to a square, then resize; 2: resize the longest side, then pad.
-# Both give the same square input up to sub-pixel rounding at the pad edge, so
-# the runtime serves 1 and 2 with the contract-2 code; a newer one is refused.
-PREPROCESS_CONTRACT = 2
+from .preprocess import PREPROCESS_CONTRACT  # 1 when absent; a newer one than this is refused
 
 
 def _invalid(path: Path, key: str, reason: str) -> CtedgeError:

@@ -60,7 +60,7 @@ class Classifier:
         checked = ModelMetadata.from_props(self.engine.raw_metadata, self.engine.path, self.engine.inputs)
         self.metadata, self.input_name, self.size = checked.raw, checked.input_name, checked.size
         self.window, self.classes, self.positive = checked.window, list(checked.classes), checked.positive
-        self.threshold = checked.threshold
+        self.threshold, self.contract = checked.threshold, checked.contract
 
     @property
     def runtime(self) -> str:
@@ -81,7 +81,7 @@ class Classifier:
 
     def load(self, path: str | Path) -> np.ndarray:
         """One file -> model input (size, size, 3) float32 0-255."""
-        return to_model_input(read_image(path, self.window).gray, self.size)
+        return to_model_input(read_image(path, self.window).gray, self.size, self.contract)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Batch of model inputs -> P(positive) per image."""

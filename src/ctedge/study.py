@@ -42,7 +42,7 @@ import numpy as np
 
 from .errors import CtedgeError
 from .imageio import hu_to_gray
-from .preprocess import to_model_input
+from .preprocess import PREPROCESS_CONTRACT, to_model_input
 
 # Series selection
 MIN_SLICES = 3  # fewer is a scout, a key image or a dose screen, not a chest CT
@@ -552,7 +552,8 @@ def hu_pixels(ref: SliceRef) -> np.ndarray:
     return pixels.astype(np.float32) * np.float32(ref.slope) + np.float32(ref.intercept)
 
 
-def decode_slice(ref: SliceRef, window: tuple[float, float], size: int, thumbnail: int = 0) -> SliceData:
+def decode_slice(ref: SliceRef, window: tuple[float, float], size: int, thumbnail: int = 0,
+                 contract: int = PREPROCESS_CONTRACT) -> SliceData:
     """Worker-thread job: decode, HU, lung criterion, model input (lung slices only)."""
     started = time.perf_counter()
     try:
@@ -562,7 +563,7 @@ def decode_slice(ref: SliceRef, window: tuple[float, float], size: int, thumbnai
     data = SliceData(lung_fraction=lung_fraction(hu))
     if data.lung_fraction >= LUNG_MIN_FRACTION:
         gray = hu_to_gray(hu, window)
-        data.image = to_model_input(gray, size)
+        data.image = to_model_input(gray, size, contract)
         if thumbnail:
             data.thumbnail = data.image[:, :, 0].astype(np.uint8)
             data.thumbnail = cv2.resize(data.thumbnail, (thumbnail, thumbnail), interpolation=cv2.INTER_AREA)
@@ -711,7 +712,8 @@ def _run_pipeline(clf, ordered: list[SliceRef], indices: list[int], options: Stu
                 i = next(todo, None)
                 if i is None:
                     return
-                pending.append((i, pool.submit(decode_slice, ordered[i], clf.window, clf.size, thumbnail)))
+                pending.append((i, pool.submit(decode_slice, ordered[i], clf.window, clf.size, thumbnail,
+                                               getattr(clf, "contract", PREPROCESS_CONTRACT))))
 
         fill()
         while pending:
