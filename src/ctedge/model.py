@@ -130,10 +130,11 @@ def run_model_path(weights: str | None) -> Path | None:
 def saved_backbone(weights: str | None) -> str | None:
     """The backbone (b3 | tiny) recorded in the run configuration of the trained
     model that ``weights`` names, or None."""
-    from .runconfig import run_config
+    from .runconfig import RunConfig
 
     run = run_model_path(weights)
-    return run_config(run).get("model", {}).get("backbone") if run is not None else None
+    config = RunConfig.load(run) if run is not None else None
+    return config.model.backbone if config else None
 
 
 def backbone_kind(backbone: keras.Model) -> str:
