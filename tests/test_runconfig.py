@@ -64,6 +64,7 @@ def test_old_unversioned_configs_are_read_as_version_0(tmp_path, trained_run, tu
     ({"name": "some other tool", "data": [1]}, "not a ctedge run configuration"),
     ({"schema_version": 1, "kind": "predict"}, "not a ctedge run configuration"),
     ({"schema_version": "1"}, "schema_version must be a whole number"),
+    ({"data": {}, "model": {}, "preprocess": {}, "train": {}, "classes": ["a"]}, "two class folder names"),
 ])
 def test_newer_or_foreign_configs_are_refused_naming_the_file(tmp_path, content, message):
     from ctedge.runconfig import RunConfig

@@ -14,10 +14,25 @@ from . import __version__
 from .data import DataOptions
 from .errors import CtedgeError
 from .files import atomic_write
-from .model import ModelConfig
 from .preprocess import PreprocessConfig
 
 SCHEMA_VERSION = 1  # 0: the unversioned files written before it (two shapes, train and tune)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone weights, head and which layers train."""
+
+    weights: str = "imagenet"  # imagenet | none | path to efficientnetb3_notop.h5 | trained ctedge model
+    backbone: str = "b3"  # b3 | tiny (tests and smoke runs only)
+    units: int = 256
+    dropout: float = 0.0
+    pool_size: int = 4
+    freeze_backbone: bool | None = None  # None: freeze pretrained weights, train random ones
+    fine_tune_blocks: int = 0  # unfreeze the top N blocks (1-7) of the backbone
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -58,7 +73,7 @@ class RunConfig:
     preprocess: PreprocessConfig
     train: TrainConfig | None = None
     tune: TuneResult | None = None
-    classes: list[str] = field(default_factory=list)
+    classes: list[str]  # [negative, positive] folder names
     positive: str | None = None
     splits: dict[str, dict] = field(default_factory=dict)  # per split: images, positive, negative, dropped...
     files: dict[str, dict[str, str]] = field(default_factory=dict)  # per split: path -> sha256
@@ -117,9 +132,12 @@ class RunConfig:
         elif raw.get("kind") not in ("train", "tune"):
             raise CtedgeError(foreign)
         try:
-            return _build(raw)
+            config = _build(raw)
         except (TypeError, ValueError, AttributeError) as exc:
             raise CtedgeError(f"{path}: a run configuration with unknown or missing settings ({exc})") from None
+        if not (isinstance(config.classes, list) and len(config.classes) == 2):
+            raise CtedgeError(f"{path}: classes must be the two class folder names, not {config.classes!r}")
+        return config
 
 
 def _from_version_0(raw: dict) -> dict:
