@@ -157,6 +157,7 @@ def test_efficientnetb3_itself_converts_with_parity(tmp_path, phantom_data):
     from ctedge.data import DataOptions, load_data
     from ctedge.model import ModelConfig, build_model
     from ctedge.preprocess import PreprocessConfig
+    from ctedge.runconfig import RunConfig
 
     preprocess = PreprocessConfig(image_size=32)
     model = build_model(ModelConfig(weights="none", units=8), preprocess)
@@ -167,7 +168,8 @@ def test_efficientnetb3_itself_converts_with_parity(tmp_path, phantom_data):
     logits = hidden @ kernel + bias
     head.set_weights([kernel / logits.std(), (bias - logits.mean()) / logits.std()])
     model.save(tmp_path / "model.keras")
-    (tmp_path / "config.json").write_text(json.dumps({"model": {"backbone": "b3"}}))
+    RunConfig(kind="train", data=DataOptions(root=str(phantom_data)), model=ModelConfig(weights="none", units=8),
+              preprocess=preprocess, classes=["CT_NonCOVID", "CT_COVID"]).save(tmp_path / "config.json")
     report = export_onnx(tmp_path / "model.keras", tmp_path / "b3.onnx", ExportOptions(
         check_data=str(phantom_data), check_count=16))
     check = report["variants"]["fp32"]["parity"]

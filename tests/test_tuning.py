@@ -22,17 +22,17 @@ def test_search_runs_the_papers_defaults_first_and_saves_the_best_model(tuned):
 
 
 def test_assembled_model_predicts_what_the_cached_head_did(tuned):
-    from ctedge.data import DataOptions, load_data
+    from ctedge.data import load_data
     from ctedge.metrics import roc_auc
     from ctedge.model import load_model
     from ctedge.preprocess import PreprocessConfig
-    from ctedge.runconfig import run_config
+    from ctedge.runconfig import RunConfig
 
     directory, summary = tuned
     model = load_model(directory / "p" / "best_model.keras")
     features = np.load(next((directory / "p").glob("features-*.npz")))
-    config = run_config(directory / "p" / "best_model.keras")
-    _, parts = load_data(DataOptions(**config["data"]), PreprocessConfig(image_size=48), parts=("val",))
+    config = RunConfig.load(directory / "p" / "best_model.keras")
+    _, parts = load_data(config.data, PreprocessConfig(image_size=48), parts=("val",))
     full = model.predict(parts["val"].x, verbose=0)[:, 0]
     assert np.ptp(full) > 1e-4, "a constant model would make this test vacuous"
     head_in = keras.Input(features["val_x"].shape[1:])

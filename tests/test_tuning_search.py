@@ -70,10 +70,10 @@ def test_naive_mode_trains_full_models_on_augmented_batches(tmp_path, phantom_da
 def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tmp_path, phantom_data):
     """With --weights none the cached features come from a random backbone; the
     saved best model must carry that same backbone, not a fresh random one."""
-    from ctedge.data import DataOptions, load_data
+    from ctedge.data import load_data
     from ctedge.model import backbone_of, load_model
     from ctedge.preprocess import PreprocessConfig
-    from ctedge.runconfig import run_config
+    from ctedge.runconfig import RunConfig
     from ctedge.tuning import backbone_features
 
     args = ["tune", str(phantom_data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
@@ -84,7 +84,7 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
     best = tmp_path / "r" / "best_model.keras"
     model = load_model(best)
     preprocess = PreprocessConfig(image_size=32)
-    _, parts = load_data(DataOptions(**run_config(best)["data"]), preprocess, parts=("val",))
+    _, parts = load_data(RunConfig.load(best).data, preprocess, parts=("val",))
     cached = np.load(next((tmp_path / "r").glob("features-*.npz")))["val_x"]
     rebuilt = backbone_features(backbone_of(model), preprocess, parts["val"].x)
     scale = np.abs(cached).max()  # a random backbone's features are tiny (~1e-6): compare relative to them

@@ -700,7 +700,7 @@ def explain(
     """
     from .explain import explain as run_explain
     from .imageio import expand_paths
-    from .runconfig import run_config
+    from .runconfig import RunConfig
 
     if model.suffix != ".keras":
         raise CtedgeError(f"{model}: explain needs the trained .keras model (an ONNX file has no gradients)")
@@ -710,7 +710,8 @@ def explain(
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
     check_outputs((out, "--out", True), (json_out, "--json"))
-    positive = run_config(model).get("positive") or "positive"
+    config = RunConfig.load(model)
+    positive = (config.positive if config else None) or "positive"
     report = run_explain(model, files, out, threshold, positive, alpha, sheet=sheet)
     rows = report["explanations"]
     failed = print_file_rows(f"Grad-CAM for P({positive}), threshold {threshold}", rows, "overlay")

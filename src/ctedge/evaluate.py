@@ -13,7 +13,7 @@ from .errors import CtedgeError
 from .files import atomic_write, csv_text
 from .metrics import bootstrap_ci, calibration, confusion, operating_points, output_spread, point_metrics
 from .plots import reliability, roc_curve
-from .runconfig import data_options_for, keras_preprocess_config, run_config
+from .runconfig import RunConfig, data_options_for, keras_preprocess_config
 
 
 def merge(parts: list[LoadedSplit]) -> LoadedSplit:
@@ -55,23 +55,23 @@ def plot_scores(y: np.ndarray, p: np.ndarray, auc: float, out: Path, shortcut: d
     return plots
 
 
-def is_external(stored: dict, root: str | Path) -> bool:
+def is_external(stored: RunConfig | None, root: str | Path) -> bool:
     """True when no file under ``root`` is one the run trained on (by content):
     another data set, whatever its folder is called. Unknown (no recorded
     training files): False."""
     from .data import discover
     from .files import file_digest
 
-    trained = set(stored.get("files", {}).get("train", {}).values())
+    trained = set(stored.files.get("train", {}).values()) if stored else set()
     if not trained:
         return False
     return not any(file_digest(s.path) in trained for s in discover(root).samples)
 
 
-def split_check(stored: dict, loaded: dict[str, LoadedSplit]) -> dict:
+def split_check(stored: RunConfig | None, loaded: dict[str, LoadedSplit]) -> dict:
     """Files of each rebuilt split against those recorded at training (by content):
     how many are missing and how many are new; empty when nothing was recorded."""
-    recorded = stored.get("files", {})
+    recorded = stored.files if stored else {}
     check = {}
     for name, part in loaded.items():
         if name in recorded:
@@ -80,13 +80,13 @@ def split_check(stored: dict, loaded: dict[str, LoadedSplit]) -> dict:
     return check
 
 
-def external_options(stored: dict, root: str | Path) -> DataOptions:
+def external_options(stored: RunConfig | None, root: str | Path) -> DataOptions:
     """Every image of another data set, cleaned as at training: no split lists,
     nothing held out (``test_fraction``/``val_fraction`` 0 put all in train)."""
-    positive = stored.get("positive")
+    positive = stored.positive if stored else None
     if positive and not (Path(root) / positive).is_dir():
         positive = None  # detected from the folder names
-    clean = stored.get("data", {}).get("clean", "drop")
+    clean = stored.data.clean if stored else "drop"
     return DataOptions(root=str(root), positive=positive, test_fraction=0.0, val_fraction=0.0, clean=clean)
 
 
@@ -105,14 +105,14 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
         raise CtedgeError(f"--threshold must be between 0 and 1, not {threshold}")
     model_path = Path(model_path)
     model = load_model(model_path)
-    stored = run_config(model_path)
+    stored = RunConfig.load(model_path)
     external = external or is_external(stored, data_root)
     preprocess = keras_preprocess_config(model)
     if external:
         options, split, parts = external_options(stored, data_root), "external", ("train",)
         options.positive = positive or options.positive
     else:
-        options = data_options_for(model_path, data_root, split_dir=split_dir, positive=positive)
+        options = data_options_for(stored, data_root, split_dir=split_dir, positive=positive)
         parts = SPLITS if split == "all" else (split,)
     _, loaded = load_data(options, preprocess, parts=parts)
     data = merge([loaded[p] for p in parts])

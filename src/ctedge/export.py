@@ -21,7 +21,7 @@ from .errors import CheckFailed, CtedgeError
 from .files import atomic_write, file_digest
 from .metadata import PREPROCESS_CONTRACT
 from .preprocess import PreprocessConfig
-from .runconfig import keras_preprocess_config, run_config
+from .runconfig import RunConfig, keras_preprocess_config
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
@@ -94,15 +94,15 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
 
 def build_metadata(model, model_path: Path, threshold: float, variant: str) -> dict:
     """Everything a host app needs to feed the model and read its output."""
-    config = run_config(model_path)
+    config = RunConfig.load(model_path)
     preprocess = keras_preprocess_config(model)
-    classes = config.get("classes", ["negative", "positive"])
+    classes = config.classes if config else ["negative", "positive"]
     return {
         "ctedge.version": __version__,
         "ctedge.variant": variant,
         "ctedge.classes": classes,
-        "ctedge.backbone": config.get("model", {}).get("backbone", "b3"),
-        "ctedge.positive_class": config.get("positive", classes[1]),
+        "ctedge.backbone": config.model.backbone if config else "b3",
+        "ctedge.positive_class": (config.positive if config else None) or classes[1],
         "ctedge.threshold": threshold,
         "ctedge.input": {"name": INPUT_NAME, "layout": "NHWC", "dtype": "float32",
                          "size": preprocess.image_size, "channels": 3, "pixel_range": [0, 255],
@@ -113,10 +113,9 @@ def build_metadata(model, model_path: Path, threshold: float, variant: str) -> d
         "ctedge.preprocess": {**{k: v for k, v in preprocess.to_dict().items() if k != "augment"},
                               "contract": PREPROCESS_CONTRACT},
         "ctedge.source_model": {"path": str(model_path), "sha256": file_digest(model_path)},
-        "ctedge.hyperparameters": config.get("hyperparameters") or {
-            **config.get("model", {}), "learning_rate": config.get("train", {}).get("learning_rate")},
+        "ctedge.hyperparameters": config.hyperparameters() if config else {},
         "ctedge.training_data": {name: {k: part.get(k) for k in ("images", "positive", "negative")}
-                                 for name, part in config.get("splits", {}).items()},
+                                 for name, part in (config.splits if config else {}).items()},
         "Image.BitmapPixelFormat": "Rgb8",
         "Image.ColorSpaceGamma": "SRGB",
         "Image.NominalPixelRange": "NominalRange_0_255",

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -20,6 +19,7 @@ from keras import layers, ops
 from .errors import CtedgeError
 from .files import file_digest
 from .preprocess import PreprocessConfig, model_pixels
+from .runconfig import ModelConfig, RunConfig
 
 WEIGHTS_FILE = "efficientnetb3_notop.h5"
 BACKBONES = ("b3", "tiny")
@@ -46,22 +46,6 @@ class CTPreprocess(layers.Layer):
     def get_config(self) -> dict:
         return {**super().get_config(), "window_low": self.config_.window_low,
                 "window_high": self.config_.window_high, "centre": self.config_.centre}
-
-
-@dataclass
-class ModelConfig:
-    """Backbone weights, head and which layers train."""
-
-    weights: str = "imagenet"  # imagenet | none | path to efficientnetb3_notop.h5 | trained ctedge model
-    backbone: str = "b3"  # b3 | tiny (tests and smoke runs only)
-    units: int = 256
-    dropout: float = 0.0
-    pool_size: int = 4
-    freeze_backbone: bool | None = None  # None: freeze pretrained weights, train random ones
-    fine_tune_blocks: int = 0  # unfreeze the top N blocks (1-7) of the backbone
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def is_pretrained(weights: str | None) -> bool:
@@ -130,10 +114,9 @@ def run_model_path(weights: str | None) -> Path | None:
 def saved_backbone(weights: str | None) -> str | None:
     """The backbone (b3 | tiny) recorded in the run configuration of the trained
     model that ``weights`` names, or None."""
-    from .runconfig import run_config
-
     run = run_model_path(weights)
-    return run_config(run).get("model", {}).get("backbone") if run is not None else None
+    config = RunConfig.load(run) if run is not None else None
+    return config.model.backbone if config else None
 
 
 def backbone_kind(backbone: keras.Model) -> str:

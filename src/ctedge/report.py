@@ -10,8 +10,10 @@ import base64
 import csv
 import html
 import json
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -21,6 +23,9 @@ from .errors import CtedgeError, UnreadableImage
 from .files import atomic_write, file_digest
 from .imageio import read_image
 from .metrics import constant_message
+
+if TYPE_CHECKING:
+    from .runconfig import RunConfig
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}
@@ -108,21 +113,18 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
     return "".join(f'<div class="verdict {kind}">{_e(text)}</div>' for kind, text in lines)
 
 
-def training_section(config: dict, run_dir: Path) -> str:
+def training_section(config: RunConfig, run_dir: Path) -> str:
     """Split counts and settings of a training run, or of a tuning project
     (then with its trial table from ``summary.json``)."""
-    splits = config.get("splits", {})
     rows = [[name, s["images"], s["positive"], s["negative"], len(s["dropped"]), len(s["unreadable"])]
-            for name, s in splits.items() if s["images"] or s["dropped"] or s["unreadable"]]
-    model, train, pre = config.get("model", {}), config.get("train", {}), config.get("preprocess", {})
-    result = config.get("result", {})
-    settings = [["data", config.get("data", {}).get("root")], ["classes", ", ".join(config.get("classes", []))],
-                ["positive class", config.get("positive")], ["backbone weights", model.get("weights")],
-                ["head width", model.get("units")], ["image size", pre.get("image_size")],
-                ["HU window", f"{pre.get('window_low')} to {pre.get('window_high')}"],
+            for name, s in config.splits.items() if s["images"] or s["dropped"] or s["unreadable"]]
+    pre, result = config.preprocess, config.result
+    settings = [["data", config.data.root], ["classes", ", ".join(config.classes)],
+                ["positive class", config.positive], ["backbone weights", config.model.weights],
+                ["head width", config.model.units], ["image size", pre.image_size],
+                ["HU window", f"{pre.window_low} to {pre.window_high}"],
                 ["epochs run", result.get("epochs_run")],
-                ["learning rate", train.get("learning_rate", model.get("learning_rate"))],
-                ["batch size", train.get("batch_size")],
+                ["learning rate", config.learning_rate], ["batch size", config.batch_size],
                 ["training time", f"{result['seconds']:.0f} s" if "seconds" in result else None]]
     out = ["<h2>Data and training</h2>",
            _table(["split", "images", "positive", "negative", "dropped (annotated)", "unreadable"], rows),
@@ -308,26 +310,25 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     patient-level, of the exported ``onnx`` model (default RUN_DIR/model.onnx),
     in ``eval-studies/``; the audit covers the run's own (slice) training data;
     no Grad-CAM (it needs slice images and the .keras model)."""
-    from .data import DataOptions
     from .evaluate import evaluate, evaluate_studies
-    from .runconfig import run_config
+    from .runconfig import RunConfig
 
     run_dir = Path(run_dir)
     model = next((run_dir / name for name in ("model.keras", "best_model.keras") if (run_dir / name).is_file()),
                  run_dir / "model.keras")
-    config = run_config(model)
-    if not config or not model.is_file():
+    config = RunConfig.load(model)
+    if config is None or not model.is_file():
         raise CtedgeError(f"{run_dir}: not a training run folder or tuning project (no config.json and "
                           "model.keras or best_model.keras; `ctedge train` and `ctedge tune` write them)")
     if explain_count < 0:
         raise CtedgeError(f"--explain must be 0 or more, not {explain_count}")
     if study and data is None:
         raise CtedgeError("--study needs --data: a folder of class folders holding one study per patient")
-    root = Path(data or config["data"]["root"])
+    root = Path(data or config.data.root)
     if not root.is_dir():
         hint = "" if data else " (the run was trained on it; pass --data)"
         raise CtedgeError(f"data folder not found: {root}{hint}")
-    settings = {k: v for k, v in config["data"].items() if k != "root"}
+    settings = {k: v for k, v in asdict(config.data).items() if k != "root"}
     if study:
         onnx = Path(onnx or run_dir / "model.onnx")
         if not onnx.is_file():
@@ -339,7 +340,7 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
             onnx, root, out_dir=eval_dir, resamples=resamples),
             {"model_sha256": file_digest(onnx), "data": str(root), "resamples": resamples}, fresh)
         evaluation["out_dir"], explain_count = str(eval_dir), 0
-        root = Path(config["data"]["root"])  # the audit is of the training data
+        root = Path(config.data.root)  # the audit is of the training data
         run_audit = run_audit and root.is_dir()
     else:
         eval_dir = run_dir / f"eval-{split}"
@@ -355,12 +356,10 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     if run_audit:
         from .audit import audit as audit_data
 
-        stored = config["data"]
-        options = DataOptions(**{**stored, "root": str(root)})
-        audit = _cached(run_dir / "audit.json",
-                        lambda: audit_data(options, config["preprocess"]["image_size"]),
+        options = replace(config.data, root=str(root))
+        audit = _cached(run_dir / "audit.json", lambda: audit_data(options, config.preprocess.image_size),
                         {"data": str(root), "split_settings": settings,
-                         "image_size": config["preprocess"]["image_size"]}, fresh)
+                         "image_size": config.preprocess.image_size}, fresh)
     explained: list[dict] = []
     labels: dict[str, int] = {}
     if explain_count:
@@ -369,12 +368,12 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         picked = pick_for_explaining(eval_dir / "predictions.csv", explain_count, evaluation["threshold"])
         labels = dict(picked)
         result = explain(model, [Path(p) for p, _ in picked], run_dir / "report-explained",
-                         evaluation["threshold"], config.get("positive") or "positive", sheet=False)
+                         evaluation["threshold"], config.positive or "positive", sheet=False)
         explained = [e.to_dict() | {"threshold": evaluation["threshold"]} for e in result["explanations"]]
     sections = [verdict(evaluation, audit), training_section(config, run_dir),
                 audit_section(audit) if audit else "", evaluation_section(evaluation),
                 studies_section(evaluation) if study else "",
-                explain_section(explained, labels, config.get("positive") or "positive") if explained else ""]
+                explain_section(explained, labels, config.positive or "positive") if explained else ""]
     target = write_page(out or run_dir / "report.html", f"ctedge report: {run_dir.name}", sections,
                         f"model {model}")
     return {"report": str(target), "evaluation": evaluation, "audit": audit, "explained": explained}

@@ -11,14 +11,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from . import __version__
 from .data import DataOptions, LoadedSplit, load_data
 from .errors import CtedgeError
 from .files import atomic_write, remove_stale_temps, temp_name
@@ -26,22 +25,10 @@ from .model import ModelConfig, build_model
 from .plots import training_curves
 from .preprocess import AugmentConfig, PreprocessConfig, augment
 from .progress import console
+from .runconfig import RunConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 RESUME_DIR = "resume"  # in the run folder while training: what --resume continues from
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (paper: Adam 5e-5, batch 16, 100 epochs)."""
-
-    epochs: int = 100
-    batch_size: int = 16
-    learning_rate: float = 5e-5
-    early_stopping: bool = True
-    patience: int = 10
-    checkpoint_best: bool = True
-    seed: int = 42
 
 
 class AugmentedBatches(keras.utils.PyDataset):
@@ -321,25 +308,18 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
     save_model(model, run_dir / "model.keras")
     training_curves(history, run_dir / "training_curves.png")
     monitor = "val_auc" if has_val else "auc"
-    summary = {
-        "ctedge_version": __version__,
-        "created": datetime.now().isoformat(timespec="seconds"),
-        "data": asdict(data),
-        "train": asdict(train_config),
-        "model": model_config.to_dict(),
-        "preprocess": preprocess_config.to_dict(),
-        "classes": dataset.class_names,
-        "positive": dataset.positive,
-        "splits": {name: part.summary() for name, part in parts.items()},
-        "files": {name: dict(zip(map(str, part.paths), part.hashes)) for name, part in parts.items()},
-        "result": {
+    config = RunConfig(
+        kind="train", data=data, train=train_config, model=model_config, preprocess=preprocess_config,
+        classes=dataset.class_names, positive=dataset.positive,
+        splits={name: part.summary() for name, part in parts.items()},
+        files={name: dict(zip(map(str, part.paths), part.hashes)) for name, part in parts.items()},
+        result={
             "epochs_run": len(history.get("loss", [])),
             "best_" + monitor: float(max(history.get(monitor, [float("nan")]))),
             "seconds": seconds,
             "images_per_s": float(np.median(history["images_per_s"])),
-        },
-    }
-    atomic_write(json.dumps(summary, indent=2).encode(), run_dir / "config.json")
+        })
+    config.save(run_dir / "config.json")
     shutil.rmtree(run_dir / RESUME_DIR, ignore_errors=True)  # finished: nothing left to resume
-    return summary
+    return config.to_dict()
 

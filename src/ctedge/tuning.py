@@ -35,6 +35,7 @@ from .metrics import roc_auc
 from .model import ModelConfig, add_head, build_backbone, build_model, is_pretrained, run_model_path
 from .preprocess import PreprocessConfig, augment
 from .progress import console
+from .runconfig import RunConfig, TuneResult
 from .train import AugmentedBatches, compile_model, save_model
 
 log = logging.getLogger(__name__)
@@ -456,11 +457,15 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
         "search_seconds": time.perf_counter() - started, "options": asdict(options),
         "search_space": asdict(space),
     }
-    run_config = {"data": asdict(data), "model": {**model_config.to_dict(), **best_hp},
-                  "preprocess": preprocess.to_dict(), "classes": dataset.class_names,
-                  "positive": dataset.positive, "hyperparameters": best_hp,
-                  "splits": {name: part.summary() for name, part in parts.items()}}
-    atomic_write(json.dumps(run_config, indent=2).encode(), project_dir / "config.json")
+    head = {k: best_hp[k] for k in ("units", "dropout") if k in best_hp}
+    RunConfig(kind="tune", data=data, model=ModelConfig(**{**model_config.to_dict(), **head}),
+              preprocess=preprocess, classes=dataset.class_names, positive=dataset.positive,
+              tune=TuneResult(hyperparameters=best_hp, best_score=summary["best_score"], mode=summary["mode"],
+                              algorithm=options.algorithm, objective=options.objective,
+                              epochs=options.epochs, batch_size=options.batch_size),
+              splits={name: part.summary() for name, part in parts.items()},
+              files={name: dict(zip(map(str, part.paths), part.hashes)) for name, part in parts.items()},
+              ).save(project_dir / "config.json")
     atomic_write(json.dumps(summary, indent=2, default=str).encode(), project_dir / "summary.json")
     return summary
 
