@@ -345,3 +345,16 @@ def test_evaluate_study_refuses_a_keras_model_and_an_image_folder(tmp_path, mode
     assert result.exit_code == 2 and "studies (folders, .zip or NIfTI)" in result.output, result.output
     result = runner.invoke(app, ["evaluate", str(model), str(phantom_data)])
     assert result.exit_code == 2 and "--study" in result.output
+
+
+def test_study_slices_keep_to_the_pixel_budget(tmp_path, model):
+    """Slices above --max-pixels are refused from their header, like single images."""
+    write_study(tmp_path / "s", np.random.default_rng(11), True, slices=8)
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, ["--max-pixels", "1000", "predict", str(model), str(tmp_path / "s"), "--study",
+                                 "--json", str(out)])
+    assert result.exit_code == 1, result.output
+    (study,) = json.loads(out.read_text())["studies"]
+    assert study["probability"] is None and "above the 0.001 MP limit" in study["error"]
+    result = runner.invoke(app, ["predict", str(model), str(tmp_path / "s"), "--study", "--json", str(out)])
+    assert result.exit_code == 0 and json.loads(out.read_text())["studies"][0]["probability"] is not None

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CtedgeError
+from .files import atomic_write
 
 DEFAULT_BUDGET_MS = 2000.0  # the seed paper's "within a few seconds", end to end
 BENCH_RUNTIMES = ("auto", "onnxruntime", "openvino", "all")
@@ -57,10 +58,6 @@ class Variant:
     runtime: str
     precision: str
     provider: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.runtime} {self.precision} {self.provider}"
 
 
 def machine_info(threads: int | None) -> dict:
@@ -401,7 +398,7 @@ def save_choice(model: Path, best: dict, reference: dict) -> Path | None:
               "vs_fp32": best.get("vs_fp32")}
     path = choice_path(model)
     try:
-        path.write_text(json.dumps(choice, indent=2))
+        atomic_write(json.dumps(choice, indent=2).encode(), path)
     except OSError as exc:
         logging.getLogger(__name__).warning("could not write %s (%s); runtime auto stays onnxruntime", path, exc)
         return None
@@ -419,6 +416,9 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
 
 def bench_keras(path: Path, options: BenchOptions) -> dict:
     """TensorFlow baseline: ``tf.function`` (not ``model.predict``) per batch."""
+    from .quiet import import_tensorflow
+
+    import_tensorflow()  # quiet, and on the edge install a message naming ctedge[train]
     import tensorflow as tf
 
     from .model import load_model

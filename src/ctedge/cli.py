@@ -343,7 +343,7 @@ def evaluate(
     against the class folder; `--split` does not apply (every study is scored):
     `ctedge evaluate exports/b3.onnx held-out-studies/ --study`
     """
-    default_out = model.parent / (f"eval-studies-{model.stem}" if study else f"eval-{split}")
+    default_out = model.parent / ("eval-studies" if study else f"eval-{split}")
     check_outputs((out or default_out, "--out", True), (json_out, "--json"), (html_out, "--html"))
     if study:
         report = evaluate_studies_command(model, data, threshold, out, resamples, positive,

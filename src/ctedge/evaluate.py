@@ -174,7 +174,7 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
         raise CtedgeError(f"--threshold must be between 0 and 1, not {threshold}")
     options = options or StudyOptions()
     options.check()
-    out = Path(out_dir or model_path.parent / f"eval-studies-{model_path.stem}")
+    out = Path(out_dir or model_path.parent / "eval-studies")  # where `report --study` looks
     check_writable(out, "--out", folder=True)
     clf = Classifier(model_path, provider, threads)
     if positive is None and (Path(data_root) / clf.positive).is_dir():
@@ -201,7 +201,7 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
               "unit": "study", "classes": dataset.class_names, "threshold": clf.threshold,
               "studies": len(scored), "positive": int(y.sum()), "patients": len(set(patients)),
               **score(y, p, clf.threshold, patients, resamples, seed),
-              "shortcut_baseline": {}, "output_spread": float(np.ptp(p)),
+              "shortcut_baseline": {}, "output_spread": output_spread(p),
               "failed": failed, "warnings": warnings,
               "options": {k: v for k, v in asdict(options).items() if k != "keep_thumbnails"}}
     report.update(plot_scores(y, p, report["metrics"]["auc"]["value"], out))

@@ -319,9 +319,10 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
     if options.fp16:
         cards["fp16"] = _finish_variant(to_fp16(proto), output.with_name(output.stem + "_fp16.onnx"),
                                         "fp16", options.fp16_tolerance, metadata, check, options)
-    if options.int8:
+    if options.int8 or options.openvino:
         calibration, _, calibration_source = sample_images(
             options.calibration_data, preprocess, options.calibration_count, seed=1)
+    if options.int8:
         with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
             quantized = Path(tmp) / "int8.onnx"
             to_int8(output, quantized, calibration, options)
@@ -331,8 +332,6 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
                                             {**metadata, "ctedge.int8_calibration": calibration_source},
                                             check, options)
     if options.openvino:
-        calibration, _, calibration_source = sample_images(
-            options.calibration_data, preprocess, options.calibration_count, seed=1)
         cards.update(export_openvino(output, metadata, check, options, calibration, calibration_source))
     return {"model": str(model_path), "output": str(output), "options": asdict(options),
             "output_spread": spread, "variants": cards}

@@ -20,6 +20,11 @@ DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: far above any CT slice (512x512 to 409
 _limit = {"max_pixels": DEFAULT_MAX_PIXELS}
 
 
+def max_pixels() -> int:
+    """The pixel budget in force (``ctedge --max-pixels``)."""
+    return _limit["max_pixels"]
+
+
 def set_max_pixels(max_pixels: int) -> None:
     """The default pixel budget of ``read_image`` in this process (`ctedge --max-pixels`)."""
     _limit["max_pixels"] = max_pixels

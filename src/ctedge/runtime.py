@@ -60,7 +60,7 @@ class Classifier:
         checked = ModelMetadata.from_props(self.engine.raw_metadata, self.engine.path, self.engine.inputs)
         self.metadata, self.input_name, self.size = checked.raw, checked.input_name, checked.size
         self.window, self.classes, self.positive = checked.window, list(checked.classes), checked.positive
-        self.threshold, self.contract = checked.threshold, checked.contract
+        self.threshold, self.contract, self.negative = checked.threshold, checked.contract, checked.negative
 
     @property
     def runtime(self) -> str:
@@ -88,8 +88,7 @@ class Classifier:
         return self.engine.run(np.ascontiguousarray(images, np.float32))
 
     def label(self, probability: float) -> str:
-        negative = next(c for c in self.classes if c != self.positive)
-        return self.positive if probability >= self.threshold else negative
+        return self.positive if probability >= self.threshold else self.negative
 
     def predict_files(self, paths: list[str | Path], batch_size: int = 8) -> list[Prediction]:
         """Predict files in batches; a file that can't be read gets an error row."""

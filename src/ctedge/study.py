@@ -40,8 +40,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import CtedgeError
-from .imageio import hu_to_gray
+from .errors import CtedgeError, UnreadableImage
+from .imageio import check_pixels, hu_to_gray, max_pixels
 from .preprocess import PREPROCESS_CONTRACT, to_model_input
 
 # Series selection
@@ -542,6 +542,10 @@ def hu_pixels(ref: SliceRef) -> np.ndarray:
         return ref.source.slice(ref.index)
     import pydicom
 
+    try:  # the header's size against the pixel budget, before any pixel is read
+        check_pixels(Path(ref.name), ref.cols, ref.rows * ref.frames, max_pixels())
+    except UnreadableImage as exc:
+        raise ValueError(exc.reason) from None
     try:
         ds = pydicom.dcmread(ref.open())
         pixels = ds.pixel_array
