@@ -205,12 +205,9 @@ def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
     if options.runtime != "all":
         providers = [options.provider]
         if options.provider == "all":
-            import onnxruntime as ort
+            from .engines import PROVIDERS, usable_providers
 
-            from .engines import PROVIDERS
-
-            available = ort.get_available_providers()
-            providers = [name for name, ep in PROVIDERS.items() if ep in available]
+            providers = [name for name, ep in PROVIDERS.items() if ep in usable_providers()]
         chosen = []
         for provider in providers:
             config = resolve(model, EngineConfig(options.runtime, options.precision, provider))
@@ -219,11 +216,9 @@ def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
         return chosen
     found: list[Variant] = []
     if installed("onnxruntime") and model.suffix == ".onnx":
-        import onnxruntime as ort
+        from .engines import PROVIDERS, usable_providers
 
-        from .engines import PROVIDERS
-
-        available = ort.get_available_providers()
+        available = usable_providers()
         wanted = [options.provider] if options.provider in PROVIDERS else list(PROVIDERS)
         for provider in [p for p in wanted if PROVIDERS[p] in available]:
             found.append(Variant("onnxruntime", "fp32", provider))

@@ -8,10 +8,13 @@ ctedge metadata; decoding, resizing and thresholding stay in ``runtime``.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes.util
 import importlib.util
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,8 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+CPU = "CPUExecutionProvider"
+PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 INSTALL = {"onnxruntime": 'pip install "ctedge[cpu]" (or "ctedge[cuda]" on NVIDIA GPUs)',
            "openvino": 'pip install "ctedge[openvino]"'}
@@ -167,22 +171,61 @@ def variant_file(path: Path, precision: str, suffixes: dict[str, str]) -> Path:
 
 # --- onnxruntime ---------------------------------------------------------------
 
-def resolve_providers(provider: str) -> list[str]:
-    """ORT provider list for auto|cpu|cuda|tensorrt, falling back with a message."""
+def tensorrt_loadable() -> bool:
+    """onnxruntime-gpu lists TensorRT as available whether or not libnvinfer is installed."""
+    return ctypes.util.find_library("nvinfer") is not None or any(
+        _loads(f"libnvinfer.so.{major}") for major in (10, 11))
+
+
+def _loads(library: str) -> bool:
+    try:
+        ctypes.CDLL(library)
+        return True
+    except OSError:
+        return False
+
+
+def usable_providers() -> list[str]:
+    """onnxruntime's available providers, less TensorRT when its libraries are missing."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    if PROVIDERS["tensorrt"] in available and not tensorrt_loadable():
+        return [p for p in available if p != PROVIDERS["tensorrt"]]
+    return available
+
+
+def resolve_providers(provider: str) -> list[str]:
+    """ORT provider list for auto|cpu|cuda|tensorrt, falling back with a message."""
+    available = usable_providers()
+    if provider == "tensorrt" and PROVIDERS["tensorrt"] not in available and PROVIDERS["cuda"] in available:
+        log.warning("TensorRT's libraries (libnvinfer) are not installed; using CUDA. "
+                    "Install TensorRT (e.g. pip install tensorrt) for --provider tensorrt.")
     if provider == "auto":
         return [p for p in PROVIDERS.values() if p in available][::-1]
     if provider not in PROVIDERS:
         raise CtedgeError(f"--provider must be auto, cpu, cuda or tensorrt, not {provider!r}")
     wanted = PROVIDERS[provider]
-    if wanted not in available:
+    chain = [wanted, PROVIDERS["cuda"], CPU]
+    chain = [p for p in dict.fromkeys(chain) if p in available]
+    if wanted not in available and chain[0] == CPU:
         log.warning("%s is not available in this onnxruntime (%s); using the CPU. "
                     "For NVIDIA GPUs install ctedge[cuda].", wanted, ", ".join(available))
-        return ["CPUExecutionProvider"]
-    chain = [wanted, "CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in dict.fromkeys(chain) if p in available]
+    return chain
+
+
+def ort_session(ort, path: Path, options, providers: list[str]):
+    """An InferenceSession on a provider chain. For a GPU, CUDA/cuDNN from the nvidia-*
+    pip packages are preloaded (onnxruntime-gpu does not find them otherwise), and
+    onnxruntime's own fallback notices go to stderr, not into a --json stdout."""
+    with contextlib.redirect_stdout(sys.stderr):
+        if providers[0] != CPU and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    if providers[0] not in session.get_providers():
+        log.warning("%s could not start (see onnxruntime's message above); running on %s",
+                    providers[0], ", ".join(session.get_providers()))
+    return session
 
 
 def session_options(threads: int | None = None):
@@ -212,8 +255,8 @@ class OrtEngine:
             if config.precision != "fp32" else path
         self.precision = config.precision
         try:
-            self.session = ort.InferenceSession(str(self.path), session_options(config.threads),
-                                                providers=resolve_providers(config.provider))
+            providers = resolve_providers(config.provider)
+            self.session = ort_session(ort, self.path, session_options(config.threads), providers)
         except CtedgeError:
             raise
         except Exception as exc:  # ORT raises its own types for a non-ONNX file
