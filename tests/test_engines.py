@@ -180,3 +180,39 @@ def test_openvino_cache_is_reused_but_never_stale(tmp_path, cache):
     x = np.full((1, 32, 32, 3), 120, np.float32)
     assert clf.threshold == 0.7 and clf.predict_arrays(x)[0] < 0.5  # the new gain, not the cached blob
     assert len(list(engines.Path(cache).glob("*/ctedge-metadata.json"))) == 1  # the old version's folder went
+
+
+GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture
+def gpu_build_without_tensorrt(monkeypatch):
+    """onnxruntime-gpu's provider list on a machine without TensorRT's libraries."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(GPU_BUILD))
+    monkeypatch.setattr(engines, "tensorrt_loadable", lambda: False)
+
+
+def test_tensorrt_without_its_libraries_runs_on_cuda_and_says_so(gpu_build_without_tensorrt, caplog):
+    assert engines.resolve_providers("tensorrt") == GPU_BUILD[1:]
+    assert "libnvinfer" in caplog.text
+    assert engines.resolve_providers("auto") == GPU_BUILD[1:]
+
+
+def test_a_provider_that_does_not_start_is_reported_and_stdout_stays_clean(monkeypatch, capsys, caplog):
+    """onnxruntime prints its fallback to stdout; `predict --json -` must not get it."""
+    import onnxruntime as ort
+
+    class FallingBack:
+        def __init__(self, *args, **kwargs):
+            print("*************** EP Error ***************")
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "InferenceSession", FallingBack)
+    engines.ort_session(ort, "m.onnx", None, GPU_BUILD[1:])
+    out = capsys.readouterr()
+    assert out.out == "" and "EP Error" in out.err
+    assert "CUDAExecutionProvider could not start" in caplog.text
