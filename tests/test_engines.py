@@ -78,9 +78,9 @@ def test_wrong_precision_for_the_engine_is_refused(model):
         Classifier(model, runtime="onnxruntime", precision="int8")
     with pytest.raises(CtedgeError, match="bright_ov_int8.xml not found.*--openvino"):
         Classifier(model, runtime="openvino", precision="int8")
-    with pytest.raises(CtedgeError, match="--precision must be fp32, bf16, fp16, int8, not 'fp64'"):
+    with pytest.raises(CtedgeError, match="^precision must be fp32, bf16, fp16, int8, not 'fp64'"):
         Classifier(model, precision="fp64")
-    with pytest.raises(CtedgeError, match="--runtime must be auto, onnxruntime, openvino, not 'tvm'"):
+    with pytest.raises(CtedgeError, match="^runtime must be auto, onnxruntime, openvino, not 'tvm'"):
         Classifier(model, runtime="tvm")
 
 

@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
     train(DataOptions(root=str(data)),
           TrainConfig(epochs=epochs, learning_rate=1e-3, patience=epochs),
           ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
-          PreprocessConfig(image_size=64, augment=AugmentConfig(0.0, 0.0, False, 0.0)),
+          PreprocessConfig(image_size=64, augment=AugmentConfig(rotation_deg=0.0, shift=0.0, horizontal_flip=False, zoom=0.0)),
           run_dir)
     report = evaluate(run_dir / "model.keras", data, split="test", resamples=500)
     verdict, above = against_chance(report, report["images"], "test")
@@ -116,7 +116,7 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: in
     train(DataOptions(root=str(slice_root), test_fraction=0.0, val_fraction=0.25, group_regex=r"^(P\d+)_"),
           TrainConfig(epochs=epochs, learning_rate=1e-3, patience=epochs),
           ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
-          PreprocessConfig(image_size=size, augment=AugmentConfig(0.0, 0.0, False, 0.0)), run_dir)
+          PreprocessConfig(image_size=size, augment=AugmentConfig(rotation_deg=0.0, shift=0.0, horizontal_flip=False, zoom=0.0)), run_dir)
     seconds["train"] = time.perf_counter() - started - sum(seconds.values())
     onnx = run_dir / "model.onnx"
     export_onnx(run_dir / "model.keras", onnx, ExportOptions(check_data=str(slice_root), check_count=16))

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import Precision, Runtime
 from .errors import CtedgeError
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+RUNTIMES = Runtime.values()
+PRECISIONS = Precision.values()
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 INSTALL = {"onnxruntime": 'pip install "ctedge[cpu]" (or "ctedge[cuda]" on NVIDIA GPUs)',
@@ -33,7 +34,7 @@ OV_CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
 CHOICE_SUFFIX = ".runtime.json"  # written beside a model by `ctedge bench --runtime all`
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EngineConfig:
     """How to run a model: engine, numeric precision, device and threads."""
 
@@ -45,11 +46,11 @@ class EngineConfig:
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
-            raise CtedgeError(f"--runtime must be {', '.join(RUNTIMES)}, not {self.runtime!r}")
+            raise CtedgeError(f"must be {', '.join(RUNTIMES)}, not {self.runtime!r}", param="runtime")
         if self.precision is not None and self.precision not in PRECISIONS:
-            raise CtedgeError(f"--precision must be {', '.join(PRECISIONS)}, not {self.precision!r}")
+            raise CtedgeError(f"must be {', '.join(PRECISIONS)}, not {self.precision!r}", param="precision")
         if self.threads is not None and self.threads < 1:
-            raise CtedgeError(f"--threads must be at least 1, not {self.threads}")
+            raise CtedgeError(f"must be at least 1, not {self.threads}", param="threads")
 
 
 def installed(runtime: str) -> bool:
@@ -150,7 +151,8 @@ def resolve(model: Path, config: EngineConfig) -> EngineConfig:
         else:
             raise CtedgeError(no_engine_message())
     require(runtime)
-    return EngineConfig(runtime, precision or "fp32", provider, config.threads, config.cache_dir)
+    return EngineConfig(runtime=runtime, precision=precision or "fp32", provider=provider, threads=config.threads,
+                        cache_dir=config.cache_dir)
 
 
 def variant_file(path: Path, precision: str, suffixes: dict[str, str]) -> Path:
@@ -175,7 +177,7 @@ def resolve_providers(provider: str) -> list[str]:
     if provider == "auto":
         return [p for p in PROVIDERS.values() if p in available][::-1]
     if provider not in PROVIDERS:
-        raise CtedgeError(f"--provider must be auto, cpu, cuda or tensorrt, not {provider!r}")
+        raise CtedgeError(f"for onnxruntime must be auto, cpu, cuda or tensorrt, not {provider!r}", param="provider")
     wanted = PROVIDERS[provider]
     if wanted not in available:
         log.warning("%s is not available in this onnxruntime (%s); using the CPU. "
@@ -255,7 +257,7 @@ class OpenVinoEngine:
 
         device = {"auto": "CPU", "cpu": "CPU", "gpu": "GPU", "npu": "NPU"}.get(config.provider.lower())
         if device is None:
-            raise CtedgeError(f"--provider for openvino must be auto, cpu, gpu or npu, not {config.provider!r}")
+            raise CtedgeError(f"for openvino must be auto, cpu, gpu or npu, not {config.provider!r}", param="provider")
         if path.suffix not in (".onnx", ".xml"):
             raise CtedgeError(f"{path}: OpenVINO runs .onnx files and IR (.xml) files")
         self.path, self.precision = path, config.precision

@@ -29,7 +29,7 @@ TRAINING_OPS = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNor
                 "Multinomial", "Bernoulli", "Dropout"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExportOptions:
     opset: int = 17
     fp16: bool = False
@@ -51,6 +51,9 @@ class ExportOptions:
     bf16_tolerance: float = 0.05  # OpenVINO BF16 inference precision of the fp32 IR
     ov_int8_ignored_types: list[str] = field(default_factory=list)  # NNCF ignored scope (op types)
     allow_constant: bool = False  # export a model whose outputs on the check images are constant
+
+
+FLAGGED_MESSAGE = "a variant is beyond its tolerance: see its model card before shipping it"
 
 
 # --- conversion and graph checks ---------------------------------------------

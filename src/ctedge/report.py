@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from . import __version__
+from .audit import shortcut_is_loud
 from .errors import CtedgeError, UnreadableImage
 from .files import atomic_write, file_digest
 from .imageio import read_image
@@ -107,7 +108,7 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
                                   f"(AUC {base:.3f})."))
     elif audit:
         for split, b in audit["shortcut_baseline"].items():
-            if isinstance(b, dict) and b.get("auc", 0) >= 0.7:
+            if isinstance(b, dict) and shortcut_is_loud(b):
                 lines.append(("warn", f"File metadata alone reaches AUC {b['auc']:.3f} on {split}: read any "
                                       "image model's figures against this shortcut."))
     return "".join(f'<div class="verdict {kind}">{_e(text)}</div>' for kind, text in lines)
@@ -321,7 +322,7 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         raise CtedgeError(f"{run_dir}: not a training run folder or tuning project (no config.json and "
                           "model.keras or best_model.keras; `ctedge train` and `ctedge tune` write them)")
     if explain_count < 0:
-        raise CtedgeError(f"--explain must be 0 or more, not {explain_count}")
+        raise CtedgeError(f"must be 0 or more, not {explain_count}", param="explain_count")
     if study and data is None:
         raise CtedgeError("--study needs --data: a folder of class folders holding one study per patient")
     root = Path(data or config.data.root)
