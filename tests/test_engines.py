@@ -99,7 +99,7 @@ def test_auto_uses_the_saved_bench_choice_only_for_this_machine(tmp_path, cache)
 def test_a_missing_engine_names_the_extra(model, monkeypatch):
     real = engines.installed
     monkeypatch.setattr(engines, "installed", lambda name: name != "openvino" and real(name))
-    with pytest.raises(CtedgeError, match=r'--runtime openvino needs openvino: pip install "ctedge\[openvino\]"'):
+    with pytest.raises(CtedgeError, match=r'^runtime openvino needs openvino: pip install "ctedge\[openvino\]"'):
         Classifier(model, runtime="openvino")
     monkeypatch.setattr(engines, "installed", lambda name: False)
     result = runner.invoke(app, ["predict", str(model), str(model)])

@@ -25,6 +25,7 @@ import numpy as np
 from .choices import BenchRuntime
 from .errors import CtedgeError
 from .files import atomic_write
+from .metrics import DEFAULT_RESAMPLES
 
 DEFAULT_BUDGET_MS = 2000.0  # the seed paper's "within a few seconds", end to end
 BENCH_RUNTIMES = BenchRuntime.values()
@@ -49,7 +50,7 @@ class BenchOptions:
     accuracy_images: int | None = None  # None: every labelled image given
     auc_tolerance: float = 0.005  # |AUC change| vs fp32 for "within tolerance"
     probability_tolerance: float = 0.05  # max |Δp| vs fp32 when there are no labels
-    resamples: int = 1000
+    resamples: int = DEFAULT_RESAMPLES
     cache_dir: str | None = None  # OpenVINO compiled-model cache
     save_choice: bool = True  # --runtime all: write MODEL.runtime.json for runtime="auto"
     all_providers: bool = False  # every onnxruntime provider this machine has, instead of ``provider``
@@ -180,8 +181,8 @@ def accuracy_files(options: BenchOptions) -> tuple[list[Path], np.ndarray, str] 
     if options.split_dir:
         parts = split_from_lists(dataset, options.split_dir)
         if options.split not in parts or not parts[options.split]:
-            raise CtedgeError(f"--split {options.split!r}: no images of {options.data} in that split "
-                              f"of {options.split_dir}")
+            raise CtedgeError(f"{options.split!r}: no images of {options.data} in that split "
+                              f"of {options.split_dir}", param="split")
         samples, where = parts[options.split], f"the {options.split} split of {options.data}"
     total = len(samples)
     if options.accuracy_images and options.accuracy_images < total:

@@ -39,6 +39,7 @@ from .choices import (
 from .data import DataOptions
 from .errors import CtedgeError, ExitCode
 from .imageio import DEFAULT_MAX_PIXELS
+from .metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD
 from .preprocess import AugmentConfig, PreprocessConfig
 from .progress import console
 from .runconfig import ModelConfig, TrainConfig
@@ -410,10 +411,11 @@ def evaluate(
     data: DataArg,
     split: Annotated[EvalSplit, typer.Option(help="Part of the data to score.")] = EvalSplit.val,
     threshold: Annotated[Optional[float], typer.Option(
-        help="Decision threshold on P(positive) (default 0.5; with --study the model's metadata threshold).")] = None,
+        help=f"Decision threshold on P(positive) (default {DEFAULT_THRESHOLD}; with --study the model's metadata "
+             "threshold).")] = None,
     split_dir: SplitDir = None,
     group_regex: GroupRegex = None,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = DEFAULT_RESAMPLES,
     external: Annotated[bool, typer.Option(
         "--external", help="DATA is a separate test set: score every readable image in it "
                            "(automatic when no file there is one the model trained on).")] = False,
@@ -456,7 +458,7 @@ def evaluate(
         from .quiet import import_tensorflow
 
         import_tensorflow(VERBOSE["on"])
-        report = run_evaluation(model, data, split, 0.5 if threshold is None else threshold, out, resamples,
+        report = run_evaluation(model, data, split, DEFAULT_THRESHOLD if threshold is None else threshold, out, resamples,
                                 split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
                                 external=external, positive=positive)
         if report["external"]:
@@ -571,7 +573,7 @@ def export(
     check_data: Annotated[Optional[Path], typer.Option(
         help="Real images for the parity check (labelled class folders also give AUC); default: generated.")] = None,
     check_count: Annotated[int, typer.Option(help="Images in the parity check.")] = 32,
-    threshold: Annotated[float, typer.Option(help="Decision threshold stored in the metadata.")] = 0.5,
+    threshold: Annotated[float, typer.Option(help="Decision threshold stored in the metadata.")] = DEFAULT_THRESHOLD,
     tolerance: Annotated[float, typer.Option(help="fp32 parity: max |Keras - ONNX|.")] = 1e-4,
     fp16_tolerance: Annotated[float, typer.Option(help="FP16 variant: max |Δp| before it is flagged.")] = 1e-2,
     int8_tolerance: Annotated[float, typer.Option(help="INT8 variant: max |Δp| before it is flagged.")] = 0.05,
@@ -801,7 +803,8 @@ def explain(
     model: Annotated[Path, typer.Argument(help="Trained model (.keras): Grad-CAM needs its gradients.")],
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the overlays.")] = Path("explained"),
-    threshold: Annotated[float, typer.Option(help="Decision threshold written on each overlay.")] = 0.5,
+    threshold: Annotated[float, typer.Option(help="Decision threshold written on each overlay.")
+                         ] = DEFAULT_THRESHOLD,
     alpha: Annotated[float, typer.Option(help="Heatmap opacity at its hottest (0-1).")] = 0.5,
     sheet: Annotated[bool, typer.Option(help="Also write contact_sheet.png (the first 48 images) when there are several.")] = True,
     json_out: JsonOut = None,
@@ -844,7 +847,7 @@ def report(
     explain_count: Annotated[int, typer.Option("--explain", help="Images to explain with Grad-CAM (0: none).")] = 12,
     run_audit: Annotated[bool, typer.Option("--audit/--no-audit", help="Include the data audit.")] = True,
     fresh: Annotated[bool, typer.Option(help="Recompute the evaluation and audit even if the run folder has them.")] = False,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = DEFAULT_RESAMPLES,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default RUN_DIR/report.html).")] = None,
     json_out: JsonOut = None,
     study: Annotated[bool, typer.Option("--study", help="--data holds class folders of studies: patient-level "

@@ -96,8 +96,9 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: in
     from .studydemo import opacity_slices
     from .train import TrainConfig, train
 
-    if patients < 4 or slices < 8:
-        raise CtedgeError(f"--patients must be at least 4 and --slices at least 8, not {patients} and {slices}")
+    for name, value, least in (("patients", patients, 4), ("slices", slices, 8)):
+        if value < least:
+            raise CtedgeError(f"must be at least {least}, not {value}", param=name)
     started = time.perf_counter()
     seconds = {}
     out = Path(out)

@@ -67,7 +67,7 @@ def require(runtime: str) -> None:
     if not installed(runtime):
         if not any(installed(name) for name in ("onnxruntime", "openvino")):
             raise CtedgeError(no_engine_message())
-        raise CtedgeError(f"--runtime {runtime} needs {runtime}: {INSTALL[runtime]}")
+        raise CtedgeError(f"{runtime} needs {runtime}: {INSTALL[runtime]}", param="runtime")
 
 
 def cpu_flags() -> set[str]:
@@ -162,8 +162,8 @@ def variant_file(path: Path, precision: str, suffixes: dict[str, str]) -> Path:
         return path
     candidate = path.with_name(path.stem + suffix + path.suffix)
     if not candidate.is_file():
-        raise CtedgeError(f"--precision {precision}: {candidate} not found; it is written by "
-                          f"`ctedge export` ({'--openvino' if path.suffix == '.xml' else '--' + precision})")
+        raise CtedgeError(f"{precision}: {candidate} not found; it is written by "
+                          f"`ctedge export` ({'--openvino' if path.suffix == '.xml' else '--' + precision})", param="precision")
     return candidate
 
 
@@ -275,8 +275,8 @@ class OpenVinoEngine:
                               f"{', '.join(core.available_devices)})")
         capability = OV_CAPABILITY.get(config.precision)
         if capability and capability not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
-            raise CtedgeError(f"--precision {config.precision}: this {device} has no {capability} support "
-                              "in OpenVINO; use fp32")
+            raise CtedgeError(f"{config.precision}: this {device} has no {capability} support "
+                              "in OpenVINO; use fp32", param="precision")
         properties = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if config.threads:
             properties["INFERENCE_NUM_THREADS"] = config.threads

@@ -11,7 +11,16 @@ import numpy as np
 from .data import SPLITS, DataOptions, LoadedSplit, group_of, load_data
 from .errors import CtedgeError
 from .files import atomic_write, csv_text
-from .metrics import bootstrap_ci, calibration, confusion, operating_points, output_spread, point_metrics
+from .metrics import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_THRESHOLD,
+    bootstrap_ci,
+    calibration,
+    confusion,
+    operating_points,
+    output_spread,
+    point_metrics,
+)
 from .plots import reliability, roc_curve
 from .runconfig import RunConfig, data_options_for, keras_preprocess_config
 
@@ -98,7 +107,7 @@ def external_options(stored: RunConfig | None, root: str | Path) -> DataOptions:
 
 
 def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
-             threshold: float = 0.5, out_dir: str | Path | None = None, resamples: int = 1000,
+             threshold: float = DEFAULT_THRESHOLD, out_dir: str | Path | None = None, resamples: int = DEFAULT_RESAMPLES,
              seed: int = 0, split_dir: str | None = None, group_regex: str | None = None,
              external: bool = False, positive: str | None = None) -> dict:
     """Score a saved Keras model on one split (or all) of a data folder, or on
@@ -156,7 +165,7 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
 
 
 def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: float | None = None,
-                     out_dir: str | Path | None = None, resamples: int = 1000, seed: int = 0,
+                     out_dir: str | Path | None = None, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                      positive: str | None = None, options=None, provider: str = "auto",
                      threads: int | None = None, progress=None) -> dict:
     """Patient-level metrics of an exported model on class folders that hold one

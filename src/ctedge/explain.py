@@ -18,6 +18,7 @@ import numpy as np
 from .errors import CtedgeError, UnreadableImage
 from .files import atomic_write
 from .imageio import read_image
+from .metrics import DEFAULT_THRESHOLD
 from .preprocess import to_model_input
 
 MIN_SHOWN = 384  # pixels: smaller images are enlarged in the overlay PNG
@@ -155,7 +156,7 @@ def check(model_path: str | Path, alpha: float) -> None:
 
 
 def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
-            threshold: float = 0.5, positive: str = "positive", alpha: float = 0.5,
+            threshold: float = DEFAULT_THRESHOLD, positive: str = "positive", alpha: float = 0.5,
             batch_size: int = 8, sheet: bool = True, keep_heatmaps: bool = False,
             sheet_limit: int = 48) -> dict:
     """Grad-CAM overlays (``NAME.gradcam.png``) for ``files``; a contact sheet of

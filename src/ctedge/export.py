@@ -20,6 +20,7 @@ from . import __version__
 from .errors import CheckFailed, CtedgeError
 from .files import atomic_write, file_digest
 from .metadata import PREPROCESS_CONTRACT
+from .metrics import DEFAULT_THRESHOLD
 from .preprocess import PreprocessConfig
 from .runconfig import RunConfig, keras_preprocess_config
 
@@ -38,7 +39,7 @@ class ExportOptions:
     calibration_count: int = 64
     check_data: str | None = None
     check_count: int = 32
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     tolerance: float = 1e-4  # fp32: max |Keras - ORT|
     fp16_tolerance: float = 1e-2
     int8_tolerance: float = 0.05
