@@ -161,3 +161,32 @@ def test_readme_lists_every_exit_code():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = dict(re.findall(r"^\| (\d+) \| `(\w+)` \|", readme, re.M))
     assert rows == {str(code.value): code.name for code in ExitCode}
+
+
+def test_cli_defaults_are_the_librarys():
+    """Where a flag keeps its own default (typer shows it in --help), it is the
+    library dataclass's, so the two cannot drift."""
+    from dataclasses import MISSING, fields
+
+    from ctedge.bench import BenchOptions
+    from ctedge.data import DataOptions
+    from ctedge.export import ExportOptions
+    from ctedge.preprocess import PreprocessConfig
+    from ctedge.runconfig import ModelConfig, TrainConfig
+    from ctedge.study import StudyOptions
+    from ctedge.tuning import TuneOptions
+
+    owners = {"train": (DataOptions, PreprocessConfig, ModelConfig, TrainConfig),
+              "tune": (DataOptions, PreprocessConfig, ModelConfig, TuneOptions),
+              "export": (ExportOptions,), "bench": (BenchOptions,), "predict": (StudyOptions,),
+              "evaluate": (StudyOptions,)}
+    checked = 0
+    for command, classes in owners.items():
+        params = {p.name: p for p in COMMAND.commands[command].params}
+        for cls in classes:
+            for f in fields(cls):
+                if f.name in params and f.default is not MISSING and params[f.name].default is not None:
+                    default = params[f.name].default
+                    assert (str(default) if isinstance(default, Path) else default) == f.default, (command, f.name)
+                    checked += 1
+    assert checked > 30
