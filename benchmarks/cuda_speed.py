@@ -61,7 +61,7 @@ def main() -> None:
     fp16_beside(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         images = make_dataset(Path(tmp) / "images", per_class=32, size=512)
-        options = BenchOptions(runtime="all", provider="all", data=str(images), runs=args.runs,
+        options = BenchOptions(runtime="all", all_providers=True, data=str(images), runs=args.runs,
                                batch_sizes=[int(b) for b in args.batch_sizes.split(",")], save_choice=False)
         started = time.perf_counter()
         report = run_bench([args.model], options)

@@ -17,8 +17,9 @@ def test_covid_ct_layout_detects_the_positive_class(phantom_data):
 
 def test_positive_can_be_given_and_unknown_names_are_refused(phantom_data):
     assert discover(phantom_data, positive="CT_NonCOVID").positive == "CT_NonCOVID"
-    with pytest.raises(CtedgeError, match="--positive"):
+    with pytest.raises(CtedgeError, match="^positive 'nope' is not a class folder") as refused:
         discover(phantom_data, positive="nope")
+    assert refused.value.param == "positive"  # the CLI shows it as --positive
 
 
 def test_one_class_or_missing_folder_is_a_clear_error(tmp_path, phantom_data):
@@ -32,8 +33,9 @@ def test_one_class_or_missing_folder_is_a_clear_error(tmp_path, phantom_data):
 def test_ambiguous_class_names_ask_for_positive(tmp_path, phantom_data):
     for name in ("cats", "dogs"):
         shutil.copytree(phantom_data / "CT_COVID", tmp_path / name)
-    with pytest.raises(CtedgeError, match="--positive"):
+    with pytest.raises(CtedgeError, match="^positive not given") as refused:
         discover(tmp_path)
+    assert refused.value.param == "positive"
 
 
 def test_random_split_is_disjoint_stratified_and_seeded(phantom_data):

@@ -78,9 +78,9 @@ def test_wrong_precision_for_the_engine_is_refused(model):
         Classifier(model, runtime="onnxruntime", precision="int8")
     with pytest.raises(CtedgeError, match="bright_ov_int8.xml not found.*--openvino"):
         Classifier(model, runtime="openvino", precision="int8")
-    with pytest.raises(CtedgeError, match="--precision must be fp32, bf16, fp16, int8, not 'fp64'"):
+    with pytest.raises(CtedgeError, match="^precision must be fp32, bf16, fp16, int8, not 'fp64'"):
         Classifier(model, precision="fp64")
-    with pytest.raises(CtedgeError, match="--runtime must be auto, onnxruntime, openvino, not 'tvm'"):
+    with pytest.raises(CtedgeError, match="^runtime must be auto, onnxruntime, openvino, not 'tvm'"):
         Classifier(model, runtime="tvm")
 
 
@@ -99,7 +99,7 @@ def test_auto_uses_the_saved_bench_choice_only_for_this_machine(tmp_path, cache)
 def test_a_missing_engine_names_the_extra(model, monkeypatch):
     real = engines.installed
     monkeypatch.setattr(engines, "installed", lambda name: name != "openvino" and real(name))
-    with pytest.raises(CtedgeError, match=r'--runtime openvino needs openvino: pip install "ctedge\[openvino\]"'):
+    with pytest.raises(CtedgeError, match=r'^runtime openvino needs openvino: pip install "ctedge\[openvino\]"'):
         Classifier(model, runtime="openvino")
     monkeypatch.setattr(engines, "installed", lambda name: False)
     result = runner.invoke(app, ["predict", str(model), str(model)])

@@ -279,7 +279,7 @@ def test_workers_do_not_take_the_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_search", lambda *args: "searched")
     tuning.set_distributed("worker", "127.0.0.1:1", "w1")
     try:
-        assert tuning.tune(DataOptions(str(tmp_path)), ModelConfig(), PreprocessConfig(),
+        assert tuning.tune(DataOptions(root=str(tmp_path)), ModelConfig(), PreprocessConfig(),
                            tuning.TuneOptions(directory=str(tmp_path))) == "searched"
     finally:
         for name in ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):

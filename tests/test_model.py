@@ -74,7 +74,7 @@ def test_fine_tuning_unfreezes_only_the_top_blocks():
     trainable = {layer.name for layer in backbone.layers if layer.trainable and layer.weights}
     assert trainable and all(n.startswith(("block7", "top_")) for n in trainable)
     assert not any(isinstance(backbone.get_layer(n), layers.BatchNormalization) for n in trainable)
-    with pytest.raises(CtedgeError, match="fine-tune-blocks"):
+    with pytest.raises(CtedgeError, match="^fine_tune_blocks must be 0-7, not 9"):
         tiny(fine_tune_blocks=9)
 
 

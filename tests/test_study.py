@@ -100,7 +100,7 @@ def test_aggregates_and_their_order():
     assert st.aggregate(p, "mean") == pytest.approx(0.475)
     assert st.aggregate(p, "topk", 2) == pytest.approx(0.8)
     assert st.aggregate(p, "topk", 10) == pytest.approx(0.475)  # k beyond the slices: all of them
-    with pytest.raises(st.CtedgeError, match="--aggregate"):
+    with pytest.raises(st.CtedgeError, match="^aggregate must be one of topk, max, mean"):
         st.aggregate(p, "median")
 
 

@@ -68,7 +68,7 @@ def test_changed_search_space_is_refused(tuned, phantom_data, trained_run, tmp_p
 @pytest.mark.parametrize("extra,message", [
     (["--algorithm", "grid"], "--algorithm"),
     (["--max-trials", "0"], "--max-trials"),
-    (["--role", "worker"], "--oracle HOST:PORT"),
+    (["--role", "worker"], "--oracle must be the chief's HOST:PORT"),
 ])
 def test_bad_options_are_refused(phantom_data, tmp_path, extra, message):
     result = runner.invoke(app, tune_args(phantom_data, tmp_path, "none", *extra))

@@ -17,10 +17,11 @@ import numpy as np
 
 from .data import DataOptions, Sample, discover, make_splits
 from .errors import CtedgeError, UnreadableImage
-from .imageio import read_image
-from .preprocess import annotation_fraction, letterbox
+from .imageio import DEFAULT_WINDOW, read_image
+from .preprocess import ANNOTATION_MIN_FRACTION, annotation_fraction, letterbox
 
-LEAKAGE_EXIT_CODE = 4
+SHORTCUT_AUC = 0.7  # a metadata-only baseline at or above this AUC is a loud shortcut
+LEAKAGE_MESSAGE = "leakage: the same image is in more than one split"
 HASH_THRESHOLD = 12  # of 64 bits: proposes candidates
 MIN_INLIERS = 60  # ORB matches agreeing on one similarity transform, to confirm a match
 _ORB = cv2.ORB_create(nfeatures=500)
@@ -82,7 +83,7 @@ class FileFacts:
     annotated: bool
 
 
-def file_facts(sample: Sample, split: str, window: tuple[float, float] = (-1000.0, 400.0),
+def file_facts(sample: Sample, split: str, window: tuple[float, float] = DEFAULT_WINDOW,
                keypoints: bool = True) -> FileFacts:
     """What the audit needs of one file (hashes and keypoints only when asked)."""
     decoded = read_image(sample.path, window)
@@ -92,7 +93,7 @@ def file_facts(sample: Sample, split: str, window: tuple[float, float] = (-1000.
                      orb_features(gray) if keypoints else (),
                      gray.shape[0], gray.shape[1],
                      channels, sample.path.stat().st_size / gray.size,
-                     annotation_fraction(decoded.colour) >= 0.001)
+                     annotation_fraction(decoded.colour) >= ANNOTATION_MIN_FRACTION)
 
 
 def near_duplicates(facts: list[FileFacts], threshold: int = HASH_THRESHOLD) -> list[dict]:
@@ -158,6 +159,20 @@ def shortcut_baseline(facts: list[FileFacts]) -> dict:
     return report
 
 
+def shortcut_is_loud(baseline: dict) -> bool:
+    """Whether a split's metadata-only baseline is high enough to shout about."""
+    return baseline.get("auc", 0.0) >= SHORTCUT_AUC
+
+
+def shortcut_finding(split: str, baseline: dict) -> tuple[bool, str]:
+    """(loud, the sentence) for one split's metadata-only baseline."""
+    loud = shortcut_is_loud(baseline)
+    return loud, (("SHORTCUT: " if loud else "")
+                  + f"a classifier on file metadata alone (size, channels, format, bytes/pixel) reaches AUC "
+                    f"{baseline['auc']:.3f}, accuracy {baseline['accuracy']:.3f} on {split} ({baseline['images']} images)"
+                  + (": read any image model's figures against this" if loud else ""))
+
+
 def audit(options: DataOptions, image_size: int = 300, threshold: int = HASH_THRESHOLD) -> dict:
     """Everything above for one data folder; ``leakage`` says whether to fail CI."""
     from .progress import track
@@ -166,7 +181,7 @@ def audit(options: DataOptions, image_size: int = 300, threshold: int = HASH_THR
     splits = make_splits(dataset, options.split_dir, options.seed, options.test_fraction,
                          options.val_fraction, options.group_regex)
     facts, unreadable = [], []
-    window = (-1000.0, 400.0)
+    window = DEFAULT_WINDOW
     jobs = [(s, split) for split, samples in splits.items() for s in samples]
     for sample, split in track(jobs, total=len(jobs), description="hashing images"):
         try:

@@ -22,16 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import BenchRuntime
 from .errors import CtedgeError
 from .files import atomic_write
+from .metrics import DEFAULT_RESAMPLES
 
 DEFAULT_BUDGET_MS = 2000.0  # the seed paper's "within a few seconds", end to end
-BENCH_RUNTIMES = ("auto", "onnxruntime", "openvino", "all")
+BENCH_RUNTIMES = BenchRuntime.values()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchOptions:
-    provider: str = "cpu"  # cpu | cuda | tensorrt | all (onnxruntime)
+    provider: str = "cpu"  # a Provider: onnxruntime cpu | cuda | tensorrt | auto; OpenVINO cpu | gpu | npu | auto
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 16])
     threads: int | None = None
     warmup: int = 3
@@ -48,9 +50,20 @@ class BenchOptions:
     accuracy_images: int | None = None  # None: every labelled image given
     auc_tolerance: float = 0.005  # |AUC change| vs fp32 for "within tolerance"
     probability_tolerance: float = 0.05  # max |Δp| vs fp32 when there are no labels
-    resamples: int = 1000
+    resamples: int = DEFAULT_RESAMPLES
     cache_dir: str | None = None  # OpenVINO compiled-model cache
     save_choice: bool = True  # --runtime all: write MODEL.runtime.json for runtime="auto"
+    all_providers: bool = False  # every onnxruntime provider this machine has, instead of ``provider``
+
+    def check(self) -> None:
+        if self.runtime not in BENCH_RUNTIMES:
+            raise CtedgeError(f"must be {', '.join(BENCH_RUNTIMES)}, not {self.runtime!r}", param="runtime")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise CtedgeError(f"must be positive integers, not {self.batch_sizes}", param="batch_sizes")
+        if self.accuracy_images is not None and self.accuracy_images < 2:
+            raise CtedgeError(f"must be at least 2, not {self.accuracy_images}", param="accuracy_images")
+        if self.split_dir and not self.data:
+            raise CtedgeError("needs data (the class folders the lists name)", param="split_dir")
 
 
 @dataclass(frozen=True)
@@ -168,8 +181,8 @@ def accuracy_files(options: BenchOptions) -> tuple[list[Path], np.ndarray, str] 
     if options.split_dir:
         parts = split_from_lists(dataset, options.split_dir)
         if options.split not in parts or not parts[options.split]:
-            raise CtedgeError(f"--split {options.split!r}: no images of {options.data} in that split "
-                              f"of {options.split_dir}")
+            raise CtedgeError(f"{options.split!r}: no images of {options.data} in that split "
+                              f"of {options.split_dir}", param="split")
         samples, where = parts[options.split], f"the {options.split} split of {options.data}"
     total = len(samples)
     if options.accuracy_images and options.accuracy_images < total:
@@ -204,13 +217,14 @@ def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
 
     if options.runtime != "all":
         providers = [options.provider]
-        if options.provider == "all":
+        if options.all_providers:
             from .engines import PROVIDERS, usable_providers
 
             providers = [name for name, ep in PROVIDERS.items() if ep in usable_providers()]
         chosen = []
         for provider in providers:
-            config = resolve(model, EngineConfig(options.runtime, options.precision, provider))
+            config = resolve(model, EngineConfig(runtime=options.runtime, precision=options.precision,
+                                                 provider=provider))
             chosen.append(Variant(config.runtime, config.precision,
                                   provider if config.runtime == "onnxruntime" else config.provider))
         return chosen
@@ -219,7 +233,7 @@ def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
         from .engines import PROVIDERS, usable_providers
 
         available = usable_providers()
-        wanted = [options.provider] if options.provider in PROVIDERS else list(PROVIDERS)
+        wanted = [options.provider] if options.provider in PROVIDERS and not options.all_providers else list(PROVIDERS)
         for provider in [p for p in wanted if PROVIDERS[p] in available]:
             found.append(Variant("onnxruntime", "fp32", provider))
             for precision, suffix in (("fp16", "_fp16"), ("int8", "_int8")):
@@ -449,8 +463,7 @@ def find_models(models: list[Path], exports_dir: Path = Path("exports")) -> list
 
 def run_bench(models: list[Path], options: BenchOptions) -> dict:
     """Benchmark every model on every requested runtime, precision and provider; one report."""
-    if options.runtime not in BENCH_RUNTIMES:
-        raise CtedgeError(f"--runtime must be {', '.join(BENCH_RUNTIMES)}, not {options.runtime!r}")
+    options.check()
     models = find_models(models)
     accuracy = accuracy_files(options)
     results, choices = [], {}
@@ -499,6 +512,16 @@ def table_rows(report: dict) -> list[dict]:
                          "AUC Δ": "" if "auc_change" not in change else f"{change['auc_change']:+.4f}",
                          "max |Δp|": "" if not change else f"{change['max_abs_diff']:.1e}"})
     return rows
+
+
+def budget_line(result: dict) -> tuple[bool, str]:
+    """(within the budget, the sentence) for one result with a ``budget``."""
+    b = result["budget"]
+    share = (f"{b['preprocessing_share']:.0%} of it" if b["preprocessing_share"] > 0
+             else "within the timing noise")
+    return b["within"], (f"{Path(result['model']).name} ({result['format']}, {result['provider']}): end-to-end p50 "
+                         f"{b['end_to_end_p50_ms']:.1f} ms, {'within' if b['within'] else 'OVER'} the "
+                         f"{b['budget_ms']:.0f} ms budget (margin {b['margin_ms']:.0f} ms); decode+resize is {share}")
 
 
 def closing_lines(report: dict) -> list[str]:

@@ -20,39 +20,149 @@ import typer
 from rich.markup import escape
 
 from . import __version__
-from .errors import CtedgeError
+from .audit import HASH_THRESHOLD
+from .bench import DEFAULT_BUDGET_MS, BenchOptions
+from .choices import (
+    Aggregate,
+    Algorithm,
+    Backbone,
+    BenchRuntime,
+    Clean,
+    EvalSplit,
+    Objective,
+    Precision,
+    Provider,
+    Role,
+    Runtime,
+    Split,
+)
+from .data import DataOptions
+from .errors import CtedgeError, ExitCode
 from .imageio import DEFAULT_MAX_PIXELS
+from .metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD
+from .preprocess import AugmentConfig, PreprocessConfig
 from .progress import console
+from .runconfig import ModelConfig, TrainConfig
+from .study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, StudyOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Put a chest-CT COVID-19 classifier onto edge hardware.\n\n"
                        "Workflow: `ctedge train DATA` (or `ctedge tune DATA`), "
                        "`ctedge export --onnx`, `ctedge bench`.")
 
-# Options shared by several commands.
+# Library parameter -> the flag that sets it, where the two names differ
+# (otherwise --name-with-dashes); a library error about a parameter shows the flag.
+FLAGS = {"learning_rate": "--lr", "run_dir": "--out", "rotation_deg": "--rotation", "horizontal_flip": "--flip",
+         "time_budget_min": "--time-budget", "explain_count": "--explain", "series_uid": "--series",
+         "data": "--data", "split_dir": "--split-dir"}
+
+
+def flag(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+# --- option groups: each defined once, used by every command that takes it ------
+
+# data
 DataArg = Annotated[Path, typer.Argument(help="Data folder: one subfolder per class.")]
+Positive = Annotated[Optional[str], typer.Option(help="Positive class folder (detected when unset).")]
+CleanOpt = Annotated[Clean, typer.Option("--clean", help="Images with coloured annotation marks: drop them, "
+                                                        "report them, or off (not looked for).")]
+# split
 SplitDir = Annotated[Optional[Path], typer.Option(
     help="Folder of official split lists ({train,val,test}_CLASS.txt).")]
-Positive = Annotated[Optional[str], typer.Option(help="Positive class folder (detected when unset).")]
-Clean = Annotated[str, typer.Option(help="Images with coloured annotation marks: drop|report|off.")]
 GroupRegex = Annotated[Optional[str], typer.Option(
     help="Regex on file names giving the group (patient/source); its first group is used.")]
 Seed = Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")]
+TestFraction = Annotated[float, typer.Option(help="Test part of a random split.")]
+ValFraction = Annotated[float, typer.Option(help="Validation part carved from train.")]
+# preprocessing and augmentation
 ImageSize = Annotated[int, typer.Option(help="Model input size in pixels (B3 native: 300).")]
-Weights = Annotated[str, typer.Option(help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5.")]
-Backbone = Annotated[str, typer.Option(
-    help="b3 (EfficientNetB3, the paper's) | tiny (a 1%-compute EfficientNet for tests and smoke runs).")]
+WindowLow = Annotated[float, typer.Option(
+    help="HU window low end: how DICOM is decoded to gray (8-bit images: no effect).")]
+WindowHigh = Annotated[float, typer.Option(help="HU window high end (as --window-low).")]
+Centre = Annotated[float, typer.Option(
+    help="The paper's zero-centre; recorded, but shifted back before the backbone (no effect).")]
+Rotation = Annotated[float, typer.Option(help="Augmentation: max rotation (degrees).")]
+Shift = Annotated[float, typer.Option(help="Augmentation: max width/height shift (fraction).")]
+Flip = Annotated[bool, typer.Option(help="Augmentation: random horizontal flip.")]
+Zoom = Annotated[float, typer.Option(help="Augmentation: max zoom in/out (padding) fraction.")]
+# model
+Weights = Annotated[str, typer.Option(
+    help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5 | a trained ctedge model "
+         "(RUN/model.keras or the run folder): its backbone, exactly as trained.")]
+BackboneOpt = Annotated[Optional[Backbone], typer.Option(
+    "--backbone", help="b3 (EfficientNetB3, the paper's) | tiny (a 1%-compute EfficientNet for tests and smoke "
+                       "runs); default: the trained model's with --weights RUN, else b3.")]
+Units = Annotated[Optional[int], typer.Option(
+    help=f"Width of the head's dense layer (default {ModelConfig.units}; tune: the first trial's, where the "
+         "search starts).")]
+Dropout = Annotated[Optional[float], typer.Option(
+    help=f"Dropout after the dense layer (default {ModelConfig.dropout}; tune: the first trial's).")]
+FreezeBackbone = Annotated[Optional[bool], typer.Option(
+    "--freeze-backbone/--train-backbone",
+    help="Train only the head (default: yes with pretrained weights, no with --weights none).")]
+FineTuneBlocks = Annotated[int, typer.Option(
+    help="Also train the top N backbone blocks (1-7; tune: trains full models, no feature cache).")]
+# training
+Epochs = Annotated[int, typer.Option(help="Epochs (train: the paper's 100; tune: per trial, early stopping on "
+                                          "the objective; Hyperband: the largest budget).")]
+BatchSize = Annotated[int, typer.Option(help="Batch size (paper: 16).")]
+LearningRate = Annotated[Optional[float], typer.Option(
+    "--lr", help=f"Adam learning rate (default the paper's {TrainConfig.learning_rate}; tune: the first "
+                 "trial's).")]
+Patience = Annotated[int, typer.Option(help="Early-stopping patience (epochs).")]
+
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON ('-' for stdout).")]
 HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page.")]
 
+# inference (predict, bench)
+ProviderOpt = Annotated[Provider, typer.Option(
+    "--provider", help="Device. onnxruntime: auto | cpu | cuda | tensorrt (falls back to the CPU with a message); "
+                       "openvino: auto | cpu | gpu | npu.")]
+Threads = Annotated[Optional[int], typer.Option(help="Inference threads (default: all cores).")]
+PrecisionOpt = Annotated[Optional[Precision], typer.Option(
+    "--precision", help="OpenVINO: bf16/fp16 are inference precisions of the fp32 model (CPU support "
+    "needed), int8 the IR from `export --openvino`; onnxruntime: fp16/int8 run the NAME_fp16/NAME_int8.onnx "
+    "files from export. Default: auto's choice, else fp32.")]
+CacheDir = Annotated[Optional[Path], typer.Option(
+    help="OpenVINO compiled-model cache (default ~/.cache/ctedge/openvino): a second start skips compiling.")]
 
-# Options of whole-study classification (predict --study, evaluate --study).
+# whole-study classification (predict --study, evaluate --study)
 SeriesOpt = Annotated[Optional[str], typer.Option("--series", help="--study: classify this SeriesInstanceUID.")]
 SliceStep = Annotated[Optional[int], typer.Option(
     help="--study: take every Nth slice (default: the smallest step giving at most --max-slices).")]
 MaxSlices = Annotated[int, typer.Option(help="--study: slices sampled at most when --slice-step is unset.")]
-AggregateOpt = Annotated[str, typer.Option("--aggregate", help="--study: topk | max | mean of the slice probabilities.")]
+AggregateOpt = Annotated[Aggregate, typer.Option("--aggregate", help="--study: how slice probabilities become "
+                                                                    "the study's.")]
 TopK = Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")]
+
+
+def data_options(data: Path, *, positive: str | None, split_dir: Path | None, group_regex: str | None,
+                 seed: int, test_fraction: float, val_fraction: float, clean: Clean = Clean.drop) -> DataOptions:
+    """The data and split groups."""
+    return DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
+                       seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                       group_regex=group_regex, clean=clean)
+
+
+def preprocess_config(*, image_size: int, window_low: float, window_high: float, centre: float,
+                      rotation: float, shift: float, flip: bool, zoom: float) -> PreprocessConfig:
+    """The preprocessing and augmentation group."""
+    return PreprocessConfig(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
+                            augment=AugmentConfig(rotation_deg=rotation, shift=shift, horizontal_flip=flip,
+                                                  zoom=zoom))
+
+
+def model_config(*, weights: str, backbone: Backbone | None, freeze_backbone: bool | None,
+                 fine_tune_blocks: int, units: int | None = None, dropout: float | None = None) -> ModelConfig:
+    """The model group; the backbone defaults to a trained model's (``--weights RUN``), else b3."""
+    from .model import saved_backbone
+
+    head = {name: value for name, value in (("units", units), ("dropout", dropout)) if value is not None}
+    return ModelConfig(weights=weights, backbone=backbone or saved_backbone(weights) or Backbone.b3,
+                       freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks, **head)
+
 
 VERBOSE = {"on": False}  # set by the --verbose option before a command runs
 
@@ -87,11 +197,12 @@ def command(func=None, *, tensorflow: bool = False):
                 import_tensorflow(VERBOSE["on"])
             return func(*args, **kwargs)
         except CtedgeError as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            message = exc.with_name(flag(exc.param)) if exc.param else str(exc)
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -159,7 +270,7 @@ def warn_if_constant(spread: float | None, images: int) -> str | None:
 def exit_if_failed(failed: int, total: int) -> None:
     if failed:
         console.print(f"[yellow]{failed} of {total} file(s) could not be read[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _version(value: bool) -> None:
@@ -180,45 +291,42 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
     from .imageio import set_max_pixels
 
     VERBOSE["on"] = verbose
-    if max_pixels < 1:
-        raise typer.BadParameter(f"must be at least 1, not {max_pixels}", param_hint="--max-pixels")
-    set_max_pixels(max_pixels)
+    try:
+        set_max_pixels(max_pixels)
+    except CtedgeError as exc:
+        raise typer.BadParameter(exc.detail, param_hint=flag(exc.param)) from None
 
 
 @command(tensorflow=True)
 def train(
     data: DataArg,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default runs/train-TIME).")] = None,
-    split_dir: SplitDir = None,
     positive: Positive = None,
-    clean: Clean = "drop",
+    clean: CleanOpt = Clean.drop,
+    split_dir: SplitDir = None,
     group_regex: GroupRegex = None,
-    test_fraction: Annotated[float, typer.Option(help="Test part of a random split.")] = 0.2,
-    val_fraction: Annotated[float, typer.Option(help="Validation part carved from train.")] = 0.2,
-    seed: Seed = 42,
-    image_size: ImageSize = 300,
-    window_low: Annotated[float, typer.Option(
-        help="HU window low end: how DICOM is decoded to gray (8-bit images: no effect).")] = -1000.0,
-    window_high: Annotated[float, typer.Option(help="HU window high end (as --window-low).")] = 400.0,
-    centre: Annotated[float, typer.Option(
-        help="The paper's zero-centre; recorded, but shifted back before the backbone (no effect).")] = 0.25,
-    rotation: Annotated[float, typer.Option(help="Augmentation: max rotation (degrees).")] = 15.0,
-    shift: Annotated[float, typer.Option(help="Augmentation: max width/height shift (fraction).")] = 0.1,
-    flip: Annotated[bool, typer.Option(help="Augmentation: random horizontal flip.")] = True,
-    zoom: Annotated[float, typer.Option(help="Augmentation: max zoom in/out (padding) fraction.")] = 0.1,
-    weights: Weights = "imagenet",
-    backbone: Backbone = "b3",
-    units: Annotated[int, typer.Option(help="Width of the head's dense layer.")] = 256,
-    dropout: Annotated[float, typer.Option(help="Dropout after the dense layer.")] = 0.0,
-    freeze_backbone: Annotated[Optional[bool], typer.Option(
-        "--freeze-backbone/--train-backbone",
-        help="Train only the head (default: yes with pretrained weights, no with --weights none).")] = None,
-    fine_tune_blocks: Annotated[int, typer.Option(help="Also train the top N backbone blocks (1-7).")] = 0,
-    epochs: Annotated[int, typer.Option(help="Epochs (paper: 100).")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Batch size (paper: 16).")] = 16,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Adam learning rate (paper: 5e-5).")] = 5e-5,
+    seed: Seed = DataOptions.seed,
+    test_fraction: TestFraction = DataOptions.test_fraction,
+    val_fraction: ValFraction = DataOptions.val_fraction,
+    image_size: ImageSize = PreprocessConfig.image_size,
+    window_low: WindowLow = PreprocessConfig.window_low,
+    window_high: WindowHigh = PreprocessConfig.window_high,
+    centre: Centre = PreprocessConfig.centre,
+    rotation: Rotation = AugmentConfig.rotation_deg,
+    shift: Shift = AugmentConfig.shift,
+    flip: Flip = AugmentConfig.horizontal_flip,
+    zoom: Zoom = AugmentConfig.zoom,
+    weights: Weights = ModelConfig.weights,
+    backbone: BackboneOpt = None,
+    units: Units = None,
+    dropout: Dropout = None,
+    freeze_backbone: FreezeBackbone = None,
+    fine_tune_blocks: FineTuneBlocks = ModelConfig.fine_tune_blocks,
+    epochs: Epochs = TrainConfig.epochs,
+    batch_size: BatchSize = TrainConfig.batch_size,
+    learning_rate: LearningRate = None,
+    patience: Patience = TrainConfig.patience,
     early_stopping: Annotated[bool, typer.Option(help="Stop when validation AUC stops improving.")] = True,
-    patience: Annotated[int, typer.Option(help="Early-stopping patience (epochs).")] = 10,
     checkpoint_best: Annotated[bool, typer.Option(help="Keep the epoch with the best validation AUC.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its "
                                          "last finished epoch (same options; --epochs may grow).")] = False,
@@ -231,28 +339,21 @@ def train(
 
     Killed or interrupted? Rerun the same command with `--resume` (and the same `-o`).
     """
-    from .data import DataOptions
-    from .model import ModelConfig
-    from .preprocess import AugmentConfig, PreprocessConfig
-    from .train import TrainConfig, default_run_dir
+    from .train import default_run_dir
     from .train import train as run_training
 
-    if resume and out is None:
-        raise CtedgeError("--resume needs --out RUN_FOLDER (the interrupted run)")
-    run_dir = out or default_run_dir()
+    run_dir = out if (out or resume) else default_run_dir()
     check_outputs((run_dir, "--out", True), (json_out, "--json"))
     summary = run_training(
-        DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
-                    seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-                    group_regex=group_regex, clean=clean),
-        TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                    early_stopping=early_stopping, patience=patience, checkpoint_best=checkpoint_best,
-                    seed=seed),
-        ModelConfig(weights=weights, backbone=backbone, units=units, dropout=dropout,
-                    freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
-        PreprocessConfig(image_size=image_size, window_low=window_low, window_high=window_high,
-                         centre=centre, augment=AugmentConfig(rotation_deg=rotation, shift=shift,
-                                                              horizontal_flip=flip, zoom=zoom)),
+        data_options(data, positive=positive, clean=clean, split_dir=split_dir, group_regex=group_regex,
+                     seed=seed, test_fraction=test_fraction, val_fraction=val_fraction),
+        TrainConfig(epochs=epochs, batch_size=batch_size, early_stopping=early_stopping, patience=patience,
+                    checkpoint_best=checkpoint_best, seed=seed,
+                    **({} if learning_rate is None else {"learning_rate": learning_rate})),
+        model_config(weights=weights, backbone=backbone, units=units, dropout=dropout,
+                     freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
+        preprocess_config(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
+                          rotation=rotation, shift=shift, flip=flip, zoom=zoom),
         run_dir, resume)
     result = summary["result"]
     for name, part in summary["splits"].items():
@@ -295,9 +396,9 @@ def print_metrics(report: dict) -> None:
         console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
     warn_if_constant(report.get("output_spread"), report.get("images", report.get("studies")))
     for name, drift in (report.get("split_drift") or {}).items():
-        console.print(f"[bold red]warning:[/] the {name} split rebuilt from the data is not the one the "
-                      f"model was trained with: {drift['missing']} recorded file(s) missing, {drift['new']} "
-                      "new (by content); its figures are not comparable with the run's", highlight=False)
+        from .evaluate import drift_warning
+
+        console.print(f"[bold red]warning:[/] {escape(drift_warning(name, drift))}", highlight=False)
     baseline = report.get("shortcut_baseline") or {}
     if "auc" in baseline:
         console.print(f"shortcut baseline (file metadata only, trained on train): AUC {baseline['auc']:.3f} "
@@ -308,12 +409,13 @@ def print_metrics(report: dict) -> None:
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Trained model (.keras); with --study the exported .onnx.")],
     data: DataArg,
-    split: Annotated[str, typer.Option(help="train | val | test | all")] = "val",
+    split: Annotated[EvalSplit, typer.Option(help="Part of the data to score.")] = EvalSplit.val,
     threshold: Annotated[Optional[float], typer.Option(
-        help="Decision threshold on P(positive) (default 0.5; with --study the model's metadata threshold).")] = None,
+        help=f"Decision threshold on P(positive) (default {DEFAULT_THRESHOLD}; with --study the model's metadata "
+             "threshold).")] = None,
     split_dir: SplitDir = None,
     group_regex: GroupRegex = None,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = DEFAULT_RESAMPLES,
     external: Annotated[bool, typer.Option(
         "--external", help="DATA is a separate test set: score every readable image in it "
                            "(automatic when no file there is one the model trained on).")] = False,
@@ -326,9 +428,9 @@ def evaluate(
     positive: Positive = None,
     series: SeriesOpt = None,
     slice_step: SliceStep = None,
-    max_slices: MaxSlices = 64,
-    aggregate: AggregateOpt = "topk",
-    top_k: TopK = 5,
+    max_slices: MaxSlices = DEFAULT_MAX_SLICES,
+    aggregate: AggregateOpt = Aggregate.topk,
+    top_k: TopK = DEFAULT_TOP_K,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC with bootstrap 95% CIs,
     confusion matrix, ROC and calibration plots.
@@ -346,8 +448,8 @@ def evaluate(
     default_out = model.parent / ("eval-studies" if study else f"eval-{split}")
     check_outputs((out or default_out, "--out", True), (json_out, "--json"), (html_out, "--html"))
     if study:
-        report = evaluate_studies_command(model, data, threshold, out, resamples, positive,
-                                          (series, slice_step, max_slices, aggregate, top_k))
+        report = evaluate_studies_command(model, data, threshold, out, resamples, positive, StudyOptions(
+            series_uid=series, slice_step=slice_step, max_slices=max_slices, aggregate=aggregate, top_k=top_k))
     else:
         if model.suffix.lower() == ".onnx":
             raise CtedgeError(f"{model}: an .onnx model is evaluated on whole studies (--study, class folders "
@@ -356,7 +458,7 @@ def evaluate(
         from .quiet import import_tensorflow
 
         import_tensorflow(VERBOSE["on"])
-        report = run_evaluation(model, data, split, 0.5 if threshold is None else threshold, out, resamples,
+        report = run_evaluation(model, data, split, DEFAULT_THRESHOLD if threshold is None else threshold, out, resamples,
                                 split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
                                 external=external, positive=positive)
         if report["external"]:
@@ -373,24 +475,20 @@ def evaluate(
                    f"data {data}")
         console.print(f"HTML page: {html_out}")
     if report.get("failed"):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def evaluate_studies_command(model: Path, data: Path, threshold: float | None, out: Path | None,
-                             resamples: int, positive: str | None, study_options: tuple) -> dict:
+                             resamples: int, positive: str | None, options: StudyOptions) -> dict:
     """`evaluate --study`: patient-level metrics; failed studies named (exit 1 after the outputs)."""
     import importlib.util
-
-    from .study import StudyOptions
 
     missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
         raise CtedgeError(f"evaluate needs {' and '.join(missing)} (not TensorFlow): pip install 'ctedge[train]'")
     from .evaluate import evaluate_studies
 
-    series, slice_step, max_slices, aggregate, top_k = study_options
-    report = evaluate_studies(model, data, threshold, out, resamples, positive=positive,
-                              options=StudyOptions(series, slice_step, max_slices, aggregate, top_k),
+    report = evaluate_studies(model, data, threshold, out, resamples, positive=positive, options=options,
                               progress=lambda r: console.print(
                                   f"{escape(r.input)}: " + (f"{r.probability:.3f}" if r.error is None
                                                             else f"[red]no answer[/] ({escape(r.error)})"),
@@ -413,7 +511,7 @@ def demo(
                                                 "(default demo/, with --study demo-study/).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 12, with --study 8).")] = None,
     per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 200,
-    backbone: Backbone = "b3",
+    backbone: Annotated[Backbone, typer.Option(help="b3 (the paper's) | tiny (for smoke runs).")] = Backbone.b3,
     json_out: JsonOut = None,
     study: Annotated[bool, typer.Option("--study", help="Whole-study path instead: phantom DICOM patients, "
                                         "train on the training patients' slices, export to ONNX, "
@@ -423,6 +521,7 @@ def demo(
 ) -> None:
     """Generate synthetic CT-like phantoms, train a small model (weights none, 64 px),
     evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU.
+    Example: `ctedge demo -o demo` (a smoke run: `ctedge demo --backbone tiny --epochs 1`)
 
     `ctedge demo --study` does it for whole CT studies (see README, "Whole CT studies"):
     `ctedge demo --study` then `ctedge report demo-study/run --study --data demo-study/studies/test`
@@ -474,7 +573,7 @@ def export(
     check_data: Annotated[Optional[Path], typer.Option(
         help="Real images for the parity check (labelled class folders also give AUC); default: generated.")] = None,
     check_count: Annotated[int, typer.Option(help="Images in the parity check.")] = 32,
-    threshold: Annotated[float, typer.Option(help="Decision threshold stored in the metadata.")] = 0.5,
+    threshold: Annotated[float, typer.Option(help="Decision threshold stored in the metadata.")] = DEFAULT_THRESHOLD,
     tolerance: Annotated[float, typer.Option(help="fp32 parity: max |Keras - ONNX|.")] = 1e-4,
     fp16_tolerance: Annotated[float, typer.Option(help="FP16 variant: max |Δp| before it is flagged.")] = 1e-2,
     int8_tolerance: Annotated[float, typer.Option(help="INT8 variant: max |Δp| before it is flagged.")] = 0.05,
@@ -526,31 +625,46 @@ def export(
     warn_if_constant(spread["value"], spread["images"])
     write_json(report, json_out)
     if flagged:
-        console.print("[bold red]a variant is beyond its tolerance: see its model card before shipping it[/]")
-        raise typer.Exit(1)
+        from .export import FLAGGED_MESSAGE
+
+        console.print(f"[bold red]{FLAGGED_MESSAGE}[/]")
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @command(tensorflow=True)
 def tune(
     data: DataArg,
-    split_dir: SplitDir = None,
     positive: Positive = None,
-    clean: Clean = "drop",
+    clean: CleanOpt = Clean.drop,
+    split_dir: SplitDir = None,
     group_regex: GroupRegex = None,
-    seed: Seed = 42,
-    image_size: ImageSize = 300,
-    weights: Annotated[str, typer.Option(
-        help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5 | a trained ctedge "
-             "model (RUN/model.keras or the run folder): its backbone, exactly as trained.")] = "imagenet",
-    backbone: Annotated[Optional[str], typer.Option(
-        help="b3 | tiny (default: the trained model's with --weights RUN, else b3).")] = None,
-    algorithm: Annotated[str, typer.Option(help="random | bayesian | hyperband")] = "random",
+    seed: Seed = DataOptions.seed,
+    test_fraction: TestFraction = DataOptions.test_fraction,
+    val_fraction: ValFraction = DataOptions.val_fraction,
+    image_size: ImageSize = PreprocessConfig.image_size,
+    window_low: WindowLow = PreprocessConfig.window_low,
+    window_high: WindowHigh = PreprocessConfig.window_high,
+    centre: Centre = PreprocessConfig.centre,
+    rotation: Rotation = AugmentConfig.rotation_deg,
+    shift: Shift = AugmentConfig.shift,
+    flip: Flip = AugmentConfig.horizontal_flip,
+    zoom: Zoom = AugmentConfig.zoom,
+    weights: Weights = ModelConfig.weights,
+    backbone: BackboneOpt = None,
+    units: Units = None,
+    dropout: Dropout = None,
+    freeze_backbone: FreezeBackbone = None,
+    fine_tune_blocks: FineTuneBlocks = ModelConfig.fine_tune_blocks,
+    epochs: Epochs = 20,
+    batch_size: BatchSize = TrainConfig.batch_size,
+    learning_rate: LearningRate = None,
+    patience: Patience = 5,
+    algorithm: Annotated[Algorithm, typer.Option(help="Keras Tuner search algorithm.")] = Algorithm.random,
     max_trials: Annotated[int, typer.Option(
         help="Trials to run (the paper's defaults are the first); caps Hyperband's brackets.")] = 10,
-    epochs: Annotated[int, typer.Option(
-        help="Epochs per trial (early stopping on the objective); Hyperband: the largest budget.")] = 20,
     time_budget: Annotated[Optional[float], typer.Option(help="Start no new trial after MIN minutes.")] = None,
-    objective: Annotated[str, typer.Option(help="val_auc | val_accuracy | val_loss")] = "val_auc",
+    objective: Annotated[Objective, typer.Option(help="What the search maximises (val_loss: minimises).")
+                         ] = Objective.val_auc,
     directory: Annotated[Path, typer.Option(help="Keras Tuner project root.")] = Path("tuning"),
     project: Annotated[Optional[str], typer.Option(help="Project name (default DATA-SIZE).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the project over.")] = False,
@@ -559,13 +673,16 @@ def tune(
     cache: Annotated[bool, typer.Option(help="Tune the head on cached backbone features (--no-cache: "
                                              "recompute the backbone every epoch).")] = True,
     search_space: Annotated[Optional[Path], typer.Option(help="YAML/JSON search space (see tuning/*.example.*).")] = None,
-    role: Annotated[Optional[str], typer.Option(help="Distributed: chief | worker (Keras Tuner's engine).")] = None,
+    role: Annotated[Optional[Role], typer.Option(help="Distributed: this machine's part (Keras Tuner's engine).")
+                    ] = None,
     oracle: Annotated[Optional[str], typer.Option(help="Distributed: the chief's HOST:PORT.")] = None,
     tuner_id: Annotated[Optional[str], typer.Option(help="Distributed: this worker's id.")] = None,
     json_out: JsonOut = None,
 ) -> None:
     """Search head width, learning rate and dropout around the paper's defaults with
     Keras Tuner; resumable (rerun the same command), fast on cached backbone features.
+    Takes train's data, split, preprocessing, augmentation, model and training
+    options; `--units`, `--dropout` and `--lr` set the first trial's values.
 
     Example (heads on the backbone of a model trained here, e.g. by `ctedge train --weights none`):
     `ctedge tune ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits
@@ -574,26 +691,30 @@ def tune(
     Distributed: `ctedge tune DATA --role chief --oracle 0.0.0.0:8000` on one machine,
     `ctedge tune DATA --role worker --oracle CHIEF:8000` on each other, one shared --directory.
     """
+    from dataclasses import replace
+
     from rich.table import Table
 
-    from .data import DataOptions
-    from .model import ModelConfig, saved_backbone
-    from .preprocess import PreprocessConfig
     from .tuning import SearchSpace, TuneOptions, set_distributed
     from .tuning import tune as run_tuning
 
     check_outputs((directory, "--directory", True), (json_out, "--json"))
     set_distributed(role, oracle, tuner_id)
     space = SearchSpace.from_file(search_space) if search_space else SearchSpace()
+    first = {name: value for name, value in (("default_units", units), ("default_lr", learning_rate),
+                                             ("default_dropout", dropout)) if value is not None}
     summary = run_tuning(
-        DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
-                    seed=seed, group_regex=group_regex, clean=clean),
-        ModelConfig(weights=weights, backbone=backbone or saved_backbone(weights) or "b3",
-                    freeze_backbone=False if fine_tune else None),
-        PreprocessConfig(image_size=image_size),
+        data_options(data, positive=positive, clean=clean, split_dir=split_dir, group_regex=group_regex,
+                     seed=seed, test_fraction=test_fraction, val_fraction=val_fraction),
+        model_config(weights=weights, backbone=backbone, fine_tune_blocks=fine_tune_blocks,
+                     freeze_backbone=False if fine_tune else freeze_backbone),
+        preprocess_config(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
+                          rotation=rotation, shift=shift, flip=flip, zoom=zoom),
         TuneOptions(algorithm=algorithm, max_trials=max_trials, epochs=epochs, time_budget_min=time_budget,
                     objective=objective, directory=str(directory), project=project, overwrite=overwrite,
-                    views=views, fine_tune=fine_tune, cache=cache, seed=seed), space)
+                    views=views, fine_tune=fine_tune, cache=cache, batch_size=batch_size, patience=patience,
+                    seed=seed),
+        replace(space, **first))
     if summary.get("role") == "worker":
         console.print(f"worker {summary['tuner_id']} ran trial(s) {', '.join(summary['trials_run']) or 'none'}; "
                       f"the chief writes {summary['project']}/summary.json")
@@ -617,12 +738,15 @@ def tune(
 @command
 def audit(
     data: DataArg,
-    split_dir: SplitDir = None,
     positive: Positive = None,
+    split_dir: SplitDir = None,
     group_regex: GroupRegex = None,
-    seed: Seed = 42,
-    image_size: ImageSize = 300,
-    threshold: Annotated[int, typer.Option(help="Near-duplicate candidates: max differing bits of 64 (pHash).")] = 12,
+    seed: Seed = DataOptions.seed,
+    test_fraction: TestFraction = DataOptions.test_fraction,
+    val_fraction: ValFraction = DataOptions.val_fraction,
+    image_size: ImageSize = PreprocessConfig.image_size,
+    threshold: Annotated[int, typer.Option(help="Near-duplicate candidates: max differing bits of 64 (pHash).")
+                         ] = HASH_THRESHOLD,
     show: Annotated[int, typer.Option(help="Rows of each list to print.")] = 10,
     json_out: JsonOut = None,
     html_out: HtmlOut = None,
@@ -630,17 +754,16 @@ def audit(
     """Find leakage and shortcuts: near-duplicates within/across splits, annotated
     images, a metadata-only shortcut baseline, class balance, unreadable/small images.
 
-    Exit code 0 when clean, 4 when images are duplicated across splits (leakage),
+    Exit code 0 when clean, 4 (LEAKAGE) when images are duplicated across splits,
     so CI can gate on it. Example:
     `ctedge audit ../shared/data/covid-ct --split-dir ../shared/data/covid-ct/splits`
     """
-    from .audit import LEAKAGE_EXIT_CODE
+    from .audit import LEAKAGE_MESSAGE, shortcut_finding
     from .audit import audit as run_audit
-    from .data import DataOptions
 
     check_outputs((json_out, "--json"), (html_out, "--html"))
-    report = run_audit(DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None,
-                                   positive=positive, seed=seed, group_regex=group_regex), image_size, threshold)
+    report = run_audit(data_options(data, positive=positive, split_dir=split_dir, group_regex=group_regex, seed=seed,
+                                    test_fraction=test_fraction, val_fraction=val_fraction), image_size, threshold)
     for split, b in report["balance"].items():
         if b["images"]:
             console.print(f"{split}: {b['images']} images, {b['positive']} positive "
@@ -660,13 +783,8 @@ def audit(
     baseline = report["shortcut_baseline"]
     for split in ("val", "test"):
         if split in baseline:
-            b = baseline[split]
-            loud = b["auc"] >= 0.7
-            console.print(("[bold red]SHORTCUT: [/]" if loud else "") +
-                          f"a classifier on file metadata alone (size, channels, format, bytes/pixel) "
-                          f"reaches AUC {b['auc']:.3f}, accuracy {b['accuracy']:.3f} on {split} "
-                          f"({b['images']} images)" + (": read any image model's figures against this"
-                                                       if loud else ""))
+            loud, finding = shortcut_finding(split, baseline[split])
+            console.print(f"[bold red]{escape(finding)}[/]" if loud else escape(finding), highlight=False)
     write_json(report, json_out)
     if html_out:
         from .report import audit_section, verdict, write_page
@@ -675,8 +793,8 @@ def audit(
                    f"split lists {split_dir}" if split_dir else "random split, seed " + str(seed))
         console.print(f"HTML page: {html_out}")
     if report["leakage"]:
-        console.print("[bold red]leakage: the same image is in more than one split[/]")
-        raise typer.Exit(LEAKAGE_EXIT_CODE)
+        console.print(f"[bold red]{LEAKAGE_MESSAGE}[/]")
+        raise typer.Exit(ExitCode.LEAKAGE)
 
 
 
@@ -685,7 +803,8 @@ def explain(
     model: Annotated[Path, typer.Argument(help="Trained model (.keras): Grad-CAM needs its gradients.")],
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the overlays.")] = Path("explained"),
-    threshold: Annotated[float, typer.Option(help="Decision threshold written on each overlay.")] = 0.5,
+    threshold: Annotated[float, typer.Option(help="Decision threshold written on each overlay.")
+                         ] = DEFAULT_THRESHOLD,
     alpha: Annotated[float, typer.Option(help="Heatmap opacity at its hottest (0-1).")] = 0.5,
     sheet: Annotated[bool, typer.Option(help="Also write contact_sheet.png (the first 48 images) when there are several.")] = True,
     json_out: JsonOut = None,
@@ -698,14 +817,12 @@ def explain(
     if any failed. Example:
     `ctedge explain runs/train-X/model.keras ../shared/data/covid-ct/CT_COVID --out explained`
     """
+    from .explain import check
     from .explain import explain as run_explain
     from .imageio import expand_paths
     from .runconfig import RunConfig
 
-    if model.suffix != ".keras":
-        raise CtedgeError(f"{model}: explain needs the trained .keras model (an ONNX file has no gradients)")
-    if not 0.0 <= alpha <= 1.0:
-        raise CtedgeError(f"--alpha must be between 0 and 1, not {alpha}")
+    check(model, alpha)
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
@@ -726,11 +843,11 @@ def report(
     run_dir: Annotated[Path, typer.Argument(
         help="Training run folder (model.keras + config.json) or tuning project (best_model.keras).")],
     data: Annotated[Optional[Path], typer.Option(help="Data folder (default: the one the run trained on).")] = None,
-    split: Annotated[str, typer.Option(help="Split to evaluate: train | val | test | all")] = "val",
+    split: Annotated[EvalSplit, typer.Option(help="Split to evaluate.")] = EvalSplit.val,
     explain_count: Annotated[int, typer.Option("--explain", help="Images to explain with Grad-CAM (0: none).")] = 12,
     run_audit: Annotated[bool, typer.Option("--audit/--no-audit", help="Include the data audit.")] = True,
     fresh: Annotated[bool, typer.Option(help="Recompute the evaluation and audit even if the run folder has them.")] = False,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = DEFAULT_RESAMPLES,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default RUN_DIR/report.html).")] = None,
     json_out: JsonOut = None,
     study: Annotated[bool, typer.Option("--study", help="--data holds class folders of studies: patient-level "
@@ -758,29 +875,16 @@ def report(
     console.print(f"[green]report:[/] {escape(str(result['report']))}")
     write_json(result, json_out)
 
-Provider = Annotated[str, typer.Option(
-    help="Device. onnxruntime: auto | cpu | cuda | tensorrt (falls back to the CPU with a message); "
-         "openvino: auto | cpu | gpu | npu.")]
-Threads = Annotated[Optional[int], typer.Option(help="Inference threads (default: all cores).")]
-Runtime = Annotated[str, typer.Option(
-    help="Engine: auto (what `ctedge bench --runtime all` found fastest here, saved beside the model; "
-         "else onnxruntime) | onnxruntime | openvino.")]
-Precision = Annotated[Optional[str], typer.Option(
-    help="fp32 | bf16 | fp16 | int8. OpenVINO: bf16/fp16 are inference precisions of the fp32 model "
-         "(CPU support needed), int8 the IR from `export --openvino`; onnxruntime: fp16/int8 run the "
-         "NAME_fp16/NAME_int8.onnx files from export. Default: auto's choice, else fp32.")]
-CacheDir = Annotated[Optional[Path], typer.Option(
-    help="OpenVINO compiled-model cache (default ~/.cache/ctedge/openvino): a second start skips compiling.")]
-
-
 @command
 def predict(
     model: Annotated[Path, typer.Argument(help="Exported .onnx model (or OpenVINO IR .xml).")],
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
-    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 8,
-    runtime: Runtime = "auto",
-    precision: Precision = None,
-    provider: Provider = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = StudyOptions.batch_size,
+    runtime: Annotated[Runtime, typer.Option(
+        help="Engine; auto: what `ctedge bench --runtime all` found fastest here, saved beside the model, "
+             "else onnxruntime.")] = Runtime.auto,
+    precision: PrecisionOpt = None,
+    provider: ProviderOpt = Provider.auto,
     threads: Threads = None,
     cache_dir: CacheDir = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write rows as CSV ('-' for stdout).")] = None,
@@ -789,9 +893,9 @@ def predict(
                                         "or NIfTI): one answer per study (patient).")] = False,
     series: SeriesOpt = None,
     slice_step: SliceStep = None,
-    max_slices: MaxSlices = 64,
-    aggregate: AggregateOpt = "topk",
-    top_k: TopK = 5,
+    max_slices: MaxSlices = DEFAULT_MAX_SLICES,
+    aggregate: AggregateOpt = Aggregate.topk,
+    top_k: TopK = DEFAULT_TOP_K,
     plot: Annotated[Optional[Path], typer.Option(
         help="--study: folder for one PNG per study (needs matplotlib).")] = None,
 ) -> None:
@@ -812,11 +916,7 @@ def predict(
     from .imageio import expand_paths
     from .runtime import Classifier
 
-    if batch_size < 1:
-        raise CtedgeError(f"--batch-size must be at least 1, not {batch_size}")
     if study:
-        from .study import StudyOptions
-
         options = StudyOptions(series_uid=series, slice_step=slice_step, max_slices=max_slices,
                                aggregate=aggregate, top_k=top_k, batch_size=batch_size,
                                keep_thumbnails=plot is not None)
@@ -896,42 +996,48 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
     failed = sum(r.error is not None for r in results)
     if failed:
         console.print(f"[yellow]{failed} of {len(results)} stud(ies) got no answer[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @command
 def bench(
     models: Annotated[Optional[list[Path]], typer.Argument(
         help=".onnx or OpenVINO .xml (and .keras for a TF baseline) models; default: every .onnx in exports/.")] = None,
-    runtime: Annotated[str, typer.Option(
-        help="onnxruntime | openvino | auto | all (every runtime × precision × provider this machine has; "
-             "saves the fastest within tolerance beside the model for --runtime auto).")] = "onnxruntime",
-    precision: Precision = None,
-    provider: Annotated[str, typer.Option(help="onnxruntime provider: cpu | cuda | tensorrt | all")] = "cpu",
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,16",
+    runtime: Annotated[BenchRuntime, typer.Option(
+        help="all: every runtime × precision × provider this machine has (saves the fastest within tolerance "
+             "beside the model for --runtime auto).")] = BenchRuntime.onnxruntime,
+    precision: PrecisionOpt = None,
+    provider: ProviderOpt = Provider(BenchOptions.provider),
+    all_providers: Annotated[bool, typer.Option(
+        "--all-providers", help="Every onnxruntime provider this machine has, instead of --provider.")] = False,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
+        map(str, BenchOptions().batch_sizes)),
     threads: Threads = None,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up calls.")] = 3,
-    runs: Annotated[int, typer.Option(help="Timed calls per measure.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up calls.")] = BenchOptions.warmup,
+    runs: Annotated[int, typer.Option(help="Timed calls per measure.")] = BenchOptions.runs,
     seconds: Annotated[Optional[float], typer.Option(help="Time each measure for S seconds instead of --runs.")] = None,
     data: Annotated[Optional[Path], typer.Option(
         help="Images (class folders give accuracy/AUC on all of them); default: generated.")] = None,
     split_dir: Annotated[Optional[Path], typer.Option(
         help="Official split lists: accuracy on --split of --data only.")] = None,
-    split: Annotated[str, typer.Option(help="Split for accuracy with --split-dir: train | val | test.")] = "val",
+    split: Annotated[Split, typer.Option(help="Split for accuracy with --split-dir.")] = Split(BenchOptions.split),
     accuracy_images: Annotated[Optional[int], typer.Option(
         help="Score a seeded sample of N labelled images instead of all (stated in the report).")] = None,
     auc_tolerance: Annotated[float, typer.Option(
-        help="A variant is within tolerance when |AUC - fp32 AUC| is at most this (labelled data).")] = 0.005,
+        help="A variant is within tolerance when |AUC - fp32 AUC| is at most this (labelled data).")
+    ] = BenchOptions.auc_tolerance,
     cache_dir: CacheDir = None,
     save_choice: Annotated[bool, typer.Option(
         help="With --runtime all, write MODEL.runtime.json (the fastest within tolerance) for --runtime auto.")] = True,
-    budget_ms: Annotated[float, typer.Option(help="End-to-end budget per image (the seed's 'few seconds').")] = 2000.0,
+    budget_ms: Annotated[float, typer.Option(help="End-to-end budget per image (the seed's 'few seconds').")
+                         ] = DEFAULT_BUDGET_MS,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the table as markdown.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Latency histogram PNG (needs matplotlib).")] = None,
     json_out: JsonOut = None,
     study: Annotated[Optional[Path], typer.Option(
         help="Time one CT study (folder/.zip) end to end instead, split into stages.")] = None,
-    slice_step: Annotated[Optional[int], typer.Option(help="--study: every Nth slice (default: at most 64).")] = None,
+    slice_step: Annotated[Optional[int], typer.Option(
+        help=f"--study: every Nth slice (default: at most {DEFAULT_MAX_SLICES}).")] = None,
     study_runs: Annotated[int, typer.Option(help="--study: timed runs (and fresh-process runs).")] = 3,
 ) -> None:
     """Latency (min/mean/p50/p90/p99/max), throughput, cold start, end-to-end time
@@ -946,7 +1052,7 @@ def bench(
     """
     from rich.table import Table
 
-    from .bench import BenchOptions, closing_lines, isa_line, markdown, run_bench, table_rows
+    from .bench import budget_line, closing_lines, isa_line, markdown, run_bench, table_rows
 
     check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"))
     if study is not None:
@@ -958,20 +1064,12 @@ def bench(
         sizes = [int(b) for b in batch_sizes.split(",")]
     except ValueError:
         raise CtedgeError(f"--batch-sizes must be comma-separated integers, not {batch_sizes!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise CtedgeError(f"--batch-sizes must be positive integers, not {batch_sizes!r}")
-    if provider not in ("cpu", "cuda", "tensorrt", "all"):
-        raise CtedgeError(f"--provider must be cpu, cuda, tensorrt or all, not {provider!r}")
-    if accuracy_images is not None and accuracy_images < 2:
-        raise CtedgeError(f"--accuracy-images must be at least 2, not {accuracy_images}")
-    if split_dir and not data:
-        raise CtedgeError("--split-dir needs --data (the class folders the lists name)")
     report = run_bench(models or [], BenchOptions(
         provider=provider, batch_sizes=sizes, threads=threads, warmup=warmup, runs=runs, seconds=seconds,
         data=str(data) if data else None, budget_ms=budget_ms,
         runtime=runtime, precision=precision, split_dir=str(split_dir) if split_dir else None, split=split,
         accuracy_images=accuracy_images, auc_tolerance=auc_tolerance,
-        cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice))
+        cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice, all_providers=all_providers))
     m = report["machine"]
     engines = ", ".join(filter(None, [m["onnxruntime"] and f"onnxruntime {m['onnxruntime']}",
                                       m["openvino"] and f"OpenVINO {m['openvino']}"]))
@@ -993,13 +1091,8 @@ def bench(
             console.print(f"[bold red]warning:[/] {Path(r['model']).name}: {r['constant_warning']}",
                           highlight=False)
         if "budget" in r:
-            b = r["budget"]
-            verdict = "[green]within[/]" if b["within"] else "[red]OVER[/]"
-            console.print(f"{Path(r['model']).name} ({r['format']}, {r['provider']}): end-to-end p50 "
-                          f"{b['end_to_end_p50_ms']:.1f} ms, {verdict} the {b['budget_ms']:.0f} ms budget "
-                          f"(margin {b['margin_ms']:.0f} ms); decode+resize is "
-                          + (f"{b['preprocessing_share']:.0%} of it" if b["preprocessing_share"] > 0
-                             else "within the timing noise"))
+            within, line = budget_line(r)
+            console.print(f"[{'green' if within else 'red'}]{escape(line)}[/]", highlight=False)
     for line in closing_lines(report):
         console.print(f"[bold]{escape(line)}[/]", highlight=False)
     write_text(markdown(report), markdown_out)
@@ -1020,7 +1113,7 @@ def bench_study_command(models: list[Path], study: Path, provider: str, threads:
     from rich.table import Table
 
     from .bench import find_models
-    from .study import STAGES, StudyOptions, bench_study
+    from .study import STAGES, TARGET_RATIO, bench_study
 
     for model in find_models(models):
         report = bench_study(model, study, StudyOptions(slice_step=slice_step), provider, threads, runs,
@@ -1036,7 +1129,7 @@ def bench_study_command(models: list[Path], study: Path, provider: str, threads:
         console.print(table)
         console.print(f"{med['slices_per_s']:.1f} slices/s; pipeline wall / (slices used x "
                       f"{report['per_slice_inference_s'] * 1000:.1f} ms batched inference per slice) = "
-                      f"{med['target_ratio']:.2f} (target <= 1.1); model load {report['session_s']:.2f} s; "
+                      f"{med['target_ratio']:.2f} (target <= {TARGET_RATIO}); model load {report['session_s']:.2f} s; "
                       f"fresh process, command start to answer: {report['process_wall_s']['median']:.2f} s")
         write_json(report, json_out)
 

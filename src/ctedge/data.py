@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import Clean, Split
 from .errors import CtedgeError, UnreadableImage
 from .imageio import image_files, read_image
-from .preprocess import PreprocessConfig, annotation_fraction, to_model_input
+from .preprocess import ANNOTATION_MIN_FRACTION, PreprocessConfig, annotation_fraction, to_model_input
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-CLEAN_MODES = ("drop", "report", "off")
-ANNOTATION_MIN_FRACTION = 0.001
+SPLITS = Split.values()
+CLEAN_MODES = Clean.values()
 _POSITIVE_HINT = re.compile(r"covid|positive|pos\b|abnormal|disease", re.I)
 _NEGATIVE_HINT = re.compile(r"non|neg|normal|healthy", re.I)
 
@@ -53,7 +53,8 @@ def _pick_positive(names: list[str]) -> str:
     hinted = [n for n in names if _POSITIVE_HINT.search(n) and not _NEGATIVE_HINT.search(n)]
     if len(hinted) == 1:
         return hinted[0]
-    raise CtedgeError(f"cannot tell which class is positive among {names}; pass --positive NAME")
+    raise CtedgeError(f"not given, and the class names {names} do not tell which is positive; "
+                      "name its folder", param="positive")
 
 
 STUDY_SUFFIXES = (".zip", ".nii", ".nii.gz")
@@ -84,7 +85,7 @@ def discover(root: str | Path, positive: str | None = None, studies: bool = Fals
     names = sorted(files)
     positive = positive or _pick_positive(names)
     if positive not in files:
-        raise CtedgeError(f"--positive {positive!r} is not a class folder of {root} ({names})")
+        raise CtedgeError(f"{positive!r} is not a class folder of {root} ({names})", param="positive")
     for name, found in files.items():
         if not found:
             raise CtedgeError(f"class folder {root / name} has no {what}")
@@ -231,7 +232,7 @@ def load_split(samples: list[Sample], config: PreprocessConfig, clean: str = "dr
                progress: str | None = None, workers: int = 4) -> LoadedSplit:
     """Decode and resize each image once; skip unreadable files with a warning."""
     if clean not in CLEAN_MODES:
-        raise CtedgeError(f"--clean must be one of {CLEAN_MODES}, not {clean!r}")
+        raise CtedgeError(f"must be one of {', '.join(CLEAN_MODES)}, not {clean!r}", param="clean")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda s: _decode(s, config), samples)
         if progress:
@@ -263,7 +264,7 @@ def load_split(samples: list[Sample], config: PreprocessConfig, clean: str = "dr
     return loaded
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataOptions:
     """How a data folder becomes splits; stored in run configs for reuse."""
 

@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
     train(DataOptions(root=str(data)),
           TrainConfig(epochs=epochs, learning_rate=1e-3, patience=epochs),
           ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
-          PreprocessConfig(image_size=64, augment=AugmentConfig(0.0, 0.0, False, 0.0)),
+          PreprocessConfig(image_size=64, augment=AugmentConfig(rotation_deg=0.0, shift=0.0, horizontal_flip=False, zoom=0.0)),
           run_dir)
     report = evaluate(run_dir / "model.keras", data, split="test", resamples=500)
     verdict, above = against_chance(report, report["images"], "test")
@@ -96,8 +96,9 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: in
     from .studydemo import opacity_slices
     from .train import TrainConfig, train
 
-    if patients < 4 or slices < 8:
-        raise CtedgeError(f"--patients must be at least 4 and --slices at least 8, not {patients} and {slices}")
+    for name, value, least in (("patients", patients, 4), ("slices", slices, 8)):
+        if value < least:
+            raise CtedgeError(f"must be at least {least}, not {value}", param=name)
     started = time.perf_counter()
     seconds = {}
     out = Path(out)
@@ -116,7 +117,7 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: in
     train(DataOptions(root=str(slice_root), test_fraction=0.0, val_fraction=0.25, group_regex=r"^(P\d+)_"),
           TrainConfig(epochs=epochs, learning_rate=1e-3, patience=epochs),
           ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
-          PreprocessConfig(image_size=size, augment=AugmentConfig(0.0, 0.0, False, 0.0)), run_dir)
+          PreprocessConfig(image_size=size, augment=AugmentConfig(rotation_deg=0.0, shift=0.0, horizontal_flip=False, zoom=0.0)), run_dir)
     seconds["train"] = time.perf_counter() - started - sum(seconds.values())
     onnx = run_dir / "model.onnx"
     export_onnx(run_dir / "model.keras", onnx, ExportOptions(check_data=str(slice_root), check_count=16))

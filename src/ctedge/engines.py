@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import Precision, Runtime
 from .errors import CtedgeError
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+RUNTIMES = Runtime.values()
+PRECISIONS = Precision.values()
 CPU = "CPUExecutionProvider"
 PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -37,7 +38,7 @@ OV_CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
 CHOICE_SUFFIX = ".runtime.json"  # written beside a model by `ctedge bench --runtime all`
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EngineConfig:
     """How to run a model: engine, numeric precision, device and threads."""
 
@@ -49,11 +50,11 @@ class EngineConfig:
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
-            raise CtedgeError(f"--runtime must be {', '.join(RUNTIMES)}, not {self.runtime!r}")
+            raise CtedgeError(f"must be {', '.join(RUNTIMES)}, not {self.runtime!r}", param="runtime")
         if self.precision is not None and self.precision not in PRECISIONS:
-            raise CtedgeError(f"--precision must be {', '.join(PRECISIONS)}, not {self.precision!r}")
+            raise CtedgeError(f"must be {', '.join(PRECISIONS)}, not {self.precision!r}", param="precision")
         if self.threads is not None and self.threads < 1:
-            raise CtedgeError(f"--threads must be at least 1, not {self.threads}")
+            raise CtedgeError(f"must be at least 1, not {self.threads}", param="threads")
 
 
 def installed(runtime: str) -> bool:
@@ -70,7 +71,7 @@ def require(runtime: str) -> None:
     if not installed(runtime):
         if not any(installed(name) for name in ("onnxruntime", "openvino")):
             raise CtedgeError(no_engine_message())
-        raise CtedgeError(f"--runtime {runtime} needs {runtime}: {INSTALL[runtime]}")
+        raise CtedgeError(f"{runtime} needs {runtime}: {INSTALL[runtime]}", param="runtime")
 
 
 def cpu_flags() -> set[str]:
@@ -154,7 +155,8 @@ def resolve(model: Path, config: EngineConfig) -> EngineConfig:
         else:
             raise CtedgeError(no_engine_message())
     require(runtime)
-    return EngineConfig(runtime, precision or "fp32", provider, config.threads, config.cache_dir)
+    return EngineConfig(runtime=runtime, precision=precision or "fp32", provider=provider, threads=config.threads,
+                        cache_dir=config.cache_dir)
 
 
 def variant_file(path: Path, precision: str, suffixes: dict[str, str]) -> Path:
@@ -164,8 +166,8 @@ def variant_file(path: Path, precision: str, suffixes: dict[str, str]) -> Path:
         return path
     candidate = path.with_name(path.stem + suffix + path.suffix)
     if not candidate.is_file():
-        raise CtedgeError(f"--precision {precision}: {candidate} not found; it is written by "
-                          f"`ctedge export` ({'--openvino' if path.suffix == '.xml' else '--' + precision})")
+        raise CtedgeError(f"{precision}: {candidate} not found; it is written by "
+                          f"`ctedge export` ({'--openvino' if path.suffix == '.xml' else '--' + precision})", param="precision")
     return candidate
 
 
@@ -204,7 +206,7 @@ def resolve_providers(provider: str) -> list[str]:
     if provider == "auto":
         return [p for p in PROVIDERS.values() if p in available][::-1]
     if provider not in PROVIDERS:
-        raise CtedgeError(f"--provider must be auto, cpu, cuda or tensorrt, not {provider!r}")
+        raise CtedgeError(f"for onnxruntime must be auto, cpu, cuda or tensorrt, not {provider!r}", param="provider")
     wanted = PROVIDERS[provider]
     chain = [wanted, PROVIDERS["cuda"], CPU]
     chain = [p for p in dict.fromkeys(chain) if p in available]
@@ -298,7 +300,7 @@ class OpenVinoEngine:
 
         device = {"auto": "CPU", "cpu": "CPU", "gpu": "GPU", "npu": "NPU"}.get(config.provider.lower())
         if device is None:
-            raise CtedgeError(f"--provider for openvino must be auto, cpu, gpu or npu, not {config.provider!r}")
+            raise CtedgeError(f"for openvino must be auto, cpu, gpu or npu, not {config.provider!r}", param="provider")
         if path.suffix not in (".onnx", ".xml"):
             raise CtedgeError(f"{path}: OpenVINO runs .onnx files and IR (.xml) files")
         self.path, self.precision = path, config.precision
@@ -316,8 +318,8 @@ class OpenVinoEngine:
                               f"{', '.join(core.available_devices)})")
         capability = OV_CAPABILITY.get(config.precision)
         if capability and capability not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
-            raise CtedgeError(f"--precision {config.precision}: this {device} has no {capability} support "
-                              "in OpenVINO; use fp32")
+            raise CtedgeError(f"{config.precision}: this {device} has no {capability} support "
+                              "in OpenVINO; use fp32", param="precision")
         properties = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if config.threads:
             properties["INFERENCE_NUM_THREADS"] = config.threads

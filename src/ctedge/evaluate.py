@@ -11,7 +11,16 @@ import numpy as np
 from .data import SPLITS, DataOptions, LoadedSplit, group_of, load_data
 from .errors import CtedgeError
 from .files import atomic_write, csv_text
-from .metrics import bootstrap_ci, calibration, confusion, operating_points, output_spread, point_metrics
+from .metrics import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_THRESHOLD,
+    bootstrap_ci,
+    calibration,
+    confusion,
+    operating_points,
+    output_spread,
+    point_metrics,
+)
 from .plots import reliability, roc_curve
 from .runconfig import RunConfig, data_options_for, keras_preprocess_config
 
@@ -80,6 +89,13 @@ def split_check(stored: RunConfig | None, loaded: dict[str, LoadedSplit]) -> dic
     return check
 
 
+def drift_warning(split: str, drift: dict) -> str:
+    """The sentence for a split that is not the one the model was trained with."""
+    return (f"the {split} split rebuilt from the data is not the one the model was trained with: "
+            f"{drift['missing']} recorded file(s) missing, {drift['new']} new (by content); its figures "
+            "are not comparable with the run's")
+
+
 def external_options(stored: RunConfig | None, root: str | Path) -> DataOptions:
     """Every image of another data set, cleaned as at training: no split lists,
     nothing held out (``test_fraction``/``val_fraction`` 0 put all in train)."""
@@ -91,7 +107,7 @@ def external_options(stored: RunConfig | None, root: str | Path) -> DataOptions:
 
 
 def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
-             threshold: float = 0.5, out_dir: str | Path | None = None, resamples: int = 1000,
+             threshold: float = DEFAULT_THRESHOLD, out_dir: str | Path | None = None, resamples: int = DEFAULT_RESAMPLES,
              seed: int = 0, split_dir: str | None = None, group_regex: str | None = None,
              external: bool = False, positive: str | None = None) -> dict:
     """Score a saved Keras model on one split (or all) of a data folder, or on
@@ -100,9 +116,9 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
     from .model import load_model
 
     if split not in (*SPLITS, "all"):
-        raise CtedgeError(f"--split must be one of {', '.join(SPLITS)}, all; not {split!r}")
+        raise CtedgeError(f"must be one of {', '.join(SPLITS)}, all; not {split!r}", param="split")
     if not 0.0 < threshold < 1.0:
-        raise CtedgeError(f"--threshold must be between 0 and 1, not {threshold}")
+        raise CtedgeError(f"must be between 0 and 1, not {threshold}", param="threshold")
     model_path = Path(model_path)
     model = load_model(model_path)
     stored = RunConfig.load(model_path)
@@ -149,7 +165,7 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
 
 
 def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: float | None = None,
-                     out_dir: str | Path | None = None, resamples: int = 1000, seed: int = 0,
+                     out_dir: str | Path | None = None, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                      positive: str | None = None, options=None, provider: str = "auto",
                      threads: int | None = None, progress=None) -> dict:
     """Patient-level metrics of an exported model on class folders that hold one
@@ -171,7 +187,7 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
         raise CtedgeError(f"{model_path}: studies are evaluated with the exported ONNX model that "
                           "`predict --study` runs (`ctedge export MODEL.keras --onnx`), not a .keras file")
     if threshold is not None and not 0.0 < threshold < 1.0:
-        raise CtedgeError(f"--threshold must be between 0 and 1, not {threshold}")
+        raise CtedgeError(f"must be between 0 and 1, not {threshold}", param="threshold")
     options = options or StudyOptions()
     options.check()
     out = Path(out_dir or model_path.parent / "eval-studies")  # where `report --study` looks

@@ -18,6 +18,7 @@ import numpy as np
 from .errors import CtedgeError, UnreadableImage
 from .files import atomic_write
 from .imageio import read_image
+from .metrics import DEFAULT_THRESHOLD
 from .preprocess import to_model_input
 
 MIN_SHOWN = 384  # pixels: smaller images are enlarged in the overlay PNG
@@ -146,14 +147,23 @@ def _unique_name(path: Path, taken: set[str]) -> str:
     return name
 
 
+def check(model_path: str | Path, alpha: float) -> None:
+    """Refuse what ``explain`` cannot do, before any file is read."""
+    if Path(model_path).suffix != ".keras":
+        raise CtedgeError(f"{model_path}: explain needs the trained .keras model (an ONNX file has no gradients)")
+    if not 0.0 <= alpha <= 1.0:
+        raise CtedgeError(f"must be between 0 and 1, not {alpha}", param="alpha")
+
+
 def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
-            threshold: float = 0.5, positive: str = "positive", alpha: float = 0.5,
+            threshold: float = DEFAULT_THRESHOLD, positive: str = "positive", alpha: float = 0.5,
             batch_size: int = 8, sheet: bool = True, keep_heatmaps: bool = False,
             sheet_limit: int = 48) -> dict:
     """Grad-CAM overlays (``NAME.gradcam.png``) for ``files``; a contact sheet of
     the first ``sheet_limit`` when there are several. Files are read a batch at a
     time; unreadable ones get an error entry. The image-sized heatmaps are kept on
     the entries only when asked."""
+    check(model_path, alpha)
     from .model import load_model
     from .progress import track
     from .runconfig import keras_preprocess_config

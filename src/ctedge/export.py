@@ -20,6 +20,7 @@ from . import __version__
 from .errors import CheckFailed, CtedgeError
 from .files import atomic_write, file_digest
 from .metadata import PREPROCESS_CONTRACT
+from .metrics import DEFAULT_THRESHOLD
 from .preprocess import PreprocessConfig
 from .runconfig import RunConfig, keras_preprocess_config
 
@@ -29,7 +30,7 @@ TRAINING_OPS = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNor
                 "Multinomial", "Bernoulli", "Dropout"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExportOptions:
     opset: int = 17
     fp16: bool = False
@@ -38,7 +39,7 @@ class ExportOptions:
     calibration_count: int = 64
     check_data: str | None = None
     check_count: int = 32
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     tolerance: float = 1e-4  # fp32: max |Keras - ORT|
     fp16_tolerance: float = 1e-2
     int8_tolerance: float = 0.05
@@ -51,6 +52,9 @@ class ExportOptions:
     bf16_tolerance: float = 0.05  # OpenVINO BF16 inference precision of the fp32 IR
     ov_int8_ignored_types: list[str] = field(default_factory=list)  # NNCF ignored scope (op types)
     allow_constant: bool = False  # export a model whose outputs on the check images are constant
+
+
+FLAGGED_MESSAGE = "a variant is beyond its tolerance: see its model card before shipping it"
 
 
 # --- conversion and graph checks ---------------------------------------------

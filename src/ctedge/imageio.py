@@ -16,6 +16,7 @@ import numpy as np
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
+DEFAULT_WINDOW = (-1000.0, 400.0)  # the paper's HU window: how DICOM is decoded to gray 0-255
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: far above any CT slice (512x512 to 4096x4096)
 _limit = {"max_pixels": DEFAULT_MAX_PIXELS}
 
@@ -27,6 +28,10 @@ def max_pixels() -> int:
 
 def set_max_pixels(max_pixels: int) -> None:
     """The default pixel budget of ``read_image`` in this process (`ctedge --max-pixels`)."""
+    if max_pixels < 1:
+        from .errors import CtedgeError
+
+        raise CtedgeError(f"must be at least 1, not {max_pixels}", param="max_pixels")
     _limit["max_pixels"] = max_pixels
 
 
@@ -217,7 +222,7 @@ def _read_raster(path: Path, max_pixels: int) -> Decoded:
     return Decoded(gray=gray, colour=colour, kind=path.suffix.lower().lstrip(".") or "image")
 
 
-def read_image(path: str | Path, window: tuple[float, float] = (-1000.0, 400.0),
+def read_image(path: str | Path, window: tuple[float, float] = DEFAULT_WINDOW,
                max_pixels: int | None = None) -> Decoded:
     """Decode ``path`` to gray levels 0-255; raises ``UnreadableImage`` naming it.
 

@@ -10,6 +10,8 @@ import numpy as np
 
 METRICS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
 CONSTANT_SPREAD = 1e-3  # outputs spanning less than this: the AUC only ranks round-off
+DEFAULT_THRESHOLD = 0.5  # decision threshold on P(positive) unless one is given or stored
+DEFAULT_RESAMPLES = 1000  # bootstrap resamples for the 95% CIs
 
 
 def output_spread(p) -> float:
@@ -38,7 +40,7 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
     """Accuracy, precision, sensitivity (recall), specificity, F1 and ROC AUC."""
     y = np.asarray(y).astype(int)
     predicted = np.asarray(p) >= threshold
@@ -61,14 +63,14 @@ def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[
     }
 
 
-def confusion(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> list[list[int]]:
+def confusion(y: np.ndarray, p: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> list[list[int]]:
     """[[TN, FP], [FN, TP]]."""
     y = np.asarray(y).astype(int)
     predicted = (np.asarray(p) >= threshold).astype(int)
     return [[int(np.sum((y == t) & (predicted == q))) for q in (0, 1)] for t in (0, 1)]
 
 
-def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, resamples: int = 1000,
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = DEFAULT_THRESHOLD, resamples: int = DEFAULT_RESAMPLES,
                  seed: int = 0, groups: np.ndarray | None = None, level: float = 0.95
                  ) -> dict[str, tuple[float, float]]:
     """Percentile CIs; resamples whole groups (patients, source figures) when given,

@@ -16,13 +16,17 @@ from unittest import mock
 import keras
 from keras import layers, ops
 
+from .choices import Backbone
 from .errors import CtedgeError
 from .files import file_digest
+from .imageio import DEFAULT_WINDOW
 from .preprocess import PreprocessConfig, model_pixels
 from .runconfig import ModelConfig, RunConfig
 
 WEIGHTS_FILE = "efficientnetb3_notop.h5"
-BACKBONES = ("b3", "tiny")
+MIN_IMAGE_SIZE = 32  # EfficientNet's smallest input
+BLOCKS = 7  # EfficientNet's blocks, the most fine_tune_blocks can unfreeze
+BACKBONES = Backbone.values()
 # Keras's own EfficientNet builder at width 0.1 / depth 0.1: every stage keeps one
 # block, so layer names (stem_conv, block1a..block7a, top_conv) and every code path
 # are B3's, at about 1% of its compute. For tests and smoke runs, not for diagnosis.
@@ -34,7 +38,7 @@ TINY = {"width_coefficient": 0.1, "depth_coefficient": 0.1, "default_size": 224,
 class CTPreprocess(layers.Layer):
     """The paper's HU window and zero-centre, as a layer (see ``preprocess``)."""
 
-    def __init__(self, window_low: float = -1000.0, window_high: float = 400.0,
+    def __init__(self, window_low: float = DEFAULT_WINDOW[0], window_high: float = DEFAULT_WINDOW[1],
                  centre: float = 0.25, **kwargs):
         super().__init__(**kwargs)
         self.config_ = PreprocessConfig(window_low=window_low, window_high=window_high,
@@ -60,7 +64,7 @@ def build_backbone(weights: str, image_size: int, backbone: str = "b3") -> keras
     from keras.src.applications import efficientnet
 
     if backbone not in BACKBONES:
-        raise CtedgeError(f"backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
+        raise CtedgeError(f"must be one of {', '.join(BACKBONES)}, not {backbone!r}", param="backbone")
     shape = (image_size, image_size, 3)
     run = run_model_path(weights)
     if run is not None:
@@ -101,13 +105,13 @@ def run_model_path(weights: str | None) -> Path | None:
     path = Path(weights)
     if path.suffix == ".keras":
         if not path.is_file():
-            raise CtedgeError(f"--weights: no such model {path}")
+            raise CtedgeError(f": no such model {path}", param="weights")
         return path
     if path.is_dir():
         for name in ("model.keras", "best_model.keras"):
             if (path / name).is_file():
                 return path / name
-        raise CtedgeError(f"--weights {path}: a folder without model.keras or best_model.keras")
+        raise CtedgeError(f"{path}: a folder without model.keras or best_model.keras", param="weights")
     return None
 
 
@@ -130,8 +134,8 @@ def _run_backbone(path: Path, shape: tuple[int, int, int], backbone: str) -> ker
     has), rebuilt from its config when the input size differs."""
     trained = backbone_of(load_model(path))
     if backbone_kind(trained) != backbone:
-        raise CtedgeError(f"--weights {path}: its backbone is {backbone_kind(trained)}, not {backbone}; "
-                          f"pass --backbone {backbone_kind(trained)}")
+        raise CtedgeError(f"{path}: its backbone is {backbone_kind(trained)}, not {backbone}; "
+                          f"set backbone to {backbone_kind(trained)}", param="weights")
     if tuple(trained.input_shape[1:]) == shape:
         return trained
     config = trained.get_config()
@@ -145,7 +149,7 @@ def _run_backbone(path: Path, shape: tuple[int, int, int], backbone: str) -> ker
 def _weights_file(weights: str) -> Path:
     path = Path(weights)
     if not path.is_file():
-        raise CtedgeError(f"--weights: no such file {path} (use imagenet, none or a path)")
+        raise CtedgeError(f": no such file {path} (use imagenet, none or a path)", param="weights")
     return path
 
 
@@ -228,10 +232,10 @@ def add_head(features, units: int, dropout: float = 0.0, pool_size: int = 4):
 def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig) -> keras.Model:
     """The full classifier: raw 0-255 image in, P(positive) out."""
     size = preprocess_config.image_size
-    if size < 32:
-        raise CtedgeError(f"--image-size {size} is too small for EfficientNet (32 or more)")
-    if not 0 <= model_config.fine_tune_blocks <= 7:
-        raise CtedgeError(f"--fine-tune-blocks must be 0-7, not {model_config.fine_tune_blocks}")
+    if size < MIN_IMAGE_SIZE:
+        raise CtedgeError(f"{size} is too small for EfficientNet ({MIN_IMAGE_SIZE} or more)", param="image_size")
+    if not 0 <= model_config.fine_tune_blocks <= BLOCKS:
+        raise CtedgeError(f"must be 0-{BLOCKS}, not {model_config.fine_tune_blocks}", param="fine_tune_blocks")
     backbone = build_backbone(model_config.weights, size, model_config.backbone)
     pretrained = is_pretrained(model_config.weights)
     freeze = pretrained if model_config.freeze_backbone is None else model_config.freeze_backbone

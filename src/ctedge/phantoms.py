@@ -10,9 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .imageio import hu_to_gray
+from .imageio import DEFAULT_WINDOW, hu_to_gray
 
-WINDOW = (-1000.0, 400.0)
+WINDOW = DEFAULT_WINDOW
 
 
 def phantom(rng: np.random.Generator, size: int = 96, positive: bool = False) -> np.ndarray:

@@ -19,8 +19,12 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from .imageio import DEFAULT_WINDOW
 
-@dataclass
+ANNOTATION_MIN_FRACTION = 0.001  # coloured pixels from which an image counts as annotated
+
+
+@dataclass(kw_only=True)
 class AugmentConfig:
     """Training-only augmentation (the paper's rotation, shift, flip, padding)."""
 
@@ -34,13 +38,13 @@ class AugmentConfig:
         return bool(self.rotation_deg or self.shift or self.horizontal_flip or self.zoom)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PreprocessConfig:
     """Every preprocessing parameter; stored in run configs and ONNX metadata."""
 
     image_size: int = 300
-    window_low: float = -1000.0
-    window_high: float = 400.0
+    window_low: float = DEFAULT_WINDOW[0]
+    window_high: float = DEFAULT_WINDOW[1]
     centre: float = 0.25
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -139,7 +143,7 @@ def annotation_fraction(colour: np.ndarray | None, min_saturation: int = 100,
     return float(saturated.mean())
 
 
-def has_annotation(colour: np.ndarray | None, min_fraction: float = 0.001) -> bool:
+def has_annotation(colour: np.ndarray | None, min_fraction: float = ANNOTATION_MIN_FRACTION) -> bool:
     """True when coloured marks (boxes, arrows) cover at least ``min_fraction``."""
     return annotation_fraction(colour) >= min_fraction
 

@@ -19,10 +19,11 @@ import cv2
 import numpy as np
 
 from . import __version__
+from .audit import shortcut_is_loud
 from .errors import CtedgeError, UnreadableImage
 from .files import atomic_write, file_digest
 from .imageio import read_image
-from .metrics import constant_message
+from .metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD, constant_message
 
 if TYPE_CHECKING:
     from .runconfig import RunConfig
@@ -107,7 +108,7 @@ def verdict(evaluation: dict | None, audit: dict | None) -> str:
                                   f"(AUC {base:.3f})."))
     elif audit:
         for split, b in audit["shortcut_baseline"].items():
-            if isinstance(b, dict) and b.get("auc", 0) >= 0.7:
+            if isinstance(b, dict) and shortcut_is_loud(b):
                 lines.append(("warn", f"File metadata alone reaches AUC {b['auc']:.3f} on {split}: read any "
                                       "image model's figures against this shortcut."))
     return "".join(f'<div class="verdict {kind}">{_e(text)}</div>' for kind, text in lines)
@@ -222,7 +223,7 @@ def explain_section(rows: list[dict], labels: dict[str, int], positive: str) -> 
         if row.get("error"):
             continue
         truth = labels.get(row["path"])
-        said = row["probability"] >= row.get("threshold", 0.5)
+        said = row["probability"] >= row.get("threshold", DEFAULT_THRESHOLD)
         kind = "" if truth is None else ("TP" if truth and said else "FN" if truth else "FP" if said else "TN")
         figures.append((order[kind], f"<figure>{picture(row['overlay'], 'Grad-CAM', 400)}<figcaption><b>{kind}</b> "
                        f"P({_e(positive)}) {row['probability']:.3f} · {_e(Path(row['path']).name)}"
@@ -251,7 +252,7 @@ def write_page(path: str | Path, title: str, sections: list[str], subtitle: str 
     return path
 
 
-def pick_for_explaining(predictions_csv: Path, count: int, threshold: float = 0.5) -> list[tuple[str, int]]:
+def pick_for_explaining(predictions_csv: Path, count: int, threshold: float = DEFAULT_THRESHOLD) -> list[tuple[str, int]]:
     """The most confident true/false positives/negatives, in turn, up to ``count``."""
     with open(predictions_csv) as f:
         rows = [(r["path"], int(r["label"]), float(r["probability"])) for r in csv.DictReader(f)]
@@ -299,7 +300,7 @@ def studies_section(evaluation: dict) -> str:
 
 def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val",
           explain_count: int = 12, run_audit: bool = True, out: str | Path | None = None,
-          resamples: int = 1000, fresh: bool = False, study: bool = False,
+          resamples: int = DEFAULT_RESAMPLES, fresh: bool = False, study: bool = False,
           onnx: str | Path | None = None) -> dict:
     """The report of a training run folder or tuning project. ``eval-SPLIT/metrics.json``
     (``ctedge evaluate``) and ``audit.json`` are reused when made from the same
@@ -321,9 +322,9 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         raise CtedgeError(f"{run_dir}: not a training run folder or tuning project (no config.json and "
                           "model.keras or best_model.keras; `ctedge train` and `ctedge tune` write them)")
     if explain_count < 0:
-        raise CtedgeError(f"--explain must be 0 or more, not {explain_count}")
+        raise CtedgeError(f"must be 0 or more, not {explain_count}", param="explain_count")
     if study and data is None:
-        raise CtedgeError("--study needs --data: a folder of class folders holding one study per patient")
+        raise CtedgeError("is needed with study: a folder of class folders holding one study per patient", param="data")
     root = Path(data or config.data.root)
     if not root.is_dir():
         hint = "" if data else " (the run was trained on it; pass --data)"
@@ -348,7 +349,7 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         evaluation = _cached(eval_dir / "metrics.json",
                              lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples),
                              {"model_sha256": file_digest(model), "data": str(root), "split": split,
-                              "split_settings": settings, "resamples": resamples, "threshold": 0.5}, fresh)
+                              "split_settings": settings, "resamples": resamples, "threshold": DEFAULT_THRESHOLD}, fresh)
     for key in ("roc_png", "calibration_png"):  # the folder may have moved since
         if (eval_dir / f"{key[:-4]}.png").is_file():
             evaluation[key] = str(eval_dir / f"{key[:-4]}.png")

@@ -19,7 +19,7 @@ from .preprocess import PreprocessConfig
 SCHEMA_VERSION = 1  # 0: the unversioned files written before it (two shapes, train and tune)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
     """Backbone weights, head and which layers train."""
 
@@ -35,7 +35,7 @@ class ModelConfig:
         return asdict(self)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Optimisation settings (paper: Adam 5e-5, batch 16, 100 epochs)."""
 

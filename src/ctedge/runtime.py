@@ -55,7 +55,8 @@ class Classifier:
         self.path = Path(path)
         if not self.path.is_file():
             raise CtedgeError(f"model not found: {self.path}")
-        self.config = resolve(self.path, EngineConfig(runtime, precision, provider, threads, cache_dir))
+        self.config = resolve(self.path, EngineConfig(runtime=runtime, precision=precision, provider=provider,
+                                                          threads=threads, cache_dir=cache_dir))
         self.engine = open_engine(self.path, self.config)
         checked = ModelMetadata.from_props(self.engine.raw_metadata, self.engine.path, self.engine.inputs)
         self.metadata, self.input_name, self.size = checked.raw, checked.input_name, checked.size
@@ -92,6 +93,8 @@ class Classifier:
 
     def predict_files(self, paths: list[str | Path], batch_size: int = 8) -> list[Prediction]:
         """Predict files in batches; a file that can't be read gets an error row."""
+        if batch_size < 1:
+            raise CtedgeError(f"must be at least 1, not {batch_size}", param="batch_size")
         rows: list[Prediction] = []
         for start in range(0, len(paths), batch_size):
             batch, images = [], []

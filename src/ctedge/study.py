@@ -40,8 +40,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .choices import Aggregate
 from .errors import CtedgeError, UnreadableImage
-from .imageio import check_pixels, hu_to_gray, max_pixels
+from .imageio import DEFAULT_WINDOW, check_pixels, hu_to_gray, max_pixels
 from .preprocess import PREPROCESS_CONTRACT, to_model_input
 
 # Series selection
@@ -57,7 +58,8 @@ LUNG_MIN_FRACTION = 0.05  # of the body outline's area
 # Work bounds and aggregation
 DEFAULT_MAX_SLICES = 64
 DEFAULT_TOP_K = 5
-AGGREGATES = ("topk", "max", "mean")
+TARGET_RATIO = 1.1  # bench --study: pipeline wall / batched inference alone, at most this
+AGGREGATES = Aggregate.values()
 
 CODECS_EXTRA = 'pip install "ctedge[dicom-codecs]"'
 NIFTI_EXTRA = 'pip install "ctedge[nifti]"'
@@ -107,7 +109,7 @@ class Study:
     error: str | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StudyOptions:
     series_uid: str | None = None
     slice_step: int | None = None  # None: as many as keep at most max_slices
@@ -120,12 +122,12 @@ class StudyOptions:
 
     def check(self) -> None:
         if self.aggregate not in AGGREGATES:
-            raise CtedgeError(f"--aggregate must be one of {', '.join(AGGREGATES)}, not {self.aggregate!r}")
+            raise CtedgeError(f"must be one of {', '.join(AGGREGATES)}, not {self.aggregate!r}", param="aggregate")
         for name in ("top_k", "max_slices", "batch_size"):
             if getattr(self, name) < 1:
-                raise CtedgeError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+                raise CtedgeError(f"must be at least 1, not {getattr(self, name)}", param=name)
         if self.slice_step is not None and self.slice_step < 1:
-            raise CtedgeError(f"--slice-step must be at least 1, not {self.slice_step}")
+            raise CtedgeError(f"must be at least 1, not {self.slice_step}", param="slice_step")
 
 
 @dataclass
@@ -575,7 +577,7 @@ def decode_slice(ref: SliceRef, window: tuple[float, float], size: int, thumbnai
     return data
 
 
-def export_slices(study: Study, folder: str | Path, prefix: str, window: tuple[float, float] = (-1000.0, 400.0),
+def export_slices(study: Study, folder: str | Path, prefix: str, window: tuple[float, float] = DEFAULT_WINDOW,
                   keep=None) -> list[Path]:
     """Write the lung slices of a study's chosen series as 8-bit PNGs, to train a
     slice model on studies: windowed like every ctedge input, uncompressed (so file
@@ -622,7 +624,7 @@ def aggregate(probabilities: np.ndarray, method: str = "topk", k: int = DEFAULT_
         return float(p.mean())
     if method == "topk":
         return float(np.sort(p)[-min(k, len(p)):].mean())
-    raise CtedgeError(f"--aggregate must be one of {', '.join(AGGREGATES)}, not {method!r}")
+    raise CtedgeError(f"must be one of {', '.join(AGGREGATES)}, not {method!r}", param="aggregate")
 
 
 # --- the whole path -------------------------------------------------------------

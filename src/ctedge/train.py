@@ -202,8 +202,8 @@ def resume_state(run_dir: Path, settings: dict, resume: bool) -> dict | None:
     changed = [f"{part}.{key}" for part, values in now.items() for key, value in values.items()
                if (part, key) != ("train", "epochs") and saved.get(part, {}).get(key) != value]
     if changed:
-        raise CtedgeError(f"--resume: {run_dir} was started with other settings ({', '.join(changed)}); "
-                          "resume with the same options (only --epochs may change)")
+        raise CtedgeError(f": {run_dir} was started with other settings ({', '.join(changed)}); "
+                          "resume with the same options (only epochs may change)", param="resume")
     return state
 
 
@@ -274,8 +274,11 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
 
     ``resume``: continue the interrupted run in ``run_dir`` from its last finished
     epoch (weights, optimizer state, data order, best-so-far and early stopping)."""
-    if train_config.epochs < 1 or train_config.batch_size < 1:
-        raise CtedgeError("--epochs and --batch-size must be at least 1")
+    for name in ("epochs", "batch_size"):
+        if getattr(train_config, name) < 1:
+            raise CtedgeError(f"must be at least 1, not {getattr(train_config, name)}", param=name)
+    if resume and run_dir is None:
+        raise CtedgeError("is needed to resume: the interrupted run's folder", param="run_dir")
     keras.utils.set_random_seed(train_config.seed)
     run_dir = Path(run_dir or default_run_dir())
     settings = {"data": asdict(data), "train": asdict(train_config), "model": model_config.to_dict(),
@@ -283,7 +286,7 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
     state = resume_state(run_dir, settings, resume)
     done = state["epochs_done"] if state else 0
     if done >= train_config.epochs:
-        raise CtedgeError(f"{run_dir} already ran {done} epoch(s); pass a larger --epochs to go on")
+        raise CtedgeError(f"must be above the {done} epoch(s) {run_dir} already ran, to go on", param="epochs")
     run_dir.mkdir(parents=True, exist_ok=True)
     dataset, parts = load_data(data, preprocess_config, parts=("train", "val", "test"))
     train_part, val_part = parts["train"], parts["val"]

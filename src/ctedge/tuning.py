@@ -28,6 +28,7 @@ import keras_tuner as kt
 import numpy as np
 from keras_tuner.src.distribute import utils as dist_utils
 
+from .choices import Algorithm, Objective, Role
 from .data import DataOptions, load_data
 from .errors import CtedgeError
 from .files import atomic_write, exclusive_lock, file_digest
@@ -39,12 +40,12 @@ from .runconfig import RunConfig, TuneResult
 from .train import AugmentedBatches, compile_model, save_model
 
 log = logging.getLogger(__name__)
-ALGORITHMS = {"random": kt.oracles.RandomSearchOracle,
-              "bayesian": kt.oracles.BayesianOptimizationOracle,
-              "hyperband": kt.oracles.HyperbandOracle}
+ALGORITHMS = {Algorithm.random: kt.oracles.RandomSearchOracle,
+              Algorithm.bayesian: kt.oracles.BayesianOptimizationOracle,
+              Algorithm.hyperband: kt.oracles.HyperbandOracle}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SearchSpace:
     """Ranges around the paper's defaults (units 256, lr 5e-5, no dropout)."""
 
@@ -55,6 +56,7 @@ class SearchSpace:
     dropout_max: float = 0.5
     default_units: int = 256
     default_lr: float = 5e-5
+    default_dropout: float = 0.0
 
     def validate(self) -> "SearchSpace":
         if not (0 < self.units_min <= self.default_units <= self.units_max):
@@ -65,6 +67,9 @@ class SearchSpace:
                               f"empty or leaves out the paper's {self.default_lr}")
         if not 0 <= self.dropout_max < 1:
             raise CtedgeError(f"search space: dropout_max must be in [0, 1), not {self.dropout_max}")
+        if not 0 <= self.default_dropout <= self.dropout_max:
+            raise CtedgeError(f"search space: dropout range [0, {self.dropout_max}] leaves out the "
+                              f"first trial's {self.default_dropout}")
         return self
 
     @classmethod
@@ -89,7 +94,7 @@ class SearchSpace:
         hp.Int("units", self.units_min, self.units_max, sampling="log", default=self.default_units)
         hp.Float("learning_rate", self.lr_min, self.lr_max, sampling="log", default=self.default_lr)
         if self.dropout_max:
-            hp.Float("dropout", 0.0, self.dropout_max, step=0.1, default=0.0)
+            hp.Float("dropout", 0.0, self.dropout_max, step=0.1, default=self.default_dropout)
         return hp
 
 
@@ -270,7 +275,7 @@ def cached_features(directory: Path, parts: dict, preprocess: PreprocessConfig,
 
 # --- the search ------------------------------------------------------------------
 
-@dataclass
+@dataclass(kw_only=True)
 class TuneOptions:
     algorithm: str = "random"
     max_trials: int = 10
@@ -305,6 +310,7 @@ def _guard_project(project_dir: Path, fingerprint: dict) -> None:
     path = project_dir / "ctedge_fingerprint.json"
     if path.is_file():
         old = {"backbone": "b3", **json.loads(path.read_text())}  # projects from before --backbone
+        old.get("search_space", {}).setdefault("default_dropout", 0.0)  # and before --dropout
         changed = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if changed:
             raise CtedgeError(f"project {project_dir} was made with another {', '.join(changed)}; "
@@ -315,13 +321,12 @@ def _guard_project(project_dir: Path, fingerprint: dict) -> None:
 
 def _validate(options: TuneOptions) -> None:
     if options.algorithm not in ALGORITHMS:
-        raise CtedgeError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {options.algorithm!r}")
-    if options.max_trials < 1:
-        raise CtedgeError(f"--max-trials must be at least 1, not {options.max_trials}")
-    if options.epochs < 1 or options.views < 1:
-        raise CtedgeError("--epochs and --views must be at least 1")
-    if options.objective not in ("val_auc", "val_accuracy", "val_loss"):
-        raise CtedgeError(f"--objective must be val_auc, val_accuracy or val_loss, not {options.objective!r}")
+        raise CtedgeError(f"must be one of {', '.join(ALGORITHMS)}, not {options.algorithm!r}", param="algorithm")
+    for name in ("max_trials", "epochs", "views", "batch_size"):
+        if getattr(options, name) < 1:
+            raise CtedgeError(f"must be at least 1, not {getattr(options, name)}", param=name)
+    if options.objective not in Objective.values():
+        raise CtedgeError(f"must be {', '.join(Objective.values())}, not {options.objective!r}", param="objective")
 
 
 def _oracle(options: TuneOptions, space: SearchSpace):
@@ -398,7 +403,8 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
     dataset, parts = load_data(data, preprocess, parts=("train", "val"))
     if not len(parts["val"].y):
         raise CtedgeError("tuning needs a validation split (official lists or --val-fraction)")
-    cached = options.cache and not options.fine_tune and model_config.freeze_backbone is not False
+    cached = (options.cache and not options.fine_tune and model_config.freeze_backbone is not False
+              and not model_config.fine_tune_blocks)
     if cached and not is_pretrained(model_config.weights):
         log.warning("--weights none with a frozen backbone: the cached features come from random "
                     "filters, so expect chance-level scores; use --weights RUN/model.keras (a model trained "
@@ -474,13 +480,13 @@ def set_distributed(role: str | None, oracle: str | None, tuner_id: str | None) 
     """Keras Tuner's own chief/worker mode, through its KERASTUNER_* variables."""
     if role is None:
         return
-    if role not in ("chief", "worker"):
-        raise CtedgeError(f"--role must be chief or worker, not {role!r}")
+    if role not in Role.values():
+        raise CtedgeError(f"must be {' or '.join(Role.values())}, not {role!r}", param="role")
     if not oracle or ":" not in oracle:
-        raise CtedgeError("--role needs --oracle HOST:PORT (the chief's address)")
+        raise CtedgeError(f"must be the chief's HOST:PORT for a {role}, not {oracle!r}", param="oracle")
     host, port = oracle.rsplit(":", 1)
     if not port.isdigit():
-        raise CtedgeError(f"--oracle port must be a number, not {port!r}")
+        raise CtedgeError(f"port must be a number, not {port!r}", param="oracle")
     os.environ["KERASTUNER_ORACLE_IP"] = host
     os.environ["KERASTUNER_ORACLE_PORT"] = port
     os.environ["KERASTUNER_TUNER_ID"] = "chief" if role == "chief" else (tuner_id or f"worker-{os.getpid()}")

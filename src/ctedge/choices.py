@@ -1,0 +1,118 @@
+"""Every fixed vocabulary of ctedge, once: the library validates against these
+and the CLI offers them as choices (listed in ``--help``, completed by the shell).
+
+Members are strings (``Clean.drop == "drop"``), so library code and JSON files
+keep working with plain strings."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A str enum whose str() and format() are its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+class Clean(Choice):
+    """Images with coloured annotation marks."""
+
+    drop = "drop"
+    report = "report"
+    off = "off"
+
+
+class Split(Choice):
+    """One part of the data."""
+
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class EvalSplit(Choice):
+    """A part of the data, or all of it (evaluate, report)."""
+
+    train = "train"
+    val = "val"
+    test = "test"
+    all = "all"
+
+
+class Backbone(Choice):
+    b3 = "b3"  # EfficientNetB3, the paper's
+    tiny = "tiny"  # a 1%-compute EfficientNet for tests and smoke runs
+
+
+class Algorithm(Choice):
+    """Keras Tuner search algorithm."""
+
+    random = "random"
+    bayesian = "bayesian"
+    hyperband = "hyperband"
+
+
+class Objective(Choice):
+    val_auc = "val_auc"
+    val_accuracy = "val_accuracy"
+    val_loss = "val_loss"
+
+
+class Role(Choice):
+    """Keras Tuner's distributed engine."""
+
+    chief = "chief"
+    worker = "worker"
+
+
+class Runtime(Choice):
+    """Inference engine; auto: the one `bench --runtime all` saved beside the model, else onnxruntime."""
+
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+
+
+class BenchRuntime(Choice):
+    """Runtime to benchmark; all: every runtime × precision × provider here."""
+
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+    all = "all"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Provider(Choice):
+    """Device for predict and bench. onnxruntime: auto, cpu, cuda, tensorrt;
+    OpenVINO: auto, cpu, gpu, npu."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    tensorrt = "tensorrt"
+    gpu = "gpu"
+    npu = "npu"
+
+
+class Aggregate(Choice):
+    """How slice probabilities become a study's."""
+
+    topk = "topk"
+    max = "max"
+    mean = "mean"
