@@ -131,3 +131,26 @@ def test_exact_auc_replaces_the_binned_one():
     logs = {"val_auc": 0.5}
     callback.on_epoch_end(0, logs)
     assert logs["val_auc"] == roc_auc(y, model.predict(x, verbose=0)[:, 0]) == 1.0
+
+
+def test_a_cached_epoch_is_one_pass_over_the_images_each_as_one_of_its_views():
+    """As many steps as the naive search's epoch, not views x images; same rows for a seed and epoch."""
+    from ctedge.tuning import ViewBatches
+
+    images, views = 10, 3
+    x = np.arange(images * views, dtype="float32")[:, None]  # row v * images + i holds that number
+    y = np.tile(np.arange(images) % 2, views)
+    batches = ViewBatches(x, y, views, batch_size=4, seed=0)
+    assert len(batches) == 3
+    seen_views = set()
+    for epoch in range(4):
+        batches.start_at(epoch)
+        rows = np.concatenate([batches[k][0][:, 0] for k in range(len(batches))]).astype(int)
+        labels = np.concatenate([batches[k][1] for k in range(len(batches))])
+        assert sorted(rows % images) == list(range(images))  # every image once
+        assert (labels == (rows % images) % 2).all()  # each row keeps its label
+        seen_views |= set(rows // images)
+        again = ViewBatches(x, y, views, batch_size=4, seed=0)
+        again.start_at(epoch)
+        assert (again[0][0] == batches[0][0]).all()
+    assert seen_views == set(range(views))

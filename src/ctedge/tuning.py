@@ -7,7 +7,8 @@ search) and the tuner (``CtedgeTuner``: times trials and clears Keras state).
 
 Fast mode (default with a frozen backbone): the backbone runs once over the
 training images (K augmented views each) and validation, the features are
-cached on disk, and trials train only the head on them. ``--fine-tune`` (or
+cached on disk, and trials train only the head on them, an epoch being one
+pass over the images (each as one of its views), as in the naive search. ``--fine-tune`` (or
 ``--no-cache``) trains full models, the backbone recomputed every epoch.
 """
 
@@ -17,16 +18,20 @@ import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
 import keras_tuner as kt
 import numpy as np
+from keras_tuner.src import utils as kt_utils
 from keras_tuner.src.distribute import utils as dist_utils
+from keras_tuner.src.engine import tuner_utils
 
 from .choices import Algorithm, Objective, Role
 from .data import DataOptions, load_data
@@ -36,6 +41,7 @@ from .metrics import roc_auc
 from .model import ModelConfig, add_head, build_backbone, build_model, is_pretrained, run_model_path
 from .preprocess import PreprocessConfig, augment
 from .progress import console
+from .quiet import import_tensorflow
 from .runconfig import RunConfig, TuneResult
 from .train import AugmentedBatches, compile_model, save_model
 
@@ -164,9 +170,33 @@ class CtedgeTuner(kt.Hyperband):
     other oracles set no ``tuner/*`` values and those steps do nothing. Its
     ``__init__`` (which would make a second oracle) is skipped for Tuner's."""
 
-    def __init__(self, oracle, hypermodel, **kwargs):
+    def __init__(self, oracle, hypermodel, trial_processes: bool = False, seed: int = 42, **kwargs):
         kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
         self.ran: list[str] = []
+        self.trial_processes, self.seed = trial_processes, seed
+
+    def _build_and_fit_model(self, trial, *args, **kwargs):
+        """With ``trial_processes``, build and fit in a fresh process (what TensorFlow
+        keeps after ``clear_session`` goes with it); the checkpoint lands where
+        Keras Tuner looks for it, and the history comes back."""
+        if not self.trial_processes:
+            return super()._build_and_fit_model(trial, *args, **kwargs)
+        hp = trial.hyperparameters
+        parent = hp.values.get("tuner/trial_id")
+        kwargs["callbacks"] = [c for c in kwargs.get("callbacks", [])
+                               if not isinstance(c, tuner_utils.TunerCallback)]  # holds the tuner
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=import_tensorflow) as pool:
+            history, build_config, pid = pool.submit(
+                fit_trial, self.hypermodel, hp.get_config(),
+                self._get_checkpoint_fname(parent) if parent else None, self.seed, args, kwargs).result()
+        kt_utils.save_json(self._get_build_config_fname(trial.trial_id), build_config)
+        if not trial.metrics.exists("pid"):
+            trial.metrics.register("pid", direction="min")
+        trial.metrics.update("pid", pid)
+        result = keras.callbacks.History()
+        result.history = history
+        return result
 
     def _build_hypermodel(self, hp):
         with warnings.catch_warnings():  # a warm start restores weights, not the optimizer: by design
@@ -175,10 +205,19 @@ class CtedgeTuner(kt.Hyperband):
 
     def run_trial(self, trial, *args, **kwargs):
         started = time.perf_counter()
+        data = args[0] if args else kwargs.get("x")
+        if hasattr(data, "start_at"):  # every trial sees the same batches from its first epoch on
+            data.start_at(trial.hyperparameters.values.get("tuner/initial_epoch", 0))
+        measures = {}
         try:
-            return super().run_trial(trial, *args, **kwargs)
+            results = super().run_trial(trial, *args, **kwargs)
+            epochs = [s for r in results if isinstance(r, keras.callbacks.History)
+                      for s in r.history.get("epoch_seconds", [])]
+            measures = {"epochs_run": len(epochs), "fit_seconds": sum(epochs)}  # the rest: build, load, start
+            return results
         finally:
-            for name, value in (("seconds", time.perf_counter() - started), ("rss_mb", rss_mb())):
+            measures.update(seconds=time.perf_counter() - started, rss_mb=rss_mb())
+            for name, value in measures.items():
                 if not trial.metrics.exists(name):
                     trial.metrics.register(name, direction="min")
                 trial.metrics.update(name, value)
@@ -193,6 +232,21 @@ class CtedgeTuner(kt.Hyperband):
         console.print(f"trial {trial.trial_id} {trial.status.lower()}: {values}; {score}"
                       + (f", {seconds:.1f} s" if seconds is not None else ""), highlight=False, markup=False)
         keras.backend.clear_session()
+
+
+def fit_trial(hypermodel: kt.HyperModel, hp_config: dict, warm_start: str | None, seed: int,
+              args: tuple, kwargs: dict) -> tuple[dict, dict, int]:
+    """One trial in a fresh process: build (warm-started from its Hyperband parent's
+    checkpoint), fit; returns the history, the build config and the process id."""
+    keras.utils.set_random_seed(seed)
+    hp = kt.HyperParameters.from_config(hp_config)
+    model = hypermodel.build(hp)
+    if warm_start:
+        with warnings.catch_warnings():  # a warm start restores weights, not the optimizer: by design
+            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+            model.load_weights(warm_start)
+    history = hypermodel.fit(hp, model, *args, **kwargs)
+    return history.history, model.get_build_config(), os.getpid()
 
 
 # --- cached backbone features --------------------------------------------------
@@ -220,6 +274,49 @@ class ExactValAUC(keras.callbacks.Callback):
                                                                       training=False))[:, 0]
                                 for i in range(0, len(self.x), self.batch_size)])
             logs["val_auc"] = roc_auc(self.y, p)
+
+
+class ViewBatches(keras.utils.PyDataset):
+    """Cached features as the naive search sees images: each epoch one pass over the
+    training images, each image as one of its K cached views (drawn by seed and
+    epoch), shuffled. So a cached trial takes the naive trial's number of steps."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, views: int, batch_size: int, seed: int):
+        super().__init__()
+        if len(x) % views:
+            raise CtedgeError(f"cached features: {len(x)} rows are not {views} views of each image")
+        self.x, self.y = x, y.astype("float32")
+        self.images, self.views = len(x) // views, views
+        self.batch_size, self.seed = batch_size, seed
+        self.start_at(0)
+
+    def __len__(self) -> int:
+        return int(np.ceil(self.images / self.batch_size))
+
+    def __getitem__(self, index: int):
+        rows = self.rows[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        self.start_at(self.epoch + 1)
+
+    def start_at(self, epoch: int) -> None:
+        """Rows of ``epoch``: view v of image i is row v * images + i."""
+        self.epoch = epoch
+        rng = np.random.default_rng((self.seed, epoch))
+        order = rng.permutation(self.images)
+        self.rows = rng.integers(0, self.views, self.images)[order] * self.images + order
+
+
+class EpochSeconds(keras.callbacks.Callback):
+    """Each epoch's wall time (validation included) into the logs and history."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.started
 
 
 def cache_key(hashes: list[str], preprocess: PreprocessConfig, model_config: ModelConfig,
@@ -288,6 +385,7 @@ class TuneOptions:
     views: int = 4
     fine_tune: bool = False
     cache: bool = True  # False: the naive way, backbone recomputed every epoch
+    trial_processes: bool | None = None  # None: full-model trials each in a fresh process, head trials in this one
     batch_size: int = 16
     patience: int = 5
     seed: int = 42
@@ -301,6 +399,7 @@ def _fingerprint(space: SearchSpace, hashes: list[str], preprocess: PreprocessCo
             "backbone": model_config.backbone,
             "mode": "cached" if cached else ("fine-tune" if options.fine_tune else "naive"),
             "views": options.views if cached else None,
+            "cached_epoch": "one view per image" if cached else None,  # before: every view, every epoch
             "algorithm": options.algorithm, "objective": options.objective}
 
 
@@ -357,8 +456,8 @@ def trial_table(tuner: kt.Tuner, objective: str, epochs: int) -> list[dict]:
                      "parent": values.get("tuner/trial_id"),
                      "score": trial.score,
                      "best_epoch": None if trial.best_step is None else trial.best_step + 1,
-                     "seconds": metrics.get_last_value("seconds") if metrics.exists("seconds") else None,
-                     "rss_mb": metrics.get_last_value("rss_mb") if metrics.exists("rss_mb") else None,
+                     **{name: metrics.get_last_value(name) if metrics.exists(name) else None
+                        for name in ("seconds", "rss_mb", "pid", "epochs_run", "fit_seconds")},
                      "status": trial.status})
     sign = -1 if objective != "val_loss" else 1
     return sorted(rows, key=lambda r: (r["score"] is None, sign * (r["score"] or 0), r["trial"]))
@@ -417,25 +516,26 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
     if cached:
         features = cached_features(project_dir, parts, preprocess, model_config,
                                    options.views, options.seed)
-        x, y = features["train_x"], features["train_y"]
+        x = ViewBatches(features["train_x"], features["train_y"], options.views, options.batch_size,
+                        options.seed)
         validation = (features["val_x"], features["val_y"])
-        hypermodel = HeadHyperModel(x.shape[1:], model_config, preprocess)
+        hypermodel = HeadHyperModel(features["train_x"].shape[1:], model_config, preprocess)
     else:  # augmented batches, as `ctedge train` feeds them
-        x, y = AugmentedBatches(parts["train"].x, parts["train"].y, options.batch_size,
-                                preprocess.augment, options.seed), None
+        x = AugmentedBatches(parts["train"].x, parts["train"].y, options.batch_size,
+                             preprocess.augment, options.seed)
         validation = (parts["val"].x, parts["val"].y.astype("float32"))
         full = ModelConfig(**{**model_config.to_dict(),
                               "freeze_backbone": False if options.fine_tune else model_config.freeze_backbone})
         hypermodel = HeadHyperModel(None, full, preprocess)
-    tuner = CtedgeTuner(oracle=_oracle(options, space), hypermodel=hypermodel,
+    tuner = CtedgeTuner(oracle=_oracle(options, space), hypermodel=hypermodel, seed=options.seed,
+                        trial_processes=not cached if options.trial_processes is None else options.trial_processes,
                         directory=options.directory, project_name=project, overwrite=False)
     monitor = options.objective
     stop = keras.callbacks.EarlyStopping(monitor=monitor, mode="min" if monitor == "val_loss" else "max",
                                          patience=options.patience)
     started = time.perf_counter()
-    batching = {"batch_size": options.batch_size} if y is not None else {}
-    tuner.search(x, y, validation_data=validation, epochs=options.epochs,
-                 callbacks=[ExactValAUC(*validation), stop], verbose=0, **batching)
+    tuner.search(x, validation_data=validation, epochs=options.epochs,
+                 callbacks=[ExactValAUC(*validation), stop, EpochSeconds()], verbose=0)
     if tuner._is_worker():  # the chief holds the oracle and writes the summary
         return {"role": "worker", "tuner_id": tuner.tuner_id, "project": str(project_dir),
                 "trials_run": tuner.ran, "search_seconds": time.perf_counter() - started}
