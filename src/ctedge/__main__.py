@@ -2,4 +2,5 @@
 
 from .cli import app
 
-app(prog_name="ctedge")
+if __name__ == "__main__":  # tuning's trial processes re-import the main module
+    app(prog_name="ctedge")

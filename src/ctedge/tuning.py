@@ -262,18 +262,27 @@ def weights_identity(weights: str) -> str:
 class ExactValAUC(keras.callbacks.Callback):
     """Replaces Keras's binned ``val_auc`` (200 thresholds: it reads exactly 0.5
     when every output falls in one bin) by the exact rank AUC, before early
-    stopping, the tuner's checkpoint and the history read it."""
+    stopping, the tuner's checkpoint and the history read it.
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int = 64):
+    A head on cached features is called eagerly (``predict`` would trace it anew
+    every trial); a full model goes through ``predict``, because an eager call
+    of a functional model keeps every layer's output until it returns (B3 at
+    300 px, 64 images: over 20 GB)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int = 64, eager: bool = True):
         super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
+        self.x, self.y, self.batch_size, self.eager = x, y, batch_size, eager
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and "val_auc" in logs:  # eager calls: predict() would retrace per trial
+        if logs is None or "val_auc" not in logs:
+            return
+        if self.eager:
             p = np.concatenate([keras.ops.convert_to_numpy(self.model(self.x[i:i + self.batch_size],
                                                                       training=False))[:, 0]
                                 for i in range(0, len(self.x), self.batch_size)])
-            logs["val_auc"] = roc_auc(self.y, p)
+        else:
+            p = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)[:, 0]
+        logs["val_auc"] = roc_auc(self.y, p)
 
 
 class ViewBatches(keras.utils.PyDataset):
@@ -535,7 +544,9 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
                                          patience=options.patience)
     started = time.perf_counter()
     tuner.search(x, validation_data=validation, epochs=options.epochs,
-                 callbacks=[ExactValAUC(*validation), stop, EpochSeconds()], verbose=0)
+                 callbacks=[ExactValAUC(*validation, **({} if cached else {"batch_size": options.batch_size,
+                                                                            "eager": False})),
+                            stop, EpochSeconds()], verbose=0)
     if tuner._is_worker():  # the chief holds the oracle and writes the summary
         return {"role": "worker", "tuner_id": tuner.tuner_id, "project": str(project_dir),
                 "trials_run": tuner.ran, "search_seconds": time.perf_counter() - started}
