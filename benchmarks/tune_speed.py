@@ -11,10 +11,14 @@ Two parts, in one run:
    each, on the same frozen backbone: trials/hour with the one-time feature
    extraction counted, best val AUC of each search, RSS of the search process
    after every trial.
-2. **The paper's epoch budget** (``--paper-epochs``, early stopping as `ctedge tune`
-   has it): the cached search measured whole; the naive search *extrapolated* from
-   part 1's measured naive epochs (per-trial start-up + epochs run x seconds per
-   epoch), with each trial running the epochs its cached twin ran.
+2. **The paper's epoch budget** (``--paper-epochs``), once per ``--patience`` (5: early
+   stopping as `ctedge tune` has it; 100: none, as the paper trained): the cached
+   search measured whole; the naive search *extrapolated* from part 1's measured
+   naive epochs (per-trial start-up + epochs run x seconds per epoch), with each
+   trial running the epochs its cached twin ran.
+
+``--reuse REPORT.json`` takes part 1 (and any part-2 patience already there) from an
+earlier report of the same settings instead of measuring it again; the report says so.
 
 ``--weights`` takes a trained ctedge model (its backbone, exactly as trained;
 ImageNet weights cannot be downloaded here, and random filters would make every
@@ -71,7 +75,7 @@ def extrapolated_naive(naive: dict, cached: dict) -> dict:
 
 def markdown(report: dict) -> str:
     m, s = report["machine"], report["settings"]
-    a, b = report["agreement"], report["paper"]
+    a = report["agreement"]
     lines = [f"# Tuning speed: cached features vs naive Keras Tuner ({report['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; load average before/after "
              f"{report['load_before']} / {report['load_after']}. Data: {s['data']} "
@@ -90,24 +94,28 @@ def markdown(report: dict) -> str:
                      + ", ".join(f"{v:.0f}" for v in shown) + " |")
     pairs = [(c["score"], n["score"]) for c, n in zip(a["cached"]["per_trial"], a["naive"]["per_trial"])]
     diffs = [c - n for c, n in pairs if c is not None and n is not None]
-    lines += ["", f"Speed-up **{a['speedup']:.1f}x** in trials/hour; best val AUC cached - naive "
+    measured = f" ({a['measured']})" if a.get("measured") else ""
+    lines += ["", f"Measured{measured}. Speed-up **{a['speedup']:.1f}x** in trials/hour; best val AUC cached - naive "
               f"**{a['auc_difference']:+.4f}** (target within ±0.01). Same trial, cached - naive val AUC: "
               f"median {np.median(diffs):+.4f}, largest |Δ| {np.max(np.abs(diffs)):.4f} over {len(diffs)} trials. "
               f"Naive trials ran each in a fresh process (pids {len({t['pid'] for t in a['naive']['per_trial']})} "
               "distinct); the RSS column is the search process's.", "",
-              f"## 2. The paper's budget: {s['trials']} trials, up to {s['paper_epochs']} epochs "
-              f"(early stopping, patience {s['patience']})", "",
-              "| mode | how | epochs run (all trials) | wall s | trials/hour | best val AUC |", "|---|---|---|---|---|---|",
-              f"| cached | measured | {b['naive']['epochs']} | "
-              f"{b['cached']['wall_seconds']:.0f} | {b['cached']['trials_per_hour']:.0f} | "
-              f"{b['cached']['best_val_auc']:.4f} |",
-              f"| naive | **extrapolated** from part 1: {b['naive']['startup_seconds_per_trial']:.1f} s start-up "
-              f"per trial + {b['naive']['seconds_per_epoch']:.1f} s per epoch, the cached trials' epochs | "
-              f"{b['naive']['epochs']} | {b['naive']['wall_seconds']:.0f} | {b['naive']['trials_per_hour']:.2f} | "
-              "not run |", "",
-              f"Speed-up at the paper's budget: **{b['speedup']:.0f}x** in trials/hour, the one-time feature "
-              "extraction counted (target ≥ 50x).", "",
-              "Command: `python benchmarks/tune_speed.py " + " ".join(report["argv"]) + "`", ""]
+              f"## 2. The paper's budget: {s['trials']} trials, up to {s['paper_epochs']} epochs", "",
+              "| mode | early stopping | how | epochs run (all trials) | wall s | trials/hour | best val AUC | "
+              "speed-up (trials/hour) |", "|---|---|---|---|---|---|---|---|"]
+    for b in report["paper"]:
+        stopping = "none" if b["patience"] >= s["paper_epochs"] else f"patience {b['patience']}"
+        lines += [f"| cached | {stopping} | measured{' (' + b['measured'] + ')' if b.get('measured') else ''} | "
+                  f"{b['naive']['epochs']} | {b['cached']['wall_seconds']:.0f} | "
+                  f"{b['cached']['trials_per_hour']:.0f} | {b['cached']['best_val_auc']:.4f} | **{b['speedup']:.0f}x** |",
+                  f"| naive | {stopping} | **extrapolated** from part 1: {b['naive']['startup_seconds_per_trial']:.1f} s "
+                  f"start-up per trial + {b['naive']['seconds_per_epoch']:.1f} s per epoch, the cached trials' epochs | "
+                  f"{b['naive']['epochs']} | {b['naive']['wall_seconds']:.0f} | {b['naive']['trials_per_hour']:.2f} | "
+                  "not run | |"]
+    lines += ["", "Speed-up: trials/hour with the one-time feature extraction counted (target ≥ 50x).", "",
+              "Command: `python benchmarks/tune_speed.py " + " ".join(report["argv"]) + "`"
+              + (f"; the reused run's: `python benchmarks/tune_speed.py {' '.join(report['reused_argv'])}`"
+                 if report.get("reused_argv") else ""), ""]
     return "\n".join(lines)
 
 
@@ -121,7 +129,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=2, help="Part 1's epochs per trial (both searches).")
     parser.add_argument("--paper-epochs", type=int, default=100)
-    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--patience", default="5,100", help="Part 2's early-stopping patiences (>= epochs: none).")
+    parser.add_argument("--reuse", type=Path, help="An earlier report: its part 1 (and part-2 rows) are not rerun.")
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tune_speed")
     args = parser.parse_args()
@@ -130,18 +139,28 @@ def main() -> None:
     report = {"machine": machine_info(None), "date": time.strftime("%Y-%m-%d %H:%M"),
               "settings": {**vars(args), "out": str(args.out)}, "argv": sys.argv[1:],
               "load_before": [round(v, 2) for v in os.getloadavg()]}
+    earlier = json.loads(args.reuse.read_text()) if args.reuse else None
     with tempfile.TemporaryDirectory() as folder:
-        agreement = {mode: search(args, folder, mode, mode == "cached", args.epochs, args.epochs)
-                     for mode in ("cached", "naive")}
-        for mode, r in agreement.items():
-            print(mode, json.dumps({k: v for k, v in r.items() if k != "per_trial"}), flush=True)
-        agreement["speedup"] = agreement["cached"]["trials_per_hour"] / agreement["naive"]["trials_per_hour"]
-        agreement["auc_difference"] = agreement["cached"]["best_val_auc"] - agreement["naive"]["best_val_auc"]
-        cached = search(args, folder, "paper", True, args.paper_epochs, args.patience)
-    naive = extrapolated_naive(agreement["naive"], cached)
-    report["agreement"] = agreement
-    report["paper"] = {"cached": cached, "naive": naive,
-                       "speedup": cached["trials_per_hour"] / naive["trials_per_hour"]}
+        if earlier:
+            agreement = {**earlier["agreement"], "measured": f"in the run of {earlier['date']}"}
+            report["reused_argv"] = earlier["argv"]
+        else:
+            agreement = {mode: search(args, folder, mode, mode == "cached", args.epochs, args.epochs)
+                         for mode in ("cached", "naive")}
+            agreement["speedup"] = agreement["cached"]["trials_per_hour"] / agreement["naive"]["trials_per_hour"]
+            agreement["auc_difference"] = agreement["cached"]["best_val_auc"] - agreement["naive"]["best_val_auc"]
+        report["agreement"] = agreement
+        report["paper"] = []
+        for patience in (int(p) for p in args.patience.split(",")):
+            done = [b for b in (earlier or {}).get("paper", []) if b["patience"] == patience]
+            if done:
+                report["paper"].append({**done[0], "measured": f"in the run of {earlier['date']}"})
+                continue
+            cached = search(args, folder, f"paper-{patience}", True, args.paper_epochs, patience)
+            naive = extrapolated_naive(agreement["naive"], cached)
+            report["paper"].append({"patience": patience, "cached": cached, "naive": naive,
+                                    "speedup": cached["trials_per_hour"] / naive["trials_per_hour"]})
+            print(patience, json.dumps(report["paper"][-1]["speedup"]), flush=True)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
