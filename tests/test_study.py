@@ -236,6 +236,9 @@ def test_nifti_volume_and_a_message_without_nibabel(tmp_path, clf, monkeypatch):
     result = only(st.predict_studies(clf, [tmp_path / "ct.nii.gz"], st.StudyOptions(top_k=3)))
     assert result.error is None and result.slices_total == 12
     assert {s["index"] for s in result.top_slices} == set(OPACITY)
+    monkeypatch.setattr(st, "max_pixels", lambda: 64 * 64 - 1)  # one pixel under a slice
+    over = only(st.predict_studies(clf, [tmp_path / "ct.nii.gz"]))
+    assert "above the" in over.error and "--max-pixels" in over.error
     monkeypatch.setitem(sys.modules, "nibabel", None)
     refused = only(st.predict_studies(clf, [tmp_path / "ct.nii.gz"]))
     assert 'pip install "ctedge[nifti]"' in refused.error

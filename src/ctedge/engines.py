@@ -22,6 +22,7 @@ import numpy as np
 
 from .choices import Precision, Runtime
 from .errors import CtedgeError
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +386,7 @@ def cached_metadata(cache: Path | None) -> dict[str, str] | None:
 def remember_metadata(cache: Path | None, metadata: dict[str, str]) -> None:
     if cache is not None:
         try:
-            (cache / "ctedge-metadata.json").write_text(json.dumps(metadata))
+            atomic_write(json.dumps(metadata).encode(), cache / "ctedge-metadata.json")
         except OSError:
             pass
 

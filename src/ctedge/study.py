@@ -356,6 +356,10 @@ def read_nifti(path: Path) -> Study:
         return Study(str(path), path.name, error=f"not a readable NIfTI volume ({exc})")
     if len(shape) != 3:
         return Study(str(path), path.name, error=f"expected a 3-D volume, got shape {tuple(shape)}")
+    try:  # the budget each DICOM slice keeps to, before any voxel is read
+        check_pixels(path, shape[0], shape[1], max_pixels())
+    except UnreadableImage as exc:
+        return Study(str(path), path.name, error=exc.reason)
     source = _Nifti(image)
     z = image.affine @ np.array([[0, 0, k, 1] for k in range(shape[2])], float).T
     refs = [SliceRef(name=f"{path}#{k}", study_uid=path.name, series_uid=path.name, modality="CT",
