@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,8 +135,6 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tune_speed")
     args = parser.parse_args()
-    import sys
-
     report = {"machine": machine_info(None), "date": time.strftime("%Y-%m-%d %H:%M"),
               "settings": {**vars(args), "out": str(args.out)}, "argv": sys.argv[1:],
               "load_before": [round(v, 2) for v in os.getloadavg()]}

@@ -126,7 +126,7 @@ def test_exact_auc_replaces_the_binned_one():
     binned = keras.metrics.AUC()
     binned.update_state(y, model.predict(x, verbose=0))
     assert float(binned.result()) == 0.5
-    callback = ExactValAUC(x, y)
+    callback = ExactValAUC(x, y, batch_size=64)
     callback.set_model(model)
     logs = {"val_auc": 0.5}
     callback.on_epoch_end(0, logs)

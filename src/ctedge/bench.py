@@ -220,7 +220,8 @@ def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
         if options.all_providers:
             from .engines import PROVIDERS, usable_providers
 
-            providers = [name for name, ep in PROVIDERS.items() if ep in usable_providers()]
+            available = usable_providers()
+            providers = [name for name, ep in PROVIDERS.items() if ep in available]
         chosen = []
         for provider in providers:
             config = resolve(model, EngineConfig(runtime=options.runtime, precision=options.precision,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import functools
 import importlib.util
 import json
 import logging
@@ -217,13 +218,22 @@ def resolve_providers(provider: str) -> list[str]:
     return chain
 
 
+@functools.cache
+def preload_gpu_libraries() -> None:
+    """Once per process: CUDA/cuDNN from the nvidia-* pip packages (onnxruntime >= 1.21)."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 def ort_session(ort, path: Path, options, providers: list[str]):
     """An InferenceSession on a provider chain. For a GPU, CUDA/cuDNN from the nvidia-*
     pip packages are preloaded (onnxruntime-gpu does not find them otherwise), and
     onnxruntime's own fallback notices go to stderr, not into a --json stdout."""
     with contextlib.redirect_stdout(sys.stderr):
-        if providers[0] != CPU and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
+        if providers[0] != CPU:
+            preload_gpu_libraries()
         session = ort.InferenceSession(str(path), options, providers=providers)
     if providers[0] not in session.get_providers():
         log.warning("%s could not start (see onnxruntime's message above); running on %s",

@@ -160,6 +160,14 @@ def rss_mb() -> float:
     return float("nan")
 
 
+@contextlib.contextmanager
+def weights_only_warm_start():
+    """A Hyperband warm start restores weights, not the optimizer: by design, so quietly."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+        yield
+
+
 class CtedgeTuner(kt.Hyperband):
     """Times each trial, remembers which it ran, and clears Keras's global
     state after each, so memory does not grow trial after trial.
@@ -199,8 +207,7 @@ class CtedgeTuner(kt.Hyperband):
         return result
 
     def _build_hypermodel(self, hp):
-        with warnings.catch_warnings():  # a warm start restores weights, not the optimizer: by design
-            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+        with weights_only_warm_start():
             return super()._build_hypermodel(hp)
 
     def run_trial(self, trial, *args, **kwargs):
@@ -241,9 +248,8 @@ def fit_trial(hypermodel: kt.HyperModel, hp_config: dict, warm_start: str | None
     keras.utils.set_random_seed(seed)
     hp = kt.HyperParameters.from_config(hp_config)
     model = hypermodel.build(hp)
-    if warm_start:
-        with warnings.catch_warnings():  # a warm start restores weights, not the optimizer: by design
-            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+    if warm_start:  # as kt.Hyperband._build_hypermodel does in the search's process
+        with weights_only_warm_start():
             model.load_weights(warm_start)
     history = hypermodel.fit(hp, model, *args, **kwargs)
     return history.history, model.get_build_config(), os.getpid()
@@ -269,7 +275,7 @@ class ExactValAUC(keras.callbacks.Callback):
     of a functional model keeps every layer's output until it returns (B3 at
     300 px, 64 images: over 20 GB)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int = 64, eager: bool = True):
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, eager: bool = True):
         super().__init__()
         self.x, self.y, self.batch_size, self.eager = x, y, batch_size, eager
 
@@ -544,9 +550,8 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
                                          patience=options.patience)
     started = time.perf_counter()
     tuner.search(x, validation_data=validation, epochs=options.epochs,
-                 callbacks=[ExactValAUC(*validation, **({} if cached else {"batch_size": options.batch_size,
-                                                                            "eager": False})),
-                            stop, EpochSeconds()], verbose=0)
+                 callbacks=[ExactValAUC(*validation, batch_size=options.batch_size, eager=cached), stop,
+                            EpochSeconds()], verbose=0)
     if tuner._is_worker():  # the chief holds the oracle and writes the summary
         return {"role": "worker", "tuner_id": tuner.tuner_id, "project": str(project_dir),
                 "trials_run": tuner.ran, "search_seconds": time.perf_counter() - started}
