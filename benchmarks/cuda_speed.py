@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ctedge.bench import BenchOptions, markdown, run_bench
-from ctedge.phantoms import make_dataset
-from ctedge.study import StudyOptions, bench_study
-from ctedge.studydemo import write_study
+from ctedge.core.phantom_studies import write_study
+from ctedge.core.phantoms import make_dataset
+from ctedge.edge.bench import BenchOptions, markdown, run_bench
+from ctedge.edge.study import StudyOptions, bench_study
 
 
 def gpu_name() -> str:
@@ -38,7 +38,7 @@ def gpu_name() -> str:
 
 def fp16_beside(model: Path) -> Path:
     """The export's fp16 variant file, written with export's own converter if missing."""
-    from ctedge.export import to_fp16
+    from ctedge.training.export import to_fp16
 
     path = model.with_name(model.stem + "_fp16.onnx")
     if not path.is_file():

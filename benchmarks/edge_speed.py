@@ -26,8 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from ctedge.bench import BenchOptions, bench_files, bench_onnx, machine_info, stats_ms, time_calls  # noqa: E402
-from ctedge.export import ExportOptions, export_onnx  # noqa: E402
+from ctedge.edge.bench import BenchOptions, bench_files, bench_onnx, machine_info, stats_ms, time_calls  # noqa: E402
+from ctedge.training.export import ExportOptions, export_onnx  # noqa: E402
 
 INT8_RECIPES = {
     "qdq-per-channel": dict(int8_per_channel=True),
@@ -39,8 +39,8 @@ INT8_RECIPES = {
 
 
 def random_model(size: int, folder: Path) -> Path:
-    from ctedge.model import ModelConfig, build_model
-    from ctedge.preprocess import PreprocessConfig
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.training.model import ModelConfig, build_model
 
     path = folder / f"b3_{size}.keras"
     build_model(ModelConfig(weights="none"), PreprocessConfig(image_size=size)).save(path)
@@ -65,7 +65,7 @@ def export_all(model: Path, out: Path, data: str, recipes: dict) -> dict[str, Pa
 def interleaved_latency(files: dict[str, Path], runs: int, rounds: int = 5) -> dict:
     """Batch-1 and batch-8 latency of every variant, measured in interleaved rounds
     (A B C A B C ...) so that drift on a shared machine hits all variants alike."""
-    from ctedge.runtime import Classifier
+    from ctedge.edge.runtime import Classifier
 
     sessions = {name: Classifier(path, "cpu") for name, path in files.items()}
     sessions["fp32, 1 thread"] = Classifier(files["fp32"], "cpu", threads=1)
@@ -85,7 +85,7 @@ def interleaved_latency(files: dict[str, Path], runs: int, rounds: int = 5) -> d
 def keras_baseline(model: Path, runs: int) -> dict:
     """TF tf.function latency in a fresh process, so TensorFlow's thread pools
     never share a process with the onnxruntime measurements."""
-    code = ("import json, sys; from pathlib import Path; from ctedge.bench import BenchOptions, bench_keras; "
+    code = ("import json, sys; from pathlib import Path; from ctedge.edge.bench import BenchOptions; from ctedge.training.keras_bench import bench_keras; "
             "r = bench_keras(Path(sys.argv[1]), BenchOptions(batch_sizes=[1, 8], runs=int(sys.argv[2]))); "
             "r.pop('samples_ms'); print('RESULT' + json.dumps(r))")
     out = subprocess.run([sys.executable, "-c", code, str(model), str(runs)], capture_output=True, text=True,
@@ -104,11 +104,12 @@ def speed(files: dict[str, Path], keras_model: Path, data: str, runs: int) -> di
 
 def accuracy(files: dict[str, Path], data: str, split_dir: str | None) -> dict:
     """AUC of each variant on the labelled val images (all images without split lists)."""
-    from ctedge.data import DataOptions, load_data
-    from ctedge.export import onnx_probabilities
-    from ctedge.metrics import roc_auc
-    from ctedge.preprocess import PreprocessConfig
-    from ctedge.runtime import Classifier
+    from ctedge.core.data import DataOptions
+    from ctedge.core.metrics import roc_auc
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.edge.runtime import Classifier
+    from ctedge.training.export import onnx_probabilities
+    from ctedge.training.splits import load_data
 
     size = Classifier(files["fp32"], "cpu").size
     _, parts = load_data(DataOptions(root=data, split_dir=split_dir), PreprocessConfig(image_size=size),

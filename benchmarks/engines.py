@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctedge.bench import machine_info, process_start_ms, score, stats_ms, time_interleaved
+from ctedge.edge.bench import machine_info, process_start_ms, score, stats_ms, time_interleaved
 
 
 def ort_session(path: Path, threads: int | None = None, spinning: bool = True):
@@ -50,15 +50,15 @@ def ov_compiled(model, hint: str = "f32", threads: int | None = None):
 
 
 def split_samples(data: str, split_dir: str, part: str):
-    from ctedge.data import discover, split_from_lists
+    from ctedge.core.data import discover, split_from_lists
 
     return split_from_lists(discover(data), split_dir)[part]
 
 
 def load_inputs(samples, size: int, window) -> tuple[np.ndarray, np.ndarray]:
-    from ctedge.errors import CtedgeError
-    from ctedge.imageio import read_image
-    from ctedge.preprocess import to_model_input
+    from ctedge.core.errors import CtedgeError
+    from ctedge.core.imageio import read_image
+    from ctedge.core.preprocess import to_model_input
 
     x, y = [], []
     for s in samples:
@@ -77,7 +77,7 @@ def nncf_recipes(ir: Path, train_x: np.ndarray, train_y: np.ndarray, calibration
     import nncf
     import openvino as ov
 
-    from ctedge.metrics import roc_auc
+    from ctedge.core.metrics import roc_auc
 
     rng = np.random.default_rng(1)
     order = rng.permutation(len(train_x))
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="engines", help="result files: OUT/NAME.md and OUT/NAME.json")
     args = parser.parse_args()
-    from ctedge.runtime import Classifier
+    from ctedge.edge.runtime import Classifier
 
     model = Path(args.model)
     ir = model.with_name(model.stem + "_ov.xml")

@@ -16,9 +16,9 @@ def make_b3(folder: Path, size: int = 300) -> Path:
     output = folder / f"b3_{size}.onnx"
     if output.is_file():
         return output  # without importing TensorFlow (timings run in this process)
-    from ctedge.export import ExportOptions, export_onnx
-    from ctedge.model import ModelConfig, build_model
-    from ctedge.preprocess import PreprocessConfig
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.training.export import ExportOptions, export_onnx
+    from ctedge.training.model import ModelConfig, build_model
 
     folder.mkdir(parents=True, exist_ok=True)
     keras_path = folder / f"b3_{size}.keras"

@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from make_b3 import make_b3  # noqa: E402
 
-from ctedge.study import STAGES, StudyOptions, bench_study  # noqa: E402
-from ctedge.studydemo import fixed_uid, phantom_volume, write_scout, write_series  # noqa: E402
+from ctedge.core.phantom_studies import fixed_uid, phantom_volume, write_scout, write_series  # noqa: E402
+from ctedge.edge.study import STAGES, StudyOptions, bench_study  # noqa: E402
 
 ENGINES = (("onnxruntime", "fp32"), ("openvino", "bf16"))  # fp32 baseline, the fastest variant here
 

@@ -37,15 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ctedge.bench import machine_info
-from ctedge.data import DataOptions
-from ctedge.preprocess import PreprocessConfig
-from ctedge.runconfig import ModelConfig
+from ctedge.core.data import DataOptions
+from ctedge.core.preprocess import PreprocessConfig
+from ctedge.core.runconfig import ModelConfig
+from ctedge.edge.bench import machine_info
 
 
 def search(args, folder: str, project: str, cache: bool, epochs: int, patience: int) -> dict:
     """One search; its wall time (setup and feature extraction included) and trials."""
-    from ctedge.tuning import TuneOptions, tune  # here: trial processes re-import this script
+    from ctedge.training.tuning import TuneOptions, tune  # here: trial processes re-import this script
 
     started = time.perf_counter()
     summary = tune(DataOptions(root=args.data, split_dir=args.split_dir),

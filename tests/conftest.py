@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from ctedge.cli import app  # noqa: E402
-from ctedge.phantoms import make_dataset  # noqa: E402
+from ctedge.core.phantoms import make_dataset  # noqa: E402
 from helpers import TRAIN_SIZE, tune_args  # noqa: E402
 
 runner = CliRunner()
@@ -61,7 +61,7 @@ def trained_run(trained) -> Path:
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, trained_run, phantom_data):
     """The trained run exported once, with FP16 and INT8 variants and OpenVINO IRs: (path, report)."""
-    from ctedge.export import ExportOptions, export_onnx
+    from ctedge.training.export import ExportOptions, export_onnx
 
     out = tmp_path_factory.mktemp("exports") / "tiny.onnx"
     report = export_onnx(trained_run / "model.keras", out, ExportOptions(
@@ -89,7 +89,7 @@ def trained_backbone(tmp_path_factory, trained_run) -> Path:
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
-    from ctedge.model import backbone_of, load_model
+    from ctedge.training.model import backbone_of, load_model
 
     path = tmp_path_factory.mktemp("weights") / "tiny_notop.h5"
     with h5py.File(path, "w") as f:

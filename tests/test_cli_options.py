@@ -11,9 +11,9 @@ import typer
 from typer.testing import CliRunner
 
 import ctedge.cli as cli
-from ctedge import choices
 from ctedge.cli import app
-from ctedge.errors import CtedgeError, ExitCode
+from ctedge.core import choices
+from ctedge.core.errors import CtedgeError, ExitCode
 
 runner = CliRunner()
 WIDE = {"TERMINAL_WIDTH": "400", "COLUMNS": "400"}  # help rows unwrapped
@@ -91,13 +91,13 @@ def test_train_and_tune_write_the_same_settings(monkeypatch, tmp_path):
     """The same flags give train and tune the same data, split, preprocessing
     and model settings (what goes into config.json); tune's head flags set its
     first trial."""
-    import ctedge.train
-    import ctedge.tuning
+    import ctedge.training.train
+    import ctedge.training.tuning
 
     seen = {}
-    monkeypatch.setattr(ctedge.train, "train", lambda data, train, model, preprocess, *rest: seen.update(
+    monkeypatch.setattr(ctedge.training.train, "train", lambda data, train, model, preprocess, *rest: seen.update(
         train=(data, model, preprocess, train)) or {"result": {"epochs_run": 0, "seconds": 0.0, "images_per_s": 0.0}, "splits": {}})
-    monkeypatch.setattr(ctedge.tuning, "tune", lambda data, model, preprocess, options, space: seen.update(
+    monkeypatch.setattr(ctedge.training.tuning, "tune", lambda data, model, preprocess, options, space: seen.update(
         tune=(data, model, preprocess, options, space)) or {"role": "worker", "tuner_id": "-", "trials_run": [], "project": "p"})
     flags = ["--clean", "report", "--positive", "CT_COVID", "--test-fraction", "0.3", "--val-fraction", "0.25",
              "--group-regex", "^(p\\d+)", "--seed", "7", "--image-size", "64", "--window-low", "-900",
@@ -132,7 +132,7 @@ def test_library_errors_name_the_parameter_and_the_cli_shows_the_flag(tmp_path):
 
 
 def test_explain_validates_in_the_library(tmp_path):
-    from ctedge.explain import explain
+    from ctedge.evaluation.explain import explain
 
     with pytest.raises(CtedgeError, match="^alpha must be between 0 and 1, not 5") as refused:
         explain(tmp_path / "m.keras", [], tmp_path, alpha=5)
@@ -141,7 +141,7 @@ def test_explain_validates_in_the_library(tmp_path):
         explain(tmp_path / "m.onnx", [], tmp_path)
 
 
-SRC = Path(cli.__file__).read_text()
+SRC = "\n".join(p.read_text() for p in sorted(Path(cli.__file__).parent.glob("*.py")))
 VERDICTS = ("SHORTCUT", "effectively constant", "leakage:", "OVER", "beyond its tolerance", "timing noise",
             "not comparable", "target <= 1")
 
@@ -168,13 +168,13 @@ def test_cli_defaults_are_the_librarys():
     library dataclass's, so the two cannot drift."""
     from dataclasses import MISSING, fields
 
-    from ctedge.bench import BenchOptions
-    from ctedge.data import DataOptions
-    from ctedge.export import ExportOptions
-    from ctedge.preprocess import PreprocessConfig
-    from ctedge.runconfig import ModelConfig, TrainConfig
-    from ctedge.study import StudyOptions
-    from ctedge.tuning import TuneOptions
+    from ctedge.core.data import DataOptions
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.core.runconfig import ModelConfig, TrainConfig
+    from ctedge.edge.bench import BenchOptions
+    from ctedge.edge.study import StudyOptions
+    from ctedge.training.export import ExportOptions
+    from ctedge.training.tuning import TuneOptions
 
     owners = {"train": (DataOptions, PreprocessConfig, ModelConfig, TrainConfig),
               "tune": (DataOptions, PreprocessConfig, ModelConfig, TuneOptions),

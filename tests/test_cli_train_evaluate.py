@@ -89,8 +89,8 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_evaluate_says_when_the_model_is_effectively_constant(tmp_path, phantom_data):
     import numpy as np
 
-    from ctedge.model import ModelConfig, build_model
-    from ctedge.preprocess import PreprocessConfig
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.training.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(weights="none", backbone="tiny", units=4), PreprocessConfig(image_size=32))
     output = model.get_layer("head_output")
@@ -137,7 +137,7 @@ def test_error_messages_keep_their_brackets(tmp_path):
 
 
 def test_evaluate_on_another_data_set_scores_every_image_there(tmp_path, trained_run):
-    from ctedge.phantoms import make_dataset
+    from ctedge.core.phantoms import make_dataset
 
     other = make_dataset(tmp_path / "other", per_class=4, size=64, seed=7)  # no file the run trained on
     result = runner.invoke(app, ["evaluate", str(trained_run / "model.keras"), str(other), "--resamples", "10",

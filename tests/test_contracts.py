@@ -8,12 +8,12 @@ import sys
 import pytest
 
 TRAINING_STACK = ("tensorflow", "keras", "tf2onnx", "sklearn", "keras_tuner")
-TRAINING_MODULES = ("ctedge.train", "ctedge.model", "ctedge.tuning", "ctedge.export",
-                    "ctedge.evaluate", "ctedge.explain", "ctedge.report", "ctedge.quiet")
+TRAINING_MODULES = ("ctedge.training.train", "ctedge.training.model", "ctedge.training.tuning", "ctedge.training.export",
+                    "ctedge.evaluation.evaluate", "ctedge.evaluation.explain", "ctedge.evaluation.report", "ctedge.training.quiet")
 
 
-@pytest.mark.parametrize("module", ["ctedge.runtime", "ctedge.metadata", "ctedge.files", "ctedge.imageio", "ctedge.preprocess",
-                                    "ctedge.bench", "ctedge.study", "ctedge.cli"])
+@pytest.mark.parametrize("module", ["ctedge.edge.runtime", "ctedge.core.metadata", "ctedge.core.files", "ctedge.core.imageio", "ctedge.core.preprocess",
+                                    "ctedge.edge.bench", "ctedge.edge.study", "ctedge.cli"])
 def test_edge_modules_never_import_the_training_stack(module):
     code = (f"import sys, json; import {module}; "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "

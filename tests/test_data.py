@@ -4,9 +4,10 @@ import cv2
 import numpy as np
 import pytest
 
-from ctedge.data import DataOptions, discover, load_data, load_split, make_splits, random_split, split_from_lists
-from ctedge.errors import CtedgeError
-from ctedge.preprocess import PreprocessConfig
+from ctedge.core.data import DataOptions, discover, load_split, split_from_lists
+from ctedge.core.errors import CtedgeError
+from ctedge.core.preprocess import PreprocessConfig
+from ctedge.training.splits import load_data, make_splits, random_split
 
 
 def test_covid_ct_layout_detects_the_positive_class(phantom_data):
@@ -51,7 +52,7 @@ def test_random_split_is_disjoint_stratified_and_seeded(phantom_data):
 
 
 def test_group_aware_split_keeps_groups_together(tmp_path):
-    from ctedge.phantoms import phantom
+    from ctedge.core.phantoms import phantom
     rng = np.random.default_rng(0)
     for cls, label in (("CT_COVID", True), ("CT_NonCOVID", False)):
         (tmp_path / cls).mkdir()

@@ -41,8 +41,8 @@ def test_predict_and_bench_warn_when_outputs_are_constant(tmp_path):
 
 
 def test_export_refuses_a_constant_model_unless_told(tmp_path, phantom_data):
-    from ctedge.model import ModelConfig, build_model
-    from ctedge.preprocess import PreprocessConfig
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.training.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(weights="none", backbone="tiny", units=4), PreprocessConfig(image_size=32))
     output = model.get_layer("head_output")

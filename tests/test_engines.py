@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ctedge import engines
 from ctedge.cli import app
-from ctedge.errors import CtedgeError
-from ctedge.runtime import Classifier
+from ctedge.core.errors import CtedgeError
+from ctedge.edge import engines
+from ctedge.edge.runtime import Classifier
 from helpers import brightness_onnx, gray_image
 
 runner = CliRunner()
@@ -147,7 +147,7 @@ def test_bench_runtime_all_scores_every_variant_and_saves_the_fastest(tmp_path, 
 
 
 def test_bench_accuracy_on_one_split_only(tmp_path, images):
-    from ctedge.bench import BenchOptions, accuracy_files
+    from ctedge.edge.bench import BenchOptions, accuracy_files
 
     splits = tmp_path / "splits"
     splits.mkdir()
@@ -161,7 +161,7 @@ def test_bench_accuracy_on_one_split_only(tmp_path, images):
 
 def test_openvino_path_imports_no_training_stack(model, images, cache):
     image = next(images.rglob("*.png"))
-    code = ("import sys; from ctedge.runtime import Classifier; "
+    code = ("import sys; from ctedge.edge.runtime import Classifier; "
             f"c = Classifier({str(model)!r}, runtime='openvino', cache_dir={cache!r}); "
             f"assert c.predict_files([{str(image)!r}])[0].probability is not None; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'sklearn', 'nncf', "

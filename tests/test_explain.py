@@ -7,10 +7,10 @@ from keras import layers
 from typer.testing import CliRunner
 
 from ctedge.cli import app
-from ctedge.explain import MIN_SHOWN, explain, grad_cam, to_image_size
-from ctedge.imageio import read_image
-from ctedge.model import CTPreprocess, add_head
-from ctedge.preprocess import to_model_input
+from ctedge.core.imageio import read_image
+from ctedge.core.preprocess import to_model_input
+from ctedge.evaluation.explain import MIN_SHOWN, explain, grad_cam, to_image_size
+from ctedge.training.model import CTPreprocess, add_head
 
 runner = CliRunner()
 
@@ -102,9 +102,9 @@ def test_explain_refuses_an_onnx_file(tmp_path):
 
 
 def test_explain_decodes_dicom_with_the_models_window(tmp_path, monkeypatch):
-    from ctedge import explain as explain_module
-    from ctedge.model import ModelConfig, build_model
-    from ctedge.preprocess import PreprocessConfig
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.evaluation import explain as explain_module
+    from ctedge.training.model import ModelConfig, build_model
     from helpers import write_dicom
 
     model = build_model(ModelConfig(weights="none", backbone="tiny", units=4),

@@ -9,10 +9,10 @@ import pytest
 from onnx import helper
 from typer.testing import CliRunner
 
-from ctedge import export
 from ctedge.cli import app
-from ctedge.errors import CheckFailed
-from ctedge.export import ExportOptions, check_graph, export_onnx, latest_model
+from ctedge.core.errors import CheckFailed
+from ctedge.training import export
+from ctedge.training.export import ExportOptions, check_graph, export_onnx, latest_model
 
 runner = CliRunner()
 
@@ -67,8 +67,8 @@ def test_fp16_and_int8_variants_have_their_own_cards(exported):
 
 
 def test_openvino_ir_passes_the_gate_and_runs_with_its_metadata(exported):
-    from ctedge.engines import ov_capabilities
-    from ctedge.runtime import Classifier
+    from ctedge.edge.engines import ov_capabilities
+    from ctedge.edge.runtime import Classifier
 
     path, report = exported
     ir, ir_int8 = path.with_name("tiny_ov.xml"), path.with_name("tiny_ov_int8.xml")
@@ -154,10 +154,11 @@ def test_efficientnetb3_itself_converts_with_parity(tmp_path, phantom_data):
     onnxruntime then differed by up to 1e-2 from round-off alone.)"""
     import keras
 
-    from ctedge.data import DataOptions, load_data
-    from ctedge.model import ModelConfig, build_model
-    from ctedge.preprocess import PreprocessConfig
-    from ctedge.runconfig import RunConfig
+    from ctedge.core.data import DataOptions
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.core.runconfig import RunConfig
+    from ctedge.training.model import ModelConfig, build_model
+    from ctedge.training.splits import load_data
 
     preprocess = PreprocessConfig(image_size=32)
     model = build_model(ModelConfig(weights="none", units=8), preprocess)

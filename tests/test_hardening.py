@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ctedge.cli import app
-from ctedge.errors import CtedgeError
+from ctedge.core.errors import CtedgeError
 from helpers import brightness_onnx, gray_image, tune_args, write_dicom
 
 runner = CliRunner()
@@ -161,7 +161,7 @@ def test_the_limit_is_an_option_and_covers_dicom(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
 def test_the_size_is_read_from_the_header(tmp_path, suffix):
-    from ctedge.imageio import raster_size
+    from ctedge.core.imageio import raster_size
 
     ok, data = cv2.imencode(suffix, np.zeros((23, 37), np.uint8))
     assert ok and raster_size(data) == (37, 23)
@@ -169,7 +169,7 @@ def test_the_size_is_read_from_the_header(tmp_path, suffix):
 
 
 def test_a_large_image_is_resized_before_it_is_padded():
-    from ctedge.preprocess import letterbox
+    from ctedge.core.preprocess import letterbox
 
     wide = np.full((100, 20000), 200, np.float32)  # padded first, a 1.6 GB float32 square
     tracemalloc.start()
@@ -219,7 +219,7 @@ def test_json_and_csv_are_replaced_whole(tmp_path):
 
 
 def test_temp_files_of_a_killed_writer_are_removed_on_the_next_write(tmp_path):
-    from ctedge.files import atomic_write
+    from ctedge.core.files import atomic_write
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -247,7 +247,7 @@ def test_a_second_tuner_on_a_project_is_refused_naming_the_holder(tmp_path, phan
 def test_a_dead_holders_lock_is_taken_over_and_released(tmp_path, caplog):
     import socket
 
-    from ctedge.files import exclusive_lock
+    from ctedge.core.files import exclusive_lock
 
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -267,10 +267,10 @@ def test_a_dead_holders_lock_is_taken_over_and_released(tmp_path, caplog):
 
 
 def test_workers_do_not_take_the_lock(tmp_path, monkeypatch):
-    from ctedge import tuning
-    from ctedge.data import DataOptions
-    from ctedge.model import ModelConfig
-    from ctedge.preprocess import PreprocessConfig
+    from ctedge.core.data import DataOptions
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.training import tuning
+    from ctedge.training.model import ModelConfig
 
     def refuse(*args):
         raise AssertionError("a worker took the project lock")
@@ -307,7 +307,7 @@ def test_a_killed_training_run_resumes_with_every_epoch_once(tmp_path, phantom_d
     done = saved["epochs_done"]
     assert 1 <= done < 3
     assert saved["best"] is not None and saved["early_stopping"]["best"] == saved["best"]
-    from ctedge.model import load_model
+    from ctedge.training.model import load_model
 
     load_model(run / "model.keras")  # the best so far is whole, whenever the kill came
     refused = runner.invoke(app, args)

@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from ctedge.errors import UnreadableImage
-from ctedge.imageio import hu_to_gray, read_image
+from ctedge.core.errors import UnreadableImage
+from ctedge.core.imageio import hu_to_gray, read_image
 from helpers import gray_image, write_dicom
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from ctedge.metrics import (
+from ctedge.core.metrics import (
     bootstrap_ci,
     calibration,
     confusion,

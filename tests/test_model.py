@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from keras import layers
 
-from ctedge.errors import CtedgeError
-from ctedge.model import CTPreprocess, ModelConfig, backbone_of, build_backbone, build_model
-from ctedge.preprocess import PreprocessConfig
+from ctedge.core.errors import CtedgeError
+from ctedge.core.preprocess import PreprocessConfig
+from ctedge.training.model import CTPreprocess, ModelConfig, backbone_of, build_backbone, build_model
 
 
 def tiny(size: int = 64, **config) -> keras.Model:
@@ -109,7 +109,7 @@ def test_missing_weights_file_is_named(tmp_path):
 
 
 def test_precise_batchnorm_sets_moving_stats_to_the_data_average():
-    from ctedge.train import recalibrate_batchnorm
+    from ctedge.training.train import recalibrate_batchnorm
 
     inputs = keras.Input((4,))
     hidden = layers.Dense(3, name="dense")(inputs)
@@ -124,7 +124,7 @@ def test_precise_batchnorm_sets_moving_stats_to_the_data_average():
 def test_train_backbone_on_pretrained_weights_keeps_batchnorm_statistics(trained_backbone):
     """--train-backbone with pretrained weights: a training step moves the
     convolutions but not BatchNorm's moving mean/variance."""
-    from ctedge.train import compile_model
+    from ctedge.training.train import compile_model
 
     model = tiny(32, weights=str(trained_backbone), freeze_backbone=False)
     norms = [layer for layer in backbone_of(model).layers if isinstance(layer, layers.BatchNormalization)]

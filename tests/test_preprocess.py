@@ -1,7 +1,7 @@
 import cv2
 import numpy as np
 
-from ctedge.preprocess import (
+from ctedge.core.preprocess import (
     AugmentConfig,
     PreprocessConfig,
     augment,
@@ -41,7 +41,7 @@ def test_for_8bit_input_window_and_centre_compose_to_a_clip():
 
 def test_the_window_acts_where_dicom_hu_become_gray_levels(tmp_path):
     """So a narrower window changes what the backbone sees only for DICOM input."""
-    from ctedge.imageio import read_image
+    from ctedge.core.imageio import read_image
     from helpers import write_dicom
 
     path = write_dicom(tmp_path / "slice.dcm", np.array([[-1000.0, -600.0], [-300.0, 100.0]]))

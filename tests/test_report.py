@@ -8,7 +8,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from ctedge.cli import app
-from ctedge.report import verdict
+from ctedge.evaluation.report import verdict
 
 runner = CliRunner()
 

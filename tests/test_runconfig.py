@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ctedge.errors import CtedgeError
+from ctedge.core.errors import CtedgeError
 
 
 def _types(config) -> dict:
@@ -15,7 +15,7 @@ def _types(config) -> dict:
 
 
 def test_train_and_tune_write_the_same_typed_config(trained_run, tuned):
-    from ctedge.runconfig import SCHEMA_VERSION, RunConfig, TrainConfig, TuneResult
+    from ctedge.core.runconfig import SCHEMA_VERSION, RunConfig, TrainConfig, TuneResult
 
     run = RunConfig.load(trained_run / "model.keras")
     project = RunConfig.load(tuned[0] / "p" / "best_model.keras")
@@ -46,7 +46,7 @@ def _old_shapes(trained_run, tuned) -> tuple[dict, dict]:
 
 
 def test_old_unversioned_configs_are_read_as_version_0(tmp_path, trained_run, tuned):
-    from ctedge.runconfig import RunConfig
+    from ctedge.core.runconfig import RunConfig
 
     train, tune = _old_shapes(trained_run, tuned)
     (tmp_path / "config.json").write_text(json.dumps(train))
@@ -67,7 +67,7 @@ def test_old_unversioned_configs_are_read_as_version_0(tmp_path, trained_run, tu
     ({"data": {}, "model": {}, "preprocess": {}, "train": {}, "classes": ["a"]}, "two class folder names"),
 ])
 def test_newer_or_foreign_configs_are_refused_naming_the_file(tmp_path, content, message):
-    from ctedge.runconfig import RunConfig
+    from ctedge.core.runconfig import RunConfig
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(content))
@@ -77,7 +77,7 @@ def test_newer_or_foreign_configs_are_refused_naming_the_file(tmp_path, content,
 
 
 def test_a_config_with_unknown_settings_is_refused(tmp_path, trained_run):
-    from ctedge.runconfig import RunConfig
+    from ctedge.core.runconfig import RunConfig
 
     config = json.loads((trained_run / "config.json").read_text())
     config["train"]["momentum"] = 0.9
@@ -87,7 +87,7 @@ def test_a_config_with_unknown_settings_is_refused(tmp_path, trained_run):
 
 
 def test_save_then_load_gives_the_same_config(tmp_path, trained_run):
-    from ctedge.runconfig import RunConfig
+    from ctedge.core.runconfig import RunConfig
 
     run = RunConfig.load(trained_run / "model.keras")
     run.save(tmp_path / "config.json")

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ctedge.cli import app
-from ctedge.errors import CtedgeError
+from ctedge.core.errors import CtedgeError
 from helpers import brightness_onnx, write_dicom
 
 runner = CliRunner()
@@ -17,7 +17,7 @@ runner = CliRunner()
 
 def test_runtime_never_imports_tensorflow(onnx_model, phantom_data):
     image = next((phantom_data / "CT_COVID").iterdir())
-    code = ("import sys; from ctedge.runtime import Classifier; "
+    code = ("import sys; from ctedge.edge.runtime import Classifier; "
             f"rows = Classifier({str(onnx_model)!r}).predict_files([{str(image)!r}]); "
             "assert rows[0].probability is not None; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'sklearn')]; "
@@ -39,8 +39,8 @@ def test_predict_and_bench_commands_never_import_tensorflow(onnx_model, phantom_
 
 
 def test_runtime_matches_the_keras_model(onnx_model, trained_run, phantom_data):
-    from ctedge.model import load_model
-    from ctedge.runtime import Classifier
+    from ctedge.edge.runtime import Classifier
+    from ctedge.training.model import load_model
 
     clf = Classifier(onnx_model, provider="cpu")
     files = sorted((phantom_data / "CT_COVID").iterdir())[:4]
@@ -55,7 +55,7 @@ def test_runtime_matches_the_keras_model(onnx_model, trained_run, phantom_data):
 def test_missing_provider_falls_back_to_cpu(onnx_model, caplog, monkeypatch):
     import onnxruntime as ort
 
-    from ctedge.runtime import Classifier
+    from ctedge.edge.runtime import Classifier
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     clf = Classifier(onnx_model, provider="tensorrt")
@@ -66,7 +66,7 @@ def test_missing_provider_falls_back_to_cpu(onnx_model, caplog, monkeypatch):
 def test_models_that_are_not_ctedge_onnx_are_refused(tmp_path, onnx_model):
     import onnx
 
-    from ctedge.runtime import Classifier
+    from ctedge.edge.runtime import Classifier
 
     (tmp_path / "junk.onnx").write_text("not onnx")
     with pytest.raises(CtedgeError, match="junk.onnx: not a loadable ONNX model"):
@@ -106,7 +106,7 @@ def test_predict_reports_bad_files_and_goes_on(tmp_path, onnx_model, phantom_dat
 
 
 def test_huge_image_is_predicted(tmp_path, onnx_model):
-    from ctedge.runtime import Classifier
+    from ctedge.edge.runtime import Classifier
 
     big = np.zeros((4096, 4096), np.uint8)
     cv2.circle(big, (2048, 2048), 1200, 200, -1)
@@ -155,8 +155,8 @@ def test_bench_skips_unreadable_images_in_its_data(tmp_path, onnx_model, phantom
 def test_each_model_gets_the_preprocessing_contract_it_was_exported_under(tmp_path):
     """Contract 1 (no number in older exports) padded before resizing; 2 resizes first.
     On a non-square image with sharp edges they differ, so each model gets its own."""
-    from ctedge.preprocess import to_model_input
-    from ctedge.runtime import Classifier
+    from ctedge.core.preprocess import to_model_input
+    from ctedge.edge.runtime import Classifier
 
     gray = np.zeros((37, 90), np.uint8)
     gray[:, ::7] = 255  # sharp vertical lines: a sub-pixel shift shows

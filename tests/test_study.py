@@ -1,6 +1,6 @@
 """Whole CT studies: reading, series selection, ordering, lung slices, aggregation, CLI.
 
-Every study here is written with pydicom by ctedge.studydemo (64 px, 12-16 slices,
+Every study here is written with pydicom by ctedge.core.phantom_studies (64 px, 12-16 slices,
 shuffled extension-less names); the model is the brightness stand-in, whose
 P(positive) grows with the mean pixel, so ground-glass slices score higher.
 """
@@ -19,16 +19,16 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from ctedge import study as st
 from ctedge.cli import app
-from ctedge.runtime import Classifier
-from ctedge.studydemo import (
+from ctedge.core.phantom_studies import (
     fixed_uid,
     phantom_slice,
     write_scout,
     write_series,
     write_study,
 )
+from ctedge.edge import study as st
+from ctedge.edge.runtime import Classifier
 from helpers import brightness_onnx
 
 runner = CliRunner()

@@ -22,11 +22,11 @@ def test_search_runs_the_papers_defaults_first_and_saves_the_best_model(tuned):
 
 
 def test_assembled_model_predicts_what_the_cached_head_did(tuned):
-    from ctedge.data import load_data
-    from ctedge.metrics import roc_auc
-    from ctedge.model import load_model
-    from ctedge.preprocess import PreprocessConfig
-    from ctedge.runconfig import RunConfig
+    from ctedge.core.metrics import roc_auc
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.core.runconfig import RunConfig
+    from ctedge.training.model import load_model
+    from ctedge.training.splits import load_data
 
     directory, summary = tuned
     model = load_model(directory / "p" / "best_model.keras")
@@ -99,8 +99,8 @@ def test_tuning_on_a_trained_run_uses_its_backbone_exactly_as_trained(tuned, tra
     """--weights RUN: the best model carries the run's backbone, same layers and
     weights (no extra rescaling layer), the project records it by content, and
     heads are scored by exact AUC on its features."""
-    from ctedge.files import file_digest
-    from ctedge.model import backbone_of, load_model, saved_backbone
+    from ctedge.core.files import file_digest
+    from ctedge.training.model import backbone_of, load_model, saved_backbone
 
     directory, summary = tuned
     trained = backbone_of(load_model(trained_run / "model.keras"))
@@ -116,8 +116,8 @@ def test_tuning_on_a_trained_run_uses_its_backbone_exactly_as_trained(tuned, tra
 def test_exact_auc_replaces_the_binned_one():
     """Outputs within one of Keras's 200 AUC bins: binned AUC reads 0.5, the
     objective must read the exact rank AUC."""
-    from ctedge.metrics import roc_auc
-    from ctedge.tuning import ExactValAUC
+    from ctedge.core.metrics import roc_auc
+    from ctedge.training.tuning import ExactValAUC
 
     x = np.linspace(0, 1, 20, dtype="float32")[:, None]
     y = (x[:, 0] > 0.5).astype("float32")
@@ -135,7 +135,7 @@ def test_exact_auc_replaces_the_binned_one():
 
 def test_a_cached_epoch_is_one_pass_over_the_images_each_as_one_of_its_views():
     """As many steps as the naive search's epoch, not views x images; same rows for a seed and epoch."""
-    from ctedge.tuning import ViewBatches
+    from ctedge.training.tuning import ViewBatches
 
     images, views = 10, 3
     x = np.arange(images * views, dtype="float32")[:, None]  # row v * images + i holds that number

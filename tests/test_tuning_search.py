@@ -79,11 +79,11 @@ def test_naive_mode_trains_full_models_in_a_fresh_process(tmp_path, phantom_data
 def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tmp_path, phantom_data):
     """With --weights none the cached features come from a random backbone; the
     saved best model must carry that same backbone, not a fresh random one."""
-    from ctedge.data import load_data
-    from ctedge.model import backbone_of, load_model
-    from ctedge.preprocess import PreprocessConfig
-    from ctedge.runconfig import RunConfig
-    from ctedge.tuning import backbone_features
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.core.runconfig import RunConfig
+    from ctedge.training.model import backbone_of, load_model
+    from ctedge.training.splits import load_data
+    from ctedge.training.tuning import backbone_features
 
     args = ["tune", str(phantom_data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
             "--max-trials", "1",
@@ -121,7 +121,7 @@ def test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts(tmp_path, 
 def test_bayesian_later_trials_depend_on_earlier_scores(tmp_path):
     """Same seed, two different score landscapes: the seeded initial points are
     equal, the first model-based proposal is not; the paper's defaults come first."""
-    from ctedge.tuning import SearchSpace, TuneOptions, _oracle
+    from ctedge.training.tuning import SearchSpace, TuneOptions, _oracle
 
     def proposals(score, project: str) -> list[dict]:
         oracle = _oracle(TuneOptions(algorithm="bayesian", max_trials=7), SearchSpace(dropout_max=0))

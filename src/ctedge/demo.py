@@ -1,4 +1,4 @@
-"""`ctedge demo`: a synthetic CT-like data set (``ctedge.phantoms``), a small
+"""`ctedge demo`: a synthetic CT-like data set (``ctedge.core.phantoms``), a small
 training run, an evaluation."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CtedgeError
-from .phantoms import WINDOW, make_dataset
+from ctedge.core.errors import CtedgeError
+from ctedge.core.phantoms import WINDOW, make_dataset
 
 
 def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
@@ -17,11 +17,11 @@ def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
     """Phantoms -> train (weights none, 64 px, whole network, lr 1e-3, no augmentation:
     from scratch on 128 images it keeps the model from learning in a few epochs)
     -> evaluate on the held-out test part."""
-    from .data import DataOptions
-    from .evaluate import evaluate
-    from .model import ModelConfig
-    from .preprocess import AugmentConfig, PreprocessConfig
-    from .train import TrainConfig, train
+    from ctedge.core.data import DataOptions
+    from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
+    from ctedge.evaluation.evaluate import evaluate
+    from ctedge.training.model import ModelConfig
+    from ctedge.training.train import TrainConfig, train
 
     started = time.perf_counter()
     out = Path(out)
@@ -59,7 +59,7 @@ def write_patients(root: Path, rng: np.random.Generator, first: int, count: int,
     import shutil
     import zipfile
 
-    from .studydemo import write_study
+    from ctedge.core.phantom_studies import write_study
 
     written = []
     for name, positive in CLASSES:
@@ -86,15 +86,15 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: in
     slices; all lung slices of a negative patient) -> train as ``run_demo`` does,
     splitting by patient -> ONNX -> ``predict --study`` on two held-out patients and
     patient-level evaluation on all held-out ones."""
-    from .data import DataOptions
-    from .evaluate import evaluate_studies
-    from .export import ExportOptions, export_onnx
-    from .model import ModelConfig
-    from .preprocess import AugmentConfig, PreprocessConfig
-    from .runtime import Classifier
-    from .study import StudyOptions, export_slices, find_studies, predict_studies
-    from .studydemo import opacity_slices
-    from .train import TrainConfig, train
+    from ctedge.core.data import DataOptions
+    from ctedge.core.phantom_studies import opacity_slices
+    from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
+    from ctedge.edge.runtime import Classifier
+    from ctedge.edge.study import StudyOptions, export_slices, find_studies, predict_studies
+    from ctedge.evaluation.evaluate import evaluate_studies
+    from ctedge.training.export import ExportOptions, export_onnx
+    from ctedge.training.model import ModelConfig
+    from ctedge.training.train import TrainConfig, train
 
     for name, value, least in (("patients", patients, 4), ("slices", slices, 8)):
         if value < least:
@@ -125,7 +125,7 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: in
     examples = [next(f for _, p, f in testing if p == positive) for positive in (True, False)]
     plots = out / "predict-plots"
     results = predict_studies(Classifier(onnx), examples, StudyOptions(keep_thumbnails=True))
-    from .plots import study_plot
+    from ctedge.core.plots import study_plot
 
     predicted = [{**r.to_dict(), "plot": str(study_plot(r, plots))} for r in results]
     report = evaluate_studies(onnx, out / "studies" / "test", out_dir=run_dir / "eval-studies", resamples=500)

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CtedgeError
-from .preprocess import PREPROCESS_CONTRACT  # 1 when absent; a newer one than this is refused
+from ctedge.core.errors import CtedgeError
+from ctedge.core.preprocess import PREPROCESS_CONTRACT  # 1 when absent; a newer one than this is refused
 
 
 def _invalid(path: Path, key: str, reason: str) -> CtedgeError:

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .imageio import DEFAULT_WINDOW, hu_to_gray
+from ctedge.core.imageio import DEFAULT_WINDOW, hu_to_gray
 
 WINDOW = DEFAULT_WINDOW
 

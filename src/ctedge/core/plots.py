@@ -76,7 +76,7 @@ def latency_histogram(samples_ms: dict[str, np.ndarray], path: Path) -> Path:
 
 
 def study_plot(result, folder: Path) -> Path:
-    """One study (``ctedge.study.StudyResult``): slice probability against slice
+    """One study (``ctedge.edge.study.StudyResult``): slice probability against slice
     position with the patient's probability, and the top slices as thumbnails."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ def check_writable(path: Path, what: str, folder: bool = False) -> None:
 
     ``-`` (stdout) passes; a missing parent (or, with ``folder``, the folder itself)
     is created."""
-    from .errors import CtedgeError
+    from ctedge.core.errors import CtedgeError
 
     if str(path) == "-":
         return
@@ -94,7 +94,7 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
 
     Another live holder: exit 2 naming it. A holder on this host whose process
     is gone (killed): its lock is taken over, with a message."""
-    from .errors import CtedgeError
+    from ctedge.core.errors import CtedgeError
 
     mine = {"pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.now().isoformat(timespec="seconds")}

@@ -10,11 +10,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from . import __version__
-from .data import DataOptions
-from .errors import CtedgeError
-from .files import atomic_write
-from .preprocess import PreprocessConfig
+from ctedge import __version__
+from ctedge.core.data import DataOptions
+from ctedge.core.errors import CtedgeError
+from ctedge.core.files import atomic_write
+from ctedge.core.preprocess import PreprocessConfig
 
 SCHEMA_VERSION = 1  # 0: the unversioned files written before it (two shapes, train and tune)
 

@@ -19,13 +19,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .choices import BenchRuntime
-from .errors import CtedgeError
-from .files import atomic_write
-from .metrics import DEFAULT_RESAMPLES
+from ctedge.core.choices import BenchRuntime
+from ctedge.core.errors import CtedgeError
+from ctedge.core.files import atomic_write
+from ctedge.core.metrics import DEFAULT_RESAMPLES
 
 DEFAULT_BUDGET_MS = 2000.0  # the seed paper's "within a few seconds", end to end
 BENCH_RUNTIMES = BenchRuntime.values()
@@ -75,7 +76,7 @@ class Variant:
 
 def machine_info(threads: int | None) -> dict:
     """CPU, cores, ISA features, engine versions and providers: part of every report."""
-    from .engines import cpu_name, installed, isa_features
+    from ctedge.edge.engines import cpu_name, installed, isa_features
 
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "isa": isa_features(), "threads": threads or "default",
@@ -126,7 +127,7 @@ def time_interleaved(calls: list, warmup: int, runs: int, seconds: float | None)
 
 
 def _readable(path: Path) -> bool:
-    from .imageio import read_image
+    from ctedge.core.imageio import read_image
 
     try:
         read_image(path)
@@ -142,8 +143,8 @@ def bench_files(data: str | None, count: int, folder: Path | None = None
     temporary folder, which it removes)."""
     import cv2
 
-    from .data import pick_samples
-    from .phantoms import phantom
+    from ctedge.core.data import pick_samples
+    from ctedge.core.phantoms import phantom
 
     if data:
         chosen, labelled = pick_samples(data, count)
@@ -167,7 +168,7 @@ def bench_files(data: str | None, count: int, folder: Path | None = None
 def accuracy_files(options: BenchOptions) -> tuple[list[Path], np.ndarray, str] | None:
     """Every labelled image of --data (its --split with --split-dir), or a stated
     seeded sample of --accuracy-images; None without class folders."""
-    from .data import discover, split_from_lists
+    from ctedge.core.data import discover, split_from_lists
 
     if not options.data:
         return None
@@ -197,7 +198,7 @@ def accuracy_files(options: BenchOptions) -> tuple[list[Path], np.ndarray, str] 
 def process_start_ms(model: Path, image: Path, provider: str, runtime: str = "onnxruntime",
                      precision: str = "fp32", cache_dir: str | None = None) -> float:
     """A fresh Python process: import, open the model, decode, predict one file."""
-    code = ("import sys; from ctedge.runtime import Classifier; "
+    code = ("import sys; from ctedge.edge.runtime import Classifier; "
             "c = Classifier(sys.argv[1], provider=sys.argv[3], runtime=sys.argv[4], precision=sys.argv[5], "
             "cache_dir=sys.argv[6] or None); c.predict_files([sys.argv[2]])")
     started = time.perf_counter()
@@ -213,12 +214,12 @@ def process_start_ms(model: Path, image: Path, provider: str, runtime: str = "on
 def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
     """What to run a model with: one variant, or with --runtime all every runtime ×
     precision × provider this machine has (the model's fp32 run first)."""
-    from .engines import EngineConfig, installed, resolve
+    from ctedge.edge.engines import EngineConfig, installed, resolve
 
     if options.runtime != "all":
         providers = [options.provider]
         if options.all_providers:
-            from .engines import PROVIDERS, usable_providers
+            from ctedge.edge.engines import PROVIDERS, usable_providers
 
             available = usable_providers()
             providers = [name for name, ep in PROVIDERS.items() if ep in available]
@@ -231,7 +232,7 @@ def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
         return chosen
     found: list[Variant] = []
     if installed("onnxruntime") and model.suffix == ".onnx":
-        from .engines import PROVIDERS, usable_providers
+        from ctedge.edge.engines import PROVIDERS, usable_providers
 
         available = usable_providers()
         wanted = [options.provider] if options.provider in PROVIDERS and not options.all_providers else list(PROVIDERS)
@@ -241,7 +242,7 @@ def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
                 if model.with_name(model.stem + suffix + ".onnx").is_file():
                     found.append(Variant("onnxruntime", precision, provider))
     if installed("openvino"):
-        from .engines import OV_CAPABILITY, ov_capabilities
+        from ctedge.edge.engines import OV_CAPABILITY, ov_capabilities
 
         capabilities = ov_capabilities("CPU")
         found.append(Variant("openvino", "fp32", "cpu"))
@@ -252,7 +253,7 @@ def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
         if ir.with_name(ir.stem + "_int8.xml").is_file():
             found.append(Variant("openvino", "int8", "cpu"))
     if not found:
-        from .engines import no_engine_message
+        from ctedge.edge.engines import no_engine_message
 
         raise CtedgeError(no_engine_message())
     return found
@@ -260,7 +261,7 @@ def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
 
 def score(labels: np.ndarray, probabilities: np.ndarray, threshold: float, resamples: int) -> dict:
     """AUC and accuracy with n and a 95% bootstrap CI."""
-    from .metrics import bootstrap_ci, point_metrics
+    from ctedge.core.metrics import bootstrap_ci, point_metrics
 
     point = point_metrics(labels, probabilities, threshold)
     ci = bootstrap_ci(labels, probabilities, threshold, resamples=resamples)
@@ -271,7 +272,7 @@ def score(labels: np.ndarray, probabilities: np.ndarray, threshold: float, resam
 def bench_model(path: Path, options: BenchOptions, files: list[Path],
                 accuracy: tuple[list[Path], np.ndarray, str] | None) -> list[dict]:
     """Every variant of one model, timed interleaved; accuracy against its fp32 run."""
-    from .runtime import Classifier
+    from ctedge.edge.runtime import Classifier
 
     variants = variants_for(path, options)
     opened, results = [], []
@@ -342,7 +343,7 @@ def compare_outputs(opened: list, results: list[dict], options: BenchOptions, fi
                     accuracy: tuple[list[Path], np.ndarray, str] | None) -> None:
     """Each variant's probabilities on the same images against the first (fp32)
     variant's: max |Δp|, decision agreement, and with labels AUC/accuracy with CIs."""
-    from .metrics import constant_message, output_spread
+    from ctedge.core.metrics import constant_message, output_spread
 
     if accuracy:
         paths, labels, _ = accuracy
@@ -398,7 +399,7 @@ def save_choice(model: Path, best: dict, reference: dict) -> Path | None:
     import json
     import logging
 
-    from .engines import choice_path, machine_key
+    from ctedge.edge.engines import choice_path, machine_key
 
     batch = "1" if "1" in best["latency"] else min(best["latency"], key=int)
     choice = {"runtime": best["runtime"], "precision": best["precision"], "provider": best["provider_option"],
@@ -424,31 +425,6 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
     return bench_model(path, single, files, accuracy)[0]
 
 
-def bench_keras(path: Path, options: BenchOptions) -> dict:
-    """TensorFlow baseline: ``tf.function`` (not ``model.predict``) per batch."""
-    from .quiet import import_tensorflow
-
-    import_tensorflow()  # quiet, and on the edge install a message naming ctedge[train]
-    import tensorflow as tf
-
-    from .model import load_model
-
-    model = load_model(path)
-    size = int(model.input_shape[1])
-    infer = tf.function(lambda x: model(x, training=False))
-    rng = np.random.default_rng(0)
-    result = {"model": str(path), "format": "keras-tf.function", "provider": "tensorflow-cpu",
-              "size_mb": path.stat().st_size / 1e6, "input_size": size, "latency": {}}
-    for batch in options.batch_sizes:
-        x = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32))
-        samples = time_calls(lambda: infer(x).numpy(), options.warmup, options.runs, options.seconds)
-        entry = stats_ms(samples)
-        entry["images_per_s"] = batch / np.mean(samples)
-        result["latency"][str(batch)] = entry
-        result.setdefault("samples_ms", (np.asarray(samples) * 1000).tolist())
-    return result
-
-
 def find_models(models: list[Path], exports_dir: Path = Path("exports")) -> list[Path]:
     if models:
         missing = [m for m in models if not m.is_file()]
@@ -462,8 +438,13 @@ def find_models(models: list[Path], exports_dir: Path = Path("exports")) -> list
     return found
 
 
-def run_bench(models: list[Path], options: BenchOptions) -> dict:
-    """Benchmark every model on every requested runtime, precision and provider; one report."""
+def run_bench(models: list[Path], options: BenchOptions,
+              baselines: dict[str, Callable[[Path, BenchOptions], dict]] | None = None) -> dict:
+    """Benchmark every model on every requested runtime, precision and provider; one report.
+
+    ``baselines`` maps another model suffix to its timing function (the CLI passes
+    ``ctedge.training.keras_bench.bench_keras`` for ``.keras``), so the edge never
+    imports the training stack."""
     options.check()
     models = find_models(models)
     accuracy = accuracy_files(options)
@@ -471,11 +452,11 @@ def run_bench(models: list[Path], options: BenchOptions) -> dict:
     with tempfile.TemporaryDirectory(prefix="ctedge-bench-") as tmp:
         files, _, source = bench_files(options.data, options.files, Path(tmp))
         for model in models:
-            if model.suffix == ".keras":
-                results.append(bench_keras(model, options))
+            if model.suffix in (baselines or {}):
+                results.append(baselines[model.suffix](model, options))
                 continue
             if model.suffix not in (".onnx", ".xml"):
-                raise CtedgeError(f"{model}: bench takes .onnx, OpenVINO .xml or .keras models")
+                raise CtedgeError(f"{model}: bench takes .onnx and OpenVINO .xml models (.keras with ctedge[train])")
             rows = bench_model(model, options, files, accuracy)
             results += rows
             best = fastest(rows)

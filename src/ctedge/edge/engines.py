@@ -1,4 +1,4 @@
-"""Inference engines behind ``ctedge.runtime.Classifier``: onnxruntime and OpenVINO.
+"""Inference engines behind ``ctedge.edge.runtime.Classifier``: onnxruntime and OpenVINO.
 
 Each engine is an optional install (``ctedge[cpu]``, ``ctedge[cuda]``,
 ``ctedge[openvino]``) and is imported only when it is used. An engine turns a
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .choices import Precision, Runtime
-from .errors import CtedgeError
-from .files import atomic_write
+from ctedge.core.choices import Precision, Runtime
+from ctedge.core.errors import CtedgeError
+from ctedge.core.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Two halves, both TensorFlow-free so the runtime can share them:
   size, 3 channels, 0-255; annotation-mark detection; training augmentation.
 * graph side: ``model_pixels`` maps those 0-255 pixels through Hounsfield
   units, the [-1000, 400] window and the 0.25 zero-centre, then back to the
-  0-255 RGB range that Keras's EfficientNet expects. ``ctedge.model`` runs it
+  0-255 RGB range that Keras's EfficientNet expects. ``ctedge.training.model`` runs it
   inside the Keras graph (with ``keras.ops``), so training, the exported ONNX
   file and the runtime cannot drift apart.
 """
@@ -19,7 +19,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from .imageio import DEFAULT_WINDOW
+from ctedge.core.imageio import DEFAULT_WINDOW
 
 ANNOTATION_MIN_FRACTION = 0.001  # coloured pixels from which an image counts as annotated
 
@@ -91,7 +91,7 @@ def model_pixels(pixels, config: PreprocessConfig, clip: Callable = np.clip):
 
 # --- host side ------------------------------------------------------------
 
-# Host preprocessing contract, stored in the ONNX metadata as ctedge.preprocess.contract:
+# Host preprocessing contract, stored in the ONNX metadata as ctedge.core.preprocess.contract:
 # 1 (models exported before it was numbered): pad to a square, then resize;
 # 2: resize the longest side, then pad, so a large image never becomes a float32
 # square of its own size. The runtime gives each model the contract it was checked with.

@@ -91,20 +91,6 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = DEFAULT_THRESH
             for name, values in draws.items()}
 
 
-def operating_points(y: np.ndarray, p: np.ndarray, targets=(0.90, 0.95)) -> dict[str, float]:
-    """Sensitivity at fixed specificity and specificity at fixed sensitivity."""
-    from sklearn.metrics import roc_curve
-
-    if not 0 < np.sum(y) < len(y):
-        return {}
-    fpr, tpr, _ = roc_curve(y, p)
-    out = {}
-    for target in targets:
-        out[f"sensitivity_at_specificity_{target:.2f}"] = float(tpr[fpr <= 1 - target].max(initial=0.0))
-        out[f"specificity_at_sensitivity_{target:.2f}"] = float(1 - fpr[tpr >= target].min(initial=1.0))
-    return out
-
-
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10):
     """Per-bin mean probability, observed rate and count; expected calibration error."""
     y, p = np.asarray(y, float), np.asarray(p, float)

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import __version__
-from .errors import CheckFailed, CtedgeError
-from .files import atomic_write, file_digest
-from .metadata import PREPROCESS_CONTRACT
-from .metrics import DEFAULT_THRESHOLD
-from .preprocess import PreprocessConfig
-from .runconfig import RunConfig, keras_preprocess_config
+from ctedge import __version__
+from ctedge.core.errors import CheckFailed, CtedgeError
+from ctedge.core.files import atomic_write, file_digest
+from ctedge.core.metadata import PREPROCESS_CONTRACT
+from ctedge.core.metrics import DEFAULT_THRESHOLD
+from ctedge.core.preprocess import PreprocessConfig
+from ctedge.core.runconfig import RunConfig, keras_preprocess_config
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
@@ -132,9 +132,9 @@ def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed
                   ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Up to ``count`` model inputs from a class-folder data set (labelled), a flat
     folder of images (unlabelled), or generated phantoms when ``folder`` is None."""
-    from .data import load_split, pick_samples
-    from .phantoms import phantom
-    from .preprocess import to_model_input
+    from ctedge.core.data import load_split, pick_samples
+    from ctedge.core.phantoms import phantom
+    from ctedge.core.preprocess import to_model_input
 
     if folder is None:
         rng = np.random.default_rng(seed)
@@ -163,7 +163,7 @@ def onnx_probabilities(proto_or_path, images: np.ndarray, batch: int = 16) -> np
 def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
            threshold: float) -> dict:
     """max |Δp|, decision agreement and (labelled) AUC of both."""
-    from .metrics import output_spread, point_metrics
+    from ctedge.core.metrics import output_spread, point_metrics
 
     report = {"images": int(len(reference)),
               "max_abs_diff": float(np.max(np.abs(reference - candidate))),
@@ -297,7 +297,7 @@ def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance:
 def export_onnx(model_path: str | Path | None = None, output: str | Path | None = None,
                 options: ExportOptions | None = None) -> dict:
     """Export, verify and write fp32 (+ fp16/int8) ONNX files with model cards."""
-    from .model import load_model
+    from ctedge.training.model import load_model
 
     options = options or ExportOptions()
     model_path = Path(model_path) if model_path else latest_model()
@@ -305,7 +305,7 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
     if (options.int8 or options.openvino) and not options.calibration_data:
         raise CtedgeError(f"{'--int8' if options.int8 else '--openvino'} needs --calibration-data DIR "
                           "(images like those it will see)")
-    from .engines import require
+    from ctedge.edge.engines import require
 
     require("onnxruntime")  # the parity gate runs the ONNX file on onnxruntime
     if options.openvino:
@@ -390,7 +390,7 @@ def export_openvino(onnx_path: Path, metadata: dict, check: dict, options: Expor
     import nncf
     import openvino as ov
 
-    from .engines import ov_capabilities
+    from ctedge.edge.engines import ov_capabilities
 
     cards = {}
     ir_path = onnx_path.with_name(onnx_path.stem + "_ov.xml")
@@ -418,7 +418,7 @@ def export_openvino(onnx_path: Path, metadata: dict, check: dict, options: Expor
 def refuse_constant(reference: np.ndarray, source: str, allow: bool) -> dict:
     """The Keras model's output spread on the check images; a constant model is
     refused (exit 3) unless ``allow``: its AUC and labels would rank round-off."""
-    from .metrics import constant_message, output_spread
+    from ctedge.core.metrics import constant_message, output_spread
 
     spread = output_spread(reference)
     message = constant_message(spread, len(reference))

@@ -7,22 +7,35 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_curve as sk_roc
 
-from .data import SPLITS, DataOptions, LoadedSplit, group_of, load_data
-from .errors import CtedgeError
-from .files import atomic_write, csv_text
-from .metrics import (
+from ctedge.core.data import SPLITS, DataOptions, LoadedSplit, group_of
+from ctedge.core.errors import CtedgeError
+from ctedge.core.files import atomic_write, csv_text
+from ctedge.core.metrics import (
     DEFAULT_RESAMPLES,
     DEFAULT_THRESHOLD,
     bootstrap_ci,
     calibration,
     confusion,
-    operating_points,
     output_spread,
     point_metrics,
 )
-from .plots import reliability, roc_curve
-from .runconfig import RunConfig, data_options_for, keras_preprocess_config
+from ctedge.core.plots import reliability, roc_curve
+from ctedge.core.runconfig import RunConfig, data_options_for, keras_preprocess_config
+from ctedge.training.splits import load_data
+
+
+def operating_points(y: np.ndarray, p: np.ndarray, targets=(0.90, 0.95)) -> dict[str, float]:
+    """Sensitivity at fixed specificity and specificity at fixed sensitivity."""
+    if not 0 < np.sum(y) < len(y):
+        return {}
+    fpr, tpr, _ = sk_roc(y, p)
+    out = {}
+    for target in targets:
+        out[f"sensitivity_at_specificity_{target:.2f}"] = float(tpr[fpr <= 1 - target].max(initial=0.0))
+        out[f"specificity_at_sensitivity_{target:.2f}"] = float(1 - fpr[tpr >= target].min(initial=1.0))
+    return out
 
 
 def merge(parts: list[LoadedSplit]) -> LoadedSplit:
@@ -52,7 +65,6 @@ def score(y: np.ndarray, p: np.ndarray, threshold: float, groups: np.ndarray | N
 def plot_scores(y: np.ndarray, p: np.ndarray, auc: float, out: Path, shortcut: dict | None = None) -> dict:
     """roc.png (with the metadata shortcut's curve when given; both classes needed)
     and calibration.png in ``out``; their paths."""
-    from sklearn.metrics import roc_curve as sk_roc
 
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
@@ -68,8 +80,8 @@ def is_external(stored: RunConfig | None, root: str | Path) -> bool:
     """True when no file under ``root`` is one the run trained on (by content):
     another data set, whatever its folder is called. Unknown (no recorded
     training files): False."""
-    from .data import discover
-    from .files import file_digest
+    from ctedge.core.data import discover
+    from ctedge.core.files import file_digest
 
     trained = set(stored.files.get("train", {}).values()) if stored else set()
     if not trained:
@@ -113,7 +125,7 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
     """Score a saved Keras model on one split (or all) of a data folder, or on
     every image of an external data set (``external``, or no file there is one
     the run trained on). ``group_regex`` groups the bootstrap only."""
-    from .model import load_model
+    from ctedge.training.model import load_model
 
     if split not in (*SPLITS, "all"):
         raise CtedgeError(f"must be one of {', '.join(SPLITS)}, all; not {split!r}", param="split")
@@ -138,8 +150,9 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
     probabilities = model.predict(data.x, batch_size=32, verbose=0)[:, 0]
     baseline = {}
     if split in ("val", "test"):  # a training set is known
-        from .audit import metadata_baseline
-        from .data import discover, make_splits
+        from ctedge.core.data import discover
+        from ctedge.evaluation.audit import metadata_baseline
+        from ctedge.training.splits import make_splits
 
         splits = make_splits(discover(options.root, options.positive), options.split_dir, options.seed,
                              options.test_fraction, options.val_fraction, options.group_regex)
@@ -177,10 +190,10 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     Studies that get no answer are listed in ``failed`` and in ``studies.csv``,
     never scored silently.
     """
-    from .data import discover
-    from .files import check_writable
-    from .runtime import Classifier
-    from .study import CSV_FIELDS, StudyOptions, csv_row, predict_studies
+    from ctedge.core.data import discover
+    from ctedge.core.files import check_writable
+    from ctedge.edge.runtime import Classifier
+    from ctedge.edge.study import CSV_FIELDS, StudyOptions, csv_row, predict_studies
 
     model_path = Path(model_path)
     if model_path.suffix.lower() != ".onnx":

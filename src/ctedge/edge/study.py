@@ -40,10 +40,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .choices import Aggregate
-from .errors import CtedgeError, UnreadableImage
-from .imageio import DEFAULT_WINDOW, check_pixels, hu_to_gray, max_pixels
-from .preprocess import PREPROCESS_CONTRACT, to_model_input
+from ctedge.core.choices import Aggregate
+from ctedge.core.errors import CtedgeError, UnreadableImage
+from ctedge.core.imageio import DEFAULT_WINDOW, check_pixels, hu_to_gray, max_pixels
+from ctedge.core.preprocess import PREPROCESS_CONTRACT, to_model_input
 
 # Series selection
 MIN_SLICES = 3  # fewer is a scout, a key image or a dose screen, not a chest CT
@@ -637,7 +637,7 @@ def classify_study(clf, study: Study, options: StudyOptions | None = None) -> St
     """One study -> one result row; problems become ``warnings`` or ``error``.
 
     ``clf`` is anything with ``predict_arrays``, ``label``, ``size`` and ``window``
-    (``ctedge.runtime.Classifier`` or another backend).
+    (``ctedge.edge.runtime.Classifier`` or another backend).
     """
     options = options or StudyOptions()
     started = time.perf_counter()
@@ -804,8 +804,8 @@ def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | N
     import subprocess
     import sys
 
-    from .bench import machine_info, stats_ms, time_calls
-    from .runtime import Classifier
+    from ctedge.edge.bench import machine_info, stats_ms, time_calls
+    from ctedge.edge.runtime import Classifier
 
     options = options or StudyOptions()
     options.check()

@@ -16,12 +16,12 @@ from unittest import mock
 import keras
 from keras import layers, ops
 
-from .choices import Backbone
-from .errors import CtedgeError
-from .files import file_digest
-from .imageio import DEFAULT_WINDOW
-from .preprocess import PreprocessConfig, model_pixels
-from .runconfig import ModelConfig, RunConfig
+from ctedge.core.choices import Backbone
+from ctedge.core.errors import CtedgeError
+from ctedge.core.files import file_digest
+from ctedge.core.imageio import DEFAULT_WINDOW
+from ctedge.core.preprocess import PreprocessConfig, model_pixels
+from ctedge.core.runconfig import ModelConfig, RunConfig
 
 WEIGHTS_FILE = "efficientnetb3_notop.h5"
 MIN_IMAGE_SIZE = 32  # EfficientNet's smallest input

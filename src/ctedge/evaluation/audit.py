@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .data import DataOptions, Sample, discover, make_splits
-from .errors import CtedgeError, UnreadableImage
-from .imageio import DEFAULT_WINDOW, read_image
-from .preprocess import ANNOTATION_MIN_FRACTION, annotation_fraction, letterbox
+from ctedge.core.data import HASH_THRESHOLD, DataOptions, Sample, discover
+from ctedge.core.errors import CtedgeError, UnreadableImage
+from ctedge.core.imageio import DEFAULT_WINDOW, read_image
+from ctedge.core.preprocess import ANNOTATION_MIN_FRACTION, annotation_fraction, letterbox
+from ctedge.training.splits import make_splits
 
 SHORTCUT_AUC = 0.7  # a metadata-only baseline at or above this AUC is a loud shortcut
 LEAKAGE_MESSAGE = "leakage: the same image is in more than one split"
-HASH_THRESHOLD = 12  # of 64 bits: proposes candidates
 MIN_INLIERS = 60  # ORB matches agreeing on one similarity transform, to confirm a match
 _ORB = cv2.ORB_create(nfeatures=500)
 _MATCHER = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True)
@@ -139,7 +139,7 @@ def shortcut_baseline(facts: list[FileFacts]) -> dict:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.metrics import roc_curve
 
-    from .metrics import point_metrics
+    from ctedge.core.metrics import point_metrics
 
     x, y = metadata_features(facts), np.array([f.sample.label for f in facts])
     splits = np.array([f.split for f in facts])
@@ -175,7 +175,7 @@ def shortcut_finding(split: str, baseline: dict) -> tuple[bool, str]:
 
 def audit(options: DataOptions, image_size: int = 300, threshold: int = HASH_THRESHOLD) -> dict:
     """Everything above for one data folder; ``leakage`` says whether to fail CI."""
-    from .progress import track
+    from ctedge.core.progress import track
 
     dataset = discover(options.root, options.positive)
     splits = make_splits(dataset, options.split_dir, options.seed, options.test_fraction,

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from . import __version__
-from .audit import shortcut_is_loud
-from .errors import CtedgeError, UnreadableImage
-from .files import atomic_write, file_digest
-from .imageio import read_image
-from .metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD, constant_message
+from ctedge import __version__
+from ctedge.core.errors import CtedgeError, UnreadableImage
+from ctedge.core.files import atomic_write, file_digest
+from ctedge.core.imageio import read_image
+from ctedge.core.metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD, constant_message
+from ctedge.evaluation.audit import shortcut_is_loud
 
 if TYPE_CHECKING:
-    from .runconfig import RunConfig
+    from ctedge.core.runconfig import RunConfig
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}
@@ -311,8 +311,8 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     patient-level, of the exported ``onnx`` model (default RUN_DIR/model.onnx),
     in ``eval-studies/``; the audit covers the run's own (slice) training data;
     no Grad-CAM (it needs slice images and the .keras model)."""
-    from .evaluate import evaluate, evaluate_studies
-    from .runconfig import RunConfig
+    from ctedge.core.runconfig import RunConfig
+    from ctedge.evaluation.evaluate import evaluate, evaluate_studies
 
     run_dir = Path(run_dir)
     model = next((run_dir / name for name in ("model.keras", "best_model.keras") if (run_dir / name).is_file()),
@@ -355,7 +355,7 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
             evaluation[key] = str(eval_dir / f"{key[:-4]}.png")
     audit = None
     if run_audit:
-        from .audit import audit as audit_data
+        from ctedge.evaluation.audit import audit as audit_data
 
         options = replace(config.data, root=str(root))
         audit = _cached(run_dir / "audit.json", lambda: audit_data(options, config.preprocess.image_size),
@@ -364,7 +364,7 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     explained: list[dict] = []
     labels: dict[str, int] = {}
     if explain_count:
-        from .explain import explain
+        from ctedge.evaluation.explain import explain
 
         picked = pick_for_explaining(eval_dir / "predictions.csv", explain_count, evaluation["threshold"])
         labels = dict(picked)

@@ -29,7 +29,7 @@ def max_pixels() -> int:
 def set_max_pixels(max_pixels: int) -> None:
     """The default pixel budget of ``read_image`` in this process (`ctedge --max-pixels`)."""
     if max_pixels < 1:
-        from .errors import CtedgeError
+        from ctedge.core.errors import CtedgeError
 
         raise CtedgeError(f"must be at least 1, not {max_pixels}", param="max_pixels")
     _limit["max_pixels"] = max_pixels
@@ -116,7 +116,7 @@ def _read_dicom(path: Path, window: tuple[float, float], max_pixels: int) -> Dec
 
 
 def _unreadable(path: Path, reason: str):
-    from .errors import UnreadableImage
+    from ctedge.core.errors import UnreadableImage
 
     return UnreadableImage(path, reason)
 

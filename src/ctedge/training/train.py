@@ -18,14 +18,15 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .data import DataOptions, LoadedSplit, load_data
-from .errors import CtedgeError
-from .files import atomic_write, remove_stale_temps, temp_name
-from .model import ModelConfig, build_model
-from .plots import training_curves
-from .preprocess import AugmentConfig, PreprocessConfig, augment
-from .progress import console
-from .runconfig import RunConfig, TrainConfig
+from ctedge.core.data import DataOptions, LoadedSplit
+from ctedge.core.errors import CtedgeError
+from ctedge.core.files import atomic_write, remove_stale_temps, temp_name
+from ctedge.core.plots import training_curves
+from ctedge.core.preprocess import AugmentConfig, PreprocessConfig, augment
+from ctedge.core.progress import console
+from ctedge.core.runconfig import RunConfig, TrainConfig
+from ctedge.training.model import ModelConfig, build_model
+from ctedge.training.splits import load_data
 
 log = logging.getLogger(__name__)
 RESUME_DIR = "resume"  # in the run folder while training: what --resume continues from

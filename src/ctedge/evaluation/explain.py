@@ -15,11 +15,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import CtedgeError, UnreadableImage
-from .files import atomic_write
-from .imageio import read_image
-from .metrics import DEFAULT_THRESHOLD
-from .preprocess import to_model_input
+from ctedge.core.errors import CtedgeError, UnreadableImage
+from ctedge.core.files import atomic_write
+from ctedge.core.imageio import read_image
+from ctedge.core.metrics import DEFAULT_THRESHOLD
+from ctedge.core.preprocess import to_model_input
 
 MIN_SHOWN = 384  # pixels: smaller images are enlarged in the overlay PNG
 
@@ -164,9 +164,9 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
     time; unreadable ones get an error entry. The image-sized heatmaps are kept on
     the entries only when asked."""
     check(model_path, alpha)
-    from .model import load_model
-    from .progress import track
-    from .runconfig import keras_preprocess_config
+    from ctedge.core.progress import track
+    from ctedge.core.runconfig import keras_preprocess_config
+    from ctedge.training.model import load_model
 
     model = load_model(model_path)
     size = int(model.input_shape[1])

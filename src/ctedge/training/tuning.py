@@ -33,17 +33,18 @@ from keras_tuner.src import utils as kt_utils
 from keras_tuner.src.distribute import utils as dist_utils
 from keras_tuner.src.engine import tuner_utils
 
-from .choices import Algorithm, Objective, Role
-from .data import DataOptions, load_data
-from .errors import CtedgeError
-from .files import atomic_write, exclusive_lock, file_digest
-from .metrics import roc_auc
-from .model import ModelConfig, add_head, build_backbone, build_model, is_pretrained, run_model_path
-from .preprocess import PreprocessConfig, augment
-from .progress import console
-from .quiet import import_tensorflow
-from .runconfig import RunConfig, TuneResult
-from .train import AugmentedBatches, compile_model, save_model
+from ctedge.core.choices import Algorithm, Objective, Role
+from ctedge.core.data import DataOptions
+from ctedge.core.errors import CtedgeError
+from ctedge.core.files import atomic_write, exclusive_lock, file_digest
+from ctedge.core.metrics import roc_auc
+from ctedge.core.preprocess import PreprocessConfig, augment
+from ctedge.core.progress import console
+from ctedge.core.runconfig import RunConfig, TuneResult
+from ctedge.training.model import ModelConfig, add_head, build_backbone, build_model, is_pretrained, run_model_path
+from ctedge.training.quiet import import_tensorflow
+from ctedge.training.splits import load_data
+from ctedge.training.train import AugmentedBatches, compile_model, save_model
 
 log = logging.getLogger(__name__)
 ALGORITHMS = {Algorithm.random: kt.oracles.RandomSearchOracle,
@@ -347,7 +348,7 @@ def cache_key(hashes: list[str], preprocess: PreprocessConfig, model_config: Mod
 def backbone_features(backbone: keras.Model, preprocess: PreprocessConfig, x: np.ndarray,
                       batch_size: int = 32) -> np.ndarray:
     """The frozen backbone's feature maps of model inputs (preprocessing included)."""
-    from .model import CTPreprocess
+    from ctedge.training.model import CTPreprocess
 
     inputs = keras.Input(x.shape[1:])
     pixels = CTPreprocess(preprocess.window_low, preprocess.window_high, preprocess.centre)(inputs)
@@ -510,7 +511,7 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
 
 def _search(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessConfig,
             options: TuneOptions, space: SearchSpace, project_dir: Path) -> dict:
-    from . import __version__
+    from ctedge import __version__
 
     project = project_dir.name
     keras.utils.set_random_seed(options.seed)

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .choices import Clean, Split
-from .errors import CtedgeError, UnreadableImage
-from .imageio import image_files, read_image
-from .preprocess import ANNOTATION_MIN_FRACTION, PreprocessConfig, annotation_fraction, to_model_input
+from ctedge.core.choices import Clean, Split
+from ctedge.core.errors import CtedgeError, UnreadableImage
+from ctedge.core.imageio import image_files, read_image
+from ctedge.core.preprocess import ANNOTATION_MIN_FRACTION, PreprocessConfig, annotation_fraction, to_model_input
 
 log = logging.getLogger(__name__)
 
 SPLITS = Split.values()
+HASH_THRESHOLD = 12  # near-duplicate candidates (audit): at most this many of 64 pHash bits differ
 CLEAN_MODES = Clean.values()
 _POSITIVE_HINT = re.compile(r"covid|positive|pos\b|abnormal|disease", re.I)
 _NEGATIVE_HINT = re.compile(r"non|neg|normal|healthy", re.I)
@@ -166,39 +167,6 @@ def group_of(path: Path, group_regex: str | None) -> str:
     return match.group(1) if match.groups() else match.group(0)
 
 
-def random_split(dataset: DataSet, seed: int = 42, test_fraction: float = 0.2,
-                 val_fraction: float = 0.2, group_regex: str | None = None
-                 ) -> dict[str, list[Sample]]:
-    """Stratified, seeded train/val/test split; group-aware when a regex is given."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    def cut(samples: list[Sample], fraction: float, salt: int) -> tuple[list, list]:
-        if fraction <= 0:
-            return samples, []
-        labels = [s.label for s in samples]
-        groups = [group_of(s.path, group_regex) for s in samples]
-        folds = max(2, round(1 / fraction))
-        if min(np.bincount(labels, minlength=2)) < folds:
-            raise CtedgeError(f"too few images per class ({np.bincount(labels)}) to split "
-                              f"off {fraction:.0%}; add images or pass --split-dir")
-        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + salt)
-        keep, held = next(splitter.split(np.zeros(len(samples)), labels, groups))
-        return [samples[i] for i in keep], [samples[i] for i in held]
-
-    rest, test = cut(list(dataset.samples), test_fraction, 0)
-    train, val = cut(rest, val_fraction, 1)
-    return {"train": train, "val": val, "test": test}
-
-
-def make_splits(dataset: DataSet, split_dir: str | Path | None = None, seed: int = 42,
-                test_fraction: float = 0.2, val_fraction: float = 0.2,
-                group_regex: str | None = None) -> dict[str, list[Sample]]:
-    """Official lists when ``split_dir`` is given, else a stratified seeded split."""
-    if split_dir:
-        return split_from_lists(dataset, split_dir)
-    return random_split(dataset, seed, test_fraction, val_fraction, group_regex)
-
-
 @dataclass
 class LoadedSplit:
     """Decoded model inputs of one split, and what was left out and why."""
@@ -236,7 +204,7 @@ def load_split(samples: list[Sample], config: PreprocessConfig, clean: str = "dr
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda s: _decode(s, config), samples)
         if progress:
-            from .progress import track
+            from ctedge.core.progress import track
             results = track(results, total=len(samples), description=progress)
         results = list(results)
     size = config.image_size
@@ -276,18 +244,3 @@ class DataOptions:
     val_fraction: float = 0.2
     group_regex: str | None = None
     clean: str = "drop"
-
-
-def load_data(options: DataOptions, config: PreprocessConfig, parts: tuple[str, ...] = SPLITS
-              ) -> tuple[DataSet, dict[str, LoadedSplit]]:
-    """Discover, split, then decode the requested parts (each image once)."""
-    dataset = discover(options.root, options.positive)
-    splits = make_splits(dataset, options.split_dir, options.seed, options.test_fraction,
-                         options.val_fraction, options.group_regex)
-    loaded = {}
-    for part in parts:
-        loaded[part] = load_split(splits[part], config, options.clean,
-                                  progress=f"decoding {part}" if splits[part] else None)
-        if splits[part] and not len(loaded[part].y):
-            raise CtedgeError(f"no readable images left in the {part} split of {options.root}")
-    return dataset, loaded

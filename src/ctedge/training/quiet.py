@@ -14,7 +14,7 @@ import re
 import sys
 import tempfile
 
-from .errors import CtedgeError
+from ctedge.core.errors import CtedgeError
 
 NOISE = re.compile(
     r"absl::InitializeLog|oneDNN custom operations|Could not find cuda drivers|cuInit|"

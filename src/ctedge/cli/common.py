@@ -1,0 +1,314 @@
+"""What every command shares: the app, option groups, the error handler, output writers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from ctedge import __version__
+from ctedge.core.choices import (
+    Aggregate,
+    Backbone,
+    Clean,
+    Precision,
+    Provider,
+)
+from ctedge.core.data import DataOptions
+from ctedge.core.errors import CtedgeError, ExitCode
+from ctedge.core.imageio import DEFAULT_MAX_PIXELS
+from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
+from ctedge.core.progress import console
+from ctedge.core.runconfig import ModelConfig, TrainConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Put a chest-CT COVID-19 classifier onto edge hardware.\n\n"
+                       "Workflow: `ctedge train DATA` (or `ctedge tune DATA`), "
+                       "`ctedge export --onnx`, `ctedge bench`.")
+
+# Library parameter -> the flag that sets it, where the two names differ
+# (otherwise --name-with-dashes); a library error about a parameter shows the flag.
+FLAGS = {"learning_rate": "--lr", "run_dir": "--out", "rotation_deg": "--rotation", "horizontal_flip": "--flip",
+         "time_budget_min": "--time-budget", "explain_count": "--explain", "series_uid": "--series",
+         "data": "--data", "split_dir": "--split-dir"}
+
+
+def flag(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+# --- option groups: each defined once, used by every command that takes it ------
+
+# data
+DataArg = Annotated[Path, typer.Argument(help="Data folder: one subfolder per class.")]
+Positive = Annotated[Optional[str], typer.Option(help="Positive class folder (detected when unset).")]
+CleanOpt = Annotated[Clean, typer.Option("--clean", help="Images with coloured annotation marks: drop them, "
+                                                        "report them, or off (not looked for).")]
+# split
+SplitDir = Annotated[Optional[Path], typer.Option(
+    help="Folder of official split lists ({train,val,test}_CLASS.txt).")]
+GroupRegex = Annotated[Optional[str], typer.Option(
+    help="Regex on file names giving the group (patient/source); its first group is used.")]
+Seed = Annotated[int, typer.Option(help="Seed for the split, augmentation and initialisation.")]
+TestFraction = Annotated[float, typer.Option(help="Test part of a random split.")]
+ValFraction = Annotated[float, typer.Option(help="Validation part carved from train.")]
+# preprocessing and augmentation
+ImageSize = Annotated[int, typer.Option(help="Model input size in pixels (B3 native: 300).")]
+WindowLow = Annotated[float, typer.Option(
+    help="HU window low end: how DICOM is decoded to gray (8-bit images: no effect).")]
+WindowHigh = Annotated[float, typer.Option(help="HU window high end (as --window-low).")]
+Centre = Annotated[float, typer.Option(
+    help="The paper's zero-centre; recorded, but shifted back before the backbone (no effect).")]
+Rotation = Annotated[float, typer.Option(help="Augmentation: max rotation (degrees).")]
+Shift = Annotated[float, typer.Option(help="Augmentation: max width/height shift (fraction).")]
+Flip = Annotated[bool, typer.Option(help="Augmentation: random horizontal flip.")]
+Zoom = Annotated[float, typer.Option(help="Augmentation: max zoom in/out (padding) fraction.")]
+# model
+Weights = Annotated[str, typer.Option(
+    help="Backbone weights: imagenet | none | PATH to efficientnetb3_notop.h5 | a trained ctedge model "
+         "(RUN/model.keras or the run folder): its backbone, exactly as trained.")]
+BackboneOpt = Annotated[Optional[Backbone], typer.Option(
+    "--backbone", help="b3 (EfficientNetB3, the paper's) | tiny (a 1%-compute EfficientNet for tests and smoke "
+                       "runs); default: the trained model's with --weights RUN, else b3.")]
+Units = Annotated[Optional[int], typer.Option(
+    help=f"Width of the head's dense layer (default {ModelConfig.units}; tune: the first trial's, where the "
+         "search starts).")]
+Dropout = Annotated[Optional[float], typer.Option(
+    help=f"Dropout after the dense layer (default {ModelConfig.dropout}; tune: the first trial's).")]
+FreezeBackbone = Annotated[Optional[bool], typer.Option(
+    "--freeze-backbone/--train-backbone",
+    help="Train only the head (default: yes with pretrained weights, no with --weights none).")]
+FineTuneBlocks = Annotated[int, typer.Option(
+    help="Also train the top N backbone blocks (1-7; tune: trains full models, no feature cache).")]
+# training
+Epochs = Annotated[int, typer.Option(help="Epochs (train: the paper's 100; tune: per trial, early stopping on "
+                                          "the objective; Hyperband: the largest budget).")]
+BatchSize = Annotated[int, typer.Option(help="Batch size (paper: 16).")]
+LearningRate = Annotated[Optional[float], typer.Option(
+    "--lr", help=f"Adam learning rate (default the paper's {TrainConfig.learning_rate}; tune: the first "
+                 "trial's).")]
+Patience = Annotated[int, typer.Option(help="Early-stopping patience (epochs).")]
+
+JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON ('-' for stdout).")]
+HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page.")]
+
+# inference (predict, bench)
+ProviderOpt = Annotated[Provider, typer.Option(
+    "--provider", help="Device. onnxruntime: auto | cpu | cuda | tensorrt (falls back to the CPU with a message); "
+                       "openvino: auto | cpu | gpu | npu.")]
+Threads = Annotated[Optional[int], typer.Option(help="Inference threads (default: all cores).")]
+PrecisionOpt = Annotated[Optional[Precision], typer.Option(
+    "--precision", help="OpenVINO: bf16/fp16 are inference precisions of the fp32 model (CPU support "
+    "needed), int8 the IR from `export --openvino`; onnxruntime: fp16/int8 run the NAME_fp16/NAME_int8.onnx "
+    "files from export. Default: auto's choice, else fp32.")]
+CacheDir = Annotated[Optional[Path], typer.Option(
+    help="OpenVINO compiled-model cache (default ~/.cache/ctedge/openvino): a second start skips compiling.")]
+
+# whole-study classification (predict --study, evaluate --study)
+SeriesOpt = Annotated[Optional[str], typer.Option("--series", help="--study: classify this SeriesInstanceUID.")]
+SliceStep = Annotated[Optional[int], typer.Option(
+    help="--study: take every Nth slice (default: the smallest step giving at most --max-slices).")]
+MaxSlices = Annotated[int, typer.Option(help="--study: slices sampled at most when --slice-step is unset.")]
+AggregateOpt = Annotated[Aggregate, typer.Option("--aggregate", help="--study: how slice probabilities become "
+                                                                    "the study's.")]
+TopK = Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")]
+
+
+def data_options(data: Path, *, positive: str | None, split_dir: Path | None, group_regex: str | None,
+                 seed: int, test_fraction: float, val_fraction: float, clean: Clean = Clean.drop) -> DataOptions:
+    """The data and split groups."""
+    return DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
+                       seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+                       group_regex=group_regex, clean=clean)
+
+
+def preprocess_config(*, image_size: int, window_low: float, window_high: float, centre: float,
+                      rotation: float, shift: float, flip: bool, zoom: float) -> PreprocessConfig:
+    """The preprocessing and augmentation group."""
+    return PreprocessConfig(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
+                            augment=AugmentConfig(rotation_deg=rotation, shift=shift, horizontal_flip=flip,
+                                                  zoom=zoom))
+
+
+def model_config(*, weights: str, backbone: Backbone | None, freeze_backbone: bool | None,
+                 fine_tune_blocks: int, units: int | None = None, dropout: float | None = None) -> ModelConfig:
+    """The model group; the backbone defaults to a trained model's (``--weights RUN``), else b3."""
+    from ctedge.training.model import saved_backbone
+
+    head = {name: value for name, value in (("units", units), ("dropout", dropout)) if value is not None}
+    return ModelConfig(weights=weights, backbone=backbone or saved_backbone(weights) or Backbone.b3,
+                       freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks, **head)
+
+
+VERBOSE = {"on": False}  # set by the --verbose option before a command runs
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM (kill, a job scheduler) as Ctrl-C: temp files are removed on the way out."""
+    raise KeyboardInterrupt
+
+
+def command(func=None, *, tensorflow: bool = False):
+    """Register a command: clear message and exit code for user errors, never a
+    traceback. ``tensorflow=True``: import TensorFlow first, quietly."""
+    if func is None:
+        return functools.partial(command, tensorflow=tensorflow)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        _setup_logging()
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+        try:
+            if tensorflow:
+                from ctedge.training.quiet import import_tensorflow
+                import_tensorflow(VERBOSE["on"])
+            return func(*args, **kwargs)
+        except CtedgeError as exc:
+            message = exc.with_name(flag(exc.param)) if exc.param else str(exc)
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    return app.command()(wrapper)
+
+
+def check_outputs(*outputs: tuple[Path | None, str] | tuple[Path | None, str, bool]) -> None:
+    """(path, option[, is_folder]) for each output: refuse one that can't be written
+    (exit 2 naming it) before any model or data is loaded; unset ones pass."""
+    from ctedge.core.files import check_writable
+
+    for path, what, *folder in outputs:
+        if path is not None:
+            check_writable(path, what, bool(folder and folder[0]))
+
+
+def write_text(text: str, path: Path | None) -> None:
+    """To stdout for '-', else atomically (never a half-written file)."""
+    from ctedge.core.files import atomic_write
+
+    if path is None:
+        return
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write(text.encode(), path)
+
+
+def write_json(result: dict, path: Path | None) -> None:
+    write_text(json.dumps(result, indent=2, default=str) + "\n", path)
+
+
+def write_csv(records: list[dict], fields: list[str], path: Path | None) -> None:
+    from ctedge.core.files import csv_text
+
+    write_text(csv_text(fields, records), path)
+
+
+def print_file_rows(title: str, rows: list, third: str) -> int:
+    """Table of per-file results (path, probability, ``third`` attribute), errors
+    in red; returns how many files failed."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("path", "probability", third):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.path, "" if row.error else f"{row.probability:.4f}",
+                      f"[red]error: {row.error}[/]" if row.error else getattr(row, third))
+    console.print(table)
+    return sum(row.error is not None for row in rows)
+
+
+def warn_if_constant(spread: float | None, images: int) -> str | None:
+    """Print the constant-model warning when it applies; returns it."""
+    from ctedge.core.metrics import constant_message
+
+    message = constant_message(float("nan") if spread is None else spread, images)
+    if message:
+        console.print(f"[bold red]warning:[/] {message}", highlight=False)
+    return message
+
+
+def exit_if_failed(failed: int, total: int) -> None:
+    if failed:
+        console.print(f"[yellow]{failed} of {total} file(s) could not be read[/]")
+        raise typer.Exit(ExitCode.FAILED)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ctedge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
+                                               "and C++ log lines (hidden by default).")] = False,
+         max_pixels: Annotated[int, typer.Option(
+             envvar="CTEDGE_MAX_PIXELS", help="Refuse images of more pixels than this, read from the "
+             "file header before decoding (every command).")] = DEFAULT_MAX_PIXELS) -> None:
+    """Put a chest-CT COVID-19 classifier onto edge hardware."""
+    from ctedge.core.imageio import set_max_pixels
+
+    VERBOSE["on"] = verbose
+    try:
+        set_max_pixels(max_pixels)
+    except CtedgeError as exc:
+        raise typer.BadParameter(exc.detail, param_hint=flag(exc.param)) from None
+
+
+def print_metrics(report: dict) -> None:
+    """Metric table with CIs, confusion matrix and operating points."""
+    from rich.table import Table
+
+    if report.get("unit") == "study":
+        title = (f"{report['studies']} studies of {report['patients']} patients ({report['positive']} "
+                 f"positive), threshold {report['threshold']}, CIs resampled by patient")
+    else:
+        title = f"{report['split']} split: {report['images']} images ({report['positive']} positive), " \
+                f"threshold {report['threshold']}"
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% CI", justify="right")
+    for name, entry in report["metrics"].items():
+        lo, hi = entry["ci95"]
+        table.add_row(name, f"{entry['value']:.3f}", f"{lo:.3f} - {hi:.3f}")
+    console.print(table)
+    (tn, fp), (fn, tp) = report["confusion"]
+    console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {report['ece']:.3f}")
+    for name, value in report["operating_points"].items():
+        console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
+    warn_if_constant(report.get("output_spread"), report.get("images", report.get("studies")))
+    for name, drift in (report.get("split_drift") or {}).items():
+        from ctedge.evaluation.evaluate import drift_warning
+
+        console.print(f"[bold red]warning:[/] {escape(drift_warning(name, drift))}", highlight=False)
+    baseline = report.get("shortcut_baseline") or {}
+    if "auc" in baseline:
+        console.print(f"shortcut baseline (file metadata only, trained on train): AUC {baseline['auc']:.3f} "
+                      f"beside the model's {report['metrics']['auc']['value']:.3f}")

@@ -1,0 +1,161 @@
+"""`ctedge predict`: images or whole CT studies through an exported model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from ctedge.cli.common import (
+    AggregateOpt,
+    CacheDir,
+    JsonOut,
+    MaxSlices,
+    PrecisionOpt,
+    ProviderOpt,
+    SeriesOpt,
+    SliceStep,
+    Threads,
+    TopK,
+    check_outputs,
+    command,
+    exit_if_failed,
+    print_file_rows,
+    warn_if_constant,
+    write_csv,
+    write_json,
+)
+from ctedge.core.choices import (
+    Aggregate,
+    Provider,
+    Runtime,
+)
+from ctedge.core.errors import CtedgeError, ExitCode
+from ctedge.core.progress import console
+from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, StudyOptions
+
+
+@command
+def predict(
+    model: Annotated[Path, typer.Argument(help="Exported .onnx model (or OpenVINO IR .xml).")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = StudyOptions.batch_size,
+    runtime: Annotated[Runtime, typer.Option(
+        help="Engine; auto: what `ctedge bench --runtime all` found fastest here, saved beside the model, "
+             "else onnxruntime.")] = Runtime.auto,
+    precision: PrecisionOpt = None,
+    provider: ProviderOpt = Provider.auto,
+    threads: Threads = None,
+    cache_dir: CacheDir = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write rows as CSV ('-' for stdout).")] = None,
+    json_out: JsonOut = None,
+    study: Annotated[bool, typer.Option("--study", help="Each path is a CT study (DICOM folder or .zip, "
+                                        "or NIfTI): one answer per study (patient).")] = False,
+    series: SeriesOpt = None,
+    slice_step: SliceStep = None,
+    max_slices: MaxSlices = DEFAULT_MAX_SLICES,
+    aggregate: AggregateOpt = Aggregate.topk,
+    top_k: TopK = DEFAULT_TOP_K,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="--study: folder for one PNG per study (needs matplotlib).")] = None,
+) -> None:
+    """Classify images with an exported model (no TensorFlow needed), on
+    onnxruntime or OpenVINO.
+
+    One row per image: path, probability of the positive class, label. A file
+    that can't be read, or above the pixel budget (50 MP; `ctedge --max-pixels N predict ...`),
+    gets an error row and the rest go on; exit code 1 if any failed.
+    Example: `ctedge predict exports/b3.onnx scans/ --csv predictions.csv`;
+    `ctedge predict exports/b3.onnx scans/ --runtime openvino --precision bf16`
+
+    With `--study`, one row per CT study instead (see README, "Whole CT studies"):
+    `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
+    """
+    from dataclasses import asdict
+
+    from ctedge.core.imageio import expand_paths
+    from ctedge.edge.runtime import Classifier
+
+    if study:
+        options = StudyOptions(series_uid=series, slice_step=slice_step, max_slices=max_slices,
+                               aggregate=aggregate, top_k=top_k, batch_size=batch_size,
+                               keep_thumbnails=plot is not None)
+        predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
+                                runtime=runtime, precision=precision, cache_dir=cache_dir)
+        return
+    files = expand_paths(paths)
+    if not files:
+        raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
+    check_outputs((csv_out, "--csv"), (json_out, "--json"))
+    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
+                     cache_dir=str(cache_dir) if cache_dir else None)
+    rows = clf.predict_files(files, batch_size)
+    failed = print_file_rows(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
+                             f"P({clf.positive}), threshold {clf.threshold}", rows, "label")
+    scored = [r.probability for r in rows if r.error is None]
+    from ctedge.core.metrics import output_spread
+
+    constant = warn_if_constant(output_spread(scored), len(scored))
+    records = [asdict(r) for r in rows]
+    write_csv(records, list(records[0]), csv_out)
+    write_json({"model": str(model), "runtime": clf.runtime, "precision": clf.precision,
+                "provider": clf.providers[0], "predictions": records,
+                "warnings": [constant] if constant else []}, json_out)
+    exit_if_failed(failed, len(rows))
+
+
+def predict_studies_command(model: Path, paths: list[Path], options, provider: str, threads: int | None,
+                            csv_out: Path | None, json_out: Path | None, plot: Path | None, *,
+                            runtime: str = "auto", precision: str | None = None,
+                            cache_dir: Path | None = None) -> None:
+    """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
+    from rich.table import Table
+
+    from ctedge.edge.runtime import Classifier
+    from ctedge.edge.study import CSV_FIELDS, csv_row, predict_studies
+
+    options.check()
+    check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True))
+    if plot is not None:
+        try:
+            from ctedge.core.plots import study_plot
+        except ImportError:
+            raise CtedgeError('--plot needs matplotlib: pip install "ctedge[train]"') from None
+    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
+                     cache_dir=str(cache_dir) if cache_dir else None)
+    results = predict_studies(clf, paths, options,
+                              progress=lambda r: console.print(f"{r.input}: {r.study_uid or '-'} done",
+                                                               highlight=False))
+    table = Table(title=f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): P({clf.positive}) per study, "
+                        f"threshold {clf.threshold}, aggregate {options.aggregate}")
+    for column in ("input", "patient", "slices used/total", "probability", "label"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(r.input, r.patient_id, f"{r.slices_used}/{r.slices_total}",
+                      "" if r.error else f"{r.probability:.4f}",
+                      f"[red]error: {r.error}[/]" if r.error else r.label)
+    console.print(table)
+    for r in results:
+        if r.series_uid:
+            console.print(f"{r.input}: series {r.series_uid} ({r.series_description or 'no description'}), "
+                          f"every {r.slice_step}. slice: {r.slices_sampled} sampled, "
+                          f"{r.slices_without_lung} without lung, {r.slices_used} classified", highlight=False)
+        for rejected in r.series_rejected:
+            console.print(f"  rejected series {rejected['series_uid']} ({rejected['slices']} file(s)): "
+                          f"{rejected['reason']}", highlight=False)
+        for warning in r.warnings:
+            console.print(f"  [yellow]warning:[/] {escape(warning)}", highlight=False)
+    if plot is not None:
+        for r in results:
+            if not r.error:
+                console.print(f"plot: {study_plot(r, plot)}", highlight=False, markup=False)
+    write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
+    write_json({"model": str(model), "provider": clf.providers[0], "threshold": clf.threshold,
+                "options": {k: v for k, v in vars(options).items() if k != "keep_thumbnails"},
+                "studies": [r.to_dict() for r in results]}, json_out)
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        console.print(f"[yellow]{failed} of {len(results)} stud(ies) got no answer[/]")
+        raise typer.Exit(ExitCode.FAILED)

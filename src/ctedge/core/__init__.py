@@ -1,0 +1,1 @@
+"""TensorFlow-free foundations: errors, choices, files, image I/O, preprocessing, metadata, metrics, data."""

@@ -1,0 +1,104 @@
+"""Typed results: what the library builds and the CLI, the HTTP API and the SR writer
+only print or send.
+
+Each result is a frozen dataclass with one ``to_dict()``, which is its JSON schema:
+every field is always present (``None`` when absent), so consumers parse without
+guessing. A top-level ``Document`` adds ``schema_version``, ``ctedge_version`` and its
+``kind``. ``dumps`` writes strict JSON: a NaN or infinity is a bug, never a value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ctedge import __version__
+
+SCHEMA_VERSION = 1
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready copy: records to dicts, tuples to lists, paths and enums to strings,
+    numpy scalars to Python numbers."""
+    if isinstance(value, Record):
+        return value.to_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    """A typed row inside a document; ``to_dict`` emits every field."""
+
+    def to_dict(self) -> dict:
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.repr}
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The keys ``to_dict`` emits, in order (the schema a test checks ``--json`` against)."""
+        return [f.name for f in fields(cls) if f.repr]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Document(Record):
+    """A top-level result: a versioned header, then the record's own fields."""
+
+    kind: ClassVar[str] = "document"
+    HEADER: ClassVar[tuple[str, ...]] = ("schema_version", "ctedge_version", "kind")
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "ctedge_version": __version__, "kind": self.kind,
+                **super().to_dict()}
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [*cls.HEADER, *super().keys()]
+
+
+def _check_finite(value: Any, where: str = "$") -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}: results never hold NaN or infinity")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+
+
+def dumps(document: Record | dict) -> str:
+    """Strict JSON (``allow_nan=False``), indented, with a trailing newline."""
+    data = document.to_dict() if isinstance(document, Record) else plain(document)
+    _check_finite(data)
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+# --- images (`ctedge predict`): built by ctedge.edge.runtime ------------------------
+
+
+# --- studies (`ctedge predict --study`, the DICOM node, the HTTP API): built by ctedge.edge.study
+
+
+# --- benchmarks (`ctedge bench`): built by ctedge.edge.bench -------------------------
+
+
+# --- evaluation (`ctedge evaluate`): built by ctedge.evaluation ----------------------

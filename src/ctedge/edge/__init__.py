@@ -1,0 +1,1 @@
+"""The TensorFlow-free edge: inference engines, the runtime, CT studies, benchmarks."""

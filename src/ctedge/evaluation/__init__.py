@@ -1,0 +1,1 @@
+"""Evaluation, audit, explanations and reports."""

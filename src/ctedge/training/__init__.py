@@ -1,0 +1,1 @@
+"""Training, tuning and export: the TensorFlow stack."""
