@@ -5,14 +5,19 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
+import os
+import re
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
+from rich.text import Text
 
 from ctedge import __version__
 from ctedge.core.choices import (
@@ -28,6 +33,8 @@ from ctedge.core.imageio import DEFAULT_MAX_PIXELS
 from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
 from ctedge.core.progress import console
 from ctedge.core.runconfig import ModelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Put a chest-CT COVID-19 classifier onto edge hardware.\n\n"
@@ -182,7 +189,7 @@ def command(func=None, *, tensorflow: bool = False):
             return func(*args, **kwargs)
         except CtedgeError as exc:
             message = exc.with_name(flag(exc.param)) if exc.param else str(exc)
-            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+            console.print(Text.assemble(("error:", "bold red"), " ", clean(message)), highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -194,33 +201,103 @@ def command(func=None, *, tensorflow: bool = False):
     return app.command()(wrapper)
 
 
-def check_outputs(*outputs: tuple[Path | None, str] | tuple[Path | None, str, bool]) -> None:
-    """(path, option[, is_folder]) for each output: refuse one that can't be written
-    (exit 2 naming it) before any model or data is loaded; unset ones pass."""
+def check_outputs(*outputs: tuple[Path | None, str] | tuple[Path | None, str, bool],
+                  inputs: Iterable[Path] = ()) -> None:
+    """(path, option[, is_folder]) for each output: refuse one that can't be written,
+    or one that is an input (``inputs``: files, and folders whose image or DICOM files
+    are read), exit 2 naming it, before any model or data is loaded; unset ones pass."""
     from ctedge.core.files import check_writable
 
+    inputs = list(inputs)
     for path, what, *folder in outputs:
-        if path is not None:
-            check_writable(path, what, bool(folder and folder[0]))
+        if path is None:
+            continue
+        check_writable(path, what, bool(folder and folder[0]))
+        if not (folder and folder[0]) and str(path) != "-":
+            _refuse_input(path, what, inputs)
+
+
+def _refuse_input(path: Path, what: str, inputs: list[Path]) -> None:
+    from ctedge.core.files import same_file
+    from ctedge.core.imageio import SUPPORTED_SUFFIXES, is_dicom
+
+    for given in inputs:
+        if same_file(path, given):
+            raise CtedgeError(f"{what} {path}: is an input ({given}); it would be overwritten")
+        if given.is_dir() and path.is_file() and given.resolve() in path.resolve().parents and \
+                (path.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom(path)):
+            raise CtedgeError(f"{what} {path}: is an input (an image in {given}); it would be overwritten")
+
+
+def model_files(model: Path) -> list[Path]:
+    """The model and the files that travel with it (card, OpenVINO weights, fp16/int8
+    variants): outputs never overwrite them."""
+    stems = [model.stem, *(f"{model.stem}_{variant}" for variant in ("fp16", "int8"))]
+    return [model, *(model.with_name(stem + suffix) for stem in stems
+                     for suffix in (".onnx", ".json", ".xml", ".bin"))]
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(value: object) -> str:
+    """Text from a file (a path, a PatientID) made safe for the terminal: control
+    characters (escape sequences) become ``?``, undecodable bytes too."""
+    text = "" if value is None else str(value)
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates of undecodable names
+    return CONTROL.sub("?", text)
+
+
+def shown(value: object, style: str = "") -> Text:
+    """``clean(value)`` as rich text: printed as it is, never read as markup."""
+    return Text(clean(value), style=style)
 
 
 def write_text(text: str, path: Path | None) -> None:
-    """To stdout for '-', else atomically (never a half-written file)."""
+    """To stdout for '-', else atomically (never a half-written file); undecodable
+    bytes of file names are written back as they were."""
     from ctedge.core.files import atomic_write
 
     if path is None:
         return
-    if str(path) == "-":
-        sys.stdout.write(text)
-    else:
-        atomic_write(text.encode(), path)
+    data = text.encode("utf-8", "surrogateescape")
+    if str(path) != "-":
+        atomic_write(data, path)
+        return
+    sys.stdout.flush()
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:  # `ctedge ... --csv - | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(ExitCode.OK) from None
 
 
-def write_json(result: dict, path: Path | None) -> None:
-    write_text(json.dumps(result, indent=2, default=str) + "\n", path)
+def json_text(result) -> str:
+    """Strict JSON (``allow_nan=False``): a NaN or infinity is written as null, with a
+    warning naming where it was."""
+    from ctedge.core.results import plain
+
+    def finite(value, where: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            log.warning("%s is %s: written as null (JSON has no NaN or infinity)", where, value)
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item, f"{where}.{key}") for key, item in value.items()}
+        if isinstance(value, list):
+            return [finite(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return value
+
+    return json.dumps(finite(plain(result), "$"), indent=2, allow_nan=False, default=str) + "\n"
+
+
+def write_json(result, path: Path | None) -> None:
+    if path is not None:
+        write_text(json_text(result), path)
 
 
 def write_csv(records: list[dict], fields: list[str], path: Path | None) -> None:
+    """CSV with every cell neutralised against formula injection (``csv_cell``)."""
     from ctedge.core.files import csv_text
 
     write_text(csv_text(fields, records), path)
@@ -228,15 +305,15 @@ def write_csv(records: list[dict], fields: list[str], path: Path | None) -> None
 
 def print_file_rows(title: str, rows: list, third: str) -> int:
     """Table of per-file results (path, probability, ``third`` attribute), errors
-    in red; returns how many files failed."""
+    in red, file text shown as text; returns how many files failed."""
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=shown(title))
     for column in ("path", "probability", third):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row.path, "" if row.error else f"{row.probability:.4f}",
-                      f"[red]error: {row.error}[/]" if row.error else getattr(row, third))
+        table.add_row(shown(row.path), "" if row.error else f"{row.probability:.4f}",
+                      shown(f"error: {row.error}", "red") if row.error else shown(getattr(row, third)))
     console.print(table)
     return sum(row.error is not None for row in rows)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from ctedge.cli.common import (
     AggregateOpt,
@@ -20,9 +20,12 @@ from ctedge.cli.common import (
     Threads,
     TopK,
     check_outputs,
+    clean,
     command,
     exit_if_failed,
+    model_files,
     print_file_rows,
+    shown,
     warn_if_constant,
     write_csv,
     write_json,
@@ -88,7 +91,7 @@ def predict(
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
-    check_outputs((csv_out, "--csv"), (json_out, "--json"))
+    check_outputs((csv_out, "--csv"), (json_out, "--json"), inputs=[*model_files(model), *files])
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                      cache_dir=str(cache_dir) if cache_dir else None)
     rows = clf.predict_files(files, batch_size)
@@ -117,7 +120,8 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
     from ctedge.edge.study import CSV_FIELDS, csv_row, predict_studies
 
     options.check()
-    check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True))
+    check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True),
+                  inputs=[*model_files(model), *paths])
     if plot is not None:
         try:
             from ctedge.core.plots import study_plot
@@ -126,31 +130,30 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                      cache_dir=str(cache_dir) if cache_dir else None)
     results = predict_studies(clf, paths, options,
-                              progress=lambda r: console.print(f"{r.input}: {r.study_uid or '-'} done",
-                                                               highlight=False))
+                              progress=lambda r: console.print(shown(f"{r.input}: {r.study_uid or '-'} done")))
     table = Table(title=f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): P({clf.positive}) per study, "
                         f"threshold {clf.threshold}, aggregate {options.aggregate}")
     for column in ("input", "patient", "slices used/total", "probability", "label"):
         table.add_column(column, overflow="fold")
     for r in results:
-        table.add_row(r.input, r.patient_id, f"{r.slices_used}/{r.slices_total}",
+        table.add_row(shown(r.input), shown(r.patient_id), f"{r.slices_used}/{r.slices_total}",
                       "" if r.error else f"{r.probability:.4f}",
-                      f"[red]error: {r.error}[/]" if r.error else r.label)
+                      shown(f"error: {r.error}", "red") if r.error else r.label)
     console.print(table)
     for r in results:
         if r.series_uid:
-            console.print(f"{r.input}: series {r.series_uid} ({r.series_description or 'no description'}), "
-                          f"every {r.slice_step}. slice: {r.slices_sampled} sampled, "
-                          f"{r.slices_without_lung} without lung, {r.slices_used} classified", highlight=False)
+            console.print(shown(f"{r.input}: series {r.series_uid} ({r.series_description or 'no description'}), "
+                                f"every {r.slice_step}. slice: {r.slices_sampled} sampled, "
+                                f"{r.slices_without_lung} without lung, {r.slices_used} classified"))
         for rejected in r.series_rejected:
-            console.print(f"  rejected series {rejected['series_uid']} ({rejected['slices']} file(s)): "
-                          f"{rejected['reason']}", highlight=False)
+            console.print(shown(f"  rejected series {rejected['series_uid']} ({rejected['slices']} file(s)): "
+                                f"{rejected['reason']}"))
         for warning in r.warnings:
-            console.print(f"  [yellow]warning:[/] {escape(warning)}", highlight=False)
+            console.print(Text.assemble("  ", ("warning:", "yellow"), " ", clean(warning)))
     if plot is not None:
         for r in results:
             if not r.error:
-                console.print(f"plot: {study_plot(r, plot)}", highlight=False, markup=False)
+                console.print(shown(f"plot: {study_plot(r, plot)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_json({"model": str(model), "provider": clf.providers[0], "threshold": clf.threshold,
                 "options": {k: v for k, v in vars(options).items() if k != "keep_thumbnails"},

@@ -7,12 +7,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+
+from ctedge.core.errors import CtedgeError
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +45,53 @@ def remove_stale_temps(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+class WriteError(CtedgeError, OSError):
+    """An output that could not be written (disk full, file size limit, not a
+    regular file): names the path and the reason. An ``OSError`` too, so callers
+    that treat a failed write as optional keep doing so."""
+
+
+def output_target(path: Path) -> Path:
+    """Where a write to ``path`` lands: the path itself, or the regular file a
+    symbolic link names (the link is kept). Anything else is refused."""
+    if not os.path.lexists(path):
+        return path
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise WriteError(f"{path}: cannot write ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise WriteError(f"{path}: is a folder, not a file (name a file inside it)")
+    real = Path(os.path.realpath(path))
+    system = {Path(os.path.abspath(path)).parts[1:2], real.parts[1:2]} & {("dev",), ("proc",)}
+    if not stat.S_ISREG(mode) or system:
+        raise WriteError(f"{path}: is not a regular file (a device, FIFO, socket or /dev/stdout); "
+                         "outputs are new or regular files, and - is stdout")
+    return real if os.path.islink(path) else path
+
+
 def atomic_write(data: bytes, path: Path) -> None:
     """Temp file in the target folder, then rename: never a half-written file.
-    Temp files of earlier killed writers of ``path`` are removed first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    Temp files of earlier killed writers of ``path`` are removed first. Only a new
+    path or a regular file is written (a symlink to one: the file it names); a
+    failed write (disk full, ``ulimit -f``) raises ``WriteError`` naming ``path``."""
+    target = output_target(Path(path))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(f"{path}: cannot write ({exc.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -62,20 +100,57 @@ def atomic_write(data: bytes, path: Path) -> None:
 def check_writable(path: Path, what: str, folder: bool = False) -> None:
     """Refuse an output path that can't be written, before any work is done.
 
-    ``-`` (stdout) passes; a missing parent (or, with ``folder``, the folder itself)
-    is created."""
-    from ctedge.core.errors import CtedgeError
-
-    if str(path) == "-":
+    ``-`` (stdout) passes. A file output must be new or a regular file (or a
+    symlink to one); a folder, device, FIFO or socket is refused. A missing parent
+    (or, with ``folder``, the folder itself) is created."""
+    if str(path) == "-" and not folder:
         return
+    if folder and path.exists() and not path.is_dir():
+        raise CtedgeError(f"{what} {path}: is not a folder")
+    if not folder:
+        try:
+            path = output_target(path)
+        except WriteError as exc:
+            raise CtedgeError(f"{what} {exc}") from None
     target = path if folder else path.parent
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CtedgeError(f"{what} {path}: cannot create {target} ({exc.strerror})") from None
-    if (not folder and path.is_dir()) or not os.access(target, os.W_OK) or \
-            (not folder and path.exists() and not os.access(path, os.W_OK)):
+    if not os.access(target, os.W_OK) or (not folder and path.exists() and not os.access(path, os.W_OK)):
         raise CtedgeError(f"{what} {path}: not writable")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing file (symlinks and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str, limit: int = 80) -> str:
+    """``text`` as one harmless file name: letters, digits, ``.``, ``_``, ``-`` only
+    (runs of anything else become ``_``), no leading dot, at most ``limit`` characters."""
+    name = SAFE_NAME.sub("_", text).lstrip(".")[:limit]
+    return name or "unnamed"
+
+
+def safe_child(folder: Path, name: str) -> Path:
+    """``folder / name`` for a name derived from data (a UID, a PatientID, a file
+    name from the network): sanitised with ``safe_name`` (suffix kept) and checked to
+    resolve directly inside ``folder``, so no name can reach outside it."""
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not re.fullmatch(r"[A-Za-z0-9]{1,16}", suffix):
+        stem, suffix = name, ""
+    clean = safe_name(stem) + ("." + suffix if suffix else "")
+    child = Path(folder) / clean
+    if Path(os.path.realpath(child)).parent != Path(os.path.realpath(folder)):
+        raise CtedgeError(f"{name!r}: not a file name inside {folder}")
+    return child
 
 
 def _alive(pid: int) -> bool:
@@ -94,8 +169,6 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
 
     Another live holder: exit 2 naming it. A holder on this host whose process
     is gone (killed): its lock is taken over, with a message."""
-    from ctedge.core.errors import CtedgeError
-
     mine = {"pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.now().isoformat(timespec="seconds")}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,13 +206,30 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
             pass
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """A cell a spreadsheet shows as text, never runs (OWASP CSV injection): a string
+    starting with ``= + - @``, tab or CR gets a leading ``'``; numbers, and strings
+    that are plain numbers (``-0.5``), stay as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def csv_text(fields: list[str], rows: list[dict]) -> str:
-    """Rows as CSV text with a header, for an atomic write or stdout."""
+    """Rows as CSV text with a header, for an atomic write or stdout; every cell
+    passes ``csv_cell``."""
     import csv
     import io
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in rows)
     return buffer.getvalue()

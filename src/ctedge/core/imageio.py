@@ -18,6 +18,8 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 DEFAULT_WINDOW = (-1000.0, 400.0)  # the paper's HU window: how DICOM is decoded to gray 0-255
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: far above any CT slice (512x512 to 4096x4096)
+MIN_SIDE = 16  # pixels: the smallest crop in COVID-CT is 53x26; a 1x1 image holds no slice
+MAX_ASPECT = 4.0  # long side / short side: a CT slice (or a crop of one) is never a strip
 _limit = {"max_pixels": DEFAULT_MAX_PIXELS}
 
 
@@ -121,8 +123,8 @@ def _unreadable(path: Path, reason: str):
     return UnreadableImage(path, reason)
 
 
-def _jpeg_size(data) -> tuple[int, int] | None:
-    """(width, height) from the first SOF segment."""
+def _jpeg_header(data) -> tuple[int, int, int] | None:
+    """(width, height, colour components) from the first SOF segment."""
     at = 2
     while at + 4 <= len(data):
         if data[at] != 0xFF:
@@ -135,10 +137,10 @@ def _jpeg_size(data) -> tuple[int, int] | None:
             at += 2
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if at + 9 > len(data):
+            if at + 10 > len(data):
                 return None
-            height, width = struct.unpack_from(">HH", data, at + 5)
-            return width, height
+            height, width, components = struct.unpack_from(">HHB", data, at + 5)
+            return width, height, components
         at += 2 + struct.unpack_from(">H", data, at + 2)[0]
     return None
 
@@ -170,7 +172,8 @@ def raster_size(data) -> tuple[int, int] | None:
         if bytes(data[:8]) == b"\x89PNG\r\n\x1a\n" and bytes(data[12:16]) == b"IHDR":
             return struct.unpack_from(">II", data, 16)
         if head[:3] == b"\xff\xd8\xff":
-            return _jpeg_size(data)
+            found = _jpeg_header(data)
+            return found[:2] if found else None
         if head[:2] == b"BM":
             if struct.unpack_from("<I", data, 14)[0] == 12:  # OS/2 core header
                 return struct.unpack_from("<HH", data, 18)
@@ -190,36 +193,62 @@ def check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
                                 f"{max_pixels / 1e6:g} MP limit (raise it with ctedge --max-pixels N)")
 
 
-def _read_raster(path: Path, max_pixels: int) -> Decoded:
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise _unreadable(path, f"cannot read file ({exc.strerror})") from None
+def check_shape(path: Path, width: int, height: int) -> None:
+    """Refuse, from the header, an image that cannot hold a CT slice: a side under
+    ``MIN_SIDE`` pixels or a long side over ``MAX_ASPECT`` times the short one."""
+    if min(width, height) < MIN_SIDE:
+        raise _unreadable(path, f"{width}x{height} pixels: a side under {MIN_SIDE} px cannot hold a CT slice")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise _unreadable(path, f"{width}x{height} pixels: an aspect ratio over {MAX_ASPECT:g}:1 "
+                                "cannot hold a CT slice")
+
+
+def _check_header(path: Path, data: np.ndarray, max_pixels: int) -> None:
+    """Size, shape and colour model from the header, before any pixel is decoded."""
     if data.size == 0:
         raise _unreadable(path, "file is empty")
     size = raster_size(data)
     if size is None:
         raise _unreadable(path, "not a readable image (corrupt, truncated or not an image)")
     check_pixels(path, *size, max_pixels)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    check_shape(path, *size)
+    jpeg = _jpeg_header(data) if bytes(data[:3]) == b"\xff\xd8\xff" else None
+    if jpeg and jpeg[2] == 4:
+        raise _unreadable(path, "CMYK JPEG (print colours, not a scan): save it as grayscale or RGB")
+
+
+def _to_gray(path: Path, image: np.ndarray | None) -> Decoded:
+    """Decoded pixels -> gray 0-255 float32 (and 8-bit BGR for colour files). The
+    decoded array must be passed straight from the decoder: it is dropped as soon
+    as it is converted (a 50 MP 16-bit RGBA is 400 MB)."""
     if image is None or image.size == 0:
         raise _unreadable(path, "not a readable image (corrupt, truncated or not an image)")
-    if image.dtype == np.uint8:
-        scale = 1.0
-    elif image.dtype == np.uint16:
-        scale = 255.0 / 65535.0
-    else:
+    if image.dtype not in (np.uint8, np.uint16):
         raise _unreadable(path, f"unsupported pixel type {image.dtype} (8- or 16-bit expected)")
+    scale = 1.0 if image.dtype == np.uint8 else 255.0 / 65535.0
     colour = None
     if image.ndim == 3:
         if image.shape[2] == 4:
-            image = image[:, :, :3]
-        colour = image if image.dtype == np.uint8 else (image / 257).astype(np.uint8)
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+        colour = image if image.dtype == np.uint8 else cv2.convertScaleAbs(image, alpha=1 / 257)
         image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     gray = image.astype(np.float32)
+    del image
     if scale != 1.0:
         gray *= scale  # in place: a large image is not copied twice more
     return Decoded(gray=gray, colour=colour, kind=path.suffix.lower().lstrip(".") or "image")
+
+
+def _read_raster(path: Path, max_pixels: int) -> Decoded:
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise _unreadable(path, f"cannot read file ({exc.strerror})") from None
+    _check_header(path, data, max_pixels)
+    try:
+        return _to_gray(path, cv2.imdecode(data, cv2.IMREAD_UNCHANGED))
+    except cv2.error as exc:
+        raise _unreadable(path, f"cannot decode the image ({exc.err or exc})") from None
 
 
 def read_image(path: str | Path, window: tuple[float, float] = DEFAULT_WINDOW,
@@ -228,7 +257,8 @@ def read_image(path: str | Path, window: tuple[float, float] = DEFAULT_WINDOW,
 
     An image of more than ``max_pixels`` (default: ``set_max_pixels``, 50 MP) is
     refused from its header, before its pixels are decoded (a decompression bomb:
-    a small PNG of 20000x20000 pixels would take gigabytes)."""
+    a small PNG of 20000x20000 pixels would take gigabytes); so is a PNG/JPEG/BMP/TIFF
+    that cannot hold a CT slice (``check_shape``) and a CMYK JPEG."""
     path = Path(path)
     limit = max_pixels or _limit["max_pixels"]
     if not path.is_file():

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ctedge.core.files import WriteError, safe_child, safe_name  # noqa: E402
+
 
 def _finish(fig, ax, path: Path, legend: str = "best") -> Path:
     ax.legend(loc=legend)
@@ -75,13 +77,19 @@ def latency_histogram(samples_ms: dict[str, np.ndarray], path: Path) -> Path:
     return _finish(fig, ax, path)
 
 
+def study_plot_path(patient_id: str | None, study_uid: str | None, folder: Path) -> Path:
+    """``PATIENT_UIDTAIL.png`` inside ``folder``: both parts come from the study's
+    files, so they are sanitised and the name checked to stay in the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tail = safe_name((study_uid or "")[-12:]) if study_uid else "study"
+    return safe_child(folder, f"{safe_name(patient_id or 'study', 40)}_{tail}.png")
+
+
 def study_plot(result, folder: Path) -> Path:
     """One study (``ctedge.edge.study.StudyResult``): slice probability against slice
     position with the patient's probability, and the top slices as thumbnails."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in (result.patient_id or "study"))
-    path = folder / f"{name}_{result.study_uid[-12:] or 'study'}.png"
+    path = study_plot_path(result.patient_id, result.study_uid, folder)
     top = result.top_slices
     columns = max(1, len(top))
     fig = plt.figure(figsize=(max(8, 1.6 * columns), 5.5))
@@ -107,6 +115,10 @@ def study_plot(result, folder: Path) -> Path:
         thumb.set_title(f"#{entry['index']} {entry['position_mm']:.0f} mm\np {entry['probability']:.3f}", fontsize=8)
         thumb.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=90)
+    except OSError as exc:
+        raise WriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
     return path

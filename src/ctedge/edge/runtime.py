@@ -105,8 +105,9 @@ class Classifier:
                 except UnreadableImage as exc:
                     rows.append(Prediction(str(path), None, None, exc.reason))
             if images:
-                for path, p in zip(batch, self.predict_arrays(np.stack(images))):
-                    rows.append(Prediction(path, float(p), self.label(float(p))))
+                for path, p in zip(batch, map(float, self.predict_arrays(np.stack(images)))):
+                    rows.append(Prediction(path, p, self.label(p)) if np.isfinite(p) else
+                                Prediction(path, None, None, f"the model gave {p}, not a probability"))
         order = {str(p): i for i, p in enumerate(paths)}
         return sorted(rows, key=lambda row: order[row.path])
 
