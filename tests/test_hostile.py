@@ -1,6 +1,7 @@
 """Hostile outputs and hostile single images (issue 22): nothing written outside the
 named outputs, no crash of the batch, strict numbers, clear reasons."""
 
+import csv
 import json
 import os
 import resource
@@ -290,3 +291,25 @@ def test_a_decoder_error_is_that_files_error(tmp_path, monkeypatch):
     monkeypatch.setattr(imageio.cv2, "imdecode", broken)
     with pytest.raises(UnreadableImage, match="cannot decode the image"):
         imageio.read_image(png(tmp_path / "a.png"))
+
+
+# --- a study whose tags are hostile ---------------------------------------------------
+
+def test_hostile_study_tags_are_text_in_the_table_csv_and_plot_names(tmp_path, model):
+    """PatientID with markup, a formula and an escape sequence; SeriesDescription with
+    markup; a StudyInstanceUID that climbs out of the plot folder."""
+    from ctedge.core.phantom_studies import phantom_volume, write_series
+
+    rng = np.random.default_rng(3)
+    hostile = "=cmd|' /C calc'!A0[/red]\x1b[2J$x^{$"
+    write_series(tmp_path / "study", phantom_volume(rng, 12, 64, True), rng, study_uid="1.2.840/../../escpd",
+                 patient_id=hostile, description="[/b]CHEST")
+    plots = tmp_path / "out" / "plots"
+    result = runner.invoke(app, ["predict", str(model), str(tmp_path / "study"), "--study",
+                                 "--csv", str(tmp_path / "s.csv"), "--plot", str(plots)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "[/b]CHEST" in result.output
+    row = next(csv.DictReader((tmp_path / "s.csv").open()))
+    assert row["patient_id"] == "'" + hostile and float(row["probability"]) >= 0
+    written = [p for p in tmp_path.rglob("*.png")]
+    assert len(written) == 1 and written[0].parent == plots, written

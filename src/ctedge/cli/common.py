@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -237,15 +236,11 @@ def model_files(model: Path) -> list[Path]:
                      for suffix in (".onnx", ".json", ".xml", ".bin"))]
 
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def clean(value: object) -> str:
-    """Text from a file (a path, a PatientID) made safe for the terminal: control
-    characters (escape sequences) become ``?``, undecodable bytes too."""
-    text = "" if value is None else str(value)
-    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates of undecodable names
-    return CONTROL.sub("?", text)
+    """Text from a file (a path, a PatientID) made safe for the terminal (``printable``)."""
+    from ctedge.core.files import printable
+
+    return printable(value)
 
 
 def shown(value: object, style: str = "") -> Text:

@@ -129,6 +129,17 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: object) -> str:
+    """Text from a file (a path, a PatientID) made safe to show: control characters
+    (terminal escape sequences) become ``?``, undecodable bytes of file names too."""
+    text = "" if value is None else str(value)
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates of undecodable names
+    return CONTROL.sub("?", text)
+
+
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 

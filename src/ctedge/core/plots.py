@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ctedge.core.files import WriteError, safe_child, safe_name  # noqa: E402
+from ctedge.core.files import WriteError, printable, safe_child, safe_name  # noqa: E402
 
 
 def _finish(fig, ax, path: Path, legend: str = "best") -> Path:
@@ -104,7 +104,8 @@ def study_plot(result, folder: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("slice position along the normal (mm)")
     ax.set_ylabel("P(positive)")
-    ax.set_title(f"patient {result.patient_id or '?'}, {result.slices_used} of {result.slices_total} slices")
+    ax.set_title(printable(f"patient {result.patient_id or '?'}, {result.slices_used} of {result.slices_total} "
+                           "slices"), parse_math=False)  # a PatientID is text, never mathtext
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     for column, entry in enumerate(top):
