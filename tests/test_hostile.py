@@ -313,3 +313,33 @@ def test_hostile_study_tags_are_text_in_the_table_csv_and_plot_names(tmp_path, m
     assert row["patient_id"] == "'" + hostile and float(row["probability"]) >= 0
     written = [p for p in tmp_path.rglob("*.png")]
     assert len(written) == 1 and written[0].parent == plots, written
+
+
+@pytest.mark.parametrize("args, option, victim", [
+    (["bench", "{m}", "--markdown", "{m}"], "--markdown", "m.onnx"),
+    (["bench", "{m}", "--json", "{d}/m.json"], "--json", "m.json"),
+    (["audit", "{d}/data", "--json", "{d}/data/a/x.png"], "--json", "data/a/x.png"),
+    (["predict", "{m}", "{d}/data", "--study", "--csv", "{d}/data/a/IM0001"], "--csv", "data/a/IM0001")])
+def test_other_commands_refuse_an_input_as_output(tmp_path, args, option, victim):
+    from ctedge.core.phantom_studies import write_slice
+
+    model = brightness_onnx(tmp_path / "m.onnx")
+    (tmp_path / "m.json").write_text("{}")  # the model card
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    png(tmp_path / "data" / "a" / "x.png")
+    write_slice(tmp_path / "data" / "a" / "IM0001", np.zeros((32, 32)), {"SOPInstanceUID": "1.2.3"})  # no suffix
+    before = (tmp_path / victim).read_bytes()
+    result = runner.invoke(app, [a.format(m=model, d=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert f"{option} {tmp_path / victim}: is an input" in result.stderr
+    assert (tmp_path / victim).read_bytes() == before
+
+
+def test_a_plot_that_cannot_be_written_is_named(tmp_path):
+    from ctedge.core.files import WriteError
+    from ctedge.core.plots import latency_histogram
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(WriteError, match=f"{blocker}/lat.png: cannot write"):
+        latency_histogram({"cpu": np.arange(10.0)}, blocker / "lat.png")

@@ -17,6 +17,7 @@ from ctedge.cli.common import (
     Threads,
     check_outputs,
     command,
+    model_files,
     write_json,
     write_text,
 )
@@ -86,7 +87,8 @@ def bench(
 
     from ctedge.edge.bench import budget_line, closing_lines, isa_line, markdown, run_bench, table_rows
 
-    check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"))
+    check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"),
+                  inputs=[*(f for m in models or [] for f in model_files(m)), *filter(None, [data, study])])
     if study is not None:
         bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out,
                             runtime, precision)

@@ -231,9 +231,9 @@ def _refuse_input(path: Path, what: str, inputs: list[Path]) -> None:
 def model_files(model: Path) -> list[Path]:
     """The model and the files that travel with it (card, OpenVINO weights, fp16/int8
     variants): outputs never overwrite them."""
-    stems = [model.stem, *(f"{model.stem}_{variant}" for variant in ("fp16", "int8"))]
-    return [model, *(model.with_name(stem + suffix) for stem in stems
-                     for suffix in (".onnx", ".json", ".xml", ".bin"))]
+    stems = [model.stem, *(f"{model.stem}_{variant}" for variant in ("fp16", "int8", "ov", "ov_int8"))]
+    return [model, model.with_name(model.stem + ".runtime.json"),
+            *(model.with_name(stem + suffix) for stem in stems for suffix in (".onnx", ".json", ".xml", ".bin"))]
 
 
 def clean(value: object) -> str:

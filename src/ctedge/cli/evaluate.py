@@ -29,6 +29,7 @@ from ctedge.cli.common import (
     command,
     data_options,
     exit_if_failed,
+    model_files,
     print_file_rows,
     print_metrics,
     write_json,
@@ -86,7 +87,8 @@ def evaluate(
     `ctedge evaluate exports/b3.onnx held-out-studies/ --study`
     """
     default_out = model.parent / ("eval-studies" if study else f"eval-{split}")
-    check_outputs((out or default_out, "--out", True), (json_out, "--json"), (html_out, "--html"))
+    check_outputs((out or default_out, "--out", True), (json_out, "--json"), (html_out, "--html"),
+                  inputs=[*model_files(model), data])
     if study:
         report = evaluate_studies_command(model, data, threshold, out, resamples, positive, StudyOptions(
             series_uid=series, slice_step=slice_step, max_slices=max_slices, aggregate=aggregate, top_k=top_k))
@@ -171,7 +173,7 @@ def audit(
     from ctedge.evaluation.audit import LEAKAGE_MESSAGE, shortcut_finding
     from ctedge.evaluation.audit import audit as run_audit
 
-    check_outputs((json_out, "--json"), (html_out, "--html"))
+    check_outputs((json_out, "--json"), (html_out, "--html"), inputs=[data])
     report = run_audit(data_options(data, positive=positive, split_dir=split_dir, group_regex=group_regex, seed=seed,
                                     test_fraction=test_fraction, val_fraction=val_fraction), image_size, threshold)
     for split, b in report["balance"].items():
@@ -235,7 +237,7 @@ def explain(
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
-    check_outputs((out, "--out", True), (json_out, "--json"))
+    check_outputs((out, "--out", True), (json_out, "--json"), inputs=[*model_files(model), *files])
     config = RunConfig.load(model)
     positive = (config.positive if config else None) or "positive"
     report = run_explain(model, files, out, threshold, positive, alpha, sheet=sheet)

@@ -105,7 +105,7 @@ def train(
     from ctedge.training.train import train as run_training
 
     run_dir = out if (out or resume) else default_run_dir()
-    check_outputs((run_dir, "--out", True), (json_out, "--json"))
+    check_outputs((run_dir, "--out", True), (json_out, "--json"), inputs=[data])
     summary = run_training(
         data_options(data, positive=positive, clean=clean, split_dir=split_dir, group_regex=group_regex,
                      seed=seed, test_fraction=test_fraction, val_fraction=val_fraction),
@@ -227,7 +227,8 @@ def export(
     if model is None:
         model = latest_model()
         console.print(f"exporting {model} (newest model found)")
-    check_outputs((output or default_output(model), "--output"), (json_out, "--json"))
+    check_outputs((output or default_output(model), "--output"), (json_out, "--json"),
+                  inputs=[model, *filter(None, [calibration_data, check_data])])
     report = export_onnx(model, output, ExportOptions(
         opset=opset, fp16=fp16, int8=int8,
         calibration_data=str(calibration_data) if calibration_data else None,

@@ -14,13 +14,22 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from ctedge.core.files import WriteError, printable, safe_child, safe_name  # noqa: E402
 
 
+def _save(fig, path: Path, dpi: int = 100) -> Path:
+    """Write and close ``fig``; a failed write (disk full) is a ``WriteError`` naming ``path``."""
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=dpi)
+    except OSError as exc:
+        raise WriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
 def _finish(fig, ax, path: Path, legend: str = "best") -> Path:
     ax.legend(loc=legend)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def training_curves(history: dict[str, list[float]], path: Path) -> Path:
@@ -36,10 +45,7 @@ def training_curves(history: dict[str, list[float]], path: Path) -> Path:
         ax.set_title(metric)
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def roc_curve(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: Path,
@@ -115,11 +121,4 @@ def study_plot(result, folder: Path) -> Path:
             thumb.imshow(image, cmap="gray", vmin=0, vmax=255)
         thumb.set_title(f"#{entry['index']} {entry['position_mm']:.0f} mm\np {entry['probability']:.3f}", fontsize=8)
         thumb.axis("off")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=90)
-    except OSError as exc:
-        raise WriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, path, dpi=90)
