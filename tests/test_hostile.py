@@ -343,3 +343,12 @@ def test_a_plot_that_cannot_be_written_is_named(tmp_path):
     blocker.write_text("")
     with pytest.raises(WriteError, match=f"{blocker}/lat.png: cannot write"):
         latency_histogram({"cpu": np.arange(10.0)}, blocker / "lat.png")
+
+
+def test_log_lines_lose_their_control_characters():
+    import logging
+
+    from ctedge.cli.common import PrintableLog
+
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "%s: skipped", ("a\x1b[2J.dcm",), None)
+    assert PrintableLog().filter(record) and record.getMessage() == "a?[2J.dcm: skipped"

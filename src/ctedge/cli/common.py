@@ -157,11 +157,23 @@ def model_config(*, weights: str, backbone: Backbone | None, freeze_backbone: bo
 VERBOSE = {"on": False}  # set by the --verbose option before a command runs
 
 
+class PrintableLog(logging.Filter):
+    """Log lines carry text from files (paths, DICOM tags): shown without control characters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            record.msg, record.args = clean(record.getMessage()), None
+        except (TypeError, ValueError):  # a malformed call: logged as it is
+            pass
+        return True
+
+
 def _setup_logging() -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    handler = RichHandler(console=console, show_path=False)
+    handler.addFilter(PrintableLog())
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler])
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
 
 
