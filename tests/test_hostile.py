@@ -352,3 +352,10 @@ def test_log_lines_lose_their_control_characters():
 
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "%s: skipped", ("a\x1b[2J.dcm",), None)
     assert PrintableLog().filter(record) and record.getMessage() == "a?[2J.dcm: skipped"
+
+
+def test_dash_for_an_output_that_cannot_be_stdout_is_refused(tmp_path, model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["bench", str(model), "--plot", "-", "--runs", "1", "--warmup", "0"])
+    assert result.exit_code == 2 and "--plot -: this output can't go to stdout" in result.stderr, result.output
+    assert not (tmp_path / "-").exists()

@@ -212,6 +212,9 @@ def command(func=None, *, tensorflow: bool = False):
     return app.command()(wrapper)
 
 
+STDOUT_OPTIONS = ("--json", "--csv", "--markdown")  # the outputs that '-' sends to stdout
+
+
 def check_outputs(*outputs: tuple[Path | None, str] | tuple[Path | None, str, bool],
                   inputs: Iterable[Path] = ()) -> None:
     """(path, option[, is_folder]) for each output: refuse one that can't be written,
@@ -223,6 +226,9 @@ def check_outputs(*outputs: tuple[Path | None, str] | tuple[Path | None, str, bo
     for path, what, *folder in outputs:
         if path is None:
             continue
+        if str(path) == "-" and what not in STDOUT_OPTIONS:
+            raise CtedgeError(f"{what} -: this output can't go to stdout (only {', '.join(STDOUT_OPTIONS)} "
+                              "can); name a file")
         check_writable(path, what, bool(folder and folder[0]))
         if not (folder and folder[0]) and str(path) != "-":
             _refuse_input(path, what, inputs)
