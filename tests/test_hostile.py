@@ -359,3 +359,13 @@ def test_dash_for_an_output_that_cannot_be_stdout_is_refused(tmp_path, model, mo
     result = runner.invoke(app, ["bench", str(model), "--plot", "-", "--runs", "1", "--warmup", "0"])
     assert result.exit_code == 2 and "--plot -: this output can't go to stdout" in result.stderr, result.output
     assert not (tmp_path / "-").exists()
+
+
+def test_a_full_stdout_is_one_line_and_exit_2(tmp_path, model):
+    image = png(tmp_path / "a.png")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "ctedge.cli", "predict", str(model), str(image), "--csv", "-"],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "error: stdout: cannot write (No space left on device)" in result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr

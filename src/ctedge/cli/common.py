@@ -269,7 +269,7 @@ def shown(value: object, style: str = "") -> Text:
 def write_text(text: str, path: Path | None) -> None:
     """To stdout for '-', else atomically (never a half-written file); undecodable
     bytes of file names are written back as they were."""
-    from ctedge.core.files import atomic_write
+    from ctedge.core.files import WriteError, atomic_write
 
     if path is None:
         return
@@ -277,13 +277,15 @@ def write_text(text: str, path: Path | None) -> None:
     if str(path) != "-":
         atomic_write(data, path)
         return
-    sys.stdout.flush()
     try:
+        sys.stdout.flush()
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    except BrokenPipeError:  # `ctedge ... --csv - | head`: the reader has gone
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(ExitCode.OK) from None
+    except OSError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to a dead stdout
+        if isinstance(exc, BrokenPipeError):  # `ctedge ... --csv - | head`: the reader has gone
+            raise typer.Exit(ExitCode.OK) from None
+        raise WriteError(f"stdout: cannot write ({exc.strerror or exc})") from None
 
 
 def json_text(result) -> str:
