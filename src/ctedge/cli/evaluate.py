@@ -26,12 +26,14 @@ from ctedge.cli.common import (
     TopK,
     ValFraction,
     check_outputs,
+    clean,
     command,
     data_options,
     exit_if_failed,
     model_files,
     print_file_rows,
     print_metrics,
+    shown,
     write_json,
 )
 from ctedge.core.choices import (
@@ -132,8 +134,8 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
 
     report = evaluate_studies(model, data, threshold, out, resamples, positive=positive, options=options,
                               progress=lambda r: console.print(
-                                  f"{escape(r.input)}: " + (f"{r.probability:.3f}" if r.error is None
-                                                            else f"[red]no answer[/] ({escape(r.error)})"),
+                                  f"{escape(clean(r.input))}: " + (f"{r.probability:.3f}" if r.error is None
+                                                                   else f"[red]no answer[/] ({escape(clean(r.error))})"),
                                   highlight=False))
     print_metrics(report)
     for warning in report["warnings"]:
@@ -142,7 +144,7 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
         console.print(f"[yellow]{len(report['failed'])} of {report['studies'] + len(report['failed'])} "
                       "stud(ies) got no answer and are not in the metrics:[/]")
         for item in report["failed"]:
-            console.print(f"  {item['input']}: {item['error']}", highlight=False, markup=False)
+            console.print(shown(f"  {item['input']}: {item['error']}"))
     console.print(f"plots, metrics.json and studies.csv in {report['out_dir']}", markup=False)
     return report
 
@@ -185,13 +187,14 @@ def audit(
                   f"{report['cross_split_duplicates']} across splits")
     for p in pairs[:show]:
         tag = "[red]CROSS-SPLIT[/]" if p["cross_split"] else "within " + p["splits"][0]
-        console.print(f"  {tag} {p['bits']:2d} bits  {escape(p['a'])}  ~  {escape(p['b'])}", highlight=False)
+        console.print(f"  {tag} {p['bits']:2d} bits  {escape(clean(p['a']))}  ~  {escape(clean(p['b']))}",
+                      highlight=False)
     console.print(f"[bold]annotated[/] (coloured marks): {len(report['annotated'])}")
     for path in report["annotated"][:show]:
-        console.print(f"  {path}", highlight=False, markup=False)
+        console.print(shown(f"  {path}"))
     console.print(f"smaller than {image_size} px: {len(report['too_small'])}; unreadable: {len(report['unreadable'])}")
     for item in report["unreadable"][:show]:
-        console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False)
+        console.print(shown(f"  {item['path']}: {item['reason']}"))
     baseline = report["shortcut_baseline"]
     for split in ("val", "test"):
         if split in baseline:

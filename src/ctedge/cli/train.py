@@ -41,6 +41,7 @@ from ctedge.cli.common import (
     model_config,
     preprocess_config,
     print_metrics,
+    shown,
     warn_if_constant,
     write_json,
 )
@@ -122,7 +123,7 @@ def train(
         if part["unreadable"]:
             console.print(f"[yellow]{name}: skipped {len(part['unreadable'])} unreadable file(s):[/]")
             for item in part["unreadable"]:
-                console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False)
+                console.print(shown(f"  {item['path']}: {item['reason']}"))
         if part["dropped"]:
             console.print(f"{name}: dropped {len(part['dropped'])} image(s) with annotation marks")
     best = {k: v for k, v in result.items() if k.startswith("best_")}
