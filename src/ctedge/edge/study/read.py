@@ -14,6 +14,7 @@ import io
 import os
 import threading
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,13 +203,16 @@ def _is_dicomdir(ds) -> bool:
     return sop == DICOMDIR_SOP_CLASS
 
 
-def _read_header(fp, name: str, load: Callable[[], Any]) -> SliceRef | None:
-    """Header of one file or stream; None when it is not DICOM (or is a DICOMDIR)."""
+def _read_header(fp, name: str, load: Callable[[], Any], passthrough: tuple = ()) -> SliceRef | None:
+    """Header of one file or stream; None when it is not DICOM (or is a DICOMDIR).
+    Exceptions of the ``passthrough`` types are the caller's to name."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except passthrough:
+        raise
     except (InvalidDicomError, EOFError):
         return None
     except PermissionError:
@@ -269,7 +273,8 @@ class _Zip:
             return SliceRef(name=name, problem=problem)
         try:
             with self.lock, self._open().open(info) as member:
-                return _read_header(member, name, lambda: self.load(info))
+                return _read_header(member, name, lambda: self.load(info),
+                                    passthrough=(zlib.error, zipfile.BadZipFile))
         except Exception as exc:  # zlib.error, BadZipFile (CRC), OSError
             return SliceRef(name=name, problem=f"corrupt zip entry ({exc.__class__.__name__}: {exc})")
 
