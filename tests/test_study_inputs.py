@@ -162,6 +162,19 @@ def test_too_few_positions_or_too_many_failed_slices_give_no_answer(tmp_path, cl
     assert result.probability is None and "7 of the 12 sampled slices could not be decoded" in result.error
 
 
+def test_each_file_slice_is_parsed_once(tmp_path, clf, monkeypatch):
+    """The header scan parses a file once and remembers where its pixel data start;
+    decoding reads only the rest (no second dcmread, no codec-check read)."""
+    paths = series(tmp_path)
+    calls = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda fp, *a, **k: calls.append(getattr(fp, "name", fp)) or
+                        real(fp, *a, **k))
+    result = only(st.predict_studies(clf, [tmp_path]))
+    assert result.error is None and result.slices_sampled == len(paths)
+    assert sorted(calls) == sorted(map(str, paths))
+
+
 # --- special, unreadable and hostile files -------------------------------------------------
 
 def test_a_fifo_is_never_opened_and_the_batch_goes_on(tmp_path, clf):

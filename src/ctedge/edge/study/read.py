@@ -29,10 +29,13 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # empty when absent, never invented.
 STUDY_ATTRIBUTES = ("AccessionNumber", "StudyDate", "StudyTime", "StudyID", "PatientName",
                     "PatientBirthDate", "PatientSex", "ReferringPhysicianName")
+# What dataset_hu reads besides the pixel data itself (kept per slice, a few hundred bytes)
+PIXEL_TAGS = ["SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "NumberOfFrames",
+              "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration",
+              "PixelPaddingValue", "PixelPaddingRangeLimit", "RescaleSlope", "RescaleIntercept"]
 HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "Modality",
-               "ImageType", "SOPClassUID", "Rows", "Columns", "NumberOfFrames", "ImageOrientationPatient",
-               "ImagePositionPatient", "RescaleSlope", "RescaleIntercept", "SeriesDescription",
-               *STUDY_ATTRIBUTES]
+               "ImageType", "SOPClassUID", "ImageOrientationPatient", "ImagePositionPatient",
+               "SeriesDescription", *PIXEL_TAGS, *STUDY_ATTRIBUTES]
 
 
 @dataclass
@@ -203,9 +206,11 @@ def _is_dicomdir(ds) -> bool:
     return sop == DICOMDIR_SOP_CLASS
 
 
-def _read_header(fp, name: str, load: Callable[[], Any], passthrough: tuple = ()) -> SliceRef | None:
+def _read_header(fp, name: str, load: Callable[[], Any], passthrough: tuple = (),
+                 keep: dict | None = None) -> SliceRef | None:
     """Header of one file or stream; None when it is not DICOM (or is a DICOMDIR).
-    Exceptions of the ``passthrough`` types are the caller's to name."""
+    Exceptions of the ``passthrough`` types are the caller's to name; ``keep`` gets
+    the parsed header dataset as "ds"."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -219,6 +224,8 @@ def _read_header(fp, name: str, load: Callable[[], Any], passthrough: tuple = ()
         return SliceRef(name=name, problem="unreadable (permission denied)")
     except Exception as exc:  # pydicom and zlib raise many types for a damaged header
         return SliceRef(name=name, problem=f"unreadable DICOM header ({exc.__class__.__name__}: {exc})")
+    if keep is not None:
+        keep["ds"] = ds
     return None if _is_dicomdir(ds) else header(ds, name, load)
 
 
@@ -226,6 +233,54 @@ def _load_file(path: str):
     import pydicom
 
     return pydicom.dcmread(path)
+
+
+class _PixelTail:
+    """A file slice's pixel data, read from where its header scan stopped: the header
+    is parsed once (at the scan), the rest of the file once (when the slice is decoded)."""
+
+    def __init__(self, path: str, offset: int, header_ds):
+        from pydicom.dataset import Dataset, FileMetaDataset
+
+        self.path, self.offset = path, offset
+        self.encoding = header_ds.original_encoding
+        self.pixel_module = Dataset({header_ds[k].tag: header_ds[k] for k in PIXEL_TAGS if k in header_ds})
+        self.pixel_module.file_meta = FileMetaDataset()
+        self.pixel_module.file_meta.TransferSyntaxUID = header_ds.file_meta.TransferSyntaxUID
+
+    def __call__(self):
+        from pydicom.dataset import Dataset
+        from pydicom.filereader import read_dataset
+
+        with open(self.path, "rb") as fp:
+            fp.seek(self.offset)
+            tail = read_dataset(fp, *self.encoding)
+        full = Dataset(dict(self.pixel_module.items()))
+        full.file_meta = self.pixel_module.file_meta
+        full.set_original_encoding(*self.encoding)
+        full.update(tail)
+        return full
+
+
+def _read_file_header(path: str) -> SliceRef | None:
+    """Header of one regular file, remembering where its pixel data start."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        fp = open(path, "rb")
+    except PermissionError:
+        return SliceRef(name=path, problem="unreadable (permission denied)")
+    except OSError as exc:
+        return SliceRef(name=path, problem=f"unreadable ({exc.strerror or exc})")
+    kept: dict = {}
+    with fp:
+        ref = _read_header(fp, path, lambda: _load_file(path), keep=kept)
+        offset = fp.tell()
+    ds = kept.get("ds")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ref is not None and ds is not None and syntax is not None and syntax != DeflatedExplicitVRLittleEndian:
+        ref.load = _PixelTail(path, offset, ds)
+    return ref
 
 
 class _Zip:
@@ -338,7 +393,7 @@ def _read_folder(path: Path) -> list[Study]:
         elif not is_dicom(file):
             skipped.append(str(file))
         else:
-            ref = _read_header(str(file), str(file), lambda f=str(file): _load_file(f))
+            ref = _read_file_header(str(file))
             (skipped.append(str(file)) if ref is None else refs.append(ref))
     if special:
         notes.append(f"{len(special)} special file(s) skipped ({special[0]})")
@@ -367,7 +422,7 @@ def find_studies(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixel
         return _read_zip(path, max_bytes)
     if path.suffix.lower() == ".zip":
         return [Study(name, "", error="unreadable zip archive (not a zip file or truncated)")]
-    ref = _read_header(name, name, lambda: _load_file(name)) if is_dicom(path) else None
+    ref = _read_file_header(name) if is_dicom(path) else None
     if ref is None:
         return [Study(name, "", error="not a DICOM file, zip archive, NIfTI volume or folder")]
     return _group(name, [ref], [], [])
