@@ -349,3 +349,16 @@ def test_bench_study_writes_one_json_for_several_models_and_refuses_runtime_all(
     assert [Path(r["model"]).name for r in json.loads(out.read_text())["reports"]] == ["brightness.onnx", "other.onnx"]
     result = runner.invoke(app, ["bench", str(model), "--study", str(tmp_path / "s"), "--runtime", "all"])
     assert result.exit_code == 2 and "--runtime" in result.output
+
+
+def test_evaluate_study_runs_on_the_engine_asked_for(tmp_path, model):
+    pytest.importorskip("openvino", reason="OpenVINO is in the test extra")
+    rng = np.random.default_rng(6)
+    for i, cls in enumerate(("CT_COVID", "CT_NonCOVID", "CT_COVID", "CT_NonCOVID")):
+        write_study(tmp_path / "data" / cls / f"s{i}", rng, cls == "CT_COVID", slices=12, patient_id=f"P{i}")
+    out = tmp_path / "m.json"
+    result = runner.invoke(app, ["evaluate", str(model), str(tmp_path / "data"), "--study", "--runtime", "openvino",
+                                 "--cache-dir", str(tmp_path / "cache"), "--resamples", "20",
+                                 "-o", str(tmp_path / "eval"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["runtime"] == "openvino"
