@@ -172,7 +172,9 @@ def _group(input_name: str, refs: list[SliceRef], skipped: list[str], notes: lis
 
 def study_from_datasets(datasets: Iterable[Any], name: str) -> list[Study]:
     """Studies from pydicom datasets already in memory (e.g. received by C-STORE),
-    grouped as files are. Each dataset keeps its pixel data; nothing is read again."""
+    grouped as files are. Each dataset keeps its pixel data; nothing is read again.
+    Decoding needs each dataset's ``file_meta.TransferSyntaxUID`` (pynetdicom:
+    ``ds.file_meta = event.file_meta``)."""
     refs, skipped = [], []
     for n, ds in enumerate(datasets):
         label = f"{name}#{n}"
