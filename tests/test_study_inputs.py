@@ -362,3 +362,19 @@ def test_evaluate_study_runs_on_the_engine_asked_for(tmp_path, model):
                                  "-o", str(tmp_path / "eval"), "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["runtime"] == "openvino"
+
+
+def test_cuda_study_benchmark_runs_on_the_cpu(tmp_path, model):
+    """benchmarks/cuda_study.py --cpu-only: the script the GPU run will use, on a tiny study."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "benchmarks" / "cuda_study.py"
+    out = tmp_path / "cuda_study"
+    done = subprocess.run([sys.executable, str(script), "--cpu-only", "--model", str(model), "--slices", "12",
+                           "--size", "64", "--runs", "1", "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert row["cpu_pipeline_s"] == row["cpu_fp32_pipeline_s"] > 0 and row["cpu_start_to_answer_s"] > 0
+    assert "| cpu_fp32 |" in out.with_suffix(".md").read_text()
