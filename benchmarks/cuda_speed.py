@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from study_speed import fresh_process
 
 from ctedge.core.phantom_studies import write_study
 from ctedge.core.phantoms import make_dataset
@@ -72,8 +73,11 @@ def main() -> None:
         report["studies"] = []
         for provider, precision, step in (("cpu", "fp32", None), ("cuda", "fp32", None), ("cuda", "fp16", None),
                                           ("cpu", "fp32", 1), ("cuda", "fp32", 1), ("cuda", "fp16", 1)):
-            result = bench_study(args.model, study, StudyOptions(slice_step=step), provider, None,
-                                 args.study_runs, runtime="onnxruntime", precision=precision)
+            options = StudyOptions(slice_step=step)
+            result = bench_study(args.model, study, options, provider, None, args.study_runs,
+                                 runtime="onnxruntime", precision=precision)
+            result["process_wall_s"] = fresh_process(args.model, study, options, provider, "onnxruntime",
+                                                     precision, args.study_runs)
             report["studies"].append(result)
             print(provider, precision, json.dumps(result["median"]), result["process_wall_s"]["median"], flush=True)
     report["gpu"] = gpu_name()

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ctedge.core.phantom_studies import write_slice
 
 TRAIN_SIZE = 48  # input size of the session's trained run (conftest.trained)
 
@@ -24,23 +24,12 @@ def gray_image(size: int = 40, seed: int = 0) -> np.ndarray:
 
 
 def write_dicom(path, hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0,
-                rescale: bool = True):
-    """A single-frame CT slice holding ``hu`` (stored = (hu - intercept) / slope)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality = "CT"
-    stored = np.round((hu - intercept) / slope).astype(np.uint16)
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    if rescale:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = stored.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+                rescale: bool = True, **tags):
+    """A single-frame CT slice holding ``hu`` (stored = (hu - intercept) / slope),
+    written by the phantoms' own slice writer; ``tags`` add attributes."""
+    stored = np.round((np.asarray(hu, float) - intercept) / slope)
+    rescaling = {"RescaleSlope": slope, "RescaleIntercept": intercept} if rescale else {}
+    return write_slice(Path(path), stored, {"Modality": "CT", **rescaling, **tags})
 
 
 def brightness_onnx(path: Path, size: int = 32, centre: float = 60.0, gain: float = 0.1,

@@ -18,6 +18,7 @@ from ctedge.cli.common import (
     check_outputs,
     command,
     model_files,
+    study_options,
     write_json,
     write_text,
 )
@@ -29,7 +30,7 @@ from ctedge.core.choices import (
 from ctedge.core.errors import CtedgeError
 from ctedge.core.progress import console
 from ctedge.edge.bench import DEFAULT_BUDGET_MS, BenchOptions
-from ctedge.edge.study import DEFAULT_MAX_SLICES, StudyOptions
+from ctedge.edge.study import DEFAULT_MAX_SLICES
 
 
 @command
@@ -91,7 +92,7 @@ def bench(
                   inputs=[*(f for m in models or [] for f in model_files(m)), *filter(None, [data, study])])
     if study is not None:
         bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out,
-                            runtime, precision)
+                            runtime, precision, cache_dir)
         return
 
     try:
@@ -142,31 +143,44 @@ def bench(
 
 
 def bench_study_command(models: list[Path], study: Path, provider: str, threads: int | None,
-                        slice_step: int | None, runs: int, json_out: Path | None,
-                        runtime: str = "auto", precision: str | None = None) -> None:
-    """`bench --study`: stage split and slices/s of one study (median of the runs)."""
+                        slice_step: int | None, runs: int, json_out: Path | None, runtime: str = "auto",
+                        precision: str | None = None, cache_dir: Path | None = None) -> None:
+    """`bench --study`: stage split and slices/s of one study per model (median of the
+    runs); --json holds one report per model."""
+    from ctedge.edge.bench import find_models
+    from ctedge.edge.study import bench_study
+
+    if runtime == "all":
+        raise CtedgeError("--study times one engine: pick --runtime onnxruntime, openvino or auto, not all",
+                          param="runtime")
+    options = study_options(slice_step=slice_step)
+    reports = []
+    for model in find_models(models):
+        report = bench_study(model, study, options, provider, threads, runs, runtime=runtime, precision=precision,
+                             cache_dir=str(cache_dir) if cache_dir else None)
+        _print_study_bench(model, report, runs)
+        reports.append(report)
+    write_json({"reports": reports}, json_out)
+
+
+def _print_study_bench(model: Path, report: dict, runs: int) -> None:
     from rich.table import Table
 
-    from ctedge.edge.bench import find_models
-    from ctedge.edge.study import STAGES, TARGET_RATIO, bench_study
+    from ctedge.edge.study import STAGES, TARGET_RATIO
 
-    for model in find_models(models):
-        report = bench_study(model, study, StudyOptions(slice_step=slice_step), provider, threads, runs,
-                             runtime="auto" if runtime == "all" else runtime, precision=precision)
-        m, med = report["machine"], report["median"]
-        table = Table(title=f"{model.name} on {report['provider']}, {m['cpu']}, {m['cores']} cores: "
-                            f"{med['slices_used']:.0f} of {med['slices_total']:.0f} slices "
-                            f"(every {med['slice_step']:.0f}.), median of {runs}")
-        table.add_column("stage")
-        table.add_column("seconds", justify="right")
-        for stage in STAGES + ("pipeline_wall_s", "wall_s"):
-            table.add_row(stage, f"{med[stage]:.3f}")
-        console.print(table)
-        console.print(f"{med['slices_per_s']:.1f} slices/s; pipeline wall / (slices used x "
-                      f"{report['per_slice_inference_s'] * 1000:.1f} ms batched inference per slice) = "
-                      f"{med['target_ratio']:.2f} (target <= {TARGET_RATIO}); model load {report['session_s']:.2f} s; "
-                      f"fresh process, command start to answer: {report['process_wall_s']['median']:.2f} s")
-        write_json(report, json_out)
+    m, med = report["machine"], report["median"]
+    table = Table(title=escape(f"{model.name} on {report['runtime']} {report['precision']} ({report['provider']}), "
+                               f"{m['cpu']}, {m['cores']} cores: {med['slices_used']:.0f} of "
+                               f"{med['slices_total']:.0f} slices (1 in {med['slice_step']:.0f}), median of {runs}"))
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage in STAGES + ("pipeline_wall_s", "wall_s"):
+        table.add_row(stage, f"{med[stage]:.3f}")
+    console.print(table)
+    console.print(f"{med['slices_per_s']:.1f} slices/s; pipeline wall / (slices used x "
+                  f"{report['per_slice_inference_s'] * 1000:.1f} ms batched inference per slice) = "
+                  f"{med['target_ratio']:.2f} (target <= {TARGET_RATIO}); model load {report['session_s']:.2f} s "
+                  "(fresh-process start to answer: benchmarks/study_speed.py)", highlight=False)
 
 
 def keras_baseline(models: list[Path]) -> dict:

@@ -32,6 +32,7 @@ from ctedge.core.imageio import DEFAULT_MAX_PIXELS
 from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
 from ctedge.core.progress import console
 from ctedge.core.runconfig import ModelConfig, TrainConfig
+from ctedge.edge.study import DEFAULT_MAX_BYTES, StudyOptions
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ def model_config(*, weights: str, backbone: Backbone | None, freeze_backbone: bo
 
 
 VERBOSE = {"on": False}  # set by the --verbose option before a command runs
+LIMITS = {"max_pixels": DEFAULT_MAX_PIXELS, "max_bytes": DEFAULT_MAX_BYTES}  # set by --max-pixels/--max-bytes
 
 
 class PrintableLog(logging.Filter):
@@ -362,15 +364,26 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
                                                "and C++ log lines (hidden by default).")] = False,
          max_pixels: Annotated[int, typer.Option(
              envvar="CTEDGE_MAX_PIXELS", help="Refuse images of more pixels than this, read from the "
-             "file header before decoding (every command).")] = DEFAULT_MAX_PIXELS) -> None:
+             "file header before decoding (every command).")] = DEFAULT_MAX_PIXELS,
+         max_bytes: Annotated[int, typer.Option(
+             envvar="CTEDGE_MAX_BYTES", help="Refuse a zip entry or NIfTI volume of more bytes than this "
+             "uncompressed, read from its header before inflating (--study).")] = DEFAULT_MAX_BYTES) -> None:
     """Put a chest-CT COVID-19 classifier onto edge hardware."""
+    from ctedge.core.dicom import check_budgets
     from ctedge.core.imageio import set_max_pixels
 
     VERBOSE["on"] = verbose
     try:
-        set_max_pixels(max_pixels)
+        check_budgets(max_pixels=max_pixels, max_bytes=max_bytes)
     except CtedgeError as exc:
         raise typer.BadParameter(exc.detail, param_hint=flag(exc.param)) from None
+    set_max_pixels(max_pixels)  # single images; studies get both budgets through StudyOptions
+    LIMITS.update(max_pixels=max_pixels, max_bytes=max_bytes)
+
+
+def study_options(**options) -> StudyOptions:
+    """StudyOptions with the read budgets given to `ctedge` (--max-pixels, --max-bytes)."""
+    return StudyOptions(**LIMITS, **options)
 
 
 def print_metrics(report: dict) -> None:

@@ -11,6 +11,7 @@ from rich.markup import escape
 from ctedge.cli.common import (
     VERBOSE,
     AggregateOpt,
+    CacheDir,
     DataArg,
     GroupRegex,
     HtmlOut,
@@ -18,11 +19,14 @@ from ctedge.cli.common import (
     JsonOut,
     MaxSlices,
     Positive,
+    PrecisionOpt,
+    ProviderOpt,
     Seed,
     SeriesOpt,
     SliceStep,
     SplitDir,
     TestFraction,
+    Threads,
     TopK,
     ValFraction,
     check_outputs,
@@ -34,11 +38,14 @@ from ctedge.cli.common import (
     print_file_rows,
     print_metrics,
     shown,
+    study_options,
     write_json,
 )
 from ctedge.core.choices import (
     Aggregate,
     EvalSplit,
+    Provider,
+    Runtime,
 )
 from ctedge.core.data import HASH_THRESHOLD, DataOptions
 from ctedge.core.errors import CtedgeError, ExitCode
@@ -74,6 +81,12 @@ def evaluate(
     max_slices: MaxSlices = DEFAULT_MAX_SLICES,
     aggregate: AggregateOpt = Aggregate.topk,
     top_k: TopK = DEFAULT_TOP_K,
+    runtime: Annotated[Runtime, typer.Option(help="--study: engine for the exported model (as predict).")
+                       ] = Runtime.auto,
+    precision: PrecisionOpt = None,
+    provider: ProviderOpt = Provider.auto,
+    threads: Threads = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC with bootstrap 95% CIs,
     confusion matrix, ROC and calibration plots.
@@ -92,8 +105,10 @@ def evaluate(
     check_outputs((out or default_out, "--out", True), (json_out, "--json"), (html_out, "--html"),
                   inputs=[*model_files(model), data])
     if study:
-        report = evaluate_studies_command(model, data, threshold, out, resamples, positive, StudyOptions(
-            series_uid=series, slice_step=slice_step, max_slices=max_slices, aggregate=aggregate, top_k=top_k))
+        report = evaluate_studies_command(model, data, threshold, out, resamples, positive, study_options(
+            series_uid=series, slice_step=slice_step, max_slices=max_slices, aggregate=aggregate, top_k=top_k),
+            engine={"runtime": runtime, "precision": precision, "provider": provider, "threads": threads,
+                    "cache_dir": str(cache_dir) if cache_dir else None})
     else:
         if model.suffix.lower() == ".onnx":
             raise CtedgeError(f"{model}: an .onnx model is evaluated on whole studies (--study, class folders "
@@ -123,7 +138,8 @@ def evaluate(
 
 
 def evaluate_studies_command(model: Path, data: Path, threshold: float | None, out: Path | None,
-                             resamples: int, positive: str | None, options: StudyOptions) -> dict:
+                             resamples: int, positive: str | None, options: StudyOptions,
+                             engine: dict | None = None) -> dict:
     """`evaluate --study`: patient-level metrics; failed studies named (exit 1 after the outputs)."""
     import importlib.util
 
@@ -133,6 +149,7 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
     from ctedge.evaluation.evaluate import evaluate_studies
 
     report = evaluate_studies(model, data, threshold, out, resamples, positive=positive, options=options,
+                              **(engine or {}),
                               progress=lambda r: console.print(
                                   f"{escape(clean(r.input))}: " + (f"{r.probability:.3f}" if r.error is None
                                                                    else f"[red]no answer[/] ({escape(clean(r.error))})"),

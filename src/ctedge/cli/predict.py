@@ -26,9 +26,11 @@ from ctedge.cli.common import (
     model_files,
     print_file_rows,
     shown,
+    study_options,
     warn_if_constant,
     write_csv,
     write_json,
+    write_text,
 )
 from ctedge.core.choices import (
     Aggregate,
@@ -82,9 +84,9 @@ def predict(
     from ctedge.edge.runtime import Classifier
 
     if study:
-        options = StudyOptions(series_uid=series, slice_step=slice_step, max_slices=max_slices,
-                               aggregate=aggregate, top_k=top_k, batch_size=batch_size,
-                               keep_thumbnails=plot is not None)
+        options = study_options(series_uid=series, slice_step=slice_step, max_slices=max_slices,
+                                aggregate=aggregate, top_k=top_k, batch_size=batch_size,
+                                keep_thumbnails=plot is not None)
         predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
                                 runtime=runtime, precision=precision, cache_dir=cache_dir)
         return
@@ -109,17 +111,34 @@ def predict(
     exit_if_failed(failed, len(rows))
 
 
-def predict_studies_command(model: Path, paths: list[Path], options, provider: str, threads: int | None,
-                            csv_out: Path | None, json_out: Path | None, plot: Path | None, *,
+def _print_study_details(results) -> None:
+    from ctedge.edge.study import sampling_text
+
+    for r in results:
+        where = f"{r.input} (study {r.study_uid})" if r.study_uid else r.input
+        if r.series_uid:
+            console.print(shown(f"{where}: series {r.series_uid} ({r.series_description or 'no description'}), "
+                                f"{sampling_text(r.slice_step)}: {r.slices_sampled} sampled, {r.slices_failed} failed, "
+                                f"{r.slices_without_lung} without lung, {r.slices_used} classified"))
+        for rejected in r.series_rejected:
+            console.print(shown(f"  rejected series {rejected.series_uid} ({rejected.slices} file(s)): "
+                                f"{rejected.reason}"))
+        for warning in r.warnings:
+            console.print(Text.assemble("  ", ("warning:", "yellow"), " ", clean(warning)))
+
+
+def predict_studies_command(model: Path, paths: list[Path], options: StudyOptions, provider: str,
+                            threads: int | None, csv_out: Path | None, json_out: Path | None, plot: Path | None, *,
                             runtime: str = "auto", precision: str | None = None,
                             cache_dir: Path | None = None) -> None:
     """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
     from rich.table import Table
 
+    from ctedge.core.metrics import output_spread
+    from ctedge.core.results import StudiesReport, dumps
     from ctedge.edge.runtime import Classifier
     from ctedge.edge.study import CSV_FIELDS, csv_row, predict_studies
 
-    options.check()
     check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True),
                   inputs=[*model_files(model), *paths])
     if plot is not None:
@@ -131,33 +150,28 @@ def predict_studies_command(model: Path, paths: list[Path], options, provider: s
                      cache_dir=str(cache_dir) if cache_dir else None)
     results = predict_studies(clf, paths, options,
                               progress=lambda r: console.print(shown(f"{r.input}: {r.study_uid or '-'} done")))
-    table = Table(title=f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): P({clf.positive}) per study, "
-                        f"threshold {clf.threshold}, aggregate {options.aggregate}")
-    for column in ("input", "patient", "slices used/total", "probability", "label"):
+    table = Table(title=shown(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
+                               f"P({clf.positive}) per study, threshold {clf.threshold}, aggregate {options.aggregate}"))
+    for column in ("input", "study", "patient", "slices used/total", "probability", "label"):
         table.add_column(column, overflow="fold")
     for r in results:
-        table.add_row(shown(r.input), shown(r.patient_id), f"{r.slices_used}/{r.slices_total}",
-                      "" if r.error else f"{r.probability:.4f}",
-                      shown(f"error: {r.error}", "red") if r.error else r.label)
+        table.add_row(shown(r.input), shown(r.study_uid or "-"), shown(r.patient_id),
+                      f"{r.slices_used}/{r.slices_total}", "" if r.error else f"{r.probability:.4f}",
+                      shown(f"error: {r.error}", "red") if r.error else shown(r.label))
     console.print(table)
-    for r in results:
-        if r.series_uid:
-            console.print(shown(f"{r.input}: series {r.series_uid} ({r.series_description or 'no description'}), "
-                                f"every {r.slice_step}. slice: {r.slices_sampled} sampled, "
-                                f"{r.slices_without_lung} without lung, {r.slices_used} classified"))
-        for rejected in r.series_rejected:
-            console.print(shown(f"  rejected series {rejected['series_uid']} ({rejected['slices']} file(s)): "
-                                f"{rejected['reason']}"))
-        for warning in r.warnings:
-            console.print(Text.assemble("  ", ("warning:", "yellow"), " ", clean(warning)))
+    _print_study_details(results)
+    scored = [r.probability for r in results if r.error is None]
+    constant = warn_if_constant(output_spread(scored), len(scored))
     if plot is not None:
         for r in results:
             if not r.error:
                 console.print(shown(f"plot: {study_plot(r, plot)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
-    write_json({"model": str(model), "provider": clf.providers[0], "threshold": clf.threshold,
-                "options": {k: v for k, v in vars(options).items() if k != "keep_thumbnails"},
-                "studies": [r.to_dict() for r in results]}, json_out)
+    if json_out is not None:
+        write_text(dumps(StudiesReport(model=str(model), runtime=clf.runtime, precision=clf.precision,
+                                       provider=clf.providers[0], threshold=clf.threshold,
+                                       options=options.to_dict(), studies=tuple(results),
+                                       warnings=(constant,) if constant else ())), json_out)
     failed = sum(r.error is not None for r in results)
     if failed:
         console.print(f"[yellow]{failed} of {len(results)} stud(ies) got no answer[/]")

@@ -13,11 +13,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ctedge.core.dicom import (  # noqa: F401  (is_dicom, DICOM_SUFFIXES: part of this module's API)
+    DEFAULT_MAX_PIXELS,
+    DICOM_SUFFIXES,
+    DicomError,
+    dataset_hu,
+    is_dicom,
+    pixel_budget_message,
+    regular_file_problem,
+)
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 DEFAULT_WINDOW = (-1000.0, 400.0)  # the paper's HU window: how DICOM is decoded to gray 0-255
-DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: far above any CT slice (512x512 to 4096x4096)
 MIN_SIDE = 16  # pixels: the smallest crop in COVID-CT is 53x26; a 1x1 image holds no slice
 MAX_ASPECT = 4.0  # long side / short side: a CT slice (or a crop of one) is never a strip
 _limit = {"max_pixels": DEFAULT_MAX_PIXELS}
@@ -61,18 +69,6 @@ class Decoded:
     kind: str
 
 
-def is_dicom(path: Path) -> bool:
-    """DICOM by suffix, or by the 'DICM' marker at byte 128."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def hu_to_gray(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Map Hounsfield units onto gray levels 0-255 over ``window``.
 
@@ -86,34 +82,20 @@ def hu_to_gray(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 
 def _read_dicom(path: Path, window: tuple[float, float], max_pixels: int) -> Decoded:
+    """One DICOM file through the study path's own dataset-to-HU function."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:  # pixel data deferred: read from the file only when decoded, after the checks
         ds = pydicom.dcmread(path, defer_size=1 << 16)
+    except PermissionError:
+        raise _unreadable(path, "unreadable (permission denied)") from None
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
         raise _unreadable(path, f"not a readable DICOM file ({exc})") from None
-    if "PixelData" not in ds:
-        raise _unreadable(path, "DICOM file has no pixel data")
     try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames") or 1)
-    except (AttributeError, TypeError, ValueError):
-        raise _unreadable(path, "DICOM file has no valid Rows/Columns") from None
-    check_pixels(path, columns, rows * frames, max_pixels)
-    if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
-        raise _unreadable(
-            path,
-            "DICOM file has no RescaleSlope/RescaleIntercept, so its values "
-            "cannot be converted to Hounsfield units",
-        )
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for bad pixel data
-        raise _unreadable(path, f"cannot decode DICOM pixel data ({exc})") from None
-    if pixels.ndim != 2:
-        raise _unreadable(path, f"expected one 2-D slice, got pixel array of shape {pixels.shape}")
-    hu = pixels.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        hu = dataset_hu(ds, max_pixels)
+    except DicomError as exc:
+        raise _unreadable(path, str(exc)) from None
     return Decoded(gray=hu_to_gray(hu, window), colour=None, kind="dicom")
 
 
@@ -189,8 +171,7 @@ def raster_size(data) -> tuple[int, int] | None:
 def check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
     """Refuse an image above the pixel budget before its pixels are decoded."""
     if width * height > max_pixels:
-        raise _unreadable(path, f"{width}x{height} pixels ({width * height / 1e6:.0f} MP) is above the "
-                                f"{max_pixels / 1e6:g} MP limit (raise it with ctedge --max-pixels N)")
+        raise _unreadable(path, pixel_budget_message(width, height, max_pixels))
 
 
 def check_shape(path: Path, width: int, height: int) -> None:
@@ -261,8 +242,11 @@ def read_image(path: str | Path, window: tuple[float, float] = DEFAULT_WINDOW,
     that cannot hold a CT slice (``check_shape``) and a CMYK JPEG."""
     path = Path(path)
     limit = max_pixels or _limit["max_pixels"]
-    if not path.is_file():
+    if not path.exists():
         raise _unreadable(path, "no such file")
+    problem = regular_file_problem(path)
+    if problem:
+        raise _unreadable(path, problem)
     if is_dicom(path):
         return _read_dicom(path, window, limit)
     return _read_raster(path, limit)

@@ -72,13 +72,16 @@ def phantom_volume(rng: np.random.Generator, slices: int = 16, size: int = 64,
 
 
 def write_slice(path: Path, stored: np.ndarray, tags: dict) -> Path:
-    """One single-frame CT slice (16-bit unsigned, explicit VR little endian)."""
+    """One single-frame CT slice (16-bit unsigned, explicit VR little endian) with
+    ``tags`` (keyword -> value; None leaves a tag out). The one slice writer of the
+    phantoms, the benchmarks and the tests."""
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+    tags = dict(tags)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = tags.pop("SOPClassUID", CTImageStorage)
-    meta.MediaStorageSOPInstanceUID = tags["SOPInstanceUID"]
+    meta.MediaStorageSOPInstanceUID = tags.setdefault("SOPInstanceUID", generate_uid())
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
@@ -97,8 +100,9 @@ def write_series(folder: str | Path, hu: np.ndarray, rng: np.random.Generator, *
                  patient_id: str = "PHANTOM-0000", series_uid: str | None = None, spacing: float = 2.5,
                  orientation: tuple = AXIAL, image_type: tuple = ("ORIGINAL", "PRIMARY", "AXIAL"),
                  modality: str = "CT", description: str = "CHEST AXIAL", slope: float = 1.0,
-                 intercept: float = -1024.0) -> list[Path]:
-    """Write ``hu`` (slices, rows, cols) as one series with shuffled, extension-less names."""
+                 intercept: float = -1024.0, tags: dict | None = None) -> list[Path]:
+    """Write ``hu`` (slices, rows, cols) as one series with shuffled, extension-less names;
+    ``tags`` adds or overrides attributes of every slice."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or fixed_uid(rng)
@@ -117,7 +121,7 @@ def write_series(folder: str | Path, hu: np.ndarray, rng: np.random.Generator, *
             "ImageOrientationPatient": [float(v) for v in orientation],
             "ImagePositionPatient": [round(float(v), 3) for v in position],
             "PixelSpacing": [0.7, 0.7], "SliceThickness": spacing,
-            "RescaleSlope": slope, "RescaleIntercept": intercept}))
+            "RescaleSlope": slope, "RescaleIntercept": intercept, **(tags or {})}))
     return paths
 
 

@@ -101,9 +101,9 @@ def study_plot(result, folder: Path) -> Path:
     fig = plt.figure(figsize=(max(8, 1.6 * columns), 5.5))
     grid = fig.add_gridspec(2, columns, height_ratios=(2.2, 1))
     ax = fig.add_subplot(grid[0, :])
-    positions = [s["position_mm"] for s in result.slices]
-    ax.plot(positions, [s["probability"] for s in result.slices], "o-", ms=3, label="slice")
-    ax.plot([s["position_mm"] for s in top], [s["probability"] for s in top], "o", color="red",
+    positions = [s.position_mm for s in result.slices]
+    ax.plot(positions, [s.probability for s in result.slices], "o-", ms=3, label="slice")
+    ax.plot([s.position_mm for s in top], [s.probability for s in top], "o", color="red",
             label=f"top {len(top)}")
     ax.axhline(result.probability, color="black", ls="--", lw=1,
                label=f"patient {result.probability:.3f} ({result.aggregate}): {result.label}")
@@ -116,9 +116,9 @@ def study_plot(result, folder: Path) -> Path:
     ax.grid(alpha=0.3)
     for column, entry in enumerate(top):
         thumb = fig.add_subplot(grid[1, column])
-        image = result.thumbnails.get(entry["index"])
+        image = result.thumbnails.get(entry.index)
         if image is not None:
             thumb.imshow(image, cmap="gray", vmin=0, vmax=255)
-        thumb.set_title(f"#{entry['index']} {entry['position_mm']:.0f} mm\np {entry['probability']:.3f}", fontsize=8)
+        thumb.set_title(f"#{entry.index} {entry.position_mm:.0f} mm\np {entry.probability:.3f}", fontsize=8)
         thumb.axis("off")
     return _save(fig, path, dpi=90)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,6 +96,76 @@ def dumps(document: Record | dict) -> str:
 
 
 # --- studies (`ctedge predict --study`, the DICOM node, the HTTP API): built by ctedge.edge.study
+
+@dataclass(frozen=True, kw_only=True)
+class SliceScore(Record):
+    """One classified slice of a study: its place in the ordered series and its image."""
+
+    index: int  # in the series ordered along the slice normal
+    position_mm: float
+    probability: float
+    sop_instance_uid: str  # empty for NIfTI
+    source: str  # file path, ZIP:member, NIFTI#index or NAME#n
+
+
+@dataclass(frozen=True, kw_only=True)
+class RejectedSeries(Record):
+    """A series of the study that was not classified, and why."""
+
+    series_uid: str
+    slices: int
+    description: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyResult(Record):
+    """One study's answer (or its ``error``); ``to_dict`` is one entry of
+    ``predict --study --json``'s ``studies``. ``attributes`` holds what a structured
+    report needs (AccessionNumber, StudyDate, PatientName, ...), empty when absent."""
+
+    input: str
+    study_uid: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+    series_uid: str = ""
+    series_description: str = ""
+    slices_total: int = 0
+    positions: int = 0  # distinct slice positions in the chosen series
+    slices_sampled: int = 0
+    slices_failed: int = 0
+    slices_without_lung: int = 0
+    slices_used: int = 0
+    slice_step: int = 0
+    probability: float | None = None
+    label: str | None = None
+    threshold: float | None = None
+    aggregate: str = ""
+    top_slices: tuple[SliceScore, ...] = ()
+    slices: tuple[SliceScore, ...] = ()
+    series_rejected: tuple[RejectedSeries, ...] = ()
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    thumbnails: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)  # index -> 8-bit image
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudiesReport(Document):
+    """`ctedge predict --study --json`: the model, the options and one result per study."""
+
+    kind: ClassVar[str] = "studies"
+    model: str
+    runtime: str
+    precision: str
+    provider: str
+    threshold: float
+    options: dict[str, Any]
+    studies: tuple[StudyResult, ...]
+    warnings: tuple[str, ...] = ()
+
 
 
 # --- benchmarks (`ctedge bench`): built by ctedge.edge.bench -------------------------

@@ -180,7 +180,8 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
 def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: float | None = None,
                      out_dir: str | Path | None = None, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                      positive: str | None = None, options=None, provider: str = "auto",
-                     threads: int | None = None, progress=None) -> dict:
+                     threads: int | None = None, progress=None, *, runtime: str = "auto",
+                     precision: str | None = None, cache_dir: str | None = None) -> dict:
     """Patient-level metrics of an exported model on class folders that hold one
     study (DICOM folder, .zip or NIfTI) per patient.
 
@@ -190,6 +191,8 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     Studies that get no answer are listed in ``failed`` and in ``studies.csv``,
     never scored silently.
     """
+    from dataclasses import replace
+
     from ctedge.core.data import discover
     from ctedge.core.files import check_writable
     from ctedge.edge.runtime import Classifier
@@ -199,18 +202,14 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     if model_path.suffix.lower() != ".onnx":
         raise CtedgeError(f"{model_path}: studies are evaluated with the exported ONNX model that "
                           "`predict --study` runs (`ctedge export MODEL.keras --onnx`), not a .keras file")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise CtedgeError(f"must be between 0 and 1, not {threshold}", param="threshold")
-    options = options or StudyOptions()
-    options.check()
+    options = replace(options or StudyOptions(), threshold=threshold)  # checks the threshold too
     out = Path(out_dir or model_path.parent / "eval-studies")  # where `report --study` looks
     check_writable(out, "--out", folder=True)
-    clf = Classifier(model_path, provider, threads)
+    clf = Classifier(model_path, provider, threads, runtime=runtime, precision=precision, cache_dir=cache_dir)
     if positive is None and (Path(data_root) / clf.positive).is_dir():
         positive = clf.positive
     dataset = discover(data_root, positive, studies=True)
-    if threshold is not None:
-        clf.threshold = threshold
+    threshold = clf.threshold if threshold is None else threshold
     rows = [(sample, result) for sample in dataset.samples
             for result in predict_studies(clf, [sample.path], options, progress)]
     scored = [(s, r) for s, r in rows if r.error is None]
@@ -227,12 +226,12 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
                         "the CIs resample studies instead")
         patients = np.array([f"{r.input}#{r.study_uid}" for _, r in scored])
     report = {"model": str(model_path), "provider": clf.providers[0], "data": str(data_root), "split": "studies",
-              "unit": "study", "classes": dataset.class_names, "threshold": clf.threshold,
+              "unit": "study", "classes": dataset.class_names, "threshold": threshold,
               "studies": len(scored), "positive": int(y.sum()), "patients": len(set(patients)),
-              **score(y, p, clf.threshold, patients, resamples, seed),
+              **score(y, p, threshold, patients, resamples, seed),
               "shortcut_baseline": {}, "output_spread": output_spread(p),
               "failed": failed, "warnings": warnings,
-              "options": {k: v for k, v in asdict(options).items() if k != "keep_thumbnails"}}
+              "runtime": clf.runtime, "precision": clf.precision, "options": options.to_dict()}
     report.update(plot_scores(y, p, report["metrics"]["auc"]["value"], out))
     atomic_write(csv_text(["class", "truth", *CSV_FIELDS],
                           [{"class": s.class_name, "truth": s.label, **csv_row(r)} for s, r in rows]).encode(),

@@ -1,0 +1,258 @@
+"""Stage 4, pipeline: decode the sampled slices in worker threads, overlapped with
+batched inference; then aggregate into one ``StudyResult`` per study.
+
+A study gets an error, not an answer, when its chosen series has fewer than
+``MIN_POSITIONS`` distinct slice positions or more than half of its sampled
+slices fail to decode: a patient's answer from a handful of slices is garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctedge.core.dicom import DEFAULT_MAX_PIXELS
+from ctedge.core.errors import CtedgeError
+from ctedge.core.preprocess import PREPROCESS_CONTRACT
+from ctedge.core.results import SliceScore, StudyResult
+from ctedge.edge.study.aggregate import AGGREGATES, DEFAULT_TOP_K, aggregate, aggregate_label
+from ctedge.edge.study.hu import LUNG_HU, LUNG_MIN_FRACTION, decode_slice
+from ctedge.edge.study.read import DEFAULT_MAX_BYTES, SliceRef, Study, find_studies
+from ctedge.edge.study.select import order_slices, sample_indices, select_series
+
+DEFAULT_MAX_SLICES = 64
+MIN_POSITIONS = 8  # distinct slice positions a patient's answer needs
+MAX_FAILED_SHARE = 0.5  # of the sampled slices; more failing: no answer
+THUMBNAIL = 96
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyOptions:
+    """How a study is classified; checked when made (a bad value never reaches the pipeline)."""
+
+    series_uid: str | None = None
+    slice_step: int | None = None  # None: as many as keep at most max_slices
+    max_slices: int = DEFAULT_MAX_SLICES
+    aggregate: str = "topk"
+    top_k: int = DEFAULT_TOP_K
+    batch_size: int = 8
+    workers: int | None = None  # decode threads (default: the CPU count)
+    keep_thumbnails: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per slice, from its header
+    max_bytes: int = DEFAULT_MAX_BYTES  # per zip entry or NIfTI volume, uncompressed
+    threshold: float | None = None  # None: the model's metadata threshold
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if str(self.aggregate) not in AGGREGATES:
+            raise CtedgeError(f"must be one of {', '.join(AGGREGATES)}, not {self.aggregate!r}", param="aggregate")
+        for name in ("top_k", "max_slices", "batch_size", "max_pixels", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise CtedgeError(f"must be at least 1, not {getattr(self, name)}", param=name)
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise CtedgeError(f"must be between 0 and 1, not {self.threshold}", param="threshold")
+        for name in ("slice_step", "workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise CtedgeError(f"must be at least 1, not {getattr(self, name)}", param=name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options a result reports (thumbnails are a display matter)."""
+        data = asdict(self)
+        data.pop("keep_thumbnails")
+        data["aggregate"] = str(self.aggregate)
+        return data
+
+
+def _study_fields(study: Study) -> dict[str, Any]:
+    first = next((refs[0] for refs in study.series.values() if refs), None)
+    attributes = dict(first.attributes) if first else {}
+    return {"input": study.input, "study_uid": study.study_uid, "patient_id": study.patient_id,
+            "accession_number": attributes.get("AccessionNumber", ""), "study_date": attributes.get("StudyDate", ""),
+            "attributes": attributes, "warnings": list(study.warnings), "error": study.error, "timings_s": {}}
+
+
+def _finish(draft: dict[str, Any]) -> StudyResult:
+    draft["warnings"] = tuple(draft["warnings"])
+    return StudyResult(**draft)
+
+
+def _no_series_error(options: StudyOptions, rejected) -> str:
+    asked = f"series {options.series_uid} " if options.series_uid else "no axial CT series "
+    reasons = "; ".join(f"{r.series_uid}: {r.reason}" for r in rejected
+                        if options.series_uid is None or r.series_uid == options.series_uid)
+    return asked + ("is not usable" if options.series_uid else "found") + (f" ({reasons})" if reasons else
+                                                                         " (not in this study)")
+
+
+def classify_study(clf, study: Study, options: StudyOptions | None = None) -> StudyResult:
+    """One study -> one result; problems become ``warnings`` or ``error`` (never raised).
+
+    ``clf`` is anything with ``predict_arrays``, ``label``, ``size``, ``window`` and
+    ``threshold`` (``ctedge.edge.runtime.Classifier`` or another backend); with
+    ``options.threshold`` also ``positive`` and ``negative`` (the model is not changed).
+    """
+    options = options or StudyOptions()
+    started = time.perf_counter()
+    draft = _study_fields(study)
+    draft["threshold"] = float(clf.threshold if options.threshold is None else options.threshold)
+    if study.error:
+        return _finish(draft)
+    chosen, rejected = select_series(study, options.series_uid)
+    draft["series_rejected"] = tuple(rejected)
+    if chosen is None:
+        draft["error"] = _no_series_error(options, rejected)
+        return _finish(draft)
+    refs = study.series[chosen]
+    ordered, positions, warnings = order_slices(refs)
+    indices, step = sample_indices(len(ordered), options.slice_step, options.max_slices)
+    draft.update(series_uid=chosen, series_description=refs[0].description, slices_total=len(ordered),
+                 positions=len(ordered), slice_step=step, slices_sampled=len(indices))
+    draft["warnings"] += warnings
+    draft["timings_s"]["headers_selection"] = time.perf_counter() - started
+    if len(ordered) < MIN_POSITIONS:
+        draft["error"] = (f"only {len(ordered)} distinct slice position(s) in series {chosen}; a patient's "
+                          f"answer needs at least {MIN_POSITIONS}")
+        return _finish(draft)
+    probabilities, used, thumbnails = _run_pipeline(clf, ordered, indices, options, draft)
+    if draft["error"]:
+        return _finish(draft)
+    started = time.perf_counter()
+    if not used:
+        draft["error"] = (f"no slice with lung among the {len(indices)} sampled (criterion: at least "
+                          f"{LUNG_MIN_FRACTION:.0%} of the body outline in {LUNG_HU[0]:.0f}..{LUNG_HU[1]:.0f} HU)")
+    else:
+        _aggregate_into(draft, clf, options, probabilities, used, ordered, positions)
+    draft["thumbnails"] = thumbnails
+    draft["timings_s"]["aggregation"] = time.perf_counter() - started
+    return _finish(draft)
+
+
+def _aggregate_into(draft: dict, clf, options: StudyOptions, probabilities: list[float], used: list[int],
+                    ordered: list[SliceRef], positions: np.ndarray) -> None:
+    p = np.asarray(probabilities)
+    probability = aggregate(p, str(options.aggregate), options.top_k)
+    slices = tuple(SliceScore(index=i, position_mm=round(float(positions[i]), 3), probability=float(q),
+                              sop_instance_uid=ordered[i].sop_uid, source=ordered[i].name)
+                   for i, q in zip(used, p))
+    top = np.argsort(-p, kind="stable")[:options.top_k]
+    threshold = draft["threshold"]
+    label = clf.label(probability) if options.threshold is None else \
+        (clf.positive if probability >= threshold else clf.negative)
+    draft.update(slices_used=len(used), probability=probability, label=label, slices=slices,
+                 aggregate=aggregate_label(str(options.aggregate), options.top_k, len(p)),
+                 top_slices=tuple(slices[j] for j in top))
+
+
+def _report_failures(draft: dict, failed: list[str], sampled: int) -> None:
+    draft["slices_failed"] = len(failed)
+    draft["warnings"] += [f"{msg}; slice skipped" for msg in failed[:5]]
+    if len(failed) > 5:
+        draft["warnings"].append(f"... and {len(failed) - 5} more slice(s) that could not be decoded")
+    if failed and len(failed) > MAX_FAILED_SHARE * sampled:
+        draft["error"] = (f"{len(failed)} of the {sampled} sampled slices could not be decoded (more than "
+                          f"{MAX_FAILED_SHARE:.0%}; first: {failed[0]})")
+
+
+def _run_pipeline(clf, ordered: list[SliceRef], indices: list[int], options: StudyOptions,
+                  draft: dict) -> tuple[list[float], list[int], dict[int, np.ndarray]]:
+    """Decode in worker threads while the main thread runs batched inference."""
+    workers = options.workers or os.cpu_count() or 2
+    prefetch = max(2 * options.batch_size, 2 * workers)
+    thumbnail = THUMBNAIL if options.keep_thumbnails else 0
+    contract = getattr(clf, "contract", PREPROCESS_CONTRACT)
+    probabilities: list[float] = []
+    used: list[int] = []
+    thumbnails: dict[int, np.ndarray] = {}
+    batch: list = []
+    timing = {"decode_preprocess_cpu": 0.0, "decode_wait": 0.0, "inference": 0.0}
+    failed: list[str] = []
+    non_lung = 0
+
+    def infer() -> None:
+        started = time.perf_counter()
+        out = np.asarray(clf.predict_arrays(np.stack([d.image for _, d in batch])), float).reshape(-1)
+        timing["inference"] += time.perf_counter() - started
+        for (i, d), q in zip(batch, out):
+            if not np.isfinite(q):
+                failed.append(f"{ordered[i].name}: the model's output is {q}")
+                continue
+            probabilities.append(float(q))
+            used.append(i)
+            if d.thumbnail is not None:
+                thumbnails[i] = d.thumbnail
+        batch.clear()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers, thread_name_prefix="ctedge-decode") as pool:
+        pending: deque = deque(
+            (i, pool.submit(decode_slice, ordered[i], clf.window, clf.size, thumbnail, contract, options.max_pixels))
+            for i in indices[:prefetch])
+        todo = iter(indices[prefetch:])
+        while pending:
+            i, future = pending.popleft()
+            following = next(todo, None)
+            if following is not None:
+                pending.append((following, pool.submit(decode_slice, ordered[following], clf.window, clf.size,
+                                                       thumbnail, contract, options.max_pixels)))
+            waited = time.perf_counter()
+            data = future.result()
+            timing["decode_wait"] += time.perf_counter() - waited
+            timing["decode_preprocess_cpu"] += data.seconds
+            if data.error:
+                failed.append(data.error)
+            elif data.image is None:
+                non_lung += 1
+            else:
+                batch.append((i, data))
+                if len(batch) == options.batch_size:
+                    infer()
+        if batch:
+            infer()
+    timing["pipeline_wall"] = time.perf_counter() - started
+    draft["timings_s"].update(timing)
+    draft["slices_without_lung"] = non_lung
+    _report_failures(draft, failed, len(indices))
+    return probabilities, used, thumbnails
+
+
+def predict_studies(clf, paths: list[str | Path], options: StudyOptions | None = None,
+                    progress=None) -> list[StudyResult]:
+    """Every study under every path, one result each (errors as rows, never raised);
+    ``progress(result)`` after each."""
+    options = options or StudyOptions()
+    results = []
+    for path in paths:
+        started = time.perf_counter()
+        studies = find_studies(path, options.max_bytes, options.max_pixels)
+        scan = (time.perf_counter() - started) / len(studies)
+        for study in studies:
+            try:
+                result = classify_study(clf, study, options)
+            finally:
+                study.close()
+            timings = {**result.timings_s, "headers_selection": result.timings_s.get("headers_selection", 0.0) + scan}
+            result = replace(result, timings_s=timings)
+            results.append(result)
+            if progress:
+                progress(result)
+    return results
+
+
+CSV_FIELDS = ["input", "study_uid", "patient_id", "accession_number", "series_uid", "slices_total",
+              "slices_sampled", "slices_used", "slice_step", "probability", "label", "aggregate", "warnings", "error"]
+
+
+def csv_row(result: StudyResult) -> dict:
+    """One CSV row per study (warnings joined with ' | ')."""
+    row = {key: getattr(result, key) for key in CSV_FIELDS}
+    row["warnings"] = " | ".join(result.warnings)
+    return row
