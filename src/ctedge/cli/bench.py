@@ -12,22 +12,22 @@ from rich.markup import escape
 from ctedge.cli.common import (
     CacheDir,
     JsonOut,
+    Pad,
     PrecisionOpt,
     ProviderOpt,
+    ProviderOptions,
     Threads,
     check_outputs,
     command,
+    provider_options,
     write_json,
     write_text,
 )
-from ctedge.core.choices import (
-    BenchRuntime,
-    Provider,
-    Split,
-)
+from ctedge.core.choices import Split
 from ctedge.core.errors import CtedgeError
 from ctedge.core.progress import console
 from ctedge.edge.bench import DEFAULT_BUDGET_MS, BenchOptions
+from ctedge.edge.engines import BenchRuntime, Provider
 from ctedge.edge.study import DEFAULT_MAX_SLICES, StudyOptions
 
 
@@ -45,6 +45,8 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
         map(str, BenchOptions().batch_sizes)),
     threads: Threads = None,
+    provider_option: ProviderOptions = None,
+    pad: Pad = None,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up calls.")] = BenchOptions.warmup,
     runs: Annotated[int, typer.Option(help="Timed calls per measure.")] = BenchOptions.runs,
     seconds: Annotated[Optional[float], typer.Option(help="Time each measure for S seconds instead of --runs.")] = None,
@@ -84,7 +86,9 @@ def bench(
     """
     from rich.table import Table
 
-    from ctedge.edge.bench import budget_line, closing_lines, isa_line, markdown, run_bench, table_rows
+    from ctedge.core.results import dumps
+    from ctedge.edge.bench import run_bench
+    from ctedge.edge.bench_report import budget_line, closing_lines, isa_line, markdown, table_rows
 
     check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"))
     if study is not None:
@@ -101,9 +105,10 @@ def bench(
         data=str(data) if data else None, budget_ms=budget_ms,
         runtime=runtime, precision=precision, split_dir=str(split_dir) if split_dir else None, split=split,
         accuracy_images=accuracy_images, auc_tolerance=auc_tolerance,
-        cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice, all_providers=all_providers),
+        cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice, all_providers=all_providers,
+        provider_options=provider_options(provider_option), pad=pad),
         baselines=keras_baseline(models or []))
-    m = report["machine"]
+    m = report.machine
     engines = ", ".join(filter(None, [m["onnxruntime"] and f"onnxruntime {m['onnxruntime']}",
                                       m["openvino"] and f"OpenVINO {m['openvino']}"]))
     table = Table(title=f"{m['cpu']}, {m['cores']} cores, {engines}")
@@ -117,13 +122,13 @@ def bench(
         table.add_row(*[row[c].replace("ExecutionProvider", "") for c in shown])
     console.print(table)
     console.print(isa_line(m), highlight=False)
-    if report.get("accuracy_data"):
-        console.print(f"accuracy on {report['accuracy_data']}", highlight=False)
-    for r in report["results"]:
-        if r.get("constant_warning"):
+    if report.accuracy_data:
+        console.print(f"accuracy on {report.accuracy_data}", highlight=False)
+    for r in report.to_dict()["results"]:
+        if r["constant_warning"]:
             console.print(f"[bold red]warning:[/] {Path(r['model']).name}: {r['constant_warning']}",
                           highlight=False)
-        if "budget" in r:
+        if r["budget"]:
             within, line = budget_line(r)
             console.print(f"[{'green' if within else 'red'}]{escape(line)}[/]", highlight=False)
     for line in closing_lines(report):
@@ -134,9 +139,9 @@ def bench(
             from ctedge.core.plots import latency_histogram
         except ImportError:
             raise CtedgeError("--plot needs matplotlib (pip install ctedge[train])") from None
-        latency_histogram({f"{Path(r['model']).name} {r['format']} {r['provider']}": np.asarray(r["samples_ms"])
-                           for r in report["results"]}, plot)
-    write_json(report, json_out)
+        latency_histogram({f"{Path(r.model).name} {r.format} {r.provider}": np.asarray(r.samples_ms)
+                           for r in report.results}, plot)
+    write_text(dumps(report), json_out)
 
 
 def bench_study_command(models: list[Path], study: Path, provider: str, threads: int | None,

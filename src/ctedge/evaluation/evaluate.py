@@ -210,7 +210,7 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
         positive = clf.positive
     dataset = discover(data_root, positive, studies=True)
     if threshold is not None:
-        clf.threshold = threshold
+        clf = clf.with_threshold(threshold)
     rows = [(sample, result) for sample in dataset.samples
             for result in predict_studies(clf, [sample.path], options, progress)]
     scored = [(s, r) for s, r in rows if r.error is None]
