@@ -84,11 +84,9 @@ def bench(
     --split-dir ../shared/data/covid-ct/splits --markdown bench.md`;
     for a whole study: `ctedge bench exports/b3.onnx --study patient1/ --json -`
     """
-    from rich.table import Table
-
     from ctedge.core.results import dumps
     from ctedge.edge.bench import run_bench
-    from ctedge.edge.bench_report import budget_line, closing_lines, isa_line, markdown, table_rows
+    from ctedge.edge.bench_report import markdown
 
     check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"))
     if study is not None:
@@ -108,6 +106,24 @@ def bench(
         cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice, all_providers=all_providers,
         provider_options=provider_options(provider_option), pad=pad),
         baselines=keras_baseline(models or []))
+    print_report(report)
+    write_text(markdown(report), markdown_out)
+    if plot:
+        try:
+            from ctedge.core.plots import latency_histogram
+        except ImportError:
+            raise CtedgeError("--plot needs matplotlib (pip install ctedge[train])") from None
+        latency_histogram({f"{Path(r.model).name} {r.format} {r.provider}": np.asarray(r.samples_ms)
+                           for r in report.results}, plot)
+    write_text(dumps(report), json_out)
+
+
+def print_report(report) -> None:
+    """The console table, ISA line, warnings, budget verdicts and the fastest variant."""
+    from rich.table import Table
+
+    from ctedge.edge.bench_report import budget_line, closing_lines, isa_line, table_rows
+
     m = report.machine
     engines = ", ".join(filter(None, [m["onnxruntime"] and f"onnxruntime {m['onnxruntime']}",
                                       m["openvino"] and f"OpenVINO {m['openvino']}"]))
@@ -133,15 +149,6 @@ def bench(
             console.print(f"[{'green' if within else 'red'}]{escape(line)}[/]", highlight=False)
     for line in closing_lines(report):
         console.print(f"[bold]{escape(line)}[/]", highlight=False)
-    write_text(markdown(report), markdown_out)
-    if plot:
-        try:
-            from ctedge.core.plots import latency_histogram
-        except ImportError:
-            raise CtedgeError("--plot needs matplotlib (pip install ctedge[train])") from None
-        latency_histogram({f"{Path(r.model).name} {r.format} {r.provider}": np.asarray(r.samples_ms)
-                           for r in report.results}, plot)
-    write_text(dumps(report), json_out)
 
 
 def bench_study_command(models: list[Path], study: Path, provider: str, threads: int | None,
