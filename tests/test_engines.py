@@ -282,23 +282,56 @@ def test_the_registry_lists_engines_without_importing_them():
     assert spec.thread_safe and spec.files["fp16"] == ("_fp16.onnx", "--fp16") and "cuda" in spec.devices
 
 
-def test_a_new_engine_is_one_registration(model, monkeypatch):
-    """A registered factory is what Classifier opens, by name."""
-    class Constant:
-        name, device, precision, inputs = "const", "cpu", "fp32", {"image": [None, 32, 32, 3]}
-        devices, options = ["constant"], {}
+class Recording:
+    """A registered stand-in engine that records each batch shape it is given."""
 
-        def __init__(self, path, config):
-            self.path, self.raw_metadata = path, ort_engine.OrtEngine(path, config).raw_metadata
+    name, precision, inputs, options = "recording", "fp32", {"image": [None, 32, 32, 3]}, {}
 
-        def run(self, images):
-            return np.full(len(images), 0.75, np.float32)
+    def __init__(self, path, config):
+        self.path, self.device, self.shapes = path, "cpu" if config.provider == "auto" else config.provider, []
+        self.raw_metadata = ort_engine.OrtEngine(path, engines.EngineConfig(runtime="onnxruntime", precision="fp32",
+                                                                            provider="cpu")).raw_metadata
+        self.fixed_batch = config.fixed_batch
 
+    @property
+    def devices(self):
+        return [f"recording {self.device}"]
+
+    def run(self, images):
+        self.shapes.append(images.shape)
+        return images.reshape(len(images), -1).mean(axis=1) / 255
+
+
+@pytest.fixture
+def recording(monkeypatch):
     monkeypatch.setattr(registry, "_ENGINES", dict(registry._registered()))
-    registry.register_engine("const", package="numpy", extra="pip install numpy", accepts=(".onnx",),
-                             devices=("cpu",), precisions=("fp32",), thread_safe=True)(Constant)
-    clf = Classifier(model, runtime="const")
-    assert clf.predict_arrays(np.zeros((3, 32, 32, 3))).tolist() == [0.75] * 3 and clf.providers == ["constant"]
+    registry.register_engine("recording", package="numpy", extra="pip install numpy", accepts=(".onnx",),
+                             devices=("cpu", "gpu"), precisions=("fp32",), thread_safe=True)(Recording)
+
+
+def test_a_new_engine_is_one_registration(model, recording):
+    """A registered factory is what Classifier opens, by name; the CLI would list it."""
+    clf = Classifier(model, runtime="recording")
+    x = np.full((3, 32, 32, 3), 51, np.float32)
+    np.testing.assert_allclose(clf.predict_arrays(x), [0.2] * 3, rtol=1e-6)
+    assert clf.providers == ["recording cpu"] and "recording" in engines.engine_names()
+
+
+def test_on_a_gpu_every_call_has_one_shape_warmed_up_at_start(model, recording):
+    """Item 21.1 without a GPU: padding is on by default on a non-CPU device, the session
+    is warmed up with the fixed shape when made, and no call sees another shape."""
+    clf = Classifier(model, runtime="recording", provider="gpu", fixed_batch=4)
+    engine = clf._engine
+    assert engine.fixed_batch == 4 and clf.fixed_batch == 4 and "warmup" in clf.startup_s
+    assert engine.shapes == [(4, 32, 32, 3)]  # the warm-up
+    x = np.random.default_rng(0).uniform(0, 255, (7, 32, 32, 3)).astype(np.float32)
+    assert clf.predict_arrays(x).shape == (7,) and clf.predict_arrays(x[:1]).shape == (1,)
+    assert set(engine.shapes) == {(4, 32, 32, 3)}
+    np.testing.assert_allclose(clf.predict_arrays(x), x.reshape(7, -1).mean(axis=1) / 255, rtol=1e-6)
+    unpadded = Classifier(model, runtime="recording", provider="gpu", pad=False)
+    assert unpadded._engine.fixed_batch is None and unpadded._engine.shapes == [] and unpadded.fixed_batch is None
+    cpu = Classifier(model, runtime="recording", provider="cpu")
+    assert cpu.fixed_batch is None and cpu._engine.shapes == []  # the CPU keeps the shapes it is given
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
