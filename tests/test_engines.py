@@ -306,7 +306,7 @@ class Recording:
 def recording(monkeypatch):
     monkeypatch.setattr(registry, "_ENGINES", dict(registry._registered()))
     registry.register_engine("recording", package="numpy", extra="pip install numpy", accepts=(".onnx",),
-                             devices=("cpu", "gpu"), precisions=("fp32",), thread_safe=True)(Recording)
+                             devices=("cpu", "gpu"), precisions=("fp32",), thread_safe=False)(Recording)
 
 
 def test_a_new_engine_is_one_registration(model, recording):
@@ -315,6 +315,32 @@ def test_a_new_engine_is_one_registration(model, recording):
     x = np.full((3, 32, 32, 3), 51, np.float32)
     np.testing.assert_allclose(clf.predict_arrays(x), [0.2] * 3, rtol=1e-6)
     assert clf.providers == ["recording cpu"] and "recording" in engines.engine_names()
+
+
+def test_an_engine_not_registered_thread_safe_serves_one_call_at_a_time(model, recording):
+    busy, overlaps = threading.Lock(), []
+
+    class Slow(Recording):
+        def run(self, images):
+            if not busy.acquire(blocking=False):
+                overlaps.append(images.shape)
+                return super().run(images)
+            try:
+                threading.Event().wait(0.002)
+                return super().run(images)
+            finally:
+                busy.release()
+
+    registry.register_engine("slow", package="numpy", extra="pip install numpy", accepts=(".onnx",),
+                             devices=("cpu",), precisions=("fp32",), thread_safe=False)(Slow)
+    clf = Classifier(model, runtime="slow")
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    threads = [threading.Thread(target=lambda: [clf.predict_arrays(x) for _ in range(10)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [] and len(clf._engine.shapes) == 40
 
 
 def test_on_a_gpu_every_call_has_one_shape_warmed_up_at_start(model, recording):

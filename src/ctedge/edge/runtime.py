@@ -16,8 +16,10 @@ A ``Classifier`` is immutable after construction and may be shared by threads
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from ctedge.core.imageio import read_image
 from ctedge.core.metadata import ModelMetadata
 from ctedge.core.preprocess import to_model_input
 from ctedge.core.results import EngineInfo, ImagePrediction, ImagePredictions
-from ctedge.edge.engines import EngineConfig, open_engine, resolve
+from ctedge.edge.engines import EngineConfig, get_engine, open_engine, resolve
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,9 @@ class Classifier:
                   "input_name": checked.input_name, "size": checked.size, "window": checked.window,
                   "classes": list(checked.classes), "positive": checked.positive, "negative": checked.negative,
                   "threshold": checked.threshold, "contract": checked.contract,
-                  "fixed_batch": fixed_batch if padded else None, "startup_s": {"session": session_s}}
+                  "fixed_batch": fixed_batch if padded else None, "startup_s": {"session": session_s},
+                  # an engine not registered thread_safe serves one call at a time
+                  "_guard": contextlib.nullcontext() if get_engine(config.runtime).thread_safe else threading.Lock()}
         for name, value in fields.items():
             object.__setattr__(self, name, value)
         if padded and engine.device != "cpu":  # the first call (cuDNN's search, TensorRT's build) paid here
@@ -125,14 +129,18 @@ class Classifier:
         """Batch of model inputs -> P(positive) per image (in fixed batches when padding)."""
         images = np.ascontiguousarray(images, np.float32)
         if self.fixed_batch is None:
-            return self._engine.run(images)
+            return self._run(images)
         step, out = self.fixed_batch, []
         for start in range(0, len(images), step):
             chunk = images[start:start + step]
             if len(chunk) < step:
                 chunk = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), np.float32)])
-            out.append(self._engine.run(chunk)[:len(images) - start])
+            out.append(self._run(chunk)[:len(images) - start])
         return np.concatenate(out) if out else np.empty(0, np.float32)
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        with self._guard:
+            return self._engine.run(images)
 
     def label(self, probability: float) -> str:
         return self.positive if probability >= self.threshold else self.negative
