@@ -10,13 +10,18 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ctedge.core.errors import CtedgeError
-from ctedge.edge.engines.registry import EngineConfig, register_engine, variant_file, variant_path
+from ctedge.edge.engines.registry import (
+    EngineConfig,
+    default_cache_dir,
+    register_engine,
+    variant_file,
+    variant_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +81,6 @@ def resolve_device(provider: str) -> str:
                           f"(it has {', '.join(ort.get_available_providers())}); "
                           "for NVIDIA GPUs install ctedge[cuda], or use --provider cpu", param="provider")
     return provider
-
-
-def default_cache_dir(engine: str) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ctedge" / engine
 
 
 def provider_options(device: str, precision: str, *, fixed_shape: bool, cache_dir: str | None = None,

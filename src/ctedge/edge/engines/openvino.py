@@ -21,8 +21,13 @@ import numpy as np
 
 from ctedge.core.errors import CtedgeError
 from ctedge.core.files import atomic_write
-from ctedge.edge.engines.onnxruntime import default_cache_dir
-from ctedge.edge.engines.registry import EngineConfig, register_engine, variant_file, variant_path
+from ctedge.edge.engines.registry import (
+    EngineConfig,
+    default_cache_dir,
+    register_engine,
+    variant_file,
+    variant_path,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -170,6 +171,12 @@ def variant_file(name: str, model: Path, precision: str) -> Path:
         raise CtedgeError(f"{precision}: {path} not found; it is written by `ctedge export` ({flag})",
                           param="precision")
     return path
+
+
+def default_cache_dir(engine: str) -> Path:
+    """Where an engine keeps what it builds once (compiled models, TensorRT engines)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ctedge" / engine
 
 
 def open_engine(model: Path, config: EngineConfig) -> Engine:
