@@ -137,15 +137,23 @@ class OpenVinoEngine:
         except RuntimeError as exc:
             raise CtedgeError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0]})") from None
         self._options = {k: str(v) for k, v in properties.items() if k != "CACHE_DIR"}
-        reported = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-        if reported != hint:
-            raise CtedgeError(f"OpenVINO compiled {self.path.name} at {reported}, not the {hint} asked for",
-                              param="precision")
+        self._confirm(ov_device, hint)
         self._idle: queue.Queue = queue.Queue()
         self._made, self._lock = 0, threading.Lock()
         self.inputs = {port.get_any_name(): [d.get_length() if d.is_static else None
                                              for d in port.get_partial_shape()]
                        for port in self._compiled.inputs}
+
+    def _confirm(self, device: str, hint: str) -> None:
+        """What OpenVINO compiled for must be the device and precision asked for."""
+        reported = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        if reported != hint:
+            raise CtedgeError(f"OpenVINO compiled {self.path.name} at {reported}, not the {hint} asked for",
+                              param="precision")
+        executing = [str(d) for d in self._compiled.get_property("EXECUTION_DEVICES")]
+        if not any(d.split(".")[0] == device for d in executing):
+            raise CtedgeError(f"OpenVINO runs {self.path.name} on {', '.join(executing)}, not the {device} asked for",
+                              param="provider")
 
     @property
     def devices(self) -> list[str]:
