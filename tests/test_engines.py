@@ -266,6 +266,8 @@ def test_provider_options_reach_the_session_and_the_results(model, tmp_path):
     assert row["cold_start_ms"]["session"] > 0 and "warmup" in row["cold_start_ms"]
     bad = runner.invoke(app, ["predict", str(model), str(model), "--provider-option", "novalue"])
     assert bad.exit_code == 2 and "--provider-option must be KEY=VALUE, not 'novalue'" in bad.stderr
+    bad = runner.invoke(app, ["bench", str(model), "--study", str(tmp_path), "--runtime", "all"])
+    assert bad.exit_code == 2 and "--runtime all times images, not a study" in bad.stderr
 
 
 def test_the_registry_lists_engines_without_importing_them():

@@ -90,6 +90,9 @@ def bench(
 
     check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"))
     if study is not None:
+        if runtime == "all":
+            raise CtedgeError("--runtime all times images, not a study: give --study one runtime "
+                              "(auto, onnxruntime or openvino)")
         bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out,
                             runtime, precision)
         return
@@ -162,7 +165,7 @@ def bench_study_command(models: list[Path], study: Path, provider: str, threads:
 
     for model in find_models(models):
         report = bench_study(model, study, StudyOptions(slice_step=slice_step), provider, threads, runs,
-                             runtime="auto" if runtime == "all" else runtime, precision=precision)
+                             runtime=runtime, precision=precision)
         m, med = report["machine"], report["median"]
         table = Table(title=f"{model.name} on {report['provider']}, {m['cpu']}, {m['cores']} cores: "
                             f"{med['slices_used']:.0f} of {med['slices_total']:.0f} slices "
