@@ -390,6 +390,8 @@ def test_a_classifier_is_immutable_and_a_threshold_gives_a_copy(model):
     clf = Classifier(model, runtime="onnxruntime")
     with pytest.raises(AttributeError, match="immutable"):
         clf.threshold = 0.9
+    with pytest.raises(TypeError):
+        clf.metadata["threshold"] = 0.9
     strict = clf.with_threshold(0.9)
     x = np.full((1, 32, 32, 3), 70, np.float32)  # P = sigmoid(1) = 0.73
     assert (clf.threshold, strict.threshold) == (0.5, 0.9)

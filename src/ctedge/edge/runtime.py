@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -70,9 +71,9 @@ class Classifier:
         session_s = time.perf_counter() - started
         checked = ModelMetadata.from_props(engine.raw_metadata, engine.path, engine.inputs)
         padded = pad if pad is not None else engine.device != "cpu"
-        fields = {"path": path, "config": config, "_engine": engine, "metadata": checked.raw,
+        fields = {"path": path, "config": config, "_engine": engine, "metadata": MappingProxyType(checked.raw),
                   "input_name": checked.input_name, "size": checked.size, "window": checked.window,
-                  "classes": list(checked.classes), "positive": checked.positive, "negative": checked.negative,
+                  "classes": tuple(checked.classes), "positive": checked.positive, "negative": checked.negative,
                   "threshold": checked.threshold, "contract": checked.contract,
                   "fixed_batch": fixed_batch if padded else None, "startup_s": {"session": session_s},
                   # an engine not registered thread_safe serves one call at a time

@@ -74,7 +74,7 @@ class EngineSpec:
     accepts: tuple[str, ...]  # model file suffixes it runs
     devices: tuple[str, ...]  # what --provider may name for it
     precisions: tuple[str, ...]
-    files: dict[str, tuple[str, str]]  # precision -> (variant file suffix, export flag that writes it)
+    files: dict[str, tuple[str, str]]  # precision (or "ir") -> (file name suffix, the export flag writing it)
     thread_safe: bool
     about: Callable[[], dict] = dict  # engine version and what this machine offers it (bench's report)
     variants: Callable[[Path, list[str]], list[tuple[str, str]]] = lambda model, devices: []  # (precision, device)
