@@ -25,7 +25,8 @@ from study_speed import fresh_process
 
 from ctedge.core.phantom_studies import write_study
 from ctedge.core.phantoms import make_dataset
-from ctedge.edge.bench import BenchOptions, markdown, run_bench
+from ctedge.edge.bench import BenchOptions, run_bench
+from ctedge.edge.bench_report import markdown
 from ctedge.edge.study import StudyOptions, bench_study
 
 
@@ -65,7 +66,7 @@ def main() -> None:
         options = BenchOptions(runtime="all", all_providers=True, data=str(images), runs=args.runs,
                                batch_sizes=[int(b) for b in args.batch_sizes.split(",")], save_choice=False)
         started = time.perf_counter()
-        report = run_bench([args.model], options)
+        report = run_bench([args.model], options).to_dict()
         report["bench_seconds"] = time.perf_counter() - started
         print(markdown(report), flush=True)
         study = Path(tmp) / "study"

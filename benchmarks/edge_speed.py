@@ -108,14 +108,14 @@ def accuracy(files: dict[str, Path], data: str, split_dir: str | None) -> dict:
     from ctedge.core.metrics import roc_auc
     from ctedge.core.preprocess import PreprocessConfig
     from ctedge.edge.runtime import Classifier
-    from ctedge.training.export import onnx_probabilities
+    from ctedge.training.export import engine_probabilities
     from ctedge.training.splits import load_data
 
     size = Classifier(files["fp32"], "cpu").size
     _, parts = load_data(DataOptions(root=data, split_dir=split_dir), PreprocessConfig(image_size=size),
                          parts=("val",))
     x, y = parts["val"].x, parts["val"].y
-    return {name: {"auc": roc_auc(y, onnx_probabilities(path, x)), "images": int(len(y))}
+    return {name: {"auc": roc_auc(y, engine_probabilities("onnxruntime", path, x)), "images": int(len(y))}
             for name, path in files.items()}
 
 

@@ -14,6 +14,7 @@ import ctedge.cli as cli
 from ctedge.cli import app
 from ctedge.core import choices
 from ctedge.core.errors import CtedgeError, ExitCode
+from ctedge.edge import engines
 
 runner = CliRunner()
 WIDE = {"TERMINAL_WIDTH": "400", "COLUMNS": "400"}  # help rows unwrapped
@@ -31,10 +32,10 @@ CHOICES = {
     "evaluate": {"--split": choices.EvalSplit, "--aggregate": choices.Aggregate, "--runtime": choices.Runtime,
                  "--precision": choices.Precision, "--provider": choices.Provider},
     "report": {"--split": choices.EvalSplit},
-    "predict": {"--runtime": choices.Runtime, "--precision": choices.Precision, "--provider": choices.Provider,
+    "predict": {"--runtime": engines.Runtime, "--precision": engines.Precision, "--provider": engines.Provider,
                 "--aggregate": choices.Aggregate},
-    "bench": {"--runtime": choices.BenchRuntime, "--precision": choices.Precision,
-              "--provider": choices.Provider, "--split": choices.Split},
+    "bench": {"--runtime": engines.BenchRuntime, "--precision": engines.Precision,
+              "--provider": engines.Provider, "--split": choices.Split},
     "demo": {"--backbone": choices.Backbone},
     "explain": {},
     "export": {},

@@ -4,6 +4,8 @@
 import json
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,11 +15,14 @@ from typer.testing import CliRunner
 from ctedge.cli import app
 from ctedge.core.errors import CtedgeError
 from ctedge.edge import engines
+from ctedge.edge.engines import onnxruntime as ort_engine
+from ctedge.edge.engines import registry
+from ctedge.edge.engines.openvino import capabilities
 from ctedge.edge.runtime import Classifier
 from helpers import brightness_onnx, gray_image
 
 runner = CliRunner()
-HAS_BF16 = "BF16" in engines.ov_capabilities("CPU")
+HAS_BF16 = "BF16" in capabilities("CPU")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def test_openvino_gives_the_rows_onnxruntime_gives(model, images, tmp_path, cach
                                atol=1e-6)
     assert ov_rows[-1].error and ov_rows[-1].probability is None
     assert {r.label for r in ov_rows[:5]} == {"CT_COVID", "CT_NonCOVID"}  # not a constant model
-    assert any(engines.Path(cache).iterdir()), "the compiled model was not cached"
+    assert any(Path(cache).iterdir()), "the compiled model was not cached"
 
 
 def test_bf16_runs_in_bf16_or_is_refused(model, cache):
@@ -97,11 +102,11 @@ def test_auto_uses_the_saved_bench_choice_only_for_this_machine(tmp_path, cache)
 
 
 def test_a_missing_engine_names_the_extra(model, monkeypatch):
-    real = engines.installed
-    monkeypatch.setattr(engines, "installed", lambda name: name != "openvino" and real(name))
+    real = registry.installed
+    monkeypatch.setattr(registry, "installed", lambda name: name != "openvino" and real(name))
     with pytest.raises(CtedgeError, match=r'^runtime openvino needs openvino: pip install "ctedge\[openvino\]"'):
         Classifier(model, runtime="openvino")
-    monkeypatch.setattr(engines, "installed", lambda name: False)
+    monkeypatch.setattr(registry, "installed", lambda name: False)
     result = runner.invoke(app, ["predict", str(model), str(model)])
     assert result.exit_code == 2 and "no inference engine is installed" in result.stderr
     assert 'ctedge[cpu]' in result.stderr and "Traceback" not in result.output
@@ -173,13 +178,13 @@ def test_openvino_path_imports_no_training_stack(model, images, cache):
 def test_openvino_cache_is_reused_but_never_stale(tmp_path, cache):
     model = brightness_onnx(tmp_path / "m.onnx", threshold=0.5)
     assert Classifier(model, runtime="openvino", cache_dir=cache).threshold == 0.5
-    assert len(list(engines.Path(cache).glob("*/ctedge-metadata.json"))) == 1
+    assert len(list(Path(cache).glob("*/ctedge-metadata.json"))) == 1
     assert Classifier(model, runtime="openvino", cache_dir=cache).threshold == 0.5  # warm start
     brightness_onnx(model, threshold=0.7, gain=-0.1)  # the same file name, a new model
     clf = Classifier(model, runtime="openvino", cache_dir=cache)
     x = np.full((1, 32, 32, 3), 120, np.float32)
     assert clf.threshold == 0.7 and clf.predict_arrays(x)[0] < 0.5  # the new gain, not the cached blob
-    assert len(list(engines.Path(cache).glob("*/ctedge-metadata.json"))) == 1  # the old version's folder went
+    assert len(list(Path(cache).glob("*/ctedge-metadata.json"))) == 1  # the old version's folder went
 
 
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -191,28 +196,240 @@ def gpu_build_without_tensorrt(monkeypatch):
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(GPU_BUILD))
-    monkeypatch.setattr(engines, "tensorrt_loadable", lambda: False)
+    monkeypatch.setattr(ort_engine, "tensorrt_loadable", lambda: False)
 
 
 def test_tensorrt_without_its_libraries_runs_on_cuda_and_says_so(gpu_build_without_tensorrt, caplog):
-    assert engines.resolve_providers("tensorrt") == GPU_BUILD[1:]
+    assert ort_engine.resolve_device("tensorrt") == "cuda"
     assert "libnvinfer" in caplog.text
-    assert engines.resolve_providers("auto") == GPU_BUILD[1:]
+    assert ort_engine.resolve_device("auto") == "cuda"
 
 
-def test_a_provider_that_does_not_start_is_reported_and_stdout_stays_clean(monkeypatch, capsys, caplog):
-    """onnxruntime prints its fallback to stdout; `predict --json -` must not get it."""
+def test_a_device_this_onnxruntime_lacks_is_an_error_naming_what_it_has(model, monkeypatch):
     import onnxruntime as ort
 
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(CtedgeError, match="CUDAExecutionProvider is not available.*has CPUExecutionProvider"):
+        Classifier(model, provider="cuda", runtime="onnxruntime")
+    with pytest.raises(CtedgeError, match="^provider for openvino must be auto, cpu, gpu, npu, not 'cuda'"):
+        Classifier(model, provider="cuda", runtime="openvino")
+
+
+def test_a_provider_that_does_not_start_is_an_error_and_nothing_is_retried(monkeypatch):
+    """One provider is asked for with onnxruntime's fallback off (its retry prints to
+    stdout); a session that reports another provider is refused, not used."""
+    import onnxruntime as ort
+
+    asked = {}
+
     class FallingBack:
-        def __init__(self, *args, **kwargs):
-            print("*************** EP Error ***************")
+        def __init__(self, source, options, providers, **kwargs):
+            asked.update(providers=providers, **kwargs)
 
         def get_providers(self):
             return ["CPUExecutionProvider"]
 
     monkeypatch.setattr(ort, "InferenceSession", FallingBack)
-    engines.ort_session(ort, "m.onnx", None, GPU_BUILD[1:])
-    out = capsys.readouterr()
-    assert out.out == "" and "EP Error" in out.err
-    assert "CUDAExecutionProvider could not start" in caplog.text
+    monkeypatch.setattr(ort_engine, "preload_gpu_libraries", lambda: None)
+    with pytest.raises(CtedgeError, match="CUDAExecutionProvider could not start"):
+        ort_engine.ort_session(Path("m.onnx"), "cuda", {"do_copy_in_default_stream": "1"})
+    assert asked["enable_fallback"] == 0
+    assert asked["providers"] == [("CUDAExecutionProvider", {"do_copy_in_default_stream": "1"})]
+
+
+def test_gpu_provider_options_are_chosen_and_overridable():
+    """What a CUDA or TensorRT session would be given (no GPU needed)."""
+    varying = ort_engine.provider_options("cuda", "fp32", fixed_shape=False)
+    fixed = ort_engine.provider_options("cuda", "fp32", fixed_shape=True,
+                                        extra={"arena_extend_strategy": "kNextPowerOfTwo"})
+    assert varying["cudnn_conv_algo_search"] == "HEURISTIC" and fixed["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    assert fixed["do_copy_in_default_stream"] == "1" and fixed["arena_extend_strategy"] == "kNextPowerOfTwo"
+    trt = ort_engine.provider_options("tensorrt", "fp16", fixed_shape=True, cache_dir="/tmp/trt")
+    assert trt["trt_engine_cache_enable"] == "True" and trt["trt_engine_cache_path"] == "/tmp/trt"
+    assert trt["trt_timing_cache_enable"] == "True" and trt["trt_fp16_enable"] == "True"
+    assert ort_engine.provider_options("tensorrt", "fp32", fixed_shape=True)["trt_fp16_enable"] == "False"
+    assert ort_engine.provider_options("cpu", "fp32", fixed_shape=True) == {}
+    providers = ort_engine.session_providers("tensorrt", trt)
+    assert [name for name, _ in providers] == GPU_BUILD[:2]  # TensorRT, CUDA for what it leaves
+
+
+def test_provider_options_reach_the_session_and_the_results(model, tmp_path):
+    clf = Classifier(model, runtime="onnxruntime", provider="cpu", provider_options={"a": "1"})
+    assert clf.engine_info.provider_options == {"a": "1"} and clf.engine_info.device == "cpu"
+    out = tmp_path / "b.json"
+    result = runner.invoke(app, ["bench", str(model), "--runs", "2", "--warmup", "1", "--batch-sizes", "1",
+                                 "--provider-option", "PERFORMANCE_HINT=THROUGHPUT", "--runtime", "openvino",
+                                 "--cache-dir", str(tmp_path / "c"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["engine"]["provider_options"]["PERFORMANCE_HINT"] == "THROUGHPUT"
+    assert row["cold_start_ms"]["session"] > 0 and "warmup" in row["cold_start_ms"]
+    bad = runner.invoke(app, ["predict", str(model), str(model), "--provider-option", "novalue"])
+    assert bad.exit_code == 2 and "--provider-option must be KEY=VALUE, not 'novalue'" in bad.stderr
+    bad = runner.invoke(app, ["bench", str(model), "--study", str(tmp_path), "--runtime", "all"])
+    assert bad.exit_code == 2 and "--runtime all times images, not a study" in bad.stderr
+
+
+def test_the_registry_lists_engines_without_importing_them():
+    code = ("import sys; from ctedge.edge import engines; "
+            "print(engines.engine_names(), engines.Runtime.values(), engines.BenchRuntime.values()); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('onnxruntime', 'openvino')]; "
+            "sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "('onnxruntime', 'openvino')" in result.stdout and "'all')" in result.stdout
+    with pytest.raises(CtedgeError, match="^runtime must be auto, onnxruntime, openvino, not 'tvm'"):
+        engines.get_engine("tvm")
+    spec = engines.get_engine("onnxruntime")
+    assert spec.thread_safe and spec.files["fp16"] == ("_fp16.onnx", "--fp16") and "cuda" in spec.devices
+
+
+class Recording:
+    """A registered stand-in engine that records each batch shape it is given."""
+
+    name, precision, inputs, options = "recording", "fp32", {"image": [None, 32, 32, 3]}, {}
+
+    def __init__(self, path, config):
+        self.path, self.device, self.shapes = path, "cpu" if config.provider == "auto" else config.provider, []
+        self.raw_metadata = ort_engine.OrtEngine(path, engines.EngineConfig(runtime="onnxruntime", precision="fp32",
+                                                                            provider="cpu")).raw_metadata
+        self.fixed_batch = config.fixed_batch
+
+    @property
+    def devices(self):
+        return [f"recording {self.device}"]
+
+    def run(self, images):
+        self.shapes.append(images.shape)
+        return images.reshape(len(images), -1).mean(axis=1) / 255
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    monkeypatch.setattr(registry, "_ENGINES", dict(registry._registered()))
+    registry.register_engine("recording", package="numpy", extra="pip install numpy", accepts=(".onnx",),
+                             devices=("cpu", "gpu"), precisions=("fp32",), thread_safe=False)(Recording)
+
+
+def test_a_new_engine_is_one_registration(model, recording):
+    """A registered factory is what Classifier opens, by name; the CLI would list it."""
+    clf = Classifier(model, runtime="recording")
+    x = np.full((3, 32, 32, 3), 51, np.float32)
+    np.testing.assert_allclose(clf.predict_arrays(x), [0.2] * 3, rtol=1e-6)
+    assert clf.providers == ["recording cpu"] and "recording" in engines.engine_names()
+
+
+def test_an_engine_not_registered_thread_safe_serves_one_call_at_a_time(model, recording):
+    busy, overlaps = threading.Lock(), []
+
+    class Slow(Recording):
+        def run(self, images):
+            if not busy.acquire(blocking=False):
+                overlaps.append(images.shape)
+                return super().run(images)
+            try:
+                threading.Event().wait(0.002)
+                return super().run(images)
+            finally:
+                busy.release()
+
+    registry.register_engine("slow", package="numpy", extra="pip install numpy", accepts=(".onnx",),
+                             devices=("cpu",), precisions=("fp32",), thread_safe=False)(Slow)
+    clf = Classifier(model, runtime="slow")
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    threads = [threading.Thread(target=lambda: [clf.predict_arrays(x) for _ in range(10)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [] and len(clf._engine.shapes) == 40
+
+
+def test_on_a_gpu_every_call_has_one_shape_warmed_up_at_start(model, recording):
+    """Item 21.1 without a GPU: padding is on by default on a non-CPU device, the session
+    is warmed up with the fixed shape when made, and no call sees another shape."""
+    clf = Classifier(model, runtime="recording", provider="gpu", fixed_batch=4)
+    engine = clf._engine
+    assert engine.fixed_batch == 4 and clf.fixed_batch == 4 and "warmup" in clf.startup_s
+    assert engine.shapes == [(4, 32, 32, 3)]  # the warm-up
+    x = np.random.default_rng(0).uniform(0, 255, (7, 32, 32, 3)).astype(np.float32)
+    assert clf.predict_arrays(x).shape == (7,) and clf.predict_arrays(x[:1]).shape == (1,)
+    assert set(engine.shapes) == {(4, 32, 32, 3)}
+    np.testing.assert_allclose(clf.predict_arrays(x), x.reshape(7, -1).mean(axis=1) / 255, rtol=1e-6)
+    unpadded = Classifier(model, runtime="recording", provider="gpu", pad=False)
+    assert unpadded._engine.fixed_batch is None and unpadded._engine.shapes == [] and unpadded.fixed_batch is None
+    cpu = Classifier(model, runtime="recording", provider="cpu")
+    assert cpu.fixed_batch is None and cpu._engine.shapes == []  # the CPU keeps the shapes it is given
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_one_classifier_shared_by_8_threads_gives_the_single_threaded_results(onnx_model, runtime, cache):
+    clf = Classifier(onnx_model, runtime=runtime, cache_dir=cache)
+    rng = np.random.default_rng(0)
+    batches = [rng.uniform(0, 255, (1 + i % 3, clf.size, clf.size, 3)).astype(np.float32) for i in range(20)]
+    expected = [clf.predict_arrays(b) for b in batches]
+    got: dict[tuple[int, int], np.ndarray] = {}
+    start = threading.Barrier(8)
+
+    def work(thread: int) -> None:
+        start.wait()
+        for i, b in enumerate(batches):
+            got[thread, i] = clf.predict_arrays(b)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 160
+    for (thread, i), p in got.items():
+        np.testing.assert_array_equal(p, expected[i], err_msg=f"thread {thread}, call {i}")
+
+
+def test_a_classifier_is_immutable_and_a_threshold_gives_a_copy(model):
+    clf = Classifier(model, runtime="onnxruntime")
+    with pytest.raises(AttributeError, match="immutable"):
+        clf.threshold = 0.9
+    with pytest.raises(TypeError):
+        clf.metadata["threshold"] = 0.9
+    strict = clf.with_threshold(0.9)
+    x = np.full((1, 32, 32, 3), 70, np.float32)  # P = sigmoid(1) = 0.73
+    assert (clf.threshold, strict.threshold) == (0.5, 0.9)
+    assert clf.label(float(clf.predict_arrays(x)[0])) == "CT_COVID"
+    assert strict.label(float(strict.predict_arrays(x)[0])) == "CT_NonCOVID"
+    with pytest.raises(CtedgeError, match="^threshold must be between 0 and 1, not 1.5"):
+        clf.with_threshold(1.5)
+
+
+def test_padding_to_a_fixed_batch_gives_the_unpadded_probabilities(onnx_model, phantom_data):
+    files = sorted((phantom_data / "CT_COVID").iterdir())[:5]
+    plain = Classifier(onnx_model, provider="cpu", pad=False)
+    padded = Classifier(onnx_model, provider="cpu", pad=True, fixed_batch=4)
+    assert (plain.fixed_batch, padded.fixed_batch) == (None, 4)  # on the CPU padding is off unless asked
+    assert Classifier(onnx_model, provider="cpu").fixed_batch is None
+    rows = padded.predict_files(files, batch_size=3)
+    reference = plain.predict_files(files, batch_size=3)
+    assert [r.probability for r in rows] == [r.probability for r in reference]
+    images = np.stack([plain.load(f) for f in files])
+    np.testing.assert_array_equal(padded.predict_arrays(images), plain.predict_arrays(images))
+    assert padded.engine_info.fixed_batch == 4 and padded.predict_arrays(images[:0]).shape == (0,)
+
+
+def test_predict_and_bench_json_follow_their_result_classes(model, images, tmp_path):
+    from ctedge.core.results import BenchReport, BenchRow, EngineInfo, ImagePrediction, ImagePredictions
+
+    out = tmp_path / "p.json"
+    assert runner.invoke(app, ["predict", str(model), str(images), "--json", str(out)]).exit_code == 0
+    report = json.loads(out.read_text())
+    assert list(report) == ImagePredictions.keys() and report["kind"] == "predictions"
+    assert list(report["engine"]) == EngineInfo.keys() and report["engine"]["runtime"] == "onnxruntime"
+    assert all(list(row) == ImagePrediction.keys() for row in report["predictions"])
+    out = tmp_path / "b.json"
+    result = runner.invoke(app, ["bench", str(model), "--runs", "2", "--warmup", "1", "--batch-sizes", "1",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report) == BenchReport.keys() and report["kind"] == "bench"
+    (row,) = report["results"]
+    assert list(row) == BenchRow.keys() and list(row["engine"]) == EngineInfo.keys()
+    assert (row["runtime"], row["precision"], row["engine"]["device"]) == ("onnxruntime", "fp32", "cpu")

@@ -67,7 +67,7 @@ def test_fp16_and_int8_variants_have_their_own_cards(exported):
 
 
 def test_openvino_ir_passes_the_gate_and_runs_with_its_metadata(exported):
-    from ctedge.edge.engines import ov_capabilities
+    from ctedge.edge.engines.openvino import capabilities as ov_capabilities
     from ctedge.edge.runtime import Classifier
 
     path, report = exported
@@ -83,10 +83,10 @@ def test_openvino_ir_passes_the_gate_and_runs_with_its_metadata(exported):
     onnx_p = Classifier(path, runtime="onnxruntime").predict_arrays(images)
     ir_clf = Classifier(ir)  # auto: an IR runs on OpenVINO
     assert (ir_clf.runtime, ir_clf.size, ir_clf.classes, ir_clf.metadata["variant"]) == (
-        "openvino", 48, ["CT_NonCOVID", "CT_COVID"], "fp32")
+        "openvino", 48, ("CT_NonCOVID", "CT_COVID"), "fp32")
     np.testing.assert_allclose(ir_clf.predict_arrays(images), onnx_p, atol=1e-4)
     int8 = Classifier(path, runtime="openvino", precision="int8")  # finds tiny_ov_int8.xml beside
-    assert int8.engine.path == ir_int8 and int8.metadata["variant"] == "int8"
+    assert int8.engine_info.file == str(ir_int8) and int8.metadata["variant"] == "int8"
     assert np.all((int8.predict_arrays(images) >= 0) & (int8.predict_arrays(images) <= 1))
 
 

@@ -52,15 +52,17 @@ def test_runtime_matches_the_keras_model(onnx_model, trained_run, phantom_data):
     assert all(r.label == ("CT_COVID" if r.probability >= 0.5 else "CT_NonCOVID") for r in rows)
 
 
-def test_missing_provider_falls_back_to_cpu(onnx_model, caplog, monkeypatch):
+def test_a_missing_provider_is_refused_naming_the_install(onnx_model, monkeypatch):
+    """One device is asked for; onnxruntime without it is an error, not a quiet CPU run."""
     import onnxruntime as ort
 
     from ctedge.edge.runtime import Classifier
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    clf = Classifier(onnx_model, provider="tensorrt")
-    assert clf.providers == ["CPUExecutionProvider"]
-    assert "not available" in caplog.text
+    with pytest.raises(CtedgeError, match=r"TensorrtExecutionProvider is not available.*ctedge\[cuda\]"):
+        Classifier(onnx_model, provider="tensorrt")
+    clf = Classifier(onnx_model)  # auto: the best device here
+    assert clf.providers == ["CPUExecutionProvider"] and clf.device == "cpu" and clf.fixed_batch is None
 
 
 def test_models_that_are_not_ctedge_onnx_are_refused(tmp_path, onnx_model):
@@ -149,7 +151,7 @@ def test_bench_skips_unreadable_images_in_its_data(tmp_path, onnx_model, phantom
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["data"].endswith("1 images from " + str(folder) + ", 1 unreadable skipped")
-    assert "auc" not in report["results"][0]  # a flat folder has no labels
+    assert report["results"][0]["auc"] is None  # a flat folder has no labels
 
 
 def test_each_model_gets_the_preprocessing_contract_it_was_exported_under(tmp_path):

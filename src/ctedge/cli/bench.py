@@ -12,24 +12,24 @@ from rich.markup import escape
 from ctedge.cli.common import (
     CacheDir,
     JsonOut,
+    Pad,
     PrecisionOpt,
     ProviderOpt,
+    ProviderOptions,
     Threads,
     check_outputs,
     command,
     model_files,
+    provider_options,
     study_options,
     write_json,
     write_text,
 )
-from ctedge.core.choices import (
-    BenchRuntime,
-    Provider,
-    Split,
-)
+from ctedge.core.choices import Split
 from ctedge.core.errors import CtedgeError
 from ctedge.core.progress import console
 from ctedge.edge.bench import DEFAULT_BUDGET_MS, BenchOptions
+from ctedge.edge.engines import BenchRuntime, Provider
 from ctedge.edge.study import DEFAULT_MAX_SLICES
 
 
@@ -47,6 +47,8 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
         map(str, BenchOptions().batch_sizes)),
     threads: Threads = None,
+    provider_option: ProviderOptions = None,
+    pad: Pad = None,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up calls.")] = BenchOptions.warmup,
     runs: Annotated[int, typer.Option(help="Timed calls per measure.")] = BenchOptions.runs,
     seconds: Annotated[Optional[float], typer.Option(help="Time each measure for S seconds instead of --runs.")] = None,
@@ -84,15 +86,19 @@ def bench(
     --split-dir ../shared/data/covid-ct/splits --markdown bench.md`;
     for a whole study: `ctedge bench exports/b3.onnx --study patient1/ --json -`
     """
-    from rich.table import Table
-
-    from ctedge.edge.bench import budget_line, closing_lines, isa_line, markdown, run_bench, table_rows
+    from ctedge.core.results import dumps
+    from ctedge.edge.bench import run_bench
+    from ctedge.edge.bench_report import markdown
 
     check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"),
                   inputs=[*(f for m in models or [] for f in model_files(m)), *filter(None, [data, study])])
     if study is not None:
+        if runtime == "all":
+            raise CtedgeError("--runtime all times images, not a study: give --study one runtime "
+                              "(auto, onnxruntime or openvino)")
         bench_study_command(models or [], study, provider, threads, slice_step, study_runs, json_out,
-                            runtime, precision, cache_dir)
+                            runtime, precision, cache_dir,
+                            engine_options={"provider_options": provider_options(provider_option), "pad": pad})
         return
 
     try:
@@ -104,9 +110,28 @@ def bench(
         data=str(data) if data else None, budget_ms=budget_ms,
         runtime=runtime, precision=precision, split_dir=str(split_dir) if split_dir else None, split=split,
         accuracy_images=accuracy_images, auc_tolerance=auc_tolerance,
-        cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice, all_providers=all_providers),
+        cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice, all_providers=all_providers,
+        provider_options=provider_options(provider_option), pad=pad),
         baselines=keras_baseline(models or []))
-    m = report["machine"]
+    print_report(report)
+    write_text(markdown(report), markdown_out)
+    if plot:
+        try:
+            from ctedge.core.plots import latency_histogram
+        except ImportError:
+            raise CtedgeError("--plot needs matplotlib (pip install ctedge[train])") from None
+        latency_histogram({f"{Path(r.model).name} {r.format} {r.provider}": np.asarray(r.samples_ms)
+                           for r in report.results}, plot)
+    write_text(dumps(report), json_out)
+
+
+def print_report(report) -> None:
+    """The console table, ISA line, warnings, budget verdicts and the fastest variant."""
+    from rich.table import Table
+
+    from ctedge.edge.bench_report import budget_line, closing_lines, isa_line, table_rows
+
+    m = report.machine
     engines = ", ".join(filter(None, [m["onnxruntime"] and f"onnxruntime {m['onnxruntime']}",
                                       m["openvino"] and f"OpenVINO {m['openvino']}"]))
     table = Table(title=f"{m['cpu']}, {m['cores']} cores, {engines}")
@@ -120,31 +145,23 @@ def bench(
         table.add_row(*[row[c].replace("ExecutionProvider", "") for c in shown])
     console.print(table)
     console.print(isa_line(m), highlight=False)
-    if report.get("accuracy_data"):
-        console.print(f"accuracy on {report['accuracy_data']}", highlight=False)
-    for r in report["results"]:
-        if r.get("constant_warning"):
+    if report.accuracy_data:
+        console.print(f"accuracy on {report.accuracy_data}", highlight=False)
+    for r in report.to_dict()["results"]:
+        if r["constant_warning"]:
             console.print(f"[bold red]warning:[/] {Path(r['model']).name}: {r['constant_warning']}",
                           highlight=False)
-        if "budget" in r:
+        if r["budget"]:
             within, line = budget_line(r)
             console.print(f"[{'green' if within else 'red'}]{escape(line)}[/]", highlight=False)
     for line in closing_lines(report):
         console.print(f"[bold]{escape(line)}[/]", highlight=False)
-    write_text(markdown(report), markdown_out)
-    if plot:
-        try:
-            from ctedge.core.plots import latency_histogram
-        except ImportError:
-            raise CtedgeError("--plot needs matplotlib (pip install ctedge[train])") from None
-        latency_histogram({f"{Path(r['model']).name} {r['format']} {r['provider']}": np.asarray(r["samples_ms"])
-                           for r in report["results"]}, plot)
-    write_json(report, json_out)
 
 
 def bench_study_command(models: list[Path], study: Path, provider: str, threads: int | None,
                         slice_step: int | None, runs: int, json_out: Path | None, runtime: str = "auto",
-                        precision: str | None = None, cache_dir: Path | None = None) -> None:
+                        precision: str | None = None, cache_dir: Path | None = None,
+                        engine_options: dict | None = None) -> None:
     """`bench --study`: stage split and slices/s of one study per model (median of the
     runs); --json holds one report per model."""
     from ctedge.edge.bench import find_models
@@ -157,7 +174,7 @@ def bench_study_command(models: list[Path], study: Path, provider: str, threads:
     reports = []
     for model in find_models(models):
         report = bench_study(model, study, options, provider, threads, runs, runtime=runtime, precision=precision,
-                             cache_dir=str(cache_dir) if cache_dir else None)
+                             cache_dir=str(cache_dir) if cache_dir else None, **(engine_options or {}))
         _print_study_bench(model, report, runs)
         reports.append(report)
     write_json({"reports": reports}, json_out)

@@ -23,8 +23,6 @@ from ctedge.core.choices import (
     Aggregate,
     Backbone,
     Clean,
-    Precision,
-    Provider,
 )
 from ctedge.core.data import DataOptions
 from ctedge.core.errors import CtedgeError, ExitCode
@@ -32,6 +30,7 @@ from ctedge.core.imageio import DEFAULT_MAX_PIXELS
 from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
 from ctedge.core.progress import console
 from ctedge.core.runconfig import ModelConfig, TrainConfig
+from ctedge.edge.engines import Precision, Provider
 from ctedge.edge.study import DEFAULT_MAX_BYTES, StudyOptions
 
 log = logging.getLogger(__name__)
@@ -109,8 +108,15 @@ HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Also write a se
 
 # inference (predict, bench)
 ProviderOpt = Annotated[Provider, typer.Option(
-    "--provider", help="Device. onnxruntime: auto | cpu | cuda | tensorrt (falls back to the CPU with a message); "
-                       "openvino: auto | cpu | gpu | npu.")]
+    "--provider", help="Device. onnxruntime: auto | cpu | cuda | tensorrt (tensorrt without its libraries: CUDA, "
+                       "with a message; a device this install lacks is an error); openvino: auto | cpu | gpu | npu.")]
+ProviderOptions = Annotated[Optional[list[str]], typer.Option(
+    "--provider-option", help="KEY=VALUE given to the device's backend (repeatable), e.g. "
+                              "cudnn_conv_algo_search=HEURISTIC (CUDA), trt_fp16_enable=True (TensorRT), "
+                              "PERFORMANCE_HINT=THROUGHPUT (OpenVINO); recorded in the results.")]
+Pad = Annotated[Optional[bool], typer.Option(
+    "--pad/--no-pad", help="Run every call at one batch size, the last batch padded (default: on a GPU, "
+                           "warmed up with that shape at start).")]
 Threads = Annotated[Optional[int], typer.Option(help="Inference threads (default: all cores).")]
 PrecisionOpt = Annotated[Optional[Precision], typer.Option(
     "--precision", help="OpenVINO: bf16/fp16 are inference precisions of the fp32 model (CPU support "
@@ -127,6 +133,17 @@ MaxSlices = Annotated[int, typer.Option(help="--study: slices sampled at most wh
 AggregateOpt = Annotated[Aggregate, typer.Option("--aggregate", help="--study: how slice probabilities become "
                                                                     "the study's.")]
 TopK = Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")]
+
+
+def provider_options(values: list[str] | None) -> dict[str, str]:
+    """--provider-option KEY=VALUE pairs as a dict; a value without '=' exits 2 naming it."""
+    options = {}
+    for value in values or []:
+        key, sep, setting = value.partition("=")
+        if not sep or not key.strip():
+            raise CtedgeError(f"--provider-option must be KEY=VALUE, not {value!r}")
+        options[key.strip()] = setting.strip()
+    return options
 
 
 def data_options(data: Path, *, positive: str | None, split_dir: Path | None, group_regex: str | None,

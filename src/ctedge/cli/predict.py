@@ -13,8 +13,10 @@ from ctedge.cli.common import (
     CacheDir,
     JsonOut,
     MaxSlices,
+    Pad,
     PrecisionOpt,
     ProviderOpt,
+    ProviderOptions,
     SeriesOpt,
     SliceStep,
     Threads,
@@ -25,20 +27,17 @@ from ctedge.cli.common import (
     exit_if_failed,
     model_files,
     print_file_rows,
+    provider_options,
     shown,
     study_options,
     warn_if_constant,
     write_csv,
-    write_json,
     write_text,
 )
-from ctedge.core.choices import (
-    Aggregate,
-    Provider,
-    Runtime,
-)
+from ctedge.core.choices import Aggregate
 from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.progress import console
+from ctedge.edge.engines import Provider, Runtime
 from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, StudyOptions
 
 
@@ -54,6 +53,8 @@ def predict(
     provider: ProviderOpt = Provider.auto,
     threads: Threads = None,
     cache_dir: CacheDir = None,
+    provider_option: ProviderOptions = None,
+    pad: Pad = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write rows as CSV ('-' for stdout).")] = None,
     json_out: JsonOut = None,
     study: Annotated[bool, typer.Option("--study", help="Each path is a CT study (DICOM folder or .zip, "
@@ -78,37 +79,34 @@ def predict(
     With `--study`, one row per CT study instead (see README, "Whole CT studies"):
     `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
     """
-    from dataclasses import asdict
-
     from ctedge.core.imageio import expand_paths
-    from ctedge.edge.runtime import Classifier
+    from ctedge.core.results import ImagePrediction, dumps
+    from ctedge.edge.runtime import Classifier, predict_images
 
+    backend_options = provider_options(provider_option)
     if study:
         options = study_options(series_uid=series, slice_step=slice_step, max_slices=max_slices,
                                 aggregate=aggregate, top_k=top_k, batch_size=batch_size,
                                 keep_thumbnails=plot is not None)
         predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
-                                runtime=runtime, precision=precision, cache_dir=cache_dir)
+                                runtime=runtime, precision=precision, cache_dir=cache_dir,
+                                provider_options=backend_options, pad=pad)
         return
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
     check_outputs((csv_out, "--csv"), (json_out, "--json"), inputs=[*model_files(model), *files])
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
-                     cache_dir=str(cache_dir) if cache_dir else None)
-    rows = clf.predict_files(files, batch_size)
+                     cache_dir=str(cache_dir) if cache_dir else None, provider_options=backend_options,
+                     pad=pad, fixed_batch=batch_size)
+    result = predict_images(clf, model, files, batch_size)
     failed = print_file_rows(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
-                             f"P({clf.positive}), threshold {clf.threshold}", rows, "label")
-    scored = [r.probability for r in rows if r.error is None]
-    from ctedge.core.metrics import output_spread
-
-    constant = warn_if_constant(output_spread(scored), len(scored))
-    records = [asdict(r) for r in rows]
-    write_csv(records, list(records[0]), csv_out)
-    write_json({"model": str(model), "runtime": clf.runtime, "precision": clf.precision,
-                "provider": clf.providers[0], "predictions": records,
-                "warnings": [constant] if constant else []}, json_out)
-    exit_if_failed(failed, len(rows))
+                             f"P({clf.positive}), threshold {clf.threshold}", list(result.predictions), "label")
+    for warning in result.warnings:
+        console.print(Text.assemble(("warning:", "bold red"), " ", clean(warning)))
+    write_csv([r.to_dict() for r in result.predictions], ImagePrediction.keys(), csv_out)
+    write_text(dumps(result), json_out)
+    exit_if_failed(failed, len(result.predictions))
 
 
 def _print_study_details(results) -> None:
@@ -130,7 +128,8 @@ def _print_study_details(results) -> None:
 def predict_studies_command(model: Path, paths: list[Path], options: StudyOptions, provider: str,
                             threads: int | None, csv_out: Path | None, json_out: Path | None, plot: Path | None, *,
                             runtime: str = "auto", precision: str | None = None,
-                            cache_dir: Path | None = None) -> None:
+                            cache_dir: Path | None = None, provider_options: dict[str, str] | None = None,
+                            pad: bool | None = None) -> None:
     """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
     from rich.table import Table
 
@@ -147,7 +146,8 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
         except ImportError:
             raise CtedgeError('--plot needs matplotlib: pip install "ctedge[train]"') from None
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
-                     cache_dir=str(cache_dir) if cache_dir else None)
+                     cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
+                     pad=pad, fixed_batch=options.batch_size)
     results = predict_studies(clf, paths, options,
                               progress=lambda r: console.print(shown(f"{r.input}: {r.study_uid or '-'} done")))
     table = Table(title=shown(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "

@@ -2,7 +2,8 @@
 and the CLI offers them as choices (listed in ``--help``, completed by the shell).
 
 Members are strings (``Clean.drop == "drop"``), so library code and JSON files
-keep working with plain strings."""
+keep working with plain strings. The engine choices (runtime, precision, device) are
+built from the engine registry: ``ctedge.edge.engines``."""
 
 from __future__ import annotations
 
@@ -72,42 +73,6 @@ class Role(Choice):
 
     chief = "chief"
     worker = "worker"
-
-
-class Runtime(Choice):
-    """Inference engine; auto: the one `bench --runtime all` saved beside the model, else onnxruntime."""
-
-    auto = "auto"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-
-
-class BenchRuntime(Choice):
-    """Runtime to benchmark; all: every runtime × precision × provider here."""
-
-    auto = "auto"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-    all = "all"
-
-
-class Precision(Choice):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class Provider(Choice):
-    """Device for predict and bench. onnxruntime: auto, cpu, cuda, tensorrt;
-    OpenVINO: auto, cpu, gpu, npu."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    tensorrt = "tensorrt"
-    gpu = "gpu"
-    npu = "npu"
 
 
 class Aggregate(Choice):

@@ -29,6 +29,15 @@ def constant_message(spread: float, images: int) -> str | None:
             f"{spread:.1e} (< {CONSTANT_SPREAD:g}), so its AUC and labels rank round-off, not evidence")
 
 
+def agreement(reference, candidate, threshold: float) -> dict:
+    """How far a model variant's outputs are from the reference's on the same images:
+    max and mean |Δp| and the share of equal decisions at ``threshold``."""
+    reference, candidate = np.asarray(reference, float), np.asarray(candidate, float)
+    return {"images": int(len(reference)), "max_abs_diff": float(np.max(np.abs(reference - candidate))),
+            "mean_abs_diff": float(np.mean(np.abs(reference - candidate))),
+            "decision_agreement": float(np.mean((reference >= threshold) == (candidate >= threshold)))}
+
+
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     """ROC AUC as the Mann-Whitney statistic (ties count half); nan with one class."""
     y, p = np.asarray(y).astype(bool), np.asarray(p, float)

@@ -94,6 +94,46 @@ def dumps(document: Record | dict) -> str:
 
 # --- images (`ctedge predict`): built by ctedge.edge.runtime ------------------------
 
+@dataclass(frozen=True, kw_only=True)
+class EngineInfo(Record):
+    """What a result was computed on, as resolved and confirmed by the backend."""
+
+    runtime: str  # the engine (onnxruntime, openvino)
+    device: str  # the one device asked for: cpu, cuda, tensorrt, gpu, npu
+    providers: tuple[str, ...]  # what the backend reports it runs on
+    precision: str
+    file: str  # the model file run (a variant file for fp16/int8)
+    provider_options: dict  # the backend options the session was given
+    fixed_batch: int | None  # calls padded to this batch size (one input shape), or None
+    source_sha256: str | None  # the trained model's sha256 recorded in the export's metadata
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImagePrediction(Record):
+    """One image's answer; ``error`` instead of a probability when it could not be read."""
+
+    path: str
+    probability: float | None = None
+    label: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImagePredictions(Document):
+    """`ctedge predict`: one row per image."""
+
+    kind: ClassVar[str] = "predictions"
+    model: str
+    engine: EngineInfo
+    runtime: str
+    precision: str
+    provider: str  # the backend's first provider/device
+    positive: str
+    threshold: float
+    predictions: tuple[ImagePrediction, ...]
+    warnings: tuple[str, ...] = ()
+
+
 
 # --- studies (`ctedge predict --study`, the DICOM node, the HTTP API): built by ctedge.edge.study
 
@@ -169,6 +209,52 @@ class StudiesReport(Document):
 
 
 # --- benchmarks (`ctedge bench`): built by ctedge.edge.bench -------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class BenchRow(Record):
+    """One model on one engine, precision and device (timings in ms; nested stats as dicts)."""
+
+    model: str
+    format: str  # RUNTIME-PRECISION, or the baseline's name
+    file: str | None = None
+    runtime: str | None = None
+    precision: str | None = None
+    provider: str | None = None  # the backend's first provider/device
+    provider_option: str | None = None  # the --provider value asked for
+    engine: EngineInfo | None = None
+    size_mb: float | None = None
+    input_size: int | None = None
+    cold_start_ms: dict | None = None  # session build, warm-up, first inference, fresh process
+    latency: dict | None = None  # batch size -> stats and images_per_s
+    inference_ms: dict | None = None
+    samples_ms: list | None = None
+    end_to_end_ms: dict | None = None
+    budget: dict | None = None
+    output_spread: float | None = None
+    constant_warning: str | None = None
+    accuracy_detail: dict | None = None
+    auc: float | None = None
+    accuracy: float | None = None
+    vs_fp32: dict | None = None
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "BenchRow":
+        """A row from a measuring function's dict (unknown keys are a bug)."""
+        return cls(**row)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchReport(Document):
+    """`ctedge bench`: the machine, the options, one row per model and variant."""
+
+    kind: ClassVar[str] = "bench"
+    machine: dict
+    options: dict
+    data: str
+    accuracy_data: str | None
+    results: tuple[BenchRow, ...]
+    fastest: dict  # model -> the fastest variant within tolerance
+
 
 
 # --- evaluation (`ctedge evaluate`): built by ctedge.evaluation ----------------------

@@ -11,6 +11,7 @@ bootstrap CI, and compared with the model's fp32 run on the same images.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import platform
 import subprocess
@@ -23,13 +24,13 @@ from typing import Callable
 
 import numpy as np
 
-from ctedge.core.choices import BenchRuntime
 from ctedge.core.errors import CtedgeError
 from ctedge.core.files import atomic_write
 from ctedge.core.metrics import DEFAULT_RESAMPLES
+from ctedge.core.results import BenchReport, BenchRow
+from ctedge.edge import engines
 
 DEFAULT_BUDGET_MS = 2000.0  # the seed paper's "within a few seconds", end to end
-BENCH_RUNTIMES = BenchRuntime.values()
 
 
 @dataclass(kw_only=True)
@@ -55,10 +56,13 @@ class BenchOptions:
     cache_dir: str | None = None  # OpenVINO compiled-model cache
     save_choice: bool = True  # --runtime all: write MODEL.runtime.json for runtime="auto"
     all_providers: bool = False  # every onnxruntime provider this machine has, instead of ``provider``
+    provider_options: dict[str, str] = field(default_factory=dict)  # KEY=VALUE for the device's backend
+    pad: bool | None = None  # one batch shape per call (None: on a GPU)
 
     def check(self) -> None:
-        if self.runtime not in BENCH_RUNTIMES:
-            raise CtedgeError(f"must be {', '.join(BENCH_RUNTIMES)}, not {self.runtime!r}", param="runtime")
+        runtimes = engines.BenchRuntime.values()
+        if self.runtime not in runtimes:
+            raise CtedgeError(f"must be {', '.join(runtimes)}, not {self.runtime!r}", param="runtime")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise CtedgeError(f"must be positive integers, not {self.batch_sizes}", param="batch_sizes")
         if self.accuracy_images is not None and self.accuracy_images < 2:
@@ -75,27 +79,20 @@ class Variant:
 
 
 def machine_info(threads: int | None) -> dict:
-    """CPU, cores, ISA features, engine versions and providers: part of every report."""
-    from ctedge.edge.engines import cpu_name, installed, isa_features
-
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "isa": isa_features(), "threads": threads or "default",
-            "onnxruntime": None, "available_providers": [], "openvino": None}
-    if installed("onnxruntime"):
-        import onnxruntime as ort
-
-        info["onnxruntime"], info["available_providers"] = ort.__version__, ort.get_available_providers()
-    if installed("openvino"):
-        import openvino as ov
-
-        info["openvino"] = ov.__version__.split("-")[0]
-        info["openvino_cpu_capabilities"] = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    """CPU, cores, ISA features, and each installed engine's version and devices: part of every report."""
+    info = {"cpu": engines.cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "isa": engines.isa_features(), "threads": threads or "default",
+            "engines": {}}
+    for name in engines.engine_names():
+        if engines.installed(name):
+            info["engines"][name] = engines.get_engine(name).about()
+    # the earlier top-level keys, kept for readers of older reports
+    ort_info, ov_info = info["engines"].get("onnxruntime", {}), info["engines"].get("openvino", {})
+    info.update(onnxruntime=ort_info.get("version"), available_providers=ort_info.get("available_providers", []),
+                openvino=ov_info.get("version"))
+    if ov_info:
+        info["openvino_cpu_capabilities"] = ov_info.get("cpu_capabilities")
     return info
-
-
-def isa_line(machine: dict) -> str:
-    isa = machine.get("isa", {})
-    return "ISA: " + ", ".join(f"{name} {'yes' if has else 'no'}" for name, has in isa.items())
 
 
 def stats_ms(samples: list[float]) -> dict:
@@ -196,14 +193,15 @@ def accuracy_files(options: BenchOptions) -> tuple[list[Path], np.ndarray, str] 
 
 
 def process_start_ms(model: Path, image: Path, provider: str, runtime: str = "onnxruntime",
-                     precision: str = "fp32", cache_dir: str | None = None) -> float:
+                     precision: str = "fp32", cache_dir: str | None = None,
+                     provider_options: dict[str, str] | None = None) -> float:
     """A fresh Python process: import, open the model, decode, predict one file."""
-    code = ("import sys; from ctedge.edge.runtime import Classifier; "
+    code = ("import json, sys; from ctedge.edge.runtime import Classifier; "
             "c = Classifier(sys.argv[1], provider=sys.argv[3], runtime=sys.argv[4], precision=sys.argv[5], "
-            "cache_dir=sys.argv[6] or None); c.predict_files([sys.argv[2]])")
+            "cache_dir=sys.argv[6] or None, provider_options=json.loads(sys.argv[7])); c.predict_files([sys.argv[2]])")
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, str(model), str(image), provider, runtime, precision,
-                           cache_dir or ""], capture_output=True, text=True)
+                           cache_dir or "", json.dumps(provider_options or {})], capture_output=True, text=True)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise CtedgeError(f"{model}: the fresh-process cold-start run ({runtime} {precision}) failed "
@@ -211,51 +209,35 @@ def process_start_ms(model: Path, image: Path, provider: str, runtime: str = "on
     return (time.perf_counter() - started) * 1000
 
 
+def _wanted_devices(name: str, options: BenchOptions) -> list[str]:
+    """The devices to try for engine ``name``: --provider, or all of them (--all-providers, or
+    --provider auto/a device of another engine with --runtime all)."""
+    devices = list(engines.get_engine(name).devices)
+    if options.all_providers or options.provider not in devices:
+        return devices
+    return [options.provider]
+
+
 def variants_for(model: Path, options: BenchOptions) -> list[Variant]:
-    """What to run a model with: one variant, or with --runtime all every runtime ×
-    precision × provider this machine has (the model's fp32 run first)."""
-    from ctedge.edge.engines import EngineConfig, installed, resolve
-
+    """What to run a model with: one variant (every usable device with --all-providers), or
+    with --runtime all every engine × precision × device this machine has (fp32 first)."""
     if options.runtime != "all":
-        providers = [options.provider]
+        first = engines.resolve(model, engines.EngineConfig(runtime=options.runtime, precision=options.precision,
+                                                            provider=options.provider))
+        providers = [first.provider]
         if options.all_providers:
-            from ctedge.edge.engines import PROVIDERS, usable_providers
-
-            available = usable_providers()
-            providers = [name for name, ep in PROVIDERS.items() if ep in available]
-        chosen = []
-        for provider in providers:
-            config = resolve(model, EngineConfig(runtime=options.runtime, precision=options.precision,
-                                                 provider=provider))
-            chosen.append(Variant(config.runtime, config.precision,
-                                  provider if config.runtime == "onnxruntime" else config.provider))
-        return chosen
+            spec = engines.get_engine(first.runtime)
+            usable = {device for _, device in spec.variants(model, list(spec.devices))}
+            providers = [device for device in spec.devices if device in usable]
+        return [Variant(first.runtime, first.precision, provider) for provider in providers]
     found: list[Variant] = []
-    if installed("onnxruntime") and model.suffix == ".onnx":
-        from ctedge.edge.engines import PROVIDERS, usable_providers
-
-        available = usable_providers()
-        wanted = [options.provider] if options.provider in PROVIDERS and not options.all_providers else list(PROVIDERS)
-        for provider in [p for p in wanted if PROVIDERS[p] in available]:
-            found.append(Variant("onnxruntime", "fp32", provider))
-            for precision, suffix in (("fp16", "_fp16"), ("int8", "_int8")):
-                if model.with_name(model.stem + suffix + ".onnx").is_file():
-                    found.append(Variant("onnxruntime", precision, provider))
-    if installed("openvino"):
-        from ctedge.edge.engines import OV_CAPABILITY, ov_capabilities
-
-        capabilities = ov_capabilities("CPU")
-        found.append(Variant("openvino", "fp32", "cpu"))
-        for precision in ("bf16", "fp16"):
-            if OV_CAPABILITY[precision] in capabilities:
-                found.append(Variant("openvino", precision, "cpu"))
-        ir = model if model.suffix == ".xml" else model.with_name(model.stem + "_ov.xml")
-        if ir.with_name(ir.stem + "_int8.xml").is_file():
-            found.append(Variant("openvino", "int8", "cpu"))
+    for name in engines.engine_names():
+        spec = engines.get_engine(name)
+        if engines.installed(name) and model.suffix in spec.accepts:
+            found += [Variant(name, precision, device)
+                      for precision, device in spec.variants(model, _wanted_devices(name, options))]
     if not found:
-        from ctedge.edge.engines import no_engine_message
-
-        raise CtedgeError(no_engine_message())
+        raise CtedgeError(engines.no_engine_message())
     return found
 
 
@@ -269,38 +251,44 @@ def score(labels: np.ndarray, probabilities: np.ndarray, threshold: float, resam
             "auc_ci": list(ci["auc"]), "accuracy": point["accuracy"], "accuracy_ci": list(ci["accuracy"])}
 
 
-def bench_model(path: Path, options: BenchOptions, files: list[Path],
-                accuracy: tuple[list[Path], np.ndarray, str] | None) -> list[dict]:
-    """Every variant of one model, timed interleaved; accuracy against its fp32 run."""
+def open_variants(path: Path, options: BenchOptions, first_image: Path) -> tuple[list, list[dict]]:
+    """Each variant's Classifier and the start of its row: engine, file, size, session
+    build and warm-up apart from the first inference."""
     from ctedge.edge.runtime import Classifier
 
-    variants = variants_for(path, options)
     opened, results = [], []
-    for v in variants:
-        started = time.perf_counter()
+    for v in variants_for(path, options):
         clf = Classifier(path, v.provider, options.threads, runtime=v.runtime, precision=v.precision,
-                         cache_dir=options.cache_dir)
-        created = time.perf_counter() - started
-        one = clf.load(files[0])[None]
+                         cache_dir=options.cache_dir, provider_options=options.provider_options, pad=options.pad)
+        one = clf.load(first_image)[None]
         started = time.perf_counter()
         clf.predict_arrays(one)
         first = time.perf_counter() - started
         opened.append(clf)
-        model_file = Path(getattr(clf.engine, "path", path))
+        info = clf.engine_info
         results.append({
-            "model": str(path), "file": str(model_file), "runtime": v.runtime, "precision": v.precision,
-            "provider": clf.providers[0], "provider_option": v.provider,
-            "format": f"{v.runtime}-{v.precision}", "size_mb": _size_mb(model_file), "input_size": clf.size,
-            "cold_start_ms": {"session": created * 1000, "first_inference": first * 1000}})
-    if options.process_start:
-        for v, r in zip(variants, results):
-            cold = r["cold_start_ms"]
-            if v.runtime == "openvino":
-                with tempfile.TemporaryDirectory(prefix="ctedge-ov-cache-") as empty:
-                    cold["process_to_first_prediction_empty_cache"] = process_start_ms(
-                        path, files[0], v.provider, v.runtime, v.precision, empty)
-            cold["process_to_first_prediction"] = process_start_ms(
-                path, files[0], v.provider, v.runtime, v.precision, options.cache_dir)
+            "model": str(path), "file": info.file, "runtime": v.runtime, "precision": v.precision,
+            "provider": clf.providers[0], "provider_option": v.provider, "engine": info,
+            "format": f"{v.runtime}-{v.precision}", "size_mb": _size_mb(Path(info.file)), "input_size": clf.size,
+            "cold_start_ms": {"session": clf.startup_s["session"] * 1000,
+                              "warmup": clf.startup_s.get("warmup", 0.0) * 1000, "first_inference": first * 1000}})
+    return opened, results
+
+
+def time_process_start(path: Path, options: BenchOptions, results: list[dict], image: Path) -> None:
+    """Fresh-process cold start per variant (OpenVINO also with an empty compiled-model cache)."""
+    for r in results:
+        cold, args = r["cold_start_ms"], (r["provider_option"], r["runtime"], r["precision"])
+        if r["runtime"] == "openvino":
+            with tempfile.TemporaryDirectory(prefix="ctedge-ov-cache-") as empty:
+                cold["process_to_first_prediction_empty_cache"] = process_start_ms(
+                    path, image, *args, empty, options.provider_options)
+        cold["process_to_first_prediction"] = process_start_ms(path, image, *args, options.cache_dir,
+                                                               options.provider_options)
+
+
+def time_variants(opened: list, results: list[dict], options: BenchOptions, files: list[Path]) -> None:
+    """Latency per batch size, one-image inference and end to end from a file, interleaved."""
     rng = np.random.default_rng(0)
     size = opened[0].size
     for r in results:
@@ -310,9 +298,7 @@ def bench_model(path: Path, options: BenchOptions, files: list[Path],
         timed = time_interleaved([lambda c=c, x=x: c.predict_arrays(x) for c in opened], options.warmup,
                                  options.runs, options.seconds)
         for r, samples in zip(results, timed):
-            entry = stats_ms(samples)
-            entry["images_per_s"] = batch / np.mean(samples)
-            r["latency"][str(batch)] = entry
+            r["latency"][str(batch)] = {**stats_ms(samples), "images_per_s": batch / np.mean(samples)}
     one = opened[0].load(files[0])[None]
     timed = time_interleaved([lambda c=c: c.predict_arrays(one) for c in opened], options.warmup,
                              options.runs, options.seconds)
@@ -328,8 +314,17 @@ def bench_model(path: Path, options: BenchOptions, files: list[Path],
         r["budget"] = {"budget_ms": options.budget_ms, "end_to_end_p50_ms": e2e,
                        "margin_ms": options.budget_ms - e2e, "within": e2e <= options.budget_ms,
                        "preprocessing_share": 1 - r["inference_ms"]["p50"] / e2e}
+
+
+def bench_model(path: Path, options: BenchOptions, files: list[Path],
+                accuracy: tuple[list[Path], np.ndarray, str] | None) -> list[BenchRow]:
+    """Every variant of one model, timed interleaved; accuracy against its fp32 run."""
+    opened, results = open_variants(path, options, files[0])
+    if options.process_start:
+        time_process_start(path, options, results, files[0])
+    time_variants(opened, results, options, files)
     compare_outputs(opened, results, options, files, accuracy)
-    return results
+    return [BenchRow.from_dict(r) for r in results]
 
 
 def _size_mb(model_file: Path) -> float:
@@ -343,7 +338,7 @@ def compare_outputs(opened: list, results: list[dict], options: BenchOptions, fi
                     accuracy: tuple[list[Path], np.ndarray, str] | None) -> None:
     """Each variant's probabilities on the same images against the first (fp32)
     variant's: max |Δp|, decision agreement, and with labels AUC/accuracy with CIs."""
-    from ctedge.core.metrics import constant_message, output_spread
+    from ctedge.core.metrics import agreement, constant_message, output_spread
 
     if accuracy:
         paths, labels, _ = accuracy
@@ -365,11 +360,10 @@ def compare_outputs(opened: list, results: list[dict], options: BenchOptions, fi
     reference, threshold = outputs[0], opened[0].threshold
     for r, p in zip(results, outputs):
         if options.data is not None:  # the user's images (not phantoms): is the model constant on them?
-            r["output_spread"] = output_spread(p)
-            r["constant_warning"] = constant_message(r["output_spread"], len(p))
-        change = {"reference": results[0]["format"], "images": int(len(p)),
-                  "max_abs_diff": float(np.max(np.abs(p - reference))),
-                  "decision_agreement": float(np.mean((p >= threshold) == (reference >= threshold)))}
+            spread = output_spread(p)  # nan for one image: no evidence either way
+            r["output_spread"] = spread if np.isfinite(spread) else None
+            r["constant_warning"] = constant_message(spread, len(p))
+        change = {"reference": results[0]["format"], **agreement(reference, p, threshold)}
         if labels is not None and 0 < labels.sum() < len(labels):
             scores = score(labels, p, threshold, options.resamples)
             r["accuracy_detail"] = scores
@@ -390,7 +384,7 @@ def fastest(results: list[dict]) -> dict | None:
         latency = r["latency"]
         return latency["1"]["p50"] if "1" in latency else latency[min(latency, key=int)]["p50"]
 
-    ok = [r for r in results if r.get("vs_fp32", {}).get("within_tolerance")]
+    ok = [r for r in results if (r.get("vs_fp32") or {}).get("within_tolerance")]
     return min(ok, key=p50) if ok else None
 
 
@@ -422,7 +416,7 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
     single = BenchOptions(**{**asdict(options), "runtime": "onnxruntime", "provider": provider,
                              "precision": "fp32"})
     accuracy = (files, labels, f"{len(files)} images") if labels is not None else None
-    return bench_model(path, single, files, accuracy)[0]
+    return bench_model(path, single, files, accuracy)[0].to_dict()
 
 
 def find_models(models: list[Path], exports_dir: Path = Path("exports")) -> list[Path]:
@@ -439,7 +433,7 @@ def find_models(models: list[Path], exports_dir: Path = Path("exports")) -> list
 
 
 def run_bench(models: list[Path], options: BenchOptions,
-              baselines: dict[str, Callable[[Path, BenchOptions], dict]] | None = None) -> dict:
+              baselines: dict[str, Callable[[Path, BenchOptions], dict]] | None = None) -> BenchReport:
     """Benchmark every model on every requested runtime, precision and provider; one report.
 
     ``baselines`` maps another model suffix to its timing function (the CLI passes
@@ -453,88 +447,18 @@ def run_bench(models: list[Path], options: BenchOptions,
         files, _, source = bench_files(options.data, options.files, Path(tmp))
         for model in models:
             if model.suffix in (baselines or {}):
-                results.append(baselines[model.suffix](model, options))
+                results.append(BenchRow.from_dict(baselines[model.suffix](model, options)))
                 continue
-            if model.suffix not in (".onnx", ".xml"):
+            if not any(model.suffix in engines.get_engine(n).accepts for n in engines.engine_names()):
                 raise CtedgeError(f"{model}: bench takes .onnx and OpenVINO .xml models (.keras with ctedge[train])")
             rows = bench_model(model, options, files, accuracy)
             results += rows
-            best = fastest(rows)
+            best = fastest([r.to_dict() for r in rows])
             if best is not None:
                 choices[str(model)] = {"runtime": best["runtime"], "precision": best["precision"],
                                        "provider": best["provider"], "saved": None}
                 if options.runtime == "all" and options.save_choice:
-                    saved = save_choice(model, best, rows[0])
+                    saved = save_choice(model, best, rows[0].to_dict())
                     choices[str(model)]["saved"] = str(saved) if saved else None
-    return {"machine": machine_info(options.threads), "options": asdict(options),
-            "data": source, "accuracy_data": accuracy[2] if accuracy else None,
-            "results": results, "fastest": choices}
-
-
-def table_rows(report: dict) -> list[dict]:
-    """One row per model, variant and batch size, as both tables show them."""
-    rows = []
-    for r in report["results"]:
-        e2e = r.get("end_to_end_ms", {}).get("p50")
-        cold = r.get("cold_start_ms", {}).get("process_to_first_prediction")
-        change = r.get("vs_fp32", {})
-        detail = r.get("accuracy_detail")
-        base = next((x for x in report["results"] if x["model"] == r["model"]), r)
-        for batch, lat in r["latency"].items():
-            ref = base["latency"].get(batch, {}).get("p50")
-            rows.append({"model": Path(r["model"]).name, "format": r["format"], "provider": r["provider"],
-                         "MB": f"{r['size_mb']:.1f}", "batch": batch, "p50 ms": f"{lat['p50']:.1f}",
-                         "p90 ms": f"{lat['p90']:.1f}", "p99 ms": f"{lat['p99']:.1f}",
-                         "/ fp32": "" if not ref else f"{lat['p50'] / ref:.2f}",
-                         "images/s": f"{lat['images_per_s']:.1f}",
-                         "end-to-end p50 ms": "" if e2e is None else f"{e2e:.1f}",
-                         "cold start ms": "" if cold is None else f"{cold:.0f}",
-                         "AUC": "" if detail is None else
-                         f"{detail['auc']:.3f} ({detail['auc_ci'][0]:.3f}-{detail['auc_ci'][1]:.3f}) n={detail['n']}",
-                         "AUC Δ": "" if "auc_change" not in change else f"{change['auc_change']:+.4f}",
-                         "max |Δp|": "" if not change else f"{change['max_abs_diff']:.1e}"})
-    return rows
-
-
-def budget_line(result: dict) -> tuple[bool, str]:
-    """(within the budget, the sentence) for one result with a ``budget``."""
-    b = result["budget"]
-    share = (f"{b['preprocessing_share']:.0%} of it" if b["preprocessing_share"] > 0
-             else "within the timing noise")
-    return b["within"], (f"{Path(result['model']).name} ({result['format']}, {result['provider']}): end-to-end p50 "
-                         f"{b['end_to_end_p50_ms']:.1f} ms, {'within' if b['within'] else 'OVER'} the "
-                         f"{b['budget_ms']:.0f} ms budget (margin {b['margin_ms']:.0f} ms); decode+resize is {share}")
-
-
-def closing_lines(report: dict) -> list[str]:
-    """Per model: the fastest variant within the accuracy tolerance."""
-    lines = []
-    for model, choice in report.get("fastest", {}).items():
-        rows = [r for r in report["results"] if r["model"] == model]
-        best = next(r for r in rows if r["runtime"] == choice["runtime"] and r["precision"] == choice["precision"]
-                    and r["provider"] == choice["provider"])
-        batch = "1" if "1" in best["latency"] else min(best["latency"], key=int)
-        ratio = best["latency"][batch]["p50"] / rows[0]["latency"][batch]["p50"]
-        line = (f"fastest within tolerance for {Path(model).name}: {best['runtime']} {best['precision']} on "
-                f"{best['provider']}, batch-{batch} p50 {best['latency'][batch]['p50']:.1f} ms "
-                f"({ratio:.2f}x {rows[0]['format']}; {best['vs_fp32']['tolerance']})")
-        if choice.get("saved"):
-            line += f"; saved to {choice['saved']} for --runtime auto"
-        lines.append(line)
-    return lines
-
-
-def markdown(report: dict) -> str:
-    """The report as a markdown table with the machine described."""
-    m = report["machine"]
-    engines = ", ".join(filter(None, [
-        m.get("onnxruntime") and f"onnxruntime {m['onnxruntime']} ({', '.join(m['available_providers'])})",
-        m.get("openvino") and f"OpenVINO {m['openvino']}"]))
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, "
-             f"{engines}, threads {m['threads']}. {isa_line(m)}. Timing data: {report['data']}."
-             + (f" Accuracy: {report['accuracy_data']}." if report.get("accuracy_data") else ""), ""]
-    rows = table_rows(report)
-    lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
-    lines += [""] + closing_lines(report)
-    return "\n".join(lines) + "\n"
+    return BenchReport(machine=machine_info(options.threads), options=asdict(options), data=source,
+                       accuracy_data=accuracy[2] if accuracy else None, results=tuple(results), fastest=choices)

@@ -9,13 +9,20 @@ engine it is asked for — onnxruntime or OpenVINO, each imported only when used
     clf = Classifier("exports/b3.onnx", runtime="openvino", precision="bf16")
     for row in clf.predict_files(["scan.png", "slice.dcm"]):
         print(row.path, row.probability, row.label)
+
+A ``Classifier`` is immutable after construction and may be shared by threads
+(``with_threshold`` gives a copy with another threshold on the same engine).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
-from dataclasses import dataclass
+import threading
+import time
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -23,45 +30,72 @@ from ctedge.core.errors import CtedgeError, UnreadableImage
 from ctedge.core.imageio import read_image
 from ctedge.core.metadata import ModelMetadata
 from ctedge.core.preprocess import to_model_input
-from ctedge.edge.engines import PROVIDERS, EngineConfig, open_engine, resolve, resolve_providers, session_options
+from ctedge.core.results import EngineInfo, ImagePrediction, ImagePredictions
+from ctedge.edge.engines import EngineConfig, get_engine, open_engine, resolve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Classifier", "Prediction", "EngineConfig", "PROVIDERS", "resolve_providers",
-           "session_options"]
+__all__ = ["Classifier", "Prediction", "EngineConfig", "predict_images"]
 
-
-@dataclass
-class Prediction:
-    path: str
-    probability: float | None
-    label: str | None
-    error: str | None = None
-
-
+Prediction = ImagePrediction  # the row type's earlier name
+DEFAULT_FIXED_BATCH = 8
 
 
 class Classifier:
     """An exported ctedge model: decode, resize as in training, run, threshold.
 
-    ``runtime``: auto | onnxruntime | openvino; ``precision``: fp32 | bf16 | fp16 |
-    int8 (None: what ``runtime="auto"`` picked, else fp32); ``provider``: the
-    engine's device (onnxruntime: auto | cpu | cuda | tensorrt; OpenVINO: auto |
-    cpu | gpu | npu).
+    ``runtime``: auto or a registered engine (onnxruntime, openvino); ``precision``:
+    fp32 | bf16 | fp16 | int8 (None: what ``runtime="auto"`` picked, else fp32);
+    ``provider``: the engine's one device (onnxruntime: auto | cpu | cuda | tensorrt;
+    OpenVINO: auto | cpu | gpu | npu); ``provider_options``: backend options (KEY=VALUE).
+    ``pad``: every call runs ``fixed_batch`` images, the last batch padded and the
+    padding's outputs dropped, so the backend sees one input shape (None: on for a
+    GPU, where it is also warmed up with that shape at start).
     """
 
     def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None, *,
-                 runtime: str = "auto", precision: str | None = None, cache_dir: str | None = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CtedgeError(f"model not found: {self.path}")
-        self.config = resolve(self.path, EngineConfig(runtime=runtime, precision=precision, provider=provider,
-                                                          threads=threads, cache_dir=cache_dir))
-        self.engine = open_engine(self.path, self.config)
-        checked = ModelMetadata.from_props(self.engine.raw_metadata, self.engine.path, self.engine.inputs)
-        self.metadata, self.input_name, self.size = checked.raw, checked.input_name, checked.size
-        self.window, self.classes, self.positive = checked.window, list(checked.classes), checked.positive
-        self.threshold, self.contract, self.negative = checked.threshold, checked.contract, checked.negative
+                 runtime: str = "auto", precision: str | None = None, cache_dir: str | None = None,
+                 provider_options: dict[str, str] | None = None, pad: bool | None = None,
+                 fixed_batch: int = DEFAULT_FIXED_BATCH):
+        path = Path(path)
+        if not path.is_file():
+            raise CtedgeError(f"model not found: {path}")
+        if fixed_batch < 1:
+            raise CtedgeError(f"must be at least 1, not {fixed_batch}", param="fixed_batch")
+        config = resolve(path, EngineConfig(runtime=runtime, precision=precision, provider=provider,
+                                            threads=threads, cache_dir=cache_dir,
+                                            provider_options=dict(provider_options or {}),
+                                            fixed_batch=None if pad is False else fixed_batch))
+        started = time.perf_counter()
+        engine = open_engine(path, config)
+        session_s = time.perf_counter() - started
+        checked = ModelMetadata.from_props(engine.raw_metadata, engine.path, engine.inputs)
+        padded = pad if pad is not None else engine.device != "cpu"
+        fields = {"path": path, "config": config, "_engine": engine, "metadata": MappingProxyType(checked.raw),
+                  "input_name": checked.input_name, "size": checked.size, "window": checked.window,
+                  "classes": tuple(checked.classes), "positive": checked.positive, "negative": checked.negative,
+                  "threshold": checked.threshold, "contract": checked.contract,
+                  "fixed_batch": fixed_batch if padded else None, "startup_s": {"session": session_s},
+                  # an engine not registered thread_safe serves one call at a time
+                  "_guard": contextlib.nullcontext() if get_engine(config.runtime).thread_safe else threading.Lock()}
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        if padded and engine.device != "cpu":  # the first call (cuDNN's search, TensorRT's build) paid here
+            started = time.perf_counter()
+            self.predict_arrays(np.zeros((fixed_batch, self.size, self.size, 3), np.float32))
+            self.startup_s["warmup"] = time.perf_counter() - started
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"a Classifier is immutable (it may be shared by threads): {name} cannot be set; "
+                             "use with_threshold() for another threshold")
+
+    def with_threshold(self, threshold: float) -> Classifier:
+        """The same model and engine with another decision threshold."""
+        if not 0.0 < threshold < 1.0:
+            raise CtedgeError(f"must be between 0 and 1, not {threshold}", param="threshold")
+        other = copy.copy(self)
+        object.__setattr__(other, "threshold", float(threshold))
+        return other
 
     @property
     def runtime(self) -> str:
@@ -72,30 +106,51 @@ class Classifier:
         return self.config.precision
 
     @property
-    def providers(self) -> list[str]:
-        return self.engine.devices
+    def device(self) -> str:
+        return self._engine.device
 
     @property
-    def session(self):
-        """The onnxruntime session (onnxruntime only)."""
-        return getattr(self.engine, "session", None)
+    def providers(self) -> list[str]:
+        return self._engine.devices
+
+    @property
+    def engine_info(self) -> EngineInfo:
+        """The resolved engine, device, precision and file, for results."""
+        source = self.metadata.get("source_model")
+        return EngineInfo(runtime=self.runtime, device=self.device, providers=tuple(self.providers),
+                          precision=self.precision, file=str(self._engine.path),
+                          provider_options=self._engine.options, fixed_batch=self.fixed_batch,
+                          source_sha256=source.get("sha256") if isinstance(source, dict) else None)
 
     def load(self, path: str | Path) -> np.ndarray:
         """One file -> model input (size, size, 3) float32 0-255."""
         return to_model_input(read_image(path, self.window).gray, self.size, self.contract)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Batch of model inputs -> P(positive) per image."""
-        return self.engine.run(np.ascontiguousarray(images, np.float32))
+        """Batch of model inputs -> P(positive) per image (in fixed batches when padding)."""
+        images = np.ascontiguousarray(images, np.float32)
+        if self.fixed_batch is None:
+            return self._run(images)
+        step, out = self.fixed_batch, []
+        for start in range(0, len(images), step):
+            chunk = images[start:start + step]
+            if len(chunk) < step:
+                chunk = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), np.float32)])
+            out.append(self._run(chunk)[:len(images) - start])
+        return np.concatenate(out) if out else np.empty(0, np.float32)
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        with self._guard:
+            return self._engine.run(images)
 
     def label(self, probability: float) -> str:
         return self.positive if probability >= self.threshold else self.negative
 
-    def predict_files(self, paths: list[str | Path], batch_size: int = 8) -> list[Prediction]:
+    def predict_files(self, paths: list[str | Path], batch_size: int = 8) -> list[ImagePrediction]:
         """Predict files in batches; a file that can't be read gets an error row."""
         if batch_size < 1:
             raise CtedgeError(f"must be at least 1, not {batch_size}", param="batch_size")
-        rows: list[Prediction] = []
+        rows: list[ImagePrediction] = []
         for start in range(0, len(paths), batch_size):
             batch, images = [], []
             for path in paths[start:start + batch_size]:
@@ -103,11 +158,25 @@ class Classifier:
                     images.append(self.load(path))
                     batch.append(str(path))
                 except UnreadableImage as exc:
-                    rows.append(Prediction(str(path), None, None, exc.reason))
+                    rows.append(ImagePrediction(path=str(path), error=exc.reason))
             if images:
                 for path, p in zip(batch, map(float, self.predict_arrays(np.stack(images)))):
-                    rows.append(Prediction(path, p, self.label(p)) if np.isfinite(p) else
-                                Prediction(path, None, None, f"the model gave {p}, not a probability"))
+                    rows.append(ImagePrediction(path=path, probability=p, label=self.label(p)) if np.isfinite(p) else
+                                ImagePrediction(path=path, probability=None, label=None,
+                                                error=f"the model gave {p}, not a probability"))
         order = {str(p): i for i, p in enumerate(paths)}
         return sorted(rows, key=lambda row: order[row.path])
 
+
+def predict_images(clf: Classifier, model: str | Path, paths: list[str | Path],
+                   batch_size: int = 8) -> ImagePredictions:
+    """`ctedge predict`'s document: one row per file, the engine used and a warning
+    when the model's outputs are constant on these images."""
+    from ctedge.core.metrics import constant_message, output_spread
+
+    rows = clf.predict_files(paths, batch_size)
+    scored = [r.probability for r in rows if r.error is None]
+    constant = constant_message(output_spread(scored), len(scored)) if scored else None
+    return ImagePredictions(model=str(model), engine=clf.engine_info, runtime=clf.runtime, precision=clf.precision,
+                            provider=clf.providers[0], positive=clf.positive, threshold=clf.threshold,
+                            predictions=tuple(rows), warnings=(constant,) if constant else ())

@@ -9,6 +9,7 @@ model, recorded in their model cards; one beyond tolerance is flagged.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,26 +151,25 @@ def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed
 
 # --- parity ------------------------------------------------------------------
 
-def onnx_probabilities(proto_or_path, images: np.ndarray, batch: int = 16) -> np.ndarray:
-    import onnxruntime as ort
+def engine_probabilities(runtime: str, path: Path, images: np.ndarray, precision: str = "fp32",
+                         cache_dir: str | None = None, batch: int = 16) -> np.ndarray:
+    """The parity gate's run: the file on the engine ``Classifier`` uses (from the
+    registry), on the CPU; ``precision`` fp32 runs the file as it is."""
+    from ctedge.edge import engines
 
-    source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) \
-        else str(proto_or_path)
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {INPUT_NAME: images[i:i + batch]})[0][:, 0]
+    config = engines.resolve(path, engines.EngineConfig(runtime=runtime, precision=precision, provider="cpu",
+                                                        cache_dir=cache_dir))
+    engine = engines.open_engine(path, config)
+    return np.concatenate([engine.run(np.ascontiguousarray(images[i:i + batch], np.float32))
                            for i in range(0, len(images), batch)])
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
            threshold: float) -> dict:
-    """max |Δp|, decision agreement and (labelled) AUC of both."""
-    from ctedge.core.metrics import output_spread, point_metrics
+    """max |Δp|, decision agreement (``core.metrics.agreement``) and (labelled) AUC of both."""
+    from ctedge.core.metrics import agreement, output_spread, point_metrics
 
-    report = {"images": int(len(reference)),
-              "max_abs_diff": float(np.max(np.abs(reference - candidate))),
-              "mean_abs_diff": float(np.mean(np.abs(reference - candidate))),
-              "decision_agreement": float(np.mean((reference >= threshold) == (candidate >= threshold))),
-              "reference_spread": output_spread(reference)}
+    report = {**agreement(reference, candidate, threshold), "reference_spread": output_spread(reference)}
     if labels is not None and 0 < labels.sum() < len(labels):
         report["auc_keras"] = point_metrics(labels, reference, threshold)["auc"]
         report["auc"] = point_metrics(labels, candidate, threshold)["auc"]
@@ -210,39 +210,13 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
         return float16.convert_float_to_float16(_unshare_initializers(proto), keep_io_types=True)
 
 
-class _Calibration:
-    """onnxruntime CalibrationDataReader over model inputs, one image a batch."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = iter(images)
-
-    def get_next(self):
-        image = next(self.images, None)
-        return None if image is None else {INPUT_NAME: image[None]}
-
-
 def to_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, options: ExportOptions) -> None:
     """Static quantisation (pre-processed; QDQ, per-channel, Conv/Gemm/MatMul by default)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
+    from ctedge.edge.engines.onnxruntime import quantize_int8
 
-    CalibrationDataReader.register(_Calibration)
-    prepared = out_path.with_suffix(".prep.onnx")
-    try:
-        quant_pre_process(str(fp32_path), str(prepared))
-        quantize_static(str(prepared), str(out_path), _Calibration(calibration),
-                        quant_format=QuantFormat.QOperator if options.int8_format == "qoperator"
-                        else QuantFormat.QDQ, per_channel=options.int8_per_channel,
-                        reduce_range=options.int8_reduce_range,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=options.int8_ops)
-    finally:
-        prepared.unlink(missing_ok=True)
+    quantize_int8(fp32_path, out_path, calibration, input_name=INPUT_NAME, per_channel=options.int8_per_channel,
+                  reduce_range=options.int8_reduce_range, op_types=options.int8_ops,
+                  qoperator=options.int8_format == "qoperator")
 
 
 def latest_model(tuning_dir: Path = Path("tuning"), runs_dir: Path = Path("runs")) -> Path:
@@ -277,16 +251,21 @@ def judge(probabilities: np.ndarray, check: dict, tolerance: float, options: Exp
 
 def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance: float,
                     metadata: dict, check: dict, options: ExportOptions, gate: bool = False) -> dict:
-    """Check, measure parity against Keras, then write the file and its model card.
+    """Check, measure parity against Keras on onnxruntime, then move the file into place
+    and write its model card.
 
     With ``gate`` a parity failure raises and nothing is written; otherwise a
     variant beyond ``tolerance`` is written with status "flagged".
     """
     set_metadata(proto, {**metadata, "ctedge.variant": variant})
     check_graph(proto)
-    report = judge(onnx_probabilities(proto, check["images"]), check, tolerance, options,
-                   f"{variant} parity check", "ONNX", path if gate else None)
-    atomic_write(proto.SerializeToString(), path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
+        staged = Path(tmp) / path.name
+        staged.write_bytes(proto.SerializeToString())
+        report = judge(engine_probabilities("onnxruntime", staged, check["images"]), check, tolerance, options,
+                       f"{variant} parity check", "ONNX", path if gate else None)
+        os.replace(staged, path)
     card = {"file": str(path), "variant": variant, "size_mb": path.stat().st_size / 1e6,
             "metadata": {**metadata, "ctedge.variant": variant}, "parity": report,
             "output_spread": check["spread"]}
@@ -305,7 +284,7 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
     if (options.int8 or options.openvino) and not options.calibration_data:
         raise CtedgeError(f"{'--int8' if options.int8 else '--openvino'} needs --calibration-data DIR "
                           "(images like those it will see)")
-    from ctedge.edge.engines import require
+    from ctedge.edge.engines import require, variant_path
 
     require("onnxruntime")  # the parity gate runs the ONNX file on onnxruntime
     if options.openvino:
@@ -321,7 +300,7 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
     cards = {"fp32": _finish_variant(proto, output, "fp32", options.tolerance, metadata, check,
                                      options, gate=True)}
     if options.fp16:
-        cards["fp16"] = _finish_variant(to_fp16(proto), output.with_name(output.stem + "_fp16.onnx"),
+        cards["fp16"] = _finish_variant(to_fp16(proto), variant_path("onnxruntime", output, "fp16"),
                                         "fp16", options.fp16_tolerance, metadata, check, options)
     if options.int8 or options.openvino:
         calibration, _, calibration_source = sample_images(
@@ -331,7 +310,7 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
             quantized = Path(tmp) / "int8.onnx"
             to_int8(output, quantized, calibration, options)
             cards["int8"] = _finish_variant(onnx.load(quantized),
-                                            output.with_name(output.stem + "_int8.onnx"), "int8",
+                                            variant_path("onnxruntime", output, "int8"), "int8",
                                             options.int8_tolerance,
                                             {**metadata, "ctedge.int8_calibration": calibration_source},
                                             check, options)
@@ -343,38 +322,22 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
 
 # --- OpenVINO ----------------------------------------------------------------
 
-def openvino_probabilities(model, images: np.ndarray, precision: str = "f32", batch: int = 16) -> np.ndarray:
-    """An OpenVINO model (or IR path) run on the CPU at an inference precision."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(model if not isinstance(model, Path) else str(model), "CPU",
-                                       {"INFERENCE_PRECISION_HINT": precision})
-    return np.concatenate([compiled(images[i:i + batch])[0][:, 0] for i in range(0, len(images), batch)])
-
-
-def _save_ir(model, path: Path) -> None:
-    """IR .xml + .bin in float32, written beside ``path`` then renamed into place."""
-    import os
-
-    import openvino as ov
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
-        staged = Path(tmp) / path.name
-        ov.save_model(model, str(staged), compress_to_fp16=False)
-        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
-        os.replace(staged, path)
-
-
 def _finish_ir(model, path: Path, variant: str, tolerance: float, metadata: dict, check: dict,
                options: ExportOptions, gate: bool = False, extra: dict | None = None) -> dict:
-    """The parity gate and model card of ``_finish_variant`` for an OpenVINO IR."""
-    for key, value in {**metadata, "ctedge.variant": variant}.items():
-        model.set_rt_info(value if key.startswith("Image.") else json.dumps(value), ["framework", key])
-    report = judge(openvino_probabilities(model, check["images"]), check, tolerance, options,
-                   f"OpenVINO {variant} parity check", "OpenVINO", path if gate else None)
+    """The parity gate and model card of ``_finish_variant`` for an OpenVINO IR: saved
+    beside ``path``, run on the OpenVINO engine, then renamed into place."""
+    from ctedge.edge.engines import openvino as ov_engine
+
+    ov_engine.set_metadata(model, {**metadata, "ctedge.variant": variant})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
+        staged = ov_engine.save_ir(model, Path(tmp) / path.name)
+        report = judge(engine_probabilities("openvino", staged, check["images"], cache_dir=str(Path(tmp) / "cache")),
+                       check, tolerance, options, f"OpenVINO {variant} parity check", "OpenVINO",
+                       path if gate else None)
+        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(staged, path)
     report["runtime"] = "openvino f32"
-    _save_ir(model, path)
     card = {"file": str(path), "variant": variant, "runtime": "openvino",
             "size_mb": (path.stat().st_size + path.with_suffix(".bin").stat().st_size) / 1e6,
             "metadata": {**metadata, "ctedge.variant": variant}, "parity": report, **(extra or {})}
@@ -387,29 +350,24 @@ def export_openvino(onnx_path: Path, metadata: dict, check: dict, options: Expor
     """OpenVINO IR of the verified ONNX file (gated like it), its BF16 inference
     precision checked when the CPU has it, and an NNCF INT8 IR (flagged beyond
     ``int8_tolerance``), each with a model card."""
-    import nncf
-    import openvino as ov
-
-    from ctedge.edge.engines import ov_capabilities
+    from ctedge.edge import engines
+    from ctedge.edge.engines import openvino as ov_engine
 
     cards = {}
-    ir_path = onnx_path.with_name(onnx_path.stem + "_ov.xml")
-    model = ov.Core().read_model(str(onnx_path))
+    ir_path = engines.variant_path("openvino", onnx_path, "ir")
     bf16 = None
-    if "BF16" in ov_capabilities("CPU"):
-        bf16 = judge(openvino_probabilities(model, check["images"], "bf16"), check, options.bf16_tolerance,
-                     options, "bf16 parity check", "OpenVINO bf16")
+    if "BF16" in ov_engine.capabilities("CPU"):
+        with tempfile.TemporaryDirectory() as cache:
+            bf16 = judge(engine_probabilities("openvino", onnx_path, check["images"], "bf16", cache), check,
+                         options.bf16_tolerance, options, "bf16 parity check", "OpenVINO bf16")
         bf16["runtime"] = "openvino bf16 inference precision of this IR"
-    cards["ov-fp32"] = _finish_ir(model, ir_path, "fp32", options.ov_tolerance, metadata, check, options,
-                                  gate=True, extra={"bf16_parity": bf16} if bf16 else None)
+    cards["ov-fp32"] = _finish_ir(ov_engine.read_model(onnx_path), ir_path, "fp32", options.ov_tolerance, metadata,
+                                  check, options, gate=True, extra={"bf16_parity": bf16} if bf16 else None)
     if bf16:
         cards["ov-bf16"] = {"file": str(ir_path), "variant": "bf16 (run-time precision)",
                             "size_mb": cards["ov-fp32"]["size_mb"], "parity": bf16}
-    ignored = nncf.IgnoredScope(types=options.ov_int8_ignored_types) if options.ov_int8_ignored_types else None
-    quantized = nncf.quantize(ov.Core().read_model(str(ir_path)),
-                              nncf.Dataset(list(calibration), lambda image: image[None]),
-                              subset_size=len(calibration), **({"ignored_scope": ignored} if ignored else {}))
-    cards["ov-int8"] = _finish_ir(quantized, ir_path.with_name(ir_path.stem + "_int8.xml"), "int8",
+    quantized = ov_engine.quantize_ir(ir_path, calibration, options.ov_int8_ignored_types)
+    cards["ov-int8"] = _finish_ir(quantized, engines.variant_path("openvino", onnx_path, "int8"), "int8",
                                   options.int8_tolerance,
                                   {**metadata, "ctedge.int8_calibration": calibration_source}, check, options)
     return cards

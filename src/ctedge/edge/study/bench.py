@@ -18,7 +18,8 @@ TARGET_RATIO = 1.1  # bench --study: pipeline wall / batched inference alone, at
 
 def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | None = None,
                 provider: str = "cpu", threads: int | None = None, runs: int = 3, *, runtime: str = "auto",
-                precision: str | None = None, cache_dir: str | None = None) -> dict:
+                precision: str | None = None, cache_dir: str | None = None,
+                provider_options: dict[str, str] | None = None, pad: bool | None = None) -> dict:
     """Open ``model`` (timed as ``session_s``) and time one study ``runs`` times, split
     into stages.
 
@@ -35,7 +36,8 @@ def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | N
     if runs < 1:
         raise CtedgeError(f"must be at least 1, not {runs}", param="study_runs")
     started = time.perf_counter()
-    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision, cache_dir=cache_dir)
+    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision, cache_dir=cache_dir,
+                     provider_options=provider_options, pad=pad)
     session_s = time.perf_counter() - started
     x = np.random.default_rng(0).uniform(0, 255, (options.batch_size, clf.size, clf.size, 3)).astype(np.float32)
     batch_ms = stats_ms(time_calls(lambda: clf.predict_arrays(x), 1, 5, None))
@@ -43,7 +45,8 @@ def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | N
     rows = [_timed_run(clf, folder, options, per_slice_s) for _ in range(runs)]
     median = {key: float(np.median([row[key] for row in rows])) for key in rows[0] if key != "probability"}
     return {"machine": machine_info(threads), "model": str(model), "provider": clf.providers[0],
-            "runtime": clf.runtime, "precision": clf.precision, "input_size": clf.size, "study": str(folder),
+            "runtime": clf.runtime, "precision": clf.precision, "provider_options": dict(provider_options or {}),
+            "fixed_batch": clf.fixed_batch, "input_size": clf.size, "study": str(folder),
             "options": options.to_dict(), "session_s": session_s, "batch_inference_ms": batch_ms,
             "per_slice_inference_s": per_slice_s, "runs": rows, "median": median}
 
