@@ -41,17 +41,13 @@ from ctedge.cli.common import (
     study_options,
     write_json,
 )
-from ctedge.core.choices import (
-    Aggregate,
-    EvalSplit,
-    Provider,
-    Runtime,
-)
+from ctedge.core.choices import Aggregate, EvalSplit
 from ctedge.core.data import HASH_THRESHOLD, DataOptions
 from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD
 from ctedge.core.preprocess import PreprocessConfig
 from ctedge.core.progress import console
+from ctedge.edge.engines import Provider, Runtime
 from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, StudyOptions
 
 
