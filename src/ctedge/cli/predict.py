@@ -30,7 +30,6 @@ from ctedge.cli.common import (
     provider_options,
     shown,
     study_options,
-    warn_if_constant,
     write_csv,
     write_text,
 )
@@ -133,10 +132,9 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
     from rich.table import Table
 
-    from ctedge.core.metrics import output_spread
-    from ctedge.core.results import StudiesReport, dumps
+    from ctedge.core.results import dumps
     from ctedge.edge.runtime import Classifier
-    from ctedge.edge.study import CSV_FIELDS, csv_row, predict_studies
+    from ctedge.edge.study import CSV_FIELDS, csv_row, predict_studies, studies_report
 
     check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True),
                   inputs=[*model_files(model), *paths])
@@ -160,18 +158,15 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
                       shown(f"error: {r.error}", "red") if r.error else shown(r.label))
     console.print(table)
     _print_study_details(results)
-    scored = [r.probability for r in results if r.error is None]
-    constant = warn_if_constant(output_spread(scored), len(scored))
+    report = studies_report(clf, model, options, results)
+    for warning in report.warnings:
+        console.print(Text.assemble(("warning:", "bold red"), " ", clean(warning)))
     if plot is not None:
         for r in results:
             if not r.error:
                 console.print(shown(f"plot: {study_plot(r, plot)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
-    if json_out is not None:
-        write_text(dumps(StudiesReport(model=str(model), runtime=clf.runtime, precision=clf.precision,
-                                       provider=clf.providers[0], threshold=clf.threshold,
-                                       options=options.to_dict(), studies=tuple(results),
-                                       warnings=(constant,) if constant else ())), json_out)
+    write_text(dumps(report), json_out)
     failed = sum(r.error is not None for r in results)
     if failed:
         console.print(f"[yellow]{failed} of {len(results)} stud(ies) got no answer[/]")

@@ -198,6 +198,7 @@ class StudiesReport(Document):
 
     kind: ClassVar[str] = "studies"
     model: str
+    engine: EngineInfo | None  # None for a backend that is not a ctedge Classifier
     runtime: str
     precision: str
     provider: str

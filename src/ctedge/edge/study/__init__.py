@@ -34,6 +34,7 @@ from ctedge.edge.study.pipeline import (
     classify_study,
     csv_row,
     predict_studies,
+    studies_report,
 )
 from ctedge.edge.study.read import (
     DEFAULT_MAX_BYTES,
@@ -52,7 +53,7 @@ from ctedge.edge.study.select import (
     series_problem,
 )
 
-__all__ = ["AGGREGATES", "CSV_FIELDS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_SLICES", "DEFAULT_TOP_K", "LUNG_HU",
+__all__ = ["AGGREGATES", "studies_report", "CSV_FIELDS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_SLICES", "DEFAULT_TOP_K", "LUNG_HU",
            "LUNG_MIN_FRACTION", "MIN_POSITIONS", "STAGES", "TARGET_RATIO", "RejectedSeries", "SliceRef",
            "SliceScore", "StudiesReport", "Study", "StudyOptions", "StudyResult", "aggregate", "bench_study",
            "classify_study", "csv_row", "decode_slice", "export_slices", "find_studies", "header", "lung_fraction",

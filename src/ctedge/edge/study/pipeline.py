@@ -20,8 +20,9 @@ import numpy as np
 
 from ctedge.core.dicom import DEFAULT_MAX_PIXELS
 from ctedge.core.errors import CtedgeError
+from ctedge.core.metrics import constant_message, output_spread
 from ctedge.core.preprocess import PREPROCESS_CONTRACT
-from ctedge.core.results import SliceScore, StudyResult
+from ctedge.core.results import SliceScore, StudiesReport, StudyResult
 from ctedge.edge.study.aggregate import AGGREGATES, DEFAULT_TOP_K, aggregate, aggregate_label
 from ctedge.edge.study.hu import LUNG_HU, LUNG_MIN_FRACTION, decode_slice
 from ctedge.edge.study.read import DEFAULT_MAX_BYTES, SliceRef, Study, find_studies
@@ -256,3 +257,14 @@ def csv_row(result: StudyResult) -> dict:
     row = {key: getattr(result, key) for key in CSV_FIELDS}
     row["warnings"] = " | ".join(result.warnings)
     return row
+
+
+def studies_report(clf, model: str | Path, options: StudyOptions, results: list[StudyResult]) -> StudiesReport:
+    """`ctedge predict --study --json`'s document (also the HTTP API's): the model, the engine
+    it ran on, the options, one result per study, and a warning when the model's outputs are
+    constant over these studies."""
+    scored = [r.probability for r in results if r.error is None]
+    constant = constant_message(output_spread(scored), len(scored)) if scored else None
+    return StudiesReport(model=str(model), engine=getattr(clf, "engine_info", None), runtime=clf.runtime,
+                         precision=clf.precision, provider=clf.providers[0], threshold=clf.threshold,
+                         options=options.to_dict(), studies=tuple(results), warnings=(constant,) if constant else ())
