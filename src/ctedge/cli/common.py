@@ -148,7 +148,14 @@ def model_config(*, weights: str, backbone: Backbone | None, freeze_backbone: bo
                        freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks, **head)
 
 
-VERBOSE = {"on": False}  # set by the --verbose option before a command runs
+
+
+def verbose() -> bool:
+    """Whether ``ctedge --verbose`` was given (kept on the click context, not in a global)."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().meta.get("ctedge.verbose"))
 
 
 def _setup_logging() -> None:
@@ -178,7 +185,7 @@ def command(func=None, *, tensorflow: bool = False):
         try:
             if tensorflow:
                 from ctedge.training.quiet import import_tensorflow
-                import_tensorflow(VERBOSE["on"])
+                import_tensorflow(verbose())
             return func(*args, **kwargs)
         except CtedgeError as exc:
             message = exc.with_name(flag(exc.param)) if exc.param else str(exc)
@@ -264,9 +271,10 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def main(context: typer.Context,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Print the version and exit.")] = False,
-         verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
+         verbose_flag: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
                                                "and C++ log lines (hidden by default).")] = False,
          max_pixels: Annotated[int, typer.Option(
              envvar="CTEDGE_MAX_PIXELS", help="Refuse images of more pixels than this, read from the "
@@ -274,7 +282,7 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
     """Put a chest-CT COVID-19 classifier onto edge hardware."""
     from ctedge.core.imageio import set_max_pixels
 
-    VERBOSE["on"] = verbose
+    context.meta["ctedge.verbose"] = verbose_flag
     try:
         set_max_pixels(max_pixels)
     except CtedgeError as exc:

@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 
 from ctedge.cli.common import (
-    VERBOSE,
     AggregateOpt,
     DataArg,
     GroupRegex,
@@ -31,6 +30,7 @@ from ctedge.cli.common import (
     exit_if_failed,
     print_file_rows,
     print_metrics,
+    verbose,
     write_json,
 )
 from ctedge.core.choices import (
@@ -97,7 +97,7 @@ def evaluate(
         from ctedge.evaluation.evaluate import evaluate as run_evaluation
         from ctedge.training.quiet import import_tensorflow
 
-        import_tensorflow(VERBOSE["on"])
+        import_tensorflow(verbose())
         report = run_evaluation(model, data, split, DEFAULT_THRESHOLD if threshold is None else threshold, out, resamples,
                                 split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
                                 external=external, positive=positive)
