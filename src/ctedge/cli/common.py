@@ -289,34 +289,45 @@ def main(context: typer.Context,
         raise typer.BadParameter(exc.detail, param_hint=flag(exc.param)) from None
 
 
-def print_metrics(report: dict) -> None:
-    """Metric table with CIs, confusion matrix and operating points."""
+def figure(value: float | None, digits: int = 3) -> str:
+    """A metric for a table: fixed digits, '-' where it is undefined."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_metrics(report) -> None:
+    """Metric table with CIs, confusion matrix and operating points of an evaluation
+    (``ctedge.core.results``; a study evaluation's dict is read into its record)."""
     from rich.table import Table
 
-    if report.get("unit") == "study":
-        title = (f"{report['studies']} studies of {report['patients']} patients ({report['positive']} "
-                 f"positive), threshold {report['threshold']}, CIs resampled by patient")
+    from ctedge.core.results import StudyEvaluation, evaluation_from_dict
+
+    if isinstance(report, dict):
+        report = evaluation_from_dict(report)
+    if isinstance(report, StudyEvaluation):
+        title = (f"{report.studies} studies of {report.patients} patients ({report.positive} "
+                 f"positive), threshold {report.threshold}, CIs resampled by patient")
     else:
-        title = f"{report['split']} split: {report['images']} images ({report['positive']} positive), " \
-                f"threshold {report['threshold']}"
+        title = f"{report.split} split: {report.images} images ({report.positive} positive), " \
+                f"threshold {report.threshold}"
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI", justify="right")
-    for name, entry in report["metrics"].items():
-        lo, hi = entry["ci95"]
-        table.add_row(name, f"{entry['value']:.3f}", f"{lo:.3f} - {hi:.3f}")
+    for name, entry in report.metrics.items():
+        lo, hi = entry.ci95
+        table.add_row(name, figure(entry.value), f"{figure(lo)} - {figure(hi)}")
     console.print(table)
-    (tn, fp), (fn, tp) = report["confusion"]
-    console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {report['ece']:.3f}")
-    for name, value in report["operating_points"].items():
+    (tn, fp), (fn, tp) = report.confusion
+    console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {figure(report.ece)}")
+    for name, value in report.operating_points.items():
         console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
-    warn_if_constant(report.get("output_spread"), report.get("images", report.get("studies")))
-    for name, drift in (report.get("split_drift") or {}).items():
+    warn_if_constant(report.output_spread, report.scored)
+    if not isinstance(report, StudyEvaluation):
         from ctedge.evaluation.evaluate import drift_warning
 
-        console.print(f"[bold red]warning:[/] {escape(drift_warning(name, drift))}", highlight=False)
-    baseline = report.get("shortcut_baseline") or {}
+        for name, drift in report.split_drift.items():
+            console.print(f"[bold red]warning:[/] {escape(drift_warning(name, drift))}", highlight=False)
+    baseline = report.shortcut_baseline
     if "auc" in baseline:
         console.print(f"shortcut baseline (file metadata only, trained on train): AUC {baseline['auc']:.3f} "
-                      f"beside the model's {report['metrics']['auc']['value']:.3f}")
+                      f"beside the model's {figure(report.metrics['auc'].value)}")

@@ -270,14 +270,17 @@ def add_head(features, units: int, dropout: float = 0.0, pool_size: int = 4):
     return layers.Dense(1, activation="sigmoid", name="head_output")(x)
 
 
-def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig) -> keras.Model:
-    """The full classifier: raw 0-255 image in, P(positive) out."""
+def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig,
+                backbone: keras.Model | None = None) -> keras.Model:
+    """The full classifier: raw 0-255 image in, P(positive) out; on ``backbone`` when
+    given (one already built from ``model_config``), else on a new one."""
     size = preprocess_config.image_size
     if size < MIN_IMAGE_SIZE:
         raise CtedgeError(f"{size} is too small for EfficientNet ({MIN_IMAGE_SIZE} or more)", param="image_size")
     if not 0 <= model_config.fine_tune_blocks <= BLOCKS:
         raise CtedgeError(f"must be 0-{BLOCKS}, not {model_config.fine_tune_blocks}", param="fine_tune_blocks")
-    backbone = build_backbone(model_config.weights, size, model_config.backbone)
+    if backbone is None:
+        backbone = build_backbone(model_config.weights, size, model_config.backbone)
     pretrained = is_pretrained(model_config.weights)
     freeze = pretrained if model_config.freeze_backbone is None else model_config.freeze_backbone
     set_trainable(backbone, freeze, model_config.fine_tune_blocks, pretrained)
