@@ -28,7 +28,7 @@ def model(tmp_path_factory) -> Path:
     """The one ONNX stand-in for an exported model (helpers.brightness_onnx, 32 px, with
     ctedge metadata): TensorFlow-free, built in milliseconds. The trained tiny model's
     own export is ``exported``."""
-    return brightness_onnx(tmp_path_factory.mktemp("stand-in") / "brightness.onnx", size=32)
+    return brightness_onnx(tmp_path_factory.mktemp("stand-in") / "bright.onnx", size=32)
 
 
 @pytest.fixture(scope="session")
