@@ -43,14 +43,13 @@ class Anatomy:
     def draw(cls, rng: np.random.Generator) -> "Anatomy":
         """A random patient: build, position, noise, slice spacing and extent and
         density of the opacities all vary, so patients are not copies of each other."""
-        start = rng.uniform(0.3, 0.45)
-        return cls(body=(0.45 * rng.uniform(0.8, 1.08), 0.35 * rng.uniform(0.75, 1.15)),
-                   lungs=rng.uniform(0.7, 1.15), lung_gap=0.2 * rng.uniform(0.8, 1.15),
-                   shift=(rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08)), tilt=rng.uniform(-15, 15),
-                   noise=rng.uniform(15, 45),
-                   spacing=float(rng.choice([1.25, 2.5, 3.0, 5.0])),
-                   opacity_extent=(start, min(0.85, start + rng.uniform(0.2, 0.4))),
-                   opacity=rng.uniform(250, 500), patches=(2, int(rng.integers(4, 7))))
+        start = rng.uniform(0.35, 0.45)
+        return cls(body=(0.45 * rng.uniform(0.93, 1.05), 0.35 * rng.uniform(0.9, 1.08)),
+                   lungs=rng.uniform(0.9, 1.08), lung_gap=0.2 * rng.uniform(0.93, 1.07),
+                   shift=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)), tilt=rng.uniform(-10, 10),
+                   noise=rng.uniform(20, 32), spacing=float(rng.choice([1.25, 2.5, 3.0, 5.0])),
+                   opacity_extent=(start, min(0.85, start + rng.uniform(0.25, 0.4))),
+                   opacity=rng.uniform(380, 520), patches=(3, int(rng.integers(5, 8))))
 
 
 def fixed_uid(rng: np.random.Generator) -> str:
