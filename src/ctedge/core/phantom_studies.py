@@ -43,13 +43,13 @@ class Anatomy:
     def draw(cls, rng: np.random.Generator) -> "Anatomy":
         """A random patient: build, position, noise, slice spacing and extent and
         density of the opacities all vary, so patients are not copies of each other."""
-        start = rng.uniform(0.35, 0.45)
-        return cls(body=(0.45 * rng.uniform(0.93, 1.05), 0.35 * rng.uniform(0.9, 1.08)),
-                   lungs=rng.uniform(0.9, 1.08), lung_gap=0.2 * rng.uniform(0.93, 1.07),
-                   shift=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)), tilt=rng.uniform(-10, 10),
-                   noise=rng.uniform(20, 32), spacing=float(rng.choice([1.25, 2.5, 3.0, 5.0])),
-                   opacity_extent=(start, min(0.85, start + rng.uniform(0.25, 0.4))),
-                   opacity=rng.uniform(380, 520), patches=(3, int(rng.integers(5, 8))))
+        start = rng.uniform(0.38, 0.42)
+        return cls(body=(0.45 * rng.uniform(0.98, 1.02), 0.35 * rng.uniform(0.98, 1.02)),
+                   lungs=rng.uniform(0.98, 1.02), lung_gap=0.2 * rng.uniform(0.98, 1.02),
+                   shift=(rng.uniform(-0.015, 0.015), rng.uniform(-0.015, 0.015)), tilt=rng.uniform(-4, 4),
+                   noise=rng.uniform(22, 30), spacing=float(rng.choice([1.25, 2.5, 3.0, 5.0])),
+                   opacity_extent=(start, min(0.85, start + rng.uniform(0.3, 0.37))),
+                   opacity=rng.uniform(450, 520), patches=(3, 7))
 
 
 def fixed_uid(rng: np.random.Generator) -> str:
