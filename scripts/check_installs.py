@@ -30,6 +30,7 @@ ORT_DISTRIBUTIONS = {"onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "
 DOCUMENTED = {
     ".": (None, False),
     ".[cpu]": ("onnxruntime", False),
+    ".[cpu,eval]": ("onnxruntime", False),
     ".[cuda]": ("onnxruntime-gpu", False),
     ".[openvino]": (None, True),
     ".[cpu,openvino]": ("onnxruntime", True),

@@ -18,9 +18,17 @@ from typer.testing import CliRunner  # noqa: E402
 
 from ctedge.cli import app  # noqa: E402
 from ctedge.core.phantoms import make_dataset  # noqa: E402
-from helpers import TRAIN_SIZE, tune_args  # noqa: E402
+from helpers import TRAIN_SIZE, brightness_onnx, tune_args  # noqa: E402
 
 runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory) -> Path:
+    """The one ONNX stand-in for an exported model (helpers.brightness_onnx, 32 px, with
+    ctedge metadata): TensorFlow-free, built in milliseconds. The trained tiny model's
+    own export is ``exported``."""
+    return brightness_onnx(tmp_path_factory.mktemp("stand-in") / "bright.onnx", size=32)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +74,8 @@ def exported(tmp_path_factory, trained_run, phantom_data):
     out = tmp_path_factory.mktemp("exports") / "tiny.onnx"
     report = export_onnx(trained_run / "model.keras", out, ExportOptions(
         fp16=True, int8=True, calibration_data=str(phantom_data), calibration_count=8,
-        check_data=str(phantom_data), check_count=16, int8_tolerance=1.0, openvino=True))
+        check_data=str(phantom_data), check_count=16, int8_tolerance=1.0, openvino=True,
+        keep_flagged=True))
     keep = os.environ.get("CTEDGE_KEEP_TEST_EXPORT")  # .ci/run checks the base install on it
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)

@@ -80,3 +80,24 @@ def test_demo_phantoms_carry_no_file_size_shortcut(phantom_data):
     for p in phantom_data.rglob("*.png"):
         sizes[p.parent.name].add(p.stat().st_size)
     assert sizes["CT_COVID"] == sizes["CT_NonCOVID"] and len(sizes["CT_COVID"]) == 1
+
+
+def test_phantom_patients_are_not_near_duplicates_of_each_other(tmp_path):
+    """`demo --study` draws each patient's anatomy: the same slice of different patients
+    is no near-duplicate for the audit (it once found 842 such pairs across the demo's
+    splits), while the default anatomy is the phantom the other tests know."""
+    from ctedge.core.data import DataOptions
+    from ctedge.core.imageio import DEFAULT_WINDOW, hu_to_gray
+    from ctedge.core.phantom_studies import Anatomy, phantom_slice
+    from ctedge.evaluation.audit import audit
+
+    rng = np.random.default_rng(0)
+    for patient in range(12):
+        folder = tmp_path / ("CT_COVID" if patient % 2 else "CT_NonCOVID")
+        folder.mkdir(exist_ok=True)
+        hu = phantom_slice(np.random.default_rng(patient), 64, 1.0, False, Anatomy.draw(rng))
+        cv2.imwrite(str(folder / f"P{patient:04d}_s012.png"), np.round(hu_to_gray(hu, DEFAULT_WINDOW)).astype(np.uint8))
+    report = audit(DataOptions(root=str(tmp_path), test_fraction=0.0, val_fraction=0.0), image_size=64)
+    assert report["near_duplicates"] == []
+    np.testing.assert_array_equal(phantom_slice(np.random.default_rng(1), 64, 1.0, True),
+                                  phantom_slice(np.random.default_rng(1), 64, 1.0, True, Anatomy()))

@@ -4,6 +4,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from ctedge.cli import app
+from ctedge.core.results import ImageEvaluation, StudyEvaluation
 
 runner = CliRunner()
 
@@ -43,6 +44,8 @@ def test_evaluate_prints_metrics_with_cis(tmp_path, trained_run, phantom_data):
                                  "--json", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "m.json").read_text())
+    assert list(report) == ImageEvaluation.keys()  # the --json is the typed report's schema, every key
+    assert json.loads((out / "metrics.json").read_text()) == report
     assert report["images"] == 24
     for entry in report["metrics"].values():
         lo, hi = entry["ci95"]
@@ -113,6 +116,7 @@ def test_demo_study_runs_the_whole_study_path(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "d.json").read_text())
     evaluation = report["evaluation"]
+    assert list(evaluation) == StudyEvaluation.keys()
     assert evaluation["unit"] == "study" and evaluation["failed"] == []
     assert (evaluation["studies"], evaluation["patients"], report["held_out_patients"]) == (6, 6, 6)
     assert sorted(p.name for p in (demo / "studies" / "test" / "CT_NonCOVID").iterdir()) == ["P0006", "P0007", "P0008.zip"]

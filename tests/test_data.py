@@ -6,6 +6,7 @@ import pytest
 
 from ctedge.core.data import DataOptions, discover, load_split, split_from_lists
 from ctedge.core.errors import CtedgeError
+from ctedge.core.files import file_digest
 from ctedge.core.preprocess import PreprocessConfig
 from ctedge.training.splits import load_data, make_splits, random_split
 
@@ -61,6 +62,7 @@ def test_group_aware_split_keeps_groups_together(tmp_path):
                 cv2.imwrite(str(tmp_path / cls / f"{cls}{group}-p{k}.png"), phantom(rng, 32, label))
     parts = random_split(discover(tmp_path), seed=0, group_regex=r"^(.*)-p\d")
     groups = {p: {s.path.name.split("-p")[0] for s in parts[p]} for p in parts}
+    assert all(groups[p] for p in ("train", "val", "test")), "a part with no group makes the check empty"
     assert not (groups["train"] & groups["test"] or groups["train"] & groups["val"]
                 or groups["val"] & groups["test"])
 
@@ -111,6 +113,18 @@ def test_unreadable_files_are_named_skipped_and_counted(tmp_path, phantom_data):
     assert len(loaded.y) == 24
     assert sorted(p.split("/")[-1] for p, _ in loaded.unreadable) == ["corrupt.png", "notes.png"]
     assert loaded.x.shape == (24, 32, 32, 3)
+
+
+def test_decoding_reports_progress_and_reuses_known_digests(phantom_data):
+    samples = discover(phantom_data).samples
+    events = []
+    known = {samples[0].path: "f" * 64}
+    loaded = load_split(samples, PreprocessConfig(image_size=32), progress=events.append, task="decoding train",
+                        digests=known)
+    assert [(e.task, e.done, e.total) for e in events] == [("decoding train", n, len(samples))
+                                                            for n in range(len(samples) + 1)]
+    assert loaded.hashes[loaded.paths.index(samples[0].path)] == "f" * 64
+    assert loaded.hashes[1] == file_digest(loaded.paths[1])
 
 
 def test_annotated_images_are_dropped_or_reported(tmp_path, phantom_data):

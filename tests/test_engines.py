@@ -26,11 +26,6 @@ HAS_BF16 = "BF16" in capabilities("CPU")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return brightness_onnx(tmp_path_factory.mktemp("engines") / "bright.onnx")
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Two labelled class folders whose brightness predicts the class, plus one broken file."""
     root = tmp_path_factory.mktemp("bright-data")

@@ -66,6 +66,22 @@ def test_fp16_and_int8_variants_have_their_own_cards(exported):
     assert any(i.data_type == onnx.TensorProto.INT8 for i in int8.graph.initializer)
 
 
+def test_a_variant_beyond_tolerance_is_dropped_and_an_old_file_of_its_name_goes(exported, tmp_path):
+    path, report = exported
+    images = np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 3)).astype("float32")
+    reference = export.onnx_probabilities(path, images)
+    check = {"images": images, "labels": None, "source": "random", "reference": reference - 0.2,
+             "spread": None}
+    target = tmp_path / "m_fp16.onnx"
+    target.write_bytes(b"an older export")
+    fp16 = export.to_fp16(onnx.load(path))
+    card = export._finish_variant(fp16, target, "fp16", 1e-2, {}, check, ExportOptions())
+    assert card["parity"]["status"] == "dropped" and card["file"] is None
+    assert not target.exists() and not target.with_suffix(".json").exists()
+    kept = export._finish_variant(fp16, target, "fp16", 1e-2, {}, check, ExportOptions(keep_flagged=True))
+    assert kept["parity"]["status"] == "flagged" and target.is_file()
+
+
 def test_openvino_ir_passes_the_gate_and_runs_with_its_metadata(exported):
     from ctedge.edge.engines.openvino import capabilities as ov_capabilities
     from ctedge.edge.runtime import Classifier

@@ -15,7 +15,8 @@ def tiny(size: int = 64, **config) -> keras.Model:
 
 
 @pytest.fixture(scope="module")
-def model():
+def tiny_keras():
+    """The tiny-backbone Keras classifier at 64 px (``model`` is the ONNX stand-in, conftest.py)."""
     return tiny()
 
 
@@ -31,8 +32,8 @@ def test_head_is_the_papers_on_efficientnetb3():
     assert out.units == 1 and out.activation.__name__ == "sigmoid"
 
 
-def test_tiny_backbone_has_b3s_layer_names_at_a_fraction_of_its_size(model):
-    backbone = backbone_of(model)
+def test_tiny_backbone_has_b3s_layer_names_at_a_fraction_of_its_size(tiny_keras):
+    backbone = backbone_of(tiny_keras)
     names = {layer.name for layer in backbone.layers}
     assert {"stem_conv", "top_conv", *(f"block{i}a_project_conv" for i in range(1, 8))} <= names
     assert backbone.count_params() < 100_000
@@ -43,13 +44,13 @@ def test_tiny_backbone_has_b3s_layer_names_at_a_fraction_of_its_size(model):
         build_backbone("none", 64, "b7")
 
 
-def test_pool_is_4x4_where_the_feature_map_allows(model):
+def test_pool_is_4x4_where_the_feature_map_allows(tiny_keras):
     assert tiny(128).get_layer("head_pool").pool_size == (4, 4)
-    assert model.get_layer("head_pool").pool_size == (2, 2)  # 64 px: a 2x2 feature map
+    assert tiny_keras.get_layer("head_pool").pool_size == (2, 2)  # 64 px: a 2x2 feature map
 
 
-def test_output_is_a_probability_per_image(model):
-    p = model.predict(np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)), verbose=0)
+def test_output_is_a_probability_per_image(tiny_keras):
+    p = tiny_keras.predict(np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)), verbose=0)
     assert p.shape == (3, 1) and np.all((p >= 0) & (p <= 1))
 
 
@@ -62,8 +63,8 @@ def test_preprocessing_layer_survives_save_and_load(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), np.clip(x, 0, 255), atol=1e-3)
 
 
-def test_random_weights_train_the_backbone_and_pretrained_freeze_it(model, trained_backbone):
-    assert backbone_of(model).trainable
+def test_random_weights_train_the_backbone_and_pretrained_freeze_it(tiny_keras, trained_backbone):
+    assert backbone_of(tiny_keras).trainable
     pretrained = tiny(48, weights=str(trained_backbone))
     assert not backbone_of(pretrained).trainable
     assert not [w for w in pretrained.trainable_weights if not w.path.startswith("head_")]

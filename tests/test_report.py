@@ -109,10 +109,17 @@ def test_audit_and_evaluate_write_html_pages(tmp_path, trained_run, phantom_data
 
 
 def test_verdict_puts_the_model_against_the_shortcut_and_leakage():
-    evaluation = {"split": "val", "metrics": {"auc": {"value": 0.80, "ci95": [0.70, 0.88]}},
-                  "shortcut_baseline": {"auc": 0.75}}
+    from dataclasses import replace
+
+    from ctedge.core.results import Estimate, ImageEvaluation
+
+    evaluation = ImageEvaluation(
+        model="m.keras", data={}, split="val", external=False, group_regex=None, split_drift={}, images=40,
+        groups=None, skipped=[], dropped_annotated=[], threshold=0.5, positive=20,
+        metrics={"auc": Estimate(value=0.80, ci95=(0.70, 0.88))}, operating_points={},
+        confusion=[[15, 5], [5, 15]], ece=0.05, output_spread=0.6, shortcut_baseline={"auc": 0.75})
     assert 'class="verdict bad"' in verdict(evaluation, None)  # baseline inside the model's CI
-    evaluation["shortcut_baseline"]["auc"] = 0.60
+    evaluation = replace(evaluation, shortcut_baseline={"auc": 0.60})
     assert 'class="verdict good"' in verdict(evaluation, None)
     leaking = {"leakage": True, "cross_split_duplicates": 3, "shortcut_baseline": {}}
     assert "Leakage: 3" in verdict(evaluation, leaking)

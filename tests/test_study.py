@@ -31,15 +31,9 @@ from ctedge.core.phantom_studies import (
 )
 from ctedge.edge import study as st
 from ctedge.edge.runtime import Classifier
-from helpers import brightness_onnx
 
 runner = CliRunner()
 OPACITY = (7, 8, 9)  # slices with ground glass in the positive patients' flat-lung volumes
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return brightness_onnx(tmp_path_factory.mktemp("model") / "brightness.onnx", size=32)
 
 
 @pytest.fixture(scope="module")

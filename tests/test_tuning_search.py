@@ -81,9 +81,9 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
     saved best model must carry that same backbone, not a fresh random one."""
     from ctedge.core.preprocess import PreprocessConfig
     from ctedge.core.runconfig import RunConfig
+    from ctedge.training.features import backbone_features
     from ctedge.training.model import backbone_of, load_model
     from ctedge.training.splits import load_data
-    from ctedge.training.tuning import backbone_features
 
     args = ["tune", str(phantom_data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
             "--max-trials", "1",

@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from ctedge.core.errors import CtedgeError
+from ctedge.core.phantom_studies import Anatomy
 from ctedge.core.phantoms import WINDOW, make_dataset
+from ctedge.core.progress import ProgressFn
+from ctedge.core.results import Scores, evaluation_from_dict
 
 
 def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
-             backbone: str = "b3") -> dict:
+             backbone: str = "b3", progress: ProgressFn | None = None) -> dict:
     """Phantoms -> train (weights none, 64 px, whole network, lr 1e-3, no augmentation:
     from scratch on 128 images it keeps the model from learning in a few epochs)
     -> evaluate on the held-out test part."""
@@ -31,20 +34,20 @@ def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
           TrainConfig(epochs=epochs, learning_rate=1e-3, patience=epochs),
           ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
           PreprocessConfig(image_size=64, augment=AugmentConfig(rotation_deg=0.0, shift=0.0, horizontal_flip=False, zoom=0.0)),
-          run_dir)
-    report = evaluate(run_dir / "model.keras", data, split="test", resamples=500)
-    verdict, above = against_chance(report, report["images"], "test")
+          run_dir, progress=progress)
+    report = evaluate(run_dir / "model.keras", data, split="test", resamples=500, progress=progress)
+    verdict, above = against_chance(report, "test")
     return {"data": str(data), "run_dir": str(run_dir), "evaluation": report,
             "verdict": verdict, "above_chance": above, "seconds": time.perf_counter() - started}
 
 
-def against_chance(report: dict, count: int, what: str) -> tuple[str, bool]:
+def against_chance(report: Scores, what: str) -> tuple[str, bool]:
     """The verdict: is the accuracy's CI above always answering the larger class?"""
-    accuracy = report["metrics"]["accuracy"]
-    chance = max(report["positive"], count - report["positive"]) / count
-    above = accuracy["ci95"][0] > chance
-    return (f"{what} accuracy {accuracy['value']:.3f} (95% CI {accuracy['ci95'][0]:.3f}-"
-            f"{accuracy['ci95'][1]:.3f}) vs chance {chance:.3f}: "
+    accuracy, count = report.metrics["accuracy"], report.scored
+    chance = max(report.positive, count - report.positive) / count
+    above = accuracy.ci95[0] > chance
+    return (f"{what} accuracy {accuracy.value:.3f} (95% CI {accuracy.ci95[0]:.3f}-"
+            f"{accuracy.ci95[1]:.3f}) vs chance {chance:.3f}: "
             + ("well above chance" if above else "NOT clearly above chance")), above
 
 
@@ -52,9 +55,10 @@ CLASSES = (("CT_NonCOVID", False), ("CT_COVID", True))
 
 
 def write_patients(root: Path, rng: np.random.Generator, first: int, count: int, slices: int, size: int,
-                   zip_every: int = 0) -> list[tuple[str, bool, Path]]:
+                   zip_every: int = 0) -> list[tuple[str, bool, Path, Anatomy]]:
     """``count`` phantom patients per class as DICOM studies (axial series + scout) in
-    ``root/CLASS/PATIENT``; every ``zip_every``-th as PATIENT.zip (stored, not
+    ``root/CLASS/PATIENT``, each of its own build, position, noise, slice spacing and
+    opacities (``Anatomy.draw``); every ``zip_every``-th as PATIENT.zip (stored, not
     compressed, so file sizes stay equal across classes)."""
     import shutil
     import zipfile
@@ -66,19 +70,21 @@ def write_patients(root: Path, rng: np.random.Generator, first: int, count: int,
         for i in range(count):
             patient = f"P{first + len(written):04d}"
             folder = root / name / patient
-            write_study(folder, rng, positive, slices, size, patient_id=patient)
+            anatomy = Anatomy.draw(rng)
+            write_study(folder, rng, positive, slices, size, patient_id=patient, anatomy=anatomy)
             if zip_every and i % zip_every == zip_every - 1:
                 with zipfile.ZipFile(folder.with_suffix(".zip"), "w", zipfile.ZIP_STORED) as archive:
                     for file in sorted(folder.iterdir()):
                         archive.write(file, file.name)
                 shutil.rmtree(folder)
                 folder = folder.with_suffix(".zip")
-            written.append((patient, positive, folder))
+            written.append((patient, positive, folder, anatomy))
     return written
 
 
 def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: int = 32, slices: int = 24,
-                   backbone: str = "b3", size: int = 64, seed: int = 0) -> dict:
+                   backbone: str = "b3", size: int = 64, seed: int = 0,
+                   progress: ProgressFn | None = None) -> dict:
     """The whole study path on phantom patients (``patients`` per class, half held out):
 
     DICOM studies -> the training patients' lung slices as PNG class folders (a
@@ -106,31 +112,34 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: in
     held_out = patients // 2
     training = write_patients(out / "studies" / "train", rng, 0, patients - held_out, slices, size)
     testing = write_patients(out / "studies" / "test", rng, len(training), held_out, slices, size, zip_every=3)
-    marked = opacity_slices(slices)
     slice_root = out / "slices"
-    for patient, positive, folder in training:
+    for patient, positive, folder, anatomy in training:
+        marked = opacity_slices(slices, anatomy.opacity_extent)
         for study in find_studies(folder):
             export_slices(study, slice_root / CLASSES[positive][0], patient, WINDOW,
-                          keep=(lambda i, n: bool(marked[i])) if positive else None)
+                          keep=(lambda i, n, marked=marked: bool(marked[i])) if positive else None)
     seconds["write_studies_and_slices"] = time.perf_counter() - started
     run_dir = out / "run"
     train(DataOptions(root=str(slice_root), test_fraction=0.0, val_fraction=0.25, group_regex=r"^(P\d+)_"),
           TrainConfig(epochs=epochs, learning_rate=1e-3, patience=epochs),
           ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
-          PreprocessConfig(image_size=size, augment=AugmentConfig(rotation_deg=0.0, shift=0.0, horizontal_flip=False, zoom=0.0)), run_dir)
+          PreprocessConfig(image_size=size, augment=AugmentConfig(rotation_deg=0.0, shift=0.0, horizontal_flip=False,
+                                                                 zoom=0.0)),
+          run_dir, progress=progress)
     seconds["train"] = time.perf_counter() - started - sum(seconds.values())
     onnx = run_dir / "model.onnx"
     export_onnx(run_dir / "model.keras", onnx, ExportOptions(check_data=str(slice_root), check_count=16))
     seconds["export"] = time.perf_counter() - started - sum(seconds.values())
-    examples = [next(f for _, p, f in testing if p == positive) for positive in (True, False)]
+    examples = [next(f for _, p, f, _ in testing if p == positive) for positive in (True, False)]
     plots = out / "predict-plots"
     results = predict_studies(Classifier(onnx), examples, StudyOptions(keep_thumbnails=True))
     from ctedge.core.plots import study_plot
 
     predicted = [{**r.to_dict(), "plot": str(study_plot(r, plots))} for r in results]
-    report = evaluate_studies(onnx, out / "studies" / "test", out_dir=run_dir / "eval-studies", resamples=500)
+    report = evaluation_from_dict(evaluate_studies(onnx, out / "studies" / "test", out_dir=run_dir / "eval-studies",
+                                                   resamples=500))
     seconds["predict_and_evaluate"] = time.perf_counter() - started - sum(seconds.values())
-    verdict, above = against_chance(report, report["studies"], "held-out patients:")
+    verdict, above = against_chance(report, "held-out patients:")
     return {"studies": str(out / "studies"), "slices": str(slice_root), "run_dir": str(run_dir), "onnx": str(onnx),
             "training_patients": len(training), "held_out_patients": len(testing),
             "training_slices": sum(1 for _ in slice_root.rglob("*.png")), "predicted": predicted,

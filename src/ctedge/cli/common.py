@@ -172,10 +172,6 @@ def model_config(*, weights: str, backbone: Backbone | None, freeze_backbone: bo
                        freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks, **head)
 
 
-VERBOSE = {"on": False}  # set by the --verbose option before a command runs
-LIMITS = {"max_pixels": DEFAULT_MAX_PIXELS, "max_bytes": DEFAULT_MAX_BYTES}  # set by --max-pixels/--max-bytes
-
-
 class PrintableLog(logging.Filter):
     """Log lines carry text from files (paths, DICOM tags): shown without control characters."""
 
@@ -185,6 +181,20 @@ class PrintableLog(logging.Filter):
         except (TypeError, ValueError):  # a malformed call: logged as it is
             pass
         return True
+
+
+def _given(key: str, default):
+    """What the ``ctedge`` group's options set for this command (kept on the click
+    context, not in a global)."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    return context.find_root().meta.get(f"ctedge.{key}", default) if context else default
+
+
+def verbose() -> bool:
+    """Whether ``ctedge --verbose`` was given."""
+    return bool(_given("verbose", False))
 
 
 def _setup_logging() -> None:
@@ -215,7 +225,7 @@ def command(func=None, *, tensorflow: bool = False):
         try:
             if tensorflow:
                 from ctedge.training.quiet import import_tensorflow
-                import_tensorflow(VERBOSE["on"])
+                import_tensorflow(verbose())
             return func(*args, **kwargs)
         except CtedgeError as exc:
             message = exc.with_name(flag(exc.param)) if exc.param else str(exc)
@@ -375,9 +385,10 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def main(context: typer.Context,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Print the version and exit.")] = False,
-         verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
+         verbose_flag: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
                                                "and C++ log lines (hidden by default).")] = False,
          max_pixels: Annotated[int, typer.Option(
              envvar="CTEDGE_MAX_PIXELS", help="Refuse images of more pixels than this, read from the "
@@ -389,48 +400,60 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
     from ctedge.core.dicom import check_budgets
     from ctedge.core.imageio import set_max_pixels
 
-    VERBOSE["on"] = verbose
+    context.meta["ctedge.verbose"] = verbose_flag
     try:
         check_budgets(max_pixels=max_pixels, max_bytes=max_bytes)
     except CtedgeError as exc:
         raise typer.BadParameter(exc.detail, param_hint=flag(exc.param)) from None
     set_max_pixels(max_pixels)  # single images; studies get both budgets through StudyOptions
-    LIMITS.update(max_pixels=max_pixels, max_bytes=max_bytes)
+    context.meta.update({"ctedge.max_pixels": max_pixels, "ctedge.max_bytes": max_bytes})
 
 
 def study_options(**options) -> StudyOptions:
     """StudyOptions with the read budgets given to `ctedge` (--max-pixels, --max-bytes)."""
-    return StudyOptions(**LIMITS, **options)
+    return StudyOptions(max_pixels=_given("max_pixels", DEFAULT_MAX_PIXELS),
+                        max_bytes=_given("max_bytes", DEFAULT_MAX_BYTES), **options)
 
 
-def print_metrics(report: dict) -> None:
-    """Metric table with CIs, confusion matrix and operating points."""
+def figure(value: float | None, digits: int = 3) -> str:
+    """A metric for a table: fixed digits, '-' where it is undefined."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_metrics(report) -> None:
+    """Metric table with CIs, confusion matrix and operating points of an evaluation
+    (``ctedge.core.results``; a study evaluation's dict is read into its record)."""
     from rich.table import Table
 
-    if report.get("unit") == "study":
-        title = (f"{report['studies']} studies of {report['patients']} patients ({report['positive']} "
-                 f"positive), threshold {report['threshold']}, CIs resampled by patient")
+    from ctedge.core.results import StudyEvaluation, evaluation_from_dict
+
+    if isinstance(report, dict):
+        report = evaluation_from_dict(report)
+    if isinstance(report, StudyEvaluation):
+        title = (f"{report.studies} studies of {report.patients} patients ({report.positive} "
+                 f"positive), threshold {report.threshold}, CIs resampled by patient")
     else:
-        title = f"{report['split']} split: {report['images']} images ({report['positive']} positive), " \
-                f"threshold {report['threshold']}"
+        title = f"{report.split} split: {report.images} images ({report.positive} positive), " \
+                f"threshold {report.threshold}"
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI", justify="right")
-    for name, entry in report["metrics"].items():
-        lo, hi = entry["ci95"]
-        table.add_row(name, f"{entry['value']:.3f}", f"{lo:.3f} - {hi:.3f}")
+    for name, entry in report.metrics.items():
+        lo, hi = entry.ci95
+        table.add_row(name, figure(entry.value), f"{figure(lo)} - {figure(hi)}")
     console.print(table)
-    (tn, fp), (fn, tp) = report["confusion"]
-    console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {report['ece']:.3f}")
-    for name, value in report["operating_points"].items():
+    (tn, fp), (fn, tp) = report.confusion
+    console.print(f"confusion: TN {tn}  FP {fp}  FN {fn}  TP {tp};  ECE {figure(report.ece)}")
+    for name, value in report.operating_points.items():
         console.print(f"  {name.replace('_', ' ')}: {value:.3f}")
-    warn_if_constant(report.get("output_spread"), report.get("images", report.get("studies")))
-    for name, drift in (report.get("split_drift") or {}).items():
+    warn_if_constant(report.output_spread, report.scored)
+    if not isinstance(report, StudyEvaluation):
         from ctedge.evaluation.evaluate import drift_warning
 
-        console.print(f"[bold red]warning:[/] {escape(drift_warning(name, drift))}", highlight=False)
-    baseline = report.get("shortcut_baseline") or {}
+        for name, drift in report.split_drift.items():
+            console.print(f"[bold red]warning:[/] {escape(drift_warning(name, drift))}", highlight=False)
+    baseline = report.shortcut_baseline
     if "auc" in baseline:
         console.print(f"shortcut baseline (file metadata only, trained on train): AUC {baseline['auc']:.3f} "
-                      f"beside the model's {report['metrics']['auc']['value']:.3f}")
+                      f"beside the model's {figure(report.metrics['auc'].value)}")

@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 
 from ctedge.cli.common import (
-    VERBOSE,
     AggregateOpt,
     CacheDir,
     DataArg,
@@ -39,14 +38,18 @@ from ctedge.cli.common import (
     print_metrics,
     shown,
     study_options,
+    verbose,
     write_json,
+    write_text,
 )
+from ctedge.cli.progress import Bars
 from ctedge.core.choices import Aggregate, EvalSplit
 from ctedge.core.data import HASH_THRESHOLD, DataOptions
 from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD
 from ctedge.core.preprocess import PreprocessConfig
 from ctedge.core.progress import console
+from ctedge.core.results import StudyEvaluation, dumps, evaluation_from_dict, plain
 from ctedge.edge.engines import Provider, Runtime
 from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, StudyOptions
 
@@ -101,36 +104,46 @@ def evaluate(
     check_outputs((out or default_out, "--out", True), (json_out, "--json"), (html_out, "--html"),
                   inputs=[*model_files(model), data])
     if study:
-        report = evaluate_studies_command(model, data, threshold, out, resamples, positive, study_options(
-            series_uid=series, slice_step=slice_step, max_slices=max_slices, aggregate=aggregate, top_k=top_k),
+        report = evaluation_from_dict(evaluate_studies_command(
+            model, data, threshold, out, resamples, positive, study_options(
+                series_uid=series, slice_step=slice_step, max_slices=max_slices, aggregate=aggregate, top_k=top_k),
             engine={"runtime": runtime, "precision": precision, "provider": provider, "threads": threads,
-                    "cache_dir": str(cache_dir) if cache_dir else None})
+                    "cache_dir": str(cache_dir) if cache_dir else None}))
     else:
-        if model.suffix.lower() == ".onnx":
-            raise CtedgeError(f"{model}: an .onnx model is evaluated on whole studies (--study, class folders "
-                              "of studies); image-level evaluation takes the trained .keras model")
-        from ctedge.evaluation.evaluate import evaluate as run_evaluation
-        from ctedge.training.quiet import import_tensorflow
-
-        import_tensorflow(VERBOSE["on"])
-        report = run_evaluation(model, data, split, DEFAULT_THRESHOLD if threshold is None else threshold, out, resamples,
-                                split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
-                                external=external, positive=positive)
-        if report["external"]:
-            console.print(f"{data} is not the training data: scored every readable image there "
-                          f"({report['images']}), no split, no shortcut baseline (no training set to fit it on)",
-                          highlight=False, markup=False)
-        print_metrics(report)
-        console.print(f"plots and metrics.json in {report['out_dir']}")
-    write_json(report, json_out)
+        report = _evaluate_images(model, data, split, DEFAULT_THRESHOLD if threshold is None else threshold, out,
+                                  resamples, split_dir, group_regex, external, positive)
+    write_text(dumps(report), json_out)
     if html_out:
         from ctedge.evaluation.report import evaluation_section, verdict, write_page
 
         write_page(html_out, f"ctedge evaluation: {model}", [verdict(report, None), evaluation_section(report)],
                    f"data {data}")
         console.print(f"HTML page: {html_out}")
-    if report.get("failed"):
+    if isinstance(report, StudyEvaluation) and report.failed:
         raise typer.Exit(ExitCode.FAILED)
+
+
+def _evaluate_images(model: Path, data: Path, split: str, threshold: float, out: Path | None, resamples: int,
+                     split_dir: Path | None, group_regex: str | None, external: bool, positive: str | None):
+    """`evaluate MODEL.keras DATA`: the typed report, its table printed."""
+    if model.suffix.lower() == ".onnx":
+        raise CtedgeError(f"{model}: an .onnx model is evaluated on whole studies (--study, class folders "
+                          "of studies); image-level evaluation takes the trained .keras model")
+    from ctedge.evaluation.evaluate import evaluate as run_evaluation
+    from ctedge.training.quiet import import_tensorflow
+
+    import_tensorflow(verbose())
+    with Bars() as bars:
+        report = run_evaluation(model, data, split, threshold, out, resamples,
+                                split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
+                                external=external, positive=positive, progress=bars)
+    if report.external:
+        console.print(f"{data} is not the training data: scored every readable image there "
+                      f"({report.images}), no split, no shortcut baseline (no training set to fit it on)",
+                      highlight=False, markup=False)
+    print_metrics(report)
+    console.print(f"plots and metrics.json in {report.out_dir}")
+    return report
 
 
 def evaluate_studies_command(model: Path, data: Path, threshold: float | None, out: Path | None,
@@ -141,7 +154,7 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
 
     missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
-        raise CtedgeError(f"evaluate needs {' and '.join(missing)} (not TensorFlow): pip install 'ctedge[train]'")
+        raise CtedgeError(f"evaluate --study needs {' and '.join(missing)} (not TensorFlow): pip install 'ctedge[eval]'")
     from ctedge.evaluation.evaluate import evaluate_studies
 
     report = evaluate_studies(model, data, threshold, out, resamples, positive=positive, options=options,
@@ -189,8 +202,10 @@ def audit(
     from ctedge.evaluation.audit import audit as run_audit
 
     check_outputs((json_out, "--json"), (html_out, "--html"), inputs=[data])
-    report = run_audit(data_options(data, positive=positive, split_dir=split_dir, group_regex=group_regex, seed=seed,
-                                    test_fraction=test_fraction, val_fraction=val_fraction), image_size, threshold)
+    with Bars() as bars:
+        report = run_audit(data_options(data, positive=positive, split_dir=split_dir, group_regex=group_regex,
+                                        seed=seed, test_fraction=test_fraction, val_fraction=val_fraction),
+                           image_size, threshold, bars)
     for split, b in report["balance"].items():
         if b["images"]:
             console.print(f"{split}: {b['images']} images, {b['positive']} positive "
@@ -256,7 +271,8 @@ def explain(
     check_outputs((out, "--out", True), (json_out, "--json"), inputs=[*model_files(model), *files])
     config = RunConfig.load(model)
     positive = (config.positive if config else None) or "positive"
-    report = run_explain(model, files, out, threshold, positive, alpha, sheet=sheet)
+    with Bars() as bars:
+        report = run_explain(model, files, out, threshold, positive, alpha, sheet=sheet, progress=bars)
     rows = report["explanations"]
     failed = print_file_rows(f"Grad-CAM for P({positive}), threshold {threshold}", rows, "overlay")
     if report["contact_sheet"]:
@@ -293,11 +309,12 @@ def report(
     from ctedge.evaluation.report import build
 
     check_outputs((out or run_dir / "report.html", "--out"), (json_out, "--json"))
-    result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh, study, onnx)
+    with Bars() as bars:
+        result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh, study, onnx, bars)
     print_metrics(result["evaluation"])
     audit = result["audit"]
     if audit:
         console.print(f"audit: {len(audit['near_duplicates'])} near-duplicate pair(s), "
                       f"{audit['cross_split_duplicates']} across splits; {len(audit['annotated'])} annotated")
     console.print(f"[green]report:[/] {escape(str(result['report']))}")
-    write_json(result, json_out)
+    write_json(plain(result), json_out)

@@ -45,6 +45,7 @@ from ctedge.cli.common import (
     warn_if_constant,
     write_json,
 )
+from ctedge.cli.progress import Bars
 from ctedge.core.choices import (
     Algorithm,
     Backbone,
@@ -57,6 +58,7 @@ from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.metrics import DEFAULT_THRESHOLD
 from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
 from ctedge.core.progress import console
+from ctedge.core.results import plain
 from ctedge.core.runconfig import ModelConfig, TrainConfig
 
 
@@ -107,17 +109,18 @@ def train(
 
     run_dir = out if (out or resume) else default_run_dir()
     check_outputs((run_dir, "--out", True), (json_out, "--json"), inputs=[data])
-    summary = run_training(
-        data_options(data, positive=positive, clean=clean, split_dir=split_dir, group_regex=group_regex,
-                     seed=seed, test_fraction=test_fraction, val_fraction=val_fraction),
-        TrainConfig(epochs=epochs, batch_size=batch_size, early_stopping=early_stopping, patience=patience,
-                    checkpoint_best=checkpoint_best, seed=seed,
-                    **({} if learning_rate is None else {"learning_rate": learning_rate})),
-        model_config(weights=weights, backbone=backbone, units=units, dropout=dropout,
-                     freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
-        preprocess_config(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
-                          rotation=rotation, shift=shift, flip=flip, zoom=zoom),
-        run_dir, resume)
+    with Bars() as bars:
+        summary = run_training(
+            data_options(data, positive=positive, clean=clean, split_dir=split_dir, group_regex=group_regex,
+                         seed=seed, test_fraction=test_fraction, val_fraction=val_fraction),
+            TrainConfig(epochs=epochs, batch_size=batch_size, early_stopping=early_stopping, patience=patience,
+                        checkpoint_best=checkpoint_best, seed=seed,
+                        **({} if learning_rate is None else {"learning_rate": learning_rate})),
+            model_config(weights=weights, backbone=backbone, units=units, dropout=dropout,
+                         freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
+            preprocess_config(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
+                              rotation=rotation, shift=shift, flip=flip, zoom=zoom),
+            run_dir, resume, bars)
     result = summary["result"]
     for name, part in summary["splits"].items():
         if part["unreadable"]:
@@ -160,7 +163,9 @@ def demo(
     if study:
         from ctedge.demo import run_study_demo
 
-        report = run_study_demo(out or Path("demo-study"), epochs or 8, patients, slices, backbone)
+        with Bars() as bars:
+            report = run_study_demo(out or Path("demo-study"), epochs or 8, patients, slices, backbone,
+                                    progress=bars)
         for r in report["predicted"]:
             console.print(f"predict --study {r['input']}: P = {r['probability']:.3f} ({r['label']}), "
                           f"{r['slices_used']} of {r['slices_total']} slices classified; plot {r['plot']}",
@@ -171,23 +176,24 @@ def demo(
         console.print(f"studies: {report['studies']} (train/, test/: {report['held_out_patients']} held-out "
                       f"patients)\nslices:  {report['slices']} ({report['training_slices']} PNGs of "
                       f"{report['training_patients']} training patients)\nrun:     {report['run_dir']} "
-                      f"(model.keras, model.onnx)\npatient-level evaluation: {evaluation['out_dir']}\n"
+                      f"(model.keras, model.onnx)\npatient-level evaluation: {evaluation.out_dir}\n"
                       f"took {report['seconds']:.0f} s ("
                       + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in report["stage_seconds"].items())
                       + f")\nagain by hand: ctedge predict {onnx} {report['studies']}/test/CT_COVID/* --study; "
                       f"ctedge evaluate {onnx} {report['studies']}/test --study; "
                       f"ctedge report {report['run_dir']} --study --data {report['studies']}/test",
                       highlight=False, markup=False)
-        write_json(report, json_out)
+        write_json(plain(report), json_out)
         return
     from ctedge.demo import run_demo
 
-    report = run_demo(out or Path("demo"), epochs or 12, per_class, backbone)
+    with Bars() as bars:
+        report = run_demo(out or Path("demo"), epochs or 12, per_class, backbone, progress=bars)
     print_metrics(report["evaluation"])
     console.print(report["verdict"])
     console.print(f"data: {report['data']}\nrun:  {report['run_dir']}\n"
                   f"took {report['seconds']:.0f} s")
-    write_json(report, json_out)
+    write_json(plain(report), json_out)
 
 
 @command(tensorflow=True)
@@ -213,6 +219,11 @@ def export(
     allow_constant: Annotated[bool, typer.Option(
         "--allow-constant", help="Export even a model whose outputs on the check images span < 1e-3 "
                                  "(refused by default, exit 3).")] = False,
+    keep_flagged: Annotated[bool, typer.Option(
+        "--keep-flagged", help="Write a flagged variant (outside its --*-tolerance) anyway, marked in its card "
+                               "(by default it is dropped: not written).")] = False,
+    fail_on_flagged: Annotated[bool, typer.Option(
+        "--fail-on-flagged", help="Exit 1 when a variant is flagged (dropped or kept).")] = False,
     json_out: JsonOut = None,
 ) -> None:
     """Export a trained model to ONNX with preprocessing inside, metadata, a parity gate
@@ -235,31 +246,44 @@ def export(
         calibration_data=str(calibration_data) if calibration_data else None,
         check_data=str(check_data) if check_data else None, check_count=check_count,
         threshold=threshold, tolerance=tolerance, fp16_tolerance=fp16_tolerance,
-        int8_tolerance=int8_tolerance, openvino=openvino, allow_constant=allow_constant))
+        int8_tolerance=int8_tolerance, openvino=openvino, allow_constant=allow_constant,
+        keep_flagged=keep_flagged))
+    flagged = _print_export(report)
+    write_json(plain(report), json_out)
+    if flagged and fail_on_flagged:
+        raise typer.Exit(ExitCode.FAILED)
+
+
+def _print_export(report: dict) -> list[str]:
+    """The variants table and the dropped/flagged lines; returns the variants beyond tolerance."""
     from rich.table import Table
+
+    from ctedge.training.export import FLAGGED_MESSAGE
 
     table = Table(title=f"ONNX export of {report['model']}")
     for column in ("variant", "file", "MB", "max |Δp|", "agree", "AUC Δ", "status"):
         table.add_column(column)
-    flagged = False
+    flagged = []
     for name, card in report["variants"].items():
         check = card["parity"]
-        flagged |= check["status"] != "ok"
+        if check["status"] != "ok":
+            flagged.append(name)
         auc = f"{check['auc_change']:+.4f}" if "auc_change" in check else "-"
-        table.add_row(name, Path(card["file"]).name, f"{card['size_mb']:.1f}", f"{check['max_abs_diff']:.2e}",
-                      f"{check['decision_agreement']:.3f}", auc,
-                      "ok" if check["status"] == "ok" else "[red]FLAGGED[/]")
+        table.add_row(name, Path(card["file"]).name if card["file"] else "-",
+                      f"{card['size_mb']:.1f}" if card["size_mb"] is not None else "-",
+                      f"{check['max_abs_diff']:.2e}", f"{check['decision_agreement']:.3f}", auc,
+                      "ok" if check["status"] == "ok" else f"[yellow]{check['status'].upper()}[/]")
     console.print(table)
     spread = report["output_spread"]
     console.print(f"parity on {spread['check_data']}, where the model's outputs span {spread['value']:.3g}; "
                   f"files and model cards (.json) in {Path(report['output']).parent}")
     warn_if_constant(spread["value"], spread["images"])
-    write_json(report, json_out)
+    dropped = [name for name in flagged if report["variants"][name]["parity"]["status"] == "dropped"]
+    if dropped:
+        console.print(f"[yellow]dropped (beyond tolerance, not written): {', '.join(dropped)}[/]")
     if flagged:
-        from ctedge.training.export import FLAGGED_MESSAGE
-
-        console.print(f"[bold red]{FLAGGED_MESSAGE}[/]")
-        raise typer.Exit(ExitCode.FAILED)
+        console.print(f"[yellow]{FLAGGED_MESSAGE}[/]")
+    return flagged
 
 
 @command(tensorflow=True)
@@ -322,35 +346,50 @@ def tune(
     Distributed: `ctedge tune DATA --role chief --oracle 0.0.0.0:8000` on one machine,
     `ctedge tune DATA --role worker --oracle CHIEF:8000` on each other, one shared --directory.
     """
-    from dataclasses import replace
-
-    from rich.table import Table
-
-    from ctedge.training.tuning import SearchSpace, TuneOptions, set_distributed
+    from ctedge.training.tuning import TuneOptions, set_distributed
     from ctedge.training.tuning import tune as run_tuning
 
     check_outputs((directory, "--directory", True), (json_out, "--json"))
     set_distributed(role, oracle, tuner_id)
-    space = SearchSpace.from_file(search_space) if search_space else SearchSpace()
+    with Bars() as bars:
+        summary = run_tuning(
+            data_options(data, positive=positive, clean=clean, split_dir=split_dir, group_regex=group_regex,
+                         seed=seed, test_fraction=test_fraction, val_fraction=val_fraction),
+            model_config(weights=weights, backbone=backbone, fine_tune_blocks=fine_tune_blocks,
+                         freeze_backbone=False if fine_tune else freeze_backbone),
+            preprocess_config(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
+                              rotation=rotation, shift=shift, flip=flip, zoom=zoom),
+            TuneOptions(algorithm=algorithm, max_trials=max_trials, epochs=epochs, time_budget_min=time_budget,
+                        objective=objective, directory=str(directory), project=project, overwrite=overwrite,
+                        views=views, fine_tune=fine_tune, cache=cache, batch_size=batch_size, patience=patience,
+                        seed=seed),
+            _search_space(search_space, units, learning_rate, dropout), bars)
+    _print_trials(summary, objective)
+    write_json(summary, json_out)
+
+
+def _search_space(path: Path | None, units: int | None, learning_rate: float | None, dropout: float | None):
+    """The search space (from its file or the default) with the first trial's values given."""
+    from dataclasses import replace
+
+    from ctedge.training.tuning import SearchSpace
+
+    space = SearchSpace.from_file(path) if path else SearchSpace()
     first = {name: value for name, value in (("default_units", units), ("default_lr", learning_rate),
                                              ("default_dropout", dropout)) if value is not None}
-    summary = run_tuning(
-        data_options(data, positive=positive, clean=clean, split_dir=split_dir, group_regex=group_regex,
-                     seed=seed, test_fraction=test_fraction, val_fraction=val_fraction),
-        model_config(weights=weights, backbone=backbone, fine_tune_blocks=fine_tune_blocks,
-                     freeze_backbone=False if fine_tune else freeze_backbone),
-        preprocess_config(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
-                          rotation=rotation, shift=shift, flip=flip, zoom=zoom),
-        TuneOptions(algorithm=algorithm, max_trials=max_trials, epochs=epochs, time_budget_min=time_budget,
-                    objective=objective, directory=str(directory), project=project, overwrite=overwrite,
-                    views=views, fine_tune=fine_tune, cache=cache, batch_size=batch_size, patience=patience,
-                    seed=seed),
-        replace(space, **first))
+    return replace(space, **first)
+
+
+def _print_trials(summary: dict, objective: str) -> None:
+    """The trials table of a finished search, best first, and the best model; what a
+    worker ran."""
+    from rich.table import Table
+
     if summary.get("role") == "worker":
         console.print(f"worker {summary['tuner_id']} ran trial(s) {', '.join(summary['trials_run']) or 'none'}; "
                       f"the chief writes {summary['project']}/summary.json")
-        write_json(summary, json_out)
         return
+
     table = Table(title=f"{summary['project']}: {len(summary['trials'])} trial(s), {summary['mode']} mode")
     for column in ("trial", "units", "lr", "dropout", "epochs", objective, "best epoch", "seconds", "status"):
         table.add_column(column, justify="right")
@@ -363,4 +402,3 @@ def tune(
     console.print(table)
     console.print(f"best: {summary['best_hyperparameters']} ({objective} {summary['best_score']:.4f})")
     console.print(f"best model: {summary['best_model']} ({summary['best_model_source']})")
-    write_json(summary, json_out)

@@ -22,6 +22,7 @@ from ctedge.core.choices import Clean, Split
 from ctedge.core.errors import CtedgeError, UnreadableImage
 from ctedge.core.imageio import image_files, read_image
 from ctedge.core.preprocess import ANNOTATION_MIN_FRACTION, PreprocessConfig, annotation_fraction, to_model_input
+from ctedge.core.progress import ProgressFn, tracked
 
 log = logging.getLogger(__name__)
 
@@ -186,27 +187,27 @@ class LoadedSplit:
                 "annotated": self.annotated, "dropped": self.dropped}
 
 
-def _decode(sample: Sample, config: PreprocessConfig):
+def _decode(sample: Sample, config: PreprocessConfig, digest: str | None):
     try:
         decoded = read_image(sample.path, config.window)
     except UnreadableImage as exc:
         return exc
-    digest = hashlib.sha256(sample.path.read_bytes()).hexdigest()
+    digest = digest or hashlib.sha256(sample.path.read_bytes()).hexdigest()
     return (to_model_input(decoded.gray, config.image_size),
             annotation_fraction(decoded.colour), digest)
 
 
 def load_split(samples: list[Sample], config: PreprocessConfig, clean: str = "drop",
-               progress: str | None = None, workers: int = 4) -> LoadedSplit:
-    """Decode and resize each image once; skip unreadable files with a warning."""
+               progress: ProgressFn | None = None, task: str = "decoding",
+               workers: int = 4, digests: dict[Path, str] | None = None) -> LoadedSplit:
+    """Decode and resize each image once; skip unreadable files with a warning.
+    ``progress`` hears how many of the images (``task``) are done; ``digests``: the
+    sha256 of files already hashed (path -> hex)."""
     if clean not in CLEAN_MODES:
         raise CtedgeError(f"must be one of {', '.join(CLEAN_MODES)}, not {clean!r}", param="clean")
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda s: _decode(s, config), samples)
-        if progress:
-            from ctedge.core.progress import track
-            results = track(results, total=len(samples), description=progress)
-        results = list(results)
+        results = list(tracked(pool.map(lambda s: _decode(s, config, (digests or {}).get(s.path)), samples), task,
+                               len(samples), progress))
     size = config.image_size
     xs, ys, paths, hashes = [], [], [], []
     loaded = LoadedSplit(np.zeros((0, size, size, 3), np.float32), np.zeros(0, int), [], [])

@@ -259,3 +259,120 @@ class BenchReport(Document):
 
 
 # --- evaluation (`ctedge evaluate`): built by ctedge.evaluation ----------------------
+
+
+def finite(value: float | None) -> float | None:
+    """``value`` as a float, or None where it is undefined (NaN: one class, no images)."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate(Record):
+    """A metric and its bootstrap 95% CI; None where undefined (e.g. AUC with one class)."""
+
+    value: float | None
+    ci95: tuple[float | None, float | None]
+
+    @classmethod
+    def of(cls, value: float, ci95) -> "Estimate":
+        return cls(value=finite(value), ci95=(finite(ci95[0]), finite(ci95[1])))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scores(Record):
+    """What every evaluation reports, of images or of studies."""
+
+    threshold: float
+    positive: int
+    metrics: dict[str, Estimate]
+    operating_points: dict[str, float]
+    confusion: list[list[int]]  # [[TN, FP], [FN, TP]]
+    ece: float | None
+    output_spread: float | None
+    shortcut_baseline: dict  # the metadata-only baseline's figures (ctedge.evaluation.audit); {} when none
+    roc_png: str | None = None  # None with one class
+    calibration_png: str | None = None
+    out_dir: str | None = None
+
+    @staticmethod
+    def fields_from(data: dict) -> dict:
+        """The shared fields of a metrics.json (or an evaluation dict), typed."""
+        return {"threshold": data["threshold"], "positive": data["positive"],
+                "metrics": {name: Estimate.of(m["value"] if m["value"] is not None else math.nan,
+                                              [math.nan if v is None else v for v in m["ci95"]])
+                            for name, m in data["metrics"].items()},
+                "operating_points": data["operating_points"], "confusion": data["confusion"],
+                "ece": finite(data.get("ece")), "output_spread": finite(data.get("output_spread")),
+                "shortcut_baseline": data.get("shortcut_baseline") or {},
+                "roc_png": data.get("roc_png"), "calibration_png": data.get("calibration_png"),
+                "out_dir": data.get("out_dir")}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Scores":
+        return cls(**cls.fields_from(data))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageEvaluation(Scores, Document):
+    """`ctedge evaluate MODEL.keras DATA`: a saved model scored on a split of a data folder
+    (or every image of an external data set); ``metrics.json`` in ``out_dir`` holds it too."""
+
+    kind: ClassVar[str] = "evaluation"
+    model: str
+    data: dict  # the DataOptions the split was rebuilt with
+    split: str  # train | val | test | all | external
+    external: bool
+    group_regex: str | None  # what the bootstrap resampled by; None: images
+    split_drift: dict[str, dict[str, int]]  # split -> recorded files missing / new, where they differ
+    images: int
+    groups: int | None
+    skipped: list[dict]  # unreadable files: path, reason
+    dropped_annotated: list[str]
+    predictions_csv: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ImageEvaluation":
+        return cls(**cls.fields_from(data), **{name: data.get(name) for name in (
+            "model", "data", "split", "external", "group_regex", "split_drift", "images", "groups",
+            "skipped", "dropped_annotated", "predictions_csv")})
+
+    @property
+    def scored(self) -> int:
+        """How many answers were scored (images)."""
+        return self.images
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyEvaluation(Scores, Document):
+    """`ctedge evaluate MODEL.onnx STUDIES --study`: one answer per study, as ``predict
+    --study`` gives it, the CIs resampled by patient."""
+
+    kind: ClassVar[str] = "study_evaluation"
+    model: str
+    provider: str
+    data: str
+    split: str = "studies"
+    unit: str = "study"
+    classes: list[str]
+    studies: int
+    patients: int
+    failed: list[dict]  # input, study_uid, error: studies that got no answer
+    warnings: list[str]
+    options: dict  # the StudyOptions used
+    studies_csv: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudyEvaluation":
+        return cls(**cls.fields_from(data), **{name: data.get(name) for name in (
+            "model", "provider", "data", "classes", "studies", "patients", "failed", "warnings",
+            "options", "studies_csv")})
+
+    @property
+    def scored(self) -> int:
+        """How many answers were scored (studies)."""
+        return self.studies
+
+
+def evaluation_from_dict(data: dict) -> ImageEvaluation | StudyEvaluation:
+    """A metrics.json (or an evaluation dict) as its typed record."""
+    return (StudyEvaluation if data.get("unit") == "study" else ImageEvaluation).from_dict(data)

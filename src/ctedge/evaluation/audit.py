@@ -19,6 +19,7 @@ from ctedge.core.data import HASH_THRESHOLD, DataOptions, Sample, discover
 from ctedge.core.errors import CtedgeError, UnreadableImage
 from ctedge.core.imageio import DEFAULT_WINDOW, read_image
 from ctedge.core.preprocess import ANNOTATION_MIN_FRACTION, annotation_fraction, letterbox
+from ctedge.core.progress import ProgressFn, tracked
 from ctedge.training.splits import make_splits
 
 SHORTCUT_AUC = 0.7  # a metadata-only baseline at or above this AUC is a loud shortcut
@@ -173,17 +174,17 @@ def shortcut_finding(split: str, baseline: dict) -> tuple[bool, str]:
                   + (": read any image model's figures against this" if loud else ""))
 
 
-def audit(options: DataOptions, image_size: int = 300, threshold: int = HASH_THRESHOLD) -> dict:
-    """Everything above for one data folder; ``leakage`` says whether to fail CI."""
-    from ctedge.core.progress import track
-
+def audit(options: DataOptions, image_size: int = 300, threshold: int = HASH_THRESHOLD,
+          progress: ProgressFn | None = None) -> dict:
+    """Everything above for one data folder; ``leakage`` says whether to fail CI.
+    ``progress`` hears the images read."""
     dataset = discover(options.root, options.positive)
     splits = make_splits(dataset, options.split_dir, options.seed, options.test_fraction,
                          options.val_fraction, options.group_regex)
     facts, unreadable = [], []
     window = DEFAULT_WINDOW
     jobs = [(s, split) for split, samples in splits.items() for s in samples]
-    for sample, split in track(jobs, total=len(jobs), description="hashing images"):
+    for sample, split in tracked(jobs, "hashing images", len(jobs), progress):
         try:
             facts.append(file_facts(sample, split, window))
         except UnreadableImage as exc:

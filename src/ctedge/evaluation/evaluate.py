@@ -22,6 +22,8 @@ from ctedge.core.metrics import (
     point_metrics,
 )
 from ctedge.core.plots import reliability, roc_curve
+from ctedge.core.progress import ProgressFn, tracked
+from ctedge.core.results import Estimate, ImageEvaluation, dumps, finite, plain
 from ctedge.core.runconfig import RunConfig, data_options_for, keras_preprocess_config
 from ctedge.training.splits import load_data
 
@@ -55,14 +57,14 @@ def score(y: np.ndarray, p: np.ndarray, threshold: float, groups: np.ndarray | N
     point = point_metrics(y, p, threshold)
     *_, ece = calibration(y, p)
     return {
-        "metrics": {name: {"value": point[name], "ci95": list(ci[name])} for name in point},
+        "metrics": {name: Estimate.of(point[name], ci[name]) for name in point},
         "operating_points": operating_points(y, p),
         "confusion": confusion(y, p, threshold),
-        "ece": ece,
+        "ece": finite(ece),
     }
 
 
-def plot_scores(y: np.ndarray, p: np.ndarray, auc: float, out: Path, shortcut: dict | None = None) -> dict:
+def plot_scores(y: np.ndarray, p: np.ndarray, auc: float | None, out: Path, shortcut: dict | None = None) -> dict:
     """roc.png (with the metadata shortcut's curve when given; both classes needed)
     and calibration.png in ``out``; their paths."""
 
@@ -76,17 +78,12 @@ def plot_scores(y: np.ndarray, p: np.ndarray, auc: float, out: Path, shortcut: d
     return plots
 
 
-def is_external(stored: RunConfig | None, root: str | Path) -> bool:
-    """True when no file under ``root`` is one the run trained on (by content):
-    another data set, whatever its folder is called. Unknown (no recorded
-    training files): False."""
-    from ctedge.core.data import discover
-    from ctedge.core.files import file_digest
-
+def is_external(stored: RunConfig | None, digests: dict[Path, str]) -> bool:
+    """True when no file of ``digests`` (path -> sha256 of the data folder's files) is
+    one the run trained on (by content): another data set, whatever its folder is
+    called. Unknown (no recorded training files): False."""
     trained = set(stored.files.get("train", {}).values()) if stored else set()
-    if not trained:
-        return False
-    return not any(file_digest(s.path) in trained for s in discover(root).samples)
+    return bool(trained) and not trained & set(digests.values())
 
 
 def split_check(stored: RunConfig | None, loaded: dict[str, LoadedSplit]) -> dict:
@@ -121,10 +118,12 @@ def external_options(stored: RunConfig | None, root: str | Path) -> DataOptions:
 def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
              threshold: float = DEFAULT_THRESHOLD, out_dir: str | Path | None = None, resamples: int = DEFAULT_RESAMPLES,
              seed: int = 0, split_dir: str | None = None, group_regex: str | None = None,
-             external: bool = False, positive: str | None = None) -> dict:
+             external: bool = False, positive: str | None = None,
+             progress: ProgressFn | None = None) -> ImageEvaluation:
     """Score a saved Keras model on one split (or all) of a data folder, or on
     every image of an external data set (``external``, or no file there is one
-    the run trained on). ``group_regex`` groups the bootstrap only."""
+    the run trained on). ``group_regex`` groups the bootstrap only. Each file is
+    hashed once; ``progress`` hears the hashing and decoding."""
     from ctedge.training.model import load_model
 
     if split not in (*SPLITS, "all"):
@@ -134,47 +133,61 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
     model_path = Path(model_path)
     model = load_model(model_path)
     stored = RunConfig.load(model_path)
-    external = external or is_external(stored, data_root)
-    preprocess = keras_preprocess_config(model)
+    digests = _digests(data_root, progress)
+    external = external or is_external(stored, digests)
     if external:
         options, split, parts = external_options(stored, data_root), "external", ("train",)
         options.positive = positive or options.positive
     else:
         options = data_options_for(stored, data_root, split_dir=split_dir, positive=positive)
         parts = SPLITS if split == "all" else (split,)
-    _, loaded = load_data(options, preprocess, parts=parts)
+    _, loaded = load_data(options, keras_preprocess_config(model), parts, progress, digests)
     data = merge([loaded[p] for p in parts])
     if not len(data.y):
         raise CtedgeError(f"the {split} split of {data_root} is empty")
-    drift = {} if external else {k: v for k, v in split_check(stored, loaded).items() if any(v.values())}
     probabilities = model.predict(data.x, batch_size=32, verbose=0)[:, 0]
-    baseline = {}
-    if split in ("val", "test"):  # a training set is known
-        from ctedge.core.data import discover
-        from ctedge.evaluation.audit import metadata_baseline
-        from ctedge.training.splits import make_splits
-
-        splits = make_splits(discover(options.root, options.positive), options.split_dir, options.seed,
-                             options.test_fraction, options.val_fraction, options.group_regex)
-        baseline = metadata_baseline({"train": splits["train"], split: splits[split]}).get(split, {})
     group_regex = group_regex or options.group_regex
     groups = np.array([group_of(p, group_regex) for p in data.paths]) if group_regex else None
-    report = {"model": str(model_path), "data": asdict(options), "split": split, "external": external,
-              "group_regex": group_regex, "split_drift": drift,
-              "threshold": threshold, "images": len(data.y), "positive": int(data.y.sum()),
-              "groups": len(set(groups)) if groups is not None else None,
-              **score(data.y, probabilities, threshold, groups, resamples, seed),
-              "shortcut_baseline": baseline, "output_spread": output_spread(probabilities),
-              "skipped": data.summary()["unreadable"], "dropped_annotated": data.dropped}
+    scored = score(data.y, probabilities, threshold, groups, resamples, seed)
+    baseline = _shortcut_baseline(options, split)
     out = Path(out_dir or model_path.parent / f"eval-{split}")
-    report.update(plot_scores(data.y, probabilities, report["metrics"]["auc"]["value"], out, baseline))
+    report = ImageEvaluation(
+        model=str(model_path), data=asdict(options), split=split, external=external,
+        group_regex=group_regex, threshold=threshold, images=len(data.y), positive=int(data.y.sum()),
+        groups=len(set(groups)) if groups is not None else None,
+        split_drift={} if external else {k: v for k, v in split_check(stored, loaded).items() if any(v.values())},
+        **scored, shortcut_baseline=baseline, output_spread=finite(output_spread(probabilities)),
+        skipped=data.summary()["unreadable"], dropped_annotated=data.dropped,
+        **plot_scores(data.y, probabilities, scored["metrics"]["auc"].value, out, baseline),
+        predictions_csv=str(out / "predictions.csv"), out_dir=str(out))
     atomic_write(csv_text(["path", "label", "probability"],
                           [{"path": str(path), "label": label, "probability": p} for path, label, p in
                            zip(data.paths, data.y.tolist(), probabilities.round(6).tolist())]).encode(),
                  out / "predictions.csv")
-    atomic_write(json.dumps(report, indent=2).encode(), out / "metrics.json")
-    report["out_dir"] = str(out)
+    atomic_write(dumps(report).encode(), out / "metrics.json")
     return report
+
+
+def _digests(root: str | Path, progress: ProgressFn | None) -> dict[Path, str]:
+    """sha256 of every image of a data folder, hashed once for the external check and the splits."""
+    from ctedge.core.data import discover
+    from ctedge.core.files import file_digest
+
+    samples = discover(root).samples
+    return {s.path: file_digest(s.path) for s in tracked(samples, "hashing", len(samples), progress)}
+
+
+def _shortcut_baseline(options: DataOptions, split: str) -> dict:
+    """The metadata-only baseline, trained on the training part, for a val or test split."""
+    if split not in ("val", "test"):  # no training set is known
+        return {}
+    from ctedge.core.data import discover
+    from ctedge.evaluation.audit import metadata_baseline
+    from ctedge.training.splits import make_splits
+
+    splits = make_splits(discover(options.root, options.positive), options.split_dir, options.seed,
+                         options.test_fraction, options.val_fraction, options.group_regex)
+    return metadata_baseline({"train": splits["train"], split: splits[split]}).get(split, {})
 
 
 def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: float | None = None,
@@ -228,7 +241,7 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     report = {"model": str(model_path), "provider": clf.providers[0], "data": str(data_root), "split": "studies",
               "unit": "study", "classes": dataset.class_names, "threshold": threshold,
               "studies": len(scored), "positive": int(y.sum()), "patients": len(set(patients)),
-              **score(y, p, threshold, patients, resamples, seed),
+              **plain(score(y, p, threshold, patients, resamples, seed)),
               "shortcut_baseline": {}, "output_spread": output_spread(p),
               "failed": failed, "warnings": warnings,
               "runtime": clf.runtime, "precision": clf.precision, "options": options.to_dict()}

@@ -20,6 +20,7 @@ from ctedge.core.files import atomic_write
 from ctedge.core.imageio import read_image
 from ctedge.core.metrics import DEFAULT_THRESHOLD
 from ctedge.core.preprocess import to_model_input
+from ctedge.core.progress import ProgressFn, tracked
 
 MIN_SHOWN = 384  # pixels: smaller images are enlarged in the overlay PNG
 
@@ -158,13 +159,12 @@ def check(model_path: str | Path, alpha: float) -> None:
 def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
             threshold: float = DEFAULT_THRESHOLD, positive: str = "positive", alpha: float = 0.5,
             batch_size: int = 8, sheet: bool = True, keep_heatmaps: bool = False,
-            sheet_limit: int = 48) -> dict:
+            sheet_limit: int = 48, progress: ProgressFn | None = None) -> dict:
     """Grad-CAM overlays (``NAME.gradcam.png``) for ``files``; a contact sheet of
     the first ``sheet_limit`` when there are several. Files are read a batch at a
     time; unreadable ones get an error entry. The image-sized heatmaps are kept on
-    the entries only when asked."""
+    the entries only when asked. ``progress`` hears the batches done."""
     check(model_path, alpha)
-    from ctedge.core.progress import track
     from ctedge.core.runconfig import keras_preprocess_config
     from ctedge.training.model import load_model
 
@@ -178,7 +178,7 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
     taken: set[str] = set()
     sheet_items = []
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-    for chunk in track(chunks, total=len(chunks), description="Grad-CAM"):
+    for chunk in tracked(chunks, "Grad-CAM", len(chunks), progress):
         batch = []
         for path in chunk:
             try:

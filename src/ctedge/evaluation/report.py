@@ -23,6 +23,8 @@ from ctedge.core.errors import CtedgeError, UnreadableImage
 from ctedge.core.files import atomic_write, file_digest
 from ctedge.core.imageio import read_image
 from ctedge.core.metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD, constant_message
+from ctedge.core.progress import ProgressFn
+from ctedge.core.results import ImageEvaluation, Record, Scores, StudyEvaluation, evaluation_from_dict
 from ctedge.evaluation.audit import shortcut_is_loud
 
 if TYPE_CHECKING:
@@ -77,27 +79,28 @@ def _table(header: list[str], rows: list[list], css_class: str = "") -> str:
     return f'<table class="{css_class}"><tr>{head}</tr>{body}</table>'
 
 
-def verdict(evaluation: dict | None, audit: dict | None) -> str:
+def verdict(evaluation: Scores | None, audit: dict | None) -> str:
     """The one paragraph a reader must see first: leakage, and the model against
     the metadata shortcut."""
     lines = []
-    if audit and audit.get("leakage") and evaluation and evaluation.get("unit") == "study":
+    if audit and audit.get("leakage") and isinstance(evaluation, StudyEvaluation):
         lines.append(("bad", f"Leakage in the training data: {audit['cross_split_duplicates']} near-duplicate "
                              "pair(s) span the run's splits, so its validation figures are inflated; the studies "
                              "scored below are not part of that audit."))
     elif audit and audit.get("leakage"):
         lines.append(("bad", f"Leakage: {audit['cross_split_duplicates']} near-duplicate pair(s) "
                              "span splits, so held-out figures are inflated."))
-    constant = evaluation and constant_message(evaluation.get("output_spread", float("nan")),
-                                               evaluation.get("images", evaluation.get("studies", 0)))
+    spread = evaluation.output_spread if evaluation else None
+    constant = evaluation and constant_message(float("nan") if spread is None else spread, evaluation.scored)
     if constant:
         lines.append(("bad", constant[0].upper() + constant[1:] + "."))
     if evaluation:
-        auc = evaluation["metrics"]["auc"]
-        lo, hi = auc["ci95"]
-        base = (evaluation.get("shortcut_baseline") or {}).get("auc")
-        model_text = f"model AUC {auc['value']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {evaluation['split']}"
-        if base is None:
+        auc = evaluation.metrics["auc"]
+        lo, hi = auc.ci95
+        base = evaluation.shortcut_baseline.get("auc")
+        model_text = (f"model AUC {_figure(auc.value)} (95% CI {_figure(lo)}-{_figure(hi)}) "
+                      f"on {evaluation.split}")
+        if base is None or lo is None:
             lines.append(("warn", f"{model_text}; no metadata baseline on this split to read it against."))
         elif base >= lo:
             lines.append(("bad", f"{model_text} does not clearly beat a classifier that sees only file "
@@ -180,10 +183,14 @@ def audit_section(audit: dict, show: int = 6) -> str:
     return "".join(out)
 
 
-def evaluation_section(evaluation: dict) -> str:
-    rows = [[name, f"{m['value']:.3f}", f"{m['ci95'][0]:.3f} - {m['ci95'][1]:.3f}"]
-            for name, m in evaluation["metrics"].items()]
-    (tn, fp), (fn, tp) = evaluation["confusion"]
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def evaluation_section(evaluation: ImageEvaluation | StudyEvaluation) -> str:
+    rows = [[name, _figure(m.value), f"{_figure(m.ci95[0])} - {_figure(m.ci95[1])}"]
+            for name, m in evaluation.metrics.items()]
+    (tn, fp), (fn, tp) = evaluation.confusion
     shade = max(tn, fp, fn, tp) or 1
 
     def cell(n: int, good: bool) -> str:
@@ -193,25 +200,26 @@ def evaluation_section(evaluation: dict) -> str:
     confusion = ('<table class="cm"><tr><th></th><th>predicted negative</th><th>predicted positive</th></tr>'
                  f"<tr><th>negative</th>{cell(tn, True)}{cell(fp, False)}</tr>"
                  f"<tr><th>positive</th>{cell(fn, False)}{cell(tp, True)}</tr></table>")
-    points = [[name.replace("_", " "), f"{value:.3f}"] for name, value in evaluation["operating_points"].items()]
-    plots = "".join(picture(evaluation[k], k) for k in ("roc_png", "calibration_png")
-                    if evaluation.get(k) and Path(evaluation[k]).is_file())
-    if evaluation.get("unit") == "study":
+    points = [[name.replace("_", " "), f"{value:.3f}"] for name, value in evaluation.operating_points.items()]
+    plots = "".join(picture(path, name) for name, path in (("roc_png", evaluation.roc_png),
+                                                           ("calibration_png", evaluation.calibration_png))
+                    if path and Path(path).is_file())
+    if isinstance(evaluation, StudyEvaluation):
         title = "Evaluation: whole studies, one answer per patient"
-        counts = f"{evaluation['studies']} studies of {evaluation['patients']} patients"
+        counts = f"{evaluation.studies} studies of {evaluation.patients} patients"
         resampled = "patients resampled"
-        failed = evaluation.get("failed", [])
+        failed = evaluation.failed
         if failed:
             counts += (f" ({len(failed)} more got no answer and are not scored: "
                        + "; ".join(f"{f['input']}: {f['error']}" for f in failed) + ")")
     else:
-        title = f"Evaluation: {evaluation['split']} split"
-        counts = f"{evaluation['images']} images"
-        resampled = f"{evaluation['groups']} groups resampled" if evaluation.get("groups") else "images resampled"
+        title = f"Evaluation: {evaluation.split} split"
+        counts = f"{evaluation.images} images"
+        resampled = f"{evaluation.groups} groups resampled" if evaluation.groups else "images resampled"
     return (f"<h2>{_e(title)}</h2>"
-            f"<p>{_e(counts)}, {evaluation['positive']} positive; threshold "
-            f"{evaluation['threshold']}; bootstrap 95% CIs ({_e(resampled)}); "
-            f"ECE {evaluation['ece']:.3f}.</p>"
+            f"<p>{_e(counts)}, {evaluation.positive} positive; threshold "
+            f"{evaluation.threshold}; bootstrap 95% CIs ({_e(resampled)}); "
+            f"ECE {_figure(evaluation.ece)}.</p>"
             f'<div class="plots"><div>{_table(["metric", "value", "95% CI"], rows)}{confusion}'
             f'{_table(["operating point", "value"], points)}</div>{plots}</div>')
 
@@ -273,21 +281,22 @@ def pick_for_explaining(predictions_csv: Path, count: int, threshold: float = DE
 
 def _cached(path: Path, make, key: dict, fresh: bool = False) -> dict:
     """JSON at ``path`` if a previous step wrote it with the same ``key`` (and not
-    ``fresh``), else ``make()``, saved with its key."""
+    ``fresh``), else ``make()`` (a dict or a typed result), saved with its key."""
     key = json.loads(json.dumps(key, default=str))
     if path.is_file() and not fresh:
         stored = json.loads(path.read_text())
         if stored.get("reuse_key") == key:
             return stored
-    result = {**make(), "reuse_key": key}
+    made = make()
+    result = {**(made.to_dict() if isinstance(made, Record) else made), "reuse_key": key}
     atomic_write(json.dumps(result, indent=2, default=str).encode(), path)
     return result
 
 
-def studies_section(evaluation: dict) -> str:
+def studies_section(evaluation: StudyEvaluation) -> str:
     """One row per study of a patient-level evaluation (from its studies.csv)."""
-    path = Path(evaluation["out_dir"]) / "studies.csv" if "out_dir" in evaluation else None
-    path = path if path and path.is_file() else Path(evaluation.get("studies_csv", ""))
+    path = Path(evaluation.out_dir) / "studies.csv" if evaluation.out_dir else None
+    path = path if path and path.is_file() else Path(evaluation.studies_csv or "")
     if not path.is_file():
         return ""
     with open(path) as f:
@@ -298,10 +307,17 @@ def studies_section(evaluation: dict) -> str:
                                         rows))
 
 
+def _moved_to(evaluation: ImageEvaluation | StudyEvaluation, eval_dir: Path):
+    """``evaluation`` with its folder and plots where they are now (the run folder may have moved)."""
+    plots = {key: str(eval_dir / f"{key[:-4]}.png") for key in ("roc_png", "calibration_png")
+             if (eval_dir / f"{key[:-4]}.png").is_file()}
+    return replace(evaluation, out_dir=str(eval_dir), **plots)
+
+
 def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val",
           explain_count: int = 12, run_audit: bool = True, out: str | Path | None = None,
           resamples: int = DEFAULT_RESAMPLES, fresh: bool = False, study: bool = False,
-          onnx: str | Path | None = None) -> dict:
+          onnx: str | Path | None = None, progress: ProgressFn | None = None) -> dict:
     """The report of a training run folder or tuning project. ``eval-SPLIT/metrics.json``
     (``ctedge evaluate``) and ``audit.json`` are reused when made from the same
     data folder, unless ``fresh``, else made; the most confident right and wrong calls are explained into
@@ -310,7 +326,7 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     With ``study``, ``data`` holds class folders of studies: the evaluation is
     patient-level, of the exported ``onnx`` model (default RUN_DIR/model.onnx),
     in ``eval-studies/``; the audit covers the run's own (slice) training data;
-    no Grad-CAM (it needs slice images and the .keras model)."""
+    no Grad-CAM (it needs slice images and the .keras model). ``progress`` hears each step."""
     from ctedge.core.runconfig import RunConfig
     from ctedge.evaluation.evaluate import evaluate, evaluate_studies
 
@@ -337,28 +353,27 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
                               f"runs (`ctedge export {model} --onnx -o {onnx}`, or pass --onnx)")
         eval_dir = run_dir / "eval-studies"
         # reused only for this very ONNX model (by content), data and resamples
-        evaluation = _cached(eval_dir / "metrics.json", lambda: evaluate_studies(
+        stored = _cached(eval_dir / "metrics.json", lambda: evaluate_studies(
             onnx, root, out_dir=eval_dir, resamples=resamples),
             {"model_sha256": file_digest(onnx), "data": str(root), "resamples": resamples}, fresh)
-        evaluation["out_dir"], explain_count = str(eval_dir), 0
+        explain_count = 0
         root = Path(config.data.root)  # the audit is of the training data
         run_audit = run_audit and root.is_dir()
     else:
         eval_dir = run_dir / f"eval-{split}"
         # reused only for this very model (by content), data, split settings, resamples and threshold
-        evaluation = _cached(eval_dir / "metrics.json",
-                             lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples),
+        stored = _cached(eval_dir / "metrics.json",
+                             lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples,
+                                              progress=progress),
                              {"model_sha256": file_digest(model), "data": str(root), "split": split,
                               "split_settings": settings, "resamples": resamples, "threshold": DEFAULT_THRESHOLD}, fresh)
-    for key in ("roc_png", "calibration_png"):  # the folder may have moved since
-        if (eval_dir / f"{key[:-4]}.png").is_file():
-            evaluation[key] = str(eval_dir / f"{key[:-4]}.png")
+    evaluation = _moved_to(evaluation_from_dict(stored), eval_dir)
     audit = None
     if run_audit:
         from ctedge.evaluation.audit import audit as audit_data
 
         options = replace(config.data, root=str(root))
-        audit = _cached(run_dir / "audit.json", lambda: audit_data(options, config.preprocess.image_size),
+        audit = _cached(run_dir / "audit.json", lambda: audit_data(options, config.preprocess.image_size, progress=progress),
                         {"data": str(root), "split_settings": settings,
                          "image_size": config.preprocess.image_size}, fresh)
     explained: list[dict] = []
@@ -366,11 +381,11 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     if explain_count:
         from ctedge.evaluation.explain import explain
 
-        picked = pick_for_explaining(eval_dir / "predictions.csv", explain_count, evaluation["threshold"])
+        picked = pick_for_explaining(eval_dir / "predictions.csv", explain_count, evaluation.threshold)
         labels = dict(picked)
         result = explain(model, [Path(p) for p, _ in picked], run_dir / "report-explained",
-                         evaluation["threshold"], config.positive or "positive", sheet=False)
-        explained = [e.to_dict() | {"threshold": evaluation["threshold"]} for e in result["explanations"]]
+                         evaluation.threshold, config.positive or "positive", sheet=False, progress=progress)
+        explained = [e.to_dict() | {"threshold": evaluation.threshold} for e in result["explanations"]]
     sections = [verdict(evaluation, audit), training_section(config, run_dir),
                 audit_section(audit) if audit else "", evaluation_section(evaluation),
                 studies_section(evaluation) if study else "",

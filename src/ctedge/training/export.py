@@ -3,7 +3,8 @@
 convert (tf2onnx) -> graph checks (onnx checker, no training-time ops) ->
 metadata -> parity against Keras on real or generated images -> atomic write.
 FP16 and INT8 variants get their own parity figures against the fp32 Keras
-model, recorded in their model cards; one beyond tolerance is flagged.
+model, recorded in their model cards; one beyond tolerance is dropped (or
+written and marked flagged, with ``keep_flagged``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ExportOptions:
     tolerance: float = 1e-4  # fp32: max |Keras - ORT|
     fp16_tolerance: float = 1e-2
     int8_tolerance: float = 0.05
+    keep_flagged: bool = False  # write a variant beyond its tolerance (status flagged) instead of dropping it
     int8_per_channel: bool = True
     int8_reduce_range: bool = False
     int8_ops: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
@@ -55,7 +57,8 @@ class ExportOptions:
     allow_constant: bool = False  # export a model whose outputs on the check images are constant
 
 
-FLAGGED_MESSAGE = "a variant is beyond its tolerance: see its model card before shipping it"
+FLAGGED_MESSAGE = ("a flagged variant answers unlike the Keras model beyond its tolerance (see its "
+                   "parity figures): it is dropped unless --keep-flagged; don't ship one unchecked")
 
 
 # --- conversion and graph checks ---------------------------------------------
@@ -111,8 +114,9 @@ def build_metadata(model, model_path: Path, threshold: float, variant: str) -> d
         "ctedge.threshold": threshold,
         "ctedge.input": {"name": INPUT_NAME, "layout": "NHWC", "dtype": "float32",
                          "size": preprocess.image_size, "channels": 3, "pixel_range": [0, 255],
-                         "host_steps": "gray levels 0-255 (DICOM: HU window -> 0-255), pad to square "
-                                       "with 0, resize, repeat gray into 3 channels"},
+                         "host_steps": "gray levels 0-255 (DICOM: HU window -> 0-255), resize the "
+                                       "longer side to size (aspect kept), pad to square with 0, "
+                                       "repeat gray into 3 channels (preprocess contract 2)"},
         "ctedge.output": {"name": OUTPUT_NAME, "shape": ["batch", 1],
                           "meaning": "probability of the positive class"},
         "ctedge.preprocess": {**{k: v for k, v in preprocess.to_dict().items() if k != "augment"},
@@ -249,13 +253,30 @@ def judge(probabilities: np.ndarray, check: dict, tolerance: float, options: Exp
     return report
 
 
+def _dropped(report: dict, options: ExportOptions) -> bool:
+    """A flagged variant is dropped unless ``keep_flagged``: marks the report and says so."""
+    if report["status"] != "flagged" or options.keep_flagged:
+        return False
+    report["status"] = "dropped"
+    return True
+
+
+def _drop(path: Path, variant: str, report: dict, *companions: Path) -> dict:
+    """The card of a variant beyond its tolerance, which is not written; an older file
+    of that name goes, so nothing in the folder answers unlike its source model."""
+    for stale in (path, *companions):
+        stale.unlink(missing_ok=True)
+    return {"file": None, "variant": variant, "size_mb": None, "parity": report}
+
+
 def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance: float,
                     metadata: dict, check: dict, options: ExportOptions, gate: bool = False) -> dict:
     """Check, measure parity against Keras on onnxruntime, then move the file into place
     and write its model card.
 
     With ``gate`` a parity failure raises and nothing is written; otherwise a
-    variant beyond ``tolerance`` is written with status "flagged".
+    variant beyond ``tolerance`` is dropped (status "dropped", no file), or written
+    with status "flagged" when ``options.keep_flagged``.
     """
     set_metadata(proto, {**metadata, "ctedge.variant": variant})
     check_graph(proto)
@@ -265,6 +286,8 @@ def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance:
         staged.write_bytes(proto.SerializeToString())
         report = judge(engine_probabilities("onnxruntime", staged, check["images"]), check, tolerance, options,
                        f"{variant} parity check", "ONNX", path if gate else None)
+        if _dropped(report, options):
+            return _drop(path, variant, report, path.with_suffix(".json"))
         os.replace(staged, path)
     card = {"file": str(path), "variant": variant, "size_mb": path.stat().st_size / 1e6,
             "metadata": {**metadata, "ctedge.variant": variant}, "parity": report,
@@ -335,9 +358,11 @@ def _finish_ir(model, path: Path, variant: str, tolerance: float, metadata: dict
         report = judge(engine_probabilities("openvino", staged, check["images"], cache_dir=str(Path(tmp) / "cache")),
                        check, tolerance, options, f"OpenVINO {variant} parity check", "OpenVINO",
                        path if gate else None)
+        report["runtime"] = "openvino f32"
+        if _dropped(report, options):
+            return _drop(path, variant, report, path.with_suffix(".bin"), path.with_suffix(".json"))
         os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(staged, path)
-    report["runtime"] = "openvino f32"
     card = {"file": str(path), "variant": variant, "runtime": "openvino",
             "size_mb": (path.stat().st_size + path.with_suffix(".bin").stat().st_size) / 1e6,
             "metadata": {**metadata, "ctedge.variant": variant}, "parity": report, **(extra or {})}

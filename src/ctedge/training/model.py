@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import re
 from pathlib import Path
-from unittest import mock
 
 import keras
 from keras import layers, ops
@@ -89,12 +90,52 @@ def build_backbone(weights: str, image_size: int, backbone: str = "b3") -> keras
         import logging
         logging.getLogger(__name__).warning(
             "%s is not Keras's official %s (md5 differs); loading it anyway", path, WEIGHTS_FILE)
-    with mock.patch.object(efficientnet.file_utils, "get_file", return_value=str(path)):
-        try:
-            return efficientnet.EfficientNetB3(include_top=False, weights="imagenet",
-                                               input_shape=shape)
-        except (ValueError, OSError) as exc:
-            raise CtedgeError(f"{path}: not EfficientNetB3 no-top weights ({exc})") from None
+    backbone = _imagenet_layout(efficientnet.EfficientNetB3(include_top=False, weights=None,
+                                                            input_shape=shape))
+    try:
+        backbone.load_weights(path)
+    except (ValueError, OSError) as exc:
+        raise CtedgeError(f"{path}: not EfficientNetB3 no-top weights ({exc})") from None
+    return backbone
+
+
+def _imagenet_layout(backbone: keras.Model) -> keras.Model:
+    """``backbone`` rebuilt as Keras builds it for ``weights="imagenet"``: one more
+    Rescaling (1/sqrt(ImageNet stddev)) after its Normalization, which the
+    ImageNet weights expect. Done on the config, so no download is attempted."""
+    from keras.src.applications import efficientnet
+
+    config = copy.deepcopy(backbone.get_config())
+    norm = next(layer["name"] for layer in config["layers"] if layer["class_name"] == "Normalization")
+    consumer = next(layer for layer in config["layers"] if _reads_from(layer["inbound_nodes"], norm))
+    extra = {"module": "keras.layers", "class_name": "Rescaling", "registered_name": None,
+             "name": "imagenet_stddev_rescaling",
+             "config": {"name": "imagenet_stddev_rescaling", "trainable": True, "dtype": "float32",
+                        "scale": [1.0 / math.sqrt(s) for s in efficientnet.IMAGENET_STDDEV_RGB],
+                        "offset": 0.0},
+             "inbound_nodes": copy.deepcopy(consumer["inbound_nodes"])}
+    consumer["inbound_nodes"] = _renamed(consumer["inbound_nodes"], norm, extra["name"])
+    at = config["layers"].index(consumer)
+    config["layers"].insert(at, extra)
+    return keras.Model.from_config(config)
+
+
+def _reads_from(node, name: str) -> bool:
+    if isinstance(node, dict):
+        history = node.get("keras_history")
+        return (history is not None and history[0] == name) or any(_reads_from(v, name) for v in node.values())
+    return isinstance(node, (list, tuple)) and any(_reads_from(v, name) for v in node)
+
+
+def _renamed(node, old: str, new: str):
+    """A copy of a layer's inbound nodes with tensors of layer ``old`` read from ``new``."""
+    if isinstance(node, dict):
+        if node.get("keras_history") and node["keras_history"][0] == old:
+            return {**node, "keras_history": [new, *node["keras_history"][1:]]}
+        return {k: _renamed(v, old, new) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_renamed(v, old, new) for v in node]
+    return node
 
 
 def run_model_path(weights: str | None) -> Path | None:
@@ -229,14 +270,17 @@ def add_head(features, units: int, dropout: float = 0.0, pool_size: int = 4):
     return layers.Dense(1, activation="sigmoid", name="head_output")(x)
 
 
-def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig) -> keras.Model:
-    """The full classifier: raw 0-255 image in, P(positive) out."""
+def build_model(model_config: ModelConfig, preprocess_config: PreprocessConfig,
+                backbone: keras.Model | None = None) -> keras.Model:
+    """The full classifier: raw 0-255 image in, P(positive) out; on ``backbone`` when
+    given (one already built from ``model_config``), else on a new one."""
     size = preprocess_config.image_size
     if size < MIN_IMAGE_SIZE:
         raise CtedgeError(f"{size} is too small for EfficientNet ({MIN_IMAGE_SIZE} or more)", param="image_size")
     if not 0 <= model_config.fine_tune_blocks <= BLOCKS:
         raise CtedgeError(f"must be 0-{BLOCKS}, not {model_config.fine_tune_blocks}", param="fine_tune_blocks")
-    backbone = build_backbone(model_config.weights, size, model_config.backbone)
+    if backbone is None:
+        backbone = build_backbone(model_config.weights, size, model_config.backbone)
     pretrained = is_pretrained(model_config.weights)
     freeze = pretrained if model_config.freeze_backbone is None else model_config.freeze_backbone
     set_trainable(backbone, freeze, model_config.fine_tune_blocks, pretrained)

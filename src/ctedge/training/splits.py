@@ -21,6 +21,7 @@ from ctedge.core.data import (
 )
 from ctedge.core.errors import CtedgeError
 from ctedge.core.preprocess import PreprocessConfig
+from ctedge.core.progress import ProgressFn
 
 
 def random_split(dataset: DataSet, seed: int = 42, test_fraction: float = 0.2,
@@ -55,16 +56,18 @@ def make_splits(dataset: DataSet, split_dir: str | Path | None = None, seed: int
 
 
 
-def load_data(options: DataOptions, config: PreprocessConfig, parts: tuple[str, ...] = SPLITS
+def load_data(options: DataOptions, config: PreprocessConfig, parts: tuple[str, ...] = SPLITS,
+              progress: ProgressFn | None = None, digests: dict[Path, str] | None = None
               ) -> tuple[DataSet, dict[str, LoadedSplit]]:
-    """Discover, split, then decode the requested parts (each image once)."""
+    """Discover, split, then decode the requested parts (each image once; files whose
+    sha256 is in ``digests`` are not hashed again)."""
     dataset = discover(options.root, options.positive)
     splits = make_splits(dataset, options.split_dir, options.seed, options.test_fraction,
                          options.val_fraction, options.group_regex)
     loaded = {}
     for part in parts:
-        loaded[part] = load_split(splits[part], config, options.clean,
-                                  progress=f"decoding {part}" if splits[part] else None)
+        loaded[part] = load_split(splits[part], config, options.clean, progress, f"decoding {part}",
+                                  digests=digests)
         if splits[part] and not len(loaded[part].y):
             raise CtedgeError(f"no readable images left in the {part} split of {options.root}")
     return dataset, loaded

@@ -23,7 +23,7 @@ from ctedge.core.errors import CtedgeError
 from ctedge.core.files import atomic_write, remove_stale_temps, temp_name
 from ctedge.core.plots import training_curves
 from ctedge.core.preprocess import AugmentConfig, PreprocessConfig, augment
-from ctedge.core.progress import console
+from ctedge.core.progress import ProgressFn, report
 from ctedge.core.runconfig import RunConfig, TrainConfig
 from ctedge.training.model import ModelConfig, build_model
 from ctedge.training.splits import load_data
@@ -66,44 +66,28 @@ class AugmentedBatches(keras.utils.PyDataset):
         self.order = rng.permutation(len(self.x))
 
 
-class RichProgress(keras.callbacks.Callback):
-    """Epoch/batch progress bar with images per second."""
+class EpochProgress(keras.callbacks.Callback):
+    """Epochs and batches as progress events, each epoch's metrics and images per
+    second as a line; records images per second in the logs (history)."""
 
-    def __init__(self, epochs: int, steps: int, images: int, done: int = 0):
+    def __init__(self, epochs: int, steps: int, images: int, progress: ProgressFn | None):
         super().__init__()
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.images = images
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 TextColumn("{task.completed}/{task.total}"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 console=console, transient=True)
-        self.epochs_task = self.progress.add_task("epochs", total=epochs, completed=done, info="")
-        self.batch_task = self.progress.add_task("batches", total=steps, info="")
-        self.images_per_second: list[float] = []
-
-    def on_train_begin(self, logs=None):
-        self.progress.start()
+        self.epochs, self.steps, self.images, self.progress = epochs, steps, images, progress
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
-        self.progress.reset(self.batch_task)
+        report(self.progress, "batches", "", 0, self.steps)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.progress.update(self.batch_task, completed=batch + 1,
-                             info=f"loss {logs.get('loss', float('nan')):.4f}")
+        report(self.progress, "batches", "", batch + 1, self.steps)
 
     def on_epoch_end(self, epoch, logs=None):
         rate = self.images / (time.perf_counter() - self.started)
-        self.images_per_second.append(rate)
-        logs = logs or {}
+        logs = logs if logs is not None else {}
         logs["images_per_s"] = rate
         summary = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "images_per_s")
-        console.log(f"epoch {epoch + 1}: {summary}, {rate:.1f} images/s")
-        self.progress.update(self.epochs_task, advance=1, info=f"{rate:.1f} img/s")
-
-    def on_train_end(self, logs=None):
-        self.progress.stop()
+        report(self.progress, "epochs", f"epoch {epoch + 1}: {summary}, {rate:.1f} images/s",
+               epoch + 1, self.epochs)
 
 
 def default_run_dir() -> Path:
@@ -214,14 +198,15 @@ def compile_model(model: keras.Model, learning_rate: float) -> None:
 
 
 def fit(model: keras.Model, train: LoadedSplit, val: LoadedSplit | None, config: TrainConfig,
-        augment_config: AugmentConfig, callbacks: list, done: int = 0) -> dict[str, list[float]]:
+        augment_config: AugmentConfig, callbacks: list, done: int = 0,
+        progress: ProgressFn | None = None) -> dict[str, list[float]]:
     """Fit on augmented training batches from epoch ``done``; returns Keras's history dict."""
     batches = AugmentedBatches(train.x, train.y, config.batch_size, augment_config, config.seed)
     batches.start_at(done)
-    progress = RichProgress(config.epochs, len(batches), len(train.y), done)
+    epochs = EpochProgress(config.epochs, len(batches), len(train.y), progress)
     validation = (val.x, val.y.astype("float32")) if val is not None and len(val.y) else None
     history = model.fit(batches, validation_data=validation, epochs=config.epochs, initial_epoch=done,
-                        callbacks=[progress, *callbacks], verbose=0)
+                        callbacks=[epochs, *callbacks], verbose=0)
     return history.history
 
 
@@ -270,11 +255,13 @@ def _all_layers(model: keras.Model):
 
 
 def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfig,
-          preprocess_config: PreprocessConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
+          preprocess_config: PreprocessConfig, run_dir: Path | None = None, resume: bool = False,
+          progress: ProgressFn | None = None) -> dict:
     """Train and write the run folder; returns the run's config/summary dict.
 
     ``resume``: continue the interrupted run in ``run_dir`` from its last finished
-    epoch (weights, optimizer state, data order, best-so-far and early stopping)."""
+    epoch (weights, optimizer state, data order, best-so-far and early stopping).
+    ``progress`` hears decoding, epochs and batches (``ctedge.core.progress``)."""
     for name in ("epochs", "batch_size"):
         if getattr(train_config, name) < 1:
             raise CtedgeError(f"must be at least 1, not {getattr(train_config, name)}", param=name)
@@ -289,7 +276,7 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
     if done >= train_config.epochs:
         raise CtedgeError(f"must be above the {done} epoch(s) {run_dir} already ran, to go on", param="epochs")
     run_dir.mkdir(parents=True, exist_ok=True)
-    dataset, parts = load_data(data, preprocess_config, parts=("train", "val", "test"))
+    dataset, parts = load_data(data, preprocess_config, ("train", "val", "test"), progress)
     train_part, val_part = parts["train"], parts["val"]
     has_val = bool(len(val_part.y))
     model = build_model(model_config, preprocess_config)
@@ -298,10 +285,12 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
         model.optimizer.build(model.trainable_variables)
         model.load_weights(run_dir / RESUME_DIR / state["weights"])
         read_history(run_dir / "history.csv", done)
-        console.print(f"resuming {run_dir} after epoch {done} of {train_config.epochs}", markup=False)
+        report(progress, "epochs", f"resuming {run_dir} after epoch {done} of {train_config.epochs}",
+               done, train_config.epochs)
     started = time.perf_counter()
     history = fit(model, train_part, val_part if has_val else None, train_config,
-                  preprocess_config.augment, _callbacks(run_dir, train_config, has_val, settings, state), done)
+                  preprocess_config.augment, _callbacks(run_dir, train_config, has_val, settings, state), done,
+                  progress)
     seconds = time.perf_counter() - started
     if state:
         history = read_history(run_dir / "history.csv")

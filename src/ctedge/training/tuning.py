@@ -7,14 +7,15 @@ search) and the tuner (``CtedgeTuner``: times trials and clears Keras state).
 
 Fast mode (default with a frozen backbone): the backbone runs once over the
 training images (K augmented views each) and validation, the features are
-cached on disk, and trials train only the head on them, an epoch being one
-pass over the images (each as one of its views), as in the naive search. ``--fine-tune`` (or
+cached on disk (``ctedge.training.features``), and trials train only the head on
+them, an epoch being one pass over the images (each as one of its views), as in the naive search. ``--fine-tune`` (or
 ``--no-cache``) trains full models, the backbone recomputed every epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import keras
 import keras_tuner as kt
-import numpy as np
 from keras_tuner.src import utils as kt_utils
 from keras_tuner.src.distribute import utils as dist_utils
 from keras_tuner.src.engine import tuner_utils
@@ -36,12 +36,19 @@ from keras_tuner.src.engine import tuner_utils
 from ctedge.core.choices import Algorithm, Objective, Role
 from ctedge.core.data import DataOptions
 from ctedge.core.errors import CtedgeError
-from ctedge.core.files import atomic_write, exclusive_lock, file_digest
-from ctedge.core.metrics import roc_auc
-from ctedge.core.preprocess import PreprocessConfig, augment
-from ctedge.core.progress import console
+from ctedge.core.files import atomic_write, exclusive_lock
+from ctedge.core.preprocess import PreprocessConfig
+from ctedge.core.progress import ProgressFn, report
 from ctedge.core.runconfig import RunConfig, TuneResult
-from ctedge.training.model import ModelConfig, add_head, build_backbone, build_model, is_pretrained, run_model_path
+from ctedge.training.features import (
+    EpochSeconds,
+    ExactValAUC,
+    ViewBatches,
+    assemble,
+    cached_features,
+    weights_identity,
+)
+from ctedge.training.model import ModelConfig, add_head, build_backbone, build_model, is_pretrained
 from ctedge.training.quiet import import_tensorflow
 from ctedge.training.splits import load_data
 from ctedge.training.train import AugmentedBatches, compile_model, save_model
@@ -179,10 +186,11 @@ class CtedgeTuner(kt.Hyperband):
     other oracles set no ``tuner/*`` values and those steps do nothing. Its
     ``__init__`` (which would make a second oracle) is skipped for Tuner's."""
 
-    def __init__(self, oracle, hypermodel, trial_processes: bool = False, seed: int = 42, **kwargs):
+    def __init__(self, oracle, hypermodel, trial_processes: bool = False, seed: int = 42,
+                 progress: ProgressFn | None = None, **kwargs):
         kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
         self.ran: list[str] = []
-        self.trial_processes, self.seed = trial_processes, seed
+        self.trial_processes, self.seed, self.progress = trial_processes, seed, progress
 
     def _build_and_fit_model(self, trial, *args, **kwargs):
         """With ``trial_processes``, build and fit in a fresh process (what TensorFlow
@@ -237,8 +245,8 @@ class CtedgeTuner(kt.Hyperband):
                            for k, v in trial.hyperparameters.values.items())
         score = "no score" if trial.score is None else f"score {trial.score:.4f}"
         seconds = trial.metrics.get_last_value("seconds") if trial.metrics.exists("seconds") else None
-        console.print(f"trial {trial.trial_id} {trial.status.lower()}: {values}; {score}"
-                      + (f", {seconds:.1f} s" if seconds is not None else ""), highlight=False, markup=False)
+        report(self.progress, "trials", f"trial {trial.trial_id} {trial.status.lower()}: {values}; {score}"
+               + (f", {seconds:.1f} s" if seconds is not None else ""), len(self.ran), self.oracle.max_trials)
         keras.backend.clear_session()
 
 
@@ -254,136 +262,6 @@ def fit_trial(hypermodel: kt.HyperModel, hp_config: dict, warm_start: str | None
             model.load_weights(warm_start)
     history = hypermodel.fit(hp, model, *args, **kwargs)
     return history.history, model.get_build_config(), os.getpid()
-
-
-# --- cached backbone features --------------------------------------------------
-
-def weights_identity(weights: str) -> str:
-    """imagenet / none as they are; a weights file or trained model by its content."""
-    run = run_model_path(weights)
-    if run is not None:
-        return f"sha256:{file_digest(run)}"
-    return f"sha256:{file_digest(weights)}" if Path(weights).is_file() else weights
-
-
-class ExactValAUC(keras.callbacks.Callback):
-    """Replaces Keras's binned ``val_auc`` (200 thresholds: it reads exactly 0.5
-    when every output falls in one bin) by the exact rank AUC, before early
-    stopping, the tuner's checkpoint and the history read it.
-
-    A head on cached features is called eagerly (``predict`` would trace it anew
-    every trial); a full model goes through ``predict``, because an eager call
-    of a functional model keeps every layer's output until it returns (B3 at
-    300 px, 64 images: over 20 GB)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, eager: bool = True):
-        super().__init__()
-        self.x, self.y, self.batch_size, self.eager = x, y, batch_size, eager
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None or "val_auc" not in logs:
-            return
-        if self.eager:
-            p = np.concatenate([keras.ops.convert_to_numpy(self.model(self.x[i:i + self.batch_size],
-                                                                      training=False))[:, 0]
-                                for i in range(0, len(self.x), self.batch_size)])
-        else:
-            p = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)[:, 0]
-        logs["val_auc"] = roc_auc(self.y, p)
-
-
-class ViewBatches(keras.utils.PyDataset):
-    """Cached features as the naive search sees images: each epoch one pass over the
-    training images, each image as one of its K cached views (drawn by seed and
-    epoch), shuffled. So a cached trial takes the naive trial's number of steps."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, views: int, batch_size: int, seed: int):
-        super().__init__()
-        if len(x) % views:
-            raise CtedgeError(f"cached features: {len(x)} rows are not {views} views of each image")
-        self.x, self.y = x, y.astype("float32")
-        self.images, self.views = len(x) // views, views
-        self.batch_size, self.seed = batch_size, seed
-        self.start_at(0)
-
-    def __len__(self) -> int:
-        return int(np.ceil(self.images / self.batch_size))
-
-    def __getitem__(self, index: int):
-        rows = self.rows[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.x[rows], self.y[rows]
-
-    def on_epoch_end(self) -> None:
-        self.start_at(self.epoch + 1)
-
-    def start_at(self, epoch: int) -> None:
-        """Rows of ``epoch``: view v of image i is row v * images + i."""
-        self.epoch = epoch
-        rng = np.random.default_rng((self.seed, epoch))
-        order = rng.permutation(self.images)
-        self.rows = rng.integers(0, self.views, self.images)[order] * self.images + order
-
-
-class EpochSeconds(keras.callbacks.Callback):
-    """Each epoch's wall time (validation included) into the logs and history."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["epoch_seconds"] = time.perf_counter() - self.started
-
-
-def cache_key(hashes: list[str], preprocess: PreprocessConfig, model_config: ModelConfig,
-              views: int, seed: int) -> str:
-    """Data hash + image size + backbone and its weights (a local file by its content)
-    + preprocessing + views: what the features depend on."""
-    blob = json.dumps({"files": hashes, "preprocess": preprocess.to_dict(),
-                       "weights": weights_identity(model_config.weights),
-                       "backbone": model_config.backbone, "views": views, "seed": seed}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def backbone_features(backbone: keras.Model, preprocess: PreprocessConfig, x: np.ndarray,
-                      batch_size: int = 32) -> np.ndarray:
-    """The frozen backbone's feature maps of model inputs (preprocessing included)."""
-    from ctedge.training.model import CTPreprocess
-
-    inputs = keras.Input(x.shape[1:])
-    pixels = CTPreprocess(preprocess.window_low, preprocess.window_high, preprocess.centre)(inputs)
-    extractor = keras.Model(inputs, backbone(pixels, training=False))
-    return extractor.predict(x, batch_size=batch_size, verbose=0)
-
-
-def cached_features(directory: Path, parts: dict, preprocess: PreprocessConfig,
-                    model_config: ModelConfig, views: int, seed: int) -> dict[str, np.ndarray]:
-    """Train features for K augmented views per image and val features, on disk."""
-    key = cache_key(parts["train"].hashes + parts["val"].hashes, preprocess, model_config, views, seed)
-    path = directory / f"features-{key}.npz"
-    if path.is_file():
-        log.info("using cached backbone features %s", path)
-        with np.load(path) as cached:
-            return dict(cached)
-    keras.utils.set_random_seed(seed)  # a random-init backbone is then the one assemble() rebuilds
-    backbone = build_backbone(model_config.weights, preprocess.image_size, model_config.backbone)
-    rng = np.random.default_rng(seed)
-    train_x, train_y = [parts["train"].x], [parts["train"].y]
-    for _ in range(views - 1):
-        train_x.append(np.stack([augment(image, rng, preprocess.augment) for image in parts["train"].x]))
-        train_y.append(parts["train"].y)
-    started = time.perf_counter()
-    features = {"train_x": backbone_features(backbone, preprocess, np.concatenate(train_x)),
-                "train_y": np.concatenate(train_y).astype("float32"),
-                "val_x": backbone_features(backbone, preprocess, parts["val"].x),
-                "val_y": parts["val"].y.astype("float32")}
-    log.info("backbone features for %d images in %.1f s, cached in %s",
-             len(features["train_y"]) + len(features["val_y"]), time.perf_counter() - started, path)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **features)
-    os.replace(tmp, path)
-    return features
 
 
 # --- the search ------------------------------------------------------------------
@@ -408,10 +286,10 @@ class TuneOptions:
 
 
 def _fingerprint(space: SearchSpace, hashes: list[str], preprocess: PreprocessConfig,
-                 model_config: ModelConfig, options: TuneOptions, cached: bool) -> dict:
+                 model_config: ModelConfig, options: TuneOptions, cached: bool, weights: str) -> dict:
     return {"search_space": asdict(space),
             "data": hashlib.sha256("".join(hashes).encode()).hexdigest()[:16],
-            "preprocess": preprocess.to_dict(), "weights": weights_identity(model_config.weights),
+            "preprocess": preprocess.to_dict(), "weights": weights,
             "backbone": model_config.backbone,
             "mode": "cached" if cached else ("fine-tune" if options.fine_tune else "naive"),
             "views": options.views if cached else None,
@@ -479,25 +357,11 @@ def trial_table(tuner: kt.Tuner, objective: str, epochs: int) -> list[dict]:
     return sorted(rows, key=lambda r: (r["score"] is None, sign * (r["score"] or 0), r["trial"]))
 
 
-def assemble(head: keras.Model, model_config: ModelConfig, preprocess: PreprocessConfig,
-             hp: dict, seed: int) -> keras.Model:
-    """Backbone + a head trained on cached features: the deployable classifier.
-    Seeded as in ``cached_features``, so that with ``--weights none`` the random
-    backbone is the very one the features came from."""
-    config = ModelConfig(**{**model_config.to_dict(), "units": hp["units"],
-                            "dropout": hp.get("dropout", 0.0), "freeze_backbone": True})
-    keras.utils.set_random_seed(seed)
-    model = build_model(config, preprocess)
-    for layer in head.layers:
-        if layer.weights:
-            model.get_layer(layer.name).set_weights(layer.get_weights())
-    return model
-
-
 def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessConfig,
-         options: TuneOptions, space: SearchSpace | None = None) -> dict:
+         options: TuneOptions, space: SearchSpace | None = None, progress: ProgressFn | None = None) -> dict:
     """Run (or resume) a search; returns the summary also written to summary.json.
-    The single-process run or the chief holds DIRECTORY/PROJECT.lock meanwhile."""
+    The single-process run or the chief holds DIRECTORY/PROJECT.lock meanwhile;
+    ``progress`` hears decoding and each finished trial."""
     _validate(options)
     space = (space or SearchSpace()).validate()
     project = options.project or f"{Path(data.root).resolve().name}-{preprocess.image_size}"
@@ -506,16 +370,28 @@ def tune(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessCon
         if not (dist_utils.has_chief_oracle() and not dist_utils.is_chief_oracle()):  # workers share it
             held.enter_context(exclusive_lock(Path(options.directory) / f"{project}.lock",
                                               f"tuning project {project_dir}"))
-        return _search(data, model_config, preprocess, options, space, project_dir)
+        return _search(data, model_config, preprocess, options, space, project_dir, progress)
+
+
+def _backbone_once(model_config: ModelConfig, preprocess: PreprocessConfig, seed: int):
+    """The backbone, built on the first call only (a trained .keras loaded once): the
+    cached features and the best model share it."""
+
+    @functools.cache
+    def backbone() -> keras.Model:
+        keras.utils.set_random_seed(seed)  # a random-init backbone is reproducible too
+        return build_backbone(model_config.weights, preprocess.image_size, model_config.backbone)
+
+    return backbone
 
 
 def _search(data: DataOptions, model_config: ModelConfig, preprocess: PreprocessConfig,
-            options: TuneOptions, space: SearchSpace, project_dir: Path) -> dict:
+            options: TuneOptions, space: SearchSpace, project_dir: Path, progress: ProgressFn | None) -> dict:
     from ctedge import __version__
 
     project = project_dir.name
     keras.utils.set_random_seed(options.seed)
-    dataset, parts = load_data(data, preprocess, parts=("train", "val"))
+    dataset, parts = load_data(data, preprocess, ("train", "val"), progress)
     if not len(parts["val"].y):
         raise CtedgeError("tuning needs a validation split (official lists or --val-fraction)")
     cached = (options.cache and not options.fine_tune and model_config.freeze_backbone is not False
@@ -527,11 +403,13 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
     if options.overwrite and project_dir.exists():
         import shutil
         shutil.rmtree(project_dir)
+    weights = weights_identity(model_config.weights)  # hashes a weights file: once per search
     _guard_project(project_dir, _fingerprint(space, parts["train"].hashes + parts["val"].hashes,
-                                             preprocess, model_config, options, cached))
+                                             preprocess, model_config, options, cached, weights))
+    backbone = _backbone_once(model_config, preprocess, options.seed)
     if cached:
         features = cached_features(project_dir, parts, preprocess, model_config,
-                                   options.views, options.seed)
+                                   options.views, options.seed, weights, backbone)
         x = ViewBatches(features["train_x"], features["train_y"], options.views, options.batch_size,
                         options.seed)
         validation = (features["val_x"], features["val_y"])
@@ -545,7 +423,7 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
         hypermodel = HeadHyperModel(None, full, preprocess)
     tuner = CtedgeTuner(oracle=_oracle(options, space), hypermodel=hypermodel, seed=options.seed,
                         trial_processes=not cached if options.trial_processes is None else options.trial_processes,
-                        directory=options.directory, project_name=project, overwrite=False)
+                        directory=options.directory, project_name=project, overwrite=False, progress=progress)
     monitor = options.objective
     stop = keras.callbacks.EarlyStopping(monitor=monitor, mode="min" if monitor == "val_loss" else "max",
                                          patience=options.patience)
@@ -566,7 +444,7 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
         warnings.simplefilter("ignore", UserWarning)  # optimizer state is not restored, by design
         best = tuner.get_best_models(1)[0]
     if cached:
-        model = assemble(best, model_config, preprocess, best_hp, options.seed)
+        model = assemble(best, model_config, preprocess, best_hp, backbone())
         how = "backbone + the best trial's head, restored from its checkpoint"
     else:
         model, how = best, "the best trial's full model, restored from its checkpoint"
@@ -580,6 +458,15 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
         "search_seconds": time.perf_counter() - started, "options": asdict(options),
         "search_space": asdict(space),
     }
+    _write_project(summary, data, model_config, preprocess, options, dataset, parts)
+    return summary
+
+
+def _write_project(summary: dict, data: DataOptions, model_config: ModelConfig, preprocess: PreprocessConfig,
+                   options: TuneOptions, dataset, parts: dict) -> None:
+    """config.json (the best model's run configuration) and summary.json in the project."""
+    project_dir = Path(summary["project"])
+    best_hp = summary["best_hyperparameters"]
     head = {k: best_hp[k] for k in ("units", "dropout") if k in best_hp}
     RunConfig(kind="tune", data=data, model=ModelConfig(**{**model_config.to_dict(), **head}),
               preprocess=preprocess, classes=dataset.class_names, positive=dataset.positive,
@@ -590,7 +477,6 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
               files={name: dict(zip(map(str, part.paths), part.hashes)) for name, part in parts.items()},
               ).save(project_dir / "config.json")
     atomic_write(json.dumps(summary, indent=2, default=str).encode(), project_dir / "summary.json")
-    return summary
 
 
 def set_distributed(role: str | None, oracle: str | None, tuner_id: str | None) -> None:
