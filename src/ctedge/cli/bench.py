@@ -86,9 +86,7 @@ def bench(
     --split-dir ../shared/data/covid-ct/splits --markdown bench.md`;
     for a whole study: `ctedge bench exports/b3.onnx --study patient1/ --json -`
     """
-    from ctedge.core.results import dumps
     from ctedge.edge.bench import run_bench
-    from ctedge.edge.bench_report import markdown
 
     check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"),
                   inputs=[*(f for m in models or [] for f in model_files(m)), *filter(None, [data, study])])
@@ -113,6 +111,14 @@ def bench(
         cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice, all_providers=all_providers,
         provider_options=provider_options(provider_option), pad=pad),
         baselines=keras_baseline(models or []))
+    write_outputs(report, markdown_out, plot, json_out)
+
+
+def write_outputs(report, markdown_out: Path | None, plot: Path | None, json_out: Path | None) -> None:
+    """The console table, then --markdown, --plot and --json."""
+    from ctedge.core.results import dumps
+    from ctedge.edge.bench_report import markdown
+
     print_report(report)
     write_text(markdown(report), markdown_out)
     if plot:
@@ -123,7 +129,6 @@ def bench(
         latency_histogram({f"{Path(r.model).name} {r.format} {r.provider}": np.asarray(r.samples_ms)
                            for r in report.results}, plot)
     write_text(dumps(report), json_out)
-
 
 def print_report(report) -> None:
     """The console table, ISA line, warnings, budget verdicts and the fastest variant."""

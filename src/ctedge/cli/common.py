@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -183,13 +184,14 @@ class PrintableLog(logging.Filter):
         return True
 
 
-def _given(key: str, default):
-    """What the ``ctedge`` group's options set for this command (kept on the click
-    context, not in a global)."""
-    import click
+# What the `ctedge` group's options (--verbose, --max-pixels, --max-bytes) set for the
+# command of this invocation; typer does not keep click's context stack, and the library
+# never reads this: commands pass the values on as arguments.
+_GIVEN: ContextVar[dict | None] = ContextVar("ctedge_given", default=None)
 
-    context = click.get_current_context(silent=True)
-    return context.find_root().meta.get(f"ctedge.{key}", default) if context else default
+
+def _given(key: str, default):
+    return (_GIVEN.get() or {}).get(key, default)
 
 
 def verbose() -> bool:
@@ -385,7 +387,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(context: typer.Context,
+def main(
          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Print the version and exit.")] = False,
          verbose_flag: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
@@ -400,13 +402,12 @@ def main(context: typer.Context,
     from ctedge.core.dicom import check_budgets
     from ctedge.core.imageio import set_max_pixels
 
-    context.meta["ctedge.verbose"] = verbose_flag
     try:
         check_budgets(max_pixels=max_pixels, max_bytes=max_bytes)
     except CtedgeError as exc:
         raise typer.BadParameter(exc.detail, param_hint=flag(exc.param)) from None
     set_max_pixels(max_pixels)  # single images; studies get both budgets through StudyOptions
-    context.meta.update({"ctedge.max_pixels": max_pixels, "ctedge.max_bytes": max_bytes})
+    _GIVEN.set({"verbose": verbose_flag, "max_pixels": max_pixels, "max_bytes": max_bytes})
 
 
 def study_options(**options) -> StudyOptions:
