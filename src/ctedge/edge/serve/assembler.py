@@ -1,0 +1,145 @@
+"""Studies become answers: a quiet period ends a study, one worker classifies it, its SR
+goes to the outbox. The worker also runs the HTTP API's requests (one model, one queue).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ctedge.edge.serve.pipeline import Answer, classify_spooled
+from ctedge.edge.serve.spool import Spool, SpooledStudy, durable_write, uid_hash
+from ctedge.edge.serve.sr import Algorithm, build_sr, sr_bytes
+from ctedge.edge.study import StudyResult
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The work queue holds ``queue_size`` jobs already."""
+
+
+class Worker:
+    """One thread that runs jobs from a bounded queue (the Classifier is used from it alone)."""
+
+    def __init__(self, size: int):
+        self.jobs: queue.Queue = queue.Queue(maxsize=size)
+        self.thread = threading.Thread(target=self._run, name="ctedge-worker", daemon=True)
+        self.busy = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Callable) -> concurrent.futures.Future:
+        """Queue ``job``; raises QueueFull rather than wait."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            self.jobs.put_nowait((job, future))
+        except queue.Full:
+            raise QueueFull from None
+        return future
+
+    def length(self) -> int:
+        return self.jobs.qsize() + int(self.busy)
+
+    def stop(self) -> None:
+        self.jobs.put((None, None))
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            job, future = self.jobs.get()
+            if job is None:
+                return
+            self.busy = True
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # handed to whoever waits on the future
+                    future.set_exception(exc)
+            self.busy = False
+
+
+@dataclass
+class StudyRecord:
+    """What the status page, /v1/studies/{uid} and the metrics know of one answer."""
+
+    study_uid: str
+    finished: float  # time.time()
+    version: int
+    instances: int
+    summary: dict  # the StudyResult as a dict (with sop_instance_uid on the top slices)
+    latency_s: float  # last instance -> SR in the outbox
+    sent: bool = False
+
+
+class Assembler:
+    """Watches the spool for complete studies and answers them on the worker."""
+
+    def __init__(self, spool: Spool, worker: Worker, outbox, clf, options, algorithm: Algorithm,
+                 quiet_seconds: float, on_answer: Callable[[StudyRecord], None]):
+        self.spool, self.worker, self.outbox, self.clf = spool, worker, outbox, clf
+        self.options, self.algorithm, self.quiet_seconds, self.on_answer = options, algorithm, quiet_seconds, on_answer
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="ctedge-assembler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        tick = min(0.1, max(self.quiet_seconds / 4, 0.02))
+        while not self.stopping.wait(tick):
+            for study in self.spool.due(self.quiet_seconds):
+                try:
+                    self.worker.submit(lambda study=study: self.answer(study))
+                except QueueFull:  # the study waits for the next tick; nothing is dropped
+                    self.spool.release(study)
+
+    def answer(self, study: SpooledStudy) -> StudyRecord:
+        """Classify a complete study; its SR into the outbox, then the answer recorded."""
+        try:
+            instances, version = len(study.sop_uids), study.version + 1
+            last_arrival = study.last_arrival
+            result = self._classify_and_send(study, version)
+            summary = result.to_dict()
+            self.spool.save_answer(study, instances, version, summary)
+            latency = time.monotonic() - last_arrival
+            record = StudyRecord(study.study_uid, time.time(), version, instances, summary, latency)
+            if version > 1:
+                log.info("study %s: answer v%d supersedes v%d (%d instance(s) now)", uid_hash(study.study_uid),
+                         version, version - 1, instances)
+            log.info("study %s: %d instance(s), %s, %.2f s after its last instance", uid_hash(study.study_uid),
+                     instances, f"error: {result.error}" if result.error else
+                     f"P={result.probability:.4f} {result.label} from {result.slices_used} slice(s)",
+                     latency)
+            self.on_answer(record)
+            return record
+        finally:
+            self.spool.release(study)
+
+    def _classify_and_send(self, study: SpooledStudy, version: int):
+        """The StudyResult; when it has an answer, its SR is in the outbox on return."""
+        try:
+            answer: Answer = classify_spooled(self.clf, study.instances, study.study_uid, self.options)
+            result = answer.result
+            if result.error is None:
+                previous = self.spool.result_path(study, version - 1)
+                sr = build_sr(result, answer.evidence, self.algorithm, study.key, version,
+                              previous.read_bytes() if previous.exists() else None)
+                data = sr_bytes(sr)
+                durable_write(data, self.spool.result_path(study, version))
+                self.outbox.put(f"{study.key}-v{version}", data)
+        except Exception as exc:  # a bug or an SR highdicom refuses: that study's error, not a retry loop
+            log.exception("study %s: answer failed", uid_hash(study.study_uid))
+            result = StudyResult(input=study.study_uid, study_uid=study.study_uid,
+                                 error=f"internal error ({exc.__class__.__name__}: {exc})")
+        return result

@@ -1,0 +1,161 @@
+"""The DICOM side: a Storage SCP (C-ECHO, C-STORE of CT Image Storage) on pynetdicom.
+
+Every instance is written to the spool (fsync, rename) before its success status is
+returned. Calling AE titles and hosts not allowed are rejected during association
+negotiation, with the reason in the log. Transfer syntaxes: every one the installed
+pydicom plugins decode (RLE always; JPEG family with ``ctedge[dicom-codecs]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+
+from ctedge.edge.serve.config import ServeConfig
+from ctedge.edge.serve.spool import Spool, Stored, uid_hash
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+REFUSED_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage is not supported yet",
+                       "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT is not supported yet"}
+STATUS = {Stored.STORED: 0x0000, Stored.DUPLICATE: 0x0000, Stored.STUDY_FULL: 0xA700, Stored.DISK_LOW: 0xA700}
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+CANNOT_UNDERSTAND = 0xC000
+HEADER_TAGS = ["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID"]
+
+
+def decodable_syntaxes() -> list[str]:
+    """Transfer syntaxes whose pixel data an installed pydicom plugin decodes."""
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import AllTransferSyntaxes
+
+    syntaxes = []
+    for uid in AllTransferSyntaxes:
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError:
+            continue
+        if decoder.is_available:
+            syntaxes.append(str(uid))
+    return syntaxes
+
+
+def _make_ae(config: ServeConfig):
+    from pynetdicom import AE
+
+    class GuardedAE(AE):
+        """An AE that admits only allowed (calling AE title, host) pairs. pynetdicom checks
+        ``require_calling_aet`` while negotiating, in the association's own thread, so the
+        answer can depend on that association's peer address."""
+
+        @property
+        def require_calling_aet(self) -> list[str]:
+            assoc = threading.current_thread()
+            requestor = getattr(assoc, "requestor", None)
+            if requestor is None:
+                return []
+            aet, address = requestor.ae_title.strip(), requestor.address
+            if config.admits(aet, address):
+                return [aet]
+            hint = ("only loopback peers are allowed; allow it with --allow"
+                    if not config.allow else "not in --allow; add it with --allow")
+            log.warning("association from %s@%s rejected: %s %s@%s", aet, address, hint, aet, address)
+            return ["\x00not-allowed"]
+
+        @require_calling_aet.setter
+        def require_calling_aet(self, value) -> None:  # AE.__init__ sets it
+            pass
+
+    return GuardedAE(ae_title=config.ae_title)
+
+
+class Node:
+    """The Storage SCP; ``on_stored(study)`` is called after each new instance."""
+
+    def __init__(self, config: ServeConfig, spool: Spool, on_stored: Callable, on_received: Callable = lambda: None):
+        from pynetdicom import evt
+        from pynetdicom.sop_class import Verification
+
+        self.config, self.spool, self.on_stored, self.on_received = config, spool, on_stored, on_received
+        self.ae = _make_ae(config)
+        self.ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
+        syntaxes = decodable_syntaxes()
+        self.ae.add_supported_context(Verification)
+        self.ae.add_supported_context(CT_IMAGE_STORAGE, syntaxes)
+        for uid in REFUSED_SOP_CLASSES:
+            self.ae.add_supported_context(uid, syntaxes)
+        self.handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_C_ECHO, lambda event: 0x0000),
+                         (evt.EVT_ESTABLISHED, self._opened), (evt.EVT_RELEASED, self._closed),
+                         (evt.EVT_ABORTED, self._closed)]
+        self.server = None
+        self.counts: dict[int, list[int]] = {}  # association -> [stored, duplicates, refused]
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
+        if self.config.tls_ca:
+            context.verify_mode = ssl.CERT_REQUIRED  # clients must show a certificate the CA signed
+            context.load_verify_locations(str(self.config.tls_ca))
+        return context
+
+    def start(self) -> None:
+        self.server = self.ae.start_server((self.config.host, self.config.dicom_port), block=False,
+                                           evt_handlers=self.handlers, ssl_context=self.ssl_context())
+        log.info("DICOM node %s listening on %s:%d%s; %s", self.config.ae_title, self.config.host,
+                 self.server.server_address[1], " (TLS)" if self.config.tls_cert else "",
+                 "allowed: " + ", ".join(f"{p.ae_title}@{p.host or '*'}" for p in self.config.allow)
+                 if self.config.allow else "only loopback peers allowed (--allow AET@HOST for others)")
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+
+    def _opened(self, event) -> None:
+        self.counts[id(event.assoc)] = [0, 0, 0]
+
+    def _closed(self, event) -> None:
+        stored, duplicates, refused = self.counts.pop(id(event.assoc), [0, 0, 0])
+        requestor = event.assoc.requestor
+        log.info("association %s@%s closed: %d stored, %d duplicate(s), %d refused", requestor.ae_title,
+                 requestor.address, stored, duplicates, refused)
+
+    def _store(self, event) -> int:
+        import io
+
+        import pydicom
+
+        counts = self.counts.setdefault(id(event.assoc), [0, 0, 0])
+        sop_class = str(event.request.AffectedSOPClassUID)
+        if sop_class in REFUSED_SOP_CLASSES:
+            log.warning("C-STORE refused: %s", REFUSED_SOP_CLASSES[sop_class])
+            counts[2] += 1
+            return SOP_CLASS_NOT_SUPPORTED
+        data = event.encoded_dataset()
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        except Exception as exc:  # a dataset pydicom can't read, or without its UIDs
+            log.warning("C-STORE refused: unreadable dataset or no StudyInstanceUID/SOPInstanceUID (%s)",
+                        exc.__class__.__name__)
+            counts[2] += 1
+            return CANNOT_UNDERSTAND
+        stored, study = self.spool.store(study_uid, sop_uid, data)
+        self.on_received()
+        if stored is Stored.STORED:
+            counts[0] += 1
+            self.on_stored(study)
+        elif stored is Stored.DUPLICATE:
+            counts[1] += 1
+        else:
+            counts[2] += 1
+            log.warning("C-STORE of study %s refused (out of resources): %s", uid_hash(study_uid), stored.value)
+        return STATUS[stored]

@@ -1,0 +1,121 @@
+"""Helpers for the `ctedge serve` tests: free loopback ports, a test SCP that collects
+SRs, a pynetdicom sender, a node started in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage
+
+from ctedge.edge.serve.config import Destination, ServeConfig
+from ctedge.edge.serve.node import CT_IMAGE_STORAGE
+from ctedge.edge.serve.service import Service
+from helpers import brightness_onnx
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Collector:
+    """A destination PACS stand-in: a Storage SCP that keeps every SR it receives."""
+
+    def __init__(self, ae_title: str = "RESULTS"):
+        self.ae_title, self.received = ae_title, []
+        self.ae = AE(ae_title=ae_title)
+        self.ae.add_supported_context(Comprehensive3DSRStorage)
+        self.port = free_port()
+        self.server = None
+
+    def _store(self, event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        return 0x0000
+
+    def start(self) -> Collector:
+        self.server = self.ae.start_server((LOOPBACK, self.port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        return self
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server = None
+
+    @property
+    def destination(self) -> Destination:
+        return Destination(self.ae_title, LOOPBACK, self.port)
+
+    def sr_uids(self) -> set[str]:
+        return {str(ds.SOPInstanceUID) for ds in self.received}
+
+
+def send_files(paths, port: int, ae_title: str = "SCANNER", called: str = "CTEDGE", syntax: str | None = None,
+               ssl_context=None) -> list[int] | None:
+    """C-STORE files (optionally compressed to ``syntax`` first); the statuses, or None
+    when the association was rejected."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    if syntax is not None:
+        for ds in datasets:
+            ds.compress(syntax)
+    ae = AE(ae_title=ae_title)
+    syntaxes = sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets})
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, syntaxes)
+    tls = (ssl_context, "localhost") if ssl_context else None
+    assoc = ae.associate(LOOPBACK, port, ae_title=called, tls_args=tls)
+    if not assoc.is_established:
+        return None
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def study_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def running_service(tmp: Path, model: Path, **options):
+    """A node on free loopback ports with a spool under ``tmp``; stopped on exit."""
+    values = dict(model=model, spool=tmp / "spool", dicom_port=free_port(), http_port=free_port(),
+                  quiet_seconds=0.3, min_free_disk=0, retry_seconds=0.2, runtime="onnxruntime")
+    values.update(options)
+    service = Service(ServeConfig(**values))
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_model(tmp_path_factory) -> Path:
+    """The TensorFlow-free stand-in model (32 px): builds in milliseconds."""
+    return brightness_onnx(tmp_path_factory.mktemp("serve-model") / "brightness.onnx", size=32)
+
+
+__all__ = ["CT_IMAGE_STORAGE", "Collector", "free_port", "running_service", "send_files", "serve_model",
+           "study_files", "wait_for"]
