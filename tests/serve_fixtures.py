@@ -111,11 +111,30 @@ def running_service(tmp: Path, model: Path, **options):
         service.stop()
 
 
+@contextlib.contextmanager
+def http_server(app):
+    """``app`` on uvicorn in a thread, on a free loopback port (yielded)."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, what="uvicorn")
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def serve_model(tmp_path_factory) -> Path:
     """The TensorFlow-free stand-in model (32 px): builds in milliseconds."""
     return brightness_onnx(tmp_path_factory.mktemp("serve-model") / "brightness.onnx", size=32)
 
 
-__all__ = ["CT_IMAGE_STORAGE", "Collector", "free_port", "running_service", "send_files", "serve_model",
+__all__ = ["CT_IMAGE_STORAGE", "Collector", "free_port", "http_server", "running_service", "send_files", "serve_model",
            "study_files", "wait_for"]

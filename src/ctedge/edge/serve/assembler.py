@@ -82,9 +82,10 @@ class Assembler:
     """Watches the spool for complete studies and answers them on the worker."""
 
     def __init__(self, spool: Spool, worker: Worker, outbox, clf, options, algorithm: Algorithm,
-                 quiet_seconds: float, on_answer: Callable[[StudyRecord], None]):
+                 quiet_seconds: float, on_answer: Callable[[StudyRecord], None], log_phi: bool = False):
         self.spool, self.worker, self.outbox, self.clf = spool, worker, outbox, clf
         self.options, self.algorithm, self.quiet_seconds, self.on_answer = options, algorithm, quiet_seconds, on_answer
+        self.log_phi = log_phi
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="ctedge-assembler", daemon=True)
 
@@ -117,8 +118,8 @@ class Assembler:
             if version > 1:
                 log.info("study %s: answer v%d supersedes v%d (%d instance(s) now)", uid_hash(study.study_uid),
                          version, version - 1, instances)
-            log.info("study %s: %d instance(s), %s, %.2f s after its last instance", uid_hash(study.study_uid),
-                     instances, f"error: {result.error}" if result.error else
+            log.info("study %s%s: %d instance(s), %s, %.2f s after its last instance", uid_hash(study.study_uid),
+                     f" (PatientID {result.patient_id})" if self.log_phi else "", instances, f"error: {result.error}" if result.error else
                      f"P={result.probability:.4f} {result.label} from {result.slices_used} slice(s)",
                      latency)
             self.on_answer(record)
