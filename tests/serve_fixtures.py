@@ -4,7 +4,12 @@ SRs, a pynetdicom sender, a node started in-process."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -136,5 +141,59 @@ def serve_model(tmp_path_factory) -> Path:
     return brightness_onnx(tmp_path_factory.mktemp("serve-model") / "brightness.onnx", size=32)
 
 
-__all__ = ["CT_IMAGE_STORAGE", "Collector", "free_port", "http_server", "running_service", "send_files", "serve_model",
+__all__ = ["CT_IMAGE_STORAGE", "Collector", "NodeProcess", "free_port", "http_server", "running_service", "send_files", "serve_model",
            "study_files", "wait_for"]
+
+
+class NodeProcess:
+    """`ctedge serve` as a subprocess (what an operator runs), on given loopback ports."""
+
+    def __init__(self, model: Path, spool: Path, *args: str, dicom_port: int | None = None):
+        self.dicom_port, self.http_port = dicom_port or free_port(), free_port()
+        self.command = [sys.executable, "-m", "ctedge.cli", "serve", str(model), "--spool", str(spool),
+                        "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port),
+                        "--min-free-disk", "0", "--runtime", "onnxruntime", *args]
+        self.log = spool.parent / f"serve-{self.http_port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> NodeProcess:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_for(self._ready, timeout=60, what=f"`ctedge serve` to be ready (log: {self.log})")
+        return self
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"`ctedge serve` exited {self.process.returncode}: {self.log.read_text()[-2000:]}")
+        try:
+            return self.get("/readyz")[0] == 200
+        except OSError:
+            return False
+
+    def get(self, path: str) -> tuple[int, dict | str]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}{path}", timeout=5) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode()
+
+    def kill(self) -> None:
+        """kill -9: no clean-up of any kind."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -90,9 +90,11 @@ def serve(
                      provider=provider.value if provider else None, threads=threads, queue_size=queue_size,
                      log_phi=log_phi)
     settings = load_config(config, overrides)
+    # their lines repeat ours (which say why) or name instance UIDs
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     service = Service(settings)
     service.start()
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     console.print(f"ctedge serve: DICOM {settings.ae_title}@{settings.host}:{service.node.port}, "
                   f"HTTP http://{settings.host}:{settings.http_port}/ ; Ctrl-C stops", highlight=False)
     try:
