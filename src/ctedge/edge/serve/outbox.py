@@ -82,7 +82,13 @@ class Outbox:
 
     def _run(self) -> None:
         while not self.stopping.is_set():
-            waits = [self._attempt(entry) for entry in self.entries()]
+            waits = []
+            for entry in self.entries():
+                try:
+                    waits.append(self._attempt(entry))
+                except Exception:  # a bug or a disk error: logged, the sender goes on
+                    log.exception("outbox entry %s", entry.name)
+                    waits.append(self.retry_seconds)
             self.wake.wait(timeout=min([w for w in waits if w is not None] + [1.0]))
             self.wake.clear()
 
@@ -125,10 +131,14 @@ def send(data: bytes, destination: Destination, ae_title: str, timeout: float = 
     import pydicom
     from pynetdicom import AE
 
-    ds = pydicom.dcmread(io.BytesIO(data))
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        sop_class, syntax = ds.SOPClassUID, ds.file_meta.TransferSyntaxUID
+    except Exception as exc:  # a damaged outbox file: reported, retried, set aside like any failure
+        return f"unreadable result file ({exc.__class__.__name__})"
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         return "association rejected or no answer" if assoc.is_rejected else "association failed (no answer)"
