@@ -156,3 +156,26 @@ def test_tls_needs_the_right_ca(tmp_path, serve_model):
         assert send_files(files[:1], port, ssl_context=client(ca=True, cert=False)) is None
         assert send_files(files[:1], port, ssl_context=client(ca=False, cert=True)) is None
         assert send_files(files[:1], port) is None  # plain DICOM to a TLS port
+
+
+def test_a_study_without_an_answer_gets_no_sr_but_its_reason(tmp_path, serve_model):
+    """Only a scout (no axial series): no SR; the reason in /v1/studies/{uid} and the metrics."""
+    from fastapi.testclient import TestClient
+
+    from ctedge.core.phantom_studies import write_scout
+    from ctedge.edge.serve.http import create_app
+
+    study_uid = "1.2.826.0.1.3680043.10.1.77"
+    write_scout(tmp_path / "scout", np.random.default_rng(9), study_uid, "P-9")
+    collector = Collector().start()
+    try:
+        with running_service(tmp_path, serve_model, destination=[collector.destination]) as service, \
+                TestClient(create_app(service)) as client:
+            assert send_files(study_files(tmp_path / "scout"), service.node.port) == [0, 0]
+            answer = wait_for(lambda: client.get(f"/v1/studies/{study_uid}").json().get("result"), what="answer")
+            metrics = client.get("/metrics").text
+    finally:
+        collector.stop()
+    assert answer["error"].startswith("no axial CT series found") and answer["probability"] is None
+    assert "ctedge_studies_failed_total 1.0" in metrics and "ctedge_studies_answered_total 0.0" in metrics
+    assert collector.received == []

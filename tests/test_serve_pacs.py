@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -84,6 +85,10 @@ def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path, serve_model):
 
             sr_series = wait_for(sr_in_orthanc, timeout=30, what="the SR in Orthanc")
             record = service.records[study_uid]
+            # sent again, now with the SR in it: the SR is acknowledged, no instance is new, no second answer
+            orthanc.rest("/modalities/ctedge/store", orthanc_study.encode())
+            time.sleep(0.6)  # two quiet periods
+            assert len(sr_in_orthanc()) == 1 and service.records[study_uid].version == 1
         instance = sr_series[0]["Instances"][0]
         tags = orthanc.rest(f"/instances/{instance}/simplified-tags")
     finally:

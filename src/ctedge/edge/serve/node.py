@@ -1,7 +1,8 @@
 """The DICOM side: a Storage SCP (C-ECHO, C-STORE of CT Image Storage) on pynetdicom.
 
-Every instance is written to the spool (fsync, rename) before its success status is
-returned. Calling AE titles and hosts not allowed are rejected during association
+Every CT instance is written to the spool (fsync, rename) before its success status is
+returned; other storage SOP classes (SRs, dose reports: a PACS sends whole studies) are
+acknowledged and not kept; Enhanced CT is refused until it is supported. Calling AE titles and hosts not allowed are rejected during association
 negotiation, with the reason in the log. Transfer syntaxes: every one the installed
 pydicom plugins decode (RLE always; JPEG family with ``ctedge[dicom-codecs]``).
 """
@@ -76,7 +77,7 @@ class Node:
     """The Storage SCP; ``on_stored(study)`` is called after each new instance."""
 
     def __init__(self, config: ServeConfig, spool: Spool, on_stored: Callable, on_received: Callable = lambda: None):
-        from pynetdicom import evt
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
         self.config, self.spool, self.on_stored, self.on_received = config, spool, on_stored, on_received
@@ -87,11 +88,14 @@ class Node:
         self.ae.add_supported_context(CT_IMAGE_STORAGE, syntaxes)
         for uid in REFUSED_SOP_CLASSES:
             self.ae.add_supported_context(uid, syntaxes)
+        for context in StoragePresentationContexts:  # a PACS sends whole studies, SRs included
+            if context.abstract_syntax not in (CT_IMAGE_STORAGE, *REFUSED_SOP_CLASSES):
+                self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_C_ECHO, lambda event: 0x0000),
                          (evt.EVT_ESTABLISHED, self._opened), (evt.EVT_RELEASED, self._closed),
                          (evt.EVT_ABORTED, self._closed)]
         self.server = None
-        self.counts: dict[int, list[int]] = {}  # association -> [stored, duplicates, refused]
+        self.counts: dict[int, list[int]] = {}  # association -> [stored, duplicates, not CT, refused]
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
@@ -120,25 +124,28 @@ class Node:
             self.server.shutdown()
 
     def _opened(self, event) -> None:
-        self.counts[id(event.assoc)] = [0, 0, 0]
+        self.counts[id(event.assoc)] = [0, 0, 0, 0]
 
     def _closed(self, event) -> None:
-        stored, duplicates, refused = self.counts.pop(id(event.assoc), [0, 0, 0])
+        stored, duplicates, other, refused = self.counts.pop(id(event.assoc), [0, 0, 0, 0])
         requestor = event.assoc.requestor
-        log.info("association %s@%s closed: %d stored, %d duplicate(s), %d refused", requestor.ae_title,
-                 requestor.address, stored, duplicates, refused)
+        log.info("association %s@%s closed: %d stored, %d duplicate(s), %d not CT images (acknowledged, not "
+                 "kept), %d refused", requestor.ae_title, requestor.address, stored, duplicates, other, refused)
 
     def _store(self, event) -> int:
         import io
 
         import pydicom
 
-        counts = self.counts.setdefault(id(event.assoc), [0, 0, 0])
+        counts = self.counts.setdefault(id(event.assoc), [0, 0, 0, 0])
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class in REFUSED_SOP_CLASSES:
             log.warning("C-STORE refused: %s", REFUSED_SOP_CLASSES[sop_class])
-            counts[2] += 1
+            counts[3] += 1
             return SOP_CLASS_NOT_SUPPORTED
+        if sop_class != CT_IMAGE_STORAGE:  # an SR, a dose report, a key image: nothing to classify
+            counts[2] += 1
+            return 0x0000
         data = event.encoded_dataset()
         try:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
@@ -146,7 +153,7 @@ class Node:
         except Exception as exc:  # a dataset pydicom can't read, or without its UIDs
             log.warning("C-STORE refused: unreadable dataset or no StudyInstanceUID/SOPInstanceUID (%s)",
                         exc.__class__.__name__)
-            counts[2] += 1
+            counts[3] += 1
             return CANNOT_UNDERSTAND
         stored, study = self.spool.store(study_uid, sop_uid, data)
         self.on_received()
@@ -156,6 +163,6 @@ class Node:
         elif stored is Stored.DUPLICATE:
             counts[1] += 1
         else:
-            counts[2] += 1
+            counts[3] += 1
             log.warning("C-STORE of study %s refused (out of resources): %s", uid_hash(study_uid), stored.value)
         return STATUS[stored]
