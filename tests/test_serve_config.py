@@ -64,3 +64,22 @@ def test_outbox_retries_with_backoff_then_sets_aside(tmp_path):
         outbox.stop()
     assert time.monotonic() - started >= 0.1 + 0.2  # two backoffs between three attempts
     assert outbox.pending() == 0
+
+
+def test_a_study_is_classified_during_its_quiet_period_and_sent_at_its_end(tmp_path):
+    """Silent for 1 s: classify (speculatively); quiet period over and nothing new: send; a new
+    instance meanwhile: classify again before anything is sent."""
+    from ctedge.edge.serve.spool import SpooledStudy
+
+    study = SpooledStudy("1.2.3", tmp_path, sop_uids={"a", "b"}, written=2, last_arrival=100.0)
+    assert not study.to_classify(1.0, 100.5) and study.to_classify(1.0, 101.0)
+    study.speculation = (2, "answer")
+    assert not study.to_classify(1.0, 102.0)  # classified as it is
+    assert not study.to_send(5.0, 104.9) and study.to_send(5.0, 105.0)
+    study.sop_uids.add("c")  # arriving (being written)
+    assert not study.to_send(5.0, 106.0) and not study.to_classify(1.0, 106.0)
+    study.written, study.last_arrival = 3, 106.0
+    assert not study.to_send(5.0, 111.0)  # the answer for 2 instances is stale
+    assert study.to_classify(1.0, 107.0)
+    study.speculation, study.answered_instances = (3, "answer"), 3
+    assert not study.to_send(5.0, 120.0) and not study.to_classify(1.0, 120.0)  # answered

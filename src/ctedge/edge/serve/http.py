@@ -140,7 +140,7 @@ def create_app(service) -> FastAPI:
             spooled = service.spool.studies.get(study_uid)
             if spooled is None:
                 raise HTTPException(404, f"no study {uid_hash(study_uid)} (hashed) received")
-            return _json({"study_uid": study_uid, "status": "receiving", "instances": len(spooled.sop_uids)}, 202)
+            return _json({"study_uid": study_uid, "status": "receiving", "instances": spooled.written}, 202)
         return _json({"study_uid": study_uid, "status": "failed" if record.summary.get("error") else "answered",
                       "version": record.version, "instances": record.instances, "sent": record.sent,
                       "answered_at": record.finished, "latency_s": record.latency_s, "result": record.summary})

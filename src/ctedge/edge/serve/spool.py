@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,14 @@ class SpooledStudy:
 
     study_uid: str
     folder: Path
-    sop_uids: set[str] = field(default_factory=set)
+    sop_uids: set[str] = field(default_factory=set)  # received or being written
+    written: int = 0  # instances on disk (what an answer can see)
     bytes: int = 0
-    last_arrival: float = 0.0  # time.monotonic() of the last new instance
-    first_arrival: float = 0.0
+    last_arrival: float = 0.0  # time.monotonic() of the last new instance on disk
     answered_instances: int = 0  # instances the last answer saw (0: none yet)
     version: int = 0  # answers given so far
-    queued: bool = False
+    queued: bool = False  # a classification is waiting for or on the worker
+    speculation: Any = None  # (instances, Answer) classified during the quiet period, not yet sent
 
     @property
     def instances(self) -> Path:
@@ -93,10 +95,18 @@ class SpooledStudy:
         """The folder's generated name: the study's id in results and the outbox."""
         return self.folder.name
 
-    def due(self, quiet_seconds: float, now: float) -> bool:
-        """Complete and not answered as it is: quiet long enough, with instances the last answer lacks."""
-        return (not self.queued and len(self.sop_uids) > self.answered_instances
-                and now - self.last_arrival >= quiet_seconds)
+    def needs_answer(self) -> bool:
+        return self.written > self.answered_instances and len(self.sop_uids) == self.written
+
+    def to_classify(self, silent_for: float, now: float) -> bool:
+        """Silent long enough to classify speculatively, and not classified as it is."""
+        return (not self.queued and self.needs_answer() and now - self.last_arrival >= silent_for
+                and (self.speculation is None or self.speculation[0] != self.written))
+
+    def to_send(self, quiet_seconds: float, now: float) -> bool:
+        """Complete (quiet for the full period) and already classified as it is."""
+        return (self.needs_answer() and now - self.last_arrival >= quiet_seconds
+                and self.speculation is not None and self.speculation[0] == self.written)
 
 
 class Spool:
@@ -118,13 +128,13 @@ class Spool:
         now = time.monotonic()
         for meta in sorted((self.root / "studies").glob("*/study.json")):
             folder = meta.parent
-            study = SpooledStudy(json.loads(meta.read_text())["study_uid"], folder, last_arrival=now,
-                                 first_arrival=now)
+            study = SpooledStudy(json.loads(meta.read_text())["study_uid"], folder, last_arrival=now)
             for tmp in folder.glob("**/.*.tmp"):
                 tmp.unlink()
             for path in (folder / "instances").glob("*.dcm"):
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
                 study.sop_uids.add(str(ds.SOPInstanceUID))
+                study.written += 1
                 study.bytes += path.stat().st_size
             state = folder / "state.json"
             if state.exists():
@@ -159,6 +169,7 @@ class Spool:
             raise
         with self.lock:
             study.bytes += len(data)
+            study.written += 1
             study.last_arrival = time.monotonic()
         return Stored.STORED, study
 
@@ -168,28 +179,35 @@ class Spool:
         durable_write(json.dumps({"study_uid": study_uid, "created": time.time()}).encode(), folder / "study.json")
         sync_folder(folder.parent)
         now = time.monotonic()
-        study = self.studies[study_uid] = SpooledStudy(study_uid, folder, last_arrival=now, first_arrival=now)
+        study = self.studies[study_uid] = SpooledStudy(study_uid, folder, last_arrival=now)
         return study
 
-    def due(self, quiet_seconds: float) -> list[SpooledStudy]:
-        """Studies ready for an answer; each is marked queued (``release`` clears it)."""
+    def to_classify(self, silent_for: float) -> list[SpooledStudy]:
+        """Studies to classify now; each is marked queued (``release`` clears it)."""
         now = time.monotonic()
         with self.lock:
-            ready = [s for s in self.studies.values() if s.due(quiet_seconds, now)]
+            ready = [s for s in self.studies.values() if s.to_classify(silent_for, now)]
             for study in ready:
                 study.queued = True
         return ready
 
-    def release(self, study: SpooledStudy) -> None:
+    def to_send(self, quiet_seconds: float) -> list[SpooledStudy]:
+        now = time.monotonic()
+        with self.lock:
+            return [s for s in self.studies.values() if s.to_send(quiet_seconds, now)]
+
+    def release(self, study: SpooledStudy, speculation=None) -> None:
         with self.lock:
             study.queued = False
+            if speculation is not None:
+                study.speculation = speculation
 
     def save_answer(self, study: SpooledStudy, instances: int, version: int, summary: dict) -> None:
         """Record that answer ``version`` covered ``instances`` instances (after its SR is in the outbox)."""
         durable_write(json.dumps({"answered_instances": instances, "version": version, "summary": summary},
                                  allow_nan=False).encode(), study.folder / "state.json")
         with self.lock:
-            study.answered_instances, study.version = instances, version
+            study.answered_instances, study.version, study.speculation = instances, version, None
 
     def saved_summary(self, study: SpooledStudy) -> dict | None:
         state = study.folder / "state.json"

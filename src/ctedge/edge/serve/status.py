@@ -25,7 +25,7 @@ def status_page(service, now: float) -> str:
     clf, config = service.clf, service.config
     rows = "".join(_row(r) for r in list(service.recent)) or "<tr><td colspan=8>no study answered yet</td></tr>"
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in list(service.errors)) or "<li>none</li>"
-    receiving = sum(len(s.sop_uids) > s.answered_instances for s in service.spool.studies.values())
+    receiving = sum(s.needs_answer() for s in service.spool.studies.values())
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_S}">
 <title>ctedge serve</title>
