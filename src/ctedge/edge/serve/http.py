@@ -103,6 +103,14 @@ def create_app(service) -> FastAPI:
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     guarded = [Depends(authorised)]
+    _classify_routes(app, service, guarded)
+    _lookup_routes(app, service, guarded)
+    return app
+
+
+def _classify_routes(app: FastAPI, service, guarded: list) -> None:
+    """POST /v1/studies and /v1/images: uploads classified on the worker."""
+    config = service.config
 
     @app.post("/v1/studies", dependencies=guarded, summary="Classify a study: a zip of DICOM files or NIfTI")
     async def post_study(request: Request) -> Response:
@@ -132,6 +140,11 @@ def create_app(service) -> FastAPI:
         clf = service.clf
         return _json({"model": str(config.model), "runtime": clf.runtime, "precision": clf.precision,
                       "provider": clf.providers[0], "predictions": [row], "warnings": []})
+
+
+def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
+    """Answers to DICOM studies, the model, health, metrics and the status page."""
+    config = service.config
 
     @app.get("/v1/studies/{study_uid}", dependencies=guarded, summary="The answer to a study received over DICOM")
     def get_study(study_uid: str) -> Response:
@@ -171,5 +184,3 @@ def create_app(service) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, summary="Status page")
     def index() -> str:
         return status_page(service, time.time())
-
-    return app

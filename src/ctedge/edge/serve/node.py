@@ -74,13 +74,13 @@ def _make_ae(config: ServeConfig):
 
 
 class Node:
-    """The Storage SCP; ``on_stored(study)`` is called after each new instance."""
+    """The Storage SCP; ``on_received()`` is called for each C-STORE request."""
 
-    def __init__(self, config: ServeConfig, spool: Spool, on_stored: Callable, on_received: Callable = lambda: None):
+    def __init__(self, config: ServeConfig, spool: Spool, on_received: Callable = lambda: None):
         from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
-        self.config, self.spool, self.on_stored, self.on_received = config, spool, on_stored, on_received
+        self.config, self.spool, self.on_received = config, spool, on_received
         self.ae = _make_ae(config)
         self.ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
         syntaxes = decodable_syntaxes()
@@ -155,11 +155,10 @@ class Node:
                         exc.__class__.__name__)
             counts[3] += 1
             return CANNOT_UNDERSTAND
-        stored, study = self.spool.store(study_uid, sop_uid, data)
+        stored = self.spool.store(study_uid, sop_uid, data)
         self.on_received()
         if stored is Stored.STORED:
             counts[0] += 1
-            self.on_stored(study)
         elif stored is Stored.DUPLICATE:
             counts[1] += 1
         else:

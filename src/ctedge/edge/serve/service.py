@@ -69,7 +69,7 @@ class Service:
         self.outbox = Outbox(config.spool / "outbox", config.destination, config.ae_title, config.retries,
                              config.retry_seconds, on_sent=self._sent)
         self.metrics = Metrics(self.worker.length, self.outbox.pending)
-        self.node = Node(config, self.spool, on_stored=lambda study: None, on_received=self.metrics.instances.inc)
+        self.node = Node(config, self.spool, on_received=self.metrics.instances.inc)
         self.assembler = Assembler(self.spool, self.worker, self.outbox, self.clf, self.options, self.algorithm,
                                    config.quiet_seconds, self._answered, config.log_phi)
         self._load_answers()

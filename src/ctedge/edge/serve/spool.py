@@ -79,7 +79,6 @@ class SpooledStudy:
     folder: Path
     sop_uids: set[str] = field(default_factory=set)  # received or being written
     written: int = 0  # instances on disk (what an answer can see)
-    bytes: int = 0
     last_arrival: float = 0.0  # time.monotonic() of the last new instance on disk
     answered_instances: int = 0  # instances the last answer saw (0: none yet)
     version: int = 0  # answers given so far
@@ -135,7 +134,6 @@ class Spool:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
                 study.sop_uids.add(str(ds.SOPInstanceUID))
                 study.written += 1
-                study.bytes += path.stat().st_size
             state = folder / "state.json"
             if state.exists():
                 saved = json.loads(state.read_text())
@@ -148,16 +146,16 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def store(self, study_uid: str, sop_uid: str, data: bytes) -> tuple[Stored, SpooledStudy | None]:
+    def store(self, study_uid: str, sop_uid: str, data: bytes) -> Stored:
         """Write one instance durably (or say why not); only then may it be acknowledged."""
         with self.lock:
             study = self.studies.get(study_uid)
             if study is not None and sop_uid in study.sop_uids:
-                return Stored.DUPLICATE, study
+                return Stored.DUPLICATE
             if study is not None and len(study.sop_uids) >= self.max_study_instances:
-                return Stored.STUDY_FULL, study
+                return Stored.STUDY_FULL
             if self.free_bytes() - len(data) < self.min_free_disk:
-                return Stored.DISK_LOW, study
+                return Stored.DISK_LOW
             if study is None:
                 study = self._new_study(study_uid)
             study.sop_uids.add(sop_uid)  # reserved now; another copy arriving meanwhile is a duplicate
@@ -168,10 +166,9 @@ class Spool:
                 study.sop_uids.discard(sop_uid)
             raise
         with self.lock:
-            study.bytes += len(data)
             study.written += 1
             study.last_arrival = time.monotonic()
-        return Stored.STORED, study
+        return Stored.STORED
 
     def _new_study(self, study_uid: str) -> SpooledStudy:
         folder = self.root / "studies" / uuid.uuid4().hex
