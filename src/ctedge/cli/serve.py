@@ -93,6 +93,9 @@ def serve(
     # their lines repeat ours (which say why) or name instance UIDs
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    if settings.token is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger("ctedge.serve").warning(
+            "HTTP on %s without --token: anyone who reaches the port can classify and read answers", settings.host)
     service = Service(settings)
     service.start()
     console.print(f"ctedge serve: DICOM {settings.ae_title}@{settings.host}:{service.node.port}, "
