@@ -132,3 +132,19 @@ def test_413_stops_reading_a_streamed_body(tmp_path, serve_model):
                 pass
     assert sent < 100
     assert not reply or reply.startswith(b"HTTP/1.1 413")
+
+
+def test_post_a_nifti_volume(tmp_path, serve_model):
+    """A NIfTI volume (gzip) as the body: one study, its slices classified."""
+    import nibabel
+
+    from ctedge.core.phantom_studies import phantom_volume
+
+    hu = phantom_volume(np.random.default_rng(12), 12, 64, positive=True)  # (slices, rows, cols)
+    ras = np.transpose(hu[:, ::-1, ::-1], (2, 1, 0)).astype(np.int16)
+    nibabel.save(nibabel.Nifti1Image(ras, np.diag([0.7, 0.7, 2.5, 1.0])), tmp_path / "ct.nii.gz")
+    with running_service(tmp_path, serve_model) as service, TestClient(create_app(service)) as client:
+        response = client.post("/v1/studies", files={"file": ("ct.nii.gz", (tmp_path / "ct.nii.gz").read_bytes())})
+    assert response.status_code == 200, response.text
+    study = response.json()["studies"][0]
+    assert study["input"] == "ct.nii.gz" and study["slices_total"] == 12 and study["error"] is None
