@@ -83,3 +83,12 @@ def test_a_study_is_classified_during_its_quiet_period_and_sent_at_its_end(tmp_p
     assert study.to_classify(1.0, 107.0)
     study.speculation, study.answered_instances = (3, "answer"), 3
     assert not study.to_send(5.0, 120.0) and not study.to_classify(1.0, 120.0)  # answered
+
+
+def test_without_the_serve_extra_one_line_names_it(serve_model, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    result = CliRunner().invoke(app, ["serve", str(serve_model)])
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert "pip install 'ctedge[serve]'" in " ".join(result.output.split())

@@ -74,6 +74,10 @@ def test_limits_answer_out_of_resources_and_keep_what_was_received(tmp_path, ser
         assert len(study.sop_uids) == 5 and len(list(study.instances.glob("*.dcm"))) == 5
     with running_service(tmp_path / "disk", serve_model, min_free_disk=1 << 60) as service:
         assert send_files(files[:2], service.node.port) == [0xA700] * 2
+        enhanced = pydicom.dcmread(files[0])
+        enhanced.SOPClassUID = enhanced.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+        enhanced.save_as(tmp_path / "enhanced.dcm")
+        assert send_files([tmp_path / "enhanced.dcm"], service.node.port) == [0x0122]  # not supported yet
 
 
 def test_uids_never_become_paths(tmp_path, serve_model):

@@ -76,11 +76,15 @@ def serve(
     """
     import logging
 
-    import uvicorn
+    try:
+        import uvicorn
 
+        from ctedge.edge.serve.http import create_app
+        from ctedge.edge.serve.service import Service
+    except ImportError as exc:
+        raise CtedgeError(f"ctedge serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'ctedge[serve]'") from None
     from ctedge.edge.serve.config import load_config
-    from ctedge.edge.serve.http import create_app
-    from ctedge.edge.serve.service import Service
 
     overrides = dict(model=model, ae_title=ae_title, host=host, dicom_port=dicom_port, http_port=http_port,
                      allow=allow, destination=destination, spool=spool, quiet_seconds=quiet_seconds,
