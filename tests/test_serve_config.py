@@ -92,3 +92,11 @@ def test_without_the_serve_extra_one_line_names_it(serve_model, monkeypatch):
     result = CliRunner().invoke(app, ["serve", str(serve_model)])
     assert result.exit_code == ExitCode.BAD_INPUT
     assert "pip install 'ctedge[serve]'" in " ".join(result.output.split())
+
+
+def test_logged_messages_hash_uids():
+    from ctedge.edge.serve.spool import hash_uids, uid_hash
+
+    message = "no axial CT series found (1.2.826.0.1.3680043.10.1.5: LOCALIZER); 0.5 mm gap at 1.5"
+    assert hash_uids(message) == (f"no axial CT series found (uid:{uid_hash('1.2.826.0.1.3680043.10.1.5')}: "
+                                  "LOCALIZER); 0.5 mm gap at 1.5")

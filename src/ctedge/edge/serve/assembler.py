@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ctedge.edge.serve.pipeline import Answer, classify_spooled
-from ctedge.edge.serve.spool import Spool, SpooledStudy, durable_write, uid_hash
+from ctedge.edge.serve.spool import Spool, SpooledStudy, durable_write, hash_uids, uid_hash
 from ctedge.edge.serve.sr import Algorithm, build_sr, sr_bytes
 from ctedge.edge.study import StudyResult
 
@@ -138,7 +138,7 @@ class Assembler:
                      version, version - 1, instances)
         log.info("study %s%s: %d instance(s), %s, %.2f s after its last instance", uid_hash(study.study_uid),
                  f" (PatientID {result.patient_id})" if self.log_phi else "", instances,
-                 f"error: {result.error}" if result.error else
+                 f"error: {hash_uids(result.error)}" if result.error else
                  f"P={result.probability:.4f} {result.label} from {result.slices_used} slice(s)", latency)
         self.on_answer(record)
         return record

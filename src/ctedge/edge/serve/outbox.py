@@ -49,11 +49,15 @@ class Outbox:
         for tmp in self.folder.glob(".*.tmp"):
             tmp.unlink()
 
-    def put(self, name: str, data: bytes) -> None:
-        """Add a result for every destination (replacing an entry of the same name)."""
+    def put(self, name: str, data: bytes) -> bool:
+        """Add a result for every destination (replacing an entry of the same name); False
+        when there is no destination to send it to."""
+        if not self.destinations:
+            return False
         durable_write(data, self.folder / f"{name}.dcm")
         self._save(Entry(name, list(self.destinations)))
         self.wake.set()
+        return True
 
     def _save(self, entry: Entry) -> None:
         durable_write(json.dumps(entry.__dict__).encode(), self.folder / f"{entry.name}.json")

@@ -13,7 +13,7 @@ from ctedge.edge.serve.assembler import Assembler, StudyRecord, Worker
 from ctedge.edge.serve.config import ServeConfig
 from ctedge.edge.serve.node import Node
 from ctedge.edge.serve.outbox import Outbox
-from ctedge.edge.serve.spool import Spool
+from ctedge.edge.serve.spool import Spool, hash_uids, uid_hash
 from ctedge.edge.serve.sr import Algorithm
 from ctedge.edge.study import StudyOptions
 
@@ -80,8 +80,10 @@ class Service:
         for study in self.spool.studies.values():
             summary = self.spool.saved_summary(study)
             if summary is not None:
+                unsent = (self.outbox.folder / f"{study.key}-v{study.version}.json").exists()
                 self.records[study.study_uid] = StudyRecord(study.study_uid, 0.0, study.version,
-                                                            study.answered_instances, summary, 0.0, sent=True)
+                                                            study.answered_instances, summary, 0.0,
+                                                            sent=not unsent and not summary.get("error"))
 
     def _answered(self, record: StudyRecord) -> None:
         with self.lock:
@@ -89,8 +91,8 @@ class Service:
             self.recent.appendleft(record)
         if record.summary.get("error"):
             self.metrics.failed.inc()
-            self.errors.appendleft(f"{time.strftime('%H:%M:%S')} study {record.study_uid[-8:]}: "
-                                   f"{record.summary['error']}")
+            self.errors.appendleft(f"{time.strftime('%H:%M:%S')} study {uid_hash(record.study_uid)}: "
+                                   f"{hash_uids(record.summary['error'])}")
         else:
             self.metrics.answered.inc()
             self.metrics.latency.observe(record.latency_s)

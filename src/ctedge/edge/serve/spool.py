@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -30,9 +31,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+UID_PATTERN = re.compile(r"\b\d+(?:\.\d+){3,}\b")  # a DICOM UID inside a message
+
+
 def uid_hash(uid: str) -> str:
     """What logs show instead of a UID: 12 hex digits of its sha256."""
     return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def hash_uids(text: str) -> str:
+    """A message for the log or the status page, with every UID in it hashed."""
+    return UID_PATTERN.sub(lambda match: "uid:" + uid_hash(match.group()), text)
 
 
 def durable_write(data: bytes, path: Path) -> None:

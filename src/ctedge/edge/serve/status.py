@@ -10,20 +10,20 @@ from ctedge.edge.serve.spool import uid_hash
 REFRESH_S = 5
 
 
-def _row(record) -> str:
+def _row(record, destinations: bool) -> str:
     summary = record.summary
     cells = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.finished)), uid_hash(record.study_uid),
              f"v{record.version}", str(summary.get("slices_used", "")),
              "" if summary.get("probability") is None else f"{summary['probability']:.4f}",
              summary.get("label") or f"error: {summary.get('error')}", f"{record.latency_s:.2f} s",
-             "yes" if record.sent else ("-" if summary.get("error") else "not yet")]
+             "-" if summary.get("error") else "yes" if record.sent else "not yet" if destinations else "no destination"]
     return "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
 
 
 def status_page(service, now: float) -> str:
     """The page; no patient data (study UIDs hashed), refreshed every few seconds."""
     clf, config = service.clf, service.config
-    rows = "".join(_row(r) for r in list(service.recent)) or "<tr><td colspan=8>no study answered yet</td></tr>"
+    rows = "".join(_row(r, bool(config.destination)) for r in list(service.recent)) or "<tr><td colspan=8>no study answered yet</td></tr>"
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in list(service.errors)) or "<li>none</li>"
     receiving = sum(s.needs_answer() for s in service.spool.studies.values())
     return f"""<!doctype html>
