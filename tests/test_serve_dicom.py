@@ -64,7 +64,7 @@ def test_allow_list_rejects_unknown_callers(tmp_path, serve_model, caplog):
     assert "association from SCANNER@127.0.0.1 rejected: not in --allow" in caplog.text
 
 
-def test_limits_answer_out_of_resources_and_keep_what_was_received(tmp_path, serve_model):
+def test_limits_answer_out_of_resources_and_keep_what_was_received(tmp_path, serve_model, monkeypatch):
     files = study_files(tmp_path / "s") if write_study(tmp_path / "s", np.random.default_rng(5), False, slices=8,
                                                        scout=False) else []
     with running_service(tmp_path / "full", serve_model, max_study_instances=5, quiet_seconds=60) as service:
@@ -72,6 +72,12 @@ def test_limits_answer_out_of_resources_and_keep_what_was_received(tmp_path, ser
         assert send_files(files[:2], service.node.port) == [0, 0]  # duplicates: counted once, acknowledged
         study = next(iter(service.spool.studies.values()))
         assert len(study.sop_uids) == 5 and len(list(study.instances.glob("*.dcm"))) == 5
+    with running_service(tmp_path / "unwritable", serve_model) as service:
+        def disk_full(*args):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(service.spool, "store", disk_full)
+        assert send_files(files[:1], service.node.port) == [0xA700]  # refused, never a false success
     with running_service(tmp_path / "disk", serve_model, min_free_disk=1 << 60) as service:
         assert send_files(files[:2], service.node.port) == [0xA700] * 2
         enhanced = pydicom.dcmread(files[0])

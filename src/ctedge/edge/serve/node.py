@@ -155,8 +155,14 @@ class Node:
                         exc.__class__.__name__)
             counts[3] += 1
             return CANNOT_UNDERSTAND
-        stored = self.spool.store(study_uid, sop_uid, data)
         self.on_received()
+        try:
+            stored = self.spool.store(study_uid, sop_uid, data)
+        except OSError as exc:  # disk full, a quota, a read-only spool: the sender keeps the instance
+            log.error("C-STORE of study %s refused (out of resources): cannot write the spool (%s)",
+                      uid_hash(study_uid), exc.strerror or exc)
+            counts[3] += 1
+            return STATUS[Stored.DISK_LOW]
         if stored is Stored.STORED:
             counts[0] += 1
         elif stored is Stored.DUPLICATE:
