@@ -57,6 +57,7 @@ def serve(
     precision: PrecisionOpt = None,
     provider: Annotated[Optional[Provider], _opt("Device, as for predict [auto].")] = None,
     threads: Threads = None,
+    max_slices: Annotated[Optional[int], _opt("Slices sampled per study at most, as predict --study [64].")] = None,
     queue_size: Annotated[Optional[int], _opt("Jobs waiting for the model at most; HTTP gets 503 beyond "
                                               "[8].")] = None,
     log_phi: Annotated[Optional[bool], typer.Option("--log-phi", help="Log PatientID (off: hashed UIDs only).",
@@ -91,7 +92,8 @@ def serve(
                      max_study_instances=max_study_instances, min_free_disk=parse_size(min_free_disk, "min_free_disk"),
                      tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, token=token,
                      runtime=runtime.value if runtime else None, precision=precision.value if precision else None,
-                     provider=provider.value if provider else None, threads=threads, queue_size=queue_size,
+                     provider=provider.value if provider else None, threads=threads, max_slices=max_slices,
+                     queue_size=queue_size,
                      log_phi=log_phi)
     settings = load_config(config, overrides)
     # their lines repeat ours (which say why) or name instance UIDs

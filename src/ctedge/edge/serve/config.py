@@ -106,7 +106,8 @@ class ServeConfig:
         check_ae(self.ae_title, "ae_title")
         if self.quiet_seconds < 0:
             raise CtedgeError(f"must be 0 or more, not {self.quiet_seconds}", param="quiet_seconds")
-        for name in ("max_study_instances", "queue_size", "max_study_bytes", "max_image_bytes", "retries"):
+        for name in ("max_study_instances", "queue_size", "max_study_bytes", "max_image_bytes", "retries",
+                     "max_slices"):
             if getattr(self, name) < 1:
                 raise CtedgeError(f"must be at least 1, not {getattr(self, name)}", param=name)
         tls = [self.tls_cert, self.tls_key]

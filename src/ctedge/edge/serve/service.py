@@ -51,11 +51,11 @@ class Metrics:
 class Service:
     """Everything one `ctedge serve` runs, started and stopped together."""
 
-    def __init__(self, config: ServeConfig, clf=None):
+    def __init__(self, config: ServeConfig):
         from ctedge.edge.runtime import Classifier
 
         self.config = config
-        self.clf = clf or Classifier(config.model, config.provider, config.threads, runtime=config.runtime,
+        self.clf = Classifier(config.model, config.provider, config.threads, runtime=config.runtime,
                                      precision=config.precision)
         self.options = StudyOptions(max_slices=config.max_slices)
         self.algorithm = Algorithm("ctedge " + config.model.stem, __version__, file_digest(config.model),
