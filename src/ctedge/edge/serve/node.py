@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ctedge.edge.serve.config import ServeConfig
 from ctedge.edge.serve.spool import Spool, Stored, uid_hash
@@ -22,7 +24,8 @@ log = logging.getLogger(__name__)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 REFUSED_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage is not supported yet",
                        "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT is not supported yet"}
-STATUS = {Stored.STORED: 0x0000, Stored.DUPLICATE: 0x0000, Stored.STUDY_FULL: 0xA700, Stored.DISK_LOW: 0xA700}
+STATUS = {Stored.STORED: 0x0000, Stored.STUDY_FULL: 0xA700, Stored.DISK_LOW: 0xA700}
+DUPLICATE = -1  # internal: acknowledged with 0x0000, counted as a duplicate
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC000
 HEADER_TAGS = ["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID"]
@@ -73,6 +76,18 @@ def _make_ae(config: ServeConfig):
     return GuardedAE(ae_title=config.ae_title)
 
 
+@dataclass
+class AssociationCounts:
+    """What one association brought: its log line."""
+
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    other: int = 0  # not CT images: acknowledged, not kept
+    refused: int = 0
+    bytes: int = 0
+
+
 class Node:
     """The Storage SCP; ``on_received()`` is called for each C-STORE request."""
 
@@ -95,7 +110,7 @@ class Node:
                          (evt.EVT_ESTABLISHED, self._opened), (evt.EVT_RELEASED, self._closed),
                          (evt.EVT_ABORTED, self._closed)]
         self.server = None
-        self.counts: dict[int, list[int]] = {}  # association -> [stored, duplicates, not CT, refused]
+        self.counts: dict[int, AssociationCounts] = {}
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
@@ -124,36 +139,50 @@ class Node:
             self.server.shutdown()
 
     def _opened(self, event) -> None:
-        self.counts[id(event.assoc)] = [0, 0, 0, 0]
+        self.counts[id(event.assoc)] = AssociationCounts()
 
     def _closed(self, event) -> None:
-        stored, duplicates, other, refused = self.counts.pop(id(event.assoc), [0, 0, 0, 0])
+        c = self.counts.pop(id(event.assoc), AssociationCounts())
         requestor = event.assoc.requestor
-        log.info("association %s@%s closed: %d stored, %d duplicate(s), %d not CT images (acknowledged, not "
-                 "kept), %d refused", requestor.ae_title, requestor.address, stored, duplicates, other, refused)
+        seconds = time.monotonic() - c.started
+        log.info("association %s@%s closed after %.1f s: %d stored (%.1f MB/s), %d duplicate(s), %d not CT images "
+                 "(acknowledged, not kept), %d refused", requestor.ae_title, requestor.address, seconds, c.stored,
+                 c.bytes / 1e6 / max(seconds, 1e-6), c.duplicates, c.other, c.refused)
 
     def _store(self, event) -> int:
+        c = self.counts.setdefault(id(event.assoc), AssociationCounts())
+        sop_class = str(event.request.AffectedSOPClassUID)
+        if sop_class in REFUSED_SOP_CLASSES:
+            log.warning("C-STORE refused: %s", REFUSED_SOP_CLASSES[sop_class])
+            c.refused += 1
+            return SOP_CLASS_NOT_SUPPORTED
+        if sop_class != CT_IMAGE_STORAGE:  # an SR, a dose report, a key image: nothing to classify
+            c.other += 1
+            return 0x0000
+        data = event.encoded_dataset()
+        status = self._keep(data)
+        if status == 0x0000:
+            c.stored += 1
+            c.bytes += len(data)
+        elif status == DUPLICATE:
+            c.duplicates += 1
+            status = 0x0000
+        else:
+            c.refused += 1
+        return status
+
+    def _keep(self, data: bytes) -> int:
+        """Spool one CT instance; its DIMSE status (DUPLICATE: acknowledged, counted once)."""
         import io
 
         import pydicom
 
-        counts = self.counts.setdefault(id(event.assoc), [0, 0, 0, 0])
-        sop_class = str(event.request.AffectedSOPClassUID)
-        if sop_class in REFUSED_SOP_CLASSES:
-            log.warning("C-STORE refused: %s", REFUSED_SOP_CLASSES[sop_class])
-            counts[3] += 1
-            return SOP_CLASS_NOT_SUPPORTED
-        if sop_class != CT_IMAGE_STORAGE:  # an SR, a dose report, a key image: nothing to classify
-            counts[2] += 1
-            return 0x0000
-        data = event.encoded_dataset()
         try:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
             study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         except Exception as exc:  # a dataset pydicom can't read, or without its UIDs
             log.warning("C-STORE refused: unreadable dataset or no StudyInstanceUID/SOPInstanceUID (%s)",
                         exc.__class__.__name__)
-            counts[3] += 1
             return CANNOT_UNDERSTAND
         self.on_received()
         try:
@@ -161,13 +190,7 @@ class Node:
         except OSError as exc:  # disk full, a quota, a read-only spool: the sender keeps the instance
             log.error("C-STORE of study %s refused (out of resources): cannot write the spool (%s)",
                       uid_hash(study_uid), exc.strerror or exc)
-            counts[3] += 1
             return STATUS[Stored.DISK_LOW]
-        if stored is Stored.STORED:
-            counts[0] += 1
-        elif stored is Stored.DUPLICATE:
-            counts[1] += 1
-        else:
-            counts[3] += 1
+        if stored in (Stored.STUDY_FULL, Stored.DISK_LOW):
             log.warning("C-STORE of study %s refused (out of resources): %s", uid_hash(study_uid), stored.value)
-        return STATUS[stored]
+        return DUPLICATE if stored is Stored.DUPLICATE else STATUS[stored]
