@@ -12,7 +12,8 @@ each instance to disk (fsync, rename) and acknowledges it. Runs are interleaved.
 
 - latency: last C-STORE response -> SR received at the destination, minus the quiet period
 - ingest: study bytes / (association start -> last response), node vs bare SCP
-- load: studies from concurrent senders; every one answered once, none lost, peak RSS
+- load: studies from concurrent senders (dcmtk's storescu processes); every one answered
+  once, none lost, peak RSS
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from study_speed import make_study  # noqa: E402
 from ctedge.edge.bench import machine_info  # noqa: E402
 
 HOST = "127.0.0.1"
+STORESCU = "/usr/bin/storescu"  # dcmtk's (pynetdicom installs an app of the same name)
 BARE_SCP = r'''
 import os, sys, uuid
 from pathlib import Path
@@ -101,7 +103,7 @@ def send(datasets: list, port: int, called: str) -> dict:
         ae.add_requested_context(sop_class, datasets[0].file_meta.TransferSyntaxUID)
     started = time.perf_counter()
     assoc = ae.associate(HOST, port, ae_title=called)
-    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    statuses = [getattr(assoc.send_c_store(ds), "Status", -1) for ds in datasets]  # -1: no response
     last = time.perf_counter()
     assoc.release()
     return {"started": started, "last_response": last, "statuses": statuses}
@@ -161,34 +163,53 @@ def latency_and_ingest(datasets, size, node_port, bare_port, destination, quiet,
     return rows
 
 
-def load(files: list[Path], node_port, http_port, destination, studies: int, senders: int, quiet: float) -> dict:
-    """``studies`` studies from ``senders`` threads at once; each answered once, none lost."""
-    sent: dict[str, list[int]] = {}
+def write_renamed(files: list[Path], folder: Path, patient: str) -> str:
+    """A copy of the study on disk under new UIDs (for a sender in another process)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, datasets = renamed([pydicom.dcmread(p) for p in files], patient)
+    for path, ds in zip(files, datasets):
+        ds.save_as(folder / path.name)
+    return study
 
-    def sender(count: int, k: int) -> None:
-        for i in range(count):
-            study, batch = renamed([pydicom.dcmread(p) for p in files], f"LOAD-{k}-{i}")
-            sent[study] = send(batch, node_port, "CTEDGE")["statuses"]
 
-    threads = [threading.Thread(target=sender, args=(len(range(k, studies, senders)), k)) for k in range(senders)]
+def storescu(folder: Path, port: int) -> list[int]:
+    """dcmtk's storescu (another process, as a scanner is); 0 per acknowledged instance, else 1."""
+    done = subprocess.run([STORESCU, "-v", "-aet", "SCANNER", "-aec", "CTEDGE", HOST, str(port),
+                           *map(str, sorted(folder.iterdir()))], capture_output=True, text=True)
+    ok = (done.stdout + done.stderr).count("Received Store Response (Success)")
+    return [0] * ok + [1] * (len(list(folder.iterdir())) - ok)
+
+
+def load(files: list[Path], work: Path, node_port, http_port, destination, studies: int, senders: int,
+         quiet: float) -> dict:
+    """``studies`` studies from ``senders`` concurrent storescu processes; each answered once, none lost."""
+    folders = {write_renamed(files, work / "load" / str(i), f"LOAD-{i}"): work / "load" / str(i)
+               for i in range(studies)}
+    jobs, sent = list(folders.items()), {}
+
+    def sender(part) -> None:
+        for study, folder in part:
+            sent[study] = storescu(folder, node_port)
+
+    threads = [threading.Thread(target=sender, args=(jobs[k::senders],)) for k in range(senders)]
     started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     deadline = time.perf_counter() + quiet + 60 * studies
-    while len([s for s in sent if s in destination.arrivals]) < studies and time.perf_counter() < deadline:
+    while len([s for s in folders if s in destination.arrivals]) < studies and time.perf_counter() < deadline:
         time.sleep(0.1)
     wall = time.perf_counter() - started
     time.sleep(quiet + 1)  # room for a duplicate SR
     held = {}
-    for study in sent:
+    for study in folders:
         with urllib.request.urlopen(f"http://{HOST}:{http_port}/v1/studies/{study}") as response:
             held[study] = json.loads(response.read())["instances"]
     return {"studies": studies, "senders": senders, "instances_per_study": len(files), "wall_s": wall,
-            "answered": sum(s in destination.arrivals for s in sent),
-            "srs_per_study": sorted({len(destination.sr_uids.get(s, ())) for s in sent}),
-            "acknowledged_then_missing": sum(sent[s].count(0) - held[s] for s in sent),
+            "answered": sum(s in destination.arrivals for s in folders),
+            "srs_per_study": sorted({len(destination.sr_uids.get(s, ())) for s in folders}),
+            "acknowledged_then_missing": sum(sent[s].count(0) - held[s] for s in folders),
             "refused": sum(len(v) - v.count(0) for v in sent.values())}
 
 
@@ -208,7 +229,7 @@ def markdown(report: dict) -> str:
     lines += ["", f"Median: latency {med['latency_s']:.2f} s (target <= 1.0), node {med['node_mb_per_s']:.1f} MB/s "
               f"(target >= 60), node / bare {med['ratio']:.2f} (target >= 0.7).", "",
               f"Load: {lo['studies']} studies of {lo['instances_per_study']} instances from {lo['senders']} concurrent "
-              f"senders in {lo['wall_s']:.0f} s: {lo['answered']} answered, SRs per study {lo['srs_per_study']}, "
+              f"dcmtk storescu senders in {lo['wall_s']:.0f} s: {lo['answered']} answered, SRs per study {lo['srs_per_study']}, "
               f"acknowledged then missing {lo['acknowledged_then_missing']}, refused {lo['refused']}; node peak RSS "
               f"{report['peak_rss_mb']:.0f} MB."]
     return "\n".join(lines) + "\n"
@@ -244,7 +265,7 @@ def main() -> None:
                  lambda: port_open(bare_port))
     try:
         rows = latency_and_ingest(datasets, size, node_port, bare_port, destination, args.quiet, args.runs)
-        load_report = load(files, node_port, http_port, destination, args.studies, args.senders, args.quiet)
+        load_report = load(files, args.work, node_port, http_port, destination, args.studies, args.senders, args.quiet)
         rss = peak_rss_mb(node.pid)
         with urllib.request.urlopen(f"http://{HOST}:{http_port}/v1/model") as response:
             runtime = json.loads(response.read())["runtime"]
