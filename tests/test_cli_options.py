@@ -21,7 +21,7 @@ COMMAND = typer.main.get_command(app)
 # positional arguments each command needs before its options are checked
 ARGS = {"train": ["data"], "tune": ["data"], "audit": ["data"], "evaluate": ["m.keras", "data"],
         "report": ["run"], "predict": ["m.onnx", "x.png"], "bench": [], "demo": [],
-        "explain": ["m.keras", "x.png"], "export": []}
+        "explain": ["m.keras", "x.png"], "export": [], "serve": ["m.onnx"]}
 # every fixed vocabulary each command takes, and its enum
 CHOICES = {
     "train": {"--clean": choices.Clean, "--backbone": choices.Backbone},
@@ -38,6 +38,7 @@ CHOICES = {
     "demo": {"--backbone": choices.Backbone},
     "explain": {},
     "export": {},
+    "serve": {"--runtime": choices.Runtime, "--precision": choices.Precision, "--provider": choices.Provider},
 }
 
 

@@ -5,7 +5,7 @@ and `bench` run on the base install.
 """
 
 # each module registers its commands; imported in the workflow's order, which --help keeps
-from ctedge.cli import train, evaluate, predict, bench  # noqa: I001, F401
+from ctedge.cli import train, evaluate, predict, bench, serve  # noqa: I001, F401
 from ctedge.cli.common import app, flag
 
 __all__ = ["app", "flag"]

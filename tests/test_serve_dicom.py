@@ -1,0 +1,191 @@
+"""`ctedge serve`'s DICOM side in-process: receive, complete, classify, SR back, refusals."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import ssl
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import RLELossless
+
+from ctedge.core.phantom_studies import write_study
+from ctedge.edge.runtime import Classifier
+from ctedge.edge.serve.config import Peer
+from ctedge.edge.serve.sr import read_sr
+from ctedge.edge.study import StudyOptions, classify_study, find_studies
+from serve_fixtures import Collector, running_service, send_files, serve_model, study_files, wait_for
+
+__all__ = ["serve_model"]  # the fixture, imported for pytest
+
+
+@pytest.mark.parametrize("syntax", [None, RLELossless], ids=["uncompressed", "rle"])
+def test_study_round_trip_sr_matches_classify_study(tmp_path, serve_model, syntax):
+    """A shuffled 12-slice study with a scout, sent by a pynetdicom SCU, comes back as one
+    SR whose probability is classify_study's on the same files and whose UIDs are the study's."""
+    study_uid = write_study(tmp_path / "study", np.random.default_rng(3), True, slices=12, patient_id="P-7")
+    files = study_files(tmp_path / "study")
+    np.random.default_rng(0).shuffle(files)
+    expected = classify_study(Classifier(serve_model, runtime="onnxruntime"), find_studies(tmp_path / "study")[0],
+                              StudyOptions())
+    collector = Collector().start()
+    try:
+        with running_service(tmp_path, serve_model, destination=[collector.destination]) as service:
+            assert send_files(files, service.node.port, syntax=syntax) == [0] * len(files)
+            wait_for(lambda: collector.received, what="the SR")
+            record = service.records[study_uid]
+    finally:
+        collector.stop()
+    assert len(collector.received) == 1
+    sr = read_sr(collector.received[0])
+    assert sr["study_uid"] == study_uid and sr["patient_id"] == "P-7"
+    assert abs(sr["measurements"]["Probability of COVID-19"] - expected.probability) <= 1e-6
+    assert sr["measurements"]["Slices used"] == expected.slices_used
+    assert sr["finding"] == ("Present" if expected.label == "CT_COVID" else "Absent")
+    assert sr["references"] == [top["sop_instance_uid"] for top in record.summary["top_slices"]]
+    assert collector.received[0].PatientName == ""  # absent in the input: left empty, not invented
+
+
+def test_allow_list_rejects_unknown_callers(tmp_path, serve_model, caplog):
+    """Only allowed AE titles (and hosts, when given) may associate; the log says why not."""
+    files = study_files(tmp_path / "s") if write_study(tmp_path / "s", np.random.default_rng(4), False, slices=4,
+                                                       scout=False) else []
+    allow = [Peer.parse("PACS"), Peer.parse("REMOTE@10.9.9.9")]
+    with running_service(tmp_path, serve_model, allow=allow) as service:
+        assert send_files(files[:1], service.node.port, ae_title="SCANNER") is None
+        assert send_files(files[:1], service.node.port, ae_title="REMOTE") is None  # right AE, wrong host
+        assert send_files(files[:1], service.node.port, ae_title="PACS") == [0]
+    assert "association from SCANNER@127.0.0.1 rejected: not in --allow" in caplog.text
+
+
+def test_limits_answer_out_of_resources_and_keep_what_was_received(tmp_path, serve_model, monkeypatch):
+    files = study_files(tmp_path / "s") if write_study(tmp_path / "s", np.random.default_rng(5), False, slices=8,
+                                                       scout=False) else []
+    with running_service(tmp_path / "full", serve_model, max_study_instances=5, quiet_seconds=60) as service:
+        assert send_files(files, service.node.port) == [0] * 5 + [0xA700] * 3
+        assert send_files(files[:2], service.node.port) == [0, 0]  # duplicates: counted once, acknowledged
+        study = next(iter(service.spool.studies.values()))
+        assert len(study.sop_uids) == 5 and len(list(study.instances.glob("*.dcm"))) == 5
+    with running_service(tmp_path / "unwritable", serve_model) as service:
+        def disk_full(*args):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(service.spool, "store", disk_full)
+        assert send_files(files[:1], service.node.port) == [0xA700]  # refused, never a false success
+    with running_service(tmp_path / "disk", serve_model, min_free_disk=1 << 60) as service:
+        assert send_files(files[:2], service.node.port) == [0xA700] * 2
+        enhanced = pydicom.dcmread(files[0])
+        enhanced.SOPClassUID = enhanced.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+        enhanced.save_as(tmp_path / "enhanced.dcm")
+        assert send_files([tmp_path / "enhanced.dcm"], service.node.port) == [0x0122]  # not supported yet
+
+
+def test_uids_never_become_paths(tmp_path, serve_model):
+    """Hostile UIDs are stored under generated names inside the spool."""
+    path = study_files(tmp_path / "s")[0] if write_study(tmp_path / "s", np.random.default_rng(6), False, slices=4,
+                                                         scout=False) else None
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "../../escaped", "../../../x/y"
+    hostile = tmp_path / "hostile.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UIDs, as it should
+        ds.save_as(hostile)
+        with running_service(tmp_path, serve_model, quiet_seconds=60) as service:
+            assert send_files([hostile], service.node.port) == [0]
+            study = service.spool.studies["../../escaped"]
+    stored = [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
+    assert all(p.resolve().is_relative_to((tmp_path / "spool").resolve()) for p in stored)
+    assert not (tmp_path / "escaped").exists() and not list(tmp_path.parent.glob("escaped*"))
+    assert re.fullmatch(r"[0-9a-f]{32}", study.key)
+    assert [p.stem for p in study.instances.iterdir()] and all(
+        re.fullmatch(r"[0-9a-f]{32}", p.stem) for p in study.instances.iterdir())
+
+
+def test_late_instances_supersede_the_answer(tmp_path, serve_model, caplog):
+    """An instance arriving after the answer starts answer v2: a new SR naming v1 as its predecessor."""
+    caplog.set_level(logging.INFO, logger="ctedge.edge.serve")
+    write_study(tmp_path / "s", np.random.default_rng(7), True, slices=10, scout=False)
+    files = study_files(tmp_path / "s")
+    collector = Collector().start()
+    try:
+        with running_service(tmp_path, serve_model, destination=[collector.destination]) as service:
+            assert send_files(files[:-1], service.node.port) == [0] * 9
+            wait_for(lambda: len(collector.received) == 1, what="SR v1")
+            assert send_files(files[-1:], service.node.port) == [0]
+            wait_for(lambda: len(collector.received) == 2, what="SR v2")
+    finally:
+        collector.stop()
+    first, second = collector.received
+    assert first.SOPInstanceUID != second.SOPInstanceUID
+    assert (second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+            .ReferencedSOPInstanceUID == first.SOPInstanceUID)
+    assert "answer v2 supersedes v1" in caplog.text
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _certificates(folder: Path) -> None:
+    """A test CA, and a certificate it signed for the node and for a client."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca",
+             cwd=folder)
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("node", "client"):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=localhost", cwd=folder)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext", cwd=folder)
+
+
+def test_tls_needs_the_right_ca(tmp_path, serve_model):
+    """DICOM TLS: a client with a certificate from --tls-ca is accepted; one without is refused,
+    and a client that does not trust the node's CA gets no association either."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not found")
+    _certificates(tmp_path)
+    files = study_files(tmp_path / "s") if write_study(tmp_path / "s", np.random.default_rng(8), False, slices=4,
+                                                       scout=False) else []
+
+    def client(ca: bool, cert: bool) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tmp_path / "ca.pem") if ca else None)
+        if cert:
+            context.load_cert_chain(str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+        return context
+
+    with running_service(tmp_path, serve_model, tls_cert=tmp_path / "node.pem", tls_key=tmp_path / "node.key",
+                         tls_ca=tmp_path / "ca.pem", quiet_seconds=60) as service:
+        port = service.node.port
+        assert send_files(files[:1], port, ssl_context=client(ca=True, cert=True)) == [0]
+        assert send_files(files[:1], port, ssl_context=client(ca=True, cert=False)) is None
+        assert send_files(files[:1], port, ssl_context=client(ca=False, cert=True)) is None
+        assert send_files(files[:1], port) is None  # plain DICOM to a TLS port
+
+
+def test_a_study_without_an_answer_gets_no_sr_but_its_reason(tmp_path, serve_model):
+    """Only a scout (no axial series): no SR; the reason in /v1/studies/{uid} and the metrics."""
+    from fastapi.testclient import TestClient
+
+    from ctedge.core.phantom_studies import write_scout
+    from ctedge.edge.serve.http import create_app
+
+    study_uid = "1.2.826.0.1.3680043.10.1.77"
+    write_scout(tmp_path / "scout", np.random.default_rng(9), study_uid, "P-9")
+    collector = Collector().start()
+    try:
+        with running_service(tmp_path, serve_model, destination=[collector.destination]) as service, \
+                TestClient(create_app(service)) as client:
+            assert send_files(study_files(tmp_path / "scout"), service.node.port) == [0, 0]
+            answer = wait_for(lambda: client.get(f"/v1/studies/{study_uid}").json().get("result"), what="answer")
+            metrics = client.get("/metrics").text
+    finally:
+        collector.stop()
+    assert answer["error"].startswith("no axial CT series found") and answer["probability"] is None
+    assert "ctedge_studies_failed_total 1.0" in metrics and "ctedge_studies_answered_total 0.0" in metrics
+    assert collector.received == []
