@@ -31,9 +31,13 @@ def _zip_study(tmp_path, seed: int = 5) -> bytes:
 
 
 def _without_timings(document: dict) -> dict:
+    """Timings aside, and paths relative to the input (the CLI's path, the upload's name)."""
     for study in document["studies"]:
         study.pop("timings_s")
-        study.pop("input")
+        where = study.pop("input")
+        for score in study["slices"] + study["top_slices"]:
+            assert score["source"].startswith(where + ":")
+            score["source"] = score["source"].removeprefix(where)
     return document
 
 

@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from ctedge.cli.common import PrecisionOpt, Threads, command
-from ctedge.core.choices import Provider, Runtime
 from ctedge.core.errors import CtedgeError
 from ctedge.core.progress import console
+from ctedge.edge.engines import Provider, Runtime
 
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
 

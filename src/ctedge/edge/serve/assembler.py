@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ctedge.edge.serve.pipeline import Answer, classify_spooled
 from ctedge.edge.serve.spool import Spool, SpooledStudy, durable_write, hash_uids, uid_hash
@@ -157,5 +157,5 @@ class Assembler:
             self.outbox.put(f"{study.key}-v{version}", data)
         except Exception as exc:  # an SR highdicom refuses: that study's error
             log.exception("study %s: no SR", uid_hash(study.study_uid))
-            result.error = f"no SR could be built ({exc.__class__.__name__}: {exc})"
+            result = replace(result, error=f"no SR could be built ({exc.__class__.__name__}: {exc})")
         return result

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -18,8 +19,9 @@ from fastapi.responses import HTMLResponse, Response
 
 from ctedge import __version__
 from ctedge.core.results import dumps
+from ctedge.edge.runtime import predict_images
 from ctedge.edge.serve.assembler import QueueFull
-from ctedge.edge.serve.pipeline import classify_paths, study_document
+from ctedge.edge.serve.pipeline import as_uploaded, classify_paths, study_document
 from ctedge.edge.serve.spool import uid_hash
 from ctedge.edge.serve.status import status_page
 
@@ -118,8 +120,7 @@ def _classify_routes(app: FastAPI, service, guarded: list) -> None:
             path, name = await _upload(request, config.max_study_bytes, Path(folder), STUDY_SUFFIXES,
                                        "a zip of DICOM files or a NIfTI volume")
             results = await _on_worker(service, lambda: classify_paths(service.clf, [path], service.options))
-        for result in results:
-            result.input = name
+        results = [as_uploaded(result, name) for result in results]
         if len(results) == 1 and results[0].error and not results[0].study_uid:
             raise HTTPException(400, f"{name}: {results[0].error}")
         service.metrics.http_requests.labels("studies").inc()
@@ -127,20 +128,15 @@ def _classify_routes(app: FastAPI, service, guarded: list) -> None:
 
     @app.post("/v1/images", dependencies=guarded, summary="Classify one image: PNG, JPEG or DICOM")
     async def post_image(request: Request) -> Response:
-        from dataclasses import asdict
-
         with tempfile.TemporaryDirectory(prefix="ctedge-upload-") as folder:
             path, name = await _upload(request, config.max_image_bytes, Path(folder), IMAGE_SUFFIXES,
                                        "a PNG, JPEG or DICOM image")
-            rows = await _on_worker(service, lambda: service.clf.predict_files([path]))
-        row = asdict(rows[0]) | {"path": name}
-        if row["error"]:
-            raise HTTPException(400, f"{name}: {row['error']}")
+            document = await _on_worker(service, lambda: predict_images(service.clf, config.model, [path]))
+        rows = tuple(replace(row, path=name) for row in document.predictions)
+        if rows[0].error:
+            raise HTTPException(400, f"{name}: {rows[0].error}")
         service.metrics.http_requests.labels("images").inc()
-        clf = service.clf
-        return _json({"model": str(config.model), "runtime": clf.runtime, "precision": clf.precision,
-                      "provider": clf.providers[0], "predictions": [row], "warnings": []})
-
+        return _json(replace(document, predictions=rows).to_dict())
 
 def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
     """Answers to DICOM studies, the model, health, metrics and the status page."""
@@ -164,7 +160,7 @@ def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
         return _json({"path": str(config.model), "sha256": service.algorithm.sha256, "runtime": clf.runtime,
                       "precision": clf.precision, "providers": clf.providers, "input_size": clf.size,
                       "classes": clf.classes, "positive": clf.positive, "threshold": clf.threshold,
-                      "window": list(clf.window), "metadata": clf.metadata, "ctedge_version": __version__})
+                      "window": list(clf.window), "metadata": dict(clf.metadata), "ctedge_version": __version__})
 
     @app.get("/healthz", summary="The process answers")
     def healthz() -> dict:

@@ -1,16 +1,18 @@
 """The one place the node meets the study pipeline (``ctedge.edge.study``).
 
-Today's API classifies studies found under a path, so the node classifies the spool
-folder of a study (the instances it fsynced) and maps the top slices back to their
-SOPInstanceUIDs here. When ``study_from_datasets`` lands, only this module changes.
+A received study is classified from its spool folder (the instances fsynced before
+they were acknowledged, so a restart classifies exactly what was received); the
+headers of its top slices come back for the SR's references.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ctedge.edge.study import StudyOptions, StudyResult, classify_study, find_studies, order_slices, predict_studies
+import pydicom
+
+from ctedge.edge.study import StudyOptions, StudyResult, classify_study, find_studies, predict_studies, studies_report
 
 EVIDENCE_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
                  "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
@@ -26,23 +28,19 @@ class Answer:
 
 
 def classify_spooled(clf, folder: Path, study_uid: str, options: StudyOptions) -> Answer:
-    """Classify the study ``study_uid`` held in ``folder``; top slices gain ``sop_instance_uid``."""
-    import pydicom
-
-    studies = [s for s in find_studies(folder) if s.study_uid == study_uid]
+    """Classify the study ``study_uid`` held in ``folder``."""
+    studies = [s for s in find_studies(folder, options.max_bytes, options.max_pixels) if s.study_uid == study_uid]
     if not studies:
         return Answer(StudyResult(input=study_uid, study_uid=study_uid, error="no readable CT instance received"))
     study = studies[0]
-    result = classify_study(clf, study, options)
-    result.input = study_uid
+    try:
+        result = replace(classify_study(clf, study, options), input=study_uid)
+    finally:
+        study.close()
     if result.error or not result.series_uid:
         return Answer(result)
-    ordered, _, _ = order_slices(study.series[result.series_uid])
-    evidence = []
-    for top in result.top_slices:
-        ds = pydicom.dcmread(ordered[top["index"]].open(), stop_before_pixels=True, specific_tags=EVIDENCE_TAGS)
-        top["sop_instance_uid"] = str(ds.SOPInstanceUID)
-        evidence.append(ds)
+    evidence = [pydicom.dcmread(top.source, stop_before_pixels=True, specific_tags=EVIDENCE_TAGS)
+                for top in result.top_slices]
     return Answer(result, evidence)
 
 
@@ -51,8 +49,16 @@ def classify_paths(clf, paths: list[Path], options: StudyOptions) -> list[StudyR
     return predict_studies(clf, paths, options)
 
 
+def as_uploaded(result: StudyResult, name: str) -> StudyResult:
+    """A result read from an upload's temp file, named as the client named the upload
+    (its input and each slice's source), so no server path leaks into the answer."""
+    def renamed(score):
+        return replace(score, source=score.source.replace(result.input, name, 1))
+
+    return replace(result, input=name, slices=tuple(map(renamed, result.slices)),
+                   top_slices=tuple(map(renamed, result.top_slices)))
+
+
 def study_document(clf, model: Path | str, options: StudyOptions, results: list[StudyResult]) -> dict:
-    """The JSON document of `ctedge predict --study --json` (the same keys, the same values)."""
-    return {"model": str(model), "provider": clf.providers[0], "threshold": clf.threshold,
-            "options": {k: v for k, v in vars(options).items() if k != "keep_thumbnails"},
-            "studies": [r.to_dict() for r in results]}
+    """The JSON document of `ctedge predict --study --json`, built by the same library function."""
+    return studies_report(clf, model, options, results).to_dict()
