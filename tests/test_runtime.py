@@ -1,7 +1,5 @@
 import json
 import shutil
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -13,29 +11,6 @@ from ctedge.core.errors import CtedgeError
 from helpers import brightness_onnx, write_dicom
 
 runner = CliRunner()
-
-
-def test_runtime_never_imports_tensorflow(onnx_model, phantom_data):
-    image = next((phantom_data / "CT_COVID").iterdir())
-    code = ("import sys; from ctedge.edge.runtime import Classifier; "
-            f"rows = Classifier({str(onnx_model)!r}).predict_files([{str(image)!r}]); "
-            "assert rows[0].probability is not None; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'sklearn')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_predict_and_bench_commands_never_import_tensorflow(onnx_model, phantom_data, tmp_path):
-    code = ("import sys; from ctedge.cli import app; "
-            "sys.argv = ['ctedge'] + sys.argv[1:]\n"
-            "try:\n    app()\nexcept SystemExit:\n    pass\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
-            "print('IMPORTED', bad); sys.exit(3 if bad else 0)")
-    for args in (["predict", str(onnx_model), str(phantom_data)],
-                 ["bench", str(onnx_model), "--runs", "2", "--warmup", "1", "--batch-sizes", "1"]):
-        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_runtime_matches_the_keras_model(onnx_model, trained_run, phantom_data):
