@@ -186,9 +186,12 @@ class PrintableLog(logging.Filter):
 def _given(key: str, default):
     """What the ``ctedge`` group's options set for this command (kept on the click
     context, not in a global)."""
-    import click
+    try:  # typer 0.2x runs commands on its own copy of click, whose context click's cannot see
+        from typer._click.globals import get_current_context
+    except ImportError:  # an older typer, on click itself
+        from click import get_current_context
 
-    context = click.get_current_context(silent=True)
+    context = get_current_context(silent=True)
     return context.find_root().meta.get(f"ctedge.{key}", default) if context else default
 
 
