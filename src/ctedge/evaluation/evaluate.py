@@ -249,7 +249,8 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
                           [{"class": s.class_name, "truth": s.label, **csv_row(r)} for s, r in rows]).encode(),
                  out / "studies.csv")
     report = StudyEvaluation(
-        model=str(model_path), provider=clf.providers[0], data=str(data_root), classes=dataset.class_names,
+        model=str(model_path), provider=clf.providers[0], runtime=clf.runtime, precision=clf.precision,
+        data=str(data_root), classes=dataset.class_names,
         threshold=threshold, studies=len(scored), positive=int(y.sum()), patients=len(set(patients)), **scores,
         shortcut_baseline={}, output_spread=finite(output_spread(p)), failed=failed, warnings=warnings,
         options=options.to_dict(), **plots, studies_csv=str(out / "studies.csv"), out_dir=str(out))
