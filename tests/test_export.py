@@ -69,7 +69,7 @@ def test_fp16_and_int8_variants_have_their_own_cards(exported):
 def test_a_variant_beyond_tolerance_is_dropped_and_an_old_file_of_its_name_goes(exported, tmp_path):
     path, report = exported
     images = np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 3)).astype("float32")
-    reference = export.onnx_probabilities(path, images)
+    reference = export.engine_probabilities("onnxruntime", path, images)
     check = {"images": images, "labels": None, "source": "random", "reference": reference - 0.2,
              "spread": None}
     target = tmp_path / "m_fp16.onnx"
