@@ -11,8 +11,6 @@ MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 # Today's offenders, to shrink to nothing: remove an entry when it is split, never add one.
 TOO_LONG_ALLOWED = {
-    "edge/bench.py",
-    "edge/study.py",
     "cli/bench.py:bench",
 }
 LIBRARY = [path for path in SRC.rglob("*.py") if "cli" not in path.relative_to(SRC).parts]
