@@ -113,6 +113,6 @@ def test_explain_decodes_dicom_with_the_models_window(tmp_path, monkeypatch):
     dicom = write_dicom(tmp_path / "slice.dcm", np.linspace(-1000, 400, 32 * 32).reshape(32, 32))
     seen = []
     real = explain_module.read_image
-    monkeypatch.setattr(explain_module, "read_image", lambda path, window: seen.append(window) or real(path, window))
+    monkeypatch.setattr(explain_module, "read_image", lambda path, window, max_pixels: seen.append(window) or real(path, window, max_pixels))
     report = explain_module.explain(tmp_path / "m.keras", [dicom], tmp_path / "out", sheet=False)
     assert seen == [(-600.0, 200.0)] and report["explanations"][0].error is None

@@ -159,6 +159,41 @@ def test_the_limit_is_an_option_and_covers_dicom(tmp_path):
     assert runner.invoke(app, ["--max-pixels", "1600", "predict", str(model), str(image), str(dicom)]).exit_code == 0
 
 
+def test_the_budget_belongs_to_each_classifier_not_the_process(tmp_path, model):
+    """Two Classifiers with different budgets, side by side in one process, answer
+    the same 60x60 image differently: the budget is no global."""
+    from ctedge.edge.runtime import Classifier
+
+    image = png(tmp_path / "a.png", size=60)
+    strict, roomy = Classifier(model, max_pixels=3599), Classifier(model, max_pixels=3600)
+    for _ in range(2):  # in either order, more than once: neither changes the other
+        (refused,) = strict.predict_files([image])
+        (answered,) = roomy.predict_files([image])
+        assert refused.probability is None
+        assert refused.error.startswith("60x60 pixels (0.0036 MP) is above the 0.003599 MP limit")
+        assert answered.error is None and answered.probability is not None
+    with pytest.raises(CtedgeError, match="at least 1") as caught:
+        Classifier(model, max_pixels=0)
+    assert caught.value.param == "max_pixels"
+
+
+def test_the_environment_budget_reaches_commands_that_read_data(tmp_path, monkeypatch):
+    """CTEDGE_MAX_PIXELS holds for `audit` (which reads class folders through
+    DataOptions) as --max-pixels does for predict, and only for that invocation."""
+    for c, name in enumerate(("CT_COVID", "CT_NonCOVID")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(8):
+            png(tmp_path / "data" / name / f"{name}_{i}.png", size=40 + i % 2, seed=10 * c + i)
+    monkeypatch.setenv("CTEDGE_MAX_PIXELS", "1600")
+    result = runner.invoke(app, ["audit", str(tmp_path / "data"), "--json", str(tmp_path / "a.json")])
+    assert result.exit_code == 0, result.output
+    unreadable = json.loads((tmp_path / "a.json").read_text())["unreadable"]
+    assert [u["reason"].split(" (")[0] for u in unreadable] == ["41x41 pixels"] * 8
+    monkeypatch.delenv("CTEDGE_MAX_PIXELS")
+    result = runner.invoke(app, ["audit", str(tmp_path / "data"), "--json", str(tmp_path / "a.json")])
+    assert result.exit_code == 0 and json.loads((tmp_path / "a.json").read_text())["unreadable"] == []
+
+
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
 def test_the_size_is_read_from_the_header(tmp_path, suffix):
     from ctedge.core.imageio import raster_size

@@ -92,3 +92,17 @@ def test_save_then_load_gives_the_same_config(tmp_path, trained_run):
     run = RunConfig.load(trained_run / "model.keras")
     run.save(tmp_path / "config.json")
     assert RunConfig.load(tmp_path / "config.json") == run
+
+
+def test_the_pixel_budget_is_not_a_setting_of_the_run(tmp_path, trained_run):
+    """A run trained with a raised --max-pixels does not carry it to the machine that
+    reads its data later: config.json leaves the budget out, and the data options
+    rebuilt from it take the reader's own."""
+    from ctedge.core.runconfig import RunConfig, data_options_for
+
+    run = RunConfig.load(trained_run / "model.keras")
+    roomy = dataclasses.replace(run, data=dataclasses.replace(run.data, max_pixels=10**9))
+    roomy.save(tmp_path / "config.json")
+    assert "max_pixels" not in json.loads((tmp_path / "config.json").read_text())["data"]
+    assert data_options_for(roomy, tmp_path).max_pixels == 50_000_000
+    assert data_options_for(roomy, tmp_path, max_pixels=1000).max_pixels == 1000

@@ -28,6 +28,7 @@ from ctedge.core.phantom_studies import (
     write_series,
     write_study,
 )
+from ctedge.core.results import StudyEvaluation
 from ctedge.edge import study as st
 from ctedge.edge.runtime import Classifier
 
@@ -316,6 +317,26 @@ def test_evaluate_study_scores_patients_and_names_failures(tmp_path, model):
     assert len(rows) == 7 and sum(bool(r["error"]) for r in rows) == 1
     assert {r["label"] for r in rows if r["truth"] == "1"} == {"CT_COVID"}
     assert any(r["input"].endswith("s0.zip") and r["probability"] for r in rows)
+    assert list(report) == StudyEvaluation.keys()
+    assert json.loads((out / "metrics.json").read_text()) == report  # the library's record, as --json prints it
+
+
+def test_evaluate_studies_returns_its_typed_record(tmp_path, model):
+    """The library builds the StudyEvaluation (the CLI only prints it); the budgets in
+    its StudyOptions reach the Classifier and every slice."""
+    from ctedge.evaluation.evaluate import evaluate_studies
+
+    rng = np.random.default_rng(13)
+    for i, positive in enumerate((True, True, False, False)):
+        write_study(tmp_path / "data" / ("CT_COVID" if positive else "CT_NonCOVID") / f"s{i}", rng, positive,
+                    slices=8, patient_id=f"P{i}")
+    report = evaluate_studies(model, tmp_path / "data", out_dir=tmp_path / "e", resamples=20)
+    assert isinstance(report, StudyEvaluation) and report.failed == []
+    assert (report.studies, report.patients, report.positive) == (4, 4, 2)
+    assert report.out_dir == str(tmp_path / "e") and report.studies_csv == str(tmp_path / "e" / "studies.csv")
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text()) == report.to_dict()
+    with pytest.raises(CtedgeError, match="none of the 4 studies"):
+        evaluate_studies(model, tmp_path / "data", out_dir=tmp_path / "f", options=st.StudyOptions(max_pixels=1000))
 
 
 def test_evaluate_study_refuses_a_keras_model_and_an_image_folder(tmp_path, model, phantom_data):

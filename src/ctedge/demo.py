@@ -12,7 +12,7 @@ from ctedge.core.errors import CtedgeError
 from ctedge.core.phantom_studies import Anatomy
 from ctedge.core.phantoms import WINDOW, make_dataset
 from ctedge.core.progress import ProgressFn
-from ctedge.core.results import Scores, evaluation_from_dict
+from ctedge.core.results import Scores
 
 
 def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
@@ -136,8 +136,7 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: in
     from ctedge.core.plots import study_plot
 
     predicted = [{**r.to_dict(), "plot": str(study_plot(r, plots))} for r in results]
-    report = evaluation_from_dict(evaluate_studies(onnx, out / "studies" / "test", out_dir=run_dir / "eval-studies",
-                                                   resamples=500))
+    report = evaluate_studies(onnx, out / "studies" / "test", out_dir=run_dir / "eval-studies", resamples=500)
     seconds["predict_and_evaluate"] = time.perf_counter() - started - sum(seconds.values())
     verdict, above = against_chance(report, "held-out patients:")
     return {"studies": str(out / "studies"), "slices": str(slice_root), "run_dir": str(run_dir), "onnx": str(onnx),

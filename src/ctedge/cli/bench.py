@@ -20,6 +20,7 @@ from ctedge.cli.common import (
     check_outputs,
     command,
     model_files,
+    pixel_budget,
     provider_options,
     study_options,
     write_json,
@@ -109,7 +110,7 @@ def bench(
         runtime=runtime, precision=precision, split_dir=str(split_dir) if split_dir else None, split=split,
         accuracy_images=accuracy_images, auc_tolerance=auc_tolerance,
         cache_dir=str(cache_dir) if cache_dir else None, save_choice=save_choice, all_providers=all_providers,
-        provider_options=provider_options(provider_option), pad=pad),
+        provider_options=provider_options(provider_option), pad=pad, max_pixels=pixel_budget()),
         baselines=keras_baseline(models or []))
     write_outputs(report, markdown_out, plot, json_out)
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -33,6 +33,9 @@ from ctedge.core.progress import console
 from ctedge.core.runconfig import ModelConfig, TrainConfig
 from ctedge.edge.engines import Precision, Provider
 from ctedge.edge.study import DEFAULT_MAX_BYTES, StudyOptions
+
+if TYPE_CHECKING:
+    from ctedge.core.results import ImageEvaluation, StudyEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +155,7 @@ def data_options(data: Path, *, positive: str | None, split_dir: Path | None, gr
     """The data and split groups."""
     return DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
                        seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-                       group_regex=group_regex, clean=clean)
+                       group_regex=group_regex, clean=clean, max_pixels=pixel_budget())
 
 
 def preprocess_config(*, image_size: int, window_low: float, window_high: float, centre: float,
@@ -387,8 +390,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(
-         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Print the version and exit.")] = False,
          verbose_flag: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
                                                "and C++ log lines (hidden by default).")] = False,
@@ -400,20 +402,23 @@ def main(
              "uncompressed, read from its header before inflating (--study).")] = DEFAULT_MAX_BYTES) -> None:
     """Put a chest-CT COVID-19 classifier onto edge hardware."""
     from ctedge.core.dicom import check_budgets
-    from ctedge.core.imageio import set_max_pixels
 
     try:
         check_budgets(max_pixels=max_pixels, max_bytes=max_bytes)
     except CtedgeError as exc:
         raise typer.BadParameter(exc.detail, param_hint=flag(exc.param)) from None
-    set_max_pixels(max_pixels)  # single images; studies get both budgets through StudyOptions
     _GIVEN.set({"verbose": verbose_flag, "max_pixels": max_pixels, "max_bytes": max_bytes})
+
+
+def pixel_budget() -> int:
+    """The pixel budget given to `ctedge` (--max-pixels, CTEDGE_MAX_PIXELS), passed to
+    whatever reads an image."""
+    return _given("max_pixels", DEFAULT_MAX_PIXELS)
 
 
 def study_options(**options) -> StudyOptions:
     """StudyOptions with the read budgets given to `ctedge` (--max-pixels, --max-bytes)."""
-    return StudyOptions(max_pixels=_given("max_pixels", DEFAULT_MAX_PIXELS),
-                        max_bytes=_given("max_bytes", DEFAULT_MAX_BYTES), **options)
+    return StudyOptions(max_pixels=pixel_budget(), max_bytes=_given("max_bytes", DEFAULT_MAX_BYTES), **options)
 
 
 def figure(value: float | None, digits: int = 3) -> str:
@@ -421,15 +426,13 @@ def figure(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def print_metrics(report) -> None:
+def print_metrics(report: ImageEvaluation | StudyEvaluation) -> None:
     """Metric table with CIs, confusion matrix and operating points of an evaluation
-    (``ctedge.core.results``; a study evaluation's dict is read into its record)."""
+    (``ctedge.core.results``)."""
     from rich.table import Table
 
-    from ctedge.core.results import StudyEvaluation, evaluation_from_dict
+    from ctedge.core.results import StudyEvaluation
 
-    if isinstance(report, dict):
-        report = evaluation_from_dict(report)
     if isinstance(report, StudyEvaluation):
         title = (f"{report.studies} studies of {report.patients} patients ({report.positive} "
                  f"positive), threshold {report.threshold}, CIs resampled by patient")

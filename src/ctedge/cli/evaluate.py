@@ -34,6 +34,7 @@ from ctedge.cli.common import (
     data_options,
     exit_if_failed,
     model_files,
+    pixel_budget,
     print_file_rows,
     print_metrics,
     shown,
@@ -49,7 +50,7 @@ from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD
 from ctedge.core.preprocess import PreprocessConfig
 from ctedge.core.progress import console
-from ctedge.core.results import StudyEvaluation, dumps, evaluation_from_dict, plain
+from ctedge.core.results import StudyEvaluation, dumps, plain
 from ctedge.edge.engines import Provider, Runtime
 from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, StudyOptions
 
@@ -104,11 +105,11 @@ def evaluate(
     check_outputs((out or default_out, "--out", True), (json_out, "--json"), (html_out, "--html"),
                   inputs=[*model_files(model), data])
     if study:
-        report = evaluation_from_dict(evaluate_studies_command(
+        report = evaluate_studies_command(
             model, data, threshold, out, resamples, positive, study_options(
                 series_uid=series, slice_step=slice_step, max_slices=max_slices, aggregate=aggregate, top_k=top_k),
             engine={"runtime": runtime, "precision": precision, "provider": provider, "threads": threads,
-                    "cache_dir": str(cache_dir) if cache_dir else None}))
+                    "cache_dir": str(cache_dir) if cache_dir else None})
     else:
         report = _evaluate_images(model, data, split, DEFAULT_THRESHOLD if threshold is None else threshold, out,
                                   resamples, split_dir, group_regex, external, positive)
@@ -136,7 +137,7 @@ def _evaluate_images(model: Path, data: Path, split: str, threshold: float, out:
     with Bars() as bars:
         report = run_evaluation(model, data, split, threshold, out, resamples,
                                 split_dir=str(split_dir) if split_dir else None, group_regex=group_regex,
-                                external=external, positive=positive, progress=bars)
+                                external=external, positive=positive, progress=bars, max_pixels=pixel_budget())
     if report.external:
         console.print(f"{data} is not the training data: scored every readable image there "
                       f"({report.images}), no split, no shortcut baseline (no training set to fit it on)",
@@ -148,7 +149,7 @@ def _evaluate_images(model: Path, data: Path, split: str, threshold: float, out:
 
 def evaluate_studies_command(model: Path, data: Path, threshold: float | None, out: Path | None,
                              resamples: int, positive: str | None, options: StudyOptions,
-                             engine: dict | None = None) -> dict:
+                             engine: dict | None = None) -> StudyEvaluation:
     """`evaluate --study`: patient-level metrics; failed studies named (exit 1 after the outputs)."""
     import importlib.util
 
@@ -164,14 +165,14 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
                                                                    else f"[red]no answer[/] ({escape(clean(r.error))})"),
                                   highlight=False))
     print_metrics(report)
-    for warning in report["warnings"]:
+    for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    if report["failed"]:
-        console.print(f"[yellow]{len(report['failed'])} of {report['studies'] + len(report['failed'])} "
+    if report.failed:
+        console.print(f"[yellow]{len(report.failed)} of {report.studies + len(report.failed)} "
                       "stud(ies) got no answer and are not in the metrics:[/]")
-        for item in report["failed"]:
+        for item in report.failed:
             console.print(shown(f"  {item['input']}: {item['error']}"))
-    console.print(f"plots, metrics.json and studies.csv in {report['out_dir']}", markup=False)
+    console.print(f"plots, metrics.json and studies.csv in {report.out_dir}", markup=False)
     return report
 
 
@@ -232,7 +233,8 @@ def audit(
     if html_out:
         from ctedge.evaluation.report import audit_section, verdict, write_page
 
-        write_page(html_out, f"ctedge audit: {data}", [verdict(None, report), audit_section(report)],
+        write_page(html_out, f"ctedge audit: {data}", [verdict(None, report),
+                                                        audit_section(report, max_pixels=pixel_budget())],
                    f"split lists {split_dir}" if split_dir else "random split, seed " + str(seed))
         console.print(f"HTML page: {html_out}")
     if report["leakage"]:
@@ -272,7 +274,8 @@ def explain(
     config = RunConfig.load(model)
     positive = (config.positive if config else None) or "positive"
     with Bars() as bars:
-        report = run_explain(model, files, out, threshold, positive, alpha, sheet=sheet, progress=bars)
+        report = run_explain(model, files, out, threshold, positive, alpha, sheet=sheet, progress=bars,
+                             max_pixels=pixel_budget())
     rows = report["explanations"]
     failed = print_file_rows(f"Grad-CAM for P({positive}), threshold {threshold}", rows, "overlay")
     if report["contact_sheet"]:
@@ -310,7 +313,8 @@ def report(
 
     check_outputs((out or run_dir / "report.html", "--out"), (json_out, "--json"))
     with Bars() as bars:
-        result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh, study, onnx, bars)
+        result = build(run_dir, data, split, explain_count, run_audit, out, resamples, fresh, study, onnx, bars,
+                       max_pixels=pixel_budget())
     print_metrics(result["evaluation"])
     audit = result["audit"]
     if audit:

@@ -26,6 +26,7 @@ from ctedge.cli.common import (
     command,
     exit_if_failed,
     model_files,
+    pixel_budget,
     print_file_rows,
     provider_options,
     shown,
@@ -97,7 +98,7 @@ def predict(
     check_outputs((csv_out, "--csv"), (json_out, "--json"), inputs=[*model_files(model), *files])
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                      cache_dir=str(cache_dir) if cache_dir else None, provider_options=backend_options,
-                     pad=pad, fixed_batch=batch_size)
+                     pad=pad, fixed_batch=batch_size, max_pixels=pixel_budget())
     result = predict_images(clf, model, files, batch_size)
     failed = print_file_rows(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
                              f"P({clf.positive}), threshold {clf.threshold}", list(result.predictions), "label")
@@ -145,7 +146,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
             raise CtedgeError('--plot needs matplotlib: pip install "ctedge[train]"') from None
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                      cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
-                     pad=pad, fixed_batch=options.batch_size)
+                     pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels)
     results = predict_studies(clf, paths, options,
                               progress=lambda r: console.print(shown(f"{r.input}: {r.study_uid or '-'} done")))
     table = Table(title=shown(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "

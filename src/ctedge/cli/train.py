@@ -39,6 +39,7 @@ from ctedge.cli.common import (
     command,
     data_options,
     model_config,
+    pixel_budget,
     preprocess_config,
     print_metrics,
     shown,
@@ -247,7 +248,7 @@ def export(
         check_data=str(check_data) if check_data else None, check_count=check_count,
         threshold=threshold, tolerance=tolerance, fp16_tolerance=fp16_tolerance,
         int8_tolerance=int8_tolerance, openvino=openvino, allow_constant=allow_constant,
-        keep_flagged=keep_flagged))
+        keep_flagged=keep_flagged, max_pixels=pixel_budget()))
     flagged = _print_export(report)
     write_json(plain(report), json_out)
     if flagged and fail_on_flagged:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ctedge.core.choices import Clean, Split
 from ctedge.core.errors import CtedgeError, UnreadableImage
-from ctedge.core.imageio import image_files, read_image
+from ctedge.core.imageio import DEFAULT_MAX_PIXELS, image_files, read_image
 from ctedge.core.preprocess import ANNOTATION_MIN_FRACTION, PreprocessConfig, annotation_fraction, to_model_input
 from ctedge.core.progress import ProgressFn, tracked
 
@@ -187,9 +187,9 @@ class LoadedSplit:
                 "annotated": self.annotated, "dropped": self.dropped}
 
 
-def _decode(sample: Sample, config: PreprocessConfig, digest: str | None):
+def _decode(sample: Sample, config: PreprocessConfig, digest: str | None, max_pixels: int):
     try:
-        decoded = read_image(sample.path, config.window)
+        decoded = read_image(sample.path, config.window, max_pixels)
     except UnreadableImage as exc:
         return exc
     digest = digest or hashlib.sha256(sample.path.read_bytes()).hexdigest()
@@ -199,15 +199,17 @@ def _decode(sample: Sample, config: PreprocessConfig, digest: str | None):
 
 def load_split(samples: list[Sample], config: PreprocessConfig, clean: str = "drop",
                progress: ProgressFn | None = None, task: str = "decoding",
-               workers: int = 4, digests: dict[Path, str] | None = None) -> LoadedSplit:
+               workers: int = 4, digests: dict[Path, str] | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedSplit:
     """Decode and resize each image once; skip unreadable files with a warning.
     ``progress`` hears how many of the images (``task``) are done; ``digests``: the
-    sha256 of files already hashed (path -> hex)."""
+    sha256 of files already hashed (path -> hex); ``max_pixels``: the pixel budget
+    (a larger image is skipped as unreadable)."""
     if clean not in CLEAN_MODES:
         raise CtedgeError(f"must be one of {', '.join(CLEAN_MODES)}, not {clean!r}", param="clean")
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tracked(pool.map(lambda s: _decode(s, config, (digests or {}).get(s.path)), samples), task,
-                               len(samples), progress))
+        decoded = pool.map(lambda s: _decode(s, config, (digests or {}).get(s.path), max_pixels), samples)
+        results = list(tracked(decoded, task, len(samples), progress))
     size = config.image_size
     xs, ys, paths, hashes = [], [], [], []
     loaded = LoadedSplit(np.zeros((0, size, size, 3), np.float32), np.zeros(0, int), [], [])
@@ -235,7 +237,8 @@ def load_split(samples: list[Sample], config: PreprocessConfig, clean: str = "dr
 
 @dataclass(kw_only=True)
 class DataOptions:
-    """How a data folder becomes splits; stored in run configs for reuse."""
+    """How a data folder becomes splits; stored in run configs for reuse (all but
+    ``max_pixels``, the read budget of the machine reading: ``ctedge --max-pixels``)."""
 
     root: str = ""
     split_dir: str | None = None
@@ -245,3 +248,4 @@ class DataOptions:
     val_fraction: float = 0.2
     group_regex: str | None = None
     clean: str = "drop"
+    max_pixels: int = DEFAULT_MAX_PIXELS

@@ -38,7 +38,7 @@ def check_budgets(**budgets: int) -> None:
 
 
 def pixel_budget_message(width: int, height: int, max_pixels: int) -> str:
-    return (f"{width}x{height} pixels ({width * height / 1e6:.0f} MP) is above the "
+    return (f"{width}x{height} pixels ({width * height / 1e6:.3g} MP) is above the "
             f"{max_pixels / 1e6:g} MP limit (raise it with ctedge --max-pixels N)")
 
 

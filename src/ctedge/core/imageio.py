@@ -28,21 +28,6 @@ SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 DEFAULT_WINDOW = (-1000.0, 400.0)  # the paper's HU window: how DICOM is decoded to gray 0-255
 MIN_SIDE = 16  # pixels: the smallest crop in COVID-CT is 53x26; a 1x1 image holds no slice
 MAX_ASPECT = 4.0  # long side / short side: a CT slice (or a crop of one) is never a strip
-_limit = {"max_pixels": DEFAULT_MAX_PIXELS}
-
-
-def max_pixels() -> int:
-    """The pixel budget in force (``ctedge --max-pixels``)."""
-    return _limit["max_pixels"]
-
-
-def set_max_pixels(max_pixels: int) -> None:
-    """The default pixel budget of ``read_image`` in this process (`ctedge --max-pixels`)."""
-    if max_pixels < 1:
-        from ctedge.core.errors import CtedgeError
-
-        raise CtedgeError(f"must be at least 1, not {max_pixels}", param="max_pixels")
-    _limit["max_pixels"] = max_pixels
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -233,20 +218,19 @@ def _read_raster(path: Path, max_pixels: int) -> Decoded:
 
 
 def read_image(path: str | Path, window: tuple[float, float] = DEFAULT_WINDOW,
-               max_pixels: int | None = None) -> Decoded:
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``path`` to gray levels 0-255; raises ``UnreadableImage`` naming it.
 
-    An image of more than ``max_pixels`` (default: ``set_max_pixels``, 50 MP) is
+    An image of more than ``max_pixels`` (``ctedge --max-pixels``; default 50 MP) is
     refused from its header, before its pixels are decoded (a decompression bomb:
     a small PNG of 20000x20000 pixels would take gigabytes); so is a PNG/JPEG/BMP/TIFF
     that cannot hold a CT slice (``check_shape``) and a CMYK JPEG."""
     path = Path(path)
-    limit = max_pixels or _limit["max_pixels"]
     if not path.exists():
         raise _unreadable(path, "no such file")
     problem = regular_file_problem(path)
     if problem:
         raise _unreadable(path, problem)
     if is_dicom(path):
-        return _read_dicom(path, window, limit)
-    return _read_raster(path, limit)
+        return _read_dicom(path, window, max_pixels)
+    return _read_raster(path, max_pixels)

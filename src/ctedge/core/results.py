@@ -350,6 +350,8 @@ class StudyEvaluation(Scores, Document):
     kind: ClassVar[str] = "study_evaluation"
     model: str
     provider: str
+    runtime: str | None  # the engine and precision the studies ran on (None: an older metrics.json)
+    precision: str | None
     data: str
     split: str = "studies"
     unit: str = "study"
@@ -364,8 +366,8 @@ class StudyEvaluation(Scores, Document):
     @classmethod
     def from_dict(cls, data: dict) -> "StudyEvaluation":
         return cls(**cls.fields_from(data), **{name: data.get(name) for name in (
-            "model", "provider", "data", "classes", "studies", "patients", "failed", "warnings",
-            "options", "studies_csv")})
+            "model", "provider", "runtime", "precision", "data", "classes", "studies", "patients", "failed",
+            "warnings", "options", "studies_csv")})
 
     @property
     def scored(self) -> int:

@@ -98,7 +98,9 @@ class RunConfig:
         return {**self.model.to_dict(), "learning_rate": self.learning_rate}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        raw = asdict(self)
+        del raw["data"]["max_pixels"]  # the read budget of the machine reading, not a setting of the run
+        return raw
 
     def save(self, path: str | Path) -> None:
         atomic_write(json.dumps(self.to_dict(), indent=2).encode(), Path(path))
@@ -163,7 +165,7 @@ def _build(raw: dict) -> RunConfig:
 def data_options_for(config: RunConfig | None, root: str | Path, **overrides) -> DataOptions:
     """The run's split settings (so 'val' means the same images), with the
     user's overrides on top."""
-    stored = asdict(config.data) if config else {}
+    stored = config.to_dict()["data"] if config else {}
     options = DataOptions(**{**stored, "root": str(root)})
     for key, value in overrides.items():
         if value is not None:

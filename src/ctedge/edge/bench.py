@@ -26,6 +26,7 @@ import numpy as np
 
 from ctedge.core.errors import CtedgeError
 from ctedge.core.files import atomic_write
+from ctedge.core.imageio import DEFAULT_MAX_PIXELS
 from ctedge.core.metrics import DEFAULT_RESAMPLES
 from ctedge.core.results import BenchReport, BenchRow
 from ctedge.edge import engines
@@ -58,6 +59,7 @@ class BenchOptions:
     all_providers: bool = False  # every onnxruntime provider this machine has, instead of ``provider``
     provider_options: dict[str, str] = field(default_factory=dict)  # KEY=VALUE for the device's backend
     pad: bool | None = None  # one batch shape per call (None: on a GPU)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # pixel budget of every image read (ctedge --max-pixels)
 
     def check(self) -> None:
         runtimes = engines.BenchRuntime.values()
@@ -123,21 +125,21 @@ def time_interleaved(calls: list, warmup: int, runs: int, seconds: float | None)
     return samples
 
 
-def _readable(path: Path) -> bool:
+def _readable(path: Path, max_pixels: int) -> bool:
     from ctedge.core.imageio import read_image
 
     try:
-        read_image(path)
+        read_image(path, max_pixels=max_pixels)
         return True
     except CtedgeError:
         return False
 
 
-def bench_files(data: str | None, count: int, folder: Path | None = None
-                ) -> tuple[list[Path], np.ndarray | None, str]:
-    """Image files for end-to-end timing and accuracy: a labelled data folder, a
-    flat folder, or generated phantom PNGs written to ``folder`` (the caller's
-    temporary folder, which it removes)."""
+def bench_files(data: str | None, count: int, folder: Path | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[Path], np.ndarray | None, str]:
+    """Image files for end-to-end timing and accuracy: a labelled data folder (its
+    images within ``max_pixels``), a flat folder, or generated phantom PNGs written
+    to ``folder`` (the caller's temporary folder, which it removes)."""
     import cv2
 
     from ctedge.core.data import pick_samples
@@ -145,7 +147,7 @@ def bench_files(data: str | None, count: int, folder: Path | None = None
 
     if data:
         chosen, labelled = pick_samples(data, count)
-        readable = [s for s in chosen if _readable(s.path)]
+        readable = [s for s in chosen if _readable(s.path, max_pixels)]
         if not readable:
             raise CtedgeError(f"none of the {len(chosen)} images picked from {data} can be read")
         labels = np.array([s.label for s in readable]) if labelled else None
@@ -194,14 +196,16 @@ def accuracy_files(options: BenchOptions) -> tuple[list[Path], np.ndarray, str] 
 
 def process_start_ms(model: Path, image: Path, provider: str, runtime: str = "onnxruntime",
                      precision: str = "fp32", cache_dir: str | None = None,
-                     provider_options: dict[str, str] | None = None) -> float:
+                     provider_options: dict[str, str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> float:
     """A fresh Python process: import, open the model, decode, predict one file."""
     code = ("import json, sys; from ctedge.edge.runtime import Classifier; "
             "c = Classifier(sys.argv[1], provider=sys.argv[3], runtime=sys.argv[4], precision=sys.argv[5], "
-            "cache_dir=sys.argv[6] or None, provider_options=json.loads(sys.argv[7])); c.predict_files([sys.argv[2]])")
+            "cache_dir=sys.argv[6] or None, provider_options=json.loads(sys.argv[7]), max_pixels=int(sys.argv[8])); "
+            "c.predict_files([sys.argv[2]])")
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, str(model), str(image), provider, runtime, precision,
-                           cache_dir or "", json.dumps(provider_options or {})], capture_output=True, text=True)
+                           cache_dir or "", json.dumps(provider_options or {}), str(max_pixels)],
+                          capture_output=True, text=True)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise CtedgeError(f"{model}: the fresh-process cold-start run ({runtime} {precision}) failed "
@@ -259,7 +263,8 @@ def open_variants(path: Path, options: BenchOptions, first_image: Path) -> tuple
     opened, results = [], []
     for v in variants_for(path, options):
         clf = Classifier(path, v.provider, options.threads, runtime=v.runtime, precision=v.precision,
-                         cache_dir=options.cache_dir, provider_options=options.provider_options, pad=options.pad)
+                         cache_dir=options.cache_dir, provider_options=options.provider_options, pad=options.pad,
+                         max_pixels=options.max_pixels)
         one = clf.load(first_image)[None]
         started = time.perf_counter()
         clf.predict_arrays(one)
@@ -282,9 +287,9 @@ def time_process_start(path: Path, options: BenchOptions, results: list[dict], i
         if r["runtime"] == "openvino":
             with tempfile.TemporaryDirectory(prefix="ctedge-ov-cache-") as empty:
                 cold["process_to_first_prediction_empty_cache"] = process_start_ms(
-                    path, image, *args, empty, options.provider_options)
+                    path, image, *args, empty, options.provider_options, options.max_pixels)
         cold["process_to_first_prediction"] = process_start_ms(path, image, *args, options.cache_dir,
-                                                               options.provider_options)
+                                                               options.provider_options, options.max_pixels)
 
 
 def time_variants(opened: list, results: list[dict], options: BenchOptions, files: list[Path]) -> None:
@@ -444,7 +449,7 @@ def run_bench(models: list[Path], options: BenchOptions,
     accuracy = accuracy_files(options)
     results, choices = [], {}
     with tempfile.TemporaryDirectory(prefix="ctedge-bench-") as tmp:
-        files, _, source = bench_files(options.data, options.files, Path(tmp))
+        files, _, source = bench_files(options.data, options.files, Path(tmp), options.max_pixels)
         for model in models:
             if model.suffix in (baselines or {}):
                 results.append(BenchRow.from_dict(baselines[model.suffix](model, options)))

@@ -26,6 +26,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from ctedge.core.dicom import DEFAULT_MAX_PIXELS, check_budgets
 from ctedge.core.errors import CtedgeError, UnreadableImage
 from ctedge.core.imageio import read_image
 from ctedge.core.metadata import ModelMetadata
@@ -50,18 +51,21 @@ class Classifier:
     OpenVINO: auto | cpu | gpu | npu); ``provider_options``: backend options (KEY=VALUE).
     ``pad``: every call runs ``fixed_batch`` images, the last batch padded and the
     padding's outputs dropped, so the backend sees one input shape (None: on for a
-    GPU, where it is also warmed up with that shape at start).
+    GPU, where it is also warmed up with that shape at start). ``max_pixels``: the
+    pixel budget of every file this classifier reads (``ctedge --max-pixels``); a
+    larger file gets an error row, refused from its header.
     """
 
     def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None, *,
                  runtime: str = "auto", precision: str | None = None, cache_dir: str | None = None,
                  provider_options: dict[str, str] | None = None, pad: bool | None = None,
-                 fixed_batch: int = DEFAULT_FIXED_BATCH):
+                 fixed_batch: int = DEFAULT_FIXED_BATCH, max_pixels: int = DEFAULT_MAX_PIXELS):
         path = Path(path)
         if not path.is_file():
             raise CtedgeError(f"model not found: {path}")
         if fixed_batch < 1:
             raise CtedgeError(f"must be at least 1, not {fixed_batch}", param="fixed_batch")
+        check_budgets(max_pixels=max_pixels)
         config = resolve(path, EngineConfig(runtime=runtime, precision=precision, provider=provider,
                                             threads=threads, cache_dir=cache_dir,
                                             provider_options=dict(provider_options or {}),
@@ -75,7 +79,7 @@ class Classifier:
                   "input_name": checked.input_name, "size": checked.size, "window": checked.window,
                   "classes": tuple(checked.classes), "positive": checked.positive, "negative": checked.negative,
                   "threshold": checked.threshold, "contract": checked.contract,
-                  "fixed_batch": fixed_batch if padded else None, "startup_s": {"session": session_s},
+                  "fixed_batch": fixed_batch if padded else None, "max_pixels": max_pixels, "startup_s": {"session": session_s},
                   # an engine not registered thread_safe serves one call at a time
                   "_guard": contextlib.nullcontext() if get_engine(config.runtime).thread_safe else threading.Lock()}
         for name, value in fields.items():
@@ -124,7 +128,7 @@ class Classifier:
 
     def load(self, path: str | Path) -> np.ndarray:
         """One file -> model input (size, size, 3) float32 0-255."""
-        return to_model_input(read_image(path, self.window).gray, self.size, self.contract)
+        return to_model_input(read_image(path, self.window, self.max_pixels).gray, self.size, self.contract)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Batch of model inputs -> P(positive) per image (in fixed batches when padding)."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from ctedge.core.data import HASH_THRESHOLD, DataOptions, Sample, discover
 from ctedge.core.errors import CtedgeError, UnreadableImage
-from ctedge.core.imageio import DEFAULT_WINDOW, read_image
+from ctedge.core.imageio import DEFAULT_MAX_PIXELS, DEFAULT_WINDOW, read_image
 from ctedge.core.preprocess import ANNOTATION_MIN_FRACTION, annotation_fraction, letterbox
 from ctedge.core.progress import ProgressFn, tracked
 from ctedge.training.splits import make_splits
@@ -85,9 +85,9 @@ class FileFacts:
 
 
 def file_facts(sample: Sample, split: str, window: tuple[float, float] = DEFAULT_WINDOW,
-               keypoints: bool = True) -> FileFacts:
+               keypoints: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileFacts:
     """What the audit needs of one file (hashes and keypoints only when asked)."""
-    decoded = read_image(sample.path, window)
+    decoded = read_image(sample.path, window, max_pixels)
     gray = decoded.gray
     channels = 1 if decoded.colour is None else 3
     return FileFacts(sample, split, (phash(gray), phash(gray[:, ::-1])),
@@ -123,13 +123,14 @@ def metadata_features(facts: list[FileFacts]) -> np.ndarray:
                       *[f.sample.path.suffix.lower() == fmt for fmt in formats]] for f in facts], float)
 
 
-def metadata_baseline(splits: dict[str, list[Sample]]) -> dict:
-    """The shortcut baseline for splits made elsewhere (``ctedge evaluate``)."""
+def metadata_baseline(splits: dict[str, list[Sample]], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """The shortcut baseline for splits made elsewhere (``ctedge evaluate``); images
+    above ``max_pixels`` are left out."""
     facts = []
     for split, samples in splits.items():
         for sample in samples:
             try:
-                facts.append(file_facts(sample, split, keypoints=False))
+                facts.append(file_facts(sample, split, keypoints=False, max_pixels=max_pixels))
             except UnreadableImage:
                 continue
     return shortcut_baseline(facts)
@@ -177,7 +178,7 @@ def shortcut_finding(split: str, baseline: dict) -> tuple[bool, str]:
 def audit(options: DataOptions, image_size: int = 300, threshold: int = HASH_THRESHOLD,
           progress: ProgressFn | None = None) -> dict:
     """Everything above for one data folder; ``leakage`` says whether to fail CI.
-    ``progress`` hears the images read."""
+    ``progress`` hears the images read; one above ``options.max_pixels`` is unreadable."""
     dataset = discover(options.root, options.positive)
     splits = make_splits(dataset, options.split_dir, options.seed, options.test_fraction,
                          options.val_fraction, options.group_regex)
@@ -186,7 +187,7 @@ def audit(options: DataOptions, image_size: int = 300, threshold: int = HASH_THR
     jobs = [(s, split) for split, samples in splits.items() for s in samples]
     for sample, split in tracked(jobs, "hashing images", len(jobs), progress):
         try:
-            facts.append(file_facts(sample, split, window))
+            facts.append(file_facts(sample, split, window, max_pixels=options.max_pixels))
         except UnreadableImage as exc:
             unreadable.append({"path": str(sample.path), "reason": exc.reason})
     if not facts:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from sklearn.metrics import roc_curve as sk_roc
 from ctedge.core.data import SPLITS, DataOptions, LoadedSplit, group_of
 from ctedge.core.errors import CtedgeError
 from ctedge.core.files import atomic_write, csv_text
+from ctedge.core.imageio import DEFAULT_MAX_PIXELS
 from ctedge.core.metrics import (
     DEFAULT_RESAMPLES,
     DEFAULT_THRESHOLD,
@@ -23,7 +23,7 @@ from ctedge.core.metrics import (
 )
 from ctedge.core.plots import reliability, roc_curve
 from ctedge.core.progress import ProgressFn, tracked
-from ctedge.core.results import Estimate, ImageEvaluation, dumps, finite, plain
+from ctedge.core.results import Estimate, ImageEvaluation, StudyEvaluation, dumps, finite
 from ctedge.core.runconfig import RunConfig, data_options_for, keras_preprocess_config
 from ctedge.training.splits import load_data
 
@@ -105,25 +105,28 @@ def drift_warning(split: str, drift: dict) -> str:
             "are not comparable with the run's")
 
 
-def external_options(stored: RunConfig | None, root: str | Path) -> DataOptions:
+def external_options(stored: RunConfig | None, root: str | Path,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> DataOptions:
     """Every image of another data set, cleaned as at training: no split lists,
     nothing held out (``test_fraction``/``val_fraction`` 0 put all in train)."""
     positive = stored.positive if stored else None
     if positive and not (Path(root) / positive).is_dir():
         positive = None  # detected from the folder names
     clean = stored.data.clean if stored else "drop"
-    return DataOptions(root=str(root), positive=positive, test_fraction=0.0, val_fraction=0.0, clean=clean)
+    return DataOptions(root=str(root), positive=positive, test_fraction=0.0, val_fraction=0.0, clean=clean,
+                       max_pixels=max_pixels)
 
 
 def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
              threshold: float = DEFAULT_THRESHOLD, out_dir: str | Path | None = None, resamples: int = DEFAULT_RESAMPLES,
              seed: int = 0, split_dir: str | None = None, group_regex: str | None = None,
              external: bool = False, positive: str | None = None,
-             progress: ProgressFn | None = None) -> ImageEvaluation:
+             progress: ProgressFn | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageEvaluation:
     """Score a saved Keras model on one split (or all) of a data folder, or on
     every image of an external data set (``external``, or no file there is one
     the run trained on). ``group_regex`` groups the bootstrap only. Each file is
-    hashed once; ``progress`` hears the hashing and decoding."""
+    hashed once; ``progress`` hears the hashing and decoding; an image above
+    ``max_pixels`` is skipped as unreadable."""
     from ctedge.training.model import load_model
 
     if split not in (*SPLITS, "all"):
@@ -136,10 +139,11 @@ def evaluate(model_path: str | Path, data_root: str | Path, split: str = "val",
     digests = _digests(data_root, progress)
     external = external or is_external(stored, digests)
     if external:
-        options, split, parts = external_options(stored, data_root), "external", ("train",)
+        options, split, parts = external_options(stored, data_root, max_pixels), "external", ("train",)
         options.positive = positive or options.positive
     else:
-        options = data_options_for(stored, data_root, split_dir=split_dir, positive=positive)
+        options = data_options_for(stored, data_root, split_dir=split_dir, positive=positive,
+                                   max_pixels=max_pixels)
         parts = SPLITS if split == "all" else (split,)
     _, loaded = load_data(options, keras_preprocess_config(model), parts, progress, digests)
     data = merge([loaded[p] for p in parts])
@@ -187,14 +191,14 @@ def _shortcut_baseline(options: DataOptions, split: str) -> dict:
 
     splits = make_splits(discover(options.root, options.positive), options.split_dir, options.seed,
                          options.test_fraction, options.val_fraction, options.group_regex)
-    return metadata_baseline({"train": splits["train"], split: splits[split]}).get(split, {})
+    return metadata_baseline({"train": splits["train"], split: splits[split]}, options.max_pixels).get(split, {})
 
 
 def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: float | None = None,
                      out_dir: str | Path | None = None, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                      positive: str | None = None, options=None, provider: str = "auto",
                      threads: int | None = None, progress=None, *, runtime: str = "auto",
-                     precision: str | None = None, cache_dir: str | None = None) -> dict:
+                     precision: str | None = None, cache_dir: str | None = None) -> StudyEvaluation:
     """Patient-level metrics of an exported model on class folders that hold one
     study (DICOM folder, .zip or NIfTI) per patient.
 
@@ -202,7 +206,7 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     ``Classifier``, options and metadata threshold unless ``threshold``); the CIs
     resample patients (PatientID; a study without one counts as its own patient).
     Studies that get no answer are listed in ``failed`` and in ``studies.csv``,
-    never scored silently.
+    never scored silently. The typed record is also written to ``metrics.json``.
     """
     from dataclasses import replace
 
@@ -218,7 +222,8 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     options = replace(options or StudyOptions(), threshold=threshold)  # checks the threshold too
     out = Path(out_dir or model_path.parent / "eval-studies")  # where `report --study` looks
     check_writable(out, "--out", folder=True)
-    clf = Classifier(model_path, provider, threads, runtime=runtime, precision=precision, cache_dir=cache_dir)
+    clf = Classifier(model_path, provider, threads, runtime=runtime, precision=precision, cache_dir=cache_dir,
+                     max_pixels=options.max_pixels)
     if positive is None and (Path(data_root) / clf.positive).is_dir():
         positive = clf.positive
     dataset = discover(data_root, positive, studies=True)
@@ -238,18 +243,16 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
         warnings.append(f"all {len(scored)} studies share PatientID {patients[0]!r} (anonymised?): "
                         "the CIs resample studies instead")
         patients = np.array([f"{r.input}#{r.study_uid}" for _, r in scored])
-    report = {"model": str(model_path), "provider": clf.providers[0], "data": str(data_root), "split": "studies",
-              "unit": "study", "classes": dataset.class_names, "threshold": threshold,
-              "studies": len(scored), "positive": int(y.sum()), "patients": len(set(patients)),
-              **plain(score(y, p, threshold, patients, resamples, seed)),
-              "shortcut_baseline": {}, "output_spread": output_spread(p),
-              "failed": failed, "warnings": warnings,
-              "runtime": clf.runtime, "precision": clf.precision, "options": options.to_dict()}
-    report.update(plot_scores(y, p, report["metrics"]["auc"]["value"], out))
+    scores = score(y, p, threshold, patients, resamples, seed)
+    plots = plot_scores(y, p, scores["metrics"]["auc"].value, out)
     atomic_write(csv_text(["class", "truth", *CSV_FIELDS],
                           [{"class": s.class_name, "truth": s.label, **csv_row(r)} for s, r in rows]).encode(),
                  out / "studies.csv")
-    report["studies_csv"] = str(out / "studies.csv")
-    atomic_write(json.dumps(report, indent=2).encode(), out / "metrics.json")
-    report["out_dir"] = str(out)
+    report = StudyEvaluation(
+        model=str(model_path), provider=clf.providers[0], runtime=clf.runtime, precision=clf.precision,
+        data=str(data_root), classes=dataset.class_names,
+        threshold=threshold, studies=len(scored), positive=int(y.sum()), patients=len(set(patients)), **scores,
+        shortcut_baseline={}, output_spread=finite(output_spread(p)), failed=failed, warnings=warnings,
+        options=options.to_dict(), **plots, studies_csv=str(out / "studies.csv"), out_dir=str(out))
+    atomic_write(dumps(report).encode(), out / "metrics.json")
     return report

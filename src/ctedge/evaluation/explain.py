@@ -17,7 +17,7 @@ import numpy as np
 
 from ctedge.core.errors import CtedgeError, UnreadableImage
 from ctedge.core.files import atomic_write
-from ctedge.core.imageio import read_image
+from ctedge.core.imageio import DEFAULT_MAX_PIXELS, read_image
 from ctedge.core.metrics import DEFAULT_THRESHOLD
 from ctedge.core.preprocess import to_model_input
 from ctedge.core.progress import ProgressFn, tracked
@@ -159,10 +159,11 @@ def check(model_path: str | Path, alpha: float) -> None:
 def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
             threshold: float = DEFAULT_THRESHOLD, positive: str = "positive", alpha: float = 0.5,
             batch_size: int = 8, sheet: bool = True, keep_heatmaps: bool = False,
-            sheet_limit: int = 48, progress: ProgressFn | None = None) -> dict:
+            sheet_limit: int = 48, progress: ProgressFn | None = None,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Grad-CAM overlays (``NAME.gradcam.png``) for ``files``; a contact sheet of
     the first ``sheet_limit`` when there are several. Files are read a batch at a
-    time; unreadable ones get an error entry. The image-sized heatmaps are kept on
+    time; unreadable ones (or above ``max_pixels``) get an error entry. The image-sized heatmaps are kept on
     the entries only when asked. ``progress`` hears the batches done."""
     check(model_path, alpha)
     from ctedge.core.runconfig import keras_preprocess_config
@@ -182,7 +183,7 @@ def explain(model_path: str | Path, files: list[Path], out_dir: str | Path,
         batch = []
         for path in chunk:
             try:
-                batch.append((len(results), path, read_image(path, window)))
+                batch.append((len(results), path, read_image(path, window, max_pixels)))
                 results.append(None)  # filled below
             except UnreadableImage as exc:
                 results.append(Explanation(str(path), error=exc.reason))

@@ -10,7 +10,7 @@ import base64
 import csv
 import html
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ import numpy as np
 from ctedge import __version__
 from ctedge.core.errors import CtedgeError, UnreadableImage
 from ctedge.core.files import atomic_write, file_digest
-from ctedge.core.imageio import read_image
+from ctedge.core.imageio import DEFAULT_MAX_PIXELS, read_image
 from ctedge.core.metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD, constant_message
 from ctedge.core.progress import ProgressFn
 from ctedge.core.results import ImageEvaluation, Record, Scores, StudyEvaluation, evaluation_from_dict
@@ -55,14 +55,15 @@ def _e(value) -> str:
     return html.escape(str(value))
 
 
-def picture(path: str | Path, alt: str, max_side: int | None = None) -> str:
-    """An ``<img>`` holding the file itself (PNG), or a JPEG thumbnail of an image file."""
+def picture(path: str | Path, alt: str, max_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """An ``<img>`` holding the file itself (PNG), or a JPEG thumbnail of an image file
+    (read within ``max_pixels``)."""
     path = Path(path)
     if max_side is None:
         data, mime = path.read_bytes(), "image/png"
     else:
         try:
-            decoded = read_image(path)
+            decoded = read_image(path, max_pixels=max_pixels)
         except UnreadableImage:
             return f"<span class=sub>({_e(path.name)}: unreadable)</span>"
         image = decoded.colour if decoded.colour is not None else np.clip(decoded.gray, 0, 255).astype(np.uint8)
@@ -148,7 +149,7 @@ def training_section(config: RunConfig, run_dir: Path) -> str:
     return "".join(out)
 
 
-def audit_section(audit: dict, show: int = 6) -> str:
+def audit_section(audit: dict, show: int = 6, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     pairs = audit["near_duplicates"]
     balance = [[s, b["images"], b["positive"], f"{b['positive'] / b['images']:.0%}" if b["images"] else "-"]
                for s, b in audit["balance"].items()]
@@ -159,7 +160,7 @@ def audit_section(audit: dict, show: int = 6) -> str:
         out.append('<div class="grid">')
         for p in pairs[:show]:
             tag = "ACROSS SPLITS" if p["cross_split"] else f"within {p['splits'][0]}"
-            out.append(f'<figure><div class="pair">{picture(p["a"], "a", 240)}{picture(p["b"], "b", 240)}</div>'
+            out.append(f'<figure><div class="pair">{picture(p["a"], "a", 240, max_pixels)}{picture(p["b"], "b", 240, max_pixels)}</div>'
                        f"<figcaption>{_e(tag)}, {p['bits']} bits: {_e(Path(p['a']).name)} ~ "
                        f"{_e(Path(p['b']).name)}</figcaption></figure>")
         out.append("</div>")
@@ -169,7 +170,7 @@ def audit_section(audit: dict, show: int = 6) -> str:
     out.append(f"<p><b>Annotated images</b> (coloured marks): {len(annotated)}</p>")
     if annotated:
         out.append('<div class="grid">' + "".join(
-            f"<figure>{picture(a, 'annotated', 240)}<figcaption>{_e(Path(a).name)}</figcaption></figure>"
+            f"<figure>{picture(a, 'annotated', 240, max_pixels)}<figcaption>{_e(Path(a).name)}</figcaption></figure>"
             for a in annotated[:show]) + "</div>")
     baseline = audit["shortcut_baseline"]
     rows = [[s, baseline[s]["images"], f"{baseline[s]['auc']:.3f}", f"{baseline[s]['accuracy']:.3f}"]
@@ -224,7 +225,8 @@ def evaluation_section(evaluation: ImageEvaluation | StudyEvaluation) -> str:
             f'{_table(["operating point", "value"], points)}</div>{plots}</div>')
 
 
-def explain_section(rows: list[dict], labels: dict[str, int], positive: str) -> str:
+def explain_section(rows: list[dict], labels: dict[str, int], positive: str,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     figures = []
     order = {"TP": 0, "TN": 1, "FP": 2, "FN": 3, "": 4}
     for row in rows:
@@ -233,7 +235,7 @@ def explain_section(rows: list[dict], labels: dict[str, int], positive: str) -> 
         truth = labels.get(row["path"])
         said = row["probability"] >= row.get("threshold", DEFAULT_THRESHOLD)
         kind = "" if truth is None else ("TP" if truth and said else "FN" if truth else "FP" if said else "TN")
-        figures.append((order[kind], f"<figure>{picture(row['overlay'], 'Grad-CAM', 400)}<figcaption><b>{kind}</b> "
+        figures.append((order[kind], f"<figure>{picture(row['overlay'], 'Grad-CAM', 400, max_pixels)}<figcaption><b>{kind}</b> "
                        f"P({_e(positive)}) {row['probability']:.3f} · {_e(Path(row['path']).name)}"
                        "</figcaption></figure>"))
     figures.sort(key=lambda f: f[0])
@@ -314,10 +316,30 @@ def _moved_to(evaluation: ImageEvaluation | StudyEvaluation, eval_dir: Path):
     return replace(evaluation, out_dir=str(eval_dir), **plots)
 
 
+def _study_evaluation(run_dir: Path, model: Path, onnx: str | Path | None, root: Path, resamples: int,
+                      fresh: bool, max_pixels: int) -> tuple[dict, Path]:
+    """``eval-studies/metrics.json`` of the exported model on the studies in ``root``, and its folder."""
+    from ctedge.edge.study import StudyOptions
+    from ctedge.evaluation.evaluate import evaluate_studies
+
+    onnx = Path(onnx or run_dir / "model.onnx")
+    if not onnx.is_file():
+        raise CtedgeError(f"{onnx}: no exported model; studies are scored with the ONNX model `predict --study` "
+                          f"runs (`ctedge export {model} --onnx -o {onnx}`, or pass --onnx)")
+    eval_dir = run_dir / "eval-studies"
+    # reused only for this very ONNX model (by content), data, resamples and pixel budget
+    stored = _cached(eval_dir / "metrics.json", lambda: evaluate_studies(
+        onnx, root, out_dir=eval_dir, resamples=resamples, options=StudyOptions(max_pixels=max_pixels)),
+        {"model_sha256": file_digest(onnx), "data": str(root), "resamples": resamples, "max_pixels": max_pixels},
+        fresh)
+    return stored, eval_dir
+
+
 def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val",
           explain_count: int = 12, run_audit: bool = True, out: str | Path | None = None,
           resamples: int = DEFAULT_RESAMPLES, fresh: bool = False, study: bool = False,
-          onnx: str | Path | None = None, progress: ProgressFn | None = None) -> dict:
+          onnx: str | Path | None = None, progress: ProgressFn | None = None,
+          max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """The report of a training run folder or tuning project. ``eval-SPLIT/metrics.json``
     (``ctedge evaluate``) and ``audit.json`` are reused when made from the same
     data folder, unless ``fresh``, else made; the most confident right and wrong calls are explained into
@@ -326,9 +348,10 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     With ``study``, ``data`` holds class folders of studies: the evaluation is
     patient-level, of the exported ``onnx`` model (default RUN_DIR/model.onnx),
     in ``eval-studies/``; the audit covers the run's own (slice) training data;
-    no Grad-CAM (it needs slice images and the .keras model). ``progress`` hears each step."""
+    no Grad-CAM (it needs slice images and the .keras model). ``progress`` hears each step;
+    every image and slice is read within ``max_pixels``."""
     from ctedge.core.runconfig import RunConfig
-    from ctedge.evaluation.evaluate import evaluate, evaluate_studies
+    from ctedge.evaluation.evaluate import evaluate
 
     run_dir = Path(run_dir)
     model = next((run_dir / name for name in ("model.keras", "best_model.keras") if (run_dir / name).is_file()),
@@ -345,17 +368,9 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
     if not root.is_dir():
         hint = "" if data else " (the run was trained on it; pass --data)"
         raise CtedgeError(f"data folder not found: {root}{hint}")
-    settings = {k: v for k, v in asdict(config.data).items() if k != "root"}
+    settings = {k: v for k, v in config.to_dict()["data"].items() if k != "root"}
     if study:
-        onnx = Path(onnx or run_dir / "model.onnx")
-        if not onnx.is_file():
-            raise CtedgeError(f"{onnx}: no exported model; studies are scored with the ONNX model `predict --study` "
-                              f"runs (`ctedge export {model} --onnx -o {onnx}`, or pass --onnx)")
-        eval_dir = run_dir / "eval-studies"
-        # reused only for this very ONNX model (by content), data and resamples
-        stored = _cached(eval_dir / "metrics.json", lambda: evaluate_studies(
-            onnx, root, out_dir=eval_dir, resamples=resamples),
-            {"model_sha256": file_digest(onnx), "data": str(root), "resamples": resamples}, fresh)
+        stored, eval_dir = _study_evaluation(run_dir, model, onnx, root, resamples, fresh, max_pixels)
         explain_count = 0
         root = Path(config.data.root)  # the audit is of the training data
         run_audit = run_audit and root.is_dir()
@@ -364,18 +379,19 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         # reused only for this very model (by content), data, split settings, resamples and threshold
         stored = _cached(eval_dir / "metrics.json",
                              lambda: evaluate(model, root, split, out_dir=eval_dir, resamples=resamples,
-                                              progress=progress),
+                                              progress=progress, max_pixels=max_pixels),
                              {"model_sha256": file_digest(model), "data": str(root), "split": split,
-                              "split_settings": settings, "resamples": resamples, "threshold": DEFAULT_THRESHOLD}, fresh)
+                              "split_settings": settings, "resamples": resamples, "threshold": DEFAULT_THRESHOLD,
+                              "max_pixels": max_pixels}, fresh)
     evaluation = _moved_to(evaluation_from_dict(stored), eval_dir)
     audit = None
     if run_audit:
         from ctedge.evaluation.audit import audit as audit_data
 
-        options = replace(config.data, root=str(root))
+        options = replace(config.data, root=str(root), max_pixels=max_pixels)
         audit = _cached(run_dir / "audit.json", lambda: audit_data(options, config.preprocess.image_size, progress=progress),
                         {"data": str(root), "split_settings": settings,
-                         "image_size": config.preprocess.image_size}, fresh)
+                         "image_size": config.preprocess.image_size, "max_pixels": max_pixels}, fresh)
     explained: list[dict] = []
     labels: dict[str, int] = {}
     if explain_count:
@@ -384,12 +400,13 @@ def build(run_dir: str | Path, data: str | Path | None = None, split: str = "val
         picked = pick_for_explaining(eval_dir / "predictions.csv", explain_count, evaluation.threshold)
         labels = dict(picked)
         result = explain(model, [Path(p) for p, _ in picked], run_dir / "report-explained",
-                         evaluation.threshold, config.positive or "positive", sheet=False, progress=progress)
+                         evaluation.threshold, config.positive or "positive", sheet=False, progress=progress,
+                         max_pixels=max_pixels)
         explained = [e.to_dict() | {"threshold": evaluation.threshold} for e in result["explanations"]]
     sections = [verdict(evaluation, audit), training_section(config, run_dir),
-                audit_section(audit) if audit else "", evaluation_section(evaluation),
+                audit_section(audit, max_pixels=max_pixels) if audit else "", evaluation_section(evaluation),
                 studies_section(evaluation) if study else "",
-                explain_section(explained, labels, config.positive or "positive") if explained else ""]
+                explain_section(explained, labels, config.positive or "positive", max_pixels) if explained else ""]
     target = write_page(out or run_dir / "report.html", f"ctedge report: {run_dir.name}", sections,
                         f"model {model}")
     return {"report": str(target), "evaluation": evaluation, "audit": audit, "explained": explained}

@@ -21,6 +21,7 @@ import onnx
 from ctedge import __version__
 from ctedge.core.errors import CheckFailed, CtedgeError
 from ctedge.core.files import atomic_write, file_digest
+from ctedge.core.imageio import DEFAULT_MAX_PIXELS
 from ctedge.core.metadata import PREPROCESS_CONTRACT
 from ctedge.core.metrics import DEFAULT_THRESHOLD
 from ctedge.core.preprocess import PreprocessConfig
@@ -55,6 +56,7 @@ class ExportOptions:
     bf16_tolerance: float = 0.05  # OpenVINO BF16 inference precision of the fp32 IR
     ov_int8_ignored_types: list[str] = field(default_factory=list)  # NNCF ignored scope (op types)
     allow_constant: bool = False  # export a model whose outputs on the check images are constant
+    max_pixels: int = DEFAULT_MAX_PIXELS  # pixel budget of the check and calibration images (ctedge --max-pixels)
 
 
 FLAGGED_MESSAGE = ("a flagged variant answers unlike the Keras model beyond its tolerance (see its "
@@ -133,10 +135,11 @@ def build_metadata(model, model_path: Path, threshold: float, variant: str) -> d
 
 # --- images for parity and calibration -----------------------------------------
 
-def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed: int = 0
-                  ) -> tuple[np.ndarray, np.ndarray | None, str]:
+def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed: int = 0,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Up to ``count`` model inputs from a class-folder data set (labelled), a flat
-    folder of images (unlabelled), or generated phantoms when ``folder`` is None."""
+    folder of images (unlabelled), or generated phantoms when ``folder`` is None;
+    images above ``max_pixels`` are skipped as unreadable."""
     from ctedge.core.data import load_split, pick_samples
     from ctedge.core.phantoms import phantom
     from ctedge.core.preprocess import to_model_input
@@ -147,7 +150,7 @@ def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed
                   for i in range(count)]
         return np.stack(images), np.arange(count) % 2, f"{count} generated phantoms"
     chosen, labelled = pick_samples(folder, count, seed)
-    loaded = load_split(chosen, config, clean="off")
+    loaded = load_split(chosen, config, clean="off", max_pixels=max_pixels)
     if not len(loaded.y):
         raise CtedgeError(f"no readable images in {folder}")
     return loaded.x, loaded.y if labelled else None, f"{len(loaded.y)} images from {folder}"
@@ -314,7 +317,8 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
         require("openvino")
     model = load_model(model_path)
     preprocess = keras_preprocess_config(model)
-    images, labels, source = sample_images(options.check_data, preprocess, options.check_count)
+    images, labels, source = sample_images(options.check_data, preprocess, options.check_count,
+                                            max_pixels=options.max_pixels)
     check = {"images": images, "labels": labels, "source": source,
              "reference": model.predict(images, batch_size=16, verbose=0)[:, 0]}
     check["spread"] = spread = refuse_constant(check["reference"], source, options.allow_constant)
@@ -327,7 +331,7 @@ def export_onnx(model_path: str | Path | None = None, output: str | Path | None 
                                         "fp16", options.fp16_tolerance, metadata, check, options)
     if options.int8 or options.openvino:
         calibration, _, calibration_source = sample_images(
-            options.calibration_data, preprocess, options.calibration_count, seed=1)
+            options.calibration_data, preprocess, options.calibration_count, seed=1, max_pixels=options.max_pixels)
     if options.int8:
         with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
             quantized = Path(tmp) / "int8.onnx"

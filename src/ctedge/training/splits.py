@@ -67,7 +67,7 @@ def load_data(options: DataOptions, config: PreprocessConfig, parts: tuple[str, 
     loaded = {}
     for part in parts:
         loaded[part] = load_split(splits[part], config, options.clean, progress, f"decoding {part}",
-                                  digests=digests)
+                                  digests=digests, max_pixels=options.max_pixels)
         if splits[part] and not len(loaded[part].y):
             raise CtedgeError(f"no readable images left in the {part} split of {options.root}")
     return dataset, loaded

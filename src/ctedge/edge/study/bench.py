@@ -37,7 +37,7 @@ def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | N
         raise CtedgeError(f"must be at least 1, not {runs}", param="study_runs")
     started = time.perf_counter()
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision, cache_dir=cache_dir,
-                     provider_options=provider_options, pad=pad)
+                     provider_options=provider_options, pad=pad, max_pixels=options.max_pixels)
     session_s = time.perf_counter() - started
     x = np.random.default_rng(0).uniform(0, 255, (options.batch_size, clf.size, clf.size, 3)).astype(np.float32)
     batch_ms = stats_ms(time_calls(lambda: clf.predict_arrays(x), 1, 5, None))
