@@ -38,7 +38,7 @@ CHOICES = {
     "demo": {"--backbone": choices.Backbone},
     "explain": {},
     "export": {},
-    "serve": {"--runtime": choices.Runtime, "--precision": choices.Precision, "--provider": choices.Provider},
+    "serve": {"--runtime": engines.Runtime, "--precision": engines.Precision, "--provider": engines.Provider},
 }
 
 
