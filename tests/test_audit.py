@@ -101,3 +101,23 @@ def test_phantom_patients_are_not_near_duplicates_of_each_other(tmp_path):
     assert report["near_duplicates"] == []
     np.testing.assert_array_equal(phantom_slice(np.random.default_rng(1), 64, 1.0, True),
                                   phantom_slice(np.random.default_rng(1), 64, 1.0, True, Anatomy()))
+
+
+
+def test_a_drawn_patients_outlines_change_from_slice_to_slice():
+    """With one outline on every slice of a patient, the study demo's model learned to
+    recognise its training patients instead of the opacities (held-out patients at
+    chance); a drawn patient's body outline now changes along the series, the
+    default anatomy's does not."""
+    from dataclasses import replace
+
+    from ctedge.core.phantom_studies import Anatomy, phantom_slice
+
+    def outlines(anatomy: Anatomy) -> set[bytes]:
+        rng = np.random.default_rng(3)
+        return {(phantom_slice(rng, 64, 1.0, False, replace(anatomy, noise=0.0)) == -1000).tobytes()
+                for _ in range(6)}
+
+    drawn = Anatomy.draw(np.random.default_rng(0))
+    assert drawn.jitter > 0 and len(outlines(drawn)) > 1
+    assert len(outlines(Anatomy())) == 1

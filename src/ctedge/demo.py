@@ -82,7 +82,7 @@ def write_patients(root: Path, rng: np.random.Generator, first: int, count: int,
     return written
 
 
-def run_study_demo(out: str | Path = "demo-study", epochs: int = 8, patients: int = 32, slices: int = 24,
+def run_study_demo(out: str | Path = "demo-study", epochs: int = 12, patients: int = 32, slices: int = 24,
                    backbone: str = "b3", size: int = 64, seed: int = 0,
                    progress: ProgressFn | None = None) -> dict:
     """The whole study path on phantom patients (``patients`` per class, half held out):

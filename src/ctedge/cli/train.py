@@ -143,7 +143,7 @@ def train(
 def demo(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the data, run and report "
                                                 "(default demo/, with --study demo-study/).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 12, with --study 8).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 12).")] = None,
     per_class: Annotated[int, typer.Option(help="Phantoms per class.")] = 200,
     backbone: Annotated[Backbone, typer.Option(help="b3 (the paper's) | tiny (for smoke runs).")] = Backbone.b3,
     json_out: JsonOut = None,
@@ -165,7 +165,7 @@ def demo(
         from ctedge.demo import run_study_demo
 
         with Bars() as bars:
-            report = run_study_demo(out or Path("demo-study"), epochs or 8, patients, slices, backbone,
+            report = run_study_demo(out or Path("demo-study"), epochs or 12, patients, slices, backbone,
                                     progress=bars)
         for r in report["predicted"]:
             console.print(f"predict --study {r['input']}: P = {r['probability']:.3f} ({r['label']}), "

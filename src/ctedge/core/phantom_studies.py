@@ -38,18 +38,21 @@ class Anatomy:
     opacity_extent: tuple[float, float] = OPACITY_EXTENT  # part of the series with ground glass
     opacity: float = 500.0  # HU added by ground glass at its densest
     patches: tuple[int, int] = (3, 7)  # ground-glass patches per slice (range)
+    jitter: float = 0.0  # how much outlines change from slice to slice (fraction; lung tilt 100x in degrees)
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> "Anatomy":
         """A random patient: build, position, noise, slice spacing and extent and
-        density of the opacities all vary, so patients are not copies of each other."""
+        density of the opacities all vary, so patients are not copies of each other;
+        body and lung outlines also change from slice to slice (as along a real
+        series), so a model cannot tell the class by recognising a training patient."""
         start = rng.uniform(0.38, 0.42)
         return cls(body=(0.45 * rng.uniform(0.98, 1.02), 0.35 * rng.uniform(0.98, 1.02)),
                    lungs=rng.uniform(0.98, 1.02), lung_gap=0.2 * rng.uniform(0.98, 1.02),
                    shift=(rng.uniform(-0.015, 0.015), rng.uniform(-0.015, 0.015)), tilt=rng.uniform(-4, 4),
                    noise=rng.uniform(22, 30), spacing=float(rng.choice([1.25, 2.5, 3.0, 5.0])),
                    opacity_extent=(start, min(0.85, start + rng.uniform(0.3, 0.37))),
-                   opacity=rng.uniform(450, 520), patches=(3, 7))
+                   opacity=rng.uniform(450, 520), patches=(3, 7), jitter=0.1)
 
 
 def fixed_uid(rng: np.random.Generator) -> str:
@@ -62,17 +65,20 @@ def phantom_slice(rng: np.random.Generator, size: int, lung_scale: float, opacit
     """One HU slice of ``anatomy``: body ellipse, two lungs scaled by ``lung_scale`` (0:
     none), vessels, ground-glass-like patches when ``opacity``."""
     hu = np.full((size, size), -1000.0, np.float32)
+    j = anatomy.jitter
+    vary = (lambda s: rng.uniform(1 - s, 1 + s)) if j else (lambda s: 1.0)  # noqa: E731
     cx, cy = size / 2 * (1 + 2 * anatomy.shift[0]), size / 2 * (1 + 2 * anatomy.shift[1])
-    cv2.ellipse(hu, (int(cx), int(cy)), (int(anatomy.body[0] * size), int(anatomy.body[1] * size)),
-                anatomy.tilt, 0, 360, 40.0, -1)
+    cv2.ellipse(hu, (int(cx), int(cy)), (int(anatomy.body[0] * size * vary(j / 2)),
+                                         int(anatomy.body[1] * size * vary(j / 2))), anatomy.tilt, 0, 360, 40.0, -1)
     across = np.array([np.cos(np.radians(anatomy.tilt)), np.sin(np.radians(anatomy.tilt))]) * anatomy.lung_gap * size
     lung_scale *= anatomy.lungs
     if lung_scale > 0.05:
         lungs = np.zeros((size, size), np.uint8)
         for side in (-1, 1):
-            axes = (max(1, int(0.14 * size * lung_scale)), max(1, int(0.25 * size * lung_scale)))
-            cv2.ellipse(lungs, (int(cx + side * across[0]), int(cy + side * across[1])), axes, anatomy.tilt,
-                        0, 360, 1, -1)
+            centre = (int(cx + side * across[0] * vary(j)), int(cy * vary(j / 2) + side * across[1]))
+            axes = (max(1, int(0.14 * size * lung_scale * vary(j))), max(1, int(0.25 * size * lung_scale * vary(j))))
+            tilt = anatomy.tilt + (rng.uniform(-100 * j, 100 * j) if j else 0.0)
+            cv2.ellipse(lungs, centre, axes, tilt, 0, 360, 1, -1)
         hu[lungs > 0] = -850.0
         inside = np.argwhere(lungs)
         for _ in range(int(rng.integers(4, 9))):
