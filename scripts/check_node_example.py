@@ -1,7 +1,8 @@
 """CI check: examples/node/predict.mjs scores images as `ctedge predict` does.
 
 Writes non-square images in every pixel format the readers meet (8-bit gray, RGB,
-RGBA, 16-bit gray, a JPEG saved under a .png name, bytes after IEND), runs both on
+RGBA, 16-bit gray, a JPEG saved under a .png name, bytes after IEND, and a strip
+that both must refuse), runs both on
 them with MODEL.onnx and fails when a probability differs by more than 1e-4 or one
 side reads a file the other does not. Also runs the model as an export made before
 the preprocessing contract was recorded (contract 1). Needs `npm install` done in
@@ -32,7 +33,7 @@ def write_images(folder: Path, seed: int = 0) -> list[Path]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (h, w) in enumerate([(61, 97), (150, 83), (37, 52), (301, 203), (96, 160), (45, 301)]):
+    for i, (h, w) in enumerate([(61, 97), (150, 83), (37, 52), (301, 203), (96, 160), (80, 301)]):
         yy, xx = np.mgrid[:h, :w]
         body = ((yy - h / 2) / (h / 2.2)) ** 2 + ((xx - w / 2) / (w / 2.1)) ** 2 < 1
         gray = np.where(body, 140 + 40 * np.sin(xx / 5.0 + i), 5) + rng.normal(0, 12, (h, w))
@@ -50,6 +51,8 @@ def write_images(folder: Path, seed: int = 0) -> list[Path]:
     paths[-1].write_bytes(cv2.imencode(".jpg", colour)[1].tobytes())
     paths.append(folder / "trailing.png")  # bytes after IEND
     paths[-1].write_bytes(cv2.imencode(".png", gray)[1].tobytes() + b"\0" * 16)
+    paths.append(folder / "strip-20x301.png")  # no CT slice: both sides refuse it
+    cv2.imwrite(str(paths[-1]), gray[:20])
     return paths
 
 

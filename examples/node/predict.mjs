@@ -53,10 +53,15 @@ function metadataOf(modelBytes) {
 // --- pixels ------------------------------------------------------------------
 // Gray levels as OpenCV gives Python: colour by its fixed-point BGR2GRAY (alpha
 // ignored), 16-bit scaled to 0-255; no EXIF rotation (cv2.IMREAD_UNCHANGED).
+const MIN_SIDE = 16, MAX_ASPECT = 4;
+
 async function grayLevels(file) {
   const input = fs.readFileSync(file);
   const decoded = () => sharp(input, { ignoreIcc: true });
-  const { depth, channels: bands } = await decoded().metadata();
+  const { depth, channels: bands, width: w, height: h } = await decoded().metadata();
+  // ctedge's image limits (ctedge.core.imageio MIN_SIDE, MAX_ASPECT): no CT slice is smaller or a strip
+  if (Math.min(w, h) < MIN_SIDE) throw new Error(`${w}x${h} pixels: a side under ${MIN_SIDE} px cannot hold a CT slice`);
+  if (Math.max(w, h) > MAX_ASPECT * Math.min(w, h)) throw new Error(`${w}x${h} pixels: an aspect ratio over ${MAX_ASPECT}:1 cannot hold a CT slice`);
   const wide = depth === "ushort"; // sharp would turn 16 bits into 8-bit sRGB unless told
   const { data, info } = await (wide ? decoded().toColourspace(bands >= 3 ? "rgb16" : "grey16") : decoded())
     .raw({ depth: wide ? "ushort" : "uchar" }).toBuffer({ resolveWithObject: true });
