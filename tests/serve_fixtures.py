@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from ctedge.edge.serve.config import Destination, ServeConfig
 from ctedge.edge.serve.node import CT_IMAGE_STORAGE
@@ -43,12 +43,14 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
 
 
 class Collector:
-    """A destination PACS stand-in: a Storage SCP that keeps every SR it receives."""
+    """A destination PACS stand-in: a Storage SCP that keeps every SR (and Secondary
+    Capture) it receives."""
 
     def __init__(self, ae_title: str = "RESULTS"):
         self.ae_title, self.received = ae_title, []
         self.ae = AE(ae_title=ae_title)
         self.ae.add_supported_context(Comprehensive3DSRStorage)
+        self.ae.add_supported_context(SecondaryCaptureImageStorage)
         self.port = free_port()
         self.server = None
 

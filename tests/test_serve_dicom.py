@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import RLELossless
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from ctedge.core.phantom_studies import write_study
 from ctedge.edge.runtime import Classifier
@@ -189,3 +190,24 @@ def test_a_study_without_an_answer_gets_no_sr_but_its_reason(tmp_path, serve_mod
     assert answer["error"].startswith("no axial CT series found") and answer["probability"] is None
     assert "ctedge_studies_failed_total 1.0" in metrics and "ctedge_studies_answered_total 0.0" in metrics
     assert collector.received == []
+
+
+def test_secondary_capture_goes_with_the_sr(tmp_path, serve_model):
+    """--secondary-capture: the answer also as an image in the patient's study, with the
+    patient's attributes copied (absent ones empty), its plot drawn, its own UID."""
+    study_uid = write_study(tmp_path / "s", np.random.default_rng(8), True, slices=10, scout=False, patient_id="P-9")
+    collector = Collector().start()
+    try:
+        with running_service(tmp_path, serve_model, destination=[collector.destination],
+                             secondary_capture=True) as service:
+            assert send_files(study_files(tmp_path / "s"), service.node.port) == [0] * 10
+            wait_for(lambda: len(collector.received) == 2, what="the SR and the Secondary Capture")
+    finally:
+        collector.stop()
+    by_class = {str(ds.SOPClassUID): ds for ds in collector.received}
+    sc = by_class[SecondaryCaptureImageStorage]
+    sr = read_sr(by_class[Comprehensive3DSRStorage])
+    assert sc.StudyInstanceUID == study_uid == sr["study_uid"] and sc.PatientID == "P-9"
+    assert sc.PatientName == "" and sc.SOPInstanceUID != sr["sop_instance_uid"]
+    pixels = sc.pixel_array
+    assert pixels.shape == (360, 640) and pixels.min() == 0 and pixels.max() == 255  # a plot, not a blank

@@ -62,6 +62,9 @@ def serve(
                                               "[8].")] = None,
     log_phi: Annotated[Optional[bool], typer.Option("--log-phi", help="Log PatientID (off: hashed UIDs only).",
                                                     show_default=False)] = None,
+    secondary_capture: Annotated[Optional[bool], typer.Option(
+        "--secondary-capture", help="Also send the answer as a Secondary Capture image (probability along the "
+                                    "scan axis) for viewers that show no SR.", show_default=False)] = None,
 ) -> None:
     """Run a DICOM node and an HTTP API with one loaded model.
 
@@ -94,7 +97,7 @@ def serve(
                      runtime=runtime.value if runtime else None, precision=precision.value if precision else None,
                      provider=provider.value if provider else None, threads=threads, max_slices=max_slices,
                      queue_size=queue_size,
-                     log_phi=log_phi)
+                     log_phi=log_phi, secondary_capture=secondary_capture)
     settings = load_config(config, overrides)
     # their lines repeat ours (which say why) or name instance UIDs
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from ctedge.edge.serve.capture import build_capture
 from ctedge.edge.serve.pipeline import Answer, classify_spooled
 from ctedge.edge.serve.spool import Spool, SpooledStudy, durable_write, hash_uids, uid_hash
 from ctedge.edge.serve.sr import Algorithm, build_sr, sr_bytes
@@ -86,11 +87,12 @@ class Assembler:
     SPECULATE_AFTER_S = 1.0
 
     def __init__(self, spool: Spool, worker: Worker, outbox, clf, options, algorithm: Algorithm,
-                 quiet_seconds: float, on_answer: Callable[[StudyRecord], None], log_phi: bool = False):
+                 quiet_seconds: float, on_answer: Callable[[StudyRecord], None], log_phi: bool = False,
+                 secondary_capture: bool = False):
         self.spool, self.worker, self.outbox, self.clf = spool, worker, outbox, clf
         self.options, self.algorithm, self.quiet_seconds, self.on_answer = options, algorithm, quiet_seconds, on_answer
         self.silent_for = min(quiet_seconds, self.SPECULATE_AFTER_S)
-        self.log_phi = log_phi
+        self.log_phi, self.secondary_capture = log_phi, secondary_capture
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="ctedge-assembler", daemon=True)
 
@@ -155,6 +157,9 @@ class Assembler:
             data = sr_bytes(sr)
             durable_write(data, self.spool.result_path(study, version))
             self.outbox.put(f"{study.key}-v{version}", data)
+            if self.secondary_capture:
+                capture = build_capture(result, answer.evidence, self.algorithm, study.key, version)
+                self.outbox.put(f"{study.key}-v{version}-sc", sr_bytes(capture))
         except Exception as exc:  # an SR highdicom refuses: that study's error
             log.exception("study %s: no SR", uid_hash(study.study_uid))
             result = replace(result, error=f"no SR could be built ({exc.__class__.__name__}: {exc})")

@@ -101,6 +101,7 @@ class ServeConfig:
     retries: int = 8  # sends of one result to one destination before it is set aside
     retry_seconds: float = 2.0  # first backoff; doubles, at most 5 minutes
     log_phi: bool = False
+    secondary_capture: bool = False  # also send the answer as a Secondary Capture plot
 
     def check(self) -> None:
         check_ae(self.ae_title, "ae_title")

@@ -71,7 +71,7 @@ class Service:
         self.metrics = Metrics(self.worker.length, self.outbox.pending)
         self.node = Node(config, self.spool, on_received=self.metrics.instances.inc)
         self.assembler = Assembler(self.spool, self.worker, self.outbox, self.clf, self.options, self.algorithm,
-                                   config.quiet_seconds, self._answered, config.log_phi)
+                                   config.quiet_seconds, self._answered, config.log_phi, config.secondary_capture)
         self._load_answers()
         self.started = False
 
