@@ -78,17 +78,14 @@ def serve(
 
     In Orthanc's configuration: `"DicomModalities": { "ctedge": ["CTEDGE", "EDGE-BOX-IP", 11112] }`
     """
-    import logging
-
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (checked here: the extra is installed)
 
-        from ctedge.edge.serve.http import create_app
-        from ctedge.edge.serve.service import Service
+        from ctedge.edge.serve.config import load_config
+        from ctedge.edge.serve.http import create_app  # noqa: F401
     except ImportError as exc:
         raise CtedgeError(f"ctedge serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'ctedge[serve]'") from None
-    from ctedge.edge.serve.config import load_config
 
     overrides = dict(model=model, ae_title=ae_title, host=host, dicom_port=dicom_port, http_port=http_port,
                      allow=allow, destination=destination, spool=spool, quiet_seconds=quiet_seconds,
@@ -96,9 +93,19 @@ def serve(
                      tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, token=token,
                      runtime=runtime.value if runtime else None, precision=precision.value if precision else None,
                      provider=provider.value if provider else None, threads=threads, max_slices=max_slices,
-                     queue_size=queue_size,
-                     log_phi=log_phi, secondary_capture=secondary_capture)
-    settings = load_config(config, overrides)
+                     queue_size=queue_size, log_phi=log_phi, secondary_capture=secondary_capture)
+    run_node(load_config(config, overrides))
+
+
+def run_node(settings) -> None:
+    """Start the node and the HTTP server on ``settings``; stop both on the way out."""
+    import logging
+
+    import uvicorn
+
+    from ctedge.edge.serve.http import create_app
+    from ctedge.edge.serve.service import Service
+
     # their lines repeat ours (which say why) or name instance UIDs
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
