@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_io import write_results
 
 from ctedge.core.errors import CtedgeError
 from ctedge.core.phantom_studies import write_study
@@ -107,9 +108,7 @@ def main() -> None:
             except CtedgeError as exc:
                 report["rows"][name] = {"skipped": str(exc)}
             print(name, json.dumps({k: v for k, v in report["rows"][name].items() if k != "engine"}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report))
     print(markdown(report))
 
 

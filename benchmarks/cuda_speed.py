@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from results_io import write_results
 from study_speed import fresh_process
 
 from ctedge.core.phantom_studies import write_study
@@ -82,9 +83,7 @@ def main() -> None:
             report["studies"].append(result)
             print(provider, precision, json.dumps(result["median"]), result["process_wall_s"]["median"], flush=True)
     report["gpu"] = gpu_name()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    args.out.with_suffix(".md").write_text(study_markdown(report))
+    write_results(args.out, report, study_markdown(report))
     print(study_markdown(report))
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from results_io import write_results
 from study_speed import fresh_process  # noqa: E402
 
 from ctedge.core.phantom_studies import write_study  # noqa: E402
@@ -140,9 +141,7 @@ def main() -> None:
     gpu = "none (--cpu-only)" if args.cpu_only else gpu_name()
     report = {"gpu": gpu, "model": str(args.model), "slices": args.slices, "size": args.size,
               "options": options.to_dict(), "runs": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    args.out.with_suffix(".md").write_text(markdown(rows, gpu, variants, args.slices, args.size))
+    write_results(args.out, report, markdown(rows, gpu, variants, args.slices, args.size))
     print(markdown(rows, gpu, variants, args.slices, args.size))
 
 

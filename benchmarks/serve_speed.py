@@ -36,6 +36,7 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_b3 import make_b3  # noqa: E402
+from results_io import write_results
 from study_speed import make_study  # noqa: E402
 
 from ctedge.edge.bench import machine_info  # noqa: E402
@@ -277,9 +278,7 @@ def main() -> None:
               "median": {"latency_s": statistics.median(r["latency_s"] for r in rows),
                          "node_mb_per_s": statistics.median(r["node"]["mb_per_s"] for r in rows),
                          "ratio": statistics.median(r["node"]["mb_per_s"] / r["bare"]["mb_per_s"] for r in rows)}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report))
     print(markdown(report))
 
 

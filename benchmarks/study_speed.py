@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_b3 import make_b3  # noqa: E402
+from results_io import write_results
 
 from ctedge.core.phantom_studies import fixed_uid, phantom_volume, write_scout, write_series  # noqa: E402
 from ctedge.edge.study import STAGES, StudyOptions, bench_study  # noqa: E402
@@ -110,9 +111,7 @@ def main() -> None:
         report["load_average_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
         results.append(report)
         print(json.dumps(report["median"]), report["process_wall_s"]["median"], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(results))
+    write_results(args.out, results, markdown(results))
     print(markdown(results))
 
 

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_io import write_results
 
 from ctedge.core.data import DataOptions
 from ctedge.core.preprocess import PreprocessConfig
@@ -161,9 +162,7 @@ def main() -> None:
                                     "speedup": cached["trials_per_hour"] / naive["trials_per_hour"]})
             print(patience, json.dumps(report["paper"][-1]["speedup"]), flush=True)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report))
     print(markdown(report))
 
 
