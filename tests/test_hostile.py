@@ -173,11 +173,13 @@ def test_a_nan_output_is_an_error_row_and_json_stays_strict(tmp_path):
 
 
 def test_json_writer_writes_non_finite_as_null(caplog):
-    from ctedge.cli.common import json_text
+    from ctedge.core.results import dumps
 
-    data = strict(json_text({"auc": float("nan"), "rows": [np.float32("inf"), 1.5]}))
+    data = strict(dumps({"auc": float("nan"), "rows": [np.float32("inf"), 1.5]}, strict=False))
     assert data == {"auc": None, "rows": [None, 1.5]}
     assert "$.auc is nan" in caplog.text
+    with pytest.raises(ValueError, match=r"\$.auc is nan"):  # a typed result never holds one
+        dumps({"auc": float("nan")})
 
 
 # --- CSV injection ------------------------------------------------------------------

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -322,27 +320,12 @@ def write_text(text: str, path: Path | None) -> None:
         raise WriteError(f"stdout: cannot write ({exc.strerror or exc})") from None
 
 
-def json_text(result) -> str:
-    """Strict JSON (``allow_nan=False``): a NaN or infinity is written as null, with a
-    warning naming where it was."""
-    from ctedge.core.results import plain
-
-    def finite(value, where: str):
-        if isinstance(value, float) and not math.isfinite(value):
-            log.warning("%s is %s: written as null (JSON has no NaN or infinity)", where, value)
-            return None
-        if isinstance(value, dict):
-            return {key: finite(item, f"{where}.{key}") for key, item in value.items()}
-        if isinstance(value, list):
-            return [finite(item, f"{where}[{i}]") for i, item in enumerate(value)]
-        return value
-
-    return json.dumps(finite(plain(result), "$"), indent=2, allow_nan=False, default=str) + "\n"
-
-
 def write_json(result, path: Path | None) -> None:
+    """A report as JSON; an undefined metric's NaN becomes null with a warning (``dumps``)."""
+    from ctedge.core.results import dumps
+
     if path is not None:
-        write_text(json_text(result), path)
+        write_text(dumps(result, strict=False), path)
 
 
 def write_csv(records: list[dict], fields: list[str], path: Path | None) -> None:

@@ -10,6 +10,7 @@ guessing. A top-level ``Document`` adds ``schema_version``, ``ctedge_version`` a
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -19,6 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ctedge import __version__
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -74,22 +77,26 @@ class Document(Record):
         return [*cls.HEADER, *super().keys()]
 
 
-def _check_finite(value: Any, where: str = "$") -> None:
+def _finite(value: Any, where: str, strict: bool) -> Any:
+    """``value`` with every NaN/infinity found: an error when ``strict``, else null and a warning."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where} is {value}: results never hold NaN or infinity")
+        if strict:
+            raise ValueError(f"{where} is {value}: results never hold NaN or infinity")
+        log.warning("%s is %s: written as null (JSON has no NaN or infinity)", where, value)
+        return None
     if isinstance(value, dict):
-        for key, item in value.items():
-            _check_finite(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_finite(item, f"{where}[{i}]")
+        return {key: _finite(item, f"{where}.{key}", strict) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item, f"{where}[{i}]", strict) for i, item in enumerate(value)]
+    return value
 
 
-def dumps(document: Record | dict) -> str:
-    """Strict JSON (``allow_nan=False``), indented, with a trailing newline."""
+def dumps(document: Record | dict, strict: bool = True) -> str:
+    """JSON (``allow_nan=False``), indented, with a trailing newline. A typed result never
+    holds NaN (``strict``: an error); a free-form report's NaN (an undefined metric) is
+    written as null with a warning naming where it was."""
     data = document.to_dict() if isinstance(document, Record) else plain(document)
-    _check_finite(data)
-    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return json.dumps(_finite(data, "$", strict), indent=2, allow_nan=False, default=str) + "\n"
 
 
 # --- images (`ctedge predict`): built by ctedge.edge.runtime ------------------------
