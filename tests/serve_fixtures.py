@@ -47,7 +47,7 @@ class Collector:
     Capture) it receives."""
 
     def __init__(self, ae_title: str = "RESULTS"):
-        self.ae_title, self.received = ae_title, []
+        self.ae_title, self.received, self.encoded = ae_title, [], []
         self.ae = AE(ae_title=ae_title)
         self.ae.add_supported_context(Comprehensive3DSRStorage)
         self.ae.add_supported_context(SecondaryCaptureImageStorage)
@@ -58,6 +58,7 @@ class Collector:
         ds = event.dataset
         ds.file_meta = event.file_meta
         self.received.append(ds)
+        self.encoded.append(event.encoded_dataset(include_meta=False))  # the bytes as sent
         return 0x0000
 
     def start(self) -> Collector:
@@ -105,12 +106,14 @@ def study_files(folder: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def running_service(tmp: Path, model: Path, **options):
-    """A node on free loopback ports with a spool under ``tmp``; stopped on exit."""
+def running_service(tmp: Path, model: Path, faults=None, **options):
+    """A node on free loopback ports with a spool under ``tmp``; stopped on exit. Its periods
+    are tiny (no test waits for a real one); ``faults``: a Faults with a test's hook."""
     values = dict(model=model, spool=tmp / "spool", dicom_port=free_port(), http_port=free_port(),
-                  quiet_seconds=0.3, min_free_disk=0, retry_seconds=0.2, runtime="onnxruntime")
+                  quiet_seconds=0.3, min_free_disk=0, retry_seconds=0.2, runtime="onnxruntime",
+                  disk_check_seconds=0.05, retention_seconds=0.05, loop_restart_seconds=0.05)
     values.update(options)
-    service = Service(ServeConfig(**values))
+    service = Service(ServeConfig(**values), faults)
     service.start()
     try:
         yield service

@@ -1,17 +1,26 @@
-"""`ctedge serve` options: TOML and flags, and the messages for bad ones; the outbox's bounded retries."""
+"""`ctedge serve` options: TOML and flags, and the messages for bad ones; the outbox's quick retries."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import socket
 import time
 
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.sop_class import Comprehensive3DSRStorage
 from typer.testing import CliRunner
 
 from ctedge.cli import app
 from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.edge.serve.config import Destination, Peer, load_config
+from ctedge.edge.serve.disk import Pause
+from ctedge.edge.serve.faults import Faults
+from ctedge.edge.serve.journal import AnswerDraft, Journal, NewInstance
 from ctedge.edge.serve.outbox import Outbox
-from serve_fixtures import free_port, serve_model, wait_for
+from serve_fixtures import serve_model
 
 __all__ = ["serve_model"]
 
@@ -50,39 +59,50 @@ def test_help_shows_an_orthanc_snippet():
     assert '"DicomModalities": { "ctedge": ["CTEDGE", "EDGE-BOX-IP", 11112] }' in result.output
 
 
-def test_outbox_retries_with_backoff_then_sets_aside(tmp_path):
-    """A destination that never answers: the result is tried ``retries`` times, with growing
-    waits, then moved to outbox/failed/ (kept, not lost)."""
-    nobody = Destination("NOBODY", "127.0.0.1", free_port())
-    outbox = Outbox(tmp_path / "outbox", [nobody], "CTEDGE", retries=3, retry_seconds=0.1)
-    outbox.put("study-v1", b"DICM not even a dataset")  # never parsed: no association comes up
-    started = time.monotonic()
-    outbox.start()
-    try:
-        wait_for(lambda: (tmp_path / "outbox" / "failed" / "study-v1.dcm").exists(), what="the set-aside entry")
-    finally:
-        outbox.stop()
-    assert time.monotonic() - started >= 0.1 + 0.2  # two backoffs between three attempts
-    assert outbox.pending() == 0
+def test_a_destination_that_never_answers_is_tried_with_backoff_then_marked_failed(tmp_path):
+    """A destination that takes the connection and never answers the A-ASSOCIATE-RQ: a real SR
+    is offered ``retries`` times, with growing waits, then its delivery is ``failed`` (kept,
+    with its error, tried again every ``retry_failed_every``)."""
+
+    journal = Journal(tmp_path / "journal.sqlite", Faults())
+    silent = socket.socket()  # the kernel accepts the connection; nothing ever answers on it
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    nobody = Destination("NOBODY", "127.0.0.1", silent.getsockname()[1])
+    commit_sr(journal, str(nobody))
+    outbox = Outbox(journal, [nobody], "CTEDGE", retries=3, retry_seconds=0.1, retry_failed_every=3600,
+                    pause=Pause(), faults=Faults(), timeout=0.2)
+    tries = []
+    while journal.value("SELECT status FROM deliveries") != "failed":
+        wait = outbox.step()
+        tries.append(journal.value("SELECT next_try FROM deliveries") - time.time())
+        time.sleep(max(wait, 0))
+        assert len(tries) < 50
+    silent.setblocking(False)
+    connections = 0
+    with contextlib.suppress(BlockingIOError):
+        while silent.accept():
+            connections += 1
+    silent.close()
+    status, attempts, error = journal.rows("SELECT status, attempts, last_error FROM deliveries")[0]
+    assert (status, attempts, connections) == ("failed", 3, 3)  # every attempt reached the destination
+    assert error == "association failed (no answer or no connection)"
+    backoffs = sorted({round(wait, 1) for wait in tries if wait > 0.05})
+    assert backoffs[:2] == [0.1, 0.2] and backoffs[2] > 3000  # doubling, then the slow retry
 
 
-def test_a_study_is_classified_during_its_quiet_period_and_sent_at_its_end(tmp_path):
-    """Silent for 1 s: classify (speculatively); quiet period over and nothing new: send; a new
-    instance meanwhile: classify again before anything is sent."""
-    from ctedge.edge.serve.spool import SpooledStudy
-
-    study = SpooledStudy("1.2.3", tmp_path, sop_uids={"a", "b"}, written=2, last_arrival=100.0)
-    assert not study.to_classify(1.0, 100.5) and study.to_classify(1.0, 101.0)
-    study.speculation = (2, "answer")
-    assert not study.to_classify(1.0, 102.0)  # classified as it is
-    assert not study.to_send(5.0, 104.9) and study.to_send(5.0, 105.0)
-    study.sop_uids.add("c")  # arriving (being written)
-    assert not study.to_send(5.0, 106.0) and not study.to_classify(1.0, 106.0)
-    study.written, study.last_arrival = 3, 106.0
-    assert not study.to_send(5.0, 111.0)  # the answer for 2 instances is stale
-    assert study.to_classify(1.0, 107.0)
-    study.speculation, study.answered_instances = (3, "answer"), 3
-    assert not study.to_send(5.0, 120.0) and not study.to_classify(1.0, 120.0)  # answered
+def commit_sr(journal, destination: str) -> None:
+    """A small real SR committed as answer v1 of a study, to one destination."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = Comprehensive3DSRStorage, generate_uid(), generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    journal.add_instance(NewInstance(ds.StudyInstanceUID, "1.2.3", "1.2", "a.dcm", 10, None, "assoc"), "key")
+    journal.commit_answer(journal.study(ds.StudyInstanceUID), AnswerDraft(
+        1, "COMPLETE", None, {}, None, buffer.getvalue(), ds.SOPInstanceUID, None, None, 0.0), [destination])
 
 
 def test_without_the_serve_extra_one_line_names_it(serve_model, monkeypatch):

@@ -40,7 +40,7 @@ def test_study_round_trip_sr_matches_classify_study(tmp_path, serve_model, synta
         with running_service(tmp_path, serve_model, destination=[collector.destination]) as service:
             assert send_files(files, service.node.port, syntax=syntax) == [0] * len(files)
             wait_for(lambda: collector.received, what="the SR")
-            record = service.records[study_uid]
+            answer = service.study_view(study_uid)[1]
     finally:
         collector.stop()
     assert len(collector.received) == 1
@@ -49,7 +49,8 @@ def test_study_round_trip_sr_matches_classify_study(tmp_path, serve_model, synta
     assert abs(sr["measurements"]["Probability of COVID-19"] - expected.probability) <= 1e-6
     assert sr["measurements"]["Slices used"] == expected.slices_used
     assert sr["finding"] == ("Present" if expected.label == "CT_COVID" else "Absent")
-    assert sr["references"] == [top["sop_instance_uid"] for top in record.summary["top_slices"]]
+    assert sr["references"] == [top["sop_instance_uid"] for top in answer["result"]["top_slices"]]
+    assert sr["completion"] == answer["completion"] == "COMPLETE" and answer["sent"] and answer["version"] == 1
     assert collector.received[0].PatientName == ""  # absent in the input: left empty, not invented
 
 
@@ -71,8 +72,8 @@ def test_limits_answer_out_of_resources_and_keep_what_was_received(tmp_path, ser
     with running_service(tmp_path / "full", serve_model, max_study_instances=5, quiet_seconds=60) as service:
         assert send_files(files, service.node.port) == [0] * 5 + [0xA700] * 3
         assert send_files(files[:2], service.node.port) == [0, 0]  # duplicates: counted once, acknowledged
-        study = next(iter(service.spool.studies.values()))
-        assert len(study.sop_uids) == 5 and len(list(study.instances.glob("*.dcm"))) == 5
+        [(instances, key)] = service.journal.rows("SELECT instances, key FROM studies")
+        assert instances == 5 and len(list(service.spool.folder(key).glob("*.dcm"))) == 5
     with running_service(tmp_path / "unwritable", serve_model) as service:
         def disk_full(*args):
             raise OSError(28, "No space left on device")
@@ -99,13 +100,13 @@ def test_uids_never_become_paths(tmp_path, serve_model):
         ds.save_as(hostile)
         with running_service(tmp_path, serve_model, quiet_seconds=60) as service:
             assert send_files([hostile], service.node.port) == [0]
-            study = service.spool.studies["../../escaped"]
+            key = service.journal.study("../../escaped").key
+            folder = service.spool.folder(key)
     stored = [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
     assert all(p.resolve().is_relative_to((tmp_path / "spool").resolve()) for p in stored)
     assert not (tmp_path / "escaped").exists() and not list(tmp_path.parent.glob("escaped*"))
-    assert re.fullmatch(r"[0-9a-f]{32}", study.key)
-    assert [p.stem for p in study.instances.iterdir()] and all(
-        re.fullmatch(r"[0-9a-f]{32}", p.stem) for p in study.instances.iterdir())
+    assert re.fullmatch(r"[0-9a-f]{32}", key)
+    assert [p.stem for p in folder.iterdir()] and all(re.fullmatch(r"[0-9a-f]{32}", p.stem) for p in folder.iterdir())
 
 
 def test_late_instances_supersede_the_answer(tmp_path, serve_model, caplog):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -84,18 +83,22 @@ def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path, serve_model):
                 return [s for s in series if s["MainDicomTags"].get("Modality") == "SR"]
 
             sr_series = wait_for(sr_in_orthanc, timeout=30, what="the SR in Orthanc")
-            record = service.records[study_uid]
-            # sent again, now with the SR in it: the SR is acknowledged, no instance is new, no second answer
+            answer = wait_for(lambda: (view := service.study_view(study_uid)[1])["sent"] and view, what="sent")
+            # sent again, now with the SR in it (acknowledged, not kept): nothing new, no second answer,
+            # the same SR delivered again (an admin's fix for a lost SR)
             orthanc.rest("/modalities/ctedge/store", orthanc_study.encode())
-            time.sleep(0.6)  # two quiet periods
-            assert len(sr_in_orthanc()) == 1 and service.records[study_uid].version == 1
+            first_sent = answer["deliveries"][0]["sent_at"]
+            wait_for(lambda: service.study_view(study_uid)[1]["deliveries"][0]["sent_at"] > first_sent,
+                     what="the SR delivered again")
+            again = service.study_view(study_uid)[1]
+            assert len(sr_in_orthanc()) == 1 and again["version"] == 1 and again["sent"]
         instance = sr_series[0]["Instances"][0]
         tags = orthanc.rest(f"/instances/{instance}/simplified-tags")
     finally:
         orthanc.stop()
     assert tags["StudyInstanceUID"] == study_uid and tags["PatientID"] == "PACS-1"
     assert tags["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-    assert record.summary["slices_used"] > 0 and record.sent
+    assert answer["result"]["slices_used"] > 0 and answer["sent"]
 
 
 def test_dcmtk_storescu_and_echoscu(tmp_path, serve_model):

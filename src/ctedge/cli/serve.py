@@ -65,6 +65,23 @@ def serve(
     secondary_capture: Annotated[Optional[bool], typer.Option(
         "--secondary-capture", help="Also send the answer as a Secondary Capture image (probability along the "
                                     "scan axis) for viewers that show no SR.", show_default=False)] = None,
+    incomplete_seconds: Annotated[Optional[float], _opt(
+        "A study that may be incomplete (aborted or interrupted transfer, a gap, fewer instances than "
+        "ImagesInAcquisition) waits this long for more, then is answered PARTIAL [600].")] = None,
+    no_partial: Annotated[Optional[bool], typer.Option("--no-partial", help="No answer at all for a study still "
+                                                       "incomplete after --incomplete-seconds.",
+                                                       show_default=False)] = None,
+    retry_failed_every: Annotated[Optional[float], _opt("A result not sent after its quick retries is tried again "
+                                                        "this often, until sent [600].")] = None,
+    keep_days: Annotated[Optional[float], _opt("Delete answered and delivered studies older than this "
+                                               "[keep all].")] = None,
+    max_spool: Annotated[Optional[str], _opt("Delete the oldest answered and delivered studies while the spool "
+                                             "is over this size, e.g. 50G [no limit].")] = None,
+    destination_tls_ca: Annotated[Optional[Path], _opt("TLS to destinations: CA their certificates must chain to "
+                                                       "(PEM).")] = None,
+    destination_tls_cert: Annotated[Optional[Path], _opt("TLS to destinations: the node's client certificate "
+                                                         "(PEM), for destinations that ask for one.")] = None,
+    destination_tls_key: Annotated[Optional[Path], _opt("TLS to destinations: its private key (PEM).")] = None,
 ) -> None:
     """Run a DICOM node and an HTTP API with one loaded model.
 
@@ -93,7 +110,11 @@ def serve(
                      tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, token=token,
                      runtime=runtime.value if runtime else None, precision=precision.value if precision else None,
                      provider=provider.value if provider else None, threads=threads, max_slices=max_slices,
-                     queue_size=queue_size, log_phi=log_phi, secondary_capture=secondary_capture)
+                     queue_size=queue_size, log_phi=log_phi, secondary_capture=secondary_capture,
+                     incomplete_seconds=incomplete_seconds, no_partial=no_partial,
+                     retry_failed_every=retry_failed_every, keep_days=keep_days,
+                     max_spool=parse_size(max_spool, "max_spool"), destination_tls_ca=destination_tls_ca,
+                     destination_tls_cert=destination_tls_cert, destination_tls_key=destination_tls_key)
     run_node(load_config(config, overrides))
 
 

@@ -1,5 +1,14 @@
-"""Studies become answers: a quiet period ends a study, one worker classifies it, its SR
-goes to the outbox. The worker also runs the HTTP API's requests (one model, one queue).
+"""Studies become answers. The assembler loop goes over the journal's due studies, each in
+its own try/except: a study silent for ``SPECULATE_AFTER_S`` is classified on the worker
+while its quiet period runs; at the period's end it is answered if it is complete, and
+waits (``incomplete_seconds``) if it may not be. The worker also runs the HTTP API's
+requests (one model, one queue).
+
+A study may be incomplete when the last association that sent it was aborted, was still
+open when the node restarted (``recovered``) or is still open; when its chosen series
+has fewer instances than its ImagesInAcquisition; or when its slice positions have a
+gap. After ``incomplete_seconds`` it is answered with CompletionFlag PARTIAL (the
+reason in the SR, the JSON and the log), or not at all with ``no_partial``.
 """
 
 from __future__ import annotations
@@ -13,12 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ctedge.edge.serve.capture import build_capture
+from ctedge.edge.serve.faults import is_disk_full
+from ctedge.edge.serve.journal import AnswerDraft, StaleStudy, StudyRow
 from ctedge.edge.serve.pipeline import Answer, classify_spooled
-from ctedge.edge.serve.spool import Spool, SpooledStudy, durable_write, hash_uids, uid_hash
+from ctedge.edge.serve.spool import Spool, hash_uids, uid_hash
 from ctedge.edge.serve.sr import Algorithm, build_sr, sr_bytes
 from ctedge.edge.study import StudyResult
 
 log = logging.getLogger(__name__)
+MAX_BACKOFF_S = 300.0
 
 
 class QueueFull(Exception):
@@ -66,101 +78,198 @@ class Worker:
             self.busy = False
 
 
-@dataclass
-class StudyRecord:
-    """What the status page, /v1/studies/{uid} and the metrics know of one answer."""
+@dataclass(frozen=True)
+class Answered:
+    """One committed answer, for the metrics and the log."""
 
     study_uid: str
-    finished: float  # time.time()
     version: int
     instances: int
-    summary: dict  # the StudyResult as a dict (with sop_instance_uid on the top slices)
-    latency_s: float  # last instance -> SR in the outbox
-    sent: bool = False
+    result: StudyResult
+    completion: str
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The assembler's periods (seconds) and retries."""
+
+    quiet: float
+    incomplete: float
+    no_partial: bool = False
+    classify_retries: int = 3
+    retry_seconds: float = 2.0
 
 
 class Assembler:
-    """Watches the spool: a study silent for ``SPECULATE_AFTER_S`` is classified on the worker
-    while its quiet period runs; when the period ends with no new instance, only the SR and
-    the sending remain. A new instance meanwhile discards that classification."""
+    """The assembler loop's step and the classification jobs it queues."""
 
     SPECULATE_AFTER_S = 1.0
 
-    def __init__(self, spool: Spool, worker: Worker, outbox, clf, options, algorithm: Algorithm,
-                 quiet_seconds: float, on_answer: Callable[[StudyRecord], None], log_phi: bool = False,
+    def __init__(self, spool: Spool, worker: Worker, clf, options, algorithm: Algorithm, timing: Timing,
+                 destinations: list[str], pause, on_answer: Callable[[Answered], None], log_phi: bool = False,
                  secondary_capture: bool = False):
-        self.spool, self.worker, self.outbox, self.clf = spool, worker, outbox, clf
-        self.options, self.algorithm, self.quiet_seconds, self.on_answer = options, algorithm, quiet_seconds, on_answer
-        self.silent_for = min(quiet_seconds, self.SPECULATE_AFTER_S)
-        self.log_phi, self.secondary_capture = log_phi, secondary_capture
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._watch, name="ctedge-assembler", daemon=True)
+        self.spool, self.journal, self.worker, self.clf, self.options = spool, spool.journal, worker, clf, options
+        self.algorithm, self.timing, self.destinations, self.pause = algorithm, timing, destinations, pause
+        self.on_answer, self.log_phi, self.secondary_capture = on_answer, log_phi, secondary_capture
+        self.silent_for = min(timing.quiet, self.SPECULATE_AFTER_S)
+        self.lock = threading.Lock()
+        self.classified: dict[int, tuple[int, Answer]] = {}  # study id -> (instances, answer): a cache
+        self.queued: set[int] = set()
+        self.waiting: dict[int, str] = {}  # study id -> why it may be incomplete (logged once)
+        self.last_error: str | None = None
 
-    def start(self) -> None:
-        self.thread.start()
+    def step(self) -> float:
+        """Look at every due study once; the seconds until the next look."""
+        now = time.time()
+        for study in self.journal.due_studies(now):
+            try:
+                self._look_at(study, now)
+            except StaleStudy:  # a new instance arrived meanwhile: classified again
+                continue
+            except Exception as exc:  # that study's problem; the others go on
+                if is_disk_full(exc):
+                    self.pause.set(f"cannot write the journal ({exc})")
+                else:
+                    log.exception("study %s: answer failed; tried again", uid_hash(study.study_uid))
+                self.last_error = f"study {uid_hash(study.study_uid)}: {exc.__class__.__name__}"
+        return min(0.05, max(self.timing.quiet / 4, 0.01))
 
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=5)
+    def _look_at(self, study: StudyRow, now: float) -> None:
+        if self.spool.busy(study.study_uid) or self.pause.paused:
+            return
+        silent = now - study.last_arrival
+        if study.instances == study.answered_instances:  # sent again, nothing new in it
+            if silent < self.timing.quiet or study.association_state == "open":
+                return
+            if not (study.association_state == "released" and self._last_was_partial(study)):
+                queued = self.journal.redeliver(study)
+                log.info("study %s sent again with nothing new: answer v%d queued again (%d result(s))",
+                         uid_hash(study.study_uid), study.version, queued)
+                return
+        with self.lock:
+            cached, queued = self.classified.get(study.id), study.id in self.queued
+        if cached is None or cached[0] != study.instances:
+            if silent >= self.silent_for and not queued:
+                self._queue(study)
+            return
+        if silent >= self.timing.quiet:
+            self._decide(study, cached[1], silent)
 
-    def _watch(self) -> None:
-        tick = min(0.05, max(self.quiet_seconds / 4, 0.01))
-        while not self.stopping.wait(tick):
-            for study in self.spool.to_classify(self.silent_for):
-                try:
-                    self.worker.submit(lambda study=study: self.classify(study))
-                except QueueFull:  # the study waits for the next tick; nothing is dropped
-                    self.spool.release(study)
-            for study in self.spool.to_send(self.quiet_seconds):
-                self.answer(study)
+    def _last_was_partial(self, study: StudyRow) -> bool:
+        return self.journal.value("SELECT completion FROM answers WHERE study_id=? AND version=?",
+                                  (study.id, study.version)) == "PARTIAL"
 
-    def classify(self, study: SpooledStudy) -> None:
-        """Worker job: classify the study as it is on disk now (kept until it is complete)."""
-        instances, answer = study.written, None
+    def _queue(self, study: StudyRow) -> None:
+        with self.lock:
+            self.queued.add(study.id)
         try:
-            answer = classify_spooled(self.clf, study.instances, study.study_uid, self.options)
-        except Exception as exc:  # a bug: that study's error, not a retry loop
-            log.exception("study %s: classification failed", uid_hash(study.study_uid))
-            answer = Answer(StudyResult(input=study.study_uid, study_uid=study.study_uid,
-                                        error=f"internal error ({exc.__class__.__name__}: {exc})"))
+            self.worker.submit(lambda: self.classify(study))
+        except QueueFull:  # the study waits for the next step; nothing is dropped
+            with self.lock:
+                self.queued.discard(study.id)
+
+    def classify(self, study: StudyRow) -> None:
+        """Worker job: classify the study as the journal counts it now (kept until it is answered)."""
+        answer = None
+        try:
+            answer = classify_spooled(self.clf, self.spool.folder(study.key), study.study_uid, self.options)
+        except Exception as exc:  # transient (memory, a file being replaced...): tried again, a few times
+            answer = self._failed(study, exc)
         finally:
-            self.spool.release(study, (instances, answer) if answer else None)
+            with self.lock:
+                self.queued.discard(study.id)
+                if answer is not None:
+                    self.classified[study.id] = (study.instances, answer)
 
-    def answer(self, study: SpooledStudy) -> StudyRecord:
-        """A complete, classified study: its SR into the outbox, then the answer recorded."""
-        instances, answer = study.speculation
-        version, last_arrival = study.version + 1, study.last_arrival
-        result = self._send(study, answer, version)
-        summary = result.to_dict()
-        self.spool.save_answer(study, instances, version, summary)
-        latency = time.monotonic() - last_arrival
-        record = StudyRecord(study.study_uid, time.time(), version, instances, summary, latency)
-        if version > 1:
-            log.info("study %s: answer v%d supersedes v%d (%d instance(s) now)", uid_hash(study.study_uid),
-                     version, version - 1, instances)
-        log.info("study %s%s: %d instance(s), %s, %.2f s after its last instance", uid_hash(study.study_uid),
-                 f" (PatientID {result.patient_id})" if self.log_phi else "", instances,
-                 f"error: {hash_uids(result.error)}" if result.error else
-                 f"P={result.probability:.4f} {result.label} from {result.slices_used} slice(s)", latency)
-        self.on_answer(record)
-        return record
-
-    def _send(self, study: SpooledStudy, answer: Answer, version: int) -> StudyResult:
-        """The StudyResult; when it has an answer, its SR is in the outbox on return."""
-        result = answer.result
-        if result.error is not None:
-            return result
+    def _failed(self, study: StudyRow, exc: Exception) -> Answer | None:
+        """A classification that raised: tried again later, or after the last try a final error."""
+        error = f"internal error ({exc.__class__.__name__}: {exc})"
+        attempt = study.attempts + 1
+        if attempt >= self.timing.classify_retries:
+            log.exception("study %s: classification failed %d time(s); answered with the error",
+                          uid_hash(study.study_uid), attempt)
+            return Answer(StudyResult(input=study.study_uid, study_uid=study.study_uid, error=error))
+        wait = min(self.timing.retry_seconds * 2 ** (attempt - 1), MAX_BACKOFF_S)
+        log.warning("study %s: classification failed (%s); try %d of %d in %.0f s", uid_hash(study.study_uid),
+                    hash_uids(error), attempt + 1, self.timing.classify_retries, wait)
         try:
-            previous = self.spool.result_path(study, version - 1)
-            sr = build_sr(result, answer.evidence, self.algorithm, study.key, version,
-                          previous.read_bytes() if previous.exists() else None)
-            data = sr_bytes(sr)
-            durable_write(data, self.spool.result_path(study, version))
-            self.outbox.put(f"{study.key}-v{version}", data)
-            if self.secondary_capture:
-                capture = build_capture(result, answer.evidence, self.algorithm, study.key, version)
-                self.outbox.put(f"{study.key}-v{version}-sc", sr_bytes(capture))
-        except Exception as exc:  # an SR highdicom refuses: that study's error
-            log.exception("study %s: no SR", uid_hash(study.study_uid))
-            result = replace(result, error=f"no SR could be built ({exc.__class__.__name__}: {exc})")
-        return result
+            self.journal.classify_failed(study, time.time() + wait, error)
+        except Exception as write_error:  # the journal can't be written: the study is looked at again later
+            if is_disk_full(write_error):
+                self.pause.set(f"cannot write the journal ({write_error})")
+            self.last_error = f"study {uid_hash(study.study_uid)}: {write_error.__class__.__name__}"
+        return None
+
+    def incomplete(self, study: StudyRow, answer: Answer) -> str | None:
+        """Why the study may be incomplete; None when nothing says so."""
+        state = study.association_state
+        if state != "released":
+            return {"aborted": "the sender's association was aborted",
+                    "recovered": "the node restarted while the study was being received",
+                    "open": "the sender's association is still open"}[state]
+        if answer.result.series_uid:
+            held, expected = self.journal.series_counts(study.id, answer.result.series_uid)
+            if expected and held < expected:
+                return f"{held} of {expected} instances (ImagesInAcquisition) received"
+        return answer.gaps[0] if answer.gaps else None
+
+    def _decide(self, study: StudyRow, answer: Answer, silent: float) -> None:
+        reason = self.incomplete(study, answer)
+        if reason is not None and silent < self.timing.incomplete:
+            if self.waiting.get(study.id) != reason:
+                self.waiting[study.id] = reason
+                log.warning("study %s may be incomplete (%s): waiting up to %.0f s for more", uid_hash(study.study_uid),
+                            reason, self.timing.incomplete)
+            return
+        self.waiting.pop(study.id, None)
+        self.answer(study, answer, reason)
+
+    def answer(self, study: StudyRow, answer: Answer, incomplete: str | None) -> Answered:
+        """The answer's SR and Secondary Capture built, then committed with its deliveries."""
+        result = answer.result
+        if incomplete is not None:
+            result = replace(result, warnings=(*result.warnings, f"incomplete study: {incomplete}"))
+            if self.timing.no_partial:
+                result = replace(result, error=f"incomplete study ({incomplete}); not answered (--no-partial)")
+        version = study.version + 1
+        draft = self._draft(study, replace(answer, result=result), version, incomplete)
+        self.journal.commit_answer(study, draft, self.destinations if draft.sr else [])
+        with self.lock:
+            self.classified.pop(study.id, None)
+        answered = Answered(study.study_uid, version, study.instances, result, draft.completion, draft.latency_s)
+        self._log(answered, draft)
+        self.on_answer(answered)
+        return answered
+
+    def _draft(self, study: StudyRow, answer: Answer, version: int, incomplete: str | None) -> AnswerDraft:
+        result, sr, sr_uid, sc, sc_error = answer.result, None, None, None, None
+        if result.error is None:
+            try:
+                dataset = build_sr(result, answer.evidence, self.algorithm, version,
+                                   self.journal.previous_sr(study.id, study.version), incomplete)
+                sr, sr_uid = sr_bytes(dataset), str(dataset.SOPInstanceUID)
+            except Exception as exc:  # an SR highdicom refuses: that study's error
+                log.exception("study %s: no SR", uid_hash(study.study_uid))
+                result = replace(result, error=f"no SR could be built ({exc.__class__.__name__}: {exc})")
+        if sr is not None and self.secondary_capture:
+            try:
+                sc = sr_bytes(build_capture(result, answer.evidence, self.algorithm, version))
+            except Exception as exc:  # the SR still goes
+                log.exception("study %s: no Secondary Capture (the SR goes without it)", uid_hash(study.study_uid))
+                sc_error = f"no Secondary Capture could be built ({exc.__class__.__name__}: {exc})"
+        return AnswerDraft(study.instances, "COMPLETE" if incomplete is None else "PARTIAL", incomplete,
+                           result.to_dict(), result.error, sr, sr_uid, sc, sc_error,
+                           time.time() - study.last_arrival)
+
+    def _log(self, answered: Answered, draft: AnswerDraft) -> None:
+        uid, result = uid_hash(answered.study_uid), answered.result
+        if answered.version > 1:
+            log.info("study %s: answer v%d supersedes v%d (%d instance(s) now)", uid, answered.version,
+                     answered.version - 1, answered.instances)
+        log.log(logging.WARNING if draft.completion == "PARTIAL" else logging.INFO,
+                "study %s%s: %d instance(s), %s%s, %.2f s after its last instance", uid,
+                f" (PatientID {result.patient_id})" if self.log_phi else "", answered.instances,
+                f"error: {hash_uids(result.error)}" if result.error else
+                f"P={result.probability:.4f} {result.label} from {result.slices_used} slice(s)",
+                f", PARTIAL: {draft.completion_reason}" if draft.completion == "PARTIAL" else "", answered.latency_s)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from ctedge.core.results import StudyResult
-from ctedge.edge.serve.sr import TYPE2_FROM_EVIDENCE, Algorithm
+from ctedge.edge.serve.sr import Algorithm, copy_type2, derived_uid
 
 WIDTH, HEIGHT = 640, 360
 LEFT, RIGHT, TOP, BOTTOM = 60, 20, 50, 50  # plot margins in pixels
@@ -53,19 +53,18 @@ def plot(result: StudyResult, threshold: float) -> np.ndarray:
     return image
 
 
-def build_capture(result: StudyResult, evidence: list, algorithm: Algorithm, key: str, version: int) -> Dataset:
-    """The Secondary Capture dataset for one answered study; its UIDs are derived from the
-    study's spool key and the answer's version, as the SR's are (a rebuilt one is the same)."""
+def build_capture(result: StudyResult, evidence: list, algorithm: Algorithm, version: int) -> Dataset:
+    """The Secondary Capture dataset for one answered study; its UIDs derive from the study,
+    the model and the answer's version, as the SR's do (a rebuilt one is the same)."""
     pixels = plot(result, algorithm.threshold)
     source = evidence[0]
     ds = Dataset()
     ds.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 100")
     ds.StudyInstanceUID = result.study_uid
-    for keyword in TYPE2_FROM_EVIDENCE:
-        setattr(ds, keyword, source.get(keyword, None))
+    copy_type2(source, ds, result.study_uid, "the Secondary Capture")
     ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["ctedge-sc-series", key, str(version)])
-    ds.SOPInstanceUID = generate_uid(entropy_srcs=["ctedge-sc", key, str(version)])
+    ds.SeriesInstanceUID = derived_uid("sc-series", result.study_uid, algorithm, version)
+    ds.SOPInstanceUID = derived_uid("sc", result.study_uid, algorithm, version)
     ds.Modality, ds.ConversionType, ds.Manufacturer = "OT", "WSD", "ctedge"
     ds.SeriesNumber, ds.InstanceNumber = 9902, version
     ds.SeriesDescription = f"ctedge COVID-19 plot v{version} ({algorithm.name} {algorithm.version})"

@@ -102,6 +102,20 @@ class ServeConfig:
     retry_seconds: float = 2.0  # first backoff; doubles, at most 5 minutes
     log_phi: bool = False
     secondary_capture: bool = False  # also send the answer as a Secondary Capture plot
+    # the journal, its loops and what they promise (issue 25)
+    incomplete_seconds: float = 600.0  # a study that may be incomplete waits this long for more
+    no_partial: bool = False  # then: no answer at all, rather than a PARTIAL one
+    retry_failed_every: float = 600.0  # a failed delivery is tried again this often, until sent
+    keep_days: float | None = None  # retention: answered and delivered studies older than this go
+    max_spool: int | None = None  # retention: ... and the oldest go while the spool is over this (bytes)
+    destination_tls_ca: Path | None = None  # TLS to destinations: their CA (PEM)
+    destination_tls_cert: Path | None = None  # ... and the node's client certificate, if they ask for one
+    destination_tls_key: Path | None = None
+    destination_timeout: float = 30.0  # seconds a destination may take to associate or answer
+    classify_retries: int = 3  # tries of a classification that raised before its error is the answer
+    disk_check_seconds: float = 5.0  # the disk watcher's period (free space; the end of a pause)
+    retention_seconds: float = 60.0  # the retention loop's period
+    loop_restart_seconds: float = 1.0  # first wait before a dead loop is restarted (doubling, 60 s at most)
 
     def check(self) -> None:
         check_ae(self.ae_title, "ae_title")
@@ -117,6 +131,25 @@ class ServeConfig:
         for path in (self.model, self.tls_cert, self.tls_key, self.tls_ca):
             if path is not None and not Path(path).is_file():
                 raise CtedgeError(f"no such file: {path}")
+        self._check_journal_options()
+
+    def _check_journal_options(self) -> None:
+        for name in ("incomplete_seconds", "retry_failed_every", "keep_days", "max_spool", "destination_timeout",
+                     "disk_check_seconds", "retention_seconds", "loop_restart_seconds"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise CtedgeError(f"must be more than 0, not {value}", param=name)
+        if self.classify_retries < 1:
+            raise CtedgeError(f"must be at least 1, not {self.classify_retries}", param="classify_retries")
+        client = [self.destination_tls_cert, self.destination_tls_key]
+        if any(client) and not all(client):
+            raise CtedgeError("needs both --destination-tls-cert and --destination-tls-key",
+                              param="destination_tls_cert")
+        if any(client) and self.destination_tls_ca is None:
+            raise CtedgeError("needs --destination-tls-ca (the destinations' CA) too", param="destination_tls_cert")
+        for path in (self.destination_tls_ca, *client):
+            if path is not None and not Path(path).is_file():
+                raise CtedgeError(f"no such file: {path}")
 
     def admits(self, ae_title: str, address: str) -> bool:
         """Whether a calling AE from an address may associate."""
@@ -130,7 +163,8 @@ def _convert(name: str, value):
         return [v if isinstance(v, Peer) else Peer.parse(v) for v in value]
     if name == "destination":
         return [v if isinstance(v, Destination) else Destination.parse(v) for v in value]
-    if name in ("model", "spool", "tls_cert", "tls_key", "tls_ca") and value is not None:
+    if name in ("model", "spool", "tls_cert", "tls_key", "tls_ca", "destination_tls_ca", "destination_tls_cert",
+                "destination_tls_key") and value is not None:
         return Path(value)
     return value
 

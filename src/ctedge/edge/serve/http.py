@@ -144,15 +144,10 @@ def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
 
     @app.get("/v1/studies/{study_uid}", dependencies=guarded, summary="The answer to a study received over DICOM")
     def get_study(study_uid: str) -> Response:
-        record = service.records.get(study_uid)
-        if record is None:
-            spooled = service.spool.studies.get(study_uid)
-            if spooled is None:
-                raise HTTPException(404, f"no study {uid_hash(study_uid)} (hashed) received")
-            return _json({"study_uid": study_uid, "status": "receiving", "instances": spooled.written}, 202)
-        return _json({"study_uid": study_uid, "status": "failed" if record.summary.get("error") else "answered",
-                      "version": record.version, "instances": record.instances, "sent": record.sent,
-                      "answered_at": record.finished, "latency_s": record.latency_s, "result": record.summary})
+        status, document = service.study_view(study_uid)
+        if document is None:
+            raise HTTPException(404, f"no study {uid_hash(study_uid)} (hashed) received")
+        return _json(document, status)
 
     @app.get("/v1/model", dependencies=guarded, summary="The model and the runtime it runs on")
     def get_model() -> Response:
@@ -166,10 +161,10 @@ def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="The model is loaded and the DICOM node listens")
+    @app.get("/readyz", summary="The node takes and answers studies: its loops, the disk, a pause, the last error")
     def readyz() -> Response:
-        ready = service.started and service.worker.thread.is_alive()
-        return _json({"ready": ready}, 200 if ready else 503)
+        ready, document = service.readiness()
+        return _json(document, 200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")
     def metrics() -> Response:

@@ -10,25 +10,28 @@ pydicom plugins decode (RLE always; JPEG family with ``ctedge[dicom-codecs]``).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ctedge.edge.serve.config import ServeConfig
-from ctedge.edge.serve.spool import Spool, Stored, uid_hash
+from ctedge.edge.serve.spool import Incoming, Spool, Stored, uid_hash
 
 log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 REFUSED_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage is not supported yet",
                        "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT is not supported yet"}
-STATUS = {Stored.STORED: 0x0000, Stored.STUDY_FULL: 0xA700, Stored.DISK_LOW: 0xA700}
+STATUS = {Stored.STORED: 0x0000, Stored.STUDY_FULL: 0xA700, Stored.DISK_LOW: 0xA700, Stored.PAUSED: 0xA700}
 DUPLICATE = -1  # internal: acknowledged with 0x0000, counted as a duplicate
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC000
-HEADER_TAGS = ["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID"]
+HEADER_TAGS = ["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID", "SeriesInstanceUID",
+               "ImagesInAcquisition"]
 
 
 def decodable_syntaxes() -> list[str]:
@@ -76,11 +79,21 @@ def _make_ae(config: ServeConfig):
     return GuardedAE(ae_title=config.ae_title)
 
 
+def _expected(ds) -> int | None:
+    """The instance's ImagesInAcquisition when it gives a usable one (a hint, never a refusal)."""
+    try:
+        value = int(ds.get("ImagesInAcquisition") or 0)
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
 @dataclass
 class AssociationCounts:
     """What one association brought: its log line."""
 
     started: float = field(default_factory=time.monotonic)
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)  # the journal's name for it
     stored: int = 0
     duplicates: int = 0
     other: int = 0  # not CT images: acknowledged, not kept
@@ -108,7 +121,7 @@ class Node:
                 self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_C_ECHO, lambda event: 0x0000),
                          (evt.EVT_ESTABLISHED, self._opened), (evt.EVT_RELEASED, self._closed),
-                         (evt.EVT_ABORTED, self._closed)]
+                         (evt.EVT_ABORTED, self._aborted)]
         self.server = None
         self.counts: dict[int, AssociationCounts] = {}
 
@@ -141,13 +154,23 @@ class Node:
     def _opened(self, event) -> None:
         self.counts[id(event.assoc)] = AssociationCounts()
 
-    def _closed(self, event) -> None:
+    def _aborted(self, event) -> None:
+        self._closed(event, aborted=True)
+
+    def _closed(self, event, aborted: bool = False) -> None:
         c = self.counts.pop(id(event.assoc), AssociationCounts())
+        try:
+            if c.stored or c.duplicates:  # its studies: complete (released) or maybe not (aborted)
+                self.spool.journal.association_closed(c.key, aborted)
+        except Exception as exc:  # its studies stay "open": they wait, as after an abort
+            log.error("association end not recorded (%s)", exc.__class__.__name__)
         requestor = event.assoc.requestor
         seconds = time.monotonic() - c.started
-        log.info("association %s@%s closed after %.1f s: %d stored (%.1f MB/s), %d duplicate(s), %d not CT images "
-                 "(acknowledged, not kept), %d refused", requestor.ae_title, requestor.address, seconds, c.stored,
-                 c.bytes / 1e6 / max(seconds, 1e-6), c.duplicates, c.other, c.refused)
+        log.log(logging.WARNING if aborted else logging.INFO,
+                "association %s@%s %s after %.1f s: %d stored (%.1f MB/s), %d duplicate(s), %d not CT images "
+                "(acknowledged, not kept), %d refused", requestor.ae_title, requestor.address,
+                "ABORTED" if aborted else "released", seconds, c.stored, c.bytes / 1e6 / max(seconds, 1e-6),
+                c.duplicates, c.other, c.refused)
 
     def _store(self, event) -> int:
         c = self.counts.setdefault(id(event.assoc), AssociationCounts())
@@ -160,7 +183,7 @@ class Node:
             c.other += 1
             return 0x0000
         data = event.encoded_dataset()
-        status = self._keep(data)
+        status = self._keep(data, c.key)
         if status == 0x0000:
             c.stored += 1
             c.bytes += len(data)
@@ -171,7 +194,7 @@ class Node:
             c.refused += 1
         return status
 
-    def _keep(self, data: bytes) -> int:
+    def _keep(self, data: bytes, association: str) -> int:
         """Spool one CT instance; its DIMSE status (DUPLICATE: acknowledged, counted once)."""
         import io
 
@@ -180,17 +203,18 @@ class Node:
         try:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
             study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+            incoming = Incoming(study_uid, sop_uid, str(ds.get("SeriesInstanceUID", "")), _expected(ds), data)
         except Exception as exc:  # a dataset pydicom can't read, or without its UIDs
             log.warning("C-STORE refused: unreadable dataset or no StudyInstanceUID/SOPInstanceUID (%s)",
                         exc.__class__.__name__)
             return CANNOT_UNDERSTAND
         self.on_received()
         try:
-            stored = self.spool.store(study_uid, sop_uid, data)
-        except OSError as exc:  # disk full, a quota, a read-only spool: the sender keeps the instance
+            stored = self.spool.store(incoming, association)
+        except (OSError, sqlite3.Error) as exc:  # a read-only spool, a broken journal: the sender keeps it
             log.error("C-STORE of study %s refused (out of resources): cannot write the spool (%s)",
-                      uid_hash(study_uid), exc.strerror or exc)
+                      uid_hash(study_uid), getattr(exc, "strerror", None) or exc)
             return STATUS[Stored.DISK_LOW]
-        if stored in (Stored.STUDY_FULL, Stored.DISK_LOW):
+        if stored in (Stored.STUDY_FULL, Stored.DISK_LOW, Stored.PAUSED):
             log.warning("C-STORE of study %s refused (out of resources): %s", uid_hash(study_uid), stored.value)
         return DUPLICATE if stored is Stored.DUPLICATE else STATUS[stored]

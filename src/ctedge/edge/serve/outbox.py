@@ -1,136 +1,104 @@
-"""Results on their way to the PACS: persisted, sent by C-STORE, retried with backoff.
+"""Results on their way to the PACS: the outbox loop sends the journal's due deliveries by
+C-STORE (TLS with ``--destination-tls-ca``), each in its own try/except.
 
-Each entry is two files under ``outbox/``: ``NAME.dcm`` (the SR) and ``NAME.json``
-(destinations still to reach, attempts, next try). Both are written durably before
-the answer is recorded, so an entry survives a kill -9 and is sent after the restart.
-An entry that exhausted its retries moves to ``outbox/failed/`` (said in the log).
+A delivery is ``pending`` for its first ``retries`` attempts (backoff ``retry_seconds``,
+doubling, at most 5 minutes), then ``failed``: still tried every ``retry_failed_every``
+seconds until it is sent, and counted, shown and logged as failed meanwhile. A result
+goes out at least once: a crash between the PACS's acknowledgement and the journal's
+record sends the same bytes (same SOPInstanceUID) again. Results of one study go to a
+destination in version order; once a destination fails in a pass, its other results
+that pass are recorded as failed attempts with the same error, not tried.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import threading
+import ssl
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from ctedge.edge.serve.config import Destination
-from ctedge.edge.serve.spool import durable_write
+from ctedge.edge.serve.faults import Faults, is_disk_full
+from ctedge.edge.serve.journal import Due, Journal
+from ctedge.edge.serve.spool import uid_hash
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 300.0
-
-
-@dataclass
-class Entry:
-    name: str
-    pending: list[str]  # destinations (AET@HOST:PORT) not reached yet
-    attempts: int = 0
-    next_try: float = 0.0  # time.time()
-    errors: list[str] = field(default_factory=list)
+IDLE_S = 1.0  # the longest the loop sleeps with nothing due
 
 
 class Outbox:
-    """The queue of unsent results and the thread that sends them."""
+    """The outbox loop's step."""
 
-    def __init__(self, folder: Path, destinations: list[Destination], ae_title: str, retries: int,
-                 retry_seconds: float, on_sent=None):
-        self.folder = Path(folder)
-        self.failed_folder = self.folder / "failed"
-        self.failed_folder.mkdir(parents=True, exist_ok=True)
-        self.destinations = {str(d): d for d in destinations}
+    def __init__(self, journal: Journal, destinations: list[Destination], ae_title: str, retries: int,
+                 retry_seconds: float, retry_failed_every: float, pause, faults: Faults,
+                 tls: ssl.SSLContext | None = None, timeout: float = 30.0):
+        self.journal, self.destinations = journal, {str(d): d for d in destinations}
         self.ae_title, self.retries, self.retry_seconds = ae_title, retries, retry_seconds
-        self.on_sent = on_sent or (lambda name: None)
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
-        for tmp in self.folder.glob(".*.tmp"):
-            tmp.unlink()
+        self.retry_failed_every, self.pause, self.faults, self.tls, self.timeout = (
+            retry_failed_every, pause, faults, tls, timeout)
+        self.last_error: str | None = None
 
-    def put(self, name: str, data: bytes) -> bool:
-        """Add a result for every destination (replacing an entry of the same name); False
-        when there is no destination to send it to."""
-        if not self.destinations:
-            return False
-        durable_write(data, self.folder / f"{name}.dcm")
-        self._save(Entry(name, list(self.destinations)))
-        self.wake.set()
-        return True
-
-    def _save(self, entry: Entry) -> None:
-        durable_write(json.dumps(entry.__dict__).encode(), self.folder / f"{entry.name}.json")
-
-    def entries(self) -> list[Entry]:
-        out = []
-        for path in sorted(self.folder.glob("*.json")):
+    def step(self) -> float:
+        """Send what is due; the seconds until the next delivery is due (at most ``IDLE_S``)."""
+        if self.pause.paused:
+            return IDLE_S
+        unreachable: dict[str, str] = {}  # destination -> its error in this pass
+        for due in self.journal.due_deliveries(time.time()):
             try:
-                out.append(Entry(**json.loads(path.read_text())))
-            except (OSError, ValueError, TypeError):  # removed meanwhile by the sender
-                continue
-        return out
+                self._attempt(due, unreachable)
+            except Exception as exc:  # a journal error: that delivery is tried again later
+                if is_disk_full(exc):
+                    self.pause.set(f"cannot write the journal ({exc})")
+                    break
+                log.exception("result v%d of study %s", due.version, uid_hash(due.study_uid))
+                self.last_error = f"{exc.__class__.__name__}: {exc}"
+        following = self.journal.next_delivery()
+        return IDLE_S if following is None else min(max(following - time.time(), 0.01), IDLE_S)
 
-    def pending(self) -> int:
-        return len(self.entries())
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name="ctedge-outbox", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wake.set()
-        if self.thread:
-            self.thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            waits = []
-            for entry in self.entries():
-                try:
-                    waits.append(self._attempt(entry))
-                except Exception:  # a bug or a disk error: logged, the sender goes on
-                    log.exception("outbox entry %s", entry.name)
-                    waits.append(self.retry_seconds)
-            self.wake.wait(timeout=min([w for w in waits if w is not None] + [1.0]))
-            self.wake.clear()
-
-    def _attempt(self, entry: Entry) -> float | None:
-        """Send one entry if due; the seconds until its next try (None when done)."""
-        now = time.time()
-        if entry.next_try > now:
-            return entry.next_try - now
-        data = (self.folder / f"{entry.name}.dcm").read_bytes()
-        for target in list(entry.pending):
-            destination = self.destinations.get(target)
-            error = send(data, destination, self.ae_title) if destination else "destination no longer configured"
-            if error is None:
-                entry.pending.remove(target)
-                log.info("result %s sent to %s", entry.name, target)
+    def _attempt(self, due: Due, unreachable: dict[str, str]) -> None:
+        name = f"{due.kind.upper()} v{due.version} of study {uid_hash(due.study_uid)}"
+        error = unreachable.get(due.destination)
+        if error is None:
+            destination = self.destinations.get(due.destination)
+            if destination is None:
+                error = "destination no longer configured"
             else:
-                entry.errors = (entry.errors + [f"{target}: {error}"])[-5:]
-        if not entry.pending:
-            (self.folder / f"{entry.name}.json").unlink()
-            (self.folder / f"{entry.name}.dcm").unlink()
-            self.on_sent(entry.name)
-            return None
-        entry.attempts += 1
-        if entry.attempts >= self.retries:
-            for suffix in (".dcm", ".json"):
-                (self.folder / f"{entry.name}{suffix}").replace(self.failed_folder / f"{entry.name}{suffix}")
-            log.error("result %s not sent after %d attempts, moved to %s (%s)", entry.name, entry.attempts,
-                      self.failed_folder, entry.errors[-1])
-            return None
-        backoff = min(self.retry_seconds * 2 ** (entry.attempts - 1), MAX_BACKOFF_S)
-        entry.next_try = now + backoff
-        self._save(entry)
-        log.warning("result %s: %s; attempt %d of %d, next in %.0f s", entry.name, entry.errors[-1],
-                    entry.attempts, self.retries, backoff)
-        return backoff
+                self.faults.check()
+                error = send(self.journal.delivery_data(due.id), destination, self.ae_title, self.tls, self.timeout)
+        if error is None:
+            self.faults.hit("delivery.sent")
+            self.journal.delivery_sent(due.id)
+            log.info("%s sent to %s%s", name, due.destination, " (after it had failed)" if due.status == "failed" else "")
+            return
+        unreachable[due.destination] = error
+        attempts = due.attempts + 1
+        self.last_error = f"{name} to {due.destination}: {error}"
+        if due.status == "failed" or attempts >= self.retries:
+            self.journal.delivery_failed(due.id, "failed", time.time() + self.retry_failed_every, error)
+            log.log(logging.ERROR if due.status != "failed" else logging.WARNING,
+                    "%s not sent to %s after %d attempt(s) (%s); failed, tried again every %.0f s", name,
+                    due.destination, attempts, error, self.retry_failed_every)
+            return
+        backoff = min(self.retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF_S)
+        self.journal.delivery_failed(due.id, "pending", time.time() + backoff, error)
+        log.warning("%s to %s: %s; attempt %d of %d, next in %.1f s", name, due.destination, error, attempts,
+                    self.retries, backoff)
 
 
-def send(data: bytes, destination: Destination, ae_title: str, timeout: float = 30.0) -> str | None:
+def client_tls(ca, cert=None, key=None) -> ssl.SSLContext | None:
+    """The TLS context for outgoing associations: the destinations' CA, and optionally the
+    node's own certificate for destinations that ask for one; None: plain DICOM."""
+    if ca is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def send(data: bytes, destination: Destination, ae_title: str, tls: ssl.SSLContext | None = None,
+         timeout: float = 30.0) -> str | None:
     """C-STORE one DICOM file to a destination; None on success, else the reason."""
     import pydicom
     from pynetdicom import AE
@@ -138,14 +106,15 @@ def send(data: bytes, destination: Destination, ae_title: str, timeout: float = 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         sop_class, syntax = ds.SOPClassUID, ds.file_meta.TransferSyntaxUID
-    except Exception as exc:  # a damaged outbox file: reported, retried, set aside like any failure
-        return f"unreadable result file ({exc.__class__.__name__})"
+    except Exception as exc:  # damaged bytes: reported and retried like any failure
+        return f"unreadable result ({exc.__class__.__name__})"
     ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (tls, destination.host) if tls is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        return "association rejected or no answer" if assoc.is_rejected else "association failed (no answer)"
+        return "association rejected" if assoc.is_rejected else "association failed (no answer or no connection)"
     try:
         status = assoc.send_c_store(ds)
     finally:

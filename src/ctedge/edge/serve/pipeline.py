@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 
 from ctedge.edge.study import StudyOptions, StudyResult, classify_study, find_studies, predict_studies, studies_report
+from ctedge.edge.study.select import find_gaps, order_slices
 
 EVIDENCE_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
                  "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
@@ -25,6 +26,7 @@ class Answer:
 
     result: StudyResult
     evidence: list = field(default_factory=list)  # pydicom Datasets of the top slices
+    gaps: list[str] = field(default_factory=list)  # gaps in the chosen series' slice positions
 
 
 def classify_spooled(clf, folder: Path, study_uid: str, options: StudyOptions) -> Answer:
@@ -35,13 +37,14 @@ def classify_spooled(clf, folder: Path, study_uid: str, options: StudyOptions) -
     study = studies[0]
     try:
         result = replace(classify_study(clf, study, options), input=study_uid)
+        gaps = find_gaps(order_slices(study.series[result.series_uid])[1]) if result.series_uid else []
     finally:
         study.close()
     if result.error or not result.series_uid:
-        return Answer(result)
+        return Answer(result, gaps=gaps)
     evidence = [pydicom.dcmread(top.source, stop_before_pixels=True, specific_tags=EVIDENCE_TAGS)
                 for top in result.top_slices]
-    return Answer(result, evidence)
+    return Answer(result, evidence, gaps)
 
 
 def classify_paths(clf, paths: list[Path], options: StudyOptions) -> list[StudyResult]:

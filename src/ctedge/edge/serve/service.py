@@ -1,4 +1,6 @@
-"""The node, the worker, the assembler, the outbox and the metrics of one `ctedge serve` process."""
+"""One `ctedge serve` process: the spool and its journal, the node, the worker, and the
+loops (assembler, outbox, disk watcher, retention) under a supervisor; metrics and
+readiness read the journal and the loops' states."""
 
 from __future__ import annotations
 
@@ -9,12 +11,17 @@ from collections import deque
 
 from ctedge import __version__
 from ctedge.core.files import file_digest
-from ctedge.edge.serve.assembler import Assembler, StudyRecord, Worker
+from ctedge.edge.serve import views
+from ctedge.edge.serve.assembler import Answered, Assembler, Timing, Worker
 from ctedge.edge.serve.config import ServeConfig
+from ctedge.edge.serve.disk import DiskWatch, Pause
+from ctedge.edge.serve.faults import Faults
 from ctedge.edge.serve.node import Node
-from ctedge.edge.serve.outbox import Outbox
+from ctedge.edge.serve.outbox import Outbox, client_tls
+from ctedge.edge.serve.retention import Retention
 from ctedge.edge.serve.spool import Spool, hash_uids, uid_hash
 from ctedge.edge.serve.sr import Algorithm
+from ctedge.edge.serve.supervisor import Loop, Supervisor
 from ctedge.edge.study import StudyOptions
 
 log = logging.getLogger(__name__)
@@ -24,7 +31,7 @@ RECENT = 50  # answers the status page lists
 class Metrics:
     """Prometheus metrics in a registry of their own (several services may share a process)."""
 
-    def __init__(self, queue_length, outbox_pending):
+    def __init__(self, queue_length, counts, paused):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -32,15 +39,20 @@ class Metrics:
                                  "duplicate or refused)", registry=self.registry)
         self.answered = Counter("ctedge_studies_answered", "Studies answered", registry=self.registry)
         self.failed = Counter("ctedge_studies_failed", "Studies without an answer (error)", registry=self.registry)
-        self.latency = Histogram("ctedge_answer_latency_seconds", "Last instance received -> SR in the outbox "
+        self.partial = Counter("ctedge_studies_partial", "Studies answered as PARTIAL (maybe incomplete)",
+                               registry=self.registry)
+        self.latency = Histogram("ctedge_answer_latency_seconds", "Last instance received -> answer committed "
                                  "(includes the quiet period)", registry=self.registry,
                                  buckets=(0.5, 1, 2, 5, 7.5, 10, 15, 30, 60, 120))
         self.http_requests = Counter("ctedge_http_classifications", "HTTP classification requests answered",
                                      ["endpoint"], registry=self.registry)
         Gauge("ctedge_queue_length", "Jobs waiting for or on the worker", registry=self.registry
               ).set_function(queue_length)
-        Gauge("ctedge_outbox_pending", "Results not yet sent to every destination", registry=self.registry
-              ).set_function(outbox_pending)
+        Gauge("ctedge_outbox_pending", "Results not yet sent, still in their quick retries", registry=self.registry
+              ).set_function(lambda: counts()["pending"])
+        Gauge("ctedge_results_failed", "Results not sent after their quick retries (tried again until sent)",
+              registry=self.registry).set_function(lambda: counts()["failed"])
+        Gauge("ctedge_paused", "1 while a full disk pauses the node", registry=self.registry).set_function(paused)
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
@@ -51,70 +63,93 @@ class Metrics:
 class Service:
     """Everything one `ctedge serve` runs, started and stopped together."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, faults: Faults | None = None):
+        self.config, self.faults, self.pause = config, faults or Faults.from_environment(), Pause()
+        self.spool = Spool(config.spool, config.max_study_instances, config.min_free_disk, self.pause, self.faults)
+        try:
+            self._build(config)
+        except BaseException:
+            self.spool.close()
+            raise
+        self.started = False
+
+    def _build(self, config: ServeConfig) -> None:
         from ctedge.edge.runtime import Classifier
 
-        self.config = config
+        self.journal = self.spool.journal
         self.clf = Classifier(config.model, config.provider, config.threads, runtime=config.runtime,
-                                     precision=config.precision)
+                              precision=config.precision)
         self.options = StudyOptions(max_slices=config.max_slices)
         self.algorithm = Algorithm("ctedge " + config.model.stem, __version__, file_digest(config.model),
                                    self.clf.threshold)
-        self.records: dict[str, StudyRecord] = {}
-        self.recent: deque[StudyRecord] = deque(maxlen=RECENT)
         self.errors: deque[str] = deque(maxlen=20)
         self.lock = threading.Lock()
-        self.spool = Spool(config.spool, config.max_study_instances, config.min_free_disk)
         self.worker = Worker(config.queue_size)
-        self.outbox = Outbox(config.spool / "outbox", config.destination, config.ae_title, config.retries,
-                             config.retry_seconds, on_sent=self._sent)
-        self.metrics = Metrics(self.worker.length, self.outbox.pending)
+        self.metrics = Metrics(self.worker.length, lambda: views.counts(self.journal), lambda: int(self.pause.paused))
         self.node = Node(config, self.spool, on_received=self.metrics.instances.inc)
-        self.assembler = Assembler(self.spool, self.worker, self.outbox, self.clf, self.options, self.algorithm,
-                                   config.quiet_seconds, self._answered, config.log_phi, config.secondary_capture)
-        self._load_answers()
-        self.started = False
+        timing = Timing(config.quiet_seconds, config.incomplete_seconds, config.no_partial, config.classify_retries,
+                        config.retry_seconds)
+        self.assembler = Assembler(self.spool, self.worker, self.clf, self.options, self.algorithm, timing,
+                                   [str(d) for d in config.destination], self.pause, self._answered, config.log_phi,
+                                   config.secondary_capture)
+        self.outbox = Outbox(self.journal, config.destination, config.ae_title, config.retries, config.retry_seconds,
+                             config.retry_failed_every, self.pause, self.faults,
+                             client_tls(config.destination_tls_ca, config.destination_tls_cert,
+                                        config.destination_tls_key), config.destination_timeout)
+        self.disk = DiskWatch(config.spool, self.journal, self.pause, config.min_free_disk, config.disk_check_seconds)
+        self.retention = Retention(self.spool, config.keep_days, config.max_spool, config.retention_seconds)
+        self.loops = {name: Loop(name, step) for name, step in (
+            ("assembler", self.assembler.step), ("outbox", self.outbox.step), ("disk", self.disk.step),
+            ("retention", self.retention.step))}
+        self.supervisor = Supervisor(list(self.loops.values()), backoff=config.loop_restart_seconds)
 
-    def _load_answers(self) -> None:
-        """Answers given before a restart, for /v1/studies/{uid}."""
-        for study in self.spool.studies.values():
-            summary = self.spool.saved_summary(study)
-            if summary is not None:
-                unsent = (self.outbox.folder / f"{study.key}-v{study.version}.json").exists()
-                self.records[study.study_uid] = StudyRecord(study.study_uid, 0.0, study.version,
-                                                            study.answered_instances, summary, 0.0,
-                                                            sent=not unsent and not summary.get("error"))
-
-    def _answered(self, record: StudyRecord) -> None:
-        with self.lock:
-            self.records[record.study_uid] = record
-            self.recent.appendleft(record)
-        if record.summary.get("error"):
+    def _answered(self, answered: Answered) -> None:
+        self.loops["outbox"].wake()
+        if answered.result.error:
             self.metrics.failed.inc()
-            self.errors.appendleft(f"{time.strftime('%H:%M:%S')} study {uid_hash(record.study_uid)}: "
-                                   f"{hash_uids(record.summary['error'])}")
-        else:
-            self.metrics.answered.inc()
-            self.metrics.latency.observe(record.latency_s)
+            with self.lock:
+                self.errors.appendleft(f"{time.strftime('%Y-%m-%d %H:%M:%S')} study {uid_hash(answered.study_uid)}: "
+                                       f"{hash_uids(answered.result.error)}")
+            return
+        self.metrics.answered.inc()
+        self.metrics.latency.observe(answered.latency_s)
+        if answered.completion == "PARTIAL":
+            self.metrics.partial.inc()
 
-    def _sent(self, name: str) -> None:
-        key, _, version = name.rpartition("-v")
+    def recent_errors(self) -> list[str]:
         with self.lock:
-            for record in self.records.values():
-                study = self.spool.studies.get(record.study_uid)
-                if study is not None and study.key == key and str(record.version) == version:
-                    record.sent = True
+            return list(self.errors)
+
+    def study_view(self, study_uid: str) -> tuple[int, dict | None]:
+        return views.study_view(self.journal, study_uid, self.assembler.waiting)
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Whether the node takes studies and answers them, and every reason it does not."""
+        reasons = []
+        if not self.started:
+            reasons.append("not started")
+        if not self.worker.thread.is_alive():
+            reasons.append("the classification worker is not running")
+        reasons += [f"the {name} loop is not running" for name in self.supervisor.healthy()]
+        pause = self.pause.to_dict()
+        if pause["paused"]:
+            reasons.append(f"paused: {pause['reason']}")
+        if self.disk.low():
+            reasons.append("free disk below --min-free-disk: C-STOREs are refused")
+        last_error = self.assembler.last_error or self.outbox.last_error
+        return not reasons, {"ready": not reasons, "reasons": reasons, "loops": self.supervisor.states(),
+                             "disk": self.disk.to_dict(), "pause": pause, "last_error": last_error}
 
     def start(self) -> None:
+        self.disk.step()
         self.worker.start()
-        self.outbox.start()
-        self.assembler.start()
+        self.supervisor.start()
         self.node.start()
         self.started = True
 
     def stop(self) -> None:
         self.started = False
         self.node.stop()
-        self.assembler.stop()
+        self.supervisor.stop()
         self.worker.stop()
-        self.outbox.stop()
+        self.spool.close()

@@ -1,32 +1,35 @@
-"""Received instances on disk, durable before they are acknowledged.
+"""Received instances on disk, each acknowledged only after its journal row is committed.
 
 Layout under the spool folder (every name generated here, never taken from a UID):
 
-    studies/<uuid4>/study.json         the StudyInstanceUID and when the folder was made
-    studies/<uuid4>/instances/<uuid4>.dcm   each instance as received (fsync, then rename)
-    studies/<uuid4>/state.json         the last answer: instances it saw, its version
-    results/<uuid4>-v<N>.dcm           the SR of answer N (kept to supersede it later)
-    outbox/                            results not yet sent (see outbox.py)
+    lock                          held (fcntl) by the one `ctedge serve` using the spool
+    journal.sqlite                the node's state (see journal.py)
+    studies/<uuid4>/<uuid4>.dcm   each instance as received (fsync, rename, fsync the folder)
 
-A kill -9 at any moment leaves only whole files (a temp file at worst, removed at the
-next start); a restart rebuilds the index from the folders.
+The journal says which files exist: at start, a file or folder it does not list (left
+by a kill -9 between a write and its commit) is an orphan and is removed; no state is
+ever read from which files exist.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
+import socket
 import threading
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+
+from ctedge.core.errors import CtedgeError
+from ctedge.edge.serve.faults import Faults, is_disk_full
+from ctedge.edge.serve.journal import Journal, NewInstance
 
 log = logging.getLogger(__name__)
 
@@ -78,146 +81,169 @@ class Stored(Enum):
     DUPLICATE = "duplicate"  # same SOPInstanceUID already held: counted once
     STUDY_FULL = "study over its instance limit"
     DISK_LOW = "disk below the free-space minimum"
+    PAUSED = "node paused: a write failed for lack of space"
 
 
-@dataclass
-class SpooledStudy:
-    """One StudyInstanceUID's folder and what the node knows about it."""
+@dataclass(frozen=True)
+class Incoming:
+    """One C-STORE's dataset and what its header says."""
 
     study_uid: str
-    folder: Path
-    sop_uids: set[str] = field(default_factory=set)  # received or being written
-    written: int = 0  # instances on disk (what an answer can see)
-    last_arrival: float = 0.0  # time.monotonic() of the last new instance on disk
-    answered_instances: int = 0  # instances the last answer saw (0: none yet)
-    version: int = 0  # answers given so far
-    queued: bool = False  # a classification is waiting for or on the worker
-    speculation: Any = None  # (instances, Answer) classified during the quiet period, not yet sent
+    sop_uid: str
+    series_uid: str
+    expected: int | None  # ImagesInAcquisition
+    data: bytes
 
-    @property
-    def instances(self) -> Path:
-        return self.folder / "instances"
 
-    @property
-    def key(self) -> str:
-        """The folder's generated name: the study's id in results and the outbox."""
-        return self.folder.name
+def lock_spool(root: Path) -> int:
+    """Hold the spool's lock (one spool, one process); its file descriptor. Another holder:
+    an error naming it (pid, host)."""
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        raise CtedgeError(f"{root} is in use by another `ctedge serve` ({holder}); one spool, one process",
+                          param="spool") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
 
-    def needs_answer(self) -> bool:
-        return self.written > self.answered_instances and len(self.sop_uids) == self.written
 
-    def to_classify(self, silent_for: float, now: float) -> bool:
-        """Silent long enough to classify speculatively, and not classified as it is."""
-        return (not self.queued and self.needs_answer() and now - self.last_arrival >= silent_for
-                and (self.speculation is None or self.speculation[0] != self.written))
-
-    def to_send(self, quiet_seconds: float, now: float) -> bool:
-        """Complete (quiet for the full period) and already classified as it is."""
-        return (self.needs_answer() and now - self.last_arrival >= quiet_seconds
-                and self.speculation is not None and self.speculation[0] == self.written)
+def check_layout(root: Path) -> None:
+    """Refuse a spool written by a ctedge before the journal (state.json, outbox/)."""
+    if (root / "outbox").is_dir() or next((root / "studies").glob("*/study.json"), None) is not None:
+        raise CtedgeError(f"{root} holds a spool of an older ctedge (outbox/, studies/*/state.json), which this "
+                          "version does not read: move it aside (its unsent results are in outbox/) and start on an "
+                          "empty folder", param="spool")
 
 
 class Spool:
-    """The index of spooled studies; thread-safe."""
+    """The study folders and the journal; ``store`` is called from the node's threads."""
 
-    def __init__(self, root: Path, max_study_instances: int, min_free_disk: int):
+    def __init__(self, root: Path, max_study_instances: int, min_free_disk: int, pause, faults: Faults | None = None):
         self.root = Path(root)
-        self.max_study_instances, self.min_free_disk = max_study_instances, min_free_disk
+        self.max_study_instances, self.min_free_disk, self.pause = max_study_instances, min_free_disk, pause
+        self.faults = faults or Faults()
+        (self.root / "studies").mkdir(parents=True, exist_ok=True)
+        check_layout(self.root)
+        self.lock_fd = lock_spool(self.root)
+        try:
+            self.journal = Journal(self.root / "journal.sqlite", self.faults)
+        except BaseException:
+            os.close(self.lock_fd)
+            raise
         self.lock = threading.Lock()
-        self.studies: dict[str, SpooledStudy] = {}
-        for sub in ("studies", "results", "outbox"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.written = threading.Condition(self.lock)  # an instance's write ended
+        self.keys: dict[str, str] = {}  # study UID -> folder name given in this process
+        self.arriving: dict[str, set[str]] = {}  # study UID -> SOP instance UIDs being written
         self._recover()
 
-    def _recover(self) -> None:
-        """Rebuild the index after a restart; temp files of a killed writer are removed."""
-        import pydicom
+    def close(self) -> None:
+        self.journal.close()
+        os.close(self.lock_fd)
 
-        now = time.monotonic()
-        for meta in sorted((self.root / "studies").glob("*/study.json")):
-            folder = meta.parent
-            study = SpooledStudy(json.loads(meta.read_text())["study_uid"], folder, last_arrival=now)
-            for tmp in folder.glob("**/.*.tmp"):
-                tmp.unlink()
-            for path in (folder / "instances").glob("*.dcm"):
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-                study.sop_uids.add(str(ds.SOPInstanceUID))
-                study.written += 1
-            state = folder / "state.json"
-            if state.exists():
-                saved = json.loads(state.read_text())
-                study.answered_instances, study.version = saved["answered_instances"], saved["version"]
-            self.studies[study.study_uid] = study
-        if self.studies:
-            log.info("spool %s: %d stud(ies), %d instance(s) recovered", self.root, len(self.studies),
-                     sum(len(s.sop_uids) for s in self.studies.values()))
+    def folder(self, key: str) -> Path:
+        return self.root / "studies" / key
+
+    def _recover(self) -> None:
+        """Orphans (files the journal does not list) removed; open associations marked recovered."""
+        known = self.journal.instance_files()
+        orphans = 0
+        for folder in (self.root / "studies").iterdir():
+            names = known.get(folder.name)
+            if names is None:
+                shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+                orphans += 1
+                continue
+            for path in folder.iterdir():
+                if path.name not in names:
+                    path.unlink()
+                    orphans += 1
+        missing = sum(not (self.folder(key) / name).exists() for key, names in known.items() for name in names)
+        recovered = self.journal.recover()
+        if orphans or recovered:
+            log.info("spool %s: %d orphan file(s) removed; %d stud(ies) were being received when the node stopped",
+                     self.root, orphans, recovered)
+        if missing:
+            log.error("spool %s: %d instance file(s) the journal lists are missing (removed by hand?)", self.root,
+                      missing)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def store(self, study_uid: str, sop_uid: str, data: bytes) -> Stored:
-        """Write one instance durably (or say why not); only then may it be acknowledged."""
+    def busy(self, study_uid: str) -> bool:
+        """Whether an instance of the study is being written now."""
         with self.lock:
-            study = self.studies.get(study_uid)
-            if study is not None and sop_uid in study.sop_uids:
-                return Stored.DUPLICATE
-            if study is not None and len(study.sop_uids) >= self.max_study_instances:
-                return Stored.STUDY_FULL
-            if self.free_bytes() - len(data) < self.min_free_disk:
-                return Stored.DISK_LOW
-            if study is None:
-                study = self._new_study(study_uid)
-            study.sop_uids.add(sop_uid)  # reserved now; another copy arriving meanwhile is a duplicate
+            return bool(self.arriving.get(study_uid))
+
+    def store(self, incoming: Incoming, association: str) -> Stored:
+        """Write one instance and commit its row (or say why not); only then may it be acknowledged."""
+        if self.pause.paused:
+            return Stored.PAUSED
+        with self.written:
+            while incoming.sop_uid in self.arriving.get(incoming.study_uid, ()):
+                self.written.wait()  # another copy is being written: its outcome decides
+            duplicate = self.journal.holds(incoming.study_uid, incoming.sop_uid)
+            if not duplicate:
+                refused = self._refusal(incoming, len(self.arriving.get(incoming.study_uid, ())))
+                if refused is not None:
+                    return refused
+                key = self.keys.get(incoming.study_uid) or self.journal.study_key(incoming.study_uid)
+                if key is None:
+                    key = self.keys[incoming.study_uid] = uuid.uuid4().hex
+                    self.folder(key).mkdir()
+                    sync_folder(self.folder(key).parent)
+                self.arriving.setdefault(incoming.study_uid, set()).add(incoming.sop_uid)
+        if duplicate:
+            self.journal.add_duplicate(incoming.study_uid, association)
+            return Stored.DUPLICATE
         try:
-            durable_write(data, study.instances / f"{uuid.uuid4().hex}.dcm")
-        except BaseException:
+            return self._write(incoming, association, key)
+        finally:
+            with self.written:
+                arriving = self.arriving[incoming.study_uid]
+                arriving.discard(incoming.sop_uid)
+                if not arriving:
+                    del self.arriving[incoming.study_uid]
+                self.written.notify_all()
+
+    def _refusal(self, incoming: Incoming, arriving: int) -> Stored | None:
+        held = self.journal.value("SELECT instances FROM studies WHERE study_uid=?", (incoming.study_uid,)) or 0
+        if held + arriving >= self.max_study_instances:
+            return Stored.STUDY_FULL
+        if self.free_bytes() - len(incoming.data) < self.min_free_disk:
+            return Stored.DISK_LOW
+        return None
+
+    def _write(self, incoming: Incoming, association: str, key: str) -> Stored:
+        name = f"{uuid.uuid4().hex}.dcm"
+        path = self.folder(key) / name
+        try:
+            durable_write(incoming.data, path)
+            self.faults.hit("instance.written")
+            self.journal.add_instance(NewInstance(incoming.study_uid, incoming.sop_uid, incoming.series_uid, name,
+                                                  len(incoming.data), incoming.expected, association), key)
             with self.lock:
-                study.sop_uids.discard(sop_uid)
+                self.keys.pop(incoming.study_uid, None)  # the journal has it now
+        except BaseException as exc:
+            if not self.faults.dead.is_set():  # a crash leaves its orphan, as kill -9 would
+                path.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                self.pause.set(f"cannot write the spool ({exc})")
+                return Stored.PAUSED
             raise
-        with self.lock:
-            study.written += 1
-            study.last_arrival = time.monotonic()
         return Stored.STORED
 
-    def _new_study(self, study_uid: str) -> SpooledStudy:
-        folder = self.root / "studies" / uuid.uuid4().hex
-        (folder / "instances").mkdir(parents=True)
-        durable_write(json.dumps({"study_uid": study_uid, "created": time.time()}).encode(), folder / "study.json")
-        sync_folder(folder.parent)
-        now = time.monotonic()
-        study = self.studies[study_uid] = SpooledStudy(study_uid, folder, last_arrival=now)
-        return study
-
-    def to_classify(self, silent_for: float) -> list[SpooledStudy]:
-        """Studies to classify now; each is marked queued (``release`` clears it)."""
-        now = time.monotonic()
+    def remove(self, study_id: int, study_uid: str, key: str) -> bool:
+        """Delete a study's rows, then its files (retention); False when it is receiving now."""
         with self.lock:
-            ready = [s for s in self.studies.values() if s.to_classify(silent_for, now)]
-            for study in ready:
-                study.queued = True
-        return ready
-
-    def to_send(self, quiet_seconds: float) -> list[SpooledStudy]:
-        now = time.monotonic()
-        with self.lock:
-            return [s for s in self.studies.values() if s.to_send(quiet_seconds, now)]
-
-    def release(self, study: SpooledStudy, speculation=None) -> None:
-        with self.lock:
-            study.queued = False
-            if speculation is not None:
-                study.speculation = speculation
-
-    def save_answer(self, study: SpooledStudy, instances: int, version: int, summary: dict) -> None:
-        """Record that answer ``version`` covered ``instances`` instances (after its SR is in the outbox)."""
-        durable_write(json.dumps({"answered_instances": instances, "version": version, "summary": summary},
-                                 allow_nan=False).encode(), study.folder / "state.json")
-        with self.lock:
-            study.answered_instances, study.version, study.speculation = instances, version, None
-
-    def saved_summary(self, study: SpooledStudy) -> dict | None:
-        state = study.folder / "state.json"
-        return json.loads(state.read_text()).get("summary") if state.exists() else None
-
-    def result_path(self, study: SpooledStudy, version: int) -> Path:
-        return self.root / "results" / f"{study.key}-v{version}.dcm"
+            if self.arriving.get(study_uid):
+                return False
+            self.journal.delete_study(study_id)
+            self.keys.pop(study_uid, None)
+        shutil.rmtree(self.folder(key), ignore_errors=True)
+        return True

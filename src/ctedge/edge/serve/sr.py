@@ -1,16 +1,24 @@
 """The answer as a DICOM Comprehensive 3D SR (TID 1500 measurement report, highdicom).
 
-The report holds the finding (COVID-19 present or absent, with the threshold), the
-patient probability, the number of slices used, the algorithm (name, version, model
-sha256) and the top slices as referenced images. Patient and study attributes are
+The report holds the finding (COVID-19: Present or Absent), the patient probability,
+the threshold, the number of slices used (an integer), the algorithm (name, version,
+model sha256) and the top slices as referenced images. Patient and study attributes are
 copied from the received instances; type-2 ones a de-identified study lacks
-(PatientName, PatientBirthDate...) are left empty, never invented.
+(PatientName, PatientBirthDate...) are left empty, never invented, and so are values
+that break their VR (a PatientBirthDate "1961-05-12"), with a warning that names the
+attribute only. Every UID the report holds derives from (StudyInstanceUID, model
+sha256, answer version): a rebuilt or re-sent answer is the same instance.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
+
+from ctedge.edge.serve.spool import uid_hash
+
+log = logging.getLogger(__name__)
 
 # Codes: SNOMED CT where one exists; the rest in ctedge's own (private) scheme.
 SCHEME = "99CTEDGE"
@@ -31,7 +39,6 @@ def _codes():
 
     return {
         "procedure": Code("418023006", "SCT", "CT of chest"),
-        "finding": Code("121071", "DCM", "Finding"),
         "covid": Code("840539006", "SCT", "COVID-19"),
         "present": Code("52101004", "SCT", "Present"),
         "absent": Code("2667000", "SCT", "Absent"),
@@ -42,27 +49,59 @@ def _codes():
         "slice_unit": Code("{slices}", "UCUM", "slices"),
     }
 
-def _evidence(datasets: list) -> list:
-    """Copies of the referenced slices' headers with absent type-2 attributes set empty."""
+def type2_problem(keyword: str, value) -> str | None:
+    """Why a copied type-2 value can't go into a result (None: it can); never the value itself."""
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import DA, TM, validate_value
+
+    if value is None or value == "":
+        return None
+    vr = dictionary_VR(keyword)
+    try:
+        validate_value(vr, value, config.RAISE)
+        {"DA": DA, "TM": TM}.get(vr, str)(value)
+    except (ValueError, TypeError, OverflowError):
+        return f"not a valid {vr} value"
+    if keyword == "PatientSex" and value not in ("M", "F", "O"):
+        return "not M, F or O"
+    return None
+
+
+def copy_type2(source, target, study_uid: str, what: str) -> None:
+    """``target`` gets ``source``'s type-2 patient/study attributes; absent or invalid ones empty
+    (an invalid one with a warning naming the attribute, not its value)."""
+    for keyword in TYPE2_FROM_EVIDENCE:
+        value = source.get(keyword, None)
+        problem = type2_problem(keyword, value)
+        if problem is not None:
+            log.warning("%s of study %s: %s is %s; left empty", what, uid_hash(study_uid), keyword, problem)
+            value = None
+        setattr(target, keyword, value)
+
+
+def _evidence(datasets: list, study_uid: str) -> list:
+    """Copies of the referenced slices' headers with absent or invalid type-2 attributes empty."""
     copies = []
-    for ds in datasets:
+    for index, ds in enumerate(datasets):
         ds = ds.copy()
-        for keyword in TYPE2_FROM_EVIDENCE:
-            if keyword not in ds:
-                setattr(ds, keyword, None)
+        copy_type2(ds, ds, study_uid, "the SR" if index == 0 else "an SR reference")
         copies.append(ds)
     return copies
 
-def sr_uids(key: str, version: int) -> tuple[str, str]:
-    """Series and SOP instance UIDs derived from the study's spool key and the answer's
-    version: rebuilding answer N after a crash gives the same instance, never a second one."""
+
+def derived_uid(kind: str, study_uid: str, algorithm: Algorithm, version: int) -> str:
+    """A UID for one part of answer ``version`` (``kind``: sr, sr-series, tracking, sc...):
+    the same for the same study, model and version, on any spool."""
     from pydicom.uid import generate_uid
 
-    return (generate_uid(entropy_srcs=["ctedge-sr-series", key, str(version)]),
-            generate_uid(entropy_srcs=["ctedge-sr", key, str(version)]))
+    return generate_uid(entropy_srcs=[f"ctedge-{kind}", study_uid, algorithm.sha256, str(version)])
 
-def build_sr(result, evidence: list, algorithm: Algorithm, key: str, version: int, previous: bytes | None = None):
-    """The SR dataset for one answered study (``result``: a StudyResult without error)."""
+
+def build_sr(result, evidence: list, algorithm: Algorithm, version: int, previous: bytes | None = None,
+             incomplete: str | None = None):
+    """The SR dataset for one answered study (``result``: a StudyResult without error);
+    ``incomplete``: why the study may be incomplete (CompletionFlag PARTIAL)."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -73,16 +112,17 @@ def build_sr(result, evidence: list, algorithm: Algorithm, key: str, version: in
                                                               f"threshold {algorithm.threshold:g}"])
     positive = result.probability >= algorithm.threshold
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="COVID-19 classification"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("tracking", result.study_uid, algorithm, version),
+                                                     identifier="COVID-19 classification"),
         finding_type=c["covid"],
         algorithm_id=algorithm_id,
         measurements=[
             hd.sr.Measurement(name=c["probability"], value=float(result.probability), unit=c["unit"],
                               algorithm_id=algorithm_id),
             hd.sr.Measurement(name=c["threshold"], value=float(algorithm.threshold), unit=c["unit"]),
-            hd.sr.Measurement(name=c["slices"], value=float(result.slices_used), unit=c["slice_unit"]),
+            hd.sr.Measurement(name=c["slices"], value=int(result.slices_used), unit=c["slice_unit"]),
         ],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(c["finding"], c["present" if positive else "absent"])],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(c["covid"], c["present" if positive else "absent"])],
         source_images=[hd.sr.SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
                        for ds in evidence],
     )
@@ -93,13 +133,15 @@ def build_sr(result, evidence: list, algorithm: Algorithm, key: str, version: in
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=c["procedure"], imaging_measurements=[group])
-    series_uid, sop_uid = sr_uids(key, version)
     previous_versions = [pydicom.dcmread(io.BytesIO(previous))] if previous else None
     sr = hd.sr.Comprehensive3DSR(
-        evidence=_evidence(evidence), content=report[0], series_instance_uid=series_uid, series_number=9901,
-        sop_instance_uid=sop_uid, instance_number=version, manufacturer="ctedge", is_complete=True,
-        previous_versions=previous_versions)
+        evidence=_evidence(evidence, result.study_uid), content=report[0],
+        series_instance_uid=derived_uid("sr-series", result.study_uid, algorithm, version), series_number=9901,
+        sop_instance_uid=derived_uid("sr", result.study_uid, algorithm, version), instance_number=version,
+        manufacturer="ctedge", is_complete=incomplete is None, previous_versions=previous_versions)
     sr.SeriesDescription = f"ctedge COVID-19 result v{version}"
+    if incomplete is not None:
+        sr.CompletionFlagDescription = f"incomplete study: {incomplete}"[:64]  # LO
     return sr
 
 def generate_device_uid(algorithm: Algorithm) -> str:
@@ -119,14 +161,16 @@ def read_sr(data) -> dict:
 
     ds = data if isinstance(data, pydicom.Dataset) else pydicom.dcmread(io.BytesIO(data))
     out: dict = {"study_uid": str(ds.StudyInstanceUID), "patient_id": str(ds.get("PatientID", "")),
-                 "sop_instance_uid": str(ds.SOPInstanceUID), "references": [], "measurements": {}}
+                 "sop_instance_uid": str(ds.SOPInstanceUID), "completion": str(ds.CompletionFlag),
+                 "completion_reason": str(ds.get("CompletionFlagDescription", "")), "references": [],
+                 "measurements": {}}
 
     def walk(items):
         for item in items:
             name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
             if item.ValueType == "NUM":
                 out["measurements"][name] = float(item.MeasuredValueSequence[0].NumericValue)
-            elif item.ValueType == "CODE" and name == "Finding":
+            elif item.ValueType == "CODE" and name == "COVID-19":
                 out["finding"] = item.ConceptCodeSequence[0].CodeMeaning
             elif item.ValueType == "IMAGE":
                 out["references"].append(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))

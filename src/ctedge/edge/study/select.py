@@ -125,13 +125,17 @@ def order_slices(refs: list[SliceRef]) -> tuple[list[SliceRef], np.ndarray, list
         dropped = [usable[i].name for i in np.flatnonzero(~keep)]
         warnings.append(f"{len(dropped)} slice(s) at a duplicate position skipped (e.g. {dropped[0]})")
         usable, positions = [r for r, k in zip(usable, keep) if k], positions[keep]
-    if len(positions) > 2:
-        spacing = np.diff(positions)
-        median = float(np.median(spacing))
-        for i in np.flatnonzero(spacing > GAP_FACTOR * median):
-            warnings.append(f"gap of {spacing[i]:.1f} mm (median spacing {median:.1f} mm) between "
-                            f"{positions[i]:.1f} and {positions[i + 1]:.1f} mm")
-    return usable, positions, warnings
+    return usable, positions, warnings + find_gaps(positions)
+
+
+def find_gaps(positions: np.ndarray) -> list[str]:
+    """Each spacing over ``GAP_FACTOR`` x the median between sorted slice positions, in words."""
+    if len(positions) <= 2:
+        return []
+    spacing = np.diff(positions)
+    median = float(np.median(spacing))
+    return [f"gap of {spacing[i]:.1f} mm (median spacing {median:.1f} mm) between {positions[i]:.1f} and "
+            f"{positions[i + 1]:.1f} mm" for i in np.flatnonzero(spacing > GAP_FACTOR * median)]
 
 
 def sample_indices(total: int, step: int | None, max_slices: int) -> tuple[list[int], int]:

@@ -1,0 +1,86 @@
+"""What the HTTP API, the status page and the metrics show: read from the journal, never
+from in-memory state."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ctedge.edge.serve.journal import Journal
+
+
+def delivery_summary(statuses: list[str], has_result: bool) -> str:
+    """One word for an answer's deliveries: sent, pending, failed, no destination, or none
+    (an answer without an SR has nothing to send)."""
+    if not has_result:
+        return "none"
+    if not statuses:
+        return "no destination"
+    for word in ("failed", "pending"):
+        if word in statuses:
+            return word
+    return "sent"
+
+
+@dataclass(frozen=True)
+class AnswerLine:
+    """One row of the status page."""
+
+    study_uid: str
+    version: int
+    instances: int
+    created: float
+    latency_s: float
+    completion: str
+    result: dict
+    delivery: str
+
+
+def recent_answers(journal: Journal, limit: int) -> list[AnswerLine]:
+    rows = journal.rows(
+        "SELECT a.id, s.study_uid, a.version, a.instances, a.created, a.latency_s, a.completion, a.result, "
+        "a.sr IS NOT NULL FROM answers a JOIN studies s ON s.id=a.study_id ORDER BY a.created DESC LIMIT ?", (limit,))
+    statuses: dict[int, list[str]] = {}
+    if rows:
+        marks = ",".join("?" * len(rows))
+        for answer_id, status in journal.rows(f"SELECT answer_id, status FROM deliveries WHERE answer_id IN "
+                                              f"({marks})", tuple(r[0] for r in rows)):
+            statuses.setdefault(answer_id, []).append(status)
+    return [AnswerLine(uid, version, instances, created, latency, completion, json.loads(result),
+                       delivery_summary(statuses.get(answer_id, []), bool(has_sr)))
+            for answer_id, uid, version, instances, created, latency, completion, result, has_sr in rows]
+
+
+def counts(journal: Journal) -> dict[str, int]:
+    """Deliveries pending and failed, studies being received."""
+    by_status = dict(journal.rows("SELECT status, COUNT(*) FROM deliveries WHERE status != 'sent' GROUP BY status"))
+    receiving = journal.value("SELECT COUNT(*) FROM studies WHERE instances > answered_instances")
+    return {"pending": by_status.get("pending", 0), "failed": by_status.get("failed", 0), "receiving": receiving}
+
+
+def study_view(journal: Journal, study_uid: str, waiting: dict[int, str]) -> tuple[int, dict | None]:
+    """``GET /v1/studies/{uid}``: (HTTP status, document); 404 with None when never received.
+    ``waiting``: study id -> why the assembler thinks it may be incomplete."""
+    study = journal.study(study_uid)
+    if study is None:
+        return 404, None
+    arriving = {"instances": study.instances, "association": study.association_state,
+                "may_be_incomplete": waiting.get(study.id), "last_error": study.last_error}
+    if study.version == 0:
+        return 202, {"study_uid": study_uid, "status": "receiving", **arriving}
+    answer_id, instances, completion, reason, result, error, has_sr, sc_error, created, latency = journal.rows(
+        "SELECT id, instances, completion, completion_reason, result, error, sr IS NOT NULL, sc_error, created, "
+        "latency_s FROM answers WHERE study_id=? AND version=?", (study.id, study.version))[0]
+    deliveries = [{"kind": kind, "destination": destination, "status": status, "attempts": attempts,
+                   "last_error": last_error, "sent_at": sent_at}
+                  for kind, destination, status, attempts, last_error, sent_at in journal.rows(
+                      "SELECT kind, destination, status, attempts, last_error, sent_at FROM deliveries "
+                      "WHERE answer_id=? ORDER BY kind, destination", (answer_id,))]
+    delivery = delivery_summary([d["status"] for d in deliveries], bool(has_sr))
+    document = {"study_uid": study_uid, "status": "no answer" if error else "answered", "version": study.version,
+                "instances": instances, "completion": completion, "completion_reason": reason,
+                "sent": delivery == "sent", "delivery": delivery, "deliveries": deliveries,
+                "secondary_capture_error": sc_error, "answered_at": created, "latency_s": latency,
+                "receiving": {**arriving, "instances": study.instances - instances}
+                if study.instances > instances else None, "result": json.loads(result)}
+    return 200, document
