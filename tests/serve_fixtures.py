@@ -153,8 +153,10 @@ __all__ = ["CT_IMAGE_STORAGE", "Collector", "NodeProcess", "free_port", "http_se
 class NodeProcess:
     """`ctedge serve` as a subprocess (what an operator runs), on given loopback ports."""
 
-    def __init__(self, model: Path, spool: Path, *args: str, dicom_port: int | None = None):
+    def __init__(self, model: Path, spool: Path, *args: str, dicom_port: int | None = None,
+                 env: dict[str, str] | None = None):
         self.dicom_port, self.http_port = dicom_port or free_port(), free_port()
+        self.env = env or {}  # e.g. CTEDGE_CRASH_AT (ctedge.edge.serve.faults)
         self.command = [sys.executable, "-m", "ctedge.cli", "serve", str(model), "--spool", str(spool),
                         "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port),
                         "--min-free-disk", "0", "--runtime", "onnxruntime", *args]
@@ -162,7 +164,7 @@ class NodeProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> NodeProcess:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **self.env)
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_for(self._ready, timeout=60, what=f"`ctedge serve` to be ready (log: {self.log})")
@@ -189,6 +191,10 @@ class NodeProcess:
             return status, json.loads(body)
         except ValueError:
             return status, body.decode()
+
+    def died(self) -> bool:
+        """Whether the process has ended (killed itself at a crash point, say)."""
+        return self.process.poll() is not None
 
     def kill(self) -> None:
         """kill -9: no clean-up of any kind."""

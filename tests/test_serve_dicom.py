@@ -39,8 +39,7 @@ def test_study_round_trip_sr_matches_classify_study(tmp_path, serve_model, synta
     try:
         with running_service(tmp_path, serve_model, destination=[collector.destination]) as service:
             assert send_files(files, service.node.port, syntax=syntax) == [0] * len(files)
-            wait_for(lambda: collector.received, what="the SR")
-            answer = service.study_view(study_uid)[1]
+            answer = wait_for(lambda: (view := service.study_view(study_uid)[1]).get("sent") and view, what="the SR")
     finally:
         collector.stop()
     assert len(collector.received) == 1

@@ -24,7 +24,7 @@ ORTHANC, STORESCU, ECHOSCU = Path("/usr/sbin/Orthanc"), Path("/usr/bin/storescu"
 
 def require(binary: Path) -> None:
     if not binary.is_file():
-        message = f"{binary} not found (apt-get install orthanc dcmtk)"
+        message = f"{binary} not found (apt-get install orthanc dcmtk dicom3tools)"
         if os.environ.get("CTEDGE_REQUIRE_PACS") == "1":
             pytest.fail(message)
         pytest.skip(message)

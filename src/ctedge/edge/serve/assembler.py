@@ -121,6 +121,16 @@ class Assembler:
 
     def step(self) -> float:
         """Look at every due study once; the seconds until the next look."""
+        tick = min(0.05, max(self.timing.quiet / 4, 0.01))
+        if self.pause.paused:
+            return tick
+        try:
+            self.spool.record_closes()
+        except Exception as exc:  # still unwritable: the studies wait for their association's end
+            if is_disk_full(exc):
+                self.pause.set(f"cannot write the journal ({exc})")
+            self.last_error = f"association end not recorded: {exc.__class__.__name__}"
+            return tick
         now = time.time()
         for study in self.journal.due_studies(now):
             try:
@@ -133,7 +143,7 @@ class Assembler:
                 else:
                     log.exception("study %s: answer failed; tried again", uid_hash(study.study_uid))
                 self.last_error = f"study {uid_hash(study.study_uid)}: {exc.__class__.__name__}"
-        return min(0.05, max(self.timing.quiet / 4, 0.01))
+        return tick
 
     def _look_at(self, study: StudyRow, now: float) -> None:
         if self.spool.busy(study.study_uid) or self.pause.paused:

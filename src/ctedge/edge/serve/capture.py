@@ -68,7 +68,7 @@ def build_capture(result: StudyResult, evidence: list, algorithm: Algorithm, ver
     ds.Modality, ds.ConversionType, ds.Manufacturer = "OT", "WSD", "ctedge"
     ds.SeriesNumber, ds.InstanceNumber = 9902, version
     ds.SeriesDescription = f"ctedge COVID-19 plot v{version} ({algorithm.name} {algorithm.version})"
-    ds.PatientOrientation = None
+    ds.PatientOrientation = ds.Laterality = None  # a plot has neither (type 2/2C: present, empty)
     ds.BurnedInAnnotation = "NO"  # the text is the answer, no patient data
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape

@@ -2,10 +2,12 @@
 
 Every journal transition calls ``Faults.hit(point)`` right after its commit (and a few
 side effects, such as an instance file on disk or a result the PACS acknowledged,
-call it before the commit that records them). Nothing happens there in production.
+call it before the commit that records them); ``journal.write`` is hit inside every
+transaction, before its commit. Nothing happens there in production.
 
-- Tests install a hook (``Faults(hook=...)``): it may raise at a point; ``dead`` then
-  makes every later write and send fail too, as if the process had stopped there.
+- Tests install a hook (``Faults(hook=...)``) that may raise at a point: ``Crashed``
+  simulates the process stopping there (``dead``: every later write and send fails
+  too); another exception is an injected error (ENOSPC, "database or disk is full").
 - ``CTEDGE_CRASH_AT=POINT`` or ``POINT:N`` (read once when the node starts) makes the
   node kill -9 itself the first (N-th) time it reaches POINT: how the subprocess tests
   crash it for real. For tests only; unset in production.
@@ -22,6 +24,7 @@ from collections.abc import Callable
 
 CRASH_ENV = "CTEDGE_CRASH_AT"
 POINTS = (
+    "journal.write",       # inside any journal transaction, before its commit
     "instance.written",    # the instance file is on disk, its journal row not yet
     "instance.committed",  # its row is committed, the C-STORE not yet acknowledged
     "association.closed",  # the association's end (released or aborted) is recorded
@@ -60,6 +63,7 @@ class Faults:
             raise Crashed("the node crashed (injected) before this write")
 
     def hit(self, point: str) -> None:
+        self.check()
         if point == self.crash_at:
             with self.lock:
                 self.crash_countdown -= 1
@@ -68,7 +72,7 @@ class Faults:
         if self.hook is not None:
             try:
                 self.hook(point)
-            except BaseException:
+            except Crashed:
                 self.dead.set()
                 raise
 

@@ -180,7 +180,7 @@ class Journal:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
-                self.faults.check()
+                self.faults.hit("journal.write")
                 self.db.execute("COMMIT")
             except BaseException:
                 if self.db.in_transaction:

@@ -159,11 +159,8 @@ class Node:
 
     def _closed(self, event, aborted: bool = False) -> None:
         c = self.counts.pop(id(event.assoc), AssociationCounts())
-        try:
-            if c.stored or c.duplicates:  # its studies: complete (released) or maybe not (aborted)
-                self.spool.journal.association_closed(c.key, aborted)
-        except Exception as exc:  # its studies stay "open": they wait, as after an abort
-            log.error("association end not recorded (%s)", exc.__class__.__name__)
+        if c.stored or c.duplicates:  # its studies: complete (released) or maybe not (aborted)
+            self.spool.association_closed(c.key, aborted)
         requestor = event.assoc.requestor
         seconds = time.monotonic() - c.started
         log.log(logging.WARNING if aborted else logging.INFO,

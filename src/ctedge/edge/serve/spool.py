@@ -140,6 +140,7 @@ class Spool:
         self.written = threading.Condition(self.lock)  # an instance's write ended
         self.keys: dict[str, str] = {}  # study UID -> folder name given in this process
         self.arriving: dict[str, set[str]] = {}  # study UID -> SOP instance UIDs being written
+        self.unrecorded: dict[str, bool] = {}  # association -> aborted, its end not in the journal yet
         self._recover()
 
     def close(self) -> None:
@@ -182,6 +183,7 @@ class Spool:
 
     def store(self, incoming: Incoming, association: str) -> Stored:
         """Write one instance and commit its row (or say why not); only then may it be acknowledged."""
+        self.faults.check()
         if self.pause.paused:
             return Stored.PAUSED
         with self.written:
@@ -237,6 +239,29 @@ class Spool:
                 return Stored.PAUSED
             raise
         return Stored.STORED
+
+    def association_closed(self, association: str, aborted: bool) -> None:
+        """Record how an association ended; one that can't be recorded now (a full disk) is
+        kept and recorded by ``record_closes`` (its studies must not look aborted)."""
+        try:
+            self.journal.association_closed(association, aborted)
+        except Exception as exc:
+            if self.faults.dead.is_set():
+                raise
+            with self.lock:
+                self.unrecorded[association] = aborted
+            if is_disk_full(exc):
+                self.pause.set(f"cannot write the journal ({exc})")
+            log.error("association end not recorded yet (%s); tried again", exc.__class__.__name__)
+
+    def record_closes(self) -> None:
+        """Record association ends that could not be recorded when they happened."""
+        with self.lock:
+            waiting = dict(self.unrecorded)
+        for association, aborted in waiting.items():
+            self.journal.association_closed(association, aborted)
+            with self.lock:
+                self.unrecorded.pop(association, None)
 
     def remove(self, study_id: int, study_uid: str, key: str) -> bool:
         """Delete a study's rows, then its files (retention); False when it is receiving now."""

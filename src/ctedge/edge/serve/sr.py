@@ -105,6 +105,7 @@ def build_sr(result, evidence: list, algorithm: Algorithm, version: int, previou
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
+    from pydicom.valuerep import DS  # from a string: NumericValue "54", not "54.0"
 
     c = _codes()
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version,
@@ -120,7 +121,7 @@ def build_sr(result, evidence: list, algorithm: Algorithm, version: int, previou
             hd.sr.Measurement(name=c["probability"], value=float(result.probability), unit=c["unit"],
                               algorithm_id=algorithm_id),
             hd.sr.Measurement(name=c["threshold"], value=float(algorithm.threshold), unit=c["unit"]),
-            hd.sr.Measurement(name=c["slices"], value=int(result.slices_used), unit=c["slice_unit"]),
+            hd.sr.Measurement(name=c["slices"], value=DS(str(int(result.slices_used))), unit=c["slice_unit"]),
         ],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(c["covid"], c["present" if positive else "absent"])],
         source_images=[hd.sr.SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
