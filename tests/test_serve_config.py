@@ -47,6 +47,10 @@ def test_toml_then_flags(tmp_path, serve_model):
     (["--quiet-seconds", "-1"], "--quiet-seconds must be 0 or more"),
     (["--min-free-disk", "lots"], "--min-free-disk must be a size"),
     (["--tls-cert", "x.pem"], "--tls-cert needs both --tls-cert and --tls-key"),
+    (["--keep-days", "0"], "--keep-days must be more than 0"),
+    (["--max-spool", "lots"], "--max-spool must be a size"),
+    (["--destination-tls-cert", "x.pem"], "--destination-tls-cert needs both --destination-tls-cert and "
+                                          "--destination-tls-key"),
 ])
 def test_bad_options_exit_2_naming_them(serve_model, args, message):
     result = CliRunner().invoke(app, ["serve", str(serve_model), *args])

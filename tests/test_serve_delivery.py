@@ -40,7 +40,8 @@ def test_a_pacs_down_longer_than_the_quick_retries(tmp_path, serve_model):
                      what="the failed delivery")
             view = client.get(f"/v1/studies/{study_uid}").json()
             assert _metric(client.get("/metrics").text, "ctedge_results_failed") == 1
-            assert '<td class="failed">failed</td>' in client.get("/").text
+            page = client.get("/").text
+            assert '<td class="failed">failed</td>' in page and "failed, tried again every 0.5 s" in page
             [delivery] = view["deliveries"]
             assert (delivery["status"], delivery["attempts"]) == ("failed", 2) and not view["sent"]
             assert delivery["last_error"] == "association failed (no answer or no connection)"

@@ -32,11 +32,12 @@ class Outbox:
 
     def __init__(self, journal: Journal, destinations: list[Destination], ae_title: str, retries: int,
                  retry_seconds: float, retry_failed_every: float, pause, faults: Faults,
-                 tls: ssl.SSLContext | None = None, timeout: float = 30.0):
+                 tls: ssl.SSLContext | None = None, timeout: float = 30.0, on_failed=None):
         self.journal, self.destinations = journal, {str(d): d for d in destinations}
         self.ae_title, self.retries, self.retry_seconds = ae_title, retries, retry_seconds
         self.retry_failed_every, self.pause, self.faults, self.tls, self.timeout = (
             retry_failed_every, pause, faults, tls, timeout)
+        self.on_failed = on_failed or (lambda message: None)  # a delivery just became failed
         self.last_error: str | None = None
 
     def step(self) -> float:
@@ -76,9 +77,11 @@ class Outbox:
         self.last_error = f"{name} to {due.destination}: {error}"
         if due.status == "failed" or attempts >= self.retries:
             self.journal.delivery_failed(due.id, "failed", time.time() + self.retry_failed_every, error)
-            log.log(logging.ERROR if due.status != "failed" else logging.WARNING,
-                    "%s not sent to %s after %d attempt(s) (%s); failed, tried again every %.0f s", name,
-                    due.destination, attempts, error, self.retry_failed_every)
+            message = (f"{name} not sent to {due.destination} after {attempts} attempt(s) ({error}); failed, "
+                       f"tried again every {self.retry_failed_every:g} s")
+            log.log(logging.ERROR if due.status != "failed" else logging.WARNING, "%s", message)
+            if due.status != "failed":
+                self.on_failed(message)
             return
         backoff = min(self.retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF_S)
         self.journal.delivery_failed(due.id, "pending", time.time() + backoff, error)

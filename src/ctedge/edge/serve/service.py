@@ -95,7 +95,7 @@ class Service:
         self.outbox = Outbox(self.journal, config.destination, config.ae_title, config.retries, config.retry_seconds,
                              config.retry_failed_every, self.pause, self.faults,
                              client_tls(config.destination_tls_ca, config.destination_tls_cert,
-                                        config.destination_tls_key), config.destination_timeout)
+                                        config.destination_tls_key), config.destination_timeout, self._error)
         self.disk = DiskWatch(config.spool, self.journal, self.pause, config.min_free_disk, config.disk_check_seconds)
         self.retention = Retention(self.spool, config.keep_days, config.max_spool, config.retention_seconds)
         self.loops = {name: Loop(name, step) for name, step in (
@@ -103,13 +103,16 @@ class Service:
             ("retention", self.retention.step))}
         self.supervisor = Supervisor(list(self.loops.values()), backoff=config.loop_restart_seconds)
 
+    def _error(self, message: str) -> None:
+        """A line for the status page's errors (no patient data: UIDs hashed)."""
+        with self.lock:
+            self.errors.appendleft(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {hash_uids(message)}")
+
     def _answered(self, answered: Answered) -> None:
         self.loops["outbox"].wake()
         if answered.result.error:
             self.metrics.failed.inc()
-            with self.lock:
-                self.errors.appendleft(f"{time.strftime('%Y-%m-%d %H:%M:%S')} study {uid_hash(answered.study_uid)}: "
-                                       f"{hash_uids(answered.result.error)}")
+            self._error(f"study {uid_hash(answered.study_uid)}: {answered.result.error}")
             return
         self.metrics.answered.inc()
         self.metrics.latency.observe(answered.latency_s)

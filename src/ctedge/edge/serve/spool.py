@@ -130,7 +130,7 @@ class Spool:
         self.faults = faults or Faults()
         (self.root / "studies").mkdir(parents=True, exist_ok=True)
         check_layout(self.root)
-        self.lock_fd = lock_spool(self.root)
+        self.lock_fd: int | None = lock_spool(self.root)
         try:
             self.journal = Journal(self.root / "journal.sqlite", self.faults)
         except BaseException:
@@ -144,8 +144,11 @@ class Spool:
         self._recover()
 
     def close(self) -> None:
-        self.journal.close()
-        os.close(self.lock_fd)
+        """Close the journal and let go of the spool's lock (once)."""
+        if self.lock_fd is not None:
+            self.journal.close()
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def folder(self, key: str) -> Path:
         return self.root / "studies" / key
