@@ -41,7 +41,9 @@ def test_kill_9_mid_c_store_and_after_the_pacs_acknowledged(tmp_path, serve_mode
     a_files, b_files = study_files(tmp_path / "a"), study_files(tmp_path / "b")
     collector = Collector()  # the PACS is down at first
     spool = tmp_path / "spool"
-    args = ("--quiet-seconds", "0.5", "--destination", f"{collector.ae_title}@127.0.0.1:{collector.port}")
+    (tmp_path / "serve.toml").write_text("retry-seconds = 0.2\n")  # the quick retries, quicker
+    args = ("--config", str(tmp_path / "serve.toml"), "--quiet-seconds", "0.5", "--destination",
+            f"{collector.ae_title}@127.0.0.1:{collector.port}")
     crash = {"CTEDGE_CRASH_AT": f"instance.written:{len(a_files) + 6}"}  # B's 6th C-STORE: on disk, not acknowledged
     first = NodeProcess(serve_model, spool, *args, env=crash).start()
     try:

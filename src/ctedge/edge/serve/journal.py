@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS studies (
     resent INTEGER NOT NULL DEFAULT 0       -- an answered study was sent again, nothing new in it
 );
 CREATE INDEX IF NOT EXISTS studies_association ON studies (association);
+CREATE INDEX IF NOT EXISTS studies_due ON studies (next_try) WHERE instances > answered_instances OR resent;
 CREATE TABLE IF NOT EXISTS instances (
     id INTEGER PRIMARY KEY,
     study_id INTEGER NOT NULL REFERENCES studies (id) ON DELETE CASCADE,
@@ -85,7 +86,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     sent_at REAL,
     UNIQUE (answer_id, kind, destination)
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_try);
+CREATE INDEX IF NOT EXISTS deliveries_unsent ON deliveries (status, next_try) WHERE status != 'sent';
+CREATE INDEX IF NOT EXISTS answers_created ON answers (created);
 """
 STUDY_COLUMNS = ("id, study_uid, key, created, last_arrival, instances, bytes, association_state, "
                  "answered_instances, version, attempts, next_try, last_error, resent")

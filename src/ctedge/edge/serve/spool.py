@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import threading
 import uuid
 from dataclasses import dataclass
@@ -128,14 +129,17 @@ class Spool:
         self.root = Path(root)
         self.max_study_instances, self.min_free_disk, self.pause = max_study_instances, min_free_disk, pause
         self.faults = faults or Faults()
-        (self.root / "studies").mkdir(parents=True, exist_ok=True)
-        check_layout(self.root)
-        self.lock_fd: int | None = lock_spool(self.root)
+        try:
+            (self.root / "studies").mkdir(parents=True, exist_ok=True)
+            check_layout(self.root)
+            self.lock_fd: int | None = lock_spool(self.root)
+        except OSError as exc:
+            raise CtedgeError(f"{self.root} can't be used as a spool ({exc.strerror or exc})", param="spool") from None
         try:
             self.journal = Journal(self.root / "journal.sqlite", self.faults)
-        except BaseException:
+        except (OSError, sqlite3.Error) as exc:
             os.close(self.lock_fd)
-            raise
+            raise CtedgeError(f"{self.root / 'journal.sqlite'} can't be opened ({exc})", param="spool") from None
         self.lock = threading.Lock()
         self.written = threading.Condition(self.lock)  # an instance's write ended
         self.keys: dict[str, str] = {}  # study UID -> folder name given in this process
