@@ -30,6 +30,24 @@ def _opt(help_text: str, *names: str):
     return typer.Option(*names, help=help_text, show_default=False)
 
 
+# The journal's options (issue 25): one alias each, so that `serve` stays short.
+IncompleteSeconds = Annotated[Optional[float], _opt(
+    "A study that may be incomplete (aborted or interrupted transfer, a gap, fewer instances than "
+    "ImagesInAcquisition) waits this long for more, then is answered PARTIAL [600].")]
+NoPartial = Annotated[Optional[bool], typer.Option(
+    "--no-partial", help="No answer at all for a study still incomplete after --incomplete-seconds.",
+    show_default=False)]
+RetryFailedEvery = Annotated[Optional[float], _opt(
+    "A result not sent after its quick retries is tried again this often, until sent [600].")]
+KeepDays = Annotated[Optional[float], _opt("Delete answered and delivered studies older than this [keep all].")]
+MaxSpool = Annotated[Optional[str], _opt(
+    "Delete the oldest answered and delivered studies while the spool is over this size, e.g. 50G [no limit].")]
+DestinationTlsCa = Annotated[Optional[Path], _opt("TLS to destinations: CA their certificates must chain to (PEM).")]
+DestinationTlsCert = Annotated[Optional[Path], _opt(
+    "TLS to destinations: the node's client certificate (PEM), for destinations that ask for one.")]
+DestinationTlsKey = Annotated[Optional[Path], _opt("TLS to destinations: its private key (PEM).")]
+
+
 @command
 def serve(
     model: Annotated[Optional[Path], typer.Argument(help="Exported .onnx model (or `model` in --config).")] = None,
@@ -65,23 +83,10 @@ def serve(
     secondary_capture: Annotated[Optional[bool], typer.Option(
         "--secondary-capture", help="Also send the answer as a Secondary Capture image (probability along the "
                                     "scan axis) for viewers that show no SR.", show_default=False)] = None,
-    incomplete_seconds: Annotated[Optional[float], _opt(
-        "A study that may be incomplete (aborted or interrupted transfer, a gap, fewer instances than "
-        "ImagesInAcquisition) waits this long for more, then is answered PARTIAL [600].")] = None,
-    no_partial: Annotated[Optional[bool], typer.Option("--no-partial", help="No answer at all for a study still "
-                                                       "incomplete after --incomplete-seconds.",
-                                                       show_default=False)] = None,
-    retry_failed_every: Annotated[Optional[float], _opt("A result not sent after its quick retries is tried again "
-                                                        "this often, until sent [600].")] = None,
-    keep_days: Annotated[Optional[float], _opt("Delete answered and delivered studies older than this "
-                                               "[keep all].")] = None,
-    max_spool: Annotated[Optional[str], _opt("Delete the oldest answered and delivered studies while the spool "
-                                             "is over this size, e.g. 50G [no limit].")] = None,
-    destination_tls_ca: Annotated[Optional[Path], _opt("TLS to destinations: CA their certificates must chain to "
-                                                       "(PEM).")] = None,
-    destination_tls_cert: Annotated[Optional[Path], _opt("TLS to destinations: the node's client certificate "
-                                                         "(PEM), for destinations that ask for one.")] = None,
-    destination_tls_key: Annotated[Optional[Path], _opt("TLS to destinations: its private key (PEM).")] = None,
+    incomplete_seconds: IncompleteSeconds = None, no_partial: NoPartial = None,
+    retry_failed_every: RetryFailedEvery = None, keep_days: KeepDays = None, max_spool: MaxSpool = None,
+    destination_tls_ca: DestinationTlsCa = None, destination_tls_cert: DestinationTlsCert = None,
+    destination_tls_key: DestinationTlsKey = None,
 ) -> None:
     """Run a DICOM node and an HTTP API with one loaded model.
 
