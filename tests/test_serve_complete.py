@@ -1,5 +1,5 @@
-"""Completeness: a study that may be incomplete (aborted association, a gap, fewer instances
-than ImagesInAcquisition) is not answered at its quiet period; it waits, then is answered
+"""Completeness: a study that may be incomplete (aborted association, instances refused, a
+gap, fewer instances than ImagesInAcquisition) is not answered at its quiet period; it waits, then is answered
 PARTIAL (or not at all with no_partial); a sender that retries and releases normally
 makes it complete again."""
 
@@ -101,23 +101,27 @@ def _announcing(folder, count: int) -> list:
     return files
 
 
-def test_geometry_says_incomplete_and_no_partial_gives_no_answer(tmp_path, serve_model):
-    """Released normally, but a gap in the slice positions, or fewer instances than
-    ImagesInAcquisition: the same wait; with no_partial, no SR at all and the reason given."""
+def test_geometry_or_refusals_say_incomplete_and_no_partial_gives_no_answer(tmp_path, serve_model):
+    """Released normally, but a gap in the slice positions, fewer instances than
+    ImagesInAcquisition, or an instance refused (0xA700: over --max-study-instances): the same
+    wait; with no_partial, no SR at all and the reason given."""
     gap_uid = write_study(tmp_path / "gap", np.random.default_rng(52), True, slices=10, scout=False)
     short_uid = write_study(tmp_path / "short", np.random.default_rng(53), True, slices=10, scout=False)
+    full_uid = write_study(tmp_path / "full", np.random.default_rng(54), True, slices=11, scout=False)
     collector = Collector().start()
     try:
         with running_service(tmp_path, serve_model, destination=[collector.destination], quiet_seconds=0.1,
-                             incomplete_seconds=0.5, no_partial=True) as service:
+                             incomplete_seconds=0.5, no_partial=True, max_study_instances=10) as service:
             assert send_files(_with_gap(tmp_path / "gap"), service.node.port) == [0] * 9
             assert send_files(_announcing(tmp_path / "short", 12), service.node.port) == [0] * 10
-            gap, short = _answer(service, gap_uid), _answer(service, short_uid)
+            assert send_files(study_files(tmp_path / "full"), service.node.port) == [0] * 10 + [0xA700]
+            gap, short, full = (_answer(service, uid) for uid in (gap_uid, short_uid, full_uid))
     finally:
         collector.stop()
-    assert gap["completion_reason"].startswith("gap of ") and short["completion_reason"] == (
-        "10 of 12 instances (ImagesInAcquisition) received")
-    for answer in (gap, short):
+    assert gap["completion_reason"].startswith("gap of ")
+    assert short["completion_reason"] == "10 of 12 instances (ImagesInAcquisition) received"
+    assert full["completion_reason"] == "instances were refused (out of resources) and may come again"
+    for answer in (gap, short, full):
         assert answer["status"] == "no answer" and answer["completion"] == "PARTIAL"
         assert answer["result"]["error"].endswith("not answered (--no-partial)") and answer["delivery"] == "none"
     assert collector.received == []

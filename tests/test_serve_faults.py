@@ -128,6 +128,7 @@ def test_a_full_disk_pauses_the_node_and_it_resumes_by_itself(tmp_path, serve_mo
         with running_service(tmp_path, serve_model, faults=Faults(hook=disk), destination=[collector.destination],
                              quiet_seconds=1.0) as service, TestClient(create_app(service)) as client:
             assert send_files(files[:2], service.node.port) == [0, 0]
+            wait_for(lambda: service.study_view(study_uid)[1]["association"] == "released", what="the release")
             full.set()
             assert send_files(files[2:4], service.node.port) == [0xA700, 0xA700]  # the second: paused already
             readiness = client.get("/readyz")

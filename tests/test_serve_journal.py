@@ -29,7 +29,7 @@ def _receive(spool: Spool, study_uid: str, count: int, association: str = "a1", 
     for number in range(first, first + count):
         incoming = Incoming(study_uid, f"{study_uid}.{number}", f"{study_uid}.9", None, b"\0" * 1000)
         assert spool.store(incoming, association) is Stored.STORED
-    spool.association_closed(association, aborted=False)
+    spool.association_closed(association, "released")
 
 
 def _answer(spool: Spool, study_uid: str, destinations=("PACS@127.0.0.1:104",)) -> int:

@@ -4,8 +4,9 @@ while its quiet period runs; at the period's end it is answered if it is complet
 waits (``incomplete_seconds``) if it may not be. The worker also runs the HTTP API's
 requests (one model, one queue).
 
-A study may be incomplete when the last association that sent it was aborted, was still
-open when the node restarted (``recovered``) or is still open; when its chosen series
+A study may be incomplete when the last association that sent it was aborted, had
+instances refused (0xA700), was still open when the node restarted (``recovered``) or is
+still open; when its chosen series
 has fewer instances than its ImagesInAcquisition; or when its slice positions have a
 gap. After ``incomplete_seconds`` it is answered with CompletionFlag PARTIAL (the
 reason in the SR, the JSON and the log), or not at all with ``no_partial``.
@@ -216,6 +217,7 @@ class Assembler:
         state = study.association_state
         if state != "released":
             return {"aborted": "the sender's association was aborted",
+                    "refused": "instances were refused (out of resources) and may come again",
                     "recovered": "the node restarted while the study was being received",
                     "open": "the sender's association is still open"}[state]
         if answer.result.series_uid:

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS studies (
     instances INTEGER NOT NULL DEFAULT 0,
     bytes INTEGER NOT NULL DEFAULT 0,
     association TEXT NOT NULL,              -- the last association that sent it
-    association_state TEXT NOT NULL,        -- open, released, aborted, recovered (open at a restart)
+    association_state TEXT NOT NULL,        -- open, released, aborted, refused, recovered (open at a restart)
     answered_instances INTEGER NOT NULL DEFAULT 0,
     version INTEGER NOT NULL DEFAULT 0,     -- answers given
     attempts INTEGER NOT NULL DEFAULT 0,    -- failed classifications of the current instances
@@ -229,7 +229,9 @@ class Journal:
             db.execute("INSERT INTO studies (study_uid, key, created, last_arrival, association, association_state) "
                        "VALUES (?, ?, ?, ?, ?, 'open') ON CONFLICT (study_uid) DO NOTHING",
                        (new.study_uid, key, now, now, new.association))
-            study_id = db.execute("SELECT id FROM studies WHERE study_uid=?", (new.study_uid,)).fetchone()[0]
+            study_id, held_in = db.execute("SELECT id, key FROM studies WHERE study_uid=?", (new.study_uid,)).fetchone()
+            if held_in != key:  # never a row for a file outside its study's folder
+                raise RuntimeError(f"study {study_id} lives in {held_in}, not {key}")
             db.execute("INSERT INTO instances (study_id, sop_uid, series_uid, file, bytes, expected, association, "
                        "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (study_id, new.sop_uid, new.series_uid, new.file, new.bytes, new.expected, new.association,
@@ -246,10 +248,12 @@ class Journal:
                        "resent=(version > 0 AND instances = answered_instances) WHERE study_uid=?",
                        (time.time(), association, study_uid))
 
-    def association_closed(self, association: str, aborted: bool) -> None:
+    def association_closed(self, association: str, state: str) -> None:
+        """The association's studies (those it sent last) take how it ended: released, aborted,
+        or refused (some of its instances got 0xA700)."""
         with self.write("association.closed") as db:
             db.execute("UPDATE studies SET association_state=? WHERE association=? AND association_state='open'",
-                       ("aborted" if aborted else "released", association))
+                       (state, association))
 
     def instance_files(self) -> dict[str, set[str]]:
         """Every study folder the journal knows and the files it holds."""

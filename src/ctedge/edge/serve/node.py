@@ -98,6 +98,7 @@ class AssociationCounts:
     duplicates: int = 0
     other: int = 0  # not CT images: acknowledged, not kept
     refused: int = 0
+    out_of_resources: int = 0  # of those refused: 0xA700 (the sender may send them again)
     bytes: int = 0
 
 
@@ -159,8 +160,9 @@ class Node:
 
     def _closed(self, event, aborted: bool = False) -> None:
         c = self.counts.pop(id(event.assoc), AssociationCounts())
-        if c.stored or c.duplicates:  # its studies: complete (released) or maybe not (aborted)
-            self.spool.association_closed(c.key, aborted)
+        if c.stored or c.duplicates:  # its studies: complete, or maybe not (aborted, instances refused)
+            self.spool.association_closed(c.key, "aborted" if aborted else "refused" if c.out_of_resources
+                                          else "released")
         requestor = event.assoc.requestor
         seconds = time.monotonic() - c.started
         log.log(logging.WARNING if aborted else logging.INFO,
@@ -189,6 +191,7 @@ class Node:
             status = 0x0000
         else:
             c.refused += 1
+            c.out_of_resources += status == 0xA700
         return status
 
     def _keep(self, data: bytes, association: str) -> int:

@@ -144,7 +144,7 @@ class Spool:
         self.written = threading.Condition(self.lock)  # an instance's write ended
         self.keys: dict[str, str] = {}  # study UID -> folder name given in this process
         self.arriving: dict[str, set[str]] = {}  # study UID -> SOP instance UIDs being written
-        self.unrecorded: dict[str, bool] = {}  # association -> aborted, its end not in the journal yet
+        self.unrecorded: dict[str, str] = {}  # association -> how it ended, not in the journal yet
         self._recover()
 
     def close(self) -> None:
@@ -247,16 +247,16 @@ class Spool:
             raise
         return Stored.STORED
 
-    def association_closed(self, association: str, aborted: bool) -> None:
-        """Record how an association ended; one that can't be recorded now (a full disk) is
-        kept and recorded by ``record_closes`` (its studies must not look aborted)."""
+    def association_closed(self, association: str, state: str) -> None:
+        """Record how an association ended (released, aborted, refused); one that can't be
+        recorded now (a full disk) is kept and recorded by ``record_closes``."""
         try:
-            self.journal.association_closed(association, aborted)
+            self.journal.association_closed(association, state)
         except Exception as exc:
             if self.faults.dead.is_set():
                 raise
             with self.lock:
-                self.unrecorded[association] = aborted
+                self.unrecorded[association] = state
             if is_disk_full(exc):
                 self.pause.set(f"cannot write the journal ({exc})")
             log.error("association end not recorded yet (%s); tried again", exc.__class__.__name__)
@@ -265,8 +265,8 @@ class Spool:
         """Record association ends that could not be recorded when they happened."""
         with self.lock:
             waiting = dict(self.unrecorded)
-        for association, aborted in waiting.items():
-            self.journal.association_closed(association, aborted)
+        for association, state in waiting.items():
+            self.journal.association_closed(association, state)
             with self.lock:
                 self.unrecorded.pop(association, None)
 
