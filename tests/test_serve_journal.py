@@ -15,7 +15,7 @@ from ctedge.edge.serve.disk import Pause
 from ctedge.edge.serve.journal import AnswerDraft
 from ctedge.edge.serve.retention import Retention
 from ctedge.edge.serve.spool import Incoming, Spool, Stored
-from serve_fixtures import serve_model
+from serve_fixtures import free_port, serve_model
 
 __all__ = ["serve_model"]
 
@@ -38,15 +38,19 @@ def _answer(spool: Spool, study_uid: str, destinations=("PACS@127.0.0.1:104",)) 
     return spool.journal.commit_answer(study, draft, list(destinations))
 
 
-def test_one_spool_one_process(tmp_path, serve_model):
+def test_one_spool_one_process(tmp_path, serve_model, monkeypatch):
     """A second node on a spool in use: exit 2 naming the holder (pid, host); the spool is free
     again once the first closes it."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("a second node started"))
     first = _spool(tmp_path / "spool")
     try:
         with pytest.raises(CtedgeError, match=f"in use by another `ctedge serve` \\(pid {os.getpid()} on "
                                               f"{socket.gethostname()}\\)"):
             _spool(tmp_path / "spool")
-        result = CliRunner().invoke(app, ["serve", str(serve_model), "--spool", str(tmp_path / "spool")])
+        result = CliRunner().invoke(app, ["serve", str(serve_model), "--spool", str(tmp_path / "spool"),
+                                          "--dicom-port", str(free_port()), "--http-port", str(free_port())])
         assert result.exit_code == ExitCode.BAD_INPUT and "--spool" in result.output
         assert f"pid {os.getpid()}" in " ".join(result.output.split())
     finally:
