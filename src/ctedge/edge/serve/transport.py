@@ -127,6 +127,9 @@ class GuardedHandler(RequestHandler):
             if tls:
                 return True
             head = sock.recv(wanted, socket.MSG_PEEK)
+            if not head:  # closed before a word: nothing to negotiate
+                self.server.shutdown_request(sock)
+                return False
             if len(head) >= 6 and wanted == 6:
                 length = struct.unpack(">L", head[2:6])[0]
                 if length > ASSOCIATE_RQ_MAX:
@@ -136,7 +139,7 @@ class GuardedHandler(RequestHandler):
                     self.server.shutdown_request(sock)
                     return False
                 wanted = 6 + length
-            if not head or len(head) >= wanted:  # closed (pynetdicom sees to it), or the whole request
+            if len(head) >= wanted:  # the whole request: pynetdicom reads it at once
                 return True
             if time.monotonic() + pause > deadline:
                 break
