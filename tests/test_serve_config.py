@@ -38,6 +38,12 @@ def test_toml_then_flags(tmp_path, serve_model):
     (["--quiet-seconds", "-1"], "--quiet-seconds must be 0 or more"),
     (["--min-free-disk", "lots"], "--min-free-disk must be a size"),
     (["--tls-cert", "x.pem"], "--tls-cert needs both --tls-cert and --tls-key"),
+    (["--tls-ca", "ca.pem"], "--tls-ca checks senders' certificates on DICOM TLS, which needs --tls-cert and "
+                             "--tls-key too (without them the node would speak plain DICOM)"),
+    (["--max-associations", "4", "--max-associations-per-host", "5"],
+     "--max-associations-per-host must be 1 to --max-associations (4), not 5"),
+    (["--associate-seconds", "0"], "--associate-seconds must be more than 0"),
+    (["--max-instance-bytes", "lots"], "--max-instance-bytes must be a size"),
 ])
 def test_bad_options_exit_2_naming_them(serve_model, args, message):
     result = CliRunner().invoke(app, ["serve", str(serve_model), *args])

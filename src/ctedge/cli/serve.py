@@ -2,32 +2,41 @@
 
 from __future__ import annotations
 
-import re
+import contextlib
+import logging
+import signal
+import threading
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ctedge.cli.common import PrecisionOpt, Threads, command
+from ctedge.core.choices import LogFormat
 from ctedge.core.errors import CtedgeError
-from ctedge.core.progress import console
 from ctedge.edge.engines import Provider, Runtime
 
-SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
-
-
-def parse_size(text: str | None, param: str) -> int | None:
-    """'2G', '500M', '1048576' -> bytes."""
-    if text is None:
-        return None
-    match = SIZE.match(str(text).strip())
-    if not match:
-        raise CtedgeError(f"must be a size such as 2G, 500M or 1048576, not {text!r}", param=param)
-    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+log = logging.getLogger("ctedge.serve")
 
 
 def _opt(help_text: str, *names: str):
     return typer.Option(*names, help=help_text, show_default=False)
+
+
+# what a peer may make the node hold, how it stops, how it logs
+MaxAssociations = Annotated[Optional[int], _opt("DICOM associations open at once [16]; more are rejected "
+                                                "(transient, local limit exceeded).")]
+MaxPerHost = Annotated[Optional[int], _opt("Of those, from one host [half of --max-associations].")]
+AssociateSeconds = Annotated[Optional[float], _opt("A connection must have negotiated its association (TLS "
+                                                   "included) this soon, or it is dropped [5].")]
+IdleSeconds = Annotated[Optional[float], _opt("An association silent this long is aborted; one PDU must arrive "
+                                              "within it [30].")]
+MaxInstanceBytes = Annotated[Optional[str], _opt("A larger instance gets 'out of resources' (0xA700) [256M].")]
+DrainSeconds = Annotated[Optional[float], _opt("On SIGTERM, what open associations and requests get to finish "
+                                               "[30].")]
+LogFormatOpt = Annotated[Optional[LogFormat], _opt("Log lines on stderr: text (one line a record, ISO time) or json "
+                                                   "(one object a line) [text].")]
 
 
 @command
@@ -65,6 +74,13 @@ def serve(
     secondary_capture: Annotated[Optional[bool], typer.Option(
         "--secondary-capture", help="Also send the answer as a Secondary Capture image (probability along the "
                                     "scan axis) for viewers that show no SR.", show_default=False)] = None,
+    max_associations: MaxAssociations = None,
+    max_associations_per_host: MaxPerHost = None,
+    associate_seconds: AssociateSeconds = None,
+    idle_seconds: IdleSeconds = None,
+    max_instance_bytes: MaxInstanceBytes = None,
+    drain_seconds: DrainSeconds = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a DICOM node and an HTTP API with one loaded model.
 
@@ -78,6 +94,7 @@ def serve(
 
     In Orthanc's configuration: `"DicomModalities": { "ctedge": ["CTEDGE", "EDGE-BOX-IP", 11112] }`
     """
+    given = dict(locals())  # every option as given (None: not given, the TOML's or the default then)
     try:
         import uvicorn  # noqa: F401  (checked here: the extra is installed)
 
@@ -87,36 +104,72 @@ def serve(
         raise CtedgeError(f"ctedge serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'ctedge[serve]'") from None
 
-    overrides = dict(model=model, ae_title=ae_title, host=host, dicom_port=dicom_port, http_port=http_port,
-                     allow=allow, destination=destination, spool=spool, quiet_seconds=quiet_seconds,
-                     max_study_instances=max_study_instances, min_free_disk=parse_size(min_free_disk, "min_free_disk"),
-                     tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, token=token,
-                     runtime=runtime.value if runtime else None, precision=precision.value if precision else None,
-                     provider=provider.value if provider else None, threads=threads, max_slices=max_slices,
-                     queue_size=queue_size, log_phi=log_phi, secondary_capture=secondary_capture)
+    overrides = {name: value.value if isinstance(value, Enum) else value for name, value in given.items()
+                 if name != "config"}
     run_node(load_config(config, overrides))
 
 
-def run_node(settings) -> None:
-    """Start the node and the HTTP server on ``settings``; stop both on the way out."""
-    import logging
+class _HttpServer:
+    """uvicorn's server, taking SIGTERM and Ctrl-C as a request to stop (it finishes the
+    requests in flight) without raising the signal again once it has stopped."""
 
+    def __init__(self, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            stop_signal: int | None = None
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+            def handle_exit(self, sig, frame) -> None:
+                self.stop_signal = sig
+                super().handle_exit(sig, frame)
+
+        self.server = Server(config)
+
+    def run(self, sock) -> int | None:
+        """Serve on ``sock`` until a signal; the signal that stopped it."""
+        self.server.run(sockets=[sock])
+        return self.server.stop_signal
+
+
+def run_node(settings) -> None:
+    """Start the node and the HTTP server on ``settings``; on SIGTERM (or Ctrl-C) stop accepting,
+    let what is in flight finish (--drain-seconds), stop the loops."""
     import uvicorn
 
-    from ctedge.edge.serve.http import create_app
+    from ctedge.edge.serve.http import create_app, listen
+    from ctedge.edge.serve.logs import setup_logging
     from ctedge.edge.serve.service import Service
 
-    # their lines repeat ours (which say why) or name instance UIDs
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    setup_logging(settings.log_format, settings.log_phi)
+    http_socket = listen(settings.host, settings.http_port, "http_port")  # busy ports: one line, before the model
+    listen(settings.host, settings.dicom_port, "dicom_port").close()
     if settings.token is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
-        logging.getLogger("ctedge.serve").warning(
-            "HTTP on %s without --token: anyone who reaches the port can classify and read answers", settings.host)
-    service = Service(settings)
-    service.start()
-    console.print(f"ctedge serve: DICOM {settings.ae_title}@{settings.host}:{service.node.port}, "
-                  f"HTTP http://{settings.host}:{settings.http_port}/ ; Ctrl-C stops", highlight=False)
+        log.warning("HTTP on %s without --token: anyone who reaches the port can classify and read answers",
+                    settings.host)
+    service, stopped_by = Service(settings), None
     try:
-        uvicorn.run(create_app(service), host=settings.host, port=settings.http_port, log_level="warning")
+        service.start()
+        log.info("ctedge serve: DICOM %s@%s:%d, HTTP http://%s:%d/ ; SIGTERM or Ctrl-C stops (draining)",
+                 settings.ae_title, settings.host, service.node.port, settings.host, settings.http_port)
+        http = _HttpServer(uvicorn.Config(create_app(service), log_config=None, log_level="warning",
+                                          access_log=False, timeout_graceful_shutdown=settings.drain_seconds))
+        stopped_by = http.run(http_socket)
+        log.info("stopping (%s): draining", signal.Signals(stopped_by).name if stopped_by else "server ended")
     finally:
         service.stop()
+        http_socket.close()
+    log.info("stopped")
+    if stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt

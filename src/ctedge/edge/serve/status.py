@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import time
 
+from ctedge.edge.serve.logs import redact
 from ctedge.edge.serve.spool import uid_hash
 
 REFRESH_S = 5
@@ -15,7 +16,7 @@ def _row(record, destinations: bool) -> str:
     cells = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.finished)), uid_hash(record.study_uid),
              f"v{record.version}", str(summary.get("slices_used", "")),
              "" if summary.get("probability") is None else f"{summary['probability']:.4f}",
-             summary.get("label") or f"error: {summary.get('error')}", f"{record.latency_s:.2f} s",
+             summary.get("label") or f"error: {redact(str(summary.get('error')))}", f"{record.latency_s:.2f} s",
              "-" if summary.get("error") else "yes" if record.sent else "not yet" if destinations else "no destination"]
     return "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
 
@@ -24,7 +25,7 @@ def status_page(service, now: float) -> str:
     """The page; no patient data (study UIDs hashed), refreshed every few seconds."""
     clf, config = service.clf, service.config
     rows = "".join(_row(r, bool(config.destination)) for r in list(service.recent)) or "<tr><td colspan=8>no study answered yet</td></tr>"
-    errors = "".join(f"<li>{html.escape(e)}</li>" for e in list(service.errors)) or "<li>none</li>"
+    errors = "".join(f"<li>{html.escape(redact(e))}</li>" for e in list(service.errors)) or "<li>none</li>"
     receiving = sum(s.needs_answer() for s in service.spool.studies.values())
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_S}">
