@@ -60,7 +60,7 @@ def serve(
     tls_cert: Annotated[Optional[Path], _opt("DICOM TLS: the node's certificate (PEM).")] = None,
     tls_key: Annotated[Optional[Path], _opt("DICOM TLS: its private key (PEM).")] = None,
     tls_ca: Annotated[Optional[Path], _opt("DICOM TLS: CA that senders' certificates must chain to.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="HTTP bearer token for /v1 (or CTEDGE_TOKEN).",
+    token: Annotated[Optional[str], typer.Option(help="HTTP token for /v1, /metrics and / (or CTEDGE_TOKEN).",
                                                  envvar="CTEDGE_TOKEN", show_default=False)] = None,
     runtime: Annotated[Optional[Runtime], _opt("Engine, as for predict [auto].")] = None,
     precision: PrecisionOpt = None,
@@ -69,7 +69,7 @@ def serve(
     max_slices: Annotated[Optional[int], _opt("Slices sampled per study at most, as predict --study [64].")] = None,
     queue_size: Annotated[Optional[int], _opt("Jobs waiting for the model at most; HTTP gets 503 beyond "
                                               "[8].")] = None,
-    log_phi: Annotated[Optional[bool], typer.Option("--log-phi", help="Log PatientID (off: hashed UIDs only).",
+    log_phi: Annotated[Optional[bool], typer.Option("--log-phi", help="Log patient data and UIDs unredacted (off: redacted).",
                                                     show_default=False)] = None,
     secondary_capture: Annotated[Optional[bool], typer.Option(
         "--secondary-capture", help="Also send the answer as a Secondary Capture image (probability along the "
