@@ -89,7 +89,7 @@ def test_half_open_sockets_hold_no_slot_and_are_dropped(tmp_path, serve_model, c
 def test_bare_connections_are_dropped_within_the_deadline(tmp_path, serve_model):
     """50 TCP connections that never say anything: those over the per-host connection cap are
     closed at once, the rest at the deadline; then a sender gets in while the 50 are still open
-    on the attacker's side."""
+    on the attacker's side. A connection that speaks HTTP is closed at once."""
     with running_service(tmp_path, serve_model, associate_seconds=0.5) as service:
         port, gate = service.node.port, service.node.server.gate
         bare = [socket.create_connection((LOOPBACK, port), timeout=5) for _ in range(50)]
@@ -100,6 +100,9 @@ def test_bare_connections_are_dropped_within_the_deadline(tmp_path, serve_model)
         assert _echo(port)
         for sock in bare:
             sock.close()
+        with socket.create_connection((LOOPBACK, port), timeout=5) as http:  # not DICOM at all: closed at once
+            http.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _closed_by_node(http, within=0.3)
 
 
 def test_associations_are_capped_per_host_and_in_all_and_come_back(tmp_path, serve_model):

@@ -43,6 +43,7 @@ ASSOCIATE_RQ_MAX = 1 << 16  # an A-ASSOCIATE-RQ longer than 64 KiB is no sender'
 CONNECTIONS_PER_SLOT = 4  # connections (negotiated or not) in all: 4x the associations; per host: half of that
 OUT_OF_RESOURCES = 0xA700
 LOG_EVERY_S = 60.0  # a repeated warning about one host: once a minute, with a count
+KEYS_KEPT = 1000
 UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 
@@ -78,6 +79,8 @@ class Throttled:
     def warn(self, key: str, message: str, *args) -> None:
         now = time.monotonic()
         with self.lock:
+            if len(self.last) > KEYS_KEPT:  # many hosts: forget the quiet ones
+                self.last = {k: v for k, v in self.last.items() if now - v[0] < self.every}
             last, held = self.last.get(key, (-self.every, 0))
             if now - last < self.every:
                 self.last[key] = (last, held + 1)

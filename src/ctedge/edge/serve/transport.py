@@ -130,6 +130,11 @@ class GuardedHandler(RequestHandler):
             if not head:  # closed before a word: nothing to negotiate
                 self.server.shutdown_request(sock)
                 return False
+            if head[0] != 0x01:  # a port scanner, an HTTP client: not an A-ASSOCIATE-RQ
+                self.server.gate.throttle.warn(f"garbage {self.client_address[0]}", "connection from %s closed: "
+                                               "not a DICOM association request", self.client_address[0])
+                self.server.shutdown_request(sock)
+                return False
             if len(head) >= 6 and wanted == 6:
                 length = struct.unpack(">L", head[2:6])[0]
                 if length > ASSOCIATE_RQ_MAX:
