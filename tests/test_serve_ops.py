@@ -145,17 +145,23 @@ def test_sigterm_stops_accepting_finishes_what_is_in_flight_and_exits_0(tmp_path
     assert "stopping (SIGTERM): draining" in printed and printed.rstrip().endswith("stopped")
 
 
-@pytest.mark.parametrize("which", ["--dicom-port", "--http-port"])
-def test_a_busy_port_is_one_line_naming_it(tmp_path, serve_model, which):
+def test_a_busy_port_is_one_line_naming_it(tmp_path, serve_model):
+    """The DICOM port taken: one line naming it, exit 2, before the model is loaded; the HTTP port
+    goes through the same check (``listen``)."""
+    from ctedge.core.errors import CtedgeError
+    from ctedge.edge.serve.http import listen
+
     with socket.socket() as taken:
         taken.bind((LOOPBACK, 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        other = "--http-port" if which == "--dicom-port" else "--dicom-port"
-        done = subprocess.run([sys.executable, "-m", "ctedge.cli", "serve", str(serve_model), which, str(port),
-                               other, str(free_port()), "--spool", str(tmp_path / "spool")],
+        done = subprocess.run([sys.executable, "-m", "ctedge.cli", "serve", str(serve_model), "--dicom-port", str(port),
+                               "--http-port", str(free_port()), "--spool", str(tmp_path / "spool")],
                               capture_output=True, text=True, timeout=120)
+        with pytest.raises(CtedgeError) as refused:
+            listen(LOOPBACK, port, "http_port")
     assert done.returncode == ExitCode.BAD_INPUT
     lines = (done.stdout + done.stderr).strip().splitlines()
-    assert lines == [f"error: {which} {port} on {LOOPBACK}: cannot listen (Address already in use); is another "
-                     f"program using it?"], lines
+    message = f"{port} on {LOOPBACK}: cannot listen (Address already in use); is another program using it?"
+    assert lines == [f"error: --dicom-port {message}"], lines
+    assert refused.value.with_name("--http-port") == f"--http-port {message}"
