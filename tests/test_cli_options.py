@@ -38,7 +38,8 @@ CHOICES = {
     "demo": {"--backbone": choices.Backbone},
     "explain": {},
     "export": {},
-    "serve": {"--runtime": engines.Runtime, "--precision": engines.Precision, "--provider": engines.Provider},
+    "serve": {"--runtime": engines.Runtime, "--precision": engines.Precision, "--provider": engines.Provider,
+              "--log-format": choices.LogFormat},
 }
 
 

@@ -28,9 +28,11 @@ __all__ = ["serve_model"]
 def test_toml_then_flags(tmp_path, serve_model):
     toml = tmp_path / "serve.toml"
     toml.write_text(f'model = "{serve_model}"\nae-title = "EDGE1"\nallow = ["PACS@127.0.0.1", "WS"]\n'
-                    'destination = ["PACS@127.0.0.1:4242"]\nquiet_seconds = 2.5\n')
+                    'destination = ["PACS@127.0.0.1:4242"]\nquiet_seconds = 2.5\nmax-instance-bytes = "2M"\n'
+                    'min-free-disk = 1048576\nlog-format = "json"\n')
     config = load_config(toml, {"quiet_seconds": 1.0, "allow": None})
     assert config.ae_title == "EDGE1" and config.quiet_seconds == 1.0
+    assert (config.max_instance_bytes, config.min_free_disk, config.log_format) == (2 << 20, 1 << 20, "json")
     assert config.allow == [Peer("PACS", "127.0.0.1"), Peer("WS")]
     assert config.destination == [Destination("PACS", "127.0.0.1", 4242)]
     assert config.admits("WS", "10.1.2.3") and not config.admits("PACS", "10.1.2.3")
@@ -51,6 +53,12 @@ def test_toml_then_flags(tmp_path, serve_model):
     (["--max-spool", "lots"], "--max-spool must be a size"),
     (["--destination-tls-cert", "x.pem"], "--destination-tls-cert needs both --destination-tls-cert and "
                                           "--destination-tls-key"),
+    (["--tls-ca", "ca.pem"], "--tls-ca checks senders' certificates on DICOM TLS, which needs --tls-cert and "
+                             "--tls-key too (without them the node would speak plain DICOM)"),
+    (["--max-associations", "4", "--max-associations-per-host", "5"],
+     "--max-associations-per-host must be 1 to --max-associations (4), not 5"),
+    (["--associate-seconds", "0"], "--associate-seconds must be more than 0"),
+    (["--max-instance-bytes", "lots"], "--max-instance-bytes must be a size"),
 ])
 def test_bad_options_exit_2_naming_them(serve_model, args, message):
     result = CliRunner().invoke(app, ["serve", str(serve_model), *args])

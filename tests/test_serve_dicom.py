@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import warnings
@@ -54,7 +55,8 @@ def test_study_round_trip_sr_matches_classify_study(tmp_path, serve_model, synta
 
 
 def test_allow_list_rejects_unknown_callers(tmp_path, serve_model, caplog):
-    """Only allowed AE titles (and hosts, when given) may associate; the log says why not."""
+    """Only allowed AE titles (and hosts, when given) may associate, and only calling this node's
+    AE title; the log says why not."""
     files = study_files(tmp_path / "s") if write_study(tmp_path / "s", np.random.default_rng(4), False, slices=4,
                                                        scout=False) else []
     allow = [Peer.parse("PACS"), Peer.parse("REMOTE@10.9.9.9")]
@@ -62,7 +64,10 @@ def test_allow_list_rejects_unknown_callers(tmp_path, serve_model, caplog):
         assert send_files(files[:1], service.node.port, ae_title="SCANNER") is None
         assert send_files(files[:1], service.node.port, ae_title="REMOTE") is None  # right AE, wrong host
         assert send_files(files[:1], service.node.port, ae_title="PACS") == [0]
+        assert send_files(files[:1], service.node.port, ae_title="PACS", called="NOT-CTEDGE") is None
     assert "association from SCANNER@127.0.0.1 rejected: not in --allow" in caplog.text
+    assert "association from PACS@127.0.0.1 rejected: it called AE title NOT-CTEDGE, this node is CTEDGE" \
+        in caplog.text
 
 
 def test_limits_answer_out_of_resources_and_keep_what_was_received(tmp_path, serve_model, monkeypatch):
@@ -87,19 +92,32 @@ def test_limits_answer_out_of_resources_and_keep_what_was_received(tmp_path, ser
         assert send_files([tmp_path / "enhanced.dcm"], service.node.port) == [0x0122]  # not supported yet
 
 
-def test_uids_never_become_paths(tmp_path, serve_model):
-    """Hostile UIDs are stored under generated names inside the spool."""
+def test_invalid_uids_are_refused_and_never_reach_the_spool(tmp_path, serve_model):
+    """UIDs that break the UI rules (a path, 100k characters, empty, a leading zero, an empty
+    component) get a failure status; nothing of them is spooled; a valid instance still is, under
+    a generated name inside the spool."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
     path = study_files(tmp_path / "s")[0] if write_study(tmp_path / "s", np.random.default_rng(6), False, slices=4,
                                                          scout=False) else None
-    ds = pydicom.dcmread(path)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = "../../escaped", "../../../x/y"
-    hostile = tmp_path / "hostile.dcm"
+    bad = {"path": ("StudyInstanceUID", "../../escaped"), "long": ("StudyInstanceUID", "1.2" + ".3" * 50_000),
+           "empty": ("StudyInstanceUID", ""), "zero": ("SeriesInstanceUID", "1.2.03.4"),
+           "gap": ("SOPInstanceUID", "1.2..4")}
+    files = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the invalid UIDs, as it should
-        ds.save_as(hostile)
+        for name, (keyword, value) in bad.items():
+            ds = pydicom.dcmread(path)
+            setattr(ds, keyword, value)
+            if name == "long":  # over explicit VR's 64 KiB value length: sent as implicit VR
+                ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.save_as(tmp_path / f"{name}.dcm", implicit_vr=name == "long", little_endian=True)
+            files.append(tmp_path / f"{name}.dcm")
         with running_service(tmp_path, serve_model, quiet_seconds=60) as service:
-            assert send_files([hostile], service.node.port) == [0]
-            key = service.journal.study("../../escaped").key
+            assert [send_files([file], service.node.port) for file in files] == [[0xC000]] * len(files)
+            assert service.journal.value("SELECT COUNT(*) FROM studies") == 0
+            assert send_files([path], service.node.port) == [0]
+            key = service.journal.study(str(pydicom.dcmread(path).StudyInstanceUID)).key
             folder = service.spool.folder(key)
     stored = [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
     assert all(p.resolve().is_relative_to((tmp_path / "spool").resolve()) for p in stored)
@@ -146,8 +164,9 @@ def _certificates(folder: Path) -> None:
 
 
 def test_tls_needs_the_right_ca(tmp_path, serve_model):
-    """DICOM TLS: a client with a certificate from --tls-ca is accepted; one without is refused,
-    and a client that does not trust the node's CA gets no association either."""
+    """DICOM TLS: a client with a certificate from --tls-ca is accepted (beside a connection that
+    never starts its handshake); one without is refused, and a client that does not trust the
+    node's CA gets no association either."""
     if not shutil.which("openssl"):
         pytest.skip("openssl not found")
     _certificates(tmp_path)
@@ -163,7 +182,9 @@ def test_tls_needs_the_right_ca(tmp_path, serve_model):
     with running_service(tmp_path, serve_model, tls_cert=tmp_path / "node.pem", tls_key=tmp_path / "node.key",
                          tls_ca=tmp_path / "ca.pem", quiet_seconds=60) as service:
         port = service.node.port
+        silent = socket.create_connection(("127.0.0.1", port))  # the handshake waits in its own thread
         assert send_files(files[:1], port, ssl_context=client(ca=True, cert=True)) == [0]
+        silent.close()
         assert send_files(files[:1], port, ssl_context=client(ca=True, cert=False)) is None
         assert send_files(files[:1], port, ssl_context=client(ca=False, cert=True)) is None
         assert send_files(files[:1], port) is None  # plain DICOM to a TLS port

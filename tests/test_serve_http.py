@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from ctedge.cli import app
 from ctedge.core.phantom_studies import write_study
 from ctedge.edge.serve.http import create_app
+from ctedge.edge.serve.pipeline import classify_paths
 from helpers import gray_image
 from serve_fixtures import LOOPBACK, http_server, running_service, serve_model, study_files
 
@@ -85,10 +86,14 @@ def test_token_limits_and_bad_uploads(tmp_path, serve_model):
         assert row["path"] == "slice.png" and 0 <= row["probability"] <= 1 and row["error"] is None
         junk = client.post("/v1/images", content=b"\x89PNG not really", headers=auth | {"x-filename": "x.png"})
         assert junk.status_code == 400 and "x.png" in junk.json()["detail"]
-        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/healthz").json() == {"status": "ok"}  # probes need no token
         assert client.get("/readyz").status_code == 200
-        assert "ctedge_http_classifications_total" in client.get("/metrics").text
-        assert "ctedge serve" in client.get("/").text
+        for page in ("/", "/metrics"):  # they say what the node answered: the token, as for /v1
+            refused = client.get(page)
+            assert refused.status_code == 401 and "Basic" in refused.headers["WWW-Authenticate"]
+        assert "ctedge_http_classifications_total" in client.get("/metrics", headers=auth).text
+        assert "ctedge serve" in client.get("/", auth=("anyone", "s3cret")).text  # a browser's Basic prompt
+        assert client.get("/", auth=("anyone", "wrong")).status_code == 401
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path, serve_model):
@@ -152,3 +157,59 @@ def test_post_a_nifti_volume(tmp_path, serve_model):
     assert response.status_code == 200, response.text
     study = response.json()["studies"][0]
     assert study["input"] == "ct.nii.gz" and study["slices_total"] == 12 and study["error"] is None
+
+
+def test_uploads_are_written_once_within_the_disk_minimum_and_answer_without_server_paths(tmp_path, serve_model,
+                                                                                        monkeypatch):
+    """A multipart upload takes its size on disk once (under the spool, gone after the answer);
+    below --min-free-disk an upload gets 507 before anything is written; no answer names a
+    server path, a failed one included."""
+    import ctedge.edge.serve.http as http
+
+    body = _zip_study(tmp_path)
+    seen = []
+
+    def measured(clf, paths, options):  # what the upload holds on disk while it is classified
+        seen.append(sum(p.stat().st_size for p in (tmp_path / "spool" / "uploads").rglob("*") if p.is_file()))
+        return classify_paths(clf, paths, options)
+
+    monkeypatch.setattr(http, "classify_paths", measured)
+    with running_service(tmp_path, serve_model) as service, TestClient(create_app(service)) as client:
+        multipart = client.post("/v1/studies", files={"file": ("study.zip", body, "application/zip")},
+                                data={"note": "x" * 1000})
+        broken = client.post("/v1/studies", files={"file": ("scan.zip", b"PK\x03\x04 broken", "application/zip")})
+        junk_nifti = client.post("/v1/studies", content=b"\0" * 4 + b"n+2\0" + b"\0" * 600,
+                                 headers={"x-filename": "junk.nii"})  # nibabel's error names the file it read
+        service.config.min_free_disk = 1 << 60
+        low = client.post("/v1/studies", content=body)
+    assert multipart.status_code == 200, multipart.text
+    assert seen[0] == len(body)  # once: not the body, then the part, then a spooled copy
+    assert broken.status_code == 400 and "scan.zip" in broken.json()["detail"]
+    assert low.status_code == 507 and "--min-free-disk" in low.json()["detail"]
+    assert "junk.nii" in junk_nifti.json()["studies"][0]["error"]
+    assert not list((tmp_path / "spool" / "uploads").iterdir())
+    for response in (multipart, broken, junk_nifti, low):
+        assert str(tmp_path) not in response.text, response.text
+
+
+def test_nifti_2_is_recognised_and_a_node_without_nibabel_says_so(tmp_path, serve_model, monkeypatch):
+    """An uncompressed NIfTI-2 volume (its magic at byte 4) is a study; without nibabel on the
+    node a NIfTI upload gets 501 naming the extra, never 200 with an error inside."""
+    import sys
+
+    import nibabel
+
+    from ctedge.core.phantom_studies import phantom_volume
+
+    hu = phantom_volume(np.random.default_rng(12), 10, 48, positive=True)
+    ras = np.transpose(hu[:, ::-1, ::-1], (2, 1, 0)).astype(np.int16)
+    nibabel.save(nibabel.Nifti2Image(ras, np.diag([0.7, 0.7, 2.5, 1.0])), tmp_path / "ct.nii")
+    volume = (tmp_path / "ct.nii").read_bytes()
+    assert volume[4:8] == b"n+2\0"
+    with running_service(tmp_path, serve_model) as service, TestClient(create_app(service)) as client:
+        answered = client.post("/v1/studies", content=volume, headers={"x-filename": "ct.nii"})
+        monkeypatch.setitem(sys.modules, "nibabel", None)  # as if not installed
+        refused = client.post("/v1/studies", content=volume, headers={"x-filename": "ct.nii"})
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["studies"][0]["slices_total"] == 10
+    assert refused.status_code == 501 and 'pip install "ctedge[nifti]"' in refused.json()["detail"]

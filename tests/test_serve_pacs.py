@@ -102,10 +102,21 @@ def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path, serve_model):
 
 
 def test_dcmtk_storescu_and_echoscu(tmp_path, serve_model):
-    """dcmtk's clients talk to the node: C-ECHO succeeds, a study sent by storescu comes back as an SR."""
+    """dcmtk's clients talk to the node: C-ECHO succeeds, a study sent by storescu comes back as an
+    SR; a compressed (RLE) study fails with storescu's defaults (uncompressed proposals only) and
+    goes with the flag of its compression, as the README says."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
     require(STORESCU)
     require(ECHOSCU)
     study_uid = write_study(tmp_path / "study", np.random.default_rng(32), False, slices=10)
+    write_study(tmp_path / "rle", np.random.default_rng(33), False, slices=3, scout=False)
+    compressed = study_files(tmp_path / "rle")
+    for path in compressed:
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        ds.save_as(path)
     collector = Collector().start()
     try:
         with running_service(tmp_path, serve_model, destination=[collector.destination]) as service:
@@ -116,6 +127,14 @@ def test_dcmtk_storescu_and_echoscu(tmp_path, serve_model):
                                    *map(str, study_files(tmp_path / "study"))], capture_output=True, text=True)
             assert sent.returncode == 0, sent.stderr
             wait_for(lambda: collector.received, what="the SR")
+            plain, flagged = (subprocess.run([str(STORESCU), *flags, "-aec", "CTEDGE", LOOPBACK, port,
+                                              *map(str, compressed)], capture_output=True, text=True)
+                              for flags in ([], ["-xr"]))
+            held = {n for (n,) in service.journal.rows("SELECT instances FROM studies WHERE study_uid != ?",
+                                                        (study_uid,))}
     finally:
         collector.stop()
     assert read_sr(collector.received[0])["study_uid"] == study_uid
+    assert "unable to convert" in plain.stderr and "Store Failed" in plain.stderr
+    assert flagged.returncode == 0, flagged.stderr
+    assert held == {3}

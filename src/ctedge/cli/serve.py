@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import re
+import contextlib
+import logging
+import signal
+import threading
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ctedge.cli.common import PrecisionOpt, Threads, command
+from ctedge.core.choices import LogFormat
 from ctedge.core.errors import CtedgeError
-from ctedge.core.progress import console
 from ctedge.edge.engines import Provider, Runtime
 
-SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
-
-
-def parse_size(text: str | None, param: str) -> int | None:
-    """'2G', '500M', '1048576' -> bytes."""
-    if text is None:
-        return None
-    match = SIZE.match(str(text).strip())
-    if not match:
-        raise CtedgeError(f"must be a size such as 2G, 500M or 1048576, not {text!r}", param=param)
-    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+log = logging.getLogger("ctedge.serve")
 
 
 def _opt(help_text: str, *names: str):
@@ -46,6 +40,19 @@ DestinationTlsCa = Annotated[Optional[Path], _opt("TLS to destinations: CA their
 DestinationTlsCert = Annotated[Optional[Path], _opt(
     "TLS to destinations: the node's client certificate (PEM), for destinations that ask for one.")]
 DestinationTlsKey = Annotated[Optional[Path], _opt("TLS to destinations: its private key (PEM).")]
+# what a peer may make the node hold, how it stops, how it logs
+MaxAssociations = Annotated[Optional[int], _opt("DICOM associations open at once [16]; more are rejected "
+                                                "(transient, local limit exceeded).")]
+MaxPerHost = Annotated[Optional[int], _opt("Of those, from one host [half of --max-associations].")]
+AssociateSeconds = Annotated[Optional[float], _opt("A connection must have negotiated its association (TLS "
+                                                   "included) this soon, or it is dropped [5].")]
+IdleSeconds = Annotated[Optional[float], _opt("An association silent this long is aborted; one PDU must arrive "
+                                              "within it [30].")]
+MaxInstanceBytes = Annotated[Optional[str], _opt("A larger instance gets 'out of resources' (0xA700) [256M].")]
+DrainSeconds = Annotated[Optional[float], _opt("On SIGTERM, what open associations and requests get to finish "
+                                               "[30].")]
+LogFormatOpt = Annotated[Optional[LogFormat], _opt("Log lines on stderr: text (one line a record, ISO time) or json "
+                                                   "(one object a line) [text].")]
 
 
 @command
@@ -69,7 +76,7 @@ def serve(
     tls_cert: Annotated[Optional[Path], _opt("DICOM TLS: the node's certificate (PEM).")] = None,
     tls_key: Annotated[Optional[Path], _opt("DICOM TLS: its private key (PEM).")] = None,
     tls_ca: Annotated[Optional[Path], _opt("DICOM TLS: CA that senders' certificates must chain to.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="HTTP bearer token for /v1 (or CTEDGE_TOKEN).",
+    token: Annotated[Optional[str], typer.Option(help="HTTP token for /v1, /metrics and / (or CTEDGE_TOKEN).",
                                                  envvar="CTEDGE_TOKEN", show_default=False)] = None,
     runtime: Annotated[Optional[Runtime], _opt("Engine, as for predict [auto].")] = None,
     precision: PrecisionOpt = None,
@@ -78,7 +85,7 @@ def serve(
     max_slices: Annotated[Optional[int], _opt("Slices sampled per study at most, as predict --study [64].")] = None,
     queue_size: Annotated[Optional[int], _opt("Jobs waiting for the model at most; HTTP gets 503 beyond "
                                               "[8].")] = None,
-    log_phi: Annotated[Optional[bool], typer.Option("--log-phi", help="Log PatientID (off: hashed UIDs only).",
+    log_phi: Annotated[Optional[bool], typer.Option("--log-phi", help="Log patient data and UIDs unredacted (off: redacted).",
                                                     show_default=False)] = None,
     secondary_capture: Annotated[Optional[bool], typer.Option(
         "--secondary-capture", help="Also send the answer as a Secondary Capture image (probability along the "
@@ -87,6 +94,13 @@ def serve(
     retry_failed_every: RetryFailedEvery = None, keep_days: KeepDays = None, max_spool: MaxSpool = None,
     destination_tls_ca: DestinationTlsCa = None, destination_tls_cert: DestinationTlsCert = None,
     destination_tls_key: DestinationTlsKey = None,
+    max_associations: MaxAssociations = None,
+    max_associations_per_host: MaxPerHost = None,
+    associate_seconds: AssociateSeconds = None,
+    idle_seconds: IdleSeconds = None,
+    max_instance_bytes: MaxInstanceBytes = None,
+    drain_seconds: DrainSeconds = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a DICOM node and an HTTP API with one loaded model.
 
@@ -100,6 +114,7 @@ def serve(
 
     In Orthanc's configuration: `"DicomModalities": { "ctedge": ["CTEDGE", "EDGE-BOX-IP", 11112] }`
     """
+    given = dict(locals())  # every option as given (None: not given, the TOML's or the default then)
     try:
         import uvicorn  # noqa: F401  (checked here: the extra is installed)
 
@@ -109,40 +124,72 @@ def serve(
         raise CtedgeError(f"ctedge serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'ctedge[serve]'") from None
 
-    overrides = dict(model=model, ae_title=ae_title, host=host, dicom_port=dicom_port, http_port=http_port,
-                     allow=allow, destination=destination, spool=spool, quiet_seconds=quiet_seconds,
-                     max_study_instances=max_study_instances, min_free_disk=parse_size(min_free_disk, "min_free_disk"),
-                     tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, token=token,
-                     runtime=runtime.value if runtime else None, precision=precision.value if precision else None,
-                     provider=provider.value if provider else None, threads=threads, max_slices=max_slices,
-                     queue_size=queue_size, log_phi=log_phi, secondary_capture=secondary_capture,
-                     incomplete_seconds=incomplete_seconds, no_partial=no_partial,
-                     retry_failed_every=retry_failed_every, keep_days=keep_days,
-                     max_spool=parse_size(max_spool, "max_spool"), destination_tls_ca=destination_tls_ca,
-                     destination_tls_cert=destination_tls_cert, destination_tls_key=destination_tls_key)
+    overrides = {name: value.value if isinstance(value, Enum) else value for name, value in given.items()
+                 if name != "config"}
     run_node(load_config(config, overrides))
 
 
-def run_node(settings) -> None:
-    """Start the node and the HTTP server on ``settings``; stop both on the way out."""
-    import logging
+class _HttpServer:
+    """uvicorn's server, taking SIGTERM and Ctrl-C as a request to stop (it finishes the
+    requests in flight) without raising the signal again once it has stopped."""
 
+    def __init__(self, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            stop_signal: int | None = None
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+            def handle_exit(self, sig, frame) -> None:
+                self.stop_signal = sig
+                super().handle_exit(sig, frame)
+
+        self.server = Server(config)
+
+    def run(self, sock) -> int | None:
+        """Serve on ``sock`` until a signal; the signal that stopped it."""
+        self.server.run(sockets=[sock])
+        return self.server.stop_signal
+
+
+def run_node(settings) -> None:
+    """Start the node and the HTTP server on ``settings``; on SIGTERM (or Ctrl-C) stop accepting,
+    let what is in flight finish (--drain-seconds), stop the loops."""
     import uvicorn
 
-    from ctedge.edge.serve.http import create_app
+    from ctedge.edge.serve.http import create_app, listen
+    from ctedge.edge.serve.logs import setup_logging
     from ctedge.edge.serve.service import Service
 
-    # their lines repeat ours (which say why) or name instance UIDs
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    setup_logging(settings.log_format, settings.log_phi)
+    http_socket = listen(settings.host, settings.http_port, "http_port")  # busy ports: one line, before the model
+    listen(settings.host, settings.dicom_port, "dicom_port").close()
     if settings.token is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
-        logging.getLogger("ctedge.serve").warning(
-            "HTTP on %s without --token: anyone who reaches the port can classify and read answers", settings.host)
-    service = Service(settings)
-    service.start()
-    console.print(f"ctedge serve: DICOM {settings.ae_title}@{settings.host}:{service.node.port}, "
-                  f"HTTP http://{settings.host}:{settings.http_port}/ ; Ctrl-C stops", highlight=False)
+        log.warning("HTTP on %s without --token: anyone who reaches the port can classify and read answers",
+                    settings.host)
+    service, stopped_by = Service(settings), None
     try:
-        uvicorn.run(create_app(service), host=settings.host, port=settings.http_port, log_level="warning")
+        service.start()
+        log.info("ctedge serve: DICOM %s@%s:%d, HTTP http://%s:%d/ ; SIGTERM or Ctrl-C stops (draining)",
+                 settings.ae_title, settings.host, service.node.port, settings.host, settings.http_port)
+        http = _HttpServer(uvicorn.Config(create_app(service), log_config=None, log_level="warning",
+                                          access_log=False, timeout_graceful_shutdown=settings.drain_seconds))
+        stopped_by = http.run(http_socket)
+        log.info("stopping (%s): draining", signal.Signals(stopped_by).name if stopped_by else "server ended")
     finally:
         service.stop()
+        http_socket.close()
+    log.info("stopped")
+    if stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt

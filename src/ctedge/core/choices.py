@@ -81,3 +81,10 @@ class Aggregate(Choice):
     topk = "topk"
     max = "max"
     mean = "mean"
+
+
+class LogFormat(Choice):
+    """`ctedge serve`'s log lines."""
+
+    text = "text"  # one line a record: ISO time, level, logger, message
+    json = "json"  # one JSON object a line, for log collectors

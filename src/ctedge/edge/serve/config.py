@@ -8,10 +8,12 @@ import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ctedge.core.choices import LogFormat
 from ctedge.core.errors import CtedgeError
 
 AE_TITLE = re.compile(r"^[ -~]{1,16}$")  # DICOM AE: up to 16 printable ASCII characters
 LOOPBACK = ("127.0.0.1", "::1")
+LOG_FORMATS = LogFormat.values()
 
 ORTHANC_SNIPPET = '''"DicomModalities": {{ "ctedge": ["{ae}", "EDGE-BOX-IP", {port}] }}'''
 
@@ -116,6 +118,14 @@ class ServeConfig:
     disk_check_seconds: float = 5.0  # the disk watcher's period (free space; the end of a pause)
     retention_seconds: float = 60.0  # the retention loop's period
     loop_restart_seconds: float = 1.0  # first wait before a dead loop is restarted (doubling, 60 s at most)
+    # what a peer may make the node hold (issue 25 item 5) and how it logs
+    max_associations: int = 16  # negotiated associations at once
+    max_associations_per_host: int | None = None  # from one host; default half of max_associations
+    associate_seconds: float = 5.0  # connect -> association negotiated, or the socket is dropped
+    idle_seconds: float = 30.0  # an association silent this long is aborted; one PDU must arrive within it
+    max_instance_bytes: int = 256 << 20  # a larger instance gets 0xA700
+    drain_seconds: float = 30.0  # on SIGTERM: what open associations get to finish
+    log_format: str = LogFormat.text.value  # text (one line a record) or json (one object a line)
 
     def check(self) -> None:
         check_ae(self.ae_title, "ae_title")
@@ -128,6 +138,10 @@ class ServeConfig:
         tls = [self.tls_cert, self.tls_key]
         if any(tls) and not all(tls):
             raise CtedgeError("needs both --tls-cert and --tls-key", param="tls_cert")
+        if self.tls_ca and not all(tls):
+            raise CtedgeError("checks senders' certificates on DICOM TLS, which needs --tls-cert and --tls-key too "
+                              "(without them the node would speak plain DICOM)", param="tls_ca")
+        self._check_guards()
         for path in (self.model, self.tls_cert, self.tls_key, self.tls_ca):
             if path is not None and not Path(path).is_file():
                 raise CtedgeError(f"no such file: {path}")
@@ -151,6 +165,28 @@ class ServeConfig:
             if path is not None and not Path(path).is_file():
                 raise CtedgeError(f"no such file: {path}")
 
+    def _check_guards(self) -> None:
+        for name in ("max_associations", "max_instance_bytes"):
+            if getattr(self, name) < 1:
+                raise CtedgeError(f"must be at least 1, not {getattr(self, name)}", param=name)
+        if not 1 <= self.per_host_limit <= self.max_associations:
+            raise CtedgeError(f"must be 1 to --max-associations ({self.max_associations}), not "
+                              f"{self.max_associations_per_host}", param="max_associations_per_host")
+        for name in ("associate_seconds", "idle_seconds"):
+            if not getattr(self, name) > 0:
+                raise CtedgeError(f"must be more than 0, not {getattr(self, name)}", param=name)
+        if self.drain_seconds < 0:
+            raise CtedgeError(f"must be 0 or more, not {self.drain_seconds}", param="drain_seconds")
+        if self.log_format not in LOG_FORMATS:
+            raise CtedgeError(f"must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}", param="log_format")
+
+    @property
+    def per_host_limit(self) -> int:
+        """Associations one host may hold: ``max_associations_per_host``, else half of all."""
+        if self.max_associations_per_host is not None:
+            return self.max_associations_per_host
+        return max(1, self.max_associations // 2)
+
     def admits(self, ae_title: str, address: str) -> bool:
         """Whether a calling AE from an address may associate."""
         if not self.allow:
@@ -158,7 +194,23 @@ class ServeConfig:
         return any(peer.admits(ae_title, address) for peer in self.allow)
 
 
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
+SIZES = ("min_free_disk", "max_study_bytes", "max_image_bytes", "max_instance_bytes", "max_spool")
+
+
+def parse_size(text: str | int | None, param: str) -> int | None:
+    """'2G', '500M', '1048576' (or a number) -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    match = SIZE.match(str(text).strip())
+    if not match:
+        raise CtedgeError(f"must be a size such as 2G, 500M or 1048576, not {text!r}", param=param)
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+
+
 def _convert(name: str, value):
+    if name in SIZES:
+        return parse_size(value, name)
     if name == "allow":
         return [v if isinstance(v, Peer) else Peer.parse(v) for v in value]
     if name == "destination":

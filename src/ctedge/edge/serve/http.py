@@ -1,14 +1,22 @@
 """The HTTP side (FastAPI): classify uploads, look up DICOM answers, health, metrics, a status page.
 
-Uploads are streamed to a temp file and cut off at their limit (413) without being read
-whole; classification runs on the node's one worker (503 with Retry-After when its queue
-is full). The study answer is the document `ctedge predict --study --json` writes.
+Uploads are streamed once into a temp folder under the spool (a multipart body parsed as
+it streams, only its field ``file`` kept), cut off at their limit (413) without being read
+whole, refused while the disk is below ``--min-free-disk`` (507); classification runs on
+the node's one worker (503 with Retry-After when its queue is full). The study answer is
+the document `ctedge predict --study --json` writes, without server paths. With a token,
+everything but /healthz, /readyz and the API docs needs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
+import importlib.util
+import shutil
+import socket
 import tempfile
 import time
 from dataclasses import replace
@@ -18,68 +26,182 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 
 from ctedge import __version__
+from ctedge.core.errors import CtedgeError
+from ctedge.core.files import printable
 from ctedge.core.results import dumps
 from ctedge.edge.runtime import predict_images
 from ctedge.edge.serve.assembler import QueueFull
 from ctedge.edge.serve.pipeline import as_uploaded, classify_paths, study_document
 from ctedge.edge.serve.spool import uid_hash
 from ctedge.edge.serve.status import status_page
+from ctedge.edge.study.nifti import NIFTI_EXTRA
 
 CHUNK = 1 << 20
+DISK_CHECK_EVERY = 16 << 20  # bytes written between two looks at the free disk
+MAX_PART_HEADER = 8 << 10
 RETRY_AFTER_S = 5
 STUDY_SUFFIXES = ((b"PK\x03\x04", 0, ".zip"), (b"\x1f\x8b", 0, ".nii.gz"), (b"n+1\x00", 344, ".nii"),
-                  (b"n+2\x00", 344, ".nii"))
+                  (b"n+2\x00", 4, ".nii"))  # NIfTI-1 has its magic at byte 344, NIfTI-2 at byte 4
 IMAGE_SUFFIXES = ((b"\x89PNG", 0, ".png"), (b"\xff\xd8", 0, ".jpg"), (b"DICM", 128, ".dcm"))
+UPLOADS = "uploads"  # under the spool: one temp folder per upload, removed after its answer (and at start)
+REALM = 'Bearer realm="ctedge serve", Basic realm="ctedge serve"'
+
+
+def listen(host: str, port: int, param: str) -> socket.socket:
+    """A listening TCP socket on ``host:port``; a busy port is one CtedgeError naming it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise CtedgeError(f"{port} on {host}: cannot listen ({exc.strerror or exc}); is another program using "
+                          "it?", param=param) from None
+    return sock
 
 
 def _json(data: dict, status: int = 200) -> Response:
     return Response(dumps(data), status_code=status, media_type="application/json")
 
 
-async def _stream_to_file(request: Request, limit: int, folder: Path) -> Path:
-    """The raw body in a temp file; 413 as soon as it passes ``limit`` (or says it will)."""
+def _check_disk(folder: Path, min_free: int, needed: int = 0) -> None:
+    """507 when writing ``needed`` more bytes would take the disk below ``min_free``."""
+    if shutil.disk_usage(folder).free - needed < min_free:
+        raise HTTPException(507, "the node's disk is below its free-space minimum (--min-free-disk); try again "
+                                 "later", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class _Sink:
+    """An upload's file: the body's size limit (413) and the disk minimum (507) checked as it comes."""
+
+    def __init__(self, out, limit: int, folder: Path, min_free: int):
+        self.out, self.limit, self.folder, self.min_free = out, limit, folder, min_free
+        self.received = self.written = 0
+        self.next_check = DISK_CHECK_EVERY
+
+    def count(self, size: int) -> None:
+        self.received += size
+        if self.received > self.limit:
+            raise HTTPException(413, f"request body is over the limit of {self.limit} bytes")
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.written += len(data)
+        if self.written >= self.next_check:
+            self.next_check += DISK_CHECK_EVERY
+            _check_disk(self.folder, self.min_free)
+
+
+class _FilePart:
+    """python-multipart callbacks that write the field named ``file`` (the first one) into the
+    sink as it streams by, and keep nothing else."""
+
+    def __init__(self, sink: _Sink):
+        self.sink, self.header, self.value, self.disposition = sink, b"", b"", b""
+        self.writing, self.filename = False, None
+
+    def callbacks(self) -> dict:
+        return {name: getattr(self, name) for name in ("on_part_begin", "on_header_field", "on_header_value",
+                                                       "on_header_end", "on_headers_finished", "on_part_data",
+                                                       "on_part_end")}
+
+    def on_part_begin(self) -> None:
+        self.disposition, self.writing = b"", False
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header += data[start:end]
+        self._bounded()
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+        self._bounded()
+
+    def _bounded(self) -> None:
+        if len(self.header) + len(self.value) > MAX_PART_HEADER:
+            raise HTTPException(400, "a multipart header is over 8 KiB")
+
+    def on_header_end(self) -> None:
+        if self.header.strip().lower() == b"content-disposition":
+            self.disposition = self.value
+        self.header = self.value = b""
+
+    def on_headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        options = parse_options_header(self.disposition)[1]
+        if options.get(b"name") == b"file" and self.filename is None:
+            self.writing = True
+            self.filename = printable(options.get(b"filename", b"file").decode("utf-8", "replace")) or "file"
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.writing:
+            self.sink.write(data[start:end])
+
+    def on_part_end(self) -> None:
+        self.writing = False
+
+
+async def _receive(request: Request, sink: _Sink) -> str | None:
+    """The body into the sink: as it is, or only its multipart field ``file``; that field's file name."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        async for chunk in request.stream():
+            sink.count(len(chunk))
+            sink.write(chunk)
+        return None
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise HTTPException(400, "multipart request without a boundary")
+    part = _FilePart(sink)
+    try:
+        parser = MultipartParser(boundary, part.callbacks())
+        async for chunk in request.stream():
+            sink.count(len(chunk))
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise HTTPException(400, f"not a readable multipart body ({exc.__class__.__name__})") from None
+    if part.filename is None:
+        raise HTTPException(400, "multipart request without a file field named 'file'")
+    return part.filename
+
+
+async def _upload(request: Request, config, folder: Path, limit: int, kinds, what: str) -> tuple[Path, str]:
+    """The uploaded file (raw body, or multipart field ``file``) written once, under a suffix its
+    content shows, and the name to show for it; 413 over ``limit``, 507 on a low disk, 400 naming
+    it when it is none of ``kinds``."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request body of {int(declared)} bytes is over the limit of {limit}")
-    path, size = folder / "body", 0
-    with open(path, "wb") as f:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"request body is over the limit of {limit} bytes")
-            f.write(chunk)
-    return path
-
-
-async def _upload(request: Request, limit: int, folder: Path, kinds, what: str) -> tuple[Path, str]:
-    """The uploaded file (raw body, or multipart field ``file``) under a suffix its content
-    shows, and the name to show for it; 400 naming it when it is none of ``kinds``."""
-    body = await _stream_to_file(request, limit, folder)
-    name = request.headers.get("x-filename", "request body")
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        async def receive(stream=open(body, "rb")):
-            chunk = stream.read(CHUNK)
-            more = len(chunk) == CHUNK
-            if not more:
-                stream.close()
-            return {"type": "http.request", "body": chunk, "more_body": more}
-
-        form = await Request(request.scope, receive).form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise HTTPException(400, "multipart request without a file field named 'file'")
-        name = upload.filename or "file"
-        body = folder / "part"
-        with open(body, "wb") as f:
-            while chunk := await upload.read(CHUNK):
-                f.write(chunk)
-        await form.close()
+    _check_disk(folder, config.min_free_disk, int(declared) if declared and declared.isdigit() else 0)
+    body = folder / "upload"
+    with open(body, "wb") as out:
+        filename = await _receive(request, _Sink(out, limit, folder, config.min_free_disk))
+    name = filename or printable(request.headers.get("x-filename", "request body"))
     with open(body, "rb") as f:
         head = f.read(352)
     suffix = next((s for magic, at, s in kinds if head[at:at + len(magic)] == magic), None)
     if suffix is None:
         raise HTTPException(400, f"{name}: not {what}")
+    if suffix in (".nii", ".nii.gz") and importlib.util.find_spec("nibabel") is None:
+        raise HTTPException(501, f"{name}: this node cannot read NIfTI (nibabel is missing): {NIFTI_EXTRA} on the "
+                                 "node")
     return body.rename(body.with_name("upload" + suffix)), name
+
+
+def _without_paths(value, folder: Path, path: Path, name: str):
+    """A document with the server's temp paths replaced by the upload's name (nested dicts, lists, strings)."""
+    if isinstance(value, str):
+        return value.replace(str(path), name).replace(str(folder) + "/", "").replace(str(folder), "")
+    if isinstance(value, dict):
+        return {key: _without_paths(item, folder, path, name) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_paths(item, folder, path, name) for item in value]
+    return value
 
 
 async def _on_worker(service, job):
@@ -91,6 +213,19 @@ async def _on_worker(service, job):
     return await asyncio.wrap_future(future)
 
 
+def _token_given(authorization: str, token: str) -> bool:
+    """``Bearer TOKEN``, or HTTP Basic with the token as password (a browser asks for it on the status page)."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.strip().encode(), token.encode())
+
+
 def create_app(service) -> FastAPI:
     """The FastAPI app of one running ``Service``."""
     config = service.config
@@ -98,12 +233,13 @@ def create_app(service) -> FastAPI:
                   description="A chest-CT COVID-19 classifier as a DICOM node and an HTTP API.")
 
     def authorised(request: Request) -> None:
-        if config.token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if config.token is not None and not _token_given(request.headers.get("authorization", ""), config.token):
+            raise HTTPException(401, "missing or wrong token (Authorization: Bearer TOKEN, or any user name with "
+                                     "the token as password)", headers={"WWW-Authenticate": REALM})
 
+    uploads = config.spool / UPLOADS
+    shutil.rmtree(uploads, ignore_errors=True)  # a killed node's half uploads
+    uploads.mkdir(parents=True, exist_ok=True)
     guarded = [Depends(authorised)]
     _classify_routes(app, service, guarded)
     _lookup_routes(app, service, guarded)
@@ -114,29 +250,34 @@ def _classify_routes(app: FastAPI, service, guarded: list) -> None:
     """POST /v1/studies and /v1/images: uploads classified on the worker."""
     config = service.config
 
+    uploads = config.spool / UPLOADS
+
     @app.post("/v1/studies", dependencies=guarded, summary="Classify a study: a zip of DICOM files or NIfTI")
     async def post_study(request: Request) -> Response:
-        with tempfile.TemporaryDirectory(prefix="ctedge-upload-") as folder:
-            path, name = await _upload(request, config.max_study_bytes, Path(folder), STUDY_SUFFIXES,
+        with tempfile.TemporaryDirectory(prefix="study-", dir=uploads) as temp:
+            folder = Path(temp)
+            path, name = await _upload(request, config, folder, config.max_study_bytes, STUDY_SUFFIXES,
                                        "a zip of DICOM files or a NIfTI volume")
             results = await _on_worker(service, lambda: classify_paths(service.clf, [path], service.options))
-        results = [as_uploaded(result, name) for result in results]
-        if len(results) == 1 and results[0].error and not results[0].study_uid:
-            raise HTTPException(400, f"{name}: {results[0].error}")
+            results = [as_uploaded(result, name) for result in results]
+            if len(results) == 1 and results[0].error and not results[0].study_uid:
+                raise HTTPException(400, _without_paths(f"{name}: {results[0].error}", folder, path, name))
+            document = study_document(service.clf, config.model, service.options, results)
         service.metrics.http_requests.labels("studies").inc()
-        return _json(study_document(service.clf, config.model, service.options, results))
+        return _json(_without_paths(document, folder, path, name))
 
     @app.post("/v1/images", dependencies=guarded, summary="Classify one image: PNG, JPEG or DICOM")
     async def post_image(request: Request) -> Response:
-        with tempfile.TemporaryDirectory(prefix="ctedge-upload-") as folder:
-            path, name = await _upload(request, config.max_image_bytes, Path(folder), IMAGE_SUFFIXES,
+        with tempfile.TemporaryDirectory(prefix="image-", dir=uploads) as temp:
+            folder = Path(temp)
+            path, name = await _upload(request, config, folder, config.max_image_bytes, IMAGE_SUFFIXES,
                                        "a PNG, JPEG or DICOM image")
             document = await _on_worker(service, lambda: predict_images(service.clf, config.model, [path]))
         rows = tuple(replace(row, path=name) for row in document.predictions)
         if rows[0].error:
-            raise HTTPException(400, f"{name}: {rows[0].error}")
+            raise HTTPException(400, _without_paths(f"{name}: {rows[0].error}", folder, path, name))
         service.metrics.http_requests.labels("images").inc()
-        return _json(replace(document, predictions=rows).to_dict())
+        return _json(_without_paths(replace(document, predictions=rows).to_dict(), folder, path, name))
 
 def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
     """Answers to DICOM studies, the model, health, metrics and the status page."""
@@ -166,12 +307,12 @@ def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
         ready, document = service.readiness()
         return _json(document, 200 if ready else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", dependencies=guarded, summary="Prometheus metrics")
     def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", response_class=HTMLResponse, summary="Status page")
+    @app.get("/", response_class=HTMLResponse, dependencies=guarded, summary="Status page")
     def index() -> str:
         return status_page(service, time.time())

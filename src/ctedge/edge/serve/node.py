@@ -2,9 +2,10 @@
 
 Every CT instance is written to the spool (fsync, rename) before its success status is
 returned; other storage SOP classes (SRs, dose reports: a PACS sends whole studies) are
-acknowledged and not kept; Enhanced CT is refused until it is supported. Calling AE titles and hosts not allowed are rejected during association
-negotiation, with the reason in the log. Transfer syntaxes: every one the installed
-pydicom plugins decode (RLE always; JPEG family with ``ctedge[dicom-codecs]``).
+acknowledged and not kept; Enhanced CT is refused until it is supported. Transfer syntaxes:
+every one the installed pydicom plugins decode (RLE always; JPEG family with
+``ctedge[dicom-codecs]``). What a peer may make the node hold (who may associate, how
+many at once and how long, PDU and instance sizes, UIDs) is ``guard``'s.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from __future__ import annotations
 import logging
 import sqlite3
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ctedge.core.errors import CtedgeError
 from ctedge.edge.serve.config import ServeConfig
+from ctedge.edge.serve.guard import Gate, GuardedAE, Limits, checked_store, uid_problem
 from ctedge.edge.serve.spool import Incoming, Spool, Stored, uid_hash
+from ctedge.edge.serve.transport import start_server
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ STATUS = {Stored.STORED: 0x0000, Stored.STUDY_FULL: 0xA700, Stored.DISK_LOW: 0xA
 DUPLICATE = -1  # internal: acknowledged with 0x0000, counted as a duplicate
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC000
-HEADER_TAGS = ["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID", "SeriesInstanceUID",
+HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID",
                "ImagesInAcquisition"]
 
 
@@ -51,32 +54,13 @@ def decodable_syntaxes() -> list[str]:
 
 
 def _make_ae(config: ServeConfig):
-    from pynetdicom import AE
+    """The node's AE: its admission checks, timeouts and limits are guard.py's."""
+    from pynetdicom import _config
 
-    class GuardedAE(AE):
-        """An AE that admits only allowed (calling AE title, host) pairs. pynetdicom checks
-        ``require_calling_aet`` while negotiating, in the association's own thread, so the
-        answer can depend on that association's peer address."""
-
-        @property
-        def require_calling_aet(self) -> list[str]:
-            assoc = threading.current_thread()
-            requestor = getattr(assoc, "requestor", None)
-            if requestor is None:
-                return []
-            aet, address = requestor.ae_title.strip(), requestor.address
-            if config.admits(aet, address):
-                return [aet]
-            hint = ("only loopback peers are allowed; allow it with --allow"
-                    if not config.allow else "not in --allow; add it with --allow")
-            log.warning("association from %s@%s rejected: %s %s@%s", aet, address, hint, aet, address)
-            return ["\x00not-allowed"]
-
-        @require_calling_aet.setter
-        def require_calling_aet(self, value) -> None:  # AE.__init__ sets it
-            pass
-
-    return GuardedAE(ae_title=config.ae_title)
+    _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's per-PDU and per-message debug handlers: not bound
+    limits = Limits(config.ae_title, config.max_associations, config.per_host_limit, config.associate_seconds,
+                    config.idle_seconds, config.max_instance_bytes)
+    return GuardedAE(limits, Gate(limits, config.admits, bool(config.allow)))
 
 
 def _expected(ds) -> int | None:
@@ -111,7 +95,6 @@ class Node:
 
         self.config, self.spool, self.on_received = config, spool, on_received
         self.ae = _make_ae(config)
-        self.ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
         syntaxes = decodable_syntaxes()
         self.ae.add_supported_context(Verification)
         self.ae.add_supported_context(CT_IMAGE_STORAGE, syntaxes)
@@ -120,10 +103,11 @@ class Node:
         for context in StoragePresentationContexts:  # a PACS sends whole studies, SRs included
             if context.abstract_syntax not in (CT_IMAGE_STORAGE, *REFUSED_SOP_CLASSES):
                 self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self.handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_C_ECHO, lambda event: 0x0000),
+        self.handlers = [(evt.EVT_C_STORE, checked_store(self._store, self._refused)),
+                         (evt.EVT_C_ECHO, lambda event: 0x0000),
                          (evt.EVT_ESTABLISHED, self._opened), (evt.EVT_RELEASED, self._closed),
                          (evt.EVT_ABORTED, self._aborted)]
-        self.server = None
+        self.server, self.bound_port = None, None
         self.counts: dict[int, AssociationCounts] = {}
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -137,8 +121,13 @@ class Node:
         return context
 
     def start(self) -> None:
-        self.server = self.ae.start_server((self.config.host, self.config.dicom_port), block=False,
-                                           evt_handlers=self.handlers, ssl_context=self.ssl_context())
+        host, port = self.config.host, self.config.dicom_port
+        try:
+            self.server = start_server(self.ae, (host, port), self.handlers, self.ssl_context())
+        except OSError as exc:  # a busy port, an address this machine does not have
+            raise CtedgeError(f"{port} on {host}: cannot listen ({exc.strerror or exc}); is another DICOM node "
+                              "using it?", param="dicom_port") from None
+        self.bound_port = self.server.server_address[1]
         log.info("DICOM node %s listening on %s:%d%s; %s", self.config.ae_title, self.config.host,
                  self.server.server_address[1], " (TLS)" if self.config.tls_cert else "",
                  "allowed: " + ", ".join(f"{p.ae_title}@{p.host or '*'}" for p in self.config.allow)
@@ -146,11 +135,19 @@ class Node:
 
     @property
     def port(self) -> int:
-        return self.server.server_address[1]
+        return self.bound_port
 
     def stop(self) -> None:
-        if self.server:
-            self.server.shutdown()
+        """Stop accepting; open associations get --drain-seconds to finish, then are aborted."""
+        server, self.server = self.server, None
+        if server:
+            server.drain(self.config.drain_seconds)
+
+    def _refused(self, event) -> None:
+        """An instance over --max-instance-bytes: answered 0xA700, so its study may be incomplete."""
+        c = self.counts.setdefault(id(event.assoc), AssociationCounts())
+        c.refused += 1
+        c.out_of_resources += 1
 
     def _opened(self, event) -> None:
         self.counts[id(event.assoc)] = AssociationCounts()
@@ -207,6 +204,10 @@ class Node:
         except Exception as exc:  # a dataset pydicom can't read, or without its UIDs
             log.warning("C-STORE refused: unreadable dataset or no StudyInstanceUID/SOPInstanceUID (%s)",
                         exc.__class__.__name__)
+            return CANNOT_UNDERSTAND
+        problem = uid_problem(ds)
+        if problem:  # never into the spool, nor into an SR
+            log.warning("C-STORE refused: %s", problem)
             return CANNOT_UNDERSTAND
         self.on_received()
         try:

@@ -8,7 +8,8 @@ import html
 import time
 
 from ctedge.edge.serve import views
-from ctedge.edge.serve.spool import hash_uids, uid_hash
+from ctedge.edge.serve.logs import redact
+from ctedge.edge.serve.spool import uid_hash
 
 REFRESH_S = 5
 DELIVERY_STYLE = {"failed": ' class="failed"', "pending": ' class="pending"'}
@@ -19,7 +20,7 @@ def _row(line: views.AnswerLine) -> str:
     cells = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line.created)), uid_hash(line.study_uid),
              f"v{line.version}", line.completion, str(result.get("slices_used", "")),
              "" if result.get("probability") is None else f"{result['probability']:.4f}",
-             result.get("label") or f"no answer: {hash_uids(str(result.get('error')))}", f"{line.latency_s:.2f} s"]
+             result.get("label") or f"no answer: {redact(str(result.get('error')))}", f"{line.latency_s:.2f} s"]
     return ("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
             + f"<td{DELIVERY_STYLE.get(line.delivery, '')}>{html.escape(line.delivery)}</td></tr>")
 
@@ -29,7 +30,7 @@ def status_page(service, now: float) -> str:
     clf, config = service.clf, service.config
     lines = views.recent_answers(service.journal, 50)
     rows = "".join(map(_row, lines)) or "<tr><td colspan=9>no study answered yet</td></tr>"
-    errors = "".join(f"<li>{html.escape(e)}</li>" for e in service.recent_errors()) or "<li>none</li>"
+    errors = "".join(f"<li>{html.escape(redact(e))}</li>" for e in service.recent_errors()) or "<li>none</li>"
     counts = views.counts(service.journal)
     ready, readiness = service.readiness()
     state = "ready" if ready else "NOT READY: " + "; ".join(readiness["reasons"])
