@@ -79,7 +79,8 @@ def ray_cluster(options: RayOptions):
         else:
             ray.init(address=options.address, logging_level=level, log_to_driver=options.verbose)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise CtedgeError(f"cannot reach the Ray cluster {options.address!r} ({exc})", param="ray") from None
+        cause = f": {str(exc.__cause__)[:300]}" if exc.__cause__ else ""  # e.g. the cluster's auth token missing
+        raise CtedgeError(f"cannot reach the Ray cluster {options.address!r} ({exc}{cause})", param="ray") from None
     try:
         yield time.perf_counter() - started
     finally:
