@@ -75,6 +75,11 @@ def test_the_parquet_folder_refuses_a_file_and_foreign_parts_and_drops_a_killed_
     assert len(folder.parts()) == 1 and len(folder.read()) == 1  # readers never see it
     folder.prepare()
     assert not torn.exists()
+    stored = ParquetFolder(f"memory://ctedge-{tmp_path.name}/out.parquet")  # a URL, through fsspec
+    stored.prepare()
+    stored.write(folder.read())
+    assert stored.read().equals(folder.read())
+    fsspec.filesystem("memory").rm(f"/ctedge-{tmp_path.name}", recursive=True)
     pq.write_table(pa.table({"input": ["x"], "probability": ["not a number"]}), out / "foreign.parquet")
     with pytest.raises(CtedgeError, match="not readable as ctedge's"):
         ParquetFolder(str(out)).read()
