@@ -212,11 +212,12 @@ def score_archive(model: str | Path, inputs: list[str], parquet: str, options: S
     clf = Classifier(model, provider, 1, runtime=runtime, precision=precision, cache_dir=cache_dir,
                      max_pixels=options.max_pixels)  # checked here, before any cluster starts
     info = run_info(clf, model, options)
+    del clf  # the actors load their own; the driver keeps no session through the run
     _check_same_run(folder, info)
     errors = _errors_by_input(folder.read([INPUT, "error"]))
     todo = [reference for reference in references if reference not in errors]
-    scorer_kwargs = {"model": str(model), "options": options, "runtime": clf.runtime, "precision": clf.precision,
-                     "provider": provider, "cache_dir": cache_dir}
+    scorer_kwargs = {"model": str(model), "options": options, "runtime": info["runtime"],
+                     "precision": info["precision"], "provider": provider, "cache_dir": cache_dir}
     tally, startup, seconds, actors, per_batch = _Tally(), None, 0.0, 0, 0
     if todo:
         with ray_cluster(ray_options) as startup:
@@ -229,7 +230,7 @@ def score_archive(model: str | Path, inputs: list[str], parquet: str, options: S
             tally = _write_batches(_batches(ray_options, todo, scorer_kwargs, actors, per_batch), folder,
                                    {RUN_KEY: json.dumps(info).encode()}, errors, len(todo), progress)
             seconds = time.perf_counter() - started
-    return ArchiveRun(model=str(model), parquet=parquet, runtime=clf.runtime, precision=clf.precision,
+    return ArchiveRun(model=str(model), parquet=parquet, runtime=info["runtime"], precision=info["precision"],
                       address=ray_options.address, actors=actors, cpus_per_actor=ray_options.cpus_per_actor,
                       studies_per_batch=per_batch, inputs=len(references), repeated=repeated,
                       skipped=len(references) - len(todo), scored=tally.inputs, rows_written=tally.rows,
