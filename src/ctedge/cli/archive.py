@@ -19,7 +19,7 @@ from ctedge.edge.study import StudyOptions
 
 RayAddress = Annotated[Optional[str], typer.Option(
     "--ray", help="--study on Ray Data (pip install 'ctedge[ray]'): local (a cluster on this machine) or an "
-                  "existing cluster's address (ray://head:10001, head:6379, auto). Needs --parquet.")]
+                  "existing cluster's (auto on one of its nodes, or HEAD_IP:6379). Needs --parquet.")]
 RayCpus = Annotated[int, typer.Option(help="--ray: CPUs per actor (its onnxruntime and decode threads).")]
 Actors = Annotated[Optional[int], typer.Option(
     help="--ray: actors, one model each (default: the cluster's CPUs / --ray-cpus).")]

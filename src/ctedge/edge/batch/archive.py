@@ -44,8 +44,8 @@ class RunStopped(CtedgeError):
 @dataclass(frozen=True, kw_only=True)
 class RayOptions:
     """Where and how wide: ``address`` "local" (a cluster on this machine) or an existing
-    cluster's (``ray://head:10001``, ``head:6379``, ``auto``); ``actors`` x ``cpus_per_actor``
-    (default: as many actors as the cluster's CPUs allow)."""
+    cluster's (``auto`` on one of its nodes, or ``HEAD_IP:6379``); ``actors`` x
+    ``cpus_per_actor`` (default: as many actors as the cluster's CPUs allow)."""
 
     address: str = "local"
     cpus_per_actor: int = 1

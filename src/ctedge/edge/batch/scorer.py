@@ -113,8 +113,8 @@ def score_reference(clf, reference: str, options: StudyOptions,
 def _list_entries(listing: str) -> list[str]:
     """The references a list file names: one a line, blank lines and # comments skipped,
     relative paths taken from the list's folder."""
-    fs, path = filesystem(listing)
     try:
+        fs, path = filesystem(listing)
         with fs.open_input_stream(path) as stream:
             text = stream.read().decode("utf-8-sig")
     except (OSError, FetchError) as exc:
