@@ -39,7 +39,10 @@ DOCUMENTED = {
     ".[train,cuda]": ("onnxruntime-gpu", False),
     ".[train,cpu,openvino]": ("onnxruntime", True),
     ".[test]": ("onnxruntime", True),
+    ".[cpu,ray]": ("onnxruntime", False),
 }
+# The installs that hold Ray (Ray Data for `predict --study --ray`); every other one must not.
+WITH_RAY = {".[cpu,ray]", ".[test]"}
 
 
 def resolve(spec: str) -> list[str]:
@@ -68,6 +71,9 @@ def check(spec: str) -> list[str]:
     if ("openvino" in names) != expected_ov:
         problems.append(f"OpenVINO {'present' if 'openvino' in names else 'missing'}, documented "
                         f"{'present' if expected_ov else 'absent'}")
+    if ("ray" in names) != (spec in WITH_RAY):
+        problems.append(f"Ray {'present' if 'ray' in names else 'missing'}, documented "
+                        f"{'present' if spec in WITH_RAY else 'absent'}")
     return problems
 
 

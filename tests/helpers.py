@@ -77,3 +77,26 @@ def brightness_onnx(path: Path, size: int = 32, centre: float = 60.0, gain: floa
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, path)
     return Path(path)
+
+
+def write_archive(folder: Path, count: int, zipped: int = 0, size: int = 48, slices: int = 12) -> list[Path]:
+    """``count`` phantom studies (alternately positive), patients P0..P{count-1}: study
+    folders, the last ``zipped`` of them as .zip files instead; their paths."""
+    import shutil
+    import zipfile
+
+    from ctedge.core.phantom_studies import write_study
+
+    rng = np.random.default_rng(count)
+    paths = []
+    for i in range(count):
+        study = folder / f"p{i}"
+        write_study(study, rng, positive=i % 2 == 0, slices=slices, size=size, patient_id=f"P{i}")
+        if i >= count - zipped:
+            with zipfile.ZipFile(study.with_suffix(".zip"), "w") as archive:
+                for file in sorted(study.iterdir()):
+                    archive.write(file, file.name)
+            shutil.rmtree(study)
+            study = study.with_suffix(".zip")
+        paths.append(study)
+    return paths

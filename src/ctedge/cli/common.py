@@ -46,7 +46,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 # (otherwise --name-with-dashes); a library error about a parameter shows the flag.
 FLAGS = {"learning_rate": "--lr", "run_dir": "--out", "rotation_deg": "--rotation", "horizontal_flip": "--flip",
          "time_budget_min": "--time-budget", "explain_count": "--explain", "series_uid": "--series",
-         "data": "--data", "split_dir": "--split-dir"}
+         "data": "--data", "split_dir": "--split-dir", "cpus_per_actor": "--ray-cpus"}
 
 
 def flag(param: str) -> str:

@@ -50,15 +50,17 @@ from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD
 from ctedge.core.preprocess import PreprocessConfig
 from ctedge.core.progress import console
-from ctedge.core.results import StudyEvaluation, dumps, plain
+from ctedge.core.results import ImageEvaluation, StudyEvaluation, dumps, plain
 from ctedge.edge.engines import Provider, Runtime
 from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, StudyOptions
 
 
 @command
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="Trained model (.keras); with --study the exported .onnx.")],
-    data: DataArg,
+    model: Annotated[Optional[Path], typer.Argument(
+        help="Trained model (.keras); with --study the exported .onnx; none with --from-parquet.")] = None,
+    data: Annotated[Optional[Path], typer.Argument(
+        help="Data folder: one subfolder per class; none with --from-parquet.")] = None,
     split: Annotated[EvalSplit, typer.Option(help="Part of the data to score.")] = EvalSplit.val,
     threshold: Annotated[Optional[float], typer.Option(
         help=f"Decision threshold on P(positive) (default {DEFAULT_THRESHOLD}; with --study the model's metadata "
@@ -87,6 +89,11 @@ def evaluate(
     provider: ProviderOpt = Provider.auto,
     threads: Threads = None,
     cache_dir: CacheDir = None,
+    from_parquet: Annotated[Optional[str], typer.Option(
+        help="Instead of MODEL and DATA: an archive's answers (`predict --study --ray --parquet`), scored against "
+             "--labels.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        help="--from-parquet: CSV with a header: study_uid (or input) and label (class name, or 1/0).")] = None,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC with bootstrap 95% CIs,
     confusion matrix, ROC and calibration plots.
@@ -100,7 +107,16 @@ def evaluate(
     With `--study`, one answer per patient as `predict --study` gives it, scored
     against the class folder; `--split` does not apply (every study is scored):
     `ctedge evaluate exports/b3.onnx held-out-studies/ --study`
+
+    With `--from-parquet`, an archive scored by `predict --study --ray`, per patient, against labels:
+    `ctedge evaluate --from-parquet scores.parquet --labels labels.csv`
     """
+    if from_parquet is not None or labels is not None or model is None or data is None:
+        from ctedge.cli.archive import evaluate_parquet_command
+
+        check_outputs((json_out, "--json"), (html_out, "--html"))
+        report = evaluate_parquet_command(from_parquet, labels, threshold, out, resamples, given=(model, data))
+        return write_evaluation(report, json_out, html_out, str(from_parquet), f"labels {labels}")
     default_out = model.parent / ("eval-studies" if study else f"eval-{split}")
     check_outputs((out or default_out, "--out", True), (json_out, "--json"), (html_out, "--html"),
                   inputs=[*model_files(model), data])
@@ -113,12 +129,18 @@ def evaluate(
     else:
         report = _evaluate_images(model, data, split, DEFAULT_THRESHOLD if threshold is None else threshold, out,
                                   resamples, split_dir, group_regex, external, positive)
+    write_evaluation(report, json_out, html_out, str(model), f"data {data}")
+
+
+def write_evaluation(report: ImageEvaluation | StudyEvaluation, json_out: Path | None, html_out: Path | None,
+                     what: str, source: str) -> None:
+    """--json and --html of an evaluation; exit 1 after them when studies got no answer."""
     write_text(dumps(report), json_out)
     if html_out:
         from ctedge.evaluation.report import evaluation_section, verdict, write_page
 
-        write_page(html_out, f"ctedge evaluation: {model}", [verdict(report, None), evaluation_section(report)],
-                   f"data {data}")
+        write_page(html_out, f"ctedge evaluation: {what}", [verdict(report, None), evaluation_section(report)],
+                   source)
         console.print(f"HTML page: {html_out}")
     if isinstance(report, StudyEvaluation) and report.failed:
         raise typer.Exit(ExitCode.FAILED)
@@ -164,6 +186,12 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
                                   f"{escape(clean(r.input))}: " + (f"{r.probability:.3f}" if r.error is None
                                                                    else f"[red]no answer[/] ({escape(clean(r.error))})"),
                                   highlight=False))
+    print_study_report(report)
+    return report
+
+
+def print_study_report(report: StudyEvaluation) -> None:
+    """The metrics table, the warnings, the studies without an answer and where the files went."""
     print_metrics(report)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
@@ -173,7 +201,6 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
         for item in report.failed:
             console.print(shown(f"  {item['input']}: {item['error']}"))
     console.print(f"plots, metrics.json and studies.csv in {report.out_dir}", markup=False)
-    return report
 
 
 @command

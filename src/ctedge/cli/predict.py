@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
+from ctedge.cli.archive import Actors, ParquetOut, RayAddress, RayCpus
 from ctedge.cli.common import (
     AggregateOpt,
     CacheDir,
@@ -66,6 +67,10 @@ def predict(
     top_k: TopK = DEFAULT_TOP_K,
     plot: Annotated[Optional[Path], typer.Option(
         help="--study: folder for one PNG per study (needs matplotlib).")] = None,
+    ray: RayAddress = None,
+    ray_cpus: RayCpus = 1,
+    actors: Actors = None,
+    parquet: ParquetOut = None,
 ) -> None:
     """Classify images with an exported model (no TensorFlow needed), on
     onnxruntime or OpenVINO.
@@ -78,6 +83,7 @@ def predict(
 
     With `--study`, one row per CT study instead (see README, "Whole CT studies"):
     `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
+    (an archive on Ray Data: `--ray local --parquet scores.parquet`, README "Score an archive")
     """
     from ctedge.core.imageio import expand_paths
     from ctedge.core.results import ImagePrediction, dumps
@@ -88,10 +94,18 @@ def predict(
         options = study_options(series_uid=series, slice_step=slice_step, max_slices=max_slices,
                                 aggregate=aggregate, top_k=top_k, batch_size=batch_size,
                                 keep_thumbnails=plot is not None)
+        if ray or parquet:
+            from ctedge.cli.archive import predict_archive_command
+
+            return predict_archive_command(model, paths, parquet, options, ray, ray_cpus, actors, json_out, {
+                "--csv": csv_out, "--plot": plot, "--threads": threads, "--pad": pad, "--provider-option": provider_option},
+                {"runtime": runtime, "precision": precision, "provider": provider, "cache_dir": cache_dir})
         predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
                                 runtime=runtime, precision=precision, cache_dir=cache_dir,
                                 provider_options=backend_options, pad=pad)
         return
+    if ray or parquet:
+        raise CtedgeError("--ray and --parquet go with --study: an archive of CT studies on Ray Data")
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")

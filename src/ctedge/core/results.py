@@ -215,6 +215,33 @@ class StudiesReport(Document):
     warnings: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, kw_only=True)
+class ArchiveRun(Document):
+    """`ctedge predict --study --ray`: one run over an archive, its rows in a Parquet folder
+    (``ctedge.edge.batch``); a resumed run counts what it found there as ``skipped``."""
+
+    kind: ClassVar[str] = "archive_run"
+    model: str
+    parquet: str
+    runtime: str
+    precision: str
+    address: str  # the Ray cluster: local, or the address given
+    actors: int
+    cpus_per_actor: int
+    studies_per_batch: int
+    inputs: int  # distinct study references given
+    repeated: int  # references listed more than once (scored once)
+    skipped: int  # inputs already in the Parquet
+    scored: int  # inputs scored by this run
+    rows_written: int  # studies (a folder may hold several)
+    errors_written: int
+    parts_written: int
+    errors: int  # error rows of the given inputs in the Parquet after this run
+    ray_startup_s: float | None  # None: nothing to score, or a Ray this process already held
+    seconds: float  # scoring, Ray's start-up excluded
+    studies_per_s: float | None
+
+
 
 # --- benchmarks (`ctedge bench`): built by ctedge.edge.bench -------------------------
 

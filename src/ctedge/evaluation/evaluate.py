@@ -23,7 +23,7 @@ from ctedge.core.metrics import (
 )
 from ctedge.core.plots import reliability, roc_curve
 from ctedge.core.progress import ProgressFn, tracked
-from ctedge.core.results import Estimate, ImageEvaluation, StudyEvaluation, dumps, finite
+from ctedge.core.results import Estimate, ImageEvaluation, StudyEvaluation, StudyResult, dumps, finite
 from ctedge.core.runconfig import RunConfig, data_options_for, keras_preprocess_config
 from ctedge.training.splits import load_data
 
@@ -213,7 +213,7 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     from ctedge.core.data import discover
     from ctedge.core.files import check_writable
     from ctedge.edge.runtime import Classifier
-    from ctedge.edge.study import CSV_FIELDS, StudyOptions, csv_row, predict_studies
+    from ctedge.edge.study import StudyOptions, predict_studies
 
     model_path = Path(model_path)
     if model_path.suffix.lower() != ".onnx":
@@ -228,14 +228,31 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
         positive = clf.positive
     dataset = discover(data_root, positive, studies=True)
     threshold = clf.threshold if threshold is None else threshold
-    rows = [(sample, result) for sample in dataset.samples
+    rows = [(sample.class_name, sample.label, result) for sample in dataset.samples
             for result in predict_studies(clf, [sample.path], options, progress)]
-    scored = [(s, r) for s, r in rows if r.error is None]
-    failed = [{"input": r.input, "study_uid": r.study_uid, "error": r.error} for _, r in rows if r.error]
+    report = StudyEvaluation(
+        model=str(model_path), provider=clf.providers[0], runtime=clf.runtime, precision=clf.precision,
+        data=str(data_root), classes=dataset.class_names, options=options.to_dict(),
+        **score_studies(rows, threshold, out, resamples, seed, str(data_root)))
+    atomic_write(dumps(report).encode(), out / "metrics.json")
+    return report
+
+
+def score_studies(rows: list[tuple[str, int, StudyResult]], threshold: float, out: Path,
+                  resamples: int = DEFAULT_RESAMPLES, seed: int = 0, data: str = "") -> dict:
+    """Patient-level scores of studies whose truth is known: ``rows`` of (class name, truth
+    0/1, result). The CIs resample patients (PatientID; a study without one is its own
+    patient; when all share one, studies, with a warning). Studies without an answer are
+    ``failed``, never scored. Writes studies.csv and the plots to ``out``; returns the
+    shared fields of a ``StudyEvaluation``."""
+    from ctedge.edge.study import CSV_FIELDS, csv_row
+
+    scored = [(truth, r) for _, truth, r in rows if r.error is None]
+    failed = [{"input": r.input, "study_uid": r.study_uid, "error": r.error} for _, _, r in rows if r.error]
     if not scored:
-        raise CtedgeError(f"none of the {len(rows)} studies in {data_root} got an answer (first: "
-                          f"{failed[0]['input']}: {failed[0]['error']})")
-    y = np.array([s.label for s, _ in scored])
+        raise CtedgeError(f"none of the {len(rows)} studies in {data} got an answer" +
+                          (f" (first: {failed[0]['input']}: {failed[0]['error']})" if failed else ""))
+    y = np.array([truth for truth, _ in scored])
     p = np.array([r.probability for _, r in scored])
     patients = np.array([r.patient_id or f"{r.input}#{r.study_uid}" for _, r in scored])
     warnings = []
@@ -246,13 +263,8 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     scores = score(y, p, threshold, patients, resamples, seed)
     plots = plot_scores(y, p, scores["metrics"]["auc"].value, out)
     atomic_write(csv_text(["class", "truth", *CSV_FIELDS],
-                          [{"class": s.class_name, "truth": s.label, **csv_row(r)} for s, r in rows]).encode(),
+                          [{"class": name, "truth": truth, **csv_row(r)} for name, truth, r in rows]).encode(),
                  out / "studies.csv")
-    report = StudyEvaluation(
-        model=str(model_path), provider=clf.providers[0], runtime=clf.runtime, precision=clf.precision,
-        data=str(data_root), classes=dataset.class_names,
-        threshold=threshold, studies=len(scored), positive=int(y.sum()), patients=len(set(patients)), **scores,
-        shortcut_baseline={}, output_spread=finite(output_spread(p)), failed=failed, warnings=warnings,
-        options=options.to_dict(), **plots, studies_csv=str(out / "studies.csv"), out_dir=str(out))
-    atomic_write(dumps(report).encode(), out / "metrics.json")
-    return report
+    return dict(threshold=threshold, studies=len(scored), positive=int(y.sum()), patients=len(set(patients)),
+                **scores, shortcut_baseline={}, output_spread=finite(output_spread(p)), failed=failed,
+                warnings=warnings, **plots, studies_csv=str(out / "studies.csv"), out_dir=str(out))
