@@ -3,7 +3,8 @@ MONAI Deploy's series selector), the order of its slices and which to sample.
 
 Rules: Modality CT; ImageType ORIGINAL and PRIMARY (not LOCALIZER, DERIVED,
 SECONDARY); axial (slice normal within 25 degrees of the patient's z axis); at
-least ``MIN_SLICES`` usable slices; then the one with the most slices. A series
+least ``MIN_SLICES`` usable slices; then the one with the most usable slices (a
+rescale, valid geometry, the series' majority matrix size). A series
 asked for by UID overrides. Every rejected series keeps its reason.
 """
 
@@ -45,16 +46,25 @@ def _type_problem(first: SliceRef) -> str | None:
     return None
 
 
+def _slice_problem(ref: SliceRef) -> str | None:
+    """Why one slice cannot be used; None when it can."""
+    if ref.problem is not None:
+        return ref.problem
+    if not ref.has_rescale:
+        return "no RescaleSlope/RescaleIntercept, so its values cannot be converted to HU"
+    if ref.orientation is None or ref.position is None:
+        return "no ImageOrientationPatient/ImagePositionPatient"
+    return None
+
+
 def series_problem(refs: list[SliceRef]) -> str | None:
     """Why a series is not the axial CT to classify; None when it qualifies."""
     problem = _type_problem(refs[0])
     if problem:
         return problem
-    usable = [r for r in refs if r.problem is None and r.orientation and r.position]
+    usable = _usable(refs, [])
     if not usable:
-        broken = next((r.problem for r in refs if r.problem), None)
-        return (f"no usable slice ({broken})" if broken
-                else "no slice with ImageOrientationPatient and ImagePositionPatient")
+        return f"no usable slice ({_slice_problem(refs[0])})"
     cos = abs(float(normal(usable[0].orientation)[2]))
     if cos < AXIAL_MIN_COS:
         return f"not axial (slice normal {math.degrees(math.acos(min(cos, 1.0))):.0f} degrees from z)"
@@ -70,7 +80,7 @@ def select_series(study: Study, series_uid: str | None = None) -> tuple[str | No
         reason = "not the series asked for (--series)" if series_uid is not None and uid != series_uid \
             else series_problem(refs)
         if reason is None:
-            candidates.append((len(refs), uid))
+            candidates.append((len(_usable(refs, [])), uid))
         else:
             rejected.append(RejectedSeries(series_uid=uid, slices=len(refs), description=refs[0].description,
                                            reason=reason))
@@ -79,22 +89,18 @@ def select_series(study: Study, series_uid: str | None = None) -> tuple[str | No
     candidates.sort(key=lambda c: (-c[0], c[1]))
     for count, uid in candidates[1:]:
         rejected.append(RejectedSeries(series_uid=uid, slices=count, description=study.series[uid][0].description,
-                                       reason=f"fewer slices than the chosen series ({count} < {candidates[0][0]})"))
+                                       reason=f"fewer usable slices than the chosen series ({count} < {candidates[0][0]})"))
     return candidates[0][1], rejected
 
 
 def _usable(refs: list[SliceRef], warnings: list[str]) -> list[SliceRef]:
     usable = []
     for ref in refs:
-        if ref.problem is not None:
-            warnings.append(f"{ref.name}: {ref.problem}; slice skipped")
-        elif not ref.has_rescale:
-            warnings.append(f"{ref.name}: no RescaleSlope/RescaleIntercept, so its values cannot be "
-                            "converted to HU; slice skipped")
-        elif ref.orientation is None or ref.position is None:
-            warnings.append(f"{ref.name}: no ImageOrientationPatient/ImagePositionPatient; slice skipped")
-        else:
+        problem = _slice_problem(ref)
+        if problem is None:
             usable.append(ref)
+        else:
+            warnings.append(f"{ref.name}: {problem}; slice skipped")
     if not usable:
         return []
     sizes: dict[tuple[int, int], int] = {}
