@@ -17,6 +17,7 @@ from ctedge.cli.common import (
     PrecisionOpt,
     ProviderOpt,
     ProviderOptions,
+    RuleOpt,
     SeriesOpt,
     SliceStep,
     Threads,
@@ -38,7 +39,7 @@ from ctedge.core.choices import Aggregate
 from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.progress import console
 from ctedge.edge.engines import Provider, Runtime
-from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, StudyOptions
+from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, SeriesRules, StudyOptions
 
 
 @command
@@ -64,6 +65,7 @@ def predict(
     max_slices: MaxSlices = DEFAULT_MAX_SLICES,
     aggregate: AggregateOpt = Aggregate.topk,
     top_k: TopK = DEFAULT_TOP_K,
+    rule: RuleOpt = None,
     plot: Annotated[Optional[Path], typer.Option(
         help="--study: folder for one PNG per study (needs matplotlib).")] = None,
 ) -> None:
@@ -87,7 +89,7 @@ def predict(
     if study:
         options = study_options(series_uid=series, slice_step=slice_step, max_slices=max_slices,
                                 aggregate=aggregate, top_k=top_k, batch_size=batch_size,
-                                keep_thumbnails=plot is not None)
+                                keep_thumbnails=plot is not None, rules=SeriesRules.from_pairs(rule or []))
         predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
                                 runtime=runtime, precision=precision, cache_dir=cache_dir,
                                 provider_options=backend_options, pad=pad)
@@ -154,9 +156,10 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     for column in ("input", "study", "patient", "slices used/total", "probability", "label"):
         table.add_column(column, overflow="fold")
     for r in results:
+        outcome = shown(f"error: {r.error}", "red") if r.error else \
+            shown(f"not eligible: {r.not_eligible}", "yellow") if r.not_eligible else shown(r.label)
         table.add_row(shown(r.input), shown(r.study_uid or "-"), shown(r.patient_id),
-                      f"{r.slices_used}/{r.slices_total}", "" if r.error else f"{r.probability:.4f}",
-                      shown(f"error: {r.error}", "red") if r.error else shown(r.label))
+                      f"{r.slices_used}/{r.slices_total}", f"{r.probability:.4f}" if r.answered else "", outcome)
     console.print(table)
     _print_study_details(results)
     report = studies_report(clf, model, options, results)
@@ -164,10 +167,13 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
         console.print(Text.assemble(("warning:", "bold red"), " ", clean(warning)))
     if plot is not None:
         for r in results:
-            if not r.error:
+            if r.answered:
                 console.print(shown(f"plot: {study_plot(r, plot)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_text(dumps(report), json_out)
+    skipped = sum(r.not_eligible is not None for r in results)
+    if skipped:
+        console.print(f"[yellow]{skipped} of {len(results)} stud(ies) not eligible under the rules (--rule)[/]")
     failed = sum(r.error is not None for r in results)
     if failed:
         console.print(f"[yellow]{failed} of {len(results)} stud(ies) got no answer[/]")

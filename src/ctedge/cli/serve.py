@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ctedge.cli.common import PrecisionOpt, Threads, command
+from ctedge.cli.common import PrecisionOpt, RuleOpt, Threads, command
 from ctedge.core.errors import CtedgeError
 from ctedge.core.progress import console
 from ctedge.edge.engines import Provider, Runtime
@@ -65,6 +65,7 @@ def serve(
     secondary_capture: Annotated[Optional[bool], typer.Option(
         "--secondary-capture", help="Also send the answer as a Secondary Capture image (probability along the "
                                     "scan axis) for viewers that show no SR.", show_default=False)] = None,
+    rule: RuleOpt = None,
 ) -> None:
     """Run a DICOM node and an HTTP API with one loaded model.
 
@@ -93,7 +94,7 @@ def serve(
                      tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, token=token,
                      runtime=runtime.value if runtime else None, precision=precision.value if precision else None,
                      provider=provider.value if provider else None, threads=threads, max_slices=max_slices,
-                     queue_size=queue_size, log_phi=log_phi, secondary_capture=secondary_capture)
+                     queue_size=queue_size, log_phi=log_phi, secondary_capture=secondary_capture, rules=rule)
     run_node(load_config(config, overrides))
 
 

@@ -230,8 +230,8 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     threshold = clf.threshold if threshold is None else threshold
     rows = [(sample, result) for sample in dataset.samples
             for result in predict_studies(clf, [sample.path], options, progress)]
-    scored = [(s, r) for s, r in rows if r.error is None]
-    failed = [{"input": r.input, "study_uid": r.study_uid, "error": r.error} for _, r in rows if r.error]
+    scored = [(s, r) for s, r in rows if r.answered]
+    failed = [{"input": r.input, "study_uid": r.study_uid, "error": r.no_answer} for _, r in rows if not r.answered]
     if not scored:
         raise CtedgeError(f"none of the {len(rows)} studies in {data_root} got an answer (first: "
                           f"{failed[0]['input']}: {failed[0]['error']})")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ctedge.core.errors import CtedgeError
+from ctedge.edge.study.rules import DEFAULT_RULES, SeriesRules
 
 AE_TITLE = re.compile(r"^[ -~]{1,16}$")  # DICOM AE: up to 16 printable ASCII characters
 LOOPBACK = ("127.0.0.1", "::1")
@@ -102,6 +103,7 @@ class ServeConfig:
     retry_seconds: float = 2.0  # first backoff; doubles, at most 5 minutes
     log_phi: bool = False
     secondary_capture: bool = False  # also send the answer as a Secondary Capture plot
+    rules: SeriesRules = DEFAULT_RULES  # which series may be scored: the TOML's [rules] table, --rule
 
     def check(self) -> None:
         check_ae(self.ae_title, "ae_title")
@@ -152,9 +154,26 @@ def load_config(toml: Path | None, overrides: dict) -> ServeConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise CtedgeError(f"{toml}: unknown option(s) {', '.join(unknown)}")
+    overrides = dict(overrides)
+    flag_rules = overrides.pop("rules", None) or []
     values.update({k: v for k, v in overrides.items() if v is not None and v != []})
+    values["rules"] = _rules(values.get("rules", {}), flag_rules, toml)
     if "model" not in values:
         raise CtedgeError("no model given (argument MODEL or `model` in --config)")
     config = ServeConfig(**{k: _convert(k, v) for k, v in values.items()})
     config.check()
     return config
+
+
+def _rules(table, pairs: list[str], toml: Path | None) -> SeriesRules:
+    """The TOML's ``[rules]`` table, then ``--rule KEY=VALUE`` flags on top; a bad rule names
+    where it came from."""
+    if isinstance(table, SeriesRules):
+        return SeriesRules.from_pairs(pairs, table)
+    if not isinstance(table, dict):
+        raise CtedgeError(f"{toml}: rules must be a table ([rules]), not {table!r}")
+    try:
+        base = SeriesRules.from_mapping(table)
+    except CtedgeError as exc:
+        raise CtedgeError(f"{toml}: [rules] {exc.detail}") from None
+    return SeriesRules.from_pairs(pairs, base)

@@ -37,6 +37,8 @@ def classify_spooled(clf, folder: Path, study_uid: str, options: StudyOptions) -
         result = replace(classify_study(clf, study, options), input=study_uid)
     finally:
         study.close()
+    if result.not_eligible:  # no SR; the node's own "not eligible" status comes with its journal (issue 26)
+        return Answer(replace(result, error=f"not eligible: {result.not_eligible}"))
     if result.error or not result.series_uid:
         return Answer(result)
     evidence = [pydicom.dcmread(top.source, stop_before_pixels=True, specific_tags=EVIDENCE_TAGS)
