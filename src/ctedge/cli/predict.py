@@ -35,6 +35,7 @@ from ctedge.cli.common import (
     write_csv,
     write_text,
 )
+from ctedge.cli.pull import AeTitle, DicomWebToken, DicomWebUser, FromDicomWeb, FromPacs, MaxStudies, Query, pull_source
 from ctedge.core.choices import Aggregate
 from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.progress import console
@@ -45,7 +46,9 @@ from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, SeriesRules, St
 @command
 def predict(
     model: Annotated[Path, typer.Argument(help="Exported .onnx model (or OpenVINO IR .xml).")],
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        help="Image files or folders (searched recursively); --study: studies (none with --from-*).",
+        show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = StudyOptions.batch_size,
     runtime: Annotated[Runtime, typer.Option(
         help="Engine; auto: what `ctedge bench --runtime all` found fastest here, saved beside the model, "
@@ -66,6 +69,13 @@ def predict(
     aggregate: AggregateOpt = Aggregate.topk,
     top_k: TopK = DEFAULT_TOP_K,
     rule: RuleOpt = None,
+    from_pacs: FromPacs = None,
+    from_dicomweb: FromDicomWeb = None,
+    query: Query = None,
+    ae_title: AeTitle = "CTEDGE",
+    max_studies: MaxStudies = None,
+    dicomweb_token: DicomWebToken = None,
+    dicomweb_user: DicomWebUser = None,
     plot: Annotated[Optional[Path], typer.Option(
         help="--study: folder for one PNG per study (needs matplotlib).")] = None,
 ) -> None:
@@ -80,19 +90,38 @@ def predict(
 
     With `--study`, one row per CT study instead (see README, "Whole CT studies"):
     `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
+
+    Or pulled from a PACS (see README, "Pull from a PACS"):
+    `ctedge predict exports/b3.onnx --study --from-pacs ORTHANC@pacs:4242 --query StudyDate=20261201-`;
+    `ctedge predict exports/b3.onnx --study --from-dicomweb http://pacs:8042/dicom-web`
     """
+    import os
+
     from ctedge.core.imageio import expand_paths
     from ctedge.core.results import ImagePrediction, dumps
     from ctedge.edge.runtime import Classifier, predict_images
 
     backend_options = provider_options(provider_option)
+    paths = paths or []
+    source = pull_source(from_pacs, from_dicomweb, ae_title=ae_title, max_studies=max_studies,
+                         max_bytes=study_options().max_bytes, token=dicomweb_token, user=dicomweb_user,
+                         password=os.environ.get("CTEDGE_DICOMWEB_PASSWORD"))
+    if source is not None and (paths or not study):
+        raise CtedgeError("--from-pacs/--from-dicomweb pull whole studies: give --study and no PATHS")
+    if not paths and source is None:
+        raise CtedgeError("no PATHS given (or, with --study, --from-pacs / --from-dicomweb)")
     if study:
         options = study_options(series_uid=series, slice_step=slice_step, max_slices=max_slices,
                                 aggregate=aggregate, top_k=top_k, batch_size=batch_size,
                                 keep_thumbnails=plot is not None, rules=SeriesRules.from_pairs(rule or []))
+        pull = None
+        if source is not None:
+            from ctedge.edge.pacs import parse_query
+
+            pull = (source, parse_query(query))
         predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
                                 runtime=runtime, precision=precision, cache_dir=cache_dir,
-                                provider_options=backend_options, pad=pad)
+                                provider_options=backend_options, pad=pad, pull=pull)
         return
     files = expand_paths(paths)
     if not files:
@@ -131,8 +160,9 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
                             threads: int | None, csv_out: Path | None, json_out: Path | None, plot: Path | None, *,
                             runtime: str = "auto", precision: str | None = None,
                             cache_dir: Path | None = None, provider_options: dict[str, str] | None = None,
-                            pad: bool | None = None) -> None:
-    """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
+                            pad: bool | None = None, pull: tuple | None = None) -> None:
+    """`predict --study`: one row per study, details below the table; exit 1 if any failed.
+    ``pull``: (source, query) to pull the studies from a PACS instead of ``paths``."""
     from rich.table import Table
 
     from ctedge.core.results import dumps
@@ -149,8 +179,19 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                      cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
                      pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels)
-    results = predict_studies(clf, paths, options,
-                              progress=lambda r: console.print(shown(f"{r.input}: {r.study_uid or '-'} done")))
+    def progress(r) -> None:
+        console.print(shown(f"{r.input}: {r.study_uid or '-'} done"))
+
+    if pull is None:
+        results = predict_studies(clf, paths, options, progress=progress)
+    else:
+        from ctedge.edge.pacs import pull_studies
+
+        source, query = pull
+        console.print(shown(f"{source.name}: studies matching {query}"))
+        results = pull_studies(clf, source, query, options, progress=progress)
+        if not results:
+            console.print(shown(f"{source.name}: no study matches {query}"))
     table = Table(title=shown(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
                                f"P({clf.positive}) per study, threshold {clf.threshold}, aggregate {options.aggregate}"))
     for column in ("input", "study", "patient", "slices used/total", "probability", "label"):
