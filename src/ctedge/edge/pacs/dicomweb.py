@@ -41,7 +41,6 @@ TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "Patien
 STUDY_FIELDS = ("PatientID", "AccessionNumber", "StudyDate", "StudyTime", "ModalitiesInStudy", "StudyDescription")
 SERIES_FIELDS = ("Modality", "SeriesDescription", "BodyPartExamined", "ImageType", "SliceThickness",
                  "NumberOfSeriesRelatedInstances")
-CHUNK = 1 << 16
 
 
 class DicomWebSource:
@@ -57,7 +56,7 @@ class DicomWebSource:
             raise CtedgeError(f"must be an http(s) URL without query, e.g. http://pacs:8042/dicom-web, not {url!r}",
                               param="from_dicomweb")
         if token and (user or parts.username):
-            raise CtedgeError("give a token or basic auth, not both", param="dicomweb_token")
+            raise CtedgeError("and basic auth (a user): give one", param="dicomweb_token")
         user, password = user or parts.username, password if password is not None else parts.password
         self.base = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
         self.name = self.base  # never with credentials
@@ -87,7 +86,7 @@ class DicomWebSource:
                 body += chunk
                 if len(body) > limit:
                     raise PullError(f"{self.name}: QIDO-RS answer to {path} is larger than {limit:,} bytes; refused "
-                                    "(narrow --query or lower --max-studies)")
+                                    "(narrow --query)")
         try:
             answer = json.loads(bytes(body))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -180,7 +179,7 @@ class DicomWebSource:
 
     def _chunks(self, response, deadline: float):
         """The body as it arrives; PullError once ``deadline`` has passed."""
-        for chunk in response.iter_bytes(CHUNK):
+        for chunk in response.iter_bytes():  # as it arrives (a chunk size would wait for that many bytes)
             if time.monotonic() > deadline:
                 raise PullError(f"{self.name}: {response.url.path} still sending after {self.options.deadline_s:g} s; "
                                 "cut off")
