@@ -50,5 +50,9 @@ def pull_source(from_pacs: str | None, from_dicomweb: str | None, *, ae_title: s
 
     options = PullOptions(max_bytes=max_bytes, **({} if max_studies is None else {"max_studies": max_studies}))
     if from_pacs:
+        import logging
+
+        # its lines name identifiers (PatientID) and repeat ours, which say why
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         return DimseSource(from_pacs, ae_title, options)
     return DicomWebSource(from_dicomweb, token=token, user=user, password=password, options=options)

@@ -57,6 +57,7 @@ class DimseSource:
         if not assoc.is_established:
             raise PullError(f"{self.name}: no association (unreachable, or the PACS does not know AE title "
                             f"{self.ae_title!r}: add it to its modalities)")
+        _no_delay(assoc)
         return assoc
 
     def _find(self, level: str, keys: tuple[str, ...], query: dict[str, str], limit: int, what: str) -> list:
@@ -162,6 +163,16 @@ class DimseSource:
             raise PullError(f"{self.name}: C-GET of series {series_uid} failed (status {_hex(final)}, "
                             f"{sink.count} instance(s) received, {failed} failed)")
         return sink.count
+
+
+def _no_delay(assoc) -> None:
+    """Small DIMSE messages go out at once: with Nagle's algorithm on (pynetdicom's default), a
+    series-level C-FIND against Orthanc took 0.11 s instead of 0.06 s."""
+    import socket
+
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _given(ds, keyword: str) -> str | None:
