@@ -95,7 +95,8 @@ class Orthanc:
             (self.folder / "db" / uuid[:2] / uuid[2:4] / uuid).unlink()
 
     def stop(self) -> None:
-        self.process.terminate()
+        """Killed, not asked to stop (that takes Orthanc seconds): its database is a tmp folder."""
+        self.process.kill()
         self.process.wait(timeout=30)
         self.log.close()
 

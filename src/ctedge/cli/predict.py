@@ -35,7 +35,16 @@ from ctedge.cli.common import (
     write_csv,
     write_text,
 )
-from ctedge.cli.pull import AeTitle, DicomWebToken, DicomWebUser, FromDicomWeb, FromPacs, MaxStudies, Query, pull_source
+from ctedge.cli.pull import (
+    AeTitle,
+    DicomWebToken,
+    DicomWebUser,
+    FromDicomWeb,
+    FromPacs,
+    MaxStudies,
+    Query,
+    pull_request,
+)
 from ctedge.core.choices import Aggregate
 from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.progress import console
@@ -46,9 +55,8 @@ from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, SeriesRules, St
 @command
 def predict(
     model: Annotated[Path, typer.Argument(help="Exported .onnx model (or OpenVINO IR .xml).")],
-    paths: Annotated[Optional[list[Path]], typer.Argument(
-        help="Image files or folders (searched recursively); --study: studies (none with --from-*).",
-        show_default=False)] = None,
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders (searched recursively); "
+                                                         "--study: studies (none with --from-*).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = StudyOptions.batch_size,
     runtime: Annotated[Runtime, typer.Option(
         help="Engine; auto: what `ctedge bench --runtime all` found fastest here, saved beside the model, "
@@ -89,36 +97,23 @@ def predict(
     `ctedge predict exports/b3.onnx scans/ --runtime openvino --precision bf16`
 
     With `--study`, one row per CT study instead (see README, "Whole CT studies"):
-    `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
-
-    Or pulled from a PACS (see README, "Pull from a PACS"):
-    `ctedge predict exports/b3.onnx --study --from-pacs ORTHANC@pacs:4242 --query StudyDate=20261201-`;
-    `ctedge predict exports/b3.onnx --study --from-dicomweb http://pacs:8042/dicom-web`
+    `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`;
+    pulled from a PACS: `ctedge predict exports/b3.onnx --study --from-pacs ORTHANC@pacs:4242`
+    (or `--from-dicomweb http://pacs:8042/dicom-web`; `--query StudyDate=20261201-`)
     """
-    import os
-
     from ctedge.core.imageio import expand_paths
     from ctedge.core.results import ImagePrediction, dumps
     from ctedge.edge.runtime import Classifier, predict_images
 
     backend_options = provider_options(provider_option)
     paths = paths or []
-    source = pull_source(from_pacs, from_dicomweb, ae_title=ae_title, max_studies=max_studies,
-                         max_bytes=study_options().max_bytes, token=dicomweb_token, user=dicomweb_user,
-                         password=os.environ.get("CTEDGE_DICOMWEB_PASSWORD"))
-    if source is not None and (paths or not study):
-        raise CtedgeError("--from-pacs/--from-dicomweb pull whole studies: give --study and no PATHS")
-    if not paths and source is None:
-        raise CtedgeError("no PATHS given (or, with --study, --from-pacs / --from-dicomweb)")
+    pull = pull_request(from_pacs, from_dicomweb, query, study=study, paths=paths, ae_title=ae_title,
+                        max_studies=max_studies, max_bytes=study_options().max_bytes, token=dicomweb_token,
+                        user=dicomweb_user)
     if study:
         options = study_options(series_uid=series, slice_step=slice_step, max_slices=max_slices,
                                 aggregate=aggregate, top_k=top_k, batch_size=batch_size,
                                 keep_thumbnails=plot is not None, rules=SeriesRules.from_pairs(rule or []))
-        pull = None
-        if source is not None:
-            from ctedge.edge.pacs import parse_query
-
-            pull = (source, parse_query(query))
         predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
                                 runtime=runtime, precision=precision, cache_dir=cache_dir,
                                 provider_options=backend_options, pad=pad, pull=pull)

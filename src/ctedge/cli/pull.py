@@ -31,6 +31,26 @@ DicomWebUser = Annotated[Optional[str], typer.Option(
     help="With --from-dicomweb: basic-auth user; the password from CTEDGE_DICOMWEB_PASSWORD.")]
 
 
+def pull_request(from_pacs: str | None, from_dicomweb: str | None, query: list[str] | None, *, study: bool,
+                 paths: list, ae_title: str, max_studies: int | None, max_bytes: int, token: str | None,
+                 user: str | None) -> tuple | None:
+    """(source, query) when the flags ask to pull studies, None when PATHS are given; exit 2
+    for a combination that does not make sense."""
+    import os
+
+    source = pull_source(from_pacs, from_dicomweb, ae_title=ae_title, max_studies=max_studies, max_bytes=max_bytes,
+                         token=token, user=user, password=os.environ.get("CTEDGE_DICOMWEB_PASSWORD"))
+    if source is not None and (paths or not study):
+        raise CtedgeError("--from-pacs/--from-dicomweb pull whole studies: give --study and no PATHS")
+    if not paths and source is None:
+        raise CtedgeError("no PATHS given (or, with --study, --from-pacs / --from-dicomweb)")
+    if source is None:
+        return None
+    from ctedge.edge.pacs import parse_query
+
+    return source, parse_query(query)
+
+
 def pull_source(from_pacs: str | None, from_dicomweb: str | None, *, ae_title: str, max_studies: int | None,
                 max_bytes: int, token: str | None, user: str | None, password: str | None):
     """The source the flags name (None for neither), with its bounds; exit 2 for both, or for
@@ -52,7 +72,10 @@ def pull_source(from_pacs: str | None, from_dicomweb: str | None, *, ae_title: s
     if from_pacs:
         import logging
 
-        # its lines name identifiers (PatientID) and repeat ours, which say why
+        from pynetdicom import _config
+
+        # its lines name identifiers (PatientID) and repeat ours, which say why; not even formatted
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        _config.LOG_RESPONSE_IDENTIFIERS = _config.LOG_REQUEST_IDENTIFIERS = False
         return DimseSource(from_pacs, ae_title, options)
     return DicomWebSource(from_dicomweb, token=token, user=user, password=password, options=options)

@@ -95,7 +95,7 @@ class DimseSource:
                              "AccessionNumber=...) or raise --max-studies")
         studies: dict[str, StudyRef] = {}
         for ds in answers:
-            uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID", self.name)
+            uid = check_uid(_raw(ds, "StudyInstanceUID"), "StudyInstanceUID", self.name)
             modalities = ds.get("ModalitiesInStudy", "") or ""
             studies.setdefault(uid, StudyRef(
                 study_uid=uid, patient_id=text(ds.get("PatientID")), accession_number=text(ds.get("AccessionNumber")),
@@ -110,10 +110,10 @@ class DimseSource:
                              f"answered more than {self.options.max_series} series for study {study.study_uid}")
         series = {}
         for ds in answers:
-            if str(ds.get("StudyInstanceUID", study.study_uid) or study.study_uid) != study.study_uid:
+            if (_raw(ds, "StudyInstanceUID") or study.study_uid) != study.study_uid:
                 raise PullError(f"{self.name}: answered a series of another study when study {study.study_uid} "
                                 "was asked for; refused (the UIDs must match what was asked)")
-            uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID", self.name)
+            uid = check_uid(_raw(ds, "SeriesInstanceUID"), "SeriesInstanceUID", self.name)
             series[uid] = SeriesRef(uid, modality=_given(ds, "Modality"), description=_given(ds, "SeriesDescription"),
                                     body_part=_given(ds, "BodyPartExamined"),
                                     instances=count(ds.get("NumberOfSeriesRelatedInstances")))
@@ -173,6 +173,16 @@ def _no_delay(assoc) -> None:
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _raw(ds, keyword: str) -> str:
+    """A UID as the PACS sent it, read without pydicom's conversion (which warns about what
+    ``check_uid`` refuses with a message of its own)."""
+    element = ds.get_item(keyword)
+    value = getattr(element, "value", None)
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return str(value or "").strip(" \0")
 
 
 def _given(ds, keyword: str) -> str | None:
