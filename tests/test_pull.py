@@ -17,6 +17,7 @@ from ctedge.cli import app
 from ctedge.core.phantom_studies import CORONAL, fixed_uid, phantom_volume, write_series
 from ctedge.edge.pacs import DimseSource, PullOptions, pull_studies
 from ctedge.edge.runtime import Classifier
+from ctedge.edge.study import predict_studies
 from orthanc_fixture import orthanc
 from serve_fixtures import study_files
 
@@ -95,3 +96,21 @@ def test_a_study_the_pacs_fails_to_return_is_an_error_row_and_the_others_go_on(t
     done = runner.invoke(app, ["predict", str(model), "--study", "--from-pacs", orthanc.peer,
                                "--query", "AccessionNumber=FAIL-*", "--csv", str(tmp_path / "pulled.csv")])
     assert done.exit_code == 1 and "1 of 2 stud(ies) got no answer" in done.output
+
+
+def test_when_the_retrieved_files_reveal_a_localizer_the_next_series_is_retrieved(tmp_path, orthanc, model):
+    """Series-level C-FIND says nothing of ImageType: a localizer with more instances (and an
+    innocent description) is retrieved first, refused on its files, and the axial series next;
+    the answer is still that of `predict --study` on the same files."""
+    rng = np.random.default_rng(52)
+    uid = pacs_study(tmp_path / "files", rng, True, "NEXT-1", scout=False)
+    write_series(tmp_path / "files", phantom_volume(rng, 14, 32), rng, study_uid=uid, patient_id="P-NEXT-1",
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), description="THORAX 2",
+                 tags={"StudyDate": TODAY, "AccessionNumber": "NEXT-1"})
+    orthanc.upload(study_files(tmp_path / "files"))
+    clf = Classifier(model)
+    pulled, = pull_studies(clf, DimseSource(orthanc.peer), {"AccessionNumber": "NEXT-1"})
+    local, = predict_studies(clf, [tmp_path / "files"])
+    assert pulled.series_uid == local.series_uid and pulled.probability == pytest.approx(local.probability, abs=1e-6)
+    assert [r.description for r in pulled.series_rejected] == ["THORAX 2"]
+    assert "LOCALIZER" in pulled.series_rejected[0].reason

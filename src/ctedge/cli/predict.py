@@ -184,7 +184,10 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
 
         source, query = pull
         console.print(shown(f"{source.name}: studies matching {query}"))
-        results = pull_studies(clf, source, query, options, progress=progress)
+        try:
+            results = pull_studies(clf, source, query, options, progress=progress)
+        finally:
+            source.close()
         if not results:
             console.print(shown(f"{source.name}: no study matches {query}"))
     table = Table(title=shown(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "

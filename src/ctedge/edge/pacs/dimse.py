@@ -44,6 +44,9 @@ class DimseSource:
         """How a pulled study is named in results."""
         return f"{self.name}/{study.study_uid}"
 
+    def close(self) -> None:
+        """Nothing held between calls: each query and retrieval has its own association."""
+
     def _associate(self, contexts: list[tuple[str, list[str] | None]], roles=(), handlers=()):
         from pynetdicom import AE
 
