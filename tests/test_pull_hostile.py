@@ -366,3 +366,23 @@ def test_dimse_another_patients_study_for_the_uid_asked_is_refused(tmp_path, mod
 def test_pull_options_are_checked_before_any_network(model, args, message):
     done = runner.invoke(app, ["predict", str(model), *args])
     assert done.exit_code == 2 and message in " ".join(done.output.split()), done.output
+
+
+def test_dimse_one_huge_instance_is_cut_off_as_it_arrives(tmp_path):
+    """An instance far above --max-bytes: the connection is closed once the budget is passed,
+    not after the whole message is held in memory."""
+    import pydicom
+
+    study, series = phantom_series(tmp_path / "big", 64)
+    huge = pydicom.dcmread(sorted((tmp_path / "big").iterdir())[0])
+    huge.Rows = huge.Columns = 1536
+    huge.PixelData = bytes(1536 * 1536 * 2)  # 4.5 MB
+    pacs = FakeQR([], [], [huge])
+    options = PullOptions(max_bytes=64 << 10, timeout_s=2, deadline_s=5)
+    (tmp_path / "into").mkdir()
+    try:
+        with pytest.raises(PullError, match="sent more than 65,536 bytes for series .*; cut off"):
+            DimseSource(pacs.peer, options=options).fetch_series(StudyRef(study, patient_id="P1"), series,
+                                                                  tmp_path / "into")
+    finally:
+        pacs.stop()

@@ -29,6 +29,7 @@ PENDING = (0xFF00, 0xFF01)
 SUCCESS, WARNING = 0x0000, 0xB000
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 STORE_REFUSED = 0xC000  # "cannot understand": an instance this pull refuses
+DIMSE_OVERHEAD = 1 << 20  # command sets and PDU headers received beside the instances' bytes
 
 
 class DimseSource:
@@ -130,6 +131,16 @@ class DimseSource:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
         sink = InstanceSink(folder, study, series_uid, self.options, self.name)
+        received = [0]
+
+        def data(event) -> None:
+            """Every PDU as it arrives: past the budget the connection is closed, so one huge
+            instance is not held in memory whole before it could be refused."""
+            received[0] += len(event.data)
+            if received[0] > self.options.max_bytes + DIMSE_OVERHEAD and not sink.problem:
+                sink.problem = PullError(f"{self.name}: sent more than {self.options.max_bytes:,} bytes for series "
+                                         f"{series_uid} (raise it with ctedge --max-bytes N); cut off")
+                _close(event.assoc)
 
         def store(event) -> int:
             if sink.problem:
@@ -145,7 +156,7 @@ class DimseSource:
         identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study.study_uid, series_uid
         assoc = self._associate([(GET, None), (CT_IMAGE_STORAGE, decodable_syntaxes())],
                                 roles=[build_role(CT_IMAGE_STORAGE, scp_role=True)],
-                                handlers=[(evt.EVT_C_STORE, store)])
+                                handlers=[(evt.EVT_C_STORE, store), (evt.EVT_DATA_RECV, data)])
         deadline = time.monotonic() + self.options.deadline_s
         final, failed = None, 0
         try:
@@ -176,6 +187,13 @@ def _no_delay(assoc) -> None:
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _close(assoc) -> None:
+    """Close the association's connection from its own reader thread (an abort would join it)."""
+    sock = getattr(assoc.dul, "socket", None)
+    if sock is not None:
+        sock.close()
 
 
 def _raw(ds, keyword: str) -> str:
