@@ -31,6 +31,7 @@ DOCUMENTED = {
     ".": (None, False),
     ".[cpu]": ("onnxruntime", False),
     ".[cpu,eval]": ("onnxruntime", False),
+    ".[cpu,pacs]": ("onnxruntime", False),
     ".[cuda]": ("onnxruntime-gpu", False),
     ".[openvino]": (None, True),
     ".[cpu,openvino]": ("onnxruntime", True),
@@ -43,6 +44,10 @@ DOCUMENTED = {
 }
 # The installs that hold Ray (Ray Data for `predict --study --ray`); every other one must not.
 WITH_RAY = {".[cpu,ray]", ".[test]"}
+
+# The edge box's lean installs: what an extra ([pacs], [serve]) brings must not leak into them.
+LEAN = {".": {"pynetdicom", "httpx", "python-multipart", "fastapi", "highdicom"},
+        ".[cpu]": {"pynetdicom", "httpx", "python-multipart", "fastapi", "highdicom"}}
 
 
 def resolve(spec: str) -> list[str]:
@@ -68,6 +73,9 @@ def check(spec: str) -> list[str]:
         problems.append(f"{len(ort)} onnxruntime builds that overwrite each other: {', '.join(ort)}")
     if ort != ([expected_ort] if expected_ort else []):
         problems.append(f"onnxruntime build {ort or 'none'}, documented {expected_ort or 'none'}")
+    leaked = sorted(set(names) & LEAN.get(spec, set()))
+    if leaked:
+        problems.append(f"{', '.join(leaked)} in the lean install (belongs in an extra)")
     if ("openvino" in names) != expected_ov:
         problems.append(f"OpenVINO {'present' if 'openvino' in names else 'missing'}, documented "
                         f"{'present' if expected_ov else 'absent'}")

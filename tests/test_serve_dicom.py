@@ -208,7 +208,7 @@ def test_a_study_without_an_answer_gets_no_sr_but_its_reason(tmp_path, serve_mod
             metrics = client.get("/metrics").text
     finally:
         collector.stop()
-    assert answer["error"].startswith("no axial CT series found") and answer["probability"] is None
+    assert answer["error"].startswith("not eligible: no series meets the rules") and answer["probability"] is None
     assert "ctedge_studies_failed_total 1.0" in metrics and "ctedge_studies_answered_total 0.0" in metrics
     assert collector.received == []
 

@@ -171,7 +171,7 @@ def test_a_transient_classification_error_is_retried_a_data_error_is_final(tmp_p
         answer = wait_for(lambda: service.study_view(study_uid)[1].get("result"), what="the final answer")
         data_error = wait_for(lambda: service.study_view(scout_uid)[1].get("result"), what="the scout's answer")
     assert calls.count(study_uid) == 3 and answer["error"].startswith("internal error (MemoryError")
-    assert calls.count(scout_uid) == 1 and data_error["error"].startswith("no axial CT series found")
+    assert calls.count(scout_uid) == 1 and data_error["error"].startswith("not eligible: no series meets the rules")
 
 
 def test_a_loop_that_dies_is_restarted_and_readyz_says_so_meanwhile(tmp_path, serve_model, monkeypatch):

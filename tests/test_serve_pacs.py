@@ -1,67 +1,20 @@
 """`ctedge serve` with programs nobody here wrote: a real PACS (Orthanc) and dcmtk's
-storescu/echoscu. Missing binaries skip these tests, unless CTEDGE_REQUIRE_PACS=1
-(as in .ci/run, which installs them), where they fail."""
+storescu/echoscu (``orthanc_fixture``: missing binaries skip these tests, unless
+CTEDGE_REQUIRE_PACS=1, as in .ci/run, where they fail)."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import urllib.request
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ctedge.core.phantom_studies import write_study
 from ctedge.edge.serve.config import Destination
 from ctedge.edge.serve.sr import read_sr
+from orthanc_fixture import ECHOSCU, ORTHANC, STORESCU, Orthanc, require
 from serve_fixtures import LOOPBACK, Collector, free_port, running_service, serve_model, study_files, wait_for
 
 __all__ = ["serve_model"]
-ORTHANC, STORESCU, ECHOSCU = Path("/usr/sbin/Orthanc"), Path("/usr/bin/storescu"), Path("/usr/bin/echoscu")
-
-
-def require(binary: Path) -> None:
-    if not binary.is_file():
-        message = f"{binary} not found (apt-get install orthanc dcmtk dicom3tools)"
-        if os.environ.get("CTEDGE_REQUIRE_PACS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-class Orthanc:
-    """An Orthanc started with a generated configuration in a tmp folder (loopback only)."""
-
-    def __init__(self, folder: Path, modality_port: int):
-        self.http_port, self.dicom_port = free_port(), free_port()
-        folder.mkdir()
-        config = {"Name": "ctedge-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-                  "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
-                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-                  "DicomModalities": {"ctedge": ["CTEDGE", LOOPBACK, modality_port]}}
-        (folder / "orthanc.json").write_text(json.dumps(config))
-        self.log = open(folder / "orthanc.log", "w")
-        self.process = subprocess.Popen([str(ORTHANC), str(folder / "orthanc.json")], stdout=self.log,
-                                        stderr=subprocess.STDOUT)
-        wait_for(self._up, timeout=30, what="Orthanc")
-
-    def _up(self) -> bool:
-        try:
-            return bool(self.rest("/system"))
-        except OSError:
-            return False
-
-    def rest(self, path: str, data: bytes | None = None):
-        request = urllib.request.Request(f"http://{LOOPBACK}:{self.http_port}{path}", data=data,
-                                         method="POST" if data is not None else "GET")
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read() or b"null")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self.log.close()
 
 
 def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path, serve_model):

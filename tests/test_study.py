@@ -185,11 +185,12 @@ def test_no_ct_series_structured_report_and_bad_zip(tmp_path, clf):
     empty = tmp_path / "empty"
     empty.mkdir()
     folder, bad_zip, nothing = st.predict_studies(clf, [tmp_path / "mr", tmp_path / "broken.zip", empty])
-    assert "no axial CT series" in folder.error and "modality MR" in folder.error
+    assert folder.error is None and "no series meets the rules" in folder.not_eligible  # an outcome, not an error
+    assert "modality MR" in folder.not_eligible and folder.probability is None
     assert "unreadable zip" in bad_zip.error and "no DICOM image files" in nothing.error
     shutil.copy(tmp_path / "report.dcm", tmp_path / "mr" / "report.dcm")
     with_sr = only(st.predict_studies(clf, [tmp_path / "mr"]))
-    assert "modality SR" in with_sr.error
+    assert "modality SR" in with_sr.not_eligible
 
 
 def test_series_override(tmp_path, clf):

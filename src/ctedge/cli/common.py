@@ -46,7 +46,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 # (otherwise --name-with-dashes); a library error about a parameter shows the flag.
 FLAGS = {"learning_rate": "--lr", "run_dir": "--out", "rotation_deg": "--rotation", "horizontal_flip": "--flip",
          "time_budget_min": "--time-budget", "explain_count": "--explain", "series_uid": "--series",
-         "data": "--data", "split_dir": "--split-dir", "cpus_per_actor": "--ray-cpus"}
+         "data": "--data", "split_dir": "--split-dir", "cpus_per_actor": "--ray-cpus", "rules": "--rule"}
 
 
 def flag(param: str) -> str:
@@ -135,6 +135,11 @@ MaxSlices = Annotated[int, typer.Option(help="--study: slices sampled at most wh
 AggregateOpt = Annotated[Aggregate, typer.Option("--aggregate", help="--study: how slice probabilities become "
                                                                     "the study's.")]
 TopK = Annotated[int, typer.Option(help="--study: slices averaged by --aggregate topk.")]
+RuleOpt = Annotated[Optional[list[str]], typer.Option(
+    "--rule", help="--study: a rule for which series may be scored, KEY=VALUE (repeatable): modality, "
+                   "image-type-require, image-type-exclude, body-part, body-part-required, description-include, "
+                   "description-exclude, min-thickness-mm, max-thickness-mm, min-slices; empty turns a rule off. "
+                   "A study with no series meeting them is 'not eligible' (see README, 'Which series').")]
 
 
 def provider_options(values: list[str] | None) -> dict[str, str]:

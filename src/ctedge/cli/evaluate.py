@@ -183,8 +183,8 @@ def evaluate_studies_command(model: Path, data: Path, threshold: float | None, o
     report = evaluate_studies(model, data, threshold, out, resamples, positive=positive, options=options,
                               **(engine or {}),
                               progress=lambda r: console.print(
-                                  f"{escape(clean(r.input))}: " + (f"{r.probability:.3f}" if r.error is None
-                                                                   else f"[red]no answer[/] ({escape(clean(r.error))})"),
+                                  f"{escape(clean(r.input))}: " + (f"{r.probability:.3f}" if r.answered
+                                                                   else f"[red]no answer[/] ({escape(clean(r.no_answer))})"),
                                   highlight=False))
     print_study_report(report)
     return report

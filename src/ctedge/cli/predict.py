@@ -18,6 +18,7 @@ from ctedge.cli.common import (
     PrecisionOpt,
     ProviderOpt,
     ProviderOptions,
+    RuleOpt,
     SeriesOpt,
     SliceStep,
     Threads,
@@ -35,17 +36,28 @@ from ctedge.cli.common import (
     write_csv,
     write_text,
 )
+from ctedge.cli.pull import (
+    AeTitle,
+    DicomWebToken,
+    DicomWebUser,
+    FromDicomWeb,
+    FromPacs,
+    MaxStudies,
+    Query,
+    pull_request,
+)
 from ctedge.core.choices import Aggregate
 from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.progress import console
 from ctedge.edge.engines import Provider, Runtime
-from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, StudyOptions
+from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, SeriesRules, StudyOptions
 
 
 @command
 def predict(
     model: Annotated[Path, typer.Argument(help="Exported .onnx model (or OpenVINO IR .xml).")],
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders (searched recursively); "
+                                                         "--study: studies (none with --from-*).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = StudyOptions.batch_size,
     runtime: Annotated[Runtime, typer.Option(
         help="Engine; auto: what `ctedge bench --runtime all` found fastest here, saved beside the model, "
@@ -65,6 +77,14 @@ def predict(
     max_slices: MaxSlices = DEFAULT_MAX_SLICES,
     aggregate: AggregateOpt = Aggregate.topk,
     top_k: TopK = DEFAULT_TOP_K,
+    rule: RuleOpt = None,
+    from_pacs: FromPacs = None,
+    from_dicomweb: FromDicomWeb = None,
+    query: Query = None,
+    ae_title: AeTitle = "CTEDGE",
+    max_studies: MaxStudies = None,
+    dicomweb_token: DicomWebToken = None,
+    dicomweb_user: DicomWebUser = None,
     plot: Annotated[Optional[Path], typer.Option(
         help="--study: folder for one PNG per study (needs matplotlib).")] = None,
     ray: RayAddress = None,
@@ -82,19 +102,23 @@ def predict(
     `ctedge predict exports/b3.onnx scans/ --runtime openvino --precision bf16`
 
     With `--study`, one row per CT study instead (see README, "Whole CT studies"):
-    `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`
-    (an archive on Ray Data: `--ray local --parquet scores.parquet`, README "Score an archive")
+    `ctedge predict exports/b3.onnx patient1/ patient2.zip --study --json studies.json`;
+    pulled from a PACS: `ctedge predict exports/b3.onnx --study --from-pacs ORTHANC@pacs:4242`
+    (or `--from-dicomweb http://pacs:8042/dicom-web`; `--query StudyDate=20261201-`);
+    an archive on Ray Data: `--ray local --parquet scores.parquet` (README "Score an archive").
     """
-    from ctedge.core.imageio import expand_paths
-    from ctedge.core.results import ImagePrediction, dumps
-    from ctedge.edge.runtime import Classifier, predict_images
-
     backend_options = provider_options(provider_option)
+    paths = paths or []
+    pull = pull_request(from_pacs, from_dicomweb, query, study=study, paths=paths, ae_title=ae_title,
+                        max_studies=max_studies, max_bytes=study_options().max_bytes, token=dicomweb_token,
+                        user=dicomweb_user)
     if study:
         options = study_options(series_uid=series, slice_step=slice_step, max_slices=max_slices,
                                 aggregate=aggregate, top_k=top_k, batch_size=batch_size,
-                                keep_thumbnails=plot is not None)
+                                keep_thumbnails=plot is not None, rules=SeriesRules.from_pairs(rule or []))
         if ray or parquet:
+            if pull is not None:
+                raise CtedgeError("--ray scores study folders, zips, NIfTI or lists of them, not a PACS query")
             from ctedge.cli.archive import predict_archive_command
 
             return predict_archive_command(model, paths, parquet, options, ray, ray_cpus, actors, json_out, {
@@ -102,17 +126,28 @@ def predict(
                 {"runtime": runtime, "precision": precision, "provider": provider, "cache_dir": cache_dir})
         predict_studies_command(model, paths, options, provider, threads, csv_out, json_out, plot,
                                 runtime=runtime, precision=precision, cache_dir=cache_dir,
-                                provider_options=backend_options, pad=pad)
+                                provider_options=backend_options, pad=pad, pull=pull)
         return
     if ray or parquet:
         raise CtedgeError("--ray and --parquet go with --study: an archive of CT studies on Ray Data")
+    _predict_images(model, paths, batch_size, csv_out, json_out, provider, threads, runtime=runtime,
+                    precision=precision, cache_dir=cache_dir, provider_options=backend_options, pad=pad)
+
+
+def _predict_images(model: Path, paths: list[Path], batch_size: int, csv_out: Path | None, json_out: Path | None,
+                    provider, threads, **engine) -> None:
+    """One row per image (the command without --study)."""
+    from ctedge.core.imageio import expand_paths
+    from ctedge.core.results import ImagePrediction, dumps
+    from ctedge.edge.runtime import Classifier, predict_images
+
     files = expand_paths(paths)
     if not files:
         raise CtedgeError(f"no image files found in {', '.join(map(str, paths))}")
     check_outputs((csv_out, "--csv"), (json_out, "--json"), inputs=[*model_files(model), *files])
-    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
-                     cache_dir=str(cache_dir) if cache_dir else None, provider_options=backend_options,
-                     pad=pad, fixed_batch=batch_size, max_pixels=pixel_budget())
+    cache_dir = engine.pop("cache_dir")
+    clf = Classifier(model, provider, threads, cache_dir=str(cache_dir) if cache_dir else None,
+                     fixed_batch=batch_size, max_pixels=pixel_budget(), **engine)
     result = predict_images(clf, model, files, batch_size)
     failed = print_file_rows(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
                              f"P({clf.positive}), threshold {clf.threshold}", list(result.predictions), "label")
@@ -143,8 +178,9 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
                             threads: int | None, csv_out: Path | None, json_out: Path | None, plot: Path | None, *,
                             runtime: str = "auto", precision: str | None = None,
                             cache_dir: Path | None = None, provider_options: dict[str, str] | None = None,
-                            pad: bool | None = None) -> None:
-    """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
+                            pad: bool | None = None, pull: tuple | None = None) -> None:
+    """`predict --study`: one row per study, details below the table; exit 1 if any failed.
+    ``pull``: (source, query) to pull the studies from a PACS instead of ``paths``."""
     from rich.table import Table
 
     from ctedge.core.results import dumps
@@ -161,16 +197,31 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                      cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
                      pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels)
-    results = predict_studies(clf, paths, options,
-                              progress=lambda r: console.print(shown(f"{r.input}: {r.study_uid or '-'} done")))
+    def progress(r) -> None:
+        console.print(shown(f"{r.input}: {r.study_uid or '-'} done"))
+
+    if pull is None:
+        results = predict_studies(clf, paths, options, progress=progress)
+    else:
+        from ctedge.edge.pacs import pull_studies
+
+        source, query = pull
+        console.print(shown(f"{source.name}: studies matching {query}"))
+        try:
+            results = pull_studies(clf, source, query, options, progress=progress)
+        finally:
+            source.close()
+        if not results:
+            console.print(shown(f"{source.name}: no study matches {query}"))
     table = Table(title=shown(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
                                f"P({clf.positive}) per study, threshold {clf.threshold}, aggregate {options.aggregate}"))
     for column in ("input", "study", "patient", "slices used/total", "probability", "label"):
         table.add_column(column, overflow="fold")
     for r in results:
+        outcome = shown(f"error: {r.error}", "red") if r.error else \
+            shown(f"not eligible: {r.not_eligible}", "yellow") if r.not_eligible else shown(r.label)
         table.add_row(shown(r.input), shown(r.study_uid or "-"), shown(r.patient_id),
-                      f"{r.slices_used}/{r.slices_total}", "" if r.error else f"{r.probability:.4f}",
-                      shown(f"error: {r.error}", "red") if r.error else shown(r.label))
+                      f"{r.slices_used}/{r.slices_total}", f"{r.probability:.4f}" if r.answered else "", outcome)
     console.print(table)
     _print_study_details(results)
     report = studies_report(clf, model, options, results)
@@ -178,10 +229,13 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
         console.print(Text.assemble(("warning:", "bold red"), " ", clean(warning)))
     if plot is not None:
         for r in results:
-            if not r.error:
+            if r.answered:
                 console.print(shown(f"plot: {study_plot(r, plot)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_text(dumps(report), json_out)
+    skipped = sum(r.not_eligible is not None for r in results)
+    if skipped:
+        console.print(f"[yellow]{skipped} of {len(results)} stud(ies) not eligible under the rules (--rule)[/]")
     failed = sum(r.error is not None for r in results)
     if failed:
         console.print(f"[yellow]{failed} of {len(results)} stud(ies) got no answer[/]")

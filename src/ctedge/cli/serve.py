@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ctedge.cli.common import PrecisionOpt, Threads, command
+from ctedge.cli.common import PrecisionOpt, RuleOpt, Threads, command
 from ctedge.core.choices import LogFormat
 from ctedge.core.errors import CtedgeError
 from ctedge.edge.engines import Provider, Runtime
@@ -101,6 +101,7 @@ def serve(
     max_instance_bytes: MaxInstanceBytes = None,
     drain_seconds: DrainSeconds = None,
     log_format: LogFormatOpt = None,
+    rule: RuleOpt = None,
 ) -> None:
     """Run a DICOM node and an HTTP API with one loaded model.
 
@@ -126,6 +127,7 @@ def serve(
 
     overrides = {name: value.value if isinstance(value, Enum) else value for name, value in given.items()
                  if name != "config"}
+    overrides["rules"] = overrides.pop("rule")
     run_node(load_config(config, overrides))
 
 

@@ -167,7 +167,7 @@ class RejectedSeries(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class StudyResult(Record):
-    """One study's answer (or its ``error``); ``to_dict`` is one entry of
+    """One study's answer (or its ``error``, or why it is ``not_eligible``); ``to_dict`` is one entry of
     ``predict --study --json``'s ``studies``. ``attributes`` holds what a structured
     report needs (AccessionNumber, StudyDate, PatientName, ...), empty when absent."""
 
@@ -195,8 +195,19 @@ class StudyResult(Record):
     series_rejected: tuple[RejectedSeries, ...] = ()
     warnings: tuple[str, ...] = ()
     error: str | None = None
+    not_eligible: str | None = None  # why no series met the rules: no answer, and not an error
     timings_s: dict[str, float] = field(default_factory=dict)
     thumbnails: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)  # index -> 8-bit image
+
+    @property
+    def answered(self) -> bool:
+        """Whether the study got a probability (neither an error nor not eligible)."""
+        return self.error is None and self.not_eligible is None
+
+    @property
+    def no_answer(self) -> str | None:
+        """Why the study got no probability, in words; None when it got one."""
+        return self.error or (f"not eligible: {self.not_eligible}" if self.not_eligible else None)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -247,8 +247,8 @@ def score_studies(rows: list[tuple[str, int, StudyResult]], threshold: float, ou
     shared fields of a ``StudyEvaluation``."""
     from ctedge.edge.study import CSV_FIELDS, csv_row
 
-    scored = [(truth, r) for _, truth, r in rows if r.error is None]
-    failed = [{"input": r.input, "study_uid": r.study_uid, "error": r.error} for _, _, r in rows if r.error]
+    scored = [(truth, r) for _, truth, r in rows if r.answered]
+    failed = [{"input": r.input, "study_uid": r.study_uid, "error": r.no_answer} for _, _, r in rows if not r.answered]
     if not scored:
         raise CtedgeError(f"none of the {len(rows)} studies in {data} got an answer" +
                           (f" (first: {failed[0]['input']}: {failed[0]['error']})" if failed else ""))

@@ -30,7 +30,7 @@ STUDY_SCHEMA = pa.schema([
     ("slices_used", pa.int64()), ("slice_step", pa.int64()), ("probability", pa.float64()), ("label", pa.string()),
     ("threshold", pa.float64()), ("aggregate", pa.string()), ("top_slices", pa.list_(SLICE)),
     ("slices", pa.list_(SLICE)), ("series_rejected", pa.list_(REJECTED)), ("warnings", pa.list_(pa.string())),
-    ("error", pa.string()), ("timings_s", pa.map_(pa.string(), pa.float64())),
+    ("error", pa.string()), ("not_eligible", pa.string()), ("timings_s", pa.map_(pa.string(), pa.float64())),
 ])
 
 

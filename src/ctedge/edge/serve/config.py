@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ctedge.core.choices import LogFormat
 from ctedge.core.errors import CtedgeError
+from ctedge.edge.study.rules import DEFAULT_RULES, SeriesRules
 
 AE_TITLE = re.compile(r"^[ -~]{1,16}$")  # DICOM AE: up to 16 printable ASCII characters
 LOOPBACK = ("127.0.0.1", "::1")
@@ -126,6 +127,8 @@ class ServeConfig:
     max_instance_bytes: int = 256 << 20  # a larger instance gets 0xA700
     drain_seconds: float = 30.0  # on SIGTERM: what open associations get to finish
     log_format: str = LogFormat.text.value  # text (one line a record) or json (one object a line)
+    # which series may be scored (issue 26 item 6)
+    rules: SeriesRules = DEFAULT_RULES  # which series may be scored: the TOML's [rules] table, --rule
 
     def check(self) -> None:
         check_ae(self.ae_title, "ae_title")
@@ -238,9 +241,26 @@ def load_config(toml: Path | None, overrides: dict) -> ServeConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise CtedgeError(f"{toml}: unknown option(s) {', '.join(unknown)}")
+    overrides = dict(overrides)
+    flag_rules = overrides.pop("rules", None) or []
     values.update({k: v for k, v in overrides.items() if v is not None and v != []})
+    values["rules"] = _rules(values.get("rules", {}), flag_rules, toml)
     if "model" not in values:
         raise CtedgeError("no model given (argument MODEL or `model` in --config)")
     config = ServeConfig(**{k: _convert(k, v) for k, v in values.items()})
     config.check()
     return config
+
+
+def _rules(table, pairs: list[str], toml: Path | None) -> SeriesRules:
+    """The TOML's ``[rules]`` table, then ``--rule KEY=VALUE`` flags on top; a bad rule names
+    where it came from."""
+    if isinstance(table, SeriesRules):
+        return SeriesRules.from_pairs(pairs, table)
+    if not isinstance(table, dict):
+        raise CtedgeError(f"{toml}: rules must be a table ([rules]), not {table!r}")
+    try:
+        base = SeriesRules.from_mapping(table)
+    except CtedgeError as exc:
+        raise CtedgeError(f"{toml}: [rules] {exc.detail}") from None
+    return SeriesRules.from_pairs(pairs, base)

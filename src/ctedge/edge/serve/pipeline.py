@@ -40,6 +40,8 @@ def classify_spooled(clf, folder: Path, study_uid: str, options: StudyOptions) -
         gaps = find_gaps(order_slices(study.series[result.series_uid])[1]) if result.series_uid else []
     finally:
         study.close()
+    if result.not_eligible:  # no SR; the node's own "not eligible" status comes with its journal (issue 26)
+        return Answer(replace(result, error=f"not eligible: {result.not_eligible}"))
     if result.error or not result.series_uid:
         return Answer(result, gaps=gaps)
     evidence = [pydicom.dcmread(top.source, stop_before_pixels=True, specific_tags=EVIDENCE_TAGS)

@@ -8,8 +8,9 @@ Stages on data, each in its own module:
    NIfTI, or pydicom datasets / bytes already in memory (``study_from_datasets``,
    ``study_from_bytes``) become ``Study`` objects grouped by StudyInstanceUID, then
    SeriesInstanceUID; regular files only, within the byte budget.
-2. **select** (``select``): the series to classify as rules on header data, its
-   slices ordered along the slice normal, every ``step``-th sampled.
+2. **select** (``rules``, ``select``): the site's rules on header data (``SeriesRules``:
+   a study with no series meeting them is not eligible), then the series to classify,
+   its slices ordered along the slice normal, every ``step``-th sampled.
 3. **hu** (``hu``): each sampled slice to HU through ``ctedge.core.dicom.dataset_hu``
    (the one DICOM path, also used by single images), the lung criterion.
 4. **pipeline** (``pipeline``): decoding in worker threads overlapped with batched
@@ -45,15 +46,19 @@ from ctedge.edge.study.read import (
     study_from_bytes,
     study_from_datasets,
 )
+from ctedge.edge.study.rules import DEFAULT_RULES, SeriesFacts, SeriesRules
 from ctedge.edge.study.select import (
+    Selection,
     order_slices,
     sample_indices,
     sampling_text,
     select_series,
     series_problem,
+    usability_problem,
 )
 
-__all__ = ["AGGREGATES", "studies_report", "CSV_FIELDS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_SLICES", "DEFAULT_TOP_K", "LUNG_HU",
+__all__ = ["AGGREGATES", "studies_report", "CSV_FIELDS", "DEFAULT_MAX_BYTES", "DEFAULT_RULES", "Selection",
+           "SeriesFacts", "SeriesRules", "usability_problem", "DEFAULT_MAX_SLICES", "DEFAULT_TOP_K", "LUNG_HU",
            "LUNG_MIN_FRACTION", "MIN_POSITIONS", "STAGES", "TARGET_RATIO", "RejectedSeries", "SliceRef",
            "SliceScore", "StudiesReport", "Study", "StudyOptions", "StudyResult", "aggregate", "bench_study",
            "classify_study", "csv_row", "decode_slice", "export_slices", "find_studies", "header", "lung_fraction",

@@ -24,10 +24,10 @@ def export_slices(study: Study, folder: str | Path, prefix: str, window: tuple[f
     ``predict --study`` uses) are left out."""
     if study.error:
         raise CtedgeError(f"{study.input}: {study.error}")
-    chosen, rejected = select_series(study)
-    if chosen is None:
-        raise CtedgeError(f"{study.input}: no axial CT series ({'; '.join(r.reason for r in rejected)})")
-    ordered, _, _ = order_slices(study.series[chosen])
+    selection = select_series(study)
+    if selection.series_uid is None:
+        raise CtedgeError(f"{study.input}: no axial CT series ({'; '.join(r.reason for r in selection.rejected)})")
+    ordered, _, _ = order_slices(study.series[selection.series_uid])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []

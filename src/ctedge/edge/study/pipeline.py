@@ -1,7 +1,8 @@
 """Stage 4, pipeline: decode the sampled slices in worker threads, overlapped with
 batched inference; then aggregate into one ``StudyResult`` per study.
 
-A study gets an error, not an answer, when its chosen series has fewer than
+A study where no series meets the rules (``StudyOptions.rules``) is not eligible:
+no answer, and not an error. A study gets an error, not an answer, when its chosen series has fewer than
 ``MIN_POSITIONS`` distinct slice positions or more than half of its sampled
 slices fail to decode: a patient's answer from a handful of slices is garbage.
 """
@@ -26,6 +27,7 @@ from ctedge.core.results import SliceScore, StudiesReport, StudyResult
 from ctedge.edge.study.aggregate import AGGREGATES, DEFAULT_TOP_K, aggregate, aggregate_label
 from ctedge.edge.study.hu import LUNG_HU, LUNG_MIN_FRACTION, decode_slice
 from ctedge.edge.study.read import DEFAULT_MAX_BYTES, SliceRef, Study, find_studies
+from ctedge.edge.study.rules import DEFAULT_RULES, SeriesRules
 from ctedge.edge.study.select import order_slices, sample_indices, select_series
 
 DEFAULT_MAX_SLICES = 64
@@ -49,6 +51,7 @@ class StudyOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # per slice, from its header
     max_bytes: int = DEFAULT_MAX_BYTES  # per zip entry or NIfTI volume, uncompressed
     threshold: float | None = None  # None: the model's metadata threshold
+    rules: SeriesRules = DEFAULT_RULES  # which series may be scored
 
     def __post_init__(self) -> None:
         self.check()
@@ -61,6 +64,8 @@ class StudyOptions:
                 raise CtedgeError(f"must be at least 1, not {getattr(self, name)}", param=name)
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise CtedgeError(f"must be between 0 and 1, not {self.threshold}", param="threshold")
+        if not isinstance(self.rules, SeriesRules):
+            raise CtedgeError(f"must be SeriesRules, not {type(self.rules).__name__}", param="rules")
         for name in ("slice_step", "workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CtedgeError(f"must be at least 1, not {getattr(self, name)}", param=name)
@@ -70,6 +75,7 @@ class StudyOptions:
         data = asdict(self)
         data.pop("keep_thumbnails")
         data["aggregate"] = str(self.aggregate)
+        data["rules"] = self.rules.to_dict()
         return data
 
 
@@ -107,10 +113,13 @@ def classify_study(clf, study: Study, options: StudyOptions | None = None) -> St
     draft["threshold"] = float(clf.threshold if options.threshold is None else options.threshold)
     if study.error:
         return _finish(draft)
-    chosen, rejected = select_series(study, options.series_uid)
-    draft["series_rejected"] = tuple(rejected)
+    selection = select_series(study, options.series_uid, options.rules)
+    chosen, draft["series_rejected"] = selection.series_uid, tuple(selection.rejected)
+    if selection.not_eligible:
+        draft["not_eligible"] = selection.not_eligible
+        return _finish(draft)
     if chosen is None:
-        draft["error"] = _no_series_error(options, rejected)
+        draft["error"] = _no_series_error(options, selection.rejected)
         return _finish(draft)
     refs = study.series[chosen]
     ordered, positions, warnings = order_slices(refs)
@@ -249,7 +258,8 @@ def predict_studies(clf, paths: list[str | Path], options: StudyOptions | None =
 
 
 CSV_FIELDS = ["input", "study_uid", "patient_id", "accession_number", "series_uid", "slices_total",
-              "slices_sampled", "slices_used", "slice_step", "probability", "label", "aggregate", "warnings", "error"]
+              "slices_sampled", "slices_used", "slice_step", "probability", "label", "aggregate", "warnings", "error",
+              "not_eligible"]
 
 
 def csv_row(result: StudyResult) -> dict:

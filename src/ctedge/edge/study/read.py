@@ -35,7 +35,7 @@ PIXEL_TAGS = ["SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns",
               "PixelPaddingValue", "PixelPaddingRangeLimit", "RescaleSlope", "RescaleIntercept"]
 HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "Modality",
                "ImageType", "SOPClassUID", "ImageOrientationPatient", "ImagePositionPatient",
-               "SeriesDescription", *PIXEL_TAGS, *STUDY_ATTRIBUTES]
+               "SeriesDescription", "BodyPartExamined", "SliceThickness", *PIXEL_TAGS, *STUDY_ATTRIBUTES]
 
 
 @dataclass
@@ -52,6 +52,8 @@ class SliceRef:
     modality: str = ""
     image_type: tuple[str, ...] = ()
     description: str = ""
+    body_part: str = ""  # BodyPartExamined
+    thickness: float | None = None  # SliceThickness (mm); None when absent or not a number
     rows: int = 0
     cols: int = 0
     frames: int = 1
@@ -118,13 +120,17 @@ def header(ds, name: str, load: Callable[[], Any] | None = None) -> SliceRef:
     ref = SliceRef(name=name, load=load, study_uid=_text(ds, "StudyInstanceUID"),
                    series_uid=_text(ds, "SeriesInstanceUID"), sop_uid=_text(ds, "SOPInstanceUID"),
                    patient_id=_text(ds, "PatientID"), modality=_text(ds, "Modality").upper(),
-                   description=_text(ds, "SeriesDescription"),
+                   description=_text(ds, "SeriesDescription"), body_part=_text(ds, "BodyPartExamined").upper(),
                    attributes={k: _text(ds, k) for k in STUDY_ATTRIBUTES})
     image_type = ds.get("ImageType", None)
     if image_type is not None:
         values = [image_type] if isinstance(image_type, str) else list(image_type)
         ref.image_type = tuple(str(v).strip().upper() for v in values)
     problems = []
+    try:
+        ref.thickness = finite_number(ds, "SliceThickness")
+    except DicomError:  # a bad SliceThickness only leaves the thickness unknown
+        pass
     try:
         ref.rows, ref.cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         ref.frames = int(ds.get("NumberOfFrames", 1) or 1)

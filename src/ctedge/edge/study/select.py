@@ -1,24 +1,28 @@
 """Stage 2, select: which series of a study to classify (rules on header data, like
 MONAI Deploy's series selector), the order of its slices and which to sample.
 
-Rules: Modality CT; ImageType ORIGINAL and PRIMARY (not LOCALIZER, DERIVED,
-SECONDARY); axial (slice normal within 25 degrees of the patient's z axis); at
-least ``MIN_SLICES`` usable slices; then the one with the most slices. A series
-asked for by UID overrides. Every rejected series keeps its reason.
+First the site's rules (``rules.SeriesRules``: modality, ImageType, body part,
+description, slice thickness, slice count); a study where no series meets them is not
+eligible (an outcome, not an error). Then what classifying needs: an image (Rows and
+Columns, one frame), axial (slice normal within 25 degrees of the patient's z axis), at
+least ``MIN_SLICES`` usable slices (a rescale, valid geometry, the series' majority
+matrix size); of those, the series with the most usable slices. A series asked for by
+UID overrides the choice (not the checks). Every rejected series keeps its reason.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from ctedge.core.results import RejectedSeries
 from ctedge.edge.study.read import SliceRef, Study
+from ctedge.edge.study.rules import DEFAULT_RULES, SeriesFacts, SeriesRules
 
 MIN_SLICES = 3  # fewer is a scout, a key image or a dose screen, not a chest CT
 AXIAL_MIN_COS = math.cos(math.radians(25))  # |normal . z| for an axial series
-BAD_IMAGE_TYPES = ("LOCALIZER", "DERIVED", "SECONDARY")
 GAP_FACTOR = 1.5  # a spacing over 1.5 x the median is reported as a gap
 DUPLICATE_MM = 0.01
 
@@ -30,14 +34,7 @@ def normal(orientation: tuple[float, ...]) -> np.ndarray:
     return n / length if length > 0 else n
 
 
-def _type_problem(first: SliceRef) -> str | None:
-    if first.modality != "CT":
-        return f"modality {first.modality or 'missing'}, not CT"
-    bad = [t for t in first.image_type if t in BAD_IMAGE_TYPES]
-    if bad:
-        return f"ImageType {'/'.join(first.image_type)} ({bad[0]})"
-    if first.image_type and not {"ORIGINAL", "PRIMARY"} <= set(first.image_type[:2]):
-        return f"ImageType {'/'.join(first.image_type)} is not ORIGINAL/PRIMARY"
+def _image_problem(first: SliceRef) -> str | None:
     if not first.rows or not first.cols:
         return "no image (no Rows/Columns: not an image object)"
     if first.frames > 1:
@@ -45,16 +42,26 @@ def _type_problem(first: SliceRef) -> str | None:
     return None
 
 
-def series_problem(refs: list[SliceRef]) -> str | None:
-    """Why a series is not the axial CT to classify; None when it qualifies."""
-    problem = _type_problem(refs[0])
+def _slice_problem(ref: SliceRef) -> str | None:
+    """Why one slice cannot be used; None when it can."""
+    if ref.problem is not None:
+        return ref.problem
+    if not ref.has_rescale:
+        return "no RescaleSlope/RescaleIntercept, so its values cannot be converted to HU"
+    if ref.orientation is None or ref.position is None:
+        return "no ImageOrientationPatient/ImagePositionPatient"
+    return None
+
+
+def usability_problem(refs: list[SliceRef]) -> str | None:
+    """Why an eligible series cannot be classified (no image, no usable slice, not axial,
+    too few usable slices); None when it can."""
+    problem = _image_problem(refs[0])
     if problem:
         return problem
-    usable = [r for r in refs if r.problem is None and r.orientation and r.position]
+    usable = _usable(refs, [])
     if not usable:
-        broken = next((r.problem for r in refs if r.problem), None)
-        return (f"no usable slice ({broken})" if broken
-                else "no slice with ImageOrientationPatient and ImagePositionPatient")
+        return f"no usable slice ({_slice_problem(refs[0])})"
     cos = abs(float(normal(usable[0].orientation)[2]))
     if cos < AXIAL_MIN_COS:
         return f"not axial (slice normal {math.degrees(math.acos(min(cos, 1.0))):.0f} degrees from z)"
@@ -63,38 +70,63 @@ def series_problem(refs: list[SliceRef]) -> str | None:
     return None
 
 
-def select_series(study: Study, series_uid: str | None = None) -> tuple[str | None, list[RejectedSeries]]:
-    """The series to classify and every rejected one with its reason."""
-    rejected, candidates = [], []
+def series_problem(refs: list[SliceRef], rules: SeriesRules = DEFAULT_RULES) -> str | None:
+    """Why a series is not the axial CT to classify (a rule, or a problem with its slices);
+    None when it qualifies."""
+    return rules.rejection(SeriesFacts.of_slices(refs)) or usability_problem(refs)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The series chosen (None: none), every other one with its reason, and, when no series
+    met the rules (and none was asked for by UID), why the study is not eligible."""
+
+    series_uid: str | None
+    rejected: list[RejectedSeries]
+    not_eligible: str | None = None
+
+
+def _rejected(uid: str, refs: list[SliceRef], reason: str) -> RejectedSeries:
+    return RejectedSeries(series_uid=uid, slices=len(refs), description=refs[0].description, reason=reason)
+
+
+def select_series(study: Study, series_uid: str | None = None, rules: SeriesRules = DEFAULT_RULES) -> Selection:
+    """The series to classify: among those that meet ``rules`` and can be classified, the
+    one with the most usable slices (or the one asked for by UID)."""
+    rejected, candidates, eligible = [], [], 0
     for uid, refs in study.series.items():
-        reason = "not the series asked for (--series)" if series_uid is not None and uid != series_uid \
-            else series_problem(refs)
+        if series_uid is not None and uid != series_uid:
+            rejected.append(_rejected(uid, refs, "not the series asked for (--series)"))
+            continue
+        reason = rules.rejection(SeriesFacts.of_slices(refs))
+        eligible += reason is None
+        reason = reason or usability_problem(refs)
         if reason is None:
-            candidates.append((len(refs), uid))
+            candidates.append((len(_usable(refs, [])), uid))
         else:
-            rejected.append(RejectedSeries(series_uid=uid, slices=len(refs), description=refs[0].description,
-                                           reason=reason))
+            rejected.append(_rejected(uid, refs, reason))
     if not candidates:
-        return None, rejected
+        why = None
+        if series_uid is None and study.series and not eligible:
+            why = "no series meets the rules (" + "; ".join(
+                f"{r.description or r.series_uid}: {r.reason}" for r in rejected) + ")"
+        return Selection(None, rejected, why)
     candidates.sort(key=lambda c: (-c[0], c[1]))
+    best = candidates[0][0]
     for count, uid in candidates[1:]:
-        rejected.append(RejectedSeries(series_uid=uid, slices=count, description=study.series[uid][0].description,
-                                       reason=f"fewer slices than the chosen series ({count} < {candidates[0][0]})"))
-    return candidates[0][1], rejected
+        rejected.append(_rejected(uid, study.series[uid], f"fewer usable slices than the chosen series "
+                                                          f"({count} < {best})"))
+    return Selection(candidates[0][1], rejected)
 
 
 def _usable(refs: list[SliceRef], warnings: list[str]) -> list[SliceRef]:
     usable = []
     for ref in refs:
-        if ref.problem is not None:
-            warnings.append(f"{ref.name}: {ref.problem}; slice skipped")
-        elif not ref.has_rescale:
-            warnings.append(f"{ref.name}: no RescaleSlope/RescaleIntercept, so its values cannot be "
-                            "converted to HU; slice skipped")
-        elif ref.orientation is None or ref.position is None:
-            warnings.append(f"{ref.name}: no ImageOrientationPatient/ImagePositionPatient; slice skipped")
-        else:
+        problem = _slice_problem(ref)
+        if problem is None:
             usable.append(ref)
+        else:
+            warnings.append(f"{ref.name}: {problem}; slice skipped")
     if not usable:
         return []
     sizes: dict[tuple[int, int], int] = {}
