@@ -39,6 +39,8 @@ class Metrics:
                                  "duplicate or refused)", registry=self.registry)
         self.answered = Counter("ctedge_studies_answered", "Studies answered", registry=self.registry)
         self.failed = Counter("ctedge_studies_failed", "Studies without an answer (error)", registry=self.registry)
+        self.not_eligible = Counter("ctedge_studies_not_eligible", "Studies with no series the rules accept (no "
+                                    "answer, not an error)", registry=self.registry)
         self.partial = Counter("ctedge_studies_partial", "Studies answered as PARTIAL (maybe incomplete)",
                                registry=self.registry)
         self.latency = Histogram("ctedge_answer_latency_seconds", "Last instance received -> answer committed "
@@ -79,7 +81,7 @@ class Service:
         self.journal = self.spool.journal
         self.clf = Classifier(config.model, config.provider, config.threads, runtime=config.runtime,
                               precision=config.precision)
-        self.options = StudyOptions(max_slices=config.max_slices)
+        self.options = StudyOptions(max_slices=config.max_slices, rules=config.rules)
         self.algorithm = Algorithm("ctedge " + config.model.stem, __version__, file_digest(config.model),
                                    self.clf.threshold)
         self.errors: deque[str] = deque(maxlen=20)
@@ -113,6 +115,9 @@ class Service:
         if answered.result.error:
             self.metrics.failed.inc()
             self._error(f"study {uid_hash(answered.study_uid)}: {answered.result.error}")
+            return
+        if answered.result.not_eligible:
+            self.metrics.not_eligible.inc()
             return
         self.metrics.answered.inc()
         self.metrics.latency.observe(answered.latency_s)

@@ -20,9 +20,17 @@ def _row(line: views.AnswerLine) -> str:
     cells = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line.created)), uid_hash(line.study_uid),
              f"v{line.version}", line.completion, str(result.get("slices_used", "")),
              "" if result.get("probability") is None else f"{result['probability']:.4f}",
-             result.get("label") or f"no answer: {redact(str(result.get('error')))}", f"{line.latency_s:.2f} s"]
+             _label(result), f"{line.latency_s:.2f} s"]
     return ("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
             + f"<td{DELIVERY_STYLE.get(line.delivery, '')}>{html.escape(line.delivery)}</td></tr>")
+
+
+def _label(result: dict) -> str:
+    """The answer's label, or why there is none (redacted)."""
+    status = views.answer_status(result)
+    if status == "answered":
+        return result.get("label") or ""
+    return f"{status}: {redact(str(result.get('error') or result.get('not_eligible')))}"
 
 
 def status_page(service, now: float) -> str:

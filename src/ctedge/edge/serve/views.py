@@ -22,6 +22,13 @@ def delivery_summary(statuses: list[str], has_result: bool) -> str:
     return "sent"
 
 
+def answer_status(result: dict) -> str:
+    """``answered``, ``not eligible`` (no series the rules accept: no SR, not an error) or ``no answer``."""
+    if result.get("error"):
+        return "no answer"
+    return "not eligible" if result.get("not_eligible") else "answered"
+
+
 @dataclass(frozen=True)
 class AnswerLine:
     """One row of the status page."""
@@ -68,8 +75,8 @@ def study_view(journal: Journal, study_uid: str, waiting: dict[int, str]) -> tup
                 "may_be_incomplete": waiting.get(study.id), "last_error": study.last_error}
     if study.version == 0:
         return 202, {"study_uid": study_uid, "status": "receiving", **arriving}
-    answer_id, instances, completion, reason, result, error, has_sr, sc_error, created, latency = journal.rows(
-        "SELECT id, instances, completion, completion_reason, result, error, sr IS NOT NULL, sc_error, created, "
+    answer_id, instances, completion, reason, result, has_sr, sc_error, created, latency = journal.rows(
+        "SELECT id, instances, completion, completion_reason, result, sr IS NOT NULL, sc_error, created, "
         "latency_s FROM answers WHERE study_id=? AND version=?", (study.id, study.version))[0]
     deliveries = [{"kind": kind, "destination": destination, "status": status, "attempts": attempts,
                    "last_error": last_error, "sent_at": sent_at}
@@ -77,10 +84,11 @@ def study_view(journal: Journal, study_uid: str, waiting: dict[int, str]) -> tup
                       "SELECT kind, destination, status, attempts, last_error, sent_at FROM deliveries "
                       "WHERE answer_id=? ORDER BY kind, destination", (answer_id,))]
     delivery = delivery_summary([d["status"] for d in deliveries], bool(has_sr))
-    document = {"study_uid": study_uid, "status": "no answer" if error else "answered", "version": study.version,
+    result = json.loads(result)
+    document = {"study_uid": study_uid, "status": answer_status(result), "version": study.version,
                 "instances": instances, "completion": completion, "completion_reason": reason,
                 "sent": delivery == "sent", "delivery": delivery, "deliveries": deliveries,
                 "secondary_capture_error": sc_error, "answered_at": created, "latency_s": latency,
                 "receiving": {**arriving, "instances": study.instances - instances}
-                if study.instances > instances else None, "result": json.loads(result)}
+                if study.instances > instances else None, "result": result}
     return 200, document
