@@ -113,3 +113,46 @@ def test_every_coding_scheme_is_standard_or_declared(answer):
     declared = {item.CodingSchemeDesignator: item for item in sr.CodingSchemeIdentificationSequence}
     assert used - STANDARD_SCHEMES == {SCHEME} and set(declared) == {SCHEME}
     assert declared[SCHEME].CodingSchemeName and declared[SCHEME].CodingSchemeResponsibleOrganization
+
+
+def test_the_answer_as_a_fhir_r4_observation(tmp_path, serve_model):
+    """``GET /v1/studies/{uid}/fhir``: a valid R4 Observation (fhirclient's models, strict: every
+    key known, every type right, required ones present) with the finding and the probability as
+    components, the algorithm as a contained Device, the study and the SR by DICOM UID; a study
+    the rules refuse is a cancelled Observation that says why."""
+    from fastapi.testclient import TestClient
+    from fhirclient.models.observation import Observation
+
+    from ctedge.core.phantom_studies import write_scout
+    from ctedge.edge.serve.http import create_app
+    from serve_fixtures import running_service, send_files, study_files, wait_for
+
+    study_uid = write_study(tmp_path / "s", np.random.default_rng(81), True, slices=8, scout=False, patient_id="P-81")
+    scout_uid = "1.2.826.0.1.3680043.10.1.81"
+    write_scout(tmp_path / "scout", np.random.default_rng(82), scout_uid, "P-82")
+    with running_service(tmp_path, serve_model) as service, TestClient(create_app(service)) as client:
+        assert send_files(study_files(tmp_path / "s"), service.node.port) == [0] * 8
+        assert send_files(study_files(tmp_path / "scout"), service.node.port) == [0] * 2
+        view = wait_for(lambda: (v := client.get(f"/v1/studies/{study_uid}").json()).get("result") and v,
+                        what="the answer")
+        wait_for(lambda: client.get(f"/v1/studies/{scout_uid}").json().get("result"), what="the scout's answer")
+        answered, refused = (client.get(f"/v1/studies/{uid}/fhir") for uid in (study_uid, scout_uid))
+        missing = client.get("/v1/studies/1.2.3.4/fhir")
+    assert answered.headers["content-type"] == "application/fhir+json" and missing.status_code == 404
+    document = answered.json()
+    parsed = Observation(document, strict=True)
+    assert parsed.status == "final" and parsed.code.coding[0].code == "840539006"
+    components = {c.code.coding[0].display: c for c in parsed.component}
+    result = view["result"]
+    assert components["COVID-19"].valueCodeableConcept.coding[0].display == (
+        "Present" if result["probability"] >= 0.5 else "Absent")
+    assert components["Probability"].valueQuantity.value == pytest.approx(result["probability"])
+    assert components["Slices used"].valueInteger == result["slices_used"]
+    assert parsed.device.reference == "#algorithm" and parsed.contained[0].resource_type == "Device"
+    assert parsed.partOf[0].identifier.value == f"urn:oid:{study_uid}"
+    assert parsed.derivedFrom[0].identifier.value == f"urn:oid:{view['sr_uid']}"
+    assert parsed.subject.identifier.value == "P-81"
+    cancelled = Observation(refused.json(), strict=True)
+    assert cancelled.status == "cancelled" and cancelled.component is None
+    assert cancelled.dataAbsentReason.coding[0].code == "not-applicable"
+    assert cancelled.dataAbsentReason.text.startswith("not eligible: no series meets the rules")

@@ -31,6 +31,8 @@ from ctedge.core.files import printable
 from ctedge.core.results import dumps
 from ctedge.edge.runtime import predict_images
 from ctedge.edge.serve.assembler import QueueFull
+from ctedge.edge.serve.fhir import MEDIA_TYPE as FHIR_JSON
+from ctedge.edge.serve.fhir import observation
 from ctedge.edge.serve.pipeline import as_uploaded, classify_paths, study_document
 from ctedge.edge.serve.spool import uid_hash
 from ctedge.edge.serve.status import status_page
@@ -289,6 +291,16 @@ def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
         if document is None:
             raise HTTPException(404, f"no study {uid_hash(study_uid)} (hashed) received")
         return _json(document, status)
+
+    @app.get("/v1/studies/{study_uid}/fhir", dependencies=guarded,
+             summary="The answer to a study received over DICOM as a FHIR R4 Observation")
+    def get_study_fhir(study_uid: str) -> Response:
+        status, document = service.study_view(study_uid)
+        if document is None:
+            raise HTTPException(404, f"no study {uid_hash(study_uid)} (hashed) received")
+        if status != 200:  # still being received: no answer yet
+            return _json(document, status)
+        return Response(dumps(observation(document, service.algorithm, __version__)), media_type=FHIR_JSON)
 
     @app.get("/v1/model", dependencies=guarded, summary="The model and the runtime it runs on")
     def get_model() -> Response:

@@ -75,19 +75,19 @@ def study_view(journal: Journal, study_uid: str, waiting: dict[int, str]) -> tup
                 "may_be_incomplete": waiting.get(study.id), "last_error": study.last_error}
     if study.version == 0:
         return 202, {"study_uid": study_uid, "status": "receiving", **arriving}
-    answer_id, instances, completion, reason, result, has_sr, sc_error, created, latency = journal.rows(
-        "SELECT id, instances, completion, completion_reason, result, sr IS NOT NULL, sc_error, created, "
+    answer_id, instances, completion, reason, result, sr_uid, sc_error, created, latency = journal.rows(
+        "SELECT id, instances, completion, completion_reason, result, sr_uid, sc_error, created, "
         "latency_s FROM answers WHERE study_id=? AND version=?", (study.id, study.version))[0]
     deliveries = [{"kind": kind, "destination": destination, "status": status, "attempts": attempts,
                    "last_error": last_error, "sent_at": sent_at}
                   for kind, destination, status, attempts, last_error, sent_at in journal.rows(
                       "SELECT kind, destination, status, attempts, last_error, sent_at FROM deliveries "
                       "WHERE answer_id=? ORDER BY kind, destination", (answer_id,))]
-    delivery = delivery_summary([d["status"] for d in deliveries], bool(has_sr))
+    delivery = delivery_summary([d["status"] for d in deliveries], sr_uid is not None)
     result = json.loads(result)
     document = {"study_uid": study_uid, "status": answer_status(result), "version": study.version,
                 "instances": instances, "completion": completion, "completion_reason": reason,
-                "sent": delivery == "sent", "delivery": delivery, "deliveries": deliveries,
+                "sent": delivery == "sent", "delivery": delivery, "deliveries": deliveries, "sr_uid": sr_uid,
                 "secondary_capture_error": sc_error, "answered_at": created, "latency_s": latency,
                 "receiving": {**arriving, "instances": study.instances - instances}
                 if study.instances > instances else None, "result": result}
