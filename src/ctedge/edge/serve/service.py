@@ -97,7 +97,8 @@ class Service:
         self.outbox = Outbox(self.journal, config.destination, config.ae_title, config.retries, config.retry_seconds,
                              config.retry_failed_every, self.pause, self.faults,
                              client_tls(config.destination_tls_ca, config.destination_tls_cert,
-                                        config.destination_tls_key), config.destination_timeout, self._error)
+                                        config.destination_tls_key), config.destination_timeout, self._error,
+                             web_auth(config))
         self.disk = DiskWatch(config.spool, self.journal, self.pause, config.min_free_disk, config.disk_check_seconds)
         self.retention = Retention(self.spool, config.keep_days, config.max_spool, config.retention_seconds)
         self.loops = {name: Loop(name, step) for name, step in (
@@ -160,4 +161,10 @@ class Service:
         self.node.stop()
         self.supervisor.stop()
         self.worker.stop()
+        self.outbox.close()
         self.spool.close()
+
+
+def web_auth(config: ServeConfig) -> dict:
+    """The credentials for the node's DICOMweb peers (DicomWebSource's keywords)."""
+    return {"token": config.dicomweb_token, "user": config.dicomweb_user, "password": config.dicomweb_password}
