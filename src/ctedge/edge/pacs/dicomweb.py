@@ -43,7 +43,8 @@ TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "Patien
         "NumberOfStudyRelatedInstances": "00201208", "SOPInstanceUID": "00080018",
         "ReferencedSOPSequence": "00081199", "FailedSOPSequence": "00081198", "ReferencedSOPInstanceUID": "00081155",
         "FailureReason": "00081197"}
-STUDY_FIELDS = ("PatientID", "AccessionNumber", "StudyDate", "StudyTime", "ModalitiesInStudy", "StudyDescription")
+STUDY_FIELDS = ("PatientID", "AccessionNumber", "StudyDate", "StudyTime", "ModalitiesInStudy", "StudyDescription",
+                "NumberOfStudyRelatedInstances")
 SERIES_FIELDS = ("Modality", "SeriesDescription", "BodyPartExamined", "ImageType", "SliceThickness",
                  "NumberOfSeriesRelatedInstances")
 
@@ -116,7 +117,8 @@ class DicomWebSource:
                 accession_number=text(_value(item, "AccessionNumber")), study_date=text(_value(item, "StudyDate")),
                 study_time=text(_value(item, "StudyTime")),
                 modalities=tuple(text(m) for m in _values(item, "ModalitiesInStudy")),
-                description=text(_value(item, "StudyDescription"))))
+                description=text(_value(item, "StudyDescription")),
+                instances=count(_value(item, "NumberOfStudyRelatedInstances"))))
         return list(studies.values())
 
     def find_series(self, study: StudyRef) -> list[SeriesRef]:

@@ -18,6 +18,7 @@ from ctedge.edge.serve.disk import DiskWatch, Pause
 from ctedge.edge.serve.faults import Faults
 from ctedge.edge.serve.node import Node
 from ctedge.edge.serve.outbox import Outbox, client_tls
+from ctedge.edge.serve.poll import Poller, poll_source
 from ctedge.edge.serve.retention import Retention
 from ctedge.edge.serve.spool import Spool, hash_uids, uid_hash
 from ctedge.edge.serve.sr import Algorithm
@@ -101,9 +102,15 @@ class Service:
                              web_auth(config))
         self.disk = DiskWatch(config.spool, self.journal, self.pause, config.min_free_disk, config.disk_check_seconds)
         self.retention = Retention(self.spool, config.keep_days, config.max_spool, config.retention_seconds)
+        self.poller = None
+        if config.poll:
+            source = poll_source(config.poll, config.ae_title, web_auth(config), config.max_study_bytes,
+                                 config.max_study_instances, config.destination_timeout)
+            self.poller = Poller(self.spool, source, config.rules, config.poll_every, self.pause,
+                                 self.metrics.not_eligible.inc)
         self.loops = {name: Loop(name, step) for name, step in (
             ("assembler", self.assembler.step), ("outbox", self.outbox.step), ("disk", self.disk.step),
-            ("retention", self.retention.step))}
+            ("retention", self.retention.step), *((("poll", self.poller.step),) if self.poller else ()))}
         self.supervisor = Supervisor(list(self.loops.values()), backoff=config.loop_restart_seconds)
 
     def _error(self, message: str) -> None:
@@ -146,8 +153,14 @@ class Service:
         if self.disk.low():
             reasons.append("free disk below --min-free-disk: C-STOREs are refused")
         last_error = self.assembler.last_error or self.outbox.last_error
-        return not reasons, {"ready": not reasons, "reasons": reasons, "loops": self.supervisor.states(),
-                             "disk": self.disk.to_dict(), "pause": pause, "last_error": last_error}
+        document = {"ready": not reasons, "reasons": reasons, "loops": self.supervisor.states(),
+                    "disk": self.disk.to_dict(), "pause": pause, "last_error": last_error}
+        if self.poller is not None:
+            document["poll"] = self.poller.to_dict()
+            if self.poller.failing:
+                reasons.append(f"the poll of {self.poller.source.name} fails: {hash_uids(self.poller.failing)}")
+        document["ready"] = not reasons
+        return not reasons, document
 
     def start(self) -> None:
         self.disk.step()
@@ -162,6 +175,8 @@ class Service:
         self.supervisor.stop()
         self.worker.stop()
         self.outbox.close()
+        if self.poller is not None:
+            self.poller.source.close()
         self.spool.close()
 
 

@@ -35,6 +35,7 @@ from ctedge.edge.serve.intake import Outcome
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 MAX_PART_HEADER = 8 << 10
+MAX_BOUNDARY = 200  # RFC 2046 says 70; Orthanc's STOW-RS client sends 73
 MAX_WARNINGS = 20  # Warning header lines in one answer
 RETRY_AFTER_S = 5
 
@@ -144,8 +145,8 @@ def check_request(request: Request, config, spool) -> bytes:
     if accept and not any(word in accept for word in ("json", "*/*", "application/*")):
         raise HTTPException(406, f"the answer is {DICOM_JSON}, which Accept {printable(accept)[:80]!r} excludes")
     boundary = params.get("boundary", "")
-    if not 0 < len(boundary) <= 70:
-        raise HTTPException(400, "multipart/related without a boundary (1-70 characters)")
+    if not 0 < len(boundary) <= MAX_BOUNDARY:
+        raise HTTPException(400, f"multipart/related without a boundary (1-{MAX_BOUNDARY} characters)")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > config.max_study_bytes:
         raise HTTPException(413, f"request body of {int(declared)} bytes is over the limit of {config.max_study_bytes} "

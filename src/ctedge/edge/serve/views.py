@@ -70,7 +70,7 @@ def study_view(journal: Journal, study_uid: str, waiting: dict[int, str]) -> tup
     ``waiting``: study id -> why the assembler thinks it may be incomplete."""
     study = journal.study(study_uid)
     if study is None:
-        return 404, None
+        return polled_view(journal, study_uid)
     arriving = {"instances": study.instances, "association": study.association_state,
                 "may_be_incomplete": waiting.get(study.id), "last_error": study.last_error}
     if study.version == 0:
@@ -92,3 +92,26 @@ def study_view(journal: Journal, study_uid: str, waiting: dict[int, str]) -> tup
                 "receiving": {**arriving, "instances": study.instances - instances}
                 if study.instances > instances else None, "result": result}
     return 200, document
+
+
+POLL_WORDS = {"waiting": "seen on the PACS by the poll; taken once it holds the same instances at two polls",
+              "failed": "the poll could not retrieve it"}
+
+
+def polled_view(journal: Journal, study_uid: str) -> tuple[int, dict | None]:
+    """A study the poll saw but did not take into the spool: not eligible (its result says why,
+    nothing retrieved), waiting (202), or failing to come; 404 when the poll never saw it either."""
+    row = journal.polled(study_uid)
+    if row is None:
+        return 404, None
+    polled = {"first_seen": row.first_seen, "checked": row.checked, "instances": row.instances,
+              "attempts": row.attempts}
+    if row.status == "not eligible":
+        return 200, {"study_uid": study_uid, "status": "not eligible", "version": 0, "delivery": "none",
+                     "sent": False, "deliveries": [], "polled": polled, "result": json.loads(row.detail)}
+    if row.status == "waiting":
+        return 202, {"study_uid": study_uid, "status": "waiting", "polled": {**polled, "why": POLL_WORDS["waiting"]}}
+    return 200, {"study_uid": study_uid, "status": "no answer", "version": 0, "delivery": "none", "sent": False,
+                 "deliveries": [], "polled": {**polled, "status": row.status, "last_error": row.detail},
+                 "result": {"study_uid": study_uid, "error": f"{POLL_WORDS['failed']}: {row.detail}",
+                            "not_eligible": None}}
