@@ -123,3 +123,28 @@ def test_the_node_polls_by_dimse_and_a_pacs_stores_to_it_by_stow(tmp_path, serve
         pacs.stop()
     assert by_poll["status"] == by_stow["status"] == "answered" and by_poll["instances"] == 12
     assert by_stow["instances"] == 12 and by_stow["completion"] == "COMPLETE"
+
+
+def test_a_poll_that_fails_shows_in_readyz_and_a_huge_answer_is_refused(tmp_path, serve_model):
+    """A QIDO-RS answer of 100,000 studies (past the 8 MiB bound) is refused, nothing taken:
+    /readyz is 503 naming the poll and why, the poll loop still running; a PACS that answers
+    again makes it ready."""
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    app, huge = FastAPI(), {"on": True}
+    study = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00100020": {"vr": "LO", "Value": ["P"]}}
+
+    @app.get("/dicom-web/studies")
+    def studies() -> Response:
+        return Response(json.dumps([study] * 100_000 if huge["on"] else []), media_type="application/dicom+json")
+
+    with http_server(app) as port, \
+            running_service(tmp_path, serve_model, poll=f"dicomweb:http://127.0.0.1:{port}/dicom-web", **FAST) as service:
+        failing = wait_for(lambda: not (ready := service.readiness())[0] and ready[1], what="the poll failing")
+        huge["on"] = False
+        wait_for(lambda: service.readiness()[0], what="ready again")
+        taken = service.journal.value("SELECT COUNT(*) FROM polled")
+    assert any(reason.startswith(f"the poll of http://127.0.0.1:{port}/dicom-web fails: ") and "8,388,608 bytes" in
+               reason for reason in failing["reasons"])
+    assert failing["loops"]["poll"]["state"] == "running" and taken == 0
