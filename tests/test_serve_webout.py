@@ -86,7 +86,8 @@ def test_dicomweb_destinations_and_poll_sources_are_checked_and_never_show_crede
         "poll": "dicomweb:http://127.0.0.1:8042/dicom-web"})
     assert [str(d) for d in config.destination] == ["PACS@127.0.0.1:4242", "dicomweb:https://pacs.example/dicom-web"]
     for bad, param in ((dict(destination=["dicomweb:ftp://u:pw@x/"]), "destination"),
-                       (dict(poll="PACS@nowhere"), "poll"), (dict(poll_every=0), "poll_every")):
+                       (dict(poll="PACS@nowhere"), "poll"), (dict(poll_every=0), "poll_every"),
+                       (dict(poll_since="2010-02-27"), "poll_since")):
         with pytest.raises(CtedgeError) as caught:
             load_config(None, {"model": serve_model, **bad})
         assert caught.value.param == param and "pw" not in str(caught.value)

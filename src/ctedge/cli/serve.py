@@ -63,6 +63,8 @@ DicomWebUser = Annotated[Optional[str], _opt("... or basic auth: the user; the p
 Poll = Annotated[Optional[str], _opt("Ask this PACS for new CT studies, AET@HOST:PORT (C-FIND, C-GET: it must know "
                                      "--ae-title) or dicomweb:URL (QIDO-RS, WADO-RS), and classify them as if pushed.")]
 PollEvery = Annotated[Optional[float], _opt("Seconds between two polls [60].")]
+PollSince = Annotated[Optional[str], _opt("The first poll asks for StudyDate from this day, YYYYMMDD (later ones "
+                                          "from the day of the last poll) [today].")]
 
 
 @command
@@ -114,7 +116,7 @@ def serve(
     log_format: LogFormatOpt = None,
     rule: RuleOpt = None,
     dicomweb_token: DicomWebToken = None, dicomweb_user: DicomWebUser = None, poll: Poll = None,
-    poll_every: PollEvery = None,
+    poll_every: PollEvery = None, poll_since: PollSince = None,
 ) -> None:
     """Run a DICOM node and an HTTP API with one loaded model.
 

@@ -181,6 +181,7 @@ class ServeConfig:
     dicomweb_password: str | None = None
     poll: str | None = None  # a PACS asked for new CT studies: AET@HOST:PORT or dicomweb:URL
     poll_every: float = 60.0  # seconds between two polls
+    poll_since: str | None = None  # the first poll's StudyDate (YYYYMMDD); default today
 
     def check(self) -> None:
         check_ae(self.ae_title, "ae_title")
@@ -241,6 +242,9 @@ class ServeConfig:
             raise CtedgeError("and --dicomweb-user: give one", param="dicomweb_token")
         if not self.poll_every > 0:
             raise CtedgeError(f"must be more than 0, not {self.poll_every}", param="poll_every")
+        if self.poll_since is not None and not re.fullmatch(r"(19|20)\d\d(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])",
+                                                            str(self.poll_since)):
+            raise CtedgeError(f"must be a date YYYYMMDD, not {self.poll_since!r}", param="poll_since")
         if self.poll is not None or any(isinstance(d, WebDestination) for d in self.destination):
             try:
                 import httpx  # noqa: F401

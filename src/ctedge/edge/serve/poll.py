@@ -1,7 +1,8 @@
 """Poll mode (``--poll AET@HOST:PORT|dicomweb:URL``): for a PACS that cannot push, the poll loop
 asks it every ``--poll-every`` seconds for CT studies by StudyDate since the day of the last
-poll (C-FIND or QIDO-RS, the clients of ``ctedge.edge.pacs``), and takes each new one into
-the spool as if it had been pushed, where the assembler classifies it.
+poll (the first from ``--poll-since``, default today; C-FIND or QIDO-RS, the clients of
+``ctedge.edge.pacs``), and takes each new one into the spool as if it had been pushed,
+where the assembler classifies it.
 
 The journal's ``polled`` table remembers every study seen, so none is taken twice, also
 after a restart. A study is taken once it is seen twice with the same number of instances
@@ -52,8 +53,9 @@ class Poller:
     """The poll loop's step, and what ``/readyz`` shows of it."""
 
     def __init__(self, spool: Spool, source, rules: SeriesRules, every: float, pause,
-                 on_not_eligible: Callable[[], None] = lambda: None):
+                 on_not_eligible: Callable[[], None] = lambda: None, since: str | None = None):
         self.spool, self.journal, self.source, self.rules = spool, spool.journal, source, rules
+        self.since = since  # the first poll's StudyDate (YYYYMMDD); None: today
         self.every, self.pause, self.on_not_eligible = every, pause, on_not_eligible
         self.next_poll = 0.0
         self.last_poll: float | None = None
@@ -67,7 +69,7 @@ class Poller:
         if self.pause.paused or now < self.next_poll:
             return min(max(self.next_poll - now, 0.05), 1.0)
         self.next_poll = now + self.every
-        since = self.journal.meta(SINCE) or datetime.date.today().strftime("%Y%m%d")
+        since = self.journal.meta(SINCE) or self.since or datetime.date.today().strftime("%Y%m%d")
         try:
             studies = self.source.find_studies({"StudyDate": f"{since}-", "ModalitiesInStudy": "CT"})
         except PullError as exc:

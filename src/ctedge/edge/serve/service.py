@@ -107,7 +107,7 @@ class Service:
             source = poll_source(config.poll, config.ae_title, web_auth(config), config.max_study_bytes,
                                  config.max_study_instances, config.destination_timeout)
             self.poller = Poller(self.spool, source, config.rules, config.poll_every, self.pause,
-                                 self.metrics.not_eligible.inc)
+                                 self.metrics.not_eligible.inc, config.poll_since)
         self.loops = {name: Loop(name, step) for name, step in (
             ("assembler", self.assembler.step), ("outbox", self.outbox.step), ("disk", self.disk.step),
             ("retention", self.retention.step), *((("poll", self.poller.step),) if self.poller else ()))}
