@@ -23,15 +23,16 @@ from serve_fixtures import http_server, running_service, serve_model, study_file
 
 __all__ = ["orthanc", "serve_model"]
 TODAY = datetime.date.today().strftime("%Y%m%d")
+YESTERDAY = (datetime.date.today() - datetime.timedelta(days=1)).strftime("%Y%m%d")
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 FAST = dict(quiet_seconds=0.2, poll_every=0.2)
 
 
-def pacs_study(folder, seed: int, *, axial: str | None = "CT", scout: bool = True) -> str:
-    """A study as a PACS holds it (StudyDate today): an axial series (``axial``: its modality, or
+def pacs_study(folder, seed: int, *, axial: str | None = "CT", scout: bool = True, date: str = TODAY) -> str:
+    """A study as a PACS holds it (StudyDate ``date``): an axial series (``axial``: its modality, or
     None) and a CT scout; its StudyInstanceUID."""
     rng = np.random.default_rng(seed)
-    uid, tags = fixed_uid(rng), {"StudyDate": TODAY, "AccessionNumber": f"POLL-{seed}", "BodyPartExamined": "CHEST"}
+    uid, tags = fixed_uid(rng), {"StudyDate": date, "AccessionNumber": f"POLL-{seed}", "BodyPartExamined": "CHEST"}
     if axial:
         write_series(folder, phantom_volume(rng, 12, 32, True), rng, study_uid=uid, patient_id=f"P-{seed}",
                      modality=axial, tags={**tags, **({"SOPClassUID": MR_IMAGE_STORAGE} if axial == "MR" else {})})
@@ -53,16 +54,17 @@ def srs_in(pacs: Orthanc, study_uid: str) -> list[str]:
 
 
 def test_the_node_polls_takes_each_study_once_and_sends_the_sr_back_by_stow(tmp_path, orthanc, serve_model):
-    """One CT study is taken, classified as `predict --study` classifies its files, and its SR found
-    by QIDO-RS in its study with its probability; the localizer-only and the MR study are not
-    eligible with why, nothing retrieved. After a restart on the same spool nothing is taken
-    again, and a study new on the PACS is."""
-    ct, scout_only, mr = (pacs_study(tmp_path / name, seed, **kw) for name, seed, kw in (
+    """Studies of yesterday (``--poll-since``, and kept in the window while one waits): one CT
+    study is taken, classified as `predict --study` classifies its files, and its SR found by
+    QIDO-RS in its study with its probability; the localizer-only and the MR study are not
+    eligible with why, nothing retrieved. After a restart on the same spool, with all of them
+    in the query's answer again, nothing is taken again, and a study new on the PACS is."""
+    ct, scout_only, mr = (pacs_study(tmp_path / name, seed, date=YESTERDAY, **kw) for name, seed, kw in (
         ("ct", 101, {}), ("scout", 102, {"axial": None}), ("mr", 103, {"axial": "MR"})))
     for name in ("ct", "scout", "mr"):
         orthanc.upload(study_files(tmp_path / name))
     web = f"dicomweb:{orthanc.dicomweb_url}"
-    options = dict(FAST, poll=web, destination=[WebDestination(orthanc.dicomweb_url)])
+    options = dict(FAST, poll=web, poll_since=YESTERDAY, destination=[WebDestination(orthanc.dicomweb_url)])
     with running_service(tmp_path, serve_model, **options) as service:
         answer = wait_for(lambda: (view := service.study_view(ct)[1]) and view.get("sent") and view, timeout=30,
                           what="the SR stored in Orthanc")
@@ -70,6 +72,7 @@ def test_the_node_polls_takes_each_study_once_and_sends_the_sr_back_by_stow(tmp_
                                  view["status"] == "not eligible" and view, what="not eligible")
                    for uid in (scout_only, mr)}
         ready = service.readiness()[1]
+        service.journal.set_meta("poll.since", YESTERDAY)  # the next query answers all of them again
     expected = classify_study(Classifier(serve_model, runtime="onnxruntime"), find_studies(tmp_path / "ct")[0],
                               StudyOptions())
     assert abs(answer["result"]["probability"] - expected.probability) <= 1e-6

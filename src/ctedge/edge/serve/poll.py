@@ -1,8 +1,8 @@
 """Poll mode (``--poll AET@HOST:PORT|dicomweb:URL``): for a PACS that cannot push, the poll loop
 asks it every ``--poll-every`` seconds for CT studies by StudyDate since the day of the last
-poll (the first from ``--poll-since``, default today; C-FIND or QIDO-RS, the clients of
-``ctedge.edge.pacs``), and takes each new one into the spool as if it had been pushed,
-where the assembler classifies it.
+poll, or of the oldest study it has still to take (the first from ``--poll-since``, default
+today; C-FIND or QIDO-RS, the clients of ``ctedge.edge.pacs``), and takes each new one into
+the spool as if it had been pushed, where the assembler classifies it.
 
 The journal's ``polled`` table remembers every study seen, so none is taken twice, also
 after a restart. A study is taken once it is seen twice with the same number of instances
@@ -17,8 +17,8 @@ polls, ``POLL_RETRIES`` times.
 
 from __future__ import annotations
 
-import datetime
 import logging
+import re
 import shutil
 import time
 import uuid
@@ -69,23 +69,32 @@ class Poller:
         if self.pause.paused or now < self.next_poll:
             return min(max(self.next_poll - now, 0.05), 1.0)
         self.next_poll = now + self.every
-        since = self.journal.meta(SINCE) or self.since or datetime.date.today().strftime("%Y%m%d")
+        since = self.journal.meta(SINCE) or self.since or time.strftime("%Y%m%d", time.localtime(now))
         try:
             studies = self.source.find_studies({"StudyDate": f"{since}-", "ModalitiesInStudy": "CT"})
         except PullError as exc:
             self._failed(str(exc))
             return min(self.every, 1.0)
-        self.journal.set_meta(SINCE, datetime.date.fromtimestamp(now).strftime("%Y%m%d"))
         self.last_poll, self.last_error, self.failing, self.last_found = now, None, None, len(studies)
-        for study in studies:
-            if self.pause.paused:
-                break
-            try:
-                self._look_at(study)
-            except Exception as exc:  # that study's problem (the journal, the disk); the others go on
-                log.exception("polled study %s: not taken; looked at again at the next poll", uid_hash(study.study_uid))
-                self.last_error = f"study {uid_hash(study.study_uid)}: {exc.__class__.__name__}"
+        pending = [study.study_date for study in studies if self._pending_after(study)]
+        # the next poll asks from today, or from the oldest study still to take (waiting, to retry)
+        dates = [date for date in pending if re.fullmatch(r"\d{8}", date)] + [time.strftime("%Y%m%d",
+                                                                                             time.localtime(now))]
+        self.journal.set_meta(SINCE, min(dates))
         return min(self.every, 1.0)
+
+    def _pending_after(self, study: StudyRef) -> bool:
+        """Look at one study; whether it is still to be taken at a later poll."""
+        if self.pause.paused:
+            return True
+        try:
+            self._look_at(study)
+        except Exception as exc:  # that study's problem (the journal, the disk); the others go on
+            log.exception("polled study %s: not taken; looked at again at the next poll", uid_hash(study.study_uid))
+            self.last_error = f"study {uid_hash(study.study_uid)}: {exc.__class__.__name__}"
+            return True
+        seen = self.journal.polled(study.study_uid)
+        return seen is None or (seen.status not in FINAL and seen.attempts < POLL_RETRIES)
 
     def _failed(self, error: str) -> None:
         if error != self.failing:
@@ -111,6 +120,7 @@ class Poller:
             if not candidates:
                 self._not_eligible(study, rejected)
                 return
+            started = time.monotonic()
             kept = self._retrieve(study, candidates[0].series_uid)
         except PullError as exc:
             self.journal.poll_seen(study.study_uid, study.instances, "failed", str(exc), failed=True)
@@ -118,7 +128,8 @@ class Poller:
                 study.study_uid).attempts), POLL_RETRIES)
             return
         self.journal.poll_seen(study.study_uid, study.instances, "retrieved", candidates[0].series_uid)
-        log.info("polled study %s: %d instance(s) of its best series retrieved, as if pushed", name, kept)
+        log.info("polled study %s: %d instance(s) of its best series retrieved and spooled in %.1f s, as if pushed",
+                 name, kept, time.monotonic() - started)
 
     def _not_eligible(self, study: StudyRef, rejected) -> None:
         reasons = "; ".join(f"{r.description or r.series_uid}: {r.reason}" for r in rejected)
