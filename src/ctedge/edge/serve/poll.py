@@ -28,6 +28,7 @@ from pathlib import Path
 from ctedge.core.results import StudyResult
 from ctedge.edge.pacs import PullError, StudyRef, choose_series
 from ctedge.edge.serve import intake
+from ctedge.edge.serve.logs import redact
 from ctedge.edge.serve.spool import Spool, uid_hash
 from ctedge.edge.study.rules import SeriesRules
 
@@ -164,6 +165,7 @@ class Poller:
         return len(outcomes)
 
     def to_dict(self) -> dict:
+        """For /readyz (no token) and the status page: errors redacted (UIDs hashed, no dates or values)."""
         return {"source": self.source.name, "every_s": self.every, "last_poll": self.last_poll,
-                "last_found": self.last_found, "failing": self.failing, "last_error": self.last_error,
-                "next_poll": self.next_poll or None}
+                "last_found": self.last_found, "failing": self.failing and redact(self.failing),
+                "last_error": self.last_error and redact(self.last_error), "next_poll": self.next_poll or None}

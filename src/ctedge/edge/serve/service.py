@@ -156,9 +156,9 @@ class Service:
         document = {"ready": not reasons, "reasons": reasons, "loops": self.supervisor.states(),
                     "disk": self.disk.to_dict(), "pause": pause, "last_error": last_error}
         if self.poller is not None:
-            document["poll"] = self.poller.to_dict()
-            if self.poller.failing:
-                reasons.append(f"the poll of {self.poller.source.name} fails: {hash_uids(self.poller.failing)}")
+            document["poll"] = poll = self.poller.to_dict()
+            if poll["failing"]:
+                reasons.append(f"the poll of {poll['source']} fails: {poll['failing']}")
         document["ready"] = not reasons
         return not reasons, document
 

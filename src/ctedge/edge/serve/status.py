@@ -40,7 +40,7 @@ def _polled(service) -> str:
         return ""
     poll = service.poller.to_dict()
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(poll["last_poll"])) if poll["last_poll"] else "never"
-    state = f'<span class="failed">failing: {html.escape(redact(poll["failing"]))}</span>' if poll["failing"] \
+    state = f'<span class="failed">failing: {html.escape(poll["failing"])}</span>' if poll["failing"] \
         else f"{poll['last_found']} CT stud(ies) found"
     rows = "".join(
         f"<tr><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row.checked))}</td>"
