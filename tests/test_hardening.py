@@ -266,14 +266,77 @@ def test_temp_files_of_a_killed_writer_are_removed_on_the_next_write(tmp_path):
     assert not left.exists() and live.exists()
 
 
+def test_atomic_write_is_durable_and_leaves_the_umask_alone(tmp_path, monkeypatch):
+    """The data reach the disk before the rename and the rename before it returns (fsync of
+    the file, then of its folder); permissions follow the umask without flipping it (a
+    process-wide setting other threads read)."""
+    import stat as stat_module
+
+    from ctedge.core import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", stat_module.S_ISDIR(os.fstat(fd).st_mode)))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace",)) or real_replace(a, b))
+
+    def no_umask(mask):
+        raise AssertionError("atomic_write changed the process's umask")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    target = tmp_path / "out.json"
+    files.atomic_write(b"{}", target)
+    assert events == [("fsync", False), ("replace",), ("fsync", True)]
+    umask = int(subprocess.run(["sh", "-c", "umask"], capture_output=True, text=True).stdout, 8)
+    assert stat_module.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert target.read_bytes() == b"{}" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_lock_taken_over_from_a_dead_holder_has_one_holder(tmp_path, monkeypatch):
+    """Two contenders find a dead holder's lock at once: one takes it over, the other is
+    refused while it holds it (the takeover is not a read-then-unlink race)."""
+    import contextlib
+    import socket
+
+    from ctedge.core import files
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = tmp_path / "p.lock"
+    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    second: dict = {}
+    held = contextlib.ExitStack()
+    real_warning = files.log.warning
+
+    def contender_b(*args):
+        if not second:  # while contender A takes over, B tries
+            second["tried"] = True
+            try:
+                held.enter_context(files.exclusive_lock(lock, "project p"))
+                second["holds"] = True
+            except CtedgeError:
+                second["holds"] = False
+        real_warning(*args)
+
+    monkeypatch.setattr(files.log, "warning", contender_b)
+    with held:
+        try:
+            with files.exclusive_lock(lock, "project p"):
+                a_holds = True
+        except CtedgeError:
+            a_holds = False
+    assert second.get("tried") and [a_holds, second["holds"]].count(True) == 1
+
+
 # --- one tuner per project -------------------------------------------------------
 
 def test_a_second_tuner_on_a_project_is_refused_naming_the_holder(tmp_path, phantom_data):
     import socket
 
-    (tmp_path / "p.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                 "started": "2026-01-01T00:00:00"}))
-    result = runner.invoke(app, tune_args(phantom_data, tmp_path, "none"))
+    from ctedge.core.files import exclusive_lock
+
+    with exclusive_lock(tmp_path / "p.lock", "project p"):  # the first tuner
+        result = runner.invoke(app, tune_args(phantom_data, tmp_path, "none"))
     assert result.exit_code == 2, result.output
     assert f"in use by process {os.getpid()} on {socket.gethostname()}" in result.stderr
     assert not (tmp_path / "p").exists()  # refused before anything was written
