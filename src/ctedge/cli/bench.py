@@ -21,6 +21,7 @@ from ctedge.cli.common import (
     command,
     model_files,
     pixel_budget,
+    plots_module,
     provider_options,
     study_options,
     write_json,
@@ -91,6 +92,8 @@ def bench(
 
     check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"),
                   inputs=[*(f for m in models or [] for f in model_files(m)), *filter(None, [data, study])])
+    if plot is not None:
+        plots_module("--plot")
     if study is not None:
         if runtime == "all":
             raise CtedgeError("--runtime all times images, not a study: give --study one runtime "
@@ -123,11 +126,7 @@ def write_outputs(report, markdown_out: Path | None, plot: Path | None, json_out
     print_report(report)
     write_text(markdown(report), markdown_out)
     if plot:
-        try:
-            from ctedge.core.plots import latency_histogram
-        except ImportError:
-            raise CtedgeError("--plot needs matplotlib (pip install ctedge[train])") from None
-        latency_histogram({f"{Path(r.model).name} {r.format} {r.provider}": np.asarray(r.samples_ms)
+        plots_module("--plot").latency_histogram({f"{Path(r.model).name} {r.format} {r.provider}": np.asarray(r.samples_ms)
                            for r in report.results}, plot)
     write_text(dumps(report), json_out)
 

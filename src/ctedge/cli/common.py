@@ -286,6 +286,16 @@ def model_files(model: Path) -> list[Path]:
             *(model.with_name(stem + suffix) for stem in stems for suffix in (".onnx", ".json", ".xml", ".bin"))]
 
 
+def plots_module(option: str):
+    """``ctedge.core.plots``, or exit 2 naming the extra that brings matplotlib (checked
+    before the work)."""
+    try:
+        from ctedge.core import plots
+    except ImportError:
+        raise CtedgeError(f'{option} needs matplotlib: pip install "ctedge[eval]"') from None
+    return plots
+
+
 def clean(value: object) -> str:
     """Text from a file (a path, a PatientID) made safe for the terminal (``printable``)."""
     from ctedge.core.files import printable

@@ -27,6 +27,7 @@ from ctedge.cli.common import (
     exit_if_failed,
     model_files,
     pixel_budget,
+    plots_module,
     print_file_rows,
     provider_options,
     shown,
@@ -139,11 +140,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
 
     check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True),
                   inputs=[*model_files(model), *paths])
-    if plot is not None:
-        try:
-            from ctedge.core.plots import study_plot
-        except ImportError:
-            raise CtedgeError('--plot needs matplotlib: pip install "ctedge[train]"') from None
+    plots = plots_module("--plot") if plot is not None else None
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                      cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
                      pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels)
@@ -165,7 +162,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     if plot is not None:
         for r in results:
             if not r.error:
-                console.print(shown(f"plot: {study_plot(r, plot)}"))
+                console.print(shown(f"plot: {plots.study_plot(r, plot)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_text(dumps(report), json_out)
     failed = sum(r.error is not None for r in results)
