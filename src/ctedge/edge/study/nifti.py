@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ctedge.core.dicom import DicomError, pixel_budget_message
-from ctedge.edge.study.read import SliceRef, Study
+from ctedge.edge.study.records import SliceRef, Study
 
 NIFTI_EXTRA = 'pip install "ctedge[nifti]"'
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

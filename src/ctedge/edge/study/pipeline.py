@@ -25,7 +25,8 @@ from ctedge.core.preprocess import PREPROCESS_CONTRACT
 from ctedge.core.results import SliceScore, StudiesReport, StudyResult
 from ctedge.edge.study.aggregate import AGGREGATES, DEFAULT_TOP_K, aggregate, aggregate_label
 from ctedge.edge.study.hu import LUNG_HU, LUNG_MIN_FRACTION, decode_slice
-from ctedge.edge.study.read import DEFAULT_MAX_BYTES, SliceRef, Study, find_studies
+from ctedge.edge.study.read import DEFAULT_MAX_BYTES, find_studies
+from ctedge.edge.study.records import SliceRef, Study
 from ctedge.edge.study.select import order_slices, sample_indices, select_series
 
 DEFAULT_MAX_SLICES = 64

@@ -16,11 +16,12 @@ import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctedge.core.dicom import DicomError, finite_number, is_dicom, regular_file_problem
+from ctedge.core.dicom import DEFAULT_MAX_PIXELS, DicomError, finite_number, is_dicom, regular_file_problem
+from ctedge.edge.study.nifti import read_nifti
+from ctedge.edge.study.records import SliceRef, Study
 
 DEFAULT_MAX_BYTES = 512 * 2**20  # per zip entry or NIfTI volume, uncompressed; a CT slice is ~0.5 MB
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -36,43 +37,6 @@ PIXEL_TAGS = ["SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns",
 HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "Modality",
                "ImageType", "SOPClassUID", "ImageOrientationPatient", "ImagePositionPatient",
                "SeriesDescription", *PIXEL_TAGS, *STUDY_ATTRIBUTES]
-
-
-@dataclass
-class SliceRef:
-    """One slice: where it is, the header values the pipeline and the result need,
-    and how to get its full dataset (``load``)."""
-
-    name: str  # file path, ZIP:member, NIFTI#index or NAME#n (in memory); shown in messages
-    study_uid: str = ""
-    series_uid: str = ""
-    sop_uid: str = ""
-    patient_id: str = ""
-    attributes: dict[str, str] = field(default_factory=dict)  # STUDY_ATTRIBUTES
-    modality: str = ""
-    image_type: tuple[str, ...] = ()
-    description: str = ""
-    rows: int = 0
-    cols: int = 0
-    frames: int = 1
-    orientation: tuple[float, ...] | None = None
-    position: tuple[float, ...] | None = None
-    has_rescale: bool = True
-    problem: str | None = None  # a header value that makes the slice unusable
-    load: Callable[[], Any] | None = field(default=None, repr=False)  # -> pydicom Dataset or HU array
-
-
-@dataclass
-class Study:
-    """The slices of one StudyInstanceUID found in one input."""
-
-    input: str
-    study_uid: str
-    patient_id: str = ""
-    series: dict[str, list[SliceRef]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None
-    close: Callable[[], None] = field(default=lambda: None, repr=False)  # releases an open archive
 
 
 # --- header values ----------------------------------------------------------------
@@ -406,9 +370,6 @@ def find_studies(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixel
     """Every study under one input: a folder (recursive), a .zip, a NIfTI volume or one
     DICOM file. Never raises for bad content: a study that can't be read comes back
     with ``error``. Release it with ``study.close()`` when done."""
-    from ctedge.core.dicom import DEFAULT_MAX_PIXELS
-    from ctedge.edge.study.nifti import read_nifti
-
     path = Path(path)
     name = str(path)
     if not os.path.lexists(path):

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from ctedge.core.results import RejectedSeries
-from ctedge.edge.study.read import SliceRef, Study
+from ctedge.edge.study.records import SliceRef, Study
 
 MIN_SLICES = 3  # fewer is a scout, a key image or a dose screen, not a chest CT
 AXIAL_MIN_COS = math.cos(math.radians(25))  # |normal . z| for an axial series
