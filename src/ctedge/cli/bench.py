@@ -78,11 +78,13 @@ def bench(
         help=f"--study: every Nth slice (default: at most {DEFAULT_MAX_SLICES}).")] = None,
     study_runs: Annotated[int, typer.Option(help="--study: timed runs (and fresh-process runs).")] = 3,
 ) -> None:
-    """Latency (min/mean/p50/p90/p99/max), throughput, cold start, end-to-end time
-    from a file, accuracy/AUC with n and a 95% bootstrap CI (and its change against
-    the model's fp32 run on the same images) and size per model, runtime,
-    precision and provider, with a verdict against the time budget. Variants are
-    timed interleaved.
+    """Latency, throughput, cold start, end-to-end time, accuracy/AUC with a 95% CI and
+    size per model, runtime, precision and provider, with a verdict against the time
+    budget.
+
+    Latency as min/mean/p50/p90/p99/max; end-to-end from a file; accuracy/AUC with n
+    and a bootstrap CI, and its change against the model's fp32 run on the same images.
+    Variants are timed interleaved.
 
     Example: `ctedge bench exports/b3.onnx --runtime all --data ../shared/data/covid-ct
     --split-dir ../shared/data/covid-ct/splits --markdown bench.md`;

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ctedge.core.dicom import DEFAULT_MAX_PIXELS, DicomError, finite_number, is_dicom, regular_file_problem
+from ctedge.core.dicom import DicomError, finite_number, is_dicom, regular_file_problem
+from ctedge.core.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ctedge.edge.study.nifti import read_nifti
 from ctedge.edge.study.records import SliceRef, Study
 
-DEFAULT_MAX_BYTES = 512 * 2**20  # per zip entry or NIfTI volume, uncompressed; a CT slice is ~0.5 MB
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # What a result (and a structured report) needs to reference its images and patient;
