@@ -81,6 +81,27 @@ def test_datasets_and_bytes_in_memory_give_the_files_answer(tmp_path, clf):
     assert {s.sop_instance_uid for s in from_memory.slices} <= uids and from_memory.top_slices
 
 
+def test_header_values_are_what_pydicom_reads(tmp_path):
+    """The header scan converts each value once, without the Dataset's lookups: the same
+    values as pydicom's own reading, in explicit and implicit VR and a UTF-8 name."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    (path,) = series(tmp_path / "s", slices=1, tags={"SpecificCharacterSet": "ISO_IR 192",
+                                                     "PatientName": "Müller^Zoë", "AccessionNumber": "A7"})
+    implicit = pydicom.dcmread(path)
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit.save_as(tmp_path / "implicit.dcm", enforce_file_format=True)
+    for file in (path, tmp_path / "implicit.dcm"):
+        (study,) = st.find_studies(file)
+        (ref,) = next(iter(study.series.values()))
+        ds = pydicom.dcmread(file)
+        assert (ref.sop_uid, ref.modality, ref.rows, ref.position) == (
+            ds.SOPInstanceUID, ds.Modality, ds.Rows, tuple(map(float, ds.ImagePositionPatient)))
+        assert ref.attributes["PatientName"] == str(ds.PatientName) == "Müller^Zoë"
+        assert ref.attributes["AccessionNumber"] == "A7" and ref.problem is None and ref.has_rescale
+    assert pydicom.dcmread(tmp_path / "implicit.dcm").file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+
+
 def test_options_are_checked_when_made_and_the_threshold_never_touches_the_model(tmp_path, clf):
     with pytest.raises(CtedgeError, match="^top_k must be at least 1, not 0"):
         st.StudyOptions(top_k=0)

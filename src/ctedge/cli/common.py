@@ -287,11 +287,12 @@ def model_files(model: Path) -> list[Path]:
 def plots_module(option: str):
     """``ctedge.core.plots``, or exit 2 naming the extra that brings matplotlib (checked
     before the work)."""
+    import importlib
+
     try:
-        from ctedge.core import plots
+        return importlib.import_module("ctedge.core.plots")
     except ImportError:
         raise CtedgeError(f'{option} needs matplotlib: pip install "ctedge[eval]"') from None
-    return plots
 
 
 def clean(value: object) -> str:

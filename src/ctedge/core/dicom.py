@@ -95,10 +95,11 @@ def codec_problem(ds) -> str | None:
 
 
 def finite_number(ds, keyword: str) -> float | None:
-    """A single numeric value as a float32-representable finite float; None when absent."""
-    if keyword not in ds or ds[keyword].value in (None, ""):
+    """A single numeric value as a float32-representable finite float; None when absent.
+    ``ds``: a dataset or a mapping of keyword to value."""
+    value = ds.get(keyword)
+    if value is None or value == "":
         return None
-    value = ds[keyword].value
     try:
         number = float(value)
     except (TypeError, ValueError):

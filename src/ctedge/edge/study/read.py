@@ -10,6 +10,7 @@ before anything is inflated.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ctedge.core.dicom import DicomError, finite_number, is_dicom, regular_file_problem
+from ctedge.core.dicom import DICOM_SUFFIXES, DicomError, finite_number, is_dicom, regular_file_problem
 from ctedge.core.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ctedge.edge.study.nifti import read_nifti
 from ctedge.edge.study.records import SliceRef, Study
@@ -46,14 +47,15 @@ def _text(ds, keyword: str) -> str:
 
 
 def _floats(ds, keyword: str, count: int) -> tuple[float, ...] | None:
-    """A multi-valued numeric tag as finite floats; None when absent; DicomError when bad."""
-    if keyword not in ds or ds[keyword].value in (None, ""):
+    """A multi-valued numeric tag as finite floats; None when absent; DicomError when bad.
+    ``ds``: a dataset or ``header_values``' mapping."""
+    value = ds.get(keyword)
+    if value is None or value == "":
         return None
     import math
 
     from pydicom.multival import MultiValue
 
-    value = ds[keyword].value
     values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
     try:
         numbers = tuple(float(v) for v in values)
@@ -77,36 +79,94 @@ def _orientation(ds) -> tuple[float, ...] | None:
     return values
 
 
+@functools.cache
+def _tag(keyword: str):
+    from pydicom.tag import Tag
+
+    return Tag(keyword)
+
+
+class HeaderValues:
+    """A dataset's values by keyword (``get``, as a Dataset's), each element converted once,
+    on first use, by pydicom's own conversion without a Dataset lookup per access (that
+    lookup was a third of a 300-file header scan). Elements already converted, and
+    ambiguous VRs (US or SS), go through the dataset; an element that does not convert
+    reads as absent and is named in ``problems``."""
+
+    def __init__(self, ds):
+        self.ds, self.values, self.problems = ds, {}, []
+        self.encoding = None  # the dataset's character set, found when a value needs it
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        if keyword not in self.values:
+            self.values[keyword] = self._convert(keyword)
+        value = self.values[keyword]
+        return default if value is _ABSENT else value
+
+    def _convert(self, keyword: str) -> Any:
+        raw_type, convert, ambiguous, encodings = _pydicom_conversion()
+        tag = _tag(keyword)
+        elem = self.ds.get_item(tag)
+        try:
+            if isinstance(elem, raw_type):
+                if self.encoding is None:  # as Dataset.__getitem__ finds it
+                    self.encoding = self.ds.original_character_set or \
+                        encodings(self.ds.get("SpecificCharacterSet") or "ISO_IR 6")
+                elem = convert(elem, encoding=self.encoding, ds=self.ds)
+                if elem.VR in ambiguous:
+                    elem = self.ds[tag]
+        except Exception as exc:  # pydicom raises many types for a malformed value
+            self.problems.append(f"{keyword} unreadable ({exc.__class__.__name__}: {exc})")
+            return _ABSENT
+        return _ABSENT if elem is None else elem.value
+
+
+_ABSENT = object()
+
+
+@functools.cache
+def _pydicom_conversion():
+    """pydicom's raw element type, its conversion, the ambiguous VRs and its charset names,
+    imported once (not per value)."""
+    from pydicom.charset import convert_encodings
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.valuerep import AMBIGUOUS_VR
+
+    return RawDataElement, convert_raw_data_element, AMBIGUOUS_VR, convert_encodings
+
+
 def header(ds, name: str, load: Callable[[], Any] | None = None) -> SliceRef:
-    """The header values of one DICOM dataset; bad values end up in ``problem``."""
-    ref = SliceRef(name=name, load=load, study_uid=_text(ds, "StudyInstanceUID"),
-                   series_uid=_text(ds, "SeriesInstanceUID"), sop_uid=_text(ds, "SOPInstanceUID"),
-                   patient_id=_text(ds, "PatientID"), modality=_text(ds, "Modality").upper(),
-                   description=_text(ds, "SeriesDescription"),
-                   attributes={k: _text(ds, k) for k in STUDY_ATTRIBUTES})
-    image_type = ds.get("ImageType", None)
+    """The header values of one DICOM dataset; bad values end up in ``problem``. Values are
+    read from ``tags`` (``HeaderValues``; a field read from files needs its keyword in HEADER_TAGS)."""
+    tags = HeaderValues(ds)
+    problems: list[str] = []
+    ref = SliceRef(name=name, load=load, study_uid=_text(tags, "StudyInstanceUID"),
+                   series_uid=_text(tags, "SeriesInstanceUID"), sop_uid=_text(tags, "SOPInstanceUID"),
+                   patient_id=_text(tags, "PatientID"), modality=_text(tags, "Modality").upper(),
+                   description=_text(tags, "SeriesDescription"),
+                   attributes={k: _text(tags, k) for k in STUDY_ATTRIBUTES})
+    image_type = tags.get("ImageType", None)
     if image_type is not None:
         values = [image_type] if isinstance(image_type, str) else list(image_type)
         ref.image_type = tuple(str(v).strip().upper() for v in values)
-    problems = []
     try:
-        ref.rows, ref.cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        ref.frames = int(ds.get("NumberOfFrames", 1) or 1)
+        ref.rows, ref.cols = int(tags.get("Rows", 0) or 0), int(tags.get("Columns", 0) or 0)
+        ref.frames = int(tags.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         problems.append("Rows/Columns/NumberOfFrames are not integers")
     for attr, read in (("orientation", _orientation), ("position", lambda d: _floats(d, "ImagePositionPatient", 3))):
         try:
-            setattr(ref, attr, read(ds))
+            setattr(ref, attr, read(tags))
         except DicomError as exc:
             problems.append(str(exc))
     try:
-        rescale = [finite_number(ds, k) for k in ("RescaleSlope", "RescaleIntercept")]
+        rescale = [finite_number(tags, k) for k in ("RescaleSlope", "RescaleIntercept")]
         ref.has_rescale = None not in rescale or "PixelData" not in ds and "FloatPixelData" in ds
         if rescale[0] == 0:
             problems.append("RescaleSlope is 0")
     except DicomError as exc:
         problems.append(str(exc))
-    ref.problem = "; ".join(problems) or None
+    ref.problem = "; ".join(tags.problems + problems) or None
     return ref
 
 
@@ -181,7 +241,7 @@ def _read_header(fp, name: str, load: Callable[[], Any], passthrough: tuple = ()
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=[_tag(k) for k in HEADER_TAGS])
     except passthrough:
         raise
     except (InvalidDicomError, EOFError):
@@ -202,34 +262,34 @@ def _load_file(path: str):
 
 
 class _PixelTail:
-    """A file slice's pixel data, read from where its header scan stopped: the header
-    is parsed once (at the scan), the rest of the file once (when the slice is decoded)."""
+    """A file slice's pixel data, read from where its header scan stopped: the header is
+    parsed once (at the scan; its pixel-module elements kept as read, unconverted), the
+    rest of the file once (when the slice is decoded, in a worker thread)."""
 
     def __init__(self, path: str, offset: int, header_ds):
-        from pydicom.dataset import Dataset, FileMetaDataset
-
         self.path, self.offset = path, offset
         self.encoding = header_ds.original_encoding
-        self.pixel_module = Dataset({header_ds[k].tag: header_ds[k] for k in PIXEL_TAGS if k in header_ds})
-        self.pixel_module.file_meta = FileMetaDataset()
-        self.pixel_module.file_meta.TransferSyntaxUID = header_ds.file_meta.TransferSyntaxUID
+        self.syntax = header_ds.file_meta.TransferSyntaxUID
+        self.elements = {elem.tag: elem for elem in map(header_ds.get_item, map(_tag, PIXEL_TAGS)) if elem is not None}
 
     def __call__(self):
-        from pydicom.dataset import Dataset
+        from pydicom.dataset import Dataset, FileMetaDataset
         from pydicom.filereader import read_dataset
 
         with open(self.path, "rb") as fp:
             fp.seek(self.offset)
             tail = read_dataset(fp, *self.encoding)
-        full = Dataset(dict(self.pixel_module.items()))
-        full.file_meta = self.pixel_module.file_meta
+        full = Dataset(dict(self.elements))
+        full.file_meta = FileMetaDataset()
+        full.file_meta.TransferSyntaxUID = self.syntax
         full.set_original_encoding(*self.encoding)
         full.update(tail)
         return full
 
 
-def _read_file_header(path: str) -> SliceRef | None:
-    """Header of one regular file, remembering where its pixel data start."""
+def _read_file_header(path: str, sniff: bool = False) -> SliceRef | None:
+    """Header of one regular file, remembering where its pixel data start; with ``sniff``,
+    None for a file that is not DICOM by suffix or 'DICM' marker (one open for both)."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     try:
@@ -240,6 +300,9 @@ def _read_file_header(path: str) -> SliceRef | None:
         return SliceRef(name=path, problem=f"unreadable ({exc.strerror or exc})")
     kept: dict = {}
     with fp:
+        if sniff and fp.read(132)[128:] != b"DICM" and Path(path).suffix.lower() not in DICOM_SUFFIXES:
+            return None
+        fp.seek(0)
         ref = _read_header(fp, path, lambda: _load_file(path), keep=kept)
         offset = fp.tell()
     ds = kept.get("ds")
@@ -356,10 +419,8 @@ def _read_folder(path: Path) -> list[Study]:
             special.append(f"{file}: {problem}")
         elif file.name.lower().endswith(NIFTI_SUFFIXES):
             skipped.append(f"{file} (NIfTI: pass it as its own input)")
-        elif not is_dicom(file):
-            skipped.append(str(file))
         else:
-            ref = _read_file_header(str(file))
+            ref = _read_file_header(str(file), sniff=True)
             (skipped.append(str(file)) if ref is None else refs.append(ref))
     if special:
         notes.append(f"{len(special)} special file(s) skipped ({special[0]})")
