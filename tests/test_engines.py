@@ -360,6 +360,8 @@ def test_on_a_gpu_every_call_has_one_shape_warmed_up_at_start(model, recording):
     assert unpadded._engine.fixed_batch is None and unpadded._engine.shapes == [] and unpadded.fixed_batch is None
     cpu = Classifier(model, runtime="recording", provider="cpu")
     assert cpu.fixed_batch is None and cpu._engine.shapes == []  # the CPU keeps the shapes it is given
+    warm = Classifier(model, runtime="recording", provider="cpu", fixed_batch=5, warm_up=True)  # asked for
+    assert warm._engine.shapes == [(5, 32, 32, 3)] and warm.fixed_batch is None and "warmup" in warm.startup_s
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])

@@ -102,6 +102,32 @@ def test_header_values_are_what_pydicom_reads(tmp_path):
     assert pydicom.dcmread(tmp_path / "implicit.dcm").file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
 
 
+def test_the_model_may_load_while_the_first_headers_are_read(tmp_path, clf, monkeypatch):
+    """predict_studies takes a Future of the classifier: it reads the first input's headers,
+    then waits for the model; the answer is the loaded model's; a failed load raises."""
+    from concurrent.futures import Future
+
+    from ctedge.edge.study import pipeline
+
+    series(tmp_path / "s")
+    loading, real = Future(), pipeline.find_studies
+
+    def scan(*args):
+        assert not loading.done()  # headers are read while the model still loads
+        studies = real(*args)
+        loading.set_result(clf)
+        return studies
+
+    monkeypatch.setattr(pipeline, "find_studies", scan)
+    result = only(st.predict_studies(loading, [tmp_path / "s"]))
+    monkeypatch.setattr(pipeline, "find_studies", real)
+    assert result.error is None and result.probability == only(st.predict_studies(clf, [tmp_path / "s"])).probability
+    failed = Future()
+    failed.set_exception(CtedgeError("model not found: m.onnx"))
+    with pytest.raises(CtedgeError, match="model not found"):
+        st.predict_studies(failed, [tmp_path / "s"])
+
+
 def test_options_are_checked_when_made_and_the_threshold_never_touches_the_model(tmp_path, clf):
     with pytest.raises(CtedgeError, match="^top_k must be at least 1, not 0"):
         st.StudyOptions(top_k=0)

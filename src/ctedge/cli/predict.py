@@ -132,6 +132,8 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
                             cache_dir: Path | None = None, provider_options: dict[str, str] | None = None,
                             pad: bool | None = None) -> None:
     """`predict --study`: one row per study, details below the table; exit 1 if any failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rich.table import Table
 
     from ctedge.core.results import dumps
@@ -141,11 +143,13 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True),
                   inputs=[*model_files(model), *paths])
     plots = plots_module("--plot") if plot is not None else None
-    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
-                     cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
-                     pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels)
-    results = predict_studies(clf, paths, options,
-                              progress=lambda r: console.print(shown(f"{r.input}: {r.study_uid or '-'} done")))
+    with ThreadPoolExecutor(1, thread_name_prefix="ctedge-load") as pool:  # the model loads while headers are read
+        loading = pool.submit(Classifier, model, provider, threads, runtime=runtime, precision=precision,
+                              cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
+                              pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels, warm_up=True)
+        results = predict_studies(loading, paths, options,
+                                  progress=lambda r: console.print(shown(f"{r.input}: {r.study_uid or '-'} done")))
+    clf = loading.result()
     table = Table(title=shown(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
                                f"P({clf.positive}) per study, threshold {clf.threshold}, aggregate {options.aggregate}"))
     for column in ("input", "study", "patient", "slices used/total", "probability", "label"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -229,13 +229,17 @@ def _run_pipeline(clf, ordered: list[SliceRef], indices: list[int], options: Stu
 def predict_studies(clf, paths: list[str | Path], options: StudyOptions | None = None,
                     progress=None) -> list[StudyResult]:
     """Every study under every path, one result each (errors as rows, never raised);
-    ``progress(result)`` after each."""
+    ``progress(result)`` after each. ``clf`` may be a ``Future`` of the classifier (a
+    model loading in another thread, ``Classifier(..., warm_up=True)``): the first
+    input's headers are read while it loads; a load that failed raises here."""
     options = options or StudyOptions()
     results = []
     for path in paths:
         started = time.perf_counter()
         studies = find_studies(path, options.max_bytes, options.max_pixels)
         scan = (time.perf_counter() - started) / len(studies)
+        if isinstance(clf, Future):
+            clf = clf.result()
         for study in studies:
             try:
                 result = classify_study(clf, study, options)
