@@ -328,6 +328,26 @@ def test_nifti_is_read_lazily_in_any_orientation(tmp_path, clf):
         only(st.predict_studies(clf, [tmp_path / "ras.nii"])).probability)
 
 
+def test_a_gzipped_volume_is_inflated_once_and_read_as_the_file_is(tmp_path, clf, monkeypatch):
+    """A .nii.gz cannot seek: read slice by slice it was inflated from its start for every
+    slice. Now it is inflated once (within the byte budget), and every slice is what
+    the uncompressed file gives."""
+    volume = lung_volume(np.random.default_rng(5), slices=24).transpose(2, 1, 0).copy()
+    image = nibabel.Nifti1Image(volume.astype(np.int16), np.diag([0.7, 0.7, 2.5, 1.0]))
+    image.header.set_slope_inter(0.5, -3.0)  # scaled voxels: nibabel's own scaling, bit for bit
+    nibabel.save(image, tmp_path / "ct.nii")
+    nibabel.save(image, tmp_path / "ct.nii.gz")
+    inflated, real = [], gzip._GzipReader.read
+    monkeypatch.setattr(gzip._GzipReader, "read", lambda self, *a: inflated.append(len(data := real(self, *a)))
+                        or data)
+    options = st.StudyOptions(slice_step=1)
+    packed = only(st.predict_studies(clf, [tmp_path / "ct.nii.gz"], options))
+    assert packed.error is None and packed.slices_sampled == 24
+    assert sum(inflated) <= 1.1 * (tmp_path / "ct.nii").stat().st_size
+    plain = only(st.predict_studies(clf, [tmp_path / "ct.nii"], options))
+    assert [s.probability for s in packed.slices] == [s.probability for s in plain.slices]
+
+
 def test_nifti_bombs_lies_truncation_and_nan(tmp_path, clf):
     liar = tmp_path / "liar.nii"
     nibabel.save(nibabel.Nifti1Image(np.zeros((1, 1, 1), np.int16), np.eye(4)), liar)
