@@ -210,16 +210,20 @@ def test_too_few_positions_or_too_many_failed_slices_give_no_answer(tmp_path, cl
 
 
 def test_each_file_slice_is_parsed_once(tmp_path, clf, monkeypatch):
-    """The header scan parses a file once and remembers where its pixel data start;
-    decoding reads only the rest (no second dcmread, no codec-check read)."""
-    paths = series(tmp_path)
+    """The header scan parses a file (or zip member) once and remembers where its pixel
+    data start; decoding reads only the rest (no second dcmread, no codec-check read), a
+    zip member inflated whole once, when its slice is decoded."""
+    paths = series(tmp_path / "s")
+    with zipfile.ZipFile(tmp_path / "s.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for p in paths:
+            z.write(p, p.name)
     calls = []
     real = pydicom.dcmread
     monkeypatch.setattr(pydicom, "dcmread", lambda fp, *a, **k: calls.append(getattr(fp, "name", fp)) or
                         real(fp, *a, **k))
-    result = only(st.predict_studies(clf, [tmp_path]))
-    assert result.error is None and result.slices_sampled == len(paths)
-    assert sorted(calls) == sorted(map(str, paths))
+    files, zipped = st.predict_studies(clf, [tmp_path / "s", tmp_path / "s.zip"])
+    assert files.error is None and files.slices_sampled == len(paths) and zipped.probability == files.probability
+    assert sorted(calls) == sorted([*map(str, paths), *(p.name for p in paths)])
 
 
 # --- special, unreadable and hostile files -------------------------------------------------

@@ -262,12 +262,12 @@ def _load_file(path: str):
 
 
 class _PixelTail:
-    """A file slice's pixel data, read from where its header scan stopped: the header is
-    parsed once (at the scan; its pixel-module elements kept as read, unconverted), the
-    rest of the file once (when the slice is decoded, in a worker thread)."""
+    """A slice's pixel data, read from where its header scan stopped: the header is parsed
+    once (at the scan; its pixel-module elements kept as read, unconverted), the rest of
+    the file or zip member once (when the slice is decoded, in a worker thread)."""
 
-    def __init__(self, path: str, offset: int, header_ds):
-        self.path, self.offset = path, offset
+    def __init__(self, source: Callable[[], Any], offset: int, header_ds):
+        self.source, self.offset = source, offset  # source() -> a binary file object
         self.encoding = header_ds.original_encoding
         self.syntax = header_ds.file_meta.TransferSyntaxUID
         self.elements = {elem.tag: elem for elem in map(header_ds.get_item, map(_tag, PIXEL_TAGS)) if elem is not None}
@@ -276,7 +276,7 @@ class _PixelTail:
         from pydicom.dataset import Dataset, FileMetaDataset
         from pydicom.filereader import read_dataset
 
-        with open(self.path, "rb") as fp:
+        with self.source() as fp:
             fp.seek(self.offset)
             tail = read_dataset(fp, *self.encoding)
         full = Dataset(dict(self.elements))
@@ -290,8 +290,6 @@ class _PixelTail:
 def _read_file_header(path: str, sniff: bool = False) -> SliceRef | None:
     """Header of one regular file, remembering where its pixel data start; with ``sniff``,
     None for a file that is not DICOM by suffix or 'DICM' marker (one open for both)."""
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
     try:
         fp = open(path, "rb")
     except PermissionError:
@@ -305,10 +303,17 @@ def _read_file_header(path: str, sniff: bool = False) -> SliceRef | None:
         fp.seek(0)
         ref = _read_header(fp, path, lambda: _load_file(path), keep=kept)
         offset = fp.tell()
-    ds = kept.get("ds")
+    return _with_tail(ref, kept.get("ds"), functools.partial(open, path, "rb"), offset)
+
+
+def _with_tail(ref: SliceRef | None, ds, source: Callable[[], Any], offset: int) -> SliceRef | None:
+    """``ref`` decoding from ``offset`` of ``source()`` on, its header not parsed again;
+    a deflated transfer syntax (one deflate stream for the whole dataset) keeps its load."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ref is not None and ds is not None and syntax is not None and syntax != DeflatedExplicitVRLittleEndian:
-        ref.load = _PixelTail(path, offset, ds)
+        ref.load = _PixelTail(source, offset, ds)
     return ref
 
 
@@ -341,26 +346,38 @@ class _Zip:
         with self.lock, self._open().open(info) as member:
             return member.read(info.file_size)
 
+    def inflated(self, info: zipfile.ZipInfo) -> io.BytesIO:
+        """The member inflated (once), as a file; a corrupt entry is DicomError naming it."""
+        try:
+            return io.BytesIO(self.read(info))
+        except Exception as exc:  # zlib.error, BadZipFile (CRC), OSError, EOFError
+            raise DicomError(f"corrupt zip entry ({exc.__class__.__name__}: {exc})") from None
+
     def load(self, info: zipfile.ZipInfo):
+        """The whole member as a dataset (a deflated transfer syntax: no tail to start at)."""
         import pydicom
 
+        data = self.inflated(info)
         try:
-            return pydicom.dcmread(io.BytesIO(self.read(info)))
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
-            raise DicomError(f"corrupt zip entry ({exc.__class__.__name__}: {exc})") from None
-        except Exception as exc:  # zlib.error and pydicom's many types
+            return pydicom.dcmread(data)
+        except Exception as exc:  # pydicom's many types
             raise DicomError(f"corrupt zip entry ({exc.__class__.__name__}: {exc})") from None
 
     def header(self, info: zipfile.ZipInfo, name: str) -> SliceRef | None:
+        """The member's header, inflating only its start; its pixels are read from there on
+        when the slice is decoded."""
         problem = self.budget_problem(info)
         if problem:
             return SliceRef(name=name, problem=problem)
+        kept: dict = {}
         try:
             with self.lock, self._open().open(info) as member:
-                return _read_header(member, name, lambda: self.load(info),
-                                    passthrough=(zlib.error, zipfile.BadZipFile))
+                ref = _read_header(member, name, lambda: self.load(info),
+                                   passthrough=(zlib.error, zipfile.BadZipFile), keep=kept)
+                offset = member.tell()
         except Exception as exc:  # zlib.error, BadZipFile (CRC), OSError
             return SliceRef(name=name, problem=f"corrupt zip entry ({exc.__class__.__name__}: {exc})")
+        return _with_tail(ref, kept.get("ds"), functools.partial(self.inflated, info), offset)
 
     def close(self) -> None:
         with self.lock:
