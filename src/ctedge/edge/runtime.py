@@ -51,10 +51,11 @@ class Classifier:
     OpenVINO: auto | cpu | gpu | npu); ``provider_options``: backend options (KEY=VALUE).
     ``pad``: every call runs ``fixed_batch`` images, the last batch padded and the
     padding's outputs dropped, so the backend sees one input shape (None: on for a
-    GPU). ``warm_up``: run one batch of ``fixed_batch`` zeros when made, so the first
-    call's one-time work for that shape (OpenVINO's kernels, cuDNN's search, TensorRT's
-    build) is paid here, e.g. in a thread while a study is read (None: on a padded GPU
-    only). ``max_pixels``: the
+    GPU). ``warm_up``: run one batch of ``fixed_batch`` zeros when made where the first
+    call on a shape does one-time work (a GPU: cuDNN's search, TensorRT's build;
+    OpenVINO's CPU kernels, 2-3x a batch's time), so it is paid here, e.g. in a thread
+    while a study is read; onnxruntime on the CPU has none worth a batch (None: on a
+    padded GPU only). ``max_pixels``: the
     pixel budget of every file this classifier reads (``ctedge --max-pixels``); a
     larger file gets an error row, refused from its header.
     """
@@ -88,7 +89,8 @@ class Classifier:
                   "_guard": contextlib.nullcontext() if get_engine(config.runtime).thread_safe else threading.Lock()}
         for name, value in fields.items():
             object.__setattr__(self, name, value)
-        if warm_up or (warm_up is None and padded and engine.device != "cpu"):
+        first_call_work = engine.device != "cpu" or get_engine(config.runtime).shape_warm_up
+        if (padded and engine.device != "cpu") if warm_up is None else (warm_up and first_call_work):
             started = time.perf_counter()
             self.predict_arrays(np.zeros((fixed_batch, self.size, self.size, 3), np.float32))
             self.startup_s["warmup"] = time.perf_counter() - started
