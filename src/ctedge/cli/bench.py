@@ -80,11 +80,7 @@ def bench(
 ) -> None:
     """Latency, throughput, cold start, end-to-end time, accuracy/AUC with a 95% CI and
     size per model, runtime, precision and provider, with a verdict against the time
-    budget.
-
-    Latency as min/mean/p50/p90/p99/max; end-to-end from a file; accuracy/AUC with n
-    and a bootstrap CI, and its change against the model's fp32 run on the same images.
-    Variants are timed interleaved.
+    budget. Variants are timed interleaved; accuracy changes are against fp32.
 
     Example: `ctedge bench exports/b3.onnx --runtime all --data ../shared/data/covid-ct
     --split-dir ../shared/data/covid-ct/splits --markdown bench.md`;
