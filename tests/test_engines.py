@@ -360,14 +360,6 @@ def test_on_a_gpu_every_call_has_one_shape_warmed_up_at_start(model, recording):
     assert unpadded._engine.fixed_batch is None and unpadded._engine.shapes == [] and unpadded.fixed_batch is None
     cpu = Classifier(model, runtime="recording", provider="cpu")
     assert cpu.fixed_batch is None and cpu._engine.shapes == []  # the CPU keeps the shapes it is given
-    cold = Classifier(model, runtime="recording", provider="cpu", fixed_batch=5, warm_up=True)
-    assert cold._engine.shapes == []  # asked for, but its first call on a shape costs nothing extra
-    registry.register_engine("recording", package="numpy", extra="pip install numpy", accepts=(".onnx",),
-                             devices=("cpu", "gpu"), precisions=("fp32",), thread_safe=False,
-                             shape_warm_up=True)(Recording)  # as OpenVINO: kernels built per shape
-    warm = Classifier(model, runtime="recording", provider="cpu", fixed_batch=5, warm_up=True)
-    assert warm._engine.shapes == [(5, 32, 32, 3)] and warm.fixed_batch is None and "warmup" in warm.startup_s
-    assert registry.get_engine("openvino").shape_warm_up and not registry.get_engine("onnxruntime").shape_warm_up
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])

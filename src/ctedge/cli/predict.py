@@ -146,7 +146,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     with ThreadPoolExecutor(1, thread_name_prefix="ctedge-load") as pool:  # the model loads while headers are read
         loading = pool.submit(Classifier, model, provider, threads, runtime=runtime, precision=precision,
                               cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
-                              pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels, warm_up=True)
+                              pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels)
         results = predict_studies(loading, paths, options,
                                   progress=lambda r: console.print(shown(f"{r.input}: {r.study_uid or '-'} done")))
     clf = loading.result()

@@ -51,11 +51,7 @@ class Classifier:
     OpenVINO: auto | cpu | gpu | npu); ``provider_options``: backend options (KEY=VALUE).
     ``pad``: every call runs ``fixed_batch`` images, the last batch padded and the
     padding's outputs dropped, so the backend sees one input shape (None: on for a
-    GPU). ``warm_up``: run one batch of ``fixed_batch`` zeros when made where the first
-    call on a shape does one-time work (a GPU: cuDNN's search, TensorRT's build;
-    OpenVINO's CPU kernels, 2-3x a batch's time), so it is paid here, e.g. in a thread
-    while a study is read; onnxruntime on the CPU has none worth a batch (None: on a
-    padded GPU only). ``max_pixels``: the
+    GPU, where it is also warmed up with that shape at start). ``max_pixels``: the
     pixel budget of every file this classifier reads (``ctedge --max-pixels``); a
     larger file gets an error row, refused from its header.
     """
@@ -63,8 +59,7 @@ class Classifier:
     def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None, *,
                  runtime: str = "auto", precision: str | None = None, cache_dir: str | None = None,
                  provider_options: dict[str, str] | None = None, pad: bool | None = None,
-                 fixed_batch: int = DEFAULT_FIXED_BATCH, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 warm_up: bool | None = None):
+                 fixed_batch: int = DEFAULT_FIXED_BATCH, max_pixels: int = DEFAULT_MAX_PIXELS):
         path = Path(path)
         if not path.is_file():
             raise CtedgeError(f"model not found: {path}")
@@ -89,8 +84,7 @@ class Classifier:
                   "_guard": contextlib.nullcontext() if get_engine(config.runtime).thread_safe else threading.Lock()}
         for name, value in fields.items():
             object.__setattr__(self, name, value)
-        first_call_work = engine.device != "cpu" or get_engine(config.runtime).shape_warm_up
-        if (padded and engine.device != "cpu") if warm_up is None else (warm_up and first_call_work):
+        if padded and engine.device != "cpu":  # the first call (cuDNN's search, TensorRT's build) paid here
             started = time.perf_counter()
             self.predict_arrays(np.zeros((fixed_batch, self.size, self.size, 3), np.float32))
             self.startup_s["warmup"] = time.perf_counter() - started

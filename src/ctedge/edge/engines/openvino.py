@@ -201,7 +201,7 @@ def variants(model: Path, devices: list[str]) -> list[tuple[str, str]]:
 @register_engine("openvino", package="openvino", extra='pip install "ctedge[openvino]"', accepts=(".onnx", ".xml"),
                  devices=("cpu", "gpu", "npu"), precisions=("fp32", "bf16", "fp16", "int8"),
                  files={"ir": ("_ov.xml", "--openvino"), "int8": ("_ov_int8.xml", "--openvino")},
-                 thread_safe=True, shape_warm_up=True, about=about, variants=variants)
+                 thread_safe=True, about=about, variants=variants)
 def open_openvino(path: Path, config: EngineConfig) -> OpenVinoEngine:
     return OpenVinoEngine(path, config)
 

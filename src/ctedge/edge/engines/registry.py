@@ -77,7 +77,6 @@ class EngineSpec:
     precisions: tuple[str, ...]
     files: dict[str, tuple[str, str]]  # precision (or "ir") -> (file name suffix, the export flag writing it)
     thread_safe: bool
-    shape_warm_up: bool = False  # its first call on a new input shape does one-time work (OpenVINO's CPU kernels)
     about: Callable[[], dict] = dict  # engine version and what this machine offers it (bench's report)
     variants: Callable[[Path, list[str]], list[tuple[str, str]]] = lambda model, devices: []  # (precision, device)
 
@@ -87,13 +86,13 @@ _ENGINES: dict[str, EngineSpec] = {}
 
 def register_engine(name: str, *, package: str, extra: str, accepts: tuple[str, ...], devices: tuple[str, ...],
                     precisions: tuple[str, ...], files: dict[str, tuple[str, str]] | None = None,
-                    thread_safe: bool, shape_warm_up: bool = False, about: Callable[[], dict] = dict,
+                    thread_safe: bool, about: Callable[[], dict] = dict,
                     variants: Callable[[Path, list[str]], list[tuple[str, str]]] | None = None):
     """Decorator filing ``factory(path, config) -> Engine`` under ``name``."""
     def file(factory: Callable[[Path, EngineConfig], Engine]):
         _ENGINES[name] = EngineSpec(name=name, factory=factory, package=package, extra=extra, accepts=accepts,
                                     devices=devices, precisions=precisions, files=files or {},
-                                    thread_safe=thread_safe, shape_warm_up=shape_warm_up, about=about,
+                                    thread_safe=thread_safe, about=about,
                                     variants=variants or (lambda model, wanted: []))
         return factory
     return file

@@ -230,8 +230,8 @@ def predict_studies(clf, paths: list[str | Path], options: StudyOptions | None =
                     progress=None) -> list[StudyResult]:
     """Every study under every path, one result each (errors as rows, never raised);
     ``progress(result)`` after each. ``clf`` may be a ``Future`` of the classifier (a
-    model loading in another thread, ``Classifier(..., warm_up=True)``): the first
-    input's headers are read while it loads; a load that failed raises here."""
+    model loading in another thread): the first input's headers are read while it
+    loads; a load that failed raises here."""
     options = options or StudyOptions()
     results = []
     for path in paths:
