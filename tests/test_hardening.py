@@ -292,6 +292,24 @@ def test_atomic_write_is_durable_and_leaves_the_umask_alone(tmp_path, monkeypatc
     assert target.read_bytes() == b"{}" and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_full_disk_is_a_write_error_that_keeps_its_errno(tmp_path, monkeypatch):
+    """A failed write names the path and keeps the OS's errno, so the node tells a full disk
+    (ENOSPC: pause until space is back) from any other write error; no temp file is left."""
+    import errno
+
+    from ctedge.core import files
+    from ctedge.edge.serve.faults import is_disk_full
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(files.WriteError, match="out.dcm: cannot write .No space left on device") as caught:
+        files.atomic_write(b"data", tmp_path / "out.dcm", fresh_name=True)
+    assert caught.value.errno == errno.ENOSPC and is_disk_full(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_lock_taken_over_from_a_dead_holder_has_one_holder(tmp_path, monkeypatch):
     """Two contenders find a dead holder's lock at once: one takes it over, the other is
     refused while it holds it (the takeover is not a read-then-unlink race)."""

@@ -87,7 +87,7 @@ def atomic_write(data: bytes, path: Path, *, durable: bool = True, fresh_name: b
             remove_stale_temps(target)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
-        raise WriteError(f"{path}: cannot write ({exc.strerror})") from None
+        raise _write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -99,10 +99,17 @@ def atomic_write(data: bytes, path: Path, *, durable: bool = True, fresh_name: b
             sync_folder(target.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise WriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise _write_error(path, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    """``exc`` as a WriteError naming ``path``, its errno kept (ENOSPC tells a full disk)."""
+    error = WriteError(f"{path}: cannot write ({exc.strerror or exc})")
+    error.errno = exc.errno
+    return error
 
 
 def sync_folder(folder: Path) -> None:

@@ -29,6 +29,7 @@ from enum import Enum
 from pathlib import Path
 
 from ctedge.core.errors import CtedgeError
+from ctedge.core.files import atomic_write, sync_folder
 from ctedge.edge.serve.faults import Faults, is_disk_full
 from ctedge.edge.serve.journal import Journal, NewInstance
 
@@ -46,33 +47,6 @@ def uid_hash(uid: str) -> str:
 def hash_uids(text: str) -> str:
     """A message for the log or the status page, with every UID in it hashed."""
     return UID_PATTERN.sub(lambda match: "uid:" + uid_hash(match.group()), text)
-
-
-def durable_write(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, and
-    the new one is on disk when this returns: temp file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    sync_folder(path.parent)
-
-
-def sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Stored(Enum):
@@ -232,7 +206,7 @@ class Spool:
         name = f"{uuid.uuid4().hex}.dcm"
         path = self.folder(key) / name
         try:
-            durable_write(incoming.data, path)
+            atomic_write(incoming.data, path, fresh_name=True)
             self.faults.hit("instance.written")
             self.journal.add_instance(NewInstance(incoming.study_uid, incoming.sop_uid, incoming.series_uid, name,
                                                   len(incoming.data), incoming.expected, association), key)
