@@ -8,7 +8,7 @@ Needs the train extra (TensorFlow); the output folder should be git-ignored.
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 
@@ -30,4 +30,7 @@ def make_b3(folder: Path, size: int = 300) -> Path:
 
 
 if __name__ == "__main__":
-    print(make_b3(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-b3")))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, nargs="?", default=Path("runs/bench-b3"),
+                        help="Where b3_300.onnx goes (git-ignored) [runs/bench-b3].")
+    print(make_b3(parser.parse_args().folder))

@@ -1,15 +1,23 @@
-"""Session-wide fixtures, built once and shared by every test file: phantom data,
-one trained run (tiny backbone), one ONNX export with its variants, one tuning
-project. No test trains, exports or tunes again what a fixture already has.
-Every test makes its own small images (no ../shared, no network)."""
+"""Session-wide fixtures, built once per test run and shared by every test file and
+every pytest-xdist worker: phantom data, one trained run (tiny backbone), one ONNX
+export with its variants, one tuning project. The first worker that needs one builds
+it into the run's shared folder under a file lock (pytest-xdist's documented pattern);
+the others wait for it and read it. No test trains, exports or tunes again what a
+fixture already has, and no test changes a fixture's files. Every test makes its own
+small images (no ../shared, no network)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pickle
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -21,6 +29,38 @@ from ctedge.core.phantoms import make_dataset  # noqa: E402
 from helpers import TRAIN_SIZE, brightness_onnx, tune_args  # noqa: E402
 
 runner = CliRunner()
+T = TypeVar("T")
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Wait for, then hold, an flock on ``path`` (every worker of the run sees the same file)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None], load: Callable[[Path], T]) -> T:
+    """``load(folder)`` of a fixture that ``build(folder)`` makes once per test run: under
+    pytest-xdist every worker's basetemp sits in the run's own folder, where the first
+    worker builds it (under a lock; the others wait) and every worker reads it. A build
+    that fails leaves nothing behind, so the next worker tries (and fails) again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    shared = root / "shared-fixtures"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with _locked(shared / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return load(folder)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +74,8 @@ def model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_data(tmp_path_factory) -> Path:
     """A COVID-CT-like folder: CT_COVID/ and CT_NonCOVID/, 12 phantoms each, 64 px."""
-    return make_dataset(tmp_path_factory.mktemp("phantoms"), per_class=12, size=64, seed=1)
+    return built_once(tmp_path_factory, "phantoms", lambda folder: make_dataset(folder, per_class=12, size=64, seed=1),
+                      lambda folder: folder)
 
 
 @dataclass
@@ -49,16 +90,18 @@ def trained(tmp_path_factory, phantom_data) -> Trained:
     """`ctedge train` as a user runs it (tiny backbone, 48 px, 2 epochs) on the
     phantoms plus one file that is not an image; its outputs differ between
     images, so parity checks on it can fail."""
-    root = tmp_path_factory.mktemp("train")
-    data = shutil.copytree(phantom_data, root / "data")
-    (data / "CT_COVID" / "junk.png").write_text("not an image")
-    run_dir = root / "run"
-    result = runner.invoke(app, ["train", str(data), "--backbone", "tiny", "--weights", "none",
-                                 "--image-size", str(TRAIN_SIZE), "--epochs", "2", "--batch-size", "4",
-                                 "--units", "8", "--lr", "1e-3", "-o", str(run_dir),
-                                 "--json", str(root / "train.json")])
-    assert result.exit_code == 0, result.output
-    return Trained(run_dir, json.loads((root / "train.json").read_text()), result.stderr)
+    def build(root: Path) -> None:
+        data = shutil.copytree(phantom_data, root / "data")
+        (data / "CT_COVID" / "junk.png").write_text("not an image")
+        result = runner.invoke(app, ["train", str(data), "--backbone", "tiny", "--weights", "none",
+                                     "--image-size", str(TRAIN_SIZE), "--epochs", "2", "--batch-size", "4",
+                                     "--units", "8", "--lr", "1e-3", "-o", str(root / "run"),
+                                     "--json", str(root / "train.json")])
+        assert result.exit_code == 0, result.output
+        (root / "stderr.txt").write_text(result.stderr)
+
+    return built_once(tmp_path_factory, "train", build, lambda root: Trained(
+        root / "run", json.loads((root / "train.json").read_text()), (root / "stderr.txt").read_text()))
 
 
 @pytest.fixture(scope="session")
@@ -69,21 +112,23 @@ def trained_run(trained) -> Path:
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, trained_run, phantom_data):
     """The trained run exported once, with FP16 and INT8 variants and OpenVINO IRs: (path, report)."""
-    from ctedge.training.export import ExportOptions, export_onnx
+    def build(root: Path) -> None:
+        from ctedge.training.export import ExportOptions, export_onnx
 
-    out = tmp_path_factory.mktemp("exports") / "tiny.onnx"
-    report = export_onnx(trained_run / "model.keras", out, ExportOptions(
-        fp16=True, int8=True, calibration_data=str(phantom_data), calibration_count=8,
-        check_data=str(phantom_data), check_count=16, int8_tolerance=1.0, openvino=True,
-        keep_flagged=True))
-    keep = os.environ.get("CTEDGE_KEEP_TEST_EXPORT")  # .ci/run checks the base install on it
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        staged = Path(keep) / f".{out.name}.{os.getpid()}"  # pytest-xdist workers may both get here
-        shutil.copy(out, staged)
-        os.replace(staged, Path(keep) / out.name)
-        shutil.copytree(phantom_data, Path(keep) / "images", dirs_exist_ok=True)
-    return out, report
+        out = root / "tiny.onnx"
+        report = export_onnx(trained_run / "model.keras", out, ExportOptions(
+            fp16=True, int8=True, calibration_data=str(phantom_data), calibration_count=8,
+            check_data=str(phantom_data), check_count=16, int8_tolerance=1.0, openvino=True,
+            keep_flagged=True))
+        (root / "report.pickle").write_bytes(pickle.dumps(report))
+        keep = os.environ.get("CTEDGE_KEEP_TEST_EXPORT")  # .ci/run checks the base install on it
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(out, Path(keep) / out.name)
+            shutil.copytree(phantom_data, Path(keep) / "images", dirs_exist_ok=True)
+
+    return built_once(tmp_path_factory, "export", build,
+                      lambda root: (root / "tiny.onnx", pickle.loads((root / "report.pickle").read_bytes())))
 
 
 @pytest.fixture(scope="session")
@@ -95,23 +140,26 @@ def onnx_model(exported) -> Path:
 def trained_backbone(tmp_path_factory, trained_run) -> Path:
     """The trained run's (tiny) backbone as a local weights file: its features
     differ between images, unlike a random frozen backbone's."""
-    import h5py
-    from keras.src.legacy.saving import legacy_h5_format
+    def build(root: Path) -> None:
+        import h5py
+        from keras.src.legacy.saving import legacy_h5_format
 
-    from ctedge.training.model import backbone_of, load_model
+        from ctedge.training.model import backbone_of, load_model
 
-    path = tmp_path_factory.mktemp("weights") / "tiny_notop.h5"
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, backbone_of(load_model(trained_run / "model.keras")))
-    return path
+        with h5py.File(root / "tiny_notop.h5", "w") as f:
+            legacy_h5_format.save_weights_to_hdf5_group(f, backbone_of(load_model(trained_run / "model.keras")))
+
+    return built_once(tmp_path_factory, "backbone", build, lambda root: root / "tiny_notop.h5")
 
 
 @pytest.fixture(scope="session")
 def tuned(tmp_path_factory, phantom_data, trained_run):
     """One cached-feature tuning project on the trained run's backbone (`--weights
     RUN`): (directory, summary)."""
-    directory = tmp_path_factory.mktemp("tuning")
-    result = runner.invoke(app, tune_args(phantom_data, directory, trained_run,
-                                          "--json", str(directory / "out.json")))
-    assert result.exit_code == 0, result.output
-    return directory, json.loads((directory / "out.json").read_text())
+    def build(directory: Path) -> None:
+        result = runner.invoke(app, tune_args(phantom_data, directory, trained_run,
+                                              "--json", str(directory / "out.json")))
+        assert result.exit_code == 0, result.output
+
+    return built_once(tmp_path_factory, "tuning", build,
+                      lambda directory: (directory, json.loads((directory / "out.json").read_text())))

@@ -18,6 +18,13 @@ from ctedge.edge import engines
 runner = CliRunner()
 WIDE = {"TERMINAL_WIDTH": "400", "COLUMNS": "400"}  # help rows unwrapped
 COMMAND = typer.main.get_command(app)
+
+
+def command_of(name: str):
+    """typer's click command ``name`` (its module loaded, as `ctedge NAME` does)."""
+    return COMMAND.get_command(None, name)
+
+
 # positional arguments each command needs before its options are checked
 ARGS = {"train": ["data"], "tune": ["data"], "audit": ["data"], "evaluate": ["m.keras", "data"],
         "report": ["run"], "predict": ["m.onnx", "x.png"], "bench": [], "demo": [],
@@ -45,7 +52,7 @@ CHOICES = {
 
 def options(command: str) -> dict:
     """Flag -> typer's option of ``command``."""
-    return {name: param for param in COMMAND.commands[command].params if param.param_type_name == "option"
+    return {name: param for param in command_of(command).params if param.param_type_name == "option"
             for name in (*param.opts, *param.secondary_opts)}
 
 
@@ -54,7 +61,7 @@ def kind(param) -> type:
 
 
 def test_every_command_is_covered():
-    assert set(CHOICES) == set(COMMAND.commands) == set(ARGS)
+    assert set(CHOICES) == set(COMMAND.list_commands(None)) == set(ARGS)
 
 
 @pytest.mark.parametrize("command", sorted(CHOICES))
@@ -169,7 +176,7 @@ def test_cli_defaults_are_the_librarys():
               "evaluate": (StudyOptions,)}
     checked = 0
     for command, classes in owners.items():
-        params = {p.name: p for p in COMMAND.commands[command].params}
+        params = {p.name: p for p in command_of(command).params}
         for cls in classes:
             for f in fields(cls):
                 if f.name in params and f.default is not MISSING and params[f.name].default is not None:

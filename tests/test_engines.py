@@ -96,6 +96,22 @@ def test_auto_uses_the_saved_bench_choice_only_for_this_machine(tmp_path, cache)
     assert Classifier(model, cache_dir=cache).runtime == "onnxruntime"
 
 
+def test_an_explicit_device_beats_the_saved_choice(tmp_path):
+    """A saved OpenVINO CPU choice applies to `--provider auto` and `cpu`; `--provider cuda`
+    gets the engine that has CUDA (onnxruntime) at fp32, not an error from OpenVINO."""
+    model = brightness_onnx(tmp_path / "m.onnx")
+    choice = {"runtime": "openvino", "precision": "bf16", "provider": "cpu", "machine": engines.machine_key()}
+    engines.choice_path(model).write_text(json.dumps(choice))
+    for provider in ("auto", "cpu"):
+        resolved = engines.resolve(model, engines.EngineConfig(provider=provider))
+        assert (resolved.runtime, resolved.precision, resolved.provider) == ("openvino", "bf16", "cpu")
+    resolved = engines.resolve(model, engines.EngineConfig(provider="cuda"))
+    assert (resolved.runtime, resolved.precision, resolved.provider) == ("onnxruntime", "fp32", "cuda")
+    engines.choice_path(model).write_text(json.dumps({**choice, "runtime": "onnxruntime", "precision": "fp32"}))
+    resolved = engines.resolve(model, engines.EngineConfig(provider="gpu"))  # OpenVINO's GPU
+    assert (resolved.runtime, resolved.precision, resolved.provider) == ("openvino", "fp32", "gpu")
+
+
 def test_a_missing_engine_names_the_extra(model, monkeypatch):
     real = registry.installed
     monkeypatch.setattr(registry, "installed", lambda name: name != "openvino" and real(name))

@@ -188,7 +188,7 @@ def test_efficientnetb3_itself_converts_with_parity(tmp_path, phantom_data):
     RunConfig(kind="train", data=DataOptions(root=str(phantom_data)), model=ModelConfig(weights="none", units=8),
               preprocess=preprocess, classes=["CT_NonCOVID", "CT_COVID"]).save(tmp_path / "config.json")
     report = export_onnx(tmp_path / "model.keras", tmp_path / "b3.onnx", ExportOptions(
-        check_data=str(phantom_data), check_count=16))
+        check_data=str(phantom_data), check_count=8))
     check = report["variants"]["fp32"]["parity"]
     assert check["reference_spread"] > 0.01, "parity on a constant model proves nothing"
     assert check["max_abs_diff"] <= 1e-4 and check["decision_agreement"] == 1.0

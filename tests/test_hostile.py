@@ -182,6 +182,27 @@ def test_json_writer_writes_non_finite_as_null(caplog):
         dumps({"auc": float("nan")})
 
 
+def test_model_cards_tuning_files_and_report_steps_are_strict_json(tmp_path):
+    """Export's model card, tuning's files, a run's config and the report's cached steps
+    write an undefined metric (NaN) as null, as every other ctedge JSON file."""
+    from ctedge.core.data import DataOptions
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.core.runconfig import ModelConfig, RunConfig, TuneResult
+    from ctedge.evaluation.report import _cached
+    from ctedge.training import export, tuning
+
+    nan = float("nan")
+    export._write_card({"parity": {"auc_change": nan}}, tmp_path / "m.onnx")
+    assert strict((tmp_path / "m.json").read_text())["parity"]["auc_change"] is None
+    tuning._guard_project(tmp_path / "p", {"best_score": nan})
+    assert strict((tmp_path / "p" / "ctedge_fingerprint.json").read_text()) == {"best_score": None}
+    RunConfig(kind="tune", data=DataOptions(root=str(tmp_path)), model=ModelConfig(), preprocess=PreprocessConfig(),
+              classes=["a", "b"], tune=TuneResult(hyperparameters={}, best_score=nan)).save(tmp_path / "config.json")
+    assert strict((tmp_path / "config.json").read_text())["tune"]["best_score"] is None
+    _cached(tmp_path / "step.json", lambda: {"auc": nan}, {"k": 1})
+    assert strict((tmp_path / "step.json").read_text())["auc"] is None
+
+
 # --- CSV injection ------------------------------------------------------------------
 
 def test_csv_cells_that_start_a_formula_are_neutralised():

@@ -263,6 +263,17 @@ def test_cli_predict_study_writes_json_csv_and_plots(tmp_path, model):
     assert len(list((out / "plots").glob("*.png"))) == 2
 
 
+def test_plot_without_matplotlib_names_the_eval_extra(tmp_path, model, monkeypatch):
+    """matplotlib comes with [eval] (the edge box's evaluation extra), not only [train]."""
+    write_study(tmp_path / "p1", np.random.default_rng(9), True, patient_id="P1", slices=4, size=32)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "ctedge.core.plots", raising=False)
+    for command in (["predict", str(model), str(tmp_path / "p1"), "--study", "--plot", str(tmp_path / "plots")],
+                    ["bench", str(model), "--plot", str(tmp_path / "latency.png")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "ctedge[eval]" in result.stderr, result.output
+
+
 def test_cli_refuses_bad_options_and_unwritable_outputs_before_work(tmp_path, model):
     blocker = tmp_path / "file"
     blocker.write_text("")

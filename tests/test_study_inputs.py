@@ -81,6 +81,53 @@ def test_datasets_and_bytes_in_memory_give_the_files_answer(tmp_path, clf):
     assert {s.sop_instance_uid for s in from_memory.slices} <= uids and from_memory.top_slices
 
 
+def test_header_values_are_what_pydicom_reads(tmp_path):
+    """The header scan converts each value once, without the Dataset's lookups: the same
+    values as pydicom's own reading, in explicit and implicit VR and a UTF-8 name."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    (path,) = series(tmp_path / "s", slices=1, tags={"SpecificCharacterSet": "ISO_IR 192",
+                                                     "PatientName": "Müller^Zoë", "AccessionNumber": "A7"})
+    implicit = pydicom.dcmread(path)
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit.save_as(tmp_path / "implicit.dcm", enforce_file_format=True)
+    for file in (path, tmp_path / "implicit.dcm"):
+        (study,) = st.find_studies(file)
+        (ref,) = next(iter(study.series.values()))
+        ds = pydicom.dcmread(file)
+        assert (ref.sop_uid, ref.modality, ref.rows, ref.position) == (
+            ds.SOPInstanceUID, ds.Modality, ds.Rows, tuple(map(float, ds.ImagePositionPatient)))
+        assert ref.attributes["PatientName"] == str(ds.PatientName) == "Müller^Zoë"
+        assert ref.attributes["AccessionNumber"] == "A7" and ref.problem is None and ref.has_rescale
+    assert pydicom.dcmread(tmp_path / "implicit.dcm").file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+
+
+def test_the_model_may_load_while_the_first_headers_are_read(tmp_path, clf, monkeypatch):
+    """predict_studies takes a Future of the classifier: it reads the first input's headers,
+    then waits for the model; the answer is the loaded model's; a failed load raises."""
+    from concurrent.futures import Future
+
+    from ctedge.edge.study import pipeline
+
+    series(tmp_path / "s")
+    loading, real = Future(), pipeline.find_studies
+
+    def scan(*args):
+        assert not loading.done()  # headers are read while the model still loads
+        studies = real(*args)
+        loading.set_result(clf)
+        return studies
+
+    monkeypatch.setattr(pipeline, "find_studies", scan)
+    result = only(st.predict_studies(loading, [tmp_path / "s"]))
+    monkeypatch.setattr(pipeline, "find_studies", real)
+    assert result.error is None and result.probability == only(st.predict_studies(clf, [tmp_path / "s"])).probability
+    failed = Future()
+    failed.set_exception(CtedgeError("model not found: m.onnx"))
+    with pytest.raises(CtedgeError, match="model not found"):
+        st.predict_studies(failed, [tmp_path / "s"])
+
+
 def test_options_are_checked_when_made_and_the_threshold_never_touches_the_model(tmp_path, clf):
     with pytest.raises(CtedgeError, match="^top_k must be at least 1, not 0"):
         st.StudyOptions(top_k=0)
@@ -163,16 +210,20 @@ def test_too_few_positions_or_too_many_failed_slices_give_no_answer(tmp_path, cl
 
 
 def test_each_file_slice_is_parsed_once(tmp_path, clf, monkeypatch):
-    """The header scan parses a file once and remembers where its pixel data start;
-    decoding reads only the rest (no second dcmread, no codec-check read)."""
-    paths = series(tmp_path)
+    """The header scan parses a file (or zip member) once and remembers where its pixel
+    data start; decoding reads only the rest (no second dcmread, no codec-check read), a
+    zip member inflated whole once, when its slice is decoded."""
+    paths = series(tmp_path / "s")
+    with zipfile.ZipFile(tmp_path / "s.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for p in paths:
+            z.write(p, p.name)
     calls = []
     real = pydicom.dcmread
     monkeypatch.setattr(pydicom, "dcmread", lambda fp, *a, **k: calls.append(getattr(fp, "name", fp)) or
                         real(fp, *a, **k))
-    result = only(st.predict_studies(clf, [tmp_path]))
-    assert result.error is None and result.slices_sampled == len(paths)
-    assert sorted(calls) == sorted(map(str, paths))
+    files, zipped = st.predict_studies(clf, [tmp_path / "s", tmp_path / "s.zip"])
+    assert files.error is None and files.slices_sampled == len(paths) and zipped.probability == files.probability
+    assert sorted(calls) == sorted([*map(str, paths), *(p.name for p in paths)])
 
 
 # --- special, unreadable and hostile files -------------------------------------------------
@@ -279,6 +330,26 @@ def test_nifti_is_read_lazily_in_any_orientation(tmp_path, clf):
         np.testing.assert_allclose(st.slice_hu(refs[4]), volume[4], atol=1e-3)
     assert only(st.predict_studies(clf, [tmp_path / "other.nii.gz"])).probability == pytest.approx(
         only(st.predict_studies(clf, [tmp_path / "ras.nii"])).probability)
+
+
+def test_a_gzipped_volume_is_inflated_once_and_read_as_the_file_is(tmp_path, clf, monkeypatch):
+    """A .nii.gz cannot seek: read slice by slice it was inflated from its start for every
+    slice. Now it is inflated once (within the byte budget), and every slice is what
+    the uncompressed file gives."""
+    volume = lung_volume(np.random.default_rng(5), slices=24).transpose(2, 1, 0).copy()
+    image = nibabel.Nifti1Image(volume.astype(np.int16), np.diag([0.7, 0.7, 2.5, 1.0]))
+    image.header.set_slope_inter(0.5, -3.0)  # scaled voxels: nibabel's own scaling, bit for bit
+    nibabel.save(image, tmp_path / "ct.nii")
+    nibabel.save(image, tmp_path / "ct.nii.gz")
+    inflated, real = [], gzip._GzipReader.read
+    monkeypatch.setattr(gzip._GzipReader, "read", lambda self, *a: inflated.append(len(data := real(self, *a)))
+                        or data)
+    options = st.StudyOptions(slice_step=1)
+    packed = only(st.predict_studies(clf, [tmp_path / "ct.nii.gz"], options))
+    assert packed.error is None and packed.slices_sampled == 24
+    assert sum(inflated) <= 1.1 * (tmp_path / "ct.nii").stat().st_size
+    plain = only(st.predict_studies(clf, [tmp_path / "ct.nii"], options))
+    assert [s.probability for s in packed.slices] == [s.probability for s in plain.slices]
 
 
 def test_nifti_bombs_lies_truncation_and_nan(tmp_path, clf):

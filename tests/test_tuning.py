@@ -44,8 +44,11 @@ def test_assembled_model_predicts_what_the_cached_head_did(tuned):
     assert summary["best_score"] == pytest.approx(roc_auc(parts["val"].y, full), abs=1e-6)  # exact AUC
 
 
-def test_rerun_resumes_without_running_trials_again(tuned, phantom_data, trained_run):
-    directory, summary = tuned
+def test_rerun_resumes_without_running_trials_again(tuned, phantom_data, trained_run, tmp_path):
+    import shutil
+
+    directory = shutil.copytree(tuned[0], tmp_path / "tuning")  # the shared project stays as the fixture made it
+    summary = tuned[1]
     trial_dirs = sorted(p.name for p in (directory / "p").glob("trial_*"))
     result = runner.invoke(app, tune_args(phantom_data, directory, trained_run,
                                           "--json", str(directory / "again.json")))

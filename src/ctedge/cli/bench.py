@@ -21,6 +21,7 @@ from ctedge.cli.common import (
     command,
     model_files,
     pixel_budget,
+    plots_module,
     provider_options,
     study_options,
     write_json,
@@ -77,11 +78,9 @@ def bench(
         help=f"--study: every Nth slice (default: at most {DEFAULT_MAX_SLICES}).")] = None,
     study_runs: Annotated[int, typer.Option(help="--study: timed runs (and fresh-process runs).")] = 3,
 ) -> None:
-    """Latency (min/mean/p50/p90/p99/max), throughput, cold start, end-to-end time
-    from a file, accuracy/AUC with n and a 95% bootstrap CI (and its change against
-    the model's fp32 run on the same images) and size per model, runtime,
-    precision and provider, with a verdict against the time budget. Variants are
-    timed interleaved.
+    """Latency, throughput, cold start, end-to-end time, accuracy/AUC with a 95% CI and
+    size per model, runtime, precision and provider, with a verdict against the time
+    budget. Variants are timed interleaved; accuracy changes are against fp32.
 
     Example: `ctedge bench exports/b3.onnx --runtime all --data ../shared/data/covid-ct
     --split-dir ../shared/data/covid-ct/splits --markdown bench.md`;
@@ -91,6 +90,8 @@ def bench(
 
     check_outputs((markdown_out, "--markdown"), (plot, "--plot"), (json_out, "--json"),
                   inputs=[*(f for m in models or [] for f in model_files(m)), *filter(None, [data, study])])
+    if plot is not None:
+        plots_module("--plot")
     if study is not None:
         if runtime == "all":
             raise CtedgeError("--runtime all times images, not a study: give --study one runtime "
@@ -123,11 +124,7 @@ def write_outputs(report, markdown_out: Path | None, plot: Path | None, json_out
     print_report(report)
     write_text(markdown(report), markdown_out)
     if plot:
-        try:
-            from ctedge.core.plots import latency_histogram
-        except ImportError:
-            raise CtedgeError("--plot needs matplotlib (pip install ctedge[train])") from None
-        latency_histogram({f"{Path(r.model).name} {r.format} {r.provider}": np.asarray(r.samples_ms)
+        plots_module("--plot").latency_histogram({f"{Path(r.model).name} {r.format} {r.provider}": np.asarray(r.samples_ms)
                            for r in report.results}, plot)
     write_text(dumps(report), json_out)
 

@@ -18,26 +18,27 @@ from rich.markup import escape
 from rich.text import Text
 
 from ctedge import __version__
+from ctedge.cli.commands import LazyCommands, registry
 from ctedge.core.choices import (
     Aggregate,
     Backbone,
     Clean,
 )
-from ctedge.core.data import DataOptions
 from ctedge.core.errors import CtedgeError, ExitCode
-from ctedge.core.imageio import DEFAULT_MAX_PIXELS
-from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
+from ctedge.core.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ctedge.core.progress import console
-from ctedge.core.runconfig import ModelConfig, TrainConfig
 from ctedge.edge.engines import Precision, Provider
-from ctedge.edge.study import DEFAULT_MAX_BYTES, StudyOptions
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the library's types, imported by the commands that use them (start-up stays light)
+    from ctedge.core.data import DataOptions
+    from ctedge.core.preprocess import PreprocessConfig
     from ctedge.core.results import ImageEvaluation, StudyEvaluation
+    from ctedge.core.runconfig import ModelConfig
+    from ctedge.edge.study import StudyOptions
 
 log = logging.getLogger(__name__)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+app = typer.Typer(cls=LazyCommands, add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Put a chest-CT COVID-19 classifier onto edge hardware.\n\n"
                        "Workflow: `ctedge train DATA` (or `ctedge tune DATA`), "
                        "`ctedge export --onnx`, `ctedge bench`.")
@@ -86,11 +87,6 @@ Weights = Annotated[str, typer.Option(
 BackboneOpt = Annotated[Optional[Backbone], typer.Option(
     "--backbone", help="b3 (EfficientNetB3, the paper's) | tiny (a 1%-compute EfficientNet for tests and smoke "
                        "runs); default: the trained model's with --weights RUN, else b3.")]
-Units = Annotated[Optional[int], typer.Option(
-    help=f"Width of the head's dense layer (default {ModelConfig.units}; tune: the first trial's, where the "
-         "search starts).")]
-Dropout = Annotated[Optional[float], typer.Option(
-    help=f"Dropout after the dense layer (default {ModelConfig.dropout}; tune: the first trial's).")]
 FreezeBackbone = Annotated[Optional[bool], typer.Option(
     "--freeze-backbone/--train-backbone",
     help="Train only the head (default: yes with pretrained weights, no with --weights none).")]
@@ -100,9 +96,6 @@ FineTuneBlocks = Annotated[int, typer.Option(
 Epochs = Annotated[int, typer.Option(help="Epochs (train: the paper's 100; tune: per trial, early stopping on "
                                           "the objective; Hyperband: the largest budget).")]
 BatchSize = Annotated[int, typer.Option(help="Batch size (paper: 16).")]
-LearningRate = Annotated[Optional[float], typer.Option(
-    "--lr", help=f"Adam learning rate (default the paper's {TrainConfig.learning_rate}; tune: the first "
-                 "trial's).")]
 Patience = Annotated[int, typer.Option(help="Early-stopping patience (epochs).")]
 
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON ('-' for stdout).")]
@@ -156,6 +149,8 @@ def provider_options(values: list[str] | None) -> dict[str, str]:
 def data_options(data: Path, *, positive: str | None, split_dir: Path | None, group_regex: str | None,
                  seed: int, test_fraction: float, val_fraction: float, clean: Clean = Clean.drop) -> DataOptions:
     """The data and split groups."""
+    from ctedge.core.data import DataOptions
+
     return DataOptions(root=str(data), split_dir=str(split_dir) if split_dir else None, positive=positive,
                        seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
                        group_regex=group_regex, clean=clean, max_pixels=pixel_budget())
@@ -164,6 +159,8 @@ def data_options(data: Path, *, positive: str | None, split_dir: Path | None, gr
 def preprocess_config(*, image_size: int, window_low: float, window_high: float, centre: float,
                       rotation: float, shift: float, flip: bool, zoom: float) -> PreprocessConfig:
     """The preprocessing and augmentation group."""
+    from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
+
     return PreprocessConfig(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
                             augment=AugmentConfig(rotation_deg=rotation, shift=shift, horizontal_flip=flip,
                                                   zoom=zoom))
@@ -172,6 +169,7 @@ def preprocess_config(*, image_size: int, window_low: float, window_high: float,
 def model_config(*, weights: str, backbone: Backbone | None, freeze_backbone: bool | None,
                  fine_tune_blocks: int, units: int | None = None, dropout: float | None = None) -> ModelConfig:
     """The model group; the backbone defaults to a trained model's (``--weights RUN``), else b3."""
+    from ctedge.core.runconfig import ModelConfig
     from ctedge.training.model import saved_backbone
 
     head = {name: value for name, value in (("units", units), ("dropout", dropout)) if value is not None}
@@ -246,7 +244,7 @@ def command(func=None, *, tensorflow: bool = False):
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
-    return app.command()(wrapper)
+    return registry.command()(wrapper)  # listed by the `ctedge` group (cli/commands.py)
 
 
 STDOUT_OPTIONS = ("--json", "--csv", "--markdown")  # the outputs that '-' sends to stdout
@@ -289,6 +287,17 @@ def model_files(model: Path) -> list[Path]:
     stems = [model.stem, *(f"{model.stem}_{variant}" for variant in ("fp16", "int8", "ov", "ov_int8"))]
     return [model, model.with_name(model.stem + ".runtime.json"),
             *(model.with_name(stem + suffix) for stem in stems for suffix in (".onnx", ".json", ".xml", ".bin"))]
+
+
+def plots_module(option: str):
+    """``ctedge.core.plots``, or exit 2 naming the extra that brings matplotlib (checked
+    before the work)."""
+    import importlib
+
+    try:
+        return importlib.import_module("ctedge.core.plots")
+    except ImportError:
+        raise CtedgeError(f'{option} needs matplotlib: pip install "ctedge[eval]"') from None
 
 
 def clean(value: object) -> str:
@@ -389,7 +398,7 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
              envvar="CTEDGE_MAX_BYTES", help="Refuse a zip entry or NIfTI volume of more bytes than this "
              "uncompressed, read from its header before inflating (--study).")] = DEFAULT_MAX_BYTES) -> None:
     """Put a chest-CT COVID-19 classifier onto edge hardware."""
-    from ctedge.core.dicom import check_budgets
+    from ctedge.core.limits import check_budgets
 
     try:
         check_budgets(max_pixels=max_pixels, max_bytes=max_bytes)
@@ -406,6 +415,8 @@ def pixel_budget() -> int:
 
 def study_options(**options) -> StudyOptions:
     """StudyOptions with the read budgets given to `ctedge` (--max-pixels, --max-bytes)."""
+    from ctedge.edge.study import StudyOptions
+
     return StudyOptions(max_pixels=pixel_budget(), max_bytes=_given("max_bytes", DEFAULT_MAX_BYTES), **options)
 
 

@@ -29,6 +29,7 @@ from ctedge.cli.common import (
     exit_if_failed,
     model_files,
     pixel_budget,
+    plots_module,
     print_file_rows,
     provider_options,
     shown,
@@ -181,6 +182,8 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
                             pad: bool | None = None, pull: tuple | None = None) -> None:
     """`predict --study`: one row per study, details below the table; exit 1 if any failed.
     ``pull``: (source, query) to pull the studies from a PACS instead of ``paths``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rich.table import Table
 
     from ctedge.core.results import dumps
@@ -189,30 +192,18 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
 
     check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True),
                   inputs=[*model_files(model), *paths])
-    if plot is not None:
-        try:
-            from ctedge.core.plots import study_plot
-        except ImportError:
-            raise CtedgeError('--plot needs matplotlib: pip install "ctedge[train]"') from None
-    clf = Classifier(model, provider, threads, runtime=runtime, precision=precision,
-                     cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
-                     pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels)
+    plots = plots_module("--plot") if plot is not None else None
+
     def progress(r) -> None:
         console.print(shown(f"{r.input}: {r.study_uid or '-'} done"))
 
-    if pull is None:
-        results = predict_studies(clf, paths, options, progress=progress)
-    else:
-        from ctedge.edge.pacs import pull_studies
-
-        source, query = pull
-        console.print(shown(f"{source.name}: studies matching {query}"))
-        try:
-            results = pull_studies(clf, source, query, options, progress=progress)
-        finally:
-            source.close()
-        if not results:
-            console.print(shown(f"{source.name}: no study matches {query}"))
+    with ThreadPoolExecutor(1, thread_name_prefix="ctedge-load") as pool:  # the model loads while headers are read
+        loading = pool.submit(Classifier, model, provider, threads, runtime=runtime, precision=precision,
+                              cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
+                              pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels)
+        results = (predict_studies(loading, paths, options, progress=progress) if pull is None
+                   else _pulled(loading.result(), pull, options, progress))
+    clf = loading.result()
     table = Table(title=shown(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
                                f"P({clf.positive}) per study, threshold {clf.threshold}, aggregate {options.aggregate}"))
     for column in ("input", "study", "patient", "slices used/total", "probability", "label"):
@@ -230,7 +221,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     if plot is not None:
         for r in results:
             if r.answered:
-                console.print(shown(f"plot: {study_plot(r, plot)}"))
+                console.print(shown(f"plot: {plots.study_plot(r, plot)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_text(dumps(report), json_out)
     skipped = sum(r.not_eligible is not None for r in results)
@@ -240,3 +231,18 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     if failed:
         console.print(f"[yellow]{failed} of {len(results)} stud(ies) got no answer[/]")
         raise typer.Exit(ExitCode.FAILED)
+
+
+def _pulled(clf, pull: tuple, options, progress) -> list:
+    """The studies a PACS query finds, pulled one by one and classified (``pull``: (source, query))."""
+    from ctedge.edge.pacs import pull_studies
+
+    source, query = pull
+    console.print(shown(f"{source.name}: studies matching {query}"))
+    try:
+        results = pull_studies(clf, source, query, options, progress=progress)
+    finally:
+        source.close()
+    if not results:
+        console.print(shown(f"{source.name}: no study matches {query}"))
+    return results

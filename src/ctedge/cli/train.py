@@ -13,7 +13,6 @@ from ctedge.cli.common import (
     Centre,
     CleanOpt,
     DataArg,
-    Dropout,
     Epochs,
     FineTuneBlocks,
     Flip,
@@ -21,7 +20,6 @@ from ctedge.cli.common import (
     GroupRegex,
     ImageSize,
     JsonOut,
-    LearningRate,
     Patience,
     Positive,
     Rotation,
@@ -29,7 +27,6 @@ from ctedge.cli.common import (
     Shift,
     SplitDir,
     TestFraction,
-    Units,
     ValFraction,
     Weights,
     WindowHigh,
@@ -61,6 +58,16 @@ from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
 from ctedge.core.progress import console
 from ctedge.core.results import plain
 from ctedge.core.runconfig import ModelConfig, TrainConfig
+
+# the head and learning-rate options train and tune share (their defaults from the library's configs)
+Units = Annotated[Optional[int], typer.Option(
+    help=f"Width of the head's dense layer (default {ModelConfig.units}; tune: the first trial's, where the "
+         "search starts).")]
+Dropout = Annotated[Optional[float], typer.Option(
+    help=f"Dropout after the dense layer (default {ModelConfig.dropout}; tune: the first trial's).")]
+LearningRate = Annotated[Optional[float], typer.Option(
+    "--lr", help=f"Adam learning rate (default the paper's {TrainConfig.learning_rate}; tune: the first "
+                 "trial's).")]
 
 
 @command(tensorflow=True)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ctedge.core.limits import DEFAULT_MAX_PIXELS, check_budgets  # noqa: F401  (part of this module's API)
+
 DICOM_SUFFIXES = {".dcm", ".dicom"}
-DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: far above any CT slice (512x512 to 4096x4096)
 AIR_HU = -1000.0  # what a padding pixel (outside the scanned field of view) becomes
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -26,15 +27,6 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 class DicomError(ValueError):
     """Why a dataset gives no HU slice (the reason only, without the file name)."""
-
-
-def check_budgets(**budgets: int) -> None:
-    """Each read budget (max_pixels, max_bytes) at least 1; CtedgeError naming the one that is not."""
-    from ctedge.core.errors import CtedgeError
-
-    for name, value in budgets.items():
-        if value < 1:
-            raise CtedgeError(f"must be at least 1, not {value}", param=name)
 
 
 def pixel_budget_message(width: int, height: int, max_pixels: int) -> str:
@@ -103,10 +95,11 @@ def codec_problem(ds) -> str | None:
 
 
 def finite_number(ds, keyword: str) -> float | None:
-    """A single numeric value as a float32-representable finite float; None when absent."""
-    if keyword not in ds or ds[keyword].value in (None, ""):
+    """A single numeric value as a float32-representable finite float; None when absent.
+    ``ds``: a dataset or a mapping of keyword to value."""
+    value = ds.get(keyword)
+    if value is None or value == "":
         return None
-    value = ds[keyword].value
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 import socket
 import stat
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -70,31 +71,54 @@ def output_target(path: Path) -> Path:
     return real if os.path.islink(path) else path
 
 
-def atomic_write(data: bytes, path: Path) -> None:
-    """Temp file in the target folder, then rename: never a half-written file.
-    Temp files of earlier killed writers of ``path`` are removed first. Only a new
-    path or a regular file is written (a symlink to one: the file it names); a
-    failed write (disk full, ``ulimit -f``) raises ``WriteError`` naming ``path``."""
+def atomic_write(data: bytes, path: Path, *, durable: bool = True, fresh_name: bool = False) -> None:
+    """Temp file in the target folder, fsync, rename, fsync the folder: a crash leaves
+    the old file or the new one, never half of one, and with ``durable`` the new one is
+    on disk when this returns. Only a new path or a regular file is written (a symlink
+    to one: the file it names); permissions follow the umask (0666 & ~umask). Temp files
+    of earlier killed writers of ``path`` are removed first, unless ``fresh_name``: the
+    caller made the name up just now (a spool entry), so there are none to look for.
+    A failed write (disk full, ``ulimit -f``) raises ``WriteError`` naming ``path``."""
     target = output_target(Path(path))
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(target)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp")
+        if not fresh_name:
+            remove_stale_temps(target)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
-        raise WriteError(f"{path}: cannot write ({exc.strerror})") from None
+        raise _write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
+        if durable:
+            sync_folder(target.parent)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise WriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    """``exc`` as a WriteError naming ``path``, its errno kept (ENOSPC tells a full disk)."""
+    error = WriteError(f"{path}: cannot write ({exc.strerror or exc})")
+    error.errno = exc.errno
+    return error
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so a rename or a new file in it survives a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_writable(path: Path, what: str, folder: bool = False) -> None:
@@ -174,47 +198,69 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _holder(lock: int | Path) -> dict:
+    """What a lock file (a path, or an fd open on it) says of its holder ({} when nothing
+    readable)."""
+    try:
+        text = os.pread(lock, 4096, 0) if isinstance(lock, int) else Path(lock).read_bytes()
+        holder = json.loads(text or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _lock_open(path: Path) -> int:
+    """An fd on ``path`` holding its flock; raises BlockingIOError when another holds it.
+    The lock is on the file at ``path`` now: a holder that was releasing (unlinking) as
+    we opened leaves us the old file, so we open again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 @contextmanager
 def exclusive_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold ``path`` (pid, host and start time inside) while the block runs.
+    """Hold ``path`` while the block runs: an flock (the kernel drops it when the holder
+    dies, so a killed holder's lock is free at once and only one process can take it),
+    with the holder's pid, host and start time inside for the message.
 
-    Another live holder: exit 2 naming it. A holder on this host whose process
-    is gone (killed): its lock is taken over, with a message."""
+    Held by a live process: exit 2 naming it. A lock file naming another host is refused
+    too (a network file system may not share flocks between hosts)."""
     mine = {"pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.now().isoformat(timespec="seconds")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine, f)
-        for _ in range(2):
-            try:
-                os.link(tmp, path)  # atomic: created with its content, or not at all
-                break
-            except FileExistsError:
-                try:
-                    holder = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    holder = {}
-                pid, host = holder.get("pid"), holder.get("host")
-                if host != mine["host"] or not isinstance(pid, int) or _alive(pid):
-                    raise CtedgeError(f"{what} is in use by process {pid} on {host} since "
-                                      f"{holder.get('started')} ({path}); wait for it, or delete the "
-                                      "lock file if that process is gone") from None
-                log.warning("taking over %s: its holder, process %d on %s, is gone", path, pid, host)
-                path.unlink(missing_ok=True)
-        else:
-            raise CtedgeError(f"{what}: could not take the lock {path}")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        fd = _lock_open(path)
+    except BlockingIOError:
+        holder = _holder(path)
+        raise CtedgeError(f"{what} is in use by process {holder.get('pid')} on {holder.get('host')} since "
+                          f"{holder.get('started')} ({path}); wait for it") from None
     try:
-        yield
-    finally:
+        holder = _holder(fd)
+        if holder and holder.get("host") != mine["host"]:
+            raise CtedgeError(f"{what} is in use by process {holder.get('pid')} on {holder.get('host')} since "
+                              f"{holder.get('started')} ({path}); wait for it, or delete the lock file if that "
+                              "process is gone")
+        if holder:
+            log.warning("taking over %s: its holder, process %s on %s, is gone", path, holder.get("pid"),
+                        holder.get("host"))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(mine).encode(), 0)
         try:
-            if json.loads(path.read_text()).get("pid") == mine["pid"]:
-                path.unlink()
-        except (OSError, ValueError):
-            pass
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still holding it: the next holder opens a new file
+    finally:
+        os.close(fd)
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

@@ -99,6 +99,14 @@ def dumps(document: Record | dict, strict: bool = True) -> str:
     return json.dumps(_finite(data, "$", strict), indent=2, allow_nan=False, default=str) + "\n"
 
 
+def save_json(document: Record | dict, path: Path) -> None:
+    """``dumps(document, strict=False)`` written atomically: a free-form file (a model card,
+    a tuning summary) whose undefined metric (NaN) becomes null with a warning."""
+    from ctedge.core.files import atomic_write
+
+    atomic_write(dumps(document, strict=False).encode(), path)
+
+
 # --- images (`ctedge predict`): built by ctedge.edge.runtime ------------------------
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,8 +13,8 @@ from typing import Literal
 from ctedge import __version__
 from ctedge.core.data import DataOptions
 from ctedge.core.errors import CtedgeError
-from ctedge.core.files import atomic_write
 from ctedge.core.preprocess import PreprocessConfig
+from ctedge.core.results import save_json
 
 SCHEMA_VERSION = 1  # 0: the unversioned files written before it (two shapes, train and tune)
 
@@ -103,7 +103,7 @@ class RunConfig:
         return raw
 
     def save(self, path: str | Path) -> None:
-        atomic_write(json.dumps(self.to_dict(), indent=2).encode(), Path(path))
+        save_json(self.to_dict(), Path(path))  # an undefined score (NaN) as null
 
     @classmethod
     def load(cls, model_path: str | Path) -> RunConfig | None:

@@ -24,7 +24,7 @@ from ctedge.core.files import atomic_write, file_digest
 from ctedge.core.imageio import DEFAULT_MAX_PIXELS, read_image
 from ctedge.core.metrics import DEFAULT_RESAMPLES, DEFAULT_THRESHOLD, constant_message
 from ctedge.core.progress import ProgressFn
-from ctedge.core.results import ImageEvaluation, Record, Scores, StudyEvaluation, evaluation_from_dict
+from ctedge.core.results import ImageEvaluation, Record, Scores, StudyEvaluation, evaluation_from_dict, save_json
 from ctedge.evaluation.audit import shortcut_is_loud
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ def _cached(path: Path, make, key: dict, fresh: bool = False) -> dict:
             return stored
     made = make()
     result = {**(made.to_dict() if isinstance(made, Record) else made), "reuse_key": key}
-    atomic_write(json.dumps(result, indent=2, default=str).encode(), path)
+    save_json(result, path)
     return result
 
 

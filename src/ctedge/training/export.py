@@ -20,11 +20,12 @@ import onnx
 
 from ctedge import __version__
 from ctedge.core.errors import CheckFailed, CtedgeError
-from ctedge.core.files import atomic_write, file_digest
+from ctedge.core.files import file_digest
 from ctedge.core.imageio import DEFAULT_MAX_PIXELS
 from ctedge.core.metadata import PREPROCESS_CONTRACT
 from ctedge.core.metrics import DEFAULT_THRESHOLD
 from ctedge.core.preprocess import PreprocessConfig
+from ctedge.core.results import save_json
 from ctedge.core.runconfig import RunConfig, keras_preprocess_config
 
 INPUT_NAME = "image"
@@ -272,6 +273,12 @@ def _drop(path: Path, variant: str, report: dict, *companions: Path) -> dict:
     return {"file": None, "variant": variant, "size_mb": None, "parity": report}
 
 
+def _write_card(card: dict, path: Path) -> dict:
+    """A variant's model card beside it (NAME.json): strict JSON, an undefined metric as null."""
+    save_json(card, path.with_suffix(".json"))
+    return card
+
+
 def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance: float,
                     metadata: dict, check: dict, options: ExportOptions, gate: bool = False) -> dict:
     """Check, measure parity against Keras on onnxruntime, then move the file into place
@@ -295,8 +302,7 @@ def _finish_variant(proto: onnx.ModelProto, path: Path, variant: str, tolerance:
     card = {"file": str(path), "variant": variant, "size_mb": path.stat().st_size / 1e6,
             "metadata": {**metadata, "ctedge.variant": variant}, "parity": report,
             "output_spread": check["spread"]}
-    atomic_write(json.dumps(card, indent=2).encode(), path.with_suffix(".json"))
-    return card
+    return _write_card(card, path)
 
 
 def export_onnx(model_path: str | Path | None = None, output: str | Path | None = None,
@@ -370,8 +376,7 @@ def _finish_ir(model, path: Path, variant: str, tolerance: float, metadata: dict
     card = {"file": str(path), "variant": variant, "runtime": "openvino",
             "size_mb": (path.stat().st_size + path.with_suffix(".bin").stat().st_size) / 1e6,
             "metadata": {**metadata, "ctedge.variant": variant}, "parity": report, **(extra or {})}
-    atomic_write(json.dumps(card, indent=2).encode(), path.with_suffix(".json"))
-    return card
+    return _write_card(card, path)
 
 
 def export_openvino(onnx_path: Path, metadata: dict, check: dict, options: ExportOptions,

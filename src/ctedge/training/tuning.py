@@ -36,9 +36,10 @@ from keras_tuner.src.engine import tuner_utils
 from ctedge.core.choices import Algorithm, Objective, Role
 from ctedge.core.data import DataOptions
 from ctedge.core.errors import CtedgeError
-from ctedge.core.files import atomic_write, exclusive_lock
+from ctedge.core.files import exclusive_lock
 from ctedge.core.preprocess import PreprocessConfig
 from ctedge.core.progress import ProgressFn, report
+from ctedge.core.results import save_json
 from ctedge.core.runconfig import RunConfig, TuneResult
 from ctedge.training.features import (
     EpochSeconds,
@@ -309,7 +310,7 @@ def _guard_project(project_dir: Path, fingerprint: dict) -> None:
             raise CtedgeError(f"project {project_dir} was made with another {', '.join(changed)}; "
                               "use --overwrite to start over or --project NAME for a new one")
     project_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(json.dumps(fingerprint, indent=2).encode(), path)
+    save_json(fingerprint, path)
 
 
 def _validate(options: TuneOptions) -> None:
@@ -476,7 +477,7 @@ def _write_project(summary: dict, data: DataOptions, model_config: ModelConfig, 
               splits={name: part.summary() for name, part in parts.items()},
               files={name: dict(zip(map(str, part.paths), part.hashes)) for name, part in parts.items()},
               ).save(project_dir / "config.json")
-    atomic_write(json.dumps(summary, indent=2, default=str).encode(), project_dir / "summary.json")
+    save_json(summary, project_dir / "summary.json")
 
 
 def set_distributed(role: str | None, oracle: str | None, tuner_id: str | None) -> None:

@@ -52,11 +52,23 @@ def validate(config: EngineConfig) -> None:
         raise CtedgeError(f"must be at least 1, not {config.threads}", param="threads")
 
 
-def _auto_runtime(model: Path) -> str:
-    for name in engine_names():
-        if model.suffix in get_engine(name).accepts and registry.installed(name):
+def _auto_runtime(model: Path, provider: str) -> str:
+    """The first installed engine that runs the file on ``provider`` (else on any device:
+    ``check_fits`` then names the devices it has)."""
+    runs = [name for name in engine_names() if model.suffix in get_engine(name).accepts and registry.installed(name)]
+    for name in runs:
+        if provider == "auto" or provider in get_engine(name).devices:
             return name
+    if runs:
+        return runs[0]
     raise CtedgeError(no_engine_message())
+
+
+def _choice_applies(choice: dict, precision: str | None, provider: str) -> bool:
+    """A saved choice fills in what was left to auto; an explicit precision or device it
+    was not measured with beats it."""
+    return (precision is None or precision == choice["precision"]) and \
+        provider in ("auto", choice.get("provider", "auto"))
 
 
 def check_fits(config: EngineConfig, model: Path) -> None:
@@ -77,19 +89,19 @@ def check_fits(config: EngineConfig, model: Path) -> None:
 
 
 def resolve(model: Path, config: EngineConfig) -> EngineConfig:
-    """Fill in runtime="auto" and precision=None: the saved bench choice, else the first
-    installed engine that runs the file (onnxruntime; OpenVINO for an IR .xml) at fp32."""
+    """Fill in runtime="auto" and precision=None: the saved bench choice (unless an explicit
+    precision or device differs from it), else the first installed engine that runs the file
+    on that device (onnxruntime; OpenVINO for an IR .xml or an Intel GPU/NPU) at fp32."""
     validate(config)
     runtime, precision, provider = config.runtime, config.precision, config.provider
     if runtime == "auto":
         choice = saved_choice(model)
-        if choice and (precision is None or precision == choice["precision"]):
+        if choice and _choice_applies(choice, precision, provider):
             runtime, precision = choice["runtime"], choice["precision"]
-            if provider == "auto":
-                provider = choice.get("provider", "auto")
+            provider = choice.get("provider", "auto")
             log.info("runtime auto: %s %s (fastest in %s)", runtime, precision, choice_path(model).name)
         else:
-            runtime = _auto_runtime(model)
+            runtime = _auto_runtime(model, provider)
     registry.require(runtime)
     resolved = replace(config, runtime=runtime, precision=precision or "fp32", provider=provider)
     check_fits(resolved, model)

@@ -11,8 +11,7 @@ import ctypes.util
 import functools
 import logging
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ctedge.core.errors import CtedgeError
 from ctedge.edge.engines.registry import (
@@ -22,6 +21,9 @@ from ctedge.edge.engines.registry import (
     variant_file,
     variant_path,
 )
+
+if TYPE_CHECKING:  # numpy only in annotations: registering this engine loads no numpy
+    import numpy as np
 
 log = logging.getLogger(__name__)
 

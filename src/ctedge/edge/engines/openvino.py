@@ -16,8 +16,7 @@ import queue
 import shutil
 import threading
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ctedge.core.errors import CtedgeError
 from ctedge.core.files import atomic_write
@@ -28,6 +27,9 @@ from ctedge.edge.engines.registry import (
     variant_file,
     variant_path,
 )
+
+if TYPE_CHECKING:  # numpy only in annotations: registering this engine loads no numpy
+    import numpy as np
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,12 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ctedge.core.errors import CtedgeError
+
+if TYPE_CHECKING:  # numpy only in annotations: listing engines (the CLI's choices) loads no numpy
+    import numpy as np
 
 # the modules whose import registers an engine, in order of preference for runtime="auto"
 ENGINE_MODULES = ("ctedge.edge.engines.onnxruntime", "ctedge.edge.engines.openvino")

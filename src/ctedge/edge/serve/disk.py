@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from ctedge.edge.serve.spool import durable_write
+from ctedge.core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class DiskWatch:
     def _writes_succeed(self) -> bool:
         probe = self.root / ".probe"
         try:
-            durable_write(b"probe", probe)
+            atomic_write(b"probe", probe, fresh_name=True)
             probe.unlink()
             self.journal.probe()
         except Exception as exc:  # still full (or another error): the pause goes on

@@ -29,6 +29,7 @@ from enum import Enum
 from pathlib import Path
 
 from ctedge.core.errors import CtedgeError
+from ctedge.core.files import atomic_write, sync_folder
 from ctedge.edge.serve.faults import Faults, is_disk_full
 from ctedge.edge.serve.journal import Journal, NewInstance
 
@@ -48,28 +49,9 @@ def hash_uids(text: str) -> str:
     return UID_PATTERN.sub(lambda match: "uid:" + uid_hash(match.group()), text)
 
 
-def durable_write(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, and
-    the new one is on disk when this returns: temp file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    sync_folder(path.parent)
-
-
 def durable_move(source: Path, path: Path) -> None:
     """Move a file already written under the spool (a STOW-RS part, a pulled instance) to
-    ``path`` as ``durable_write`` would leave it: fsync, rename, fsync the folder."""
+    ``path`` as ``atomic_write`` leaves a file: fsync, rename, fsync the folder."""
     fd = os.open(source, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,14 +59,6 @@ def durable_move(source: Path, path: Path) -> None:
         os.close(fd)
     os.replace(source, path)
     sync_folder(path.parent)
-
-
-def sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Stored(Enum):
@@ -252,7 +226,7 @@ class Spool:
         try:
             size = incoming.size
             if incoming.data is not None:
-                durable_write(incoming.data, path)
+                atomic_write(incoming.data, path, fresh_name=True)
             else:
                 durable_move(incoming.path, path)
             self.faults.hit("instance.written")

@@ -7,7 +7,8 @@ Stages on data, each in its own module:
 1. **read** (``read``, ``nifti``): the only stage that takes paths. Folders, .zip,
    NIfTI, or pydicom datasets / bytes already in memory (``study_from_datasets``,
    ``study_from_bytes``) become ``Study`` objects grouped by StudyInstanceUID, then
-   SeriesInstanceUID; regular files only, within the byte budget.
+   SeriesInstanceUID; regular files only, within the byte budget. ``SliceRef`` and
+   ``Study`` live in ``records``, which both readers import.
 2. **select** (``rules``, ``select``): the site's rules on header data (``SeriesRules``:
    a study with no series meeting them is not eligible), then the series to classify,
    its slices ordered along the slice normal, every ``step``-th sampled.
@@ -39,13 +40,12 @@ from ctedge.edge.study.pipeline import (
 )
 from ctedge.edge.study.read import (
     DEFAULT_MAX_BYTES,
-    SliceRef,
-    Study,
     find_studies,
     header,
     study_from_bytes,
     study_from_datasets,
 )
+from ctedge.edge.study.records import SliceRef, Study
 from ctedge.edge.study.rules import DEFAULT_RULES, SeriesFacts, SeriesRules
 from ctedge.edge.study.select import (
     Selection,

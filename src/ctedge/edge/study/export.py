@@ -11,7 +11,7 @@ from ctedge.core.dicom import DicomError
 from ctedge.core.errors import CtedgeError
 from ctedge.core.imageio import DEFAULT_WINDOW, hu_to_gray
 from ctedge.edge.study.hu import LUNG_MIN_FRACTION, lung_fraction, slice_hu
-from ctedge.edge.study.read import Study
+from ctedge.edge.study.records import Study
 from ctedge.edge.study.select import order_slices, select_series
 
 

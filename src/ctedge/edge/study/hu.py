@@ -12,7 +12,7 @@ import numpy as np
 from ctedge.core.dicom import DEFAULT_MAX_PIXELS, DicomError, dataset_hu
 from ctedge.core.imageio import hu_to_gray
 from ctedge.core.preprocess import PREPROCESS_CONTRACT, to_model_input
-from ctedge.edge.study.read import SliceRef
+from ctedge.edge.study.records import SliceRef
 
 # Lung criterion (on the slice shrunk to at most 128 px)
 BODY_HU = -500.0  # tissue; the body outline is the largest such region, holes filled

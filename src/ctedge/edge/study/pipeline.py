@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from ctedge.core.preprocess import PREPROCESS_CONTRACT
 from ctedge.core.results import SliceScore, StudiesReport, StudyResult
 from ctedge.edge.study.aggregate import AGGREGATES, DEFAULT_TOP_K, aggregate, aggregate_label
 from ctedge.edge.study.hu import LUNG_HU, LUNG_MIN_FRACTION, decode_slice
-from ctedge.edge.study.read import DEFAULT_MAX_BYTES, SliceRef, Study, find_studies
+from ctedge.edge.study.read import DEFAULT_MAX_BYTES, find_studies
+from ctedge.edge.study.records import SliceRef, Study
 from ctedge.edge.study.rules import DEFAULT_RULES, SeriesRules
 from ctedge.edge.study.select import order_slices, sample_indices, select_series
 
@@ -237,13 +238,17 @@ def _run_pipeline(clf, ordered: list[SliceRef], indices: list[int], options: Stu
 def predict_studies(clf, paths: list[str | Path], options: StudyOptions | None = None,
                     progress=None) -> list[StudyResult]:
     """Every study under every path, one result each (errors as rows, never raised);
-    ``progress(result)`` after each."""
+    ``progress(result)`` after each. ``clf`` may be a ``Future`` of the classifier (a
+    model loading in another thread): the first input's headers are read while it
+    loads; a load that failed raises here."""
     options = options or StudyOptions()
     results = []
     for path in paths:
         started = time.perf_counter()
         studies = find_studies(path, options.max_bytes, options.max_pixels)
         scan = (time.perf_counter() - started) / len(studies)
+        if isinstance(clf, Future):
+            clf = clf.result()
         for study in studies:
             try:
                 result = classify_study(clf, study, options)

@@ -10,19 +10,21 @@ before anything is inflated.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctedge.core.dicom import DicomError, finite_number, is_dicom, regular_file_problem
+from ctedge.core.dicom import DICOM_SUFFIXES, DicomError, finite_number, is_dicom, regular_file_problem
+from ctedge.core.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ctedge.edge.study.nifti import read_nifti
+from ctedge.edge.study.records import SliceRef, Study
 
-DEFAULT_MAX_BYTES = 512 * 2**20  # per zip entry or NIfTI volume, uncompressed; a CT slice is ~0.5 MB
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # What a result (and a structured report) needs to reference its images and patient;
@@ -38,45 +40,6 @@ HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Patie
                "SeriesDescription", "BodyPartExamined", "SliceThickness", *PIXEL_TAGS, *STUDY_ATTRIBUTES]
 
 
-@dataclass
-class SliceRef:
-    """One slice: where it is, the header values the pipeline and the result need,
-    and how to get its full dataset (``load``)."""
-
-    name: str  # file path, ZIP:member, NIFTI#index or NAME#n (in memory); shown in messages
-    study_uid: str = ""
-    series_uid: str = ""
-    sop_uid: str = ""
-    patient_id: str = ""
-    attributes: dict[str, str] = field(default_factory=dict)  # STUDY_ATTRIBUTES
-    modality: str = ""
-    image_type: tuple[str, ...] = ()
-    description: str = ""
-    body_part: str = ""  # BodyPartExamined
-    thickness: float | None = None  # SliceThickness (mm); None when absent or not a number
-    rows: int = 0
-    cols: int = 0
-    frames: int = 1
-    orientation: tuple[float, ...] | None = None
-    position: tuple[float, ...] | None = None
-    has_rescale: bool = True
-    problem: str | None = None  # a header value that makes the slice unusable
-    load: Callable[[], Any] | None = field(default=None, repr=False)  # -> pydicom Dataset or HU array
-
-
-@dataclass
-class Study:
-    """The slices of one StudyInstanceUID found in one input."""
-
-    input: str
-    study_uid: str
-    patient_id: str = ""
-    series: dict[str, list[SliceRef]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None
-    close: Callable[[], None] = field(default=lambda: None, repr=False)  # releases an open archive
-
-
 # --- header values ----------------------------------------------------------------
 
 def _text(ds, keyword: str) -> str:
@@ -84,14 +47,15 @@ def _text(ds, keyword: str) -> str:
 
 
 def _floats(ds, keyword: str, count: int) -> tuple[float, ...] | None:
-    """A multi-valued numeric tag as finite floats; None when absent; DicomError when bad."""
-    if keyword not in ds or ds[keyword].value in (None, ""):
+    """A multi-valued numeric tag as finite floats; None when absent; DicomError when bad.
+    ``ds``: a dataset or ``header_values``' mapping."""
+    value = ds.get(keyword)
+    if value is None or value == "":
         return None
     import math
 
     from pydicom.multival import MultiValue
 
-    value = ds[keyword].value
     values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
     try:
         numbers = tuple(float(v) for v in values)
@@ -115,40 +79,99 @@ def _orientation(ds) -> tuple[float, ...] | None:
     return values
 
 
+@functools.cache
+def _tag(keyword: str):
+    from pydicom.tag import Tag
+
+    return Tag(keyword)
+
+
+class HeaderValues:
+    """A dataset's values by keyword (``get``, as a Dataset's), each element converted once,
+    on first use, by pydicom's own conversion without a Dataset lookup per access (that
+    lookup was a third of a 300-file header scan). Elements already converted, and
+    ambiguous VRs (US or SS), go through the dataset; an element that does not convert
+    reads as absent and is named in ``problems``."""
+
+    def __init__(self, ds):
+        self.ds, self.values, self.problems = ds, {}, []
+        self.encoding = None  # the dataset's character set, found when a value needs it
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        if keyword not in self.values:
+            self.values[keyword] = self._convert(keyword)
+        value = self.values[keyword]
+        return default if value is _ABSENT else value
+
+    def _convert(self, keyword: str) -> Any:
+        raw_type, convert, ambiguous, encodings = _pydicom_conversion()
+        tag = _tag(keyword)
+        elem = self.ds.get_item(tag)
+        try:
+            if isinstance(elem, raw_type):
+                if self.encoding is None:  # as Dataset.__getitem__ finds it
+                    self.encoding = self.ds.original_character_set or \
+                        encodings(self.ds.get("SpecificCharacterSet") or "ISO_IR 6")
+                elem = convert(elem, encoding=self.encoding, ds=self.ds)
+                if elem.VR in ambiguous:
+                    elem = self.ds[tag]
+        except Exception as exc:  # pydicom raises many types for a malformed value
+            self.problems.append(f"{keyword} unreadable ({exc.__class__.__name__}: {exc})")
+            return _ABSENT
+        return _ABSENT if elem is None else elem.value
+
+
+_ABSENT = object()
+
+
+@functools.cache
+def _pydicom_conversion():
+    """pydicom's raw element type, its conversion, the ambiguous VRs and its charset names,
+    imported once (not per value)."""
+    from pydicom.charset import convert_encodings
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.valuerep import AMBIGUOUS_VR
+
+    return RawDataElement, convert_raw_data_element, AMBIGUOUS_VR, convert_encodings
+
+
 def header(ds, name: str, load: Callable[[], Any] | None = None) -> SliceRef:
-    """The header values of one DICOM dataset; bad values end up in ``problem``."""
-    ref = SliceRef(name=name, load=load, study_uid=_text(ds, "StudyInstanceUID"),
-                   series_uid=_text(ds, "SeriesInstanceUID"), sop_uid=_text(ds, "SOPInstanceUID"),
-                   patient_id=_text(ds, "PatientID"), modality=_text(ds, "Modality").upper(),
-                   description=_text(ds, "SeriesDescription"), body_part=_text(ds, "BodyPartExamined").upper(),
-                   attributes={k: _text(ds, k) for k in STUDY_ATTRIBUTES})
-    image_type = ds.get("ImageType", None)
+    """The header values of one DICOM dataset; bad values end up in ``problem``. Values are
+    read from ``tags`` (``HeaderValues``; a field read from files needs its keyword in HEADER_TAGS)."""
+    tags = HeaderValues(ds)
+    problems: list[str] = []
+    ref = SliceRef(name=name, load=load, study_uid=_text(tags, "StudyInstanceUID"),
+                   series_uid=_text(tags, "SeriesInstanceUID"), sop_uid=_text(tags, "SOPInstanceUID"),
+                   patient_id=_text(tags, "PatientID"), modality=_text(tags, "Modality").upper(),
+                   description=_text(tags, "SeriesDescription"),
+                   body_part=_text(tags, "BodyPartExamined").upper(),
+                   attributes={k: _text(tags, k) for k in STUDY_ATTRIBUTES})
+    image_type = tags.get("ImageType", None)
     if image_type is not None:
         values = [image_type] if isinstance(image_type, str) else list(image_type)
         ref.image_type = tuple(str(v).strip().upper() for v in values)
-    problems = []
     try:
-        ref.thickness = finite_number(ds, "SliceThickness")
+        ref.thickness = finite_number(tags, "SliceThickness")
     except DicomError:  # a bad SliceThickness only leaves the thickness unknown
         pass
     try:
-        ref.rows, ref.cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        ref.frames = int(ds.get("NumberOfFrames", 1) or 1)
+        ref.rows, ref.cols = int(tags.get("Rows", 0) or 0), int(tags.get("Columns", 0) or 0)
+        ref.frames = int(tags.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         problems.append("Rows/Columns/NumberOfFrames are not integers")
     for attr, read in (("orientation", _orientation), ("position", lambda d: _floats(d, "ImagePositionPatient", 3))):
         try:
-            setattr(ref, attr, read(ds))
+            setattr(ref, attr, read(tags))
         except DicomError as exc:
             problems.append(str(exc))
     try:
-        rescale = [finite_number(ds, k) for k in ("RescaleSlope", "RescaleIntercept")]
+        rescale = [finite_number(tags, k) for k in ("RescaleSlope", "RescaleIntercept")]
         ref.has_rescale = None not in rescale or "PixelData" not in ds and "FloatPixelData" in ds
         if rescale[0] == 0:
             problems.append("RescaleSlope is 0")
     except DicomError as exc:
         problems.append(str(exc))
-    ref.problem = "; ".join(problems) or None
+    ref.problem = "; ".join(tags.problems + problems) or None
     return ref
 
 
@@ -223,7 +246,7 @@ def _read_header(fp, name: str, load: Callable[[], Any], passthrough: tuple = ()
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=[_tag(k) for k in HEADER_TAGS])
     except passthrough:
         raise
     except (InvalidDicomError, EOFError):
@@ -244,36 +267,34 @@ def _load_file(path: str):
 
 
 class _PixelTail:
-    """A file slice's pixel data, read from where its header scan stopped: the header
-    is parsed once (at the scan), the rest of the file once (when the slice is decoded)."""
+    """A slice's pixel data, read from where its header scan stopped: the header is parsed
+    once (at the scan; its pixel-module elements kept as read, unconverted), the rest of
+    the file or zip member once (when the slice is decoded, in a worker thread)."""
 
-    def __init__(self, path: str, offset: int, header_ds):
-        from pydicom.dataset import Dataset, FileMetaDataset
-
-        self.path, self.offset = path, offset
+    def __init__(self, source: Callable[[], Any], offset: int, header_ds):
+        self.source, self.offset = source, offset  # source() -> a binary file object
         self.encoding = header_ds.original_encoding
-        self.pixel_module = Dataset({header_ds[k].tag: header_ds[k] for k in PIXEL_TAGS if k in header_ds})
-        self.pixel_module.file_meta = FileMetaDataset()
-        self.pixel_module.file_meta.TransferSyntaxUID = header_ds.file_meta.TransferSyntaxUID
+        self.syntax = header_ds.file_meta.TransferSyntaxUID
+        self.elements = {elem.tag: elem for elem in map(header_ds.get_item, map(_tag, PIXEL_TAGS)) if elem is not None}
 
     def __call__(self):
-        from pydicom.dataset import Dataset
+        from pydicom.dataset import Dataset, FileMetaDataset
         from pydicom.filereader import read_dataset
 
-        with open(self.path, "rb") as fp:
+        with self.source() as fp:
             fp.seek(self.offset)
             tail = read_dataset(fp, *self.encoding)
-        full = Dataset(dict(self.pixel_module.items()))
-        full.file_meta = self.pixel_module.file_meta
+        full = Dataset(dict(self.elements))
+        full.file_meta = FileMetaDataset()
+        full.file_meta.TransferSyntaxUID = self.syntax
         full.set_original_encoding(*self.encoding)
         full.update(tail)
         return full
 
 
-def _read_file_header(path: str) -> SliceRef | None:
-    """Header of one regular file, remembering where its pixel data start."""
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
+def _read_file_header(path: str, sniff: bool = False) -> SliceRef | None:
+    """Header of one regular file, remembering where its pixel data start; with ``sniff``,
+    None for a file that is not DICOM by suffix or 'DICM' marker (one open for both)."""
     try:
         fp = open(path, "rb")
     except PermissionError:
@@ -282,12 +303,22 @@ def _read_file_header(path: str) -> SliceRef | None:
         return SliceRef(name=path, problem=f"unreadable ({exc.strerror or exc})")
     kept: dict = {}
     with fp:
+        if sniff and fp.read(132)[128:] != b"DICM" and Path(path).suffix.lower() not in DICOM_SUFFIXES:
+            return None
+        fp.seek(0)
         ref = _read_header(fp, path, lambda: _load_file(path), keep=kept)
         offset = fp.tell()
-    ds = kept.get("ds")
+    return _with_tail(ref, kept.get("ds"), functools.partial(open, path, "rb"), offset)
+
+
+def _with_tail(ref: SliceRef | None, ds, source: Callable[[], Any], offset: int) -> SliceRef | None:
+    """``ref`` decoding from ``offset`` of ``source()`` on, its header not parsed again;
+    a deflated transfer syntax (one deflate stream for the whole dataset) keeps its load."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ref is not None and ds is not None and syntax is not None and syntax != DeflatedExplicitVRLittleEndian:
-        ref.load = _PixelTail(path, offset, ds)
+        ref.load = _PixelTail(source, offset, ds)
     return ref
 
 
@@ -320,26 +351,38 @@ class _Zip:
         with self.lock, self._open().open(info) as member:
             return member.read(info.file_size)
 
+    def inflated(self, info: zipfile.ZipInfo) -> io.BytesIO:
+        """The member inflated (once), as a file; a corrupt entry is DicomError naming it."""
+        try:
+            return io.BytesIO(self.read(info))
+        except Exception as exc:  # zlib.error, BadZipFile (CRC), OSError, EOFError
+            raise DicomError(f"corrupt zip entry ({exc.__class__.__name__}: {exc})") from None
+
     def load(self, info: zipfile.ZipInfo):
+        """The whole member as a dataset (a deflated transfer syntax: no tail to start at)."""
         import pydicom
 
+        data = self.inflated(info)
         try:
-            return pydicom.dcmread(io.BytesIO(self.read(info)))
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
-            raise DicomError(f"corrupt zip entry ({exc.__class__.__name__}: {exc})") from None
-        except Exception as exc:  # zlib.error and pydicom's many types
+            return pydicom.dcmread(data)
+        except Exception as exc:  # pydicom's many types
             raise DicomError(f"corrupt zip entry ({exc.__class__.__name__}: {exc})") from None
 
     def header(self, info: zipfile.ZipInfo, name: str) -> SliceRef | None:
+        """The member's header, inflating only its start; its pixels are read from there on
+        when the slice is decoded."""
         problem = self.budget_problem(info)
         if problem:
             return SliceRef(name=name, problem=problem)
+        kept: dict = {}
         try:
             with self.lock, self._open().open(info) as member:
-                return _read_header(member, name, lambda: self.load(info),
-                                    passthrough=(zlib.error, zipfile.BadZipFile))
+                ref = _read_header(member, name, lambda: self.load(info),
+                                   passthrough=(zlib.error, zipfile.BadZipFile), keep=kept)
+                offset = member.tell()
         except Exception as exc:  # zlib.error, BadZipFile (CRC), OSError
             return SliceRef(name=name, problem=f"corrupt zip entry ({exc.__class__.__name__}: {exc})")
+        return _with_tail(ref, kept.get("ds"), functools.partial(self.inflated, info), offset)
 
     def close(self) -> None:
         with self.lock:
@@ -398,10 +441,8 @@ def _read_folder(path: Path) -> list[Study]:
             special.append(f"{file}: {problem}")
         elif file.name.lower().endswith(NIFTI_SUFFIXES):
             skipped.append(f"{file} (NIfTI: pass it as its own input)")
-        elif not is_dicom(file):
-            skipped.append(str(file))
         else:
-            ref = _read_file_header(str(file))
+            ref = _read_file_header(str(file), sniff=True)
             (skipped.append(str(file)) if ref is None else refs.append(ref))
     if special:
         notes.append(f"{len(special)} special file(s) skipped ({special[0]})")
@@ -412,9 +453,6 @@ def find_studies(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_pixel
     """Every study under one input: a folder (recursive), a .zip, a NIfTI volume or one
     DICOM file. Never raises for bad content: a study that can't be read comes back
     with ``error``. Release it with ``study.close()`` when done."""
-    from ctedge.core.dicom import DEFAULT_MAX_PIXELS
-    from ctedge.edge.study.nifti import read_nifti
-
     path = Path(path)
     name = str(path)
     if not os.path.lexists(path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctedge.core.results import RejectedSeries
-from ctedge.edge.study.read import SliceRef, Study
+from ctedge.edge.study.records import SliceRef, Study
 from ctedge.edge.study.rules import DEFAULT_RULES, SeriesFacts, SeriesRules
 
 MIN_SLICES = 3  # fewer is a scout, a key image or a dose screen, not a chest CT

@@ -1,0 +1,121 @@
+"""Start-up (issue 29): fresh processes, from command start to exit, for `ctedge --help`
+and for one prediction the way an edge box runs it (`ctedge predict MODEL one.png` on
+onnxruntime; OpenVINO BF16 with a warm compiled-model cache beside it), EfficientNetB3
+at 300 px. Each command runs --runs times, the commands interleaved; medians of the
+wall time and of the process's CPU time (user + sys), and the heavy packages each one
+imports (``python -X importtime``), with the machine they ran on.
+
+    python benchmarks/startup_speed.py            # writes benchmarks/results/startup_speed.{json,md}
+
+The model has random weights (benchmarks/make_b3.py; timing only) and lives with the
+image in runs/bench-startup/ (git-ignored). Run it with nothing else on the cores: a
+fresh process is mostly single-threaded Python, and another job's load shows in full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_b3 import make_b3  # noqa: E402
+from results_io import write_results  # noqa: E402
+
+from ctedge.edge.bench import machine_info  # noqa: E402
+
+# the packages that cost tens of milliseconds or more to import (tests/test_startup.py holds the budget)
+HEAVY = ("numpy", "cv2", "PIL", "pydicom", "nibabel", "onnxruntime", "openvino", "tensorflow", "keras", "sklearn",
+         "scipy", "matplotlib", "requests", "pydantic")
+
+
+def commands(model: Path, image: Path) -> dict[str, list[str]]:
+    return {"ctedge --help": ["--help"],
+            "predict one PNG, onnxruntime fp32": ["predict", str(model), str(image), "--runtime", "onnxruntime"],
+            "predict one PNG, OpenVINO BF16 (warm cache)": ["predict", str(model), str(image), "--runtime",
+                                                            "openvino", "--precision", "bf16"]}
+
+
+def timed(args: list[str]) -> tuple[float, float]:
+    """(wall s, CPU s of the child) of one fresh `python -m ctedge ARGS`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "ctedge", *args], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"`ctedge {' '.join(args)}` failed: {done.stderr[-800:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def imports(args: list[str]) -> dict:
+    """Which heavy packages a fresh process imports, and the import time of its top-level modules."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "ctedge", *args], capture_output=True, text=True)
+    rows = re.findall(r"^import time:\s+\d+ \|\s+(\d+) \| (\S.*)$", done.stderr, re.M)
+    names = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", done.stderr, re.M))
+    return {"heavy": sorted({n.split(".")[0] for n in names} & set(HEAVY)),
+            "top_level_import_s": sum(int(us) for us, _ in rows) / 1e6}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Start-up (`benchmarks/startup_speed.py`, {time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}. Load average "
+             f"before {report['load_before']}, after {report['load_after']}. Model: `{report['model']}` "
+             f"(benchmarks/make_b3.py: EfficientNetB3 at 300 px, random weights), one {report['image_px']} px PNG. "
+             f"Medians of {report['runs']} fresh processes per command, commands interleaved.", "",
+             "| command | wall s (median) | CPU s (median) | import time s (-X importtime) | heavy packages imported |",
+             "|---|---|---|---|---|"]
+    for name, row in report["commands"].items():
+        lines.append(f"| {name} | {row['wall_s']['median']:.3f} | {row['cpu_s']['median']:.3f} | "
+                     f"{row['imports']['top_level_import_s']:.3f} | {', '.join(row['imports']['heavy']) or '-'} |")
+    lines += ["", "Commands: " + "; ".join(f"`ctedge {' '.join(row['args'])}`" for row in report["commands"].values()),
+              ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-startup"))
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "startup_speed")
+    args = parser.parse_args()
+    import cv2
+
+    from ctedge.core.phantoms import phantom
+
+    model = args.model or make_b3(args.work)
+    image = args.work / "one.png"
+    args.work.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(image), phantom(np.random.default_rng(0), 512, True))
+    runs = commands(model, image)
+    for command in runs.values():  # untimed: OpenVINO's compiled-model cache, the OS file cache
+        timed(command)
+    load_before = os.getloadavg()
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.runs):
+        for name, command in runs.items():
+            wall, cpu = timed(command)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    report = {"machine": machine_info(None), "runs": args.runs, "image_px": 512, "model": str(model),
+              "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+              "commands": {name: {"args": command, "imports": imports(command),
+                                  "wall_s": {"runs": walls[name], "median": float(np.median(walls[name]))},
+                                  "cpu_s": {"runs": cpus[name], "median": float(np.median(cpus[name]))}}
+                           for name, command in runs.items()}}
+    write_results(args.out, report, markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
