@@ -98,8 +98,8 @@ def parse_poll(text: str) -> str:
         return text.strip()
     try:
         Destination.parse(text)
-    except CtedgeError as exc:
-        raise CtedgeError(f"must be AET@HOST:PORT or dicomweb:URL, not {text!r} ({exc.detail})", param="poll") from None
+    except CtedgeError:
+        raise CtedgeError(f"must be AET@HOST:PORT or dicomweb:URL, not {text!r}", param="poll") from None
     return text.strip()
 
 
