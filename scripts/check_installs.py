@@ -32,6 +32,7 @@ DOCUMENTED = {
     ".[cpu]": ("onnxruntime", False),
     ".[cpu,eval]": ("onnxruntime", False),
     ".[cpu,pacs]": ("onnxruntime", False),
+    ".[cpu,serve]": ("onnxruntime", False),
     ".[cuda]": ("onnxruntime-gpu", False),
     ".[openvino]": (None, True),
     ".[cpu,openvino]": ("onnxruntime", True),

@@ -35,10 +35,10 @@ def require(binary: Path) -> None:
 class Orthanc:
     """An Orthanc started with a generated configuration in ``folder`` (loopback only); it
     knows ``modalities`` (name -> [AET, host, port]); ``dicomweb`` loads the DICOMweb plugin
-    (at ``/dicom-web``)."""
+    (at ``/dicom-web``), which knows the DICOMweb ``servers`` (name -> [URL, user, password])."""
 
     def __init__(self, folder: Path, modality_port: int | None = None, *, dicomweb: bool = False,
-                 modalities: dict | None = None):
+                 modalities: dict | None = None, servers: dict | None = None):
         require(ORTHANC)
         if dicomweb:
             require(DICOMWEB_PLUGIN)
@@ -53,7 +53,7 @@ class Orthanc:
                   "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
                   "MaximumStorageCacheSize": 0,  # every read goes to the storage folder (a test may break a file)
                   "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
-                  "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
+                  "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/", "Servers": servers or {}},
                   "DicomModalities": known}
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = open(folder / "orthanc.log", "w")

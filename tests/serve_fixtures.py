@@ -122,13 +122,13 @@ def running_service(tmp: Path, model: Path, faults=None, **options):
 
 
 @contextlib.contextmanager
-def http_server(app):
-    """``app`` on uvicorn in a thread, on a free loopback port (yielded)."""
+def http_server(app, port: int | None = None):
+    """``app`` on uvicorn in a thread, on ``port`` or a free loopback port (yielded)."""
     import threading
 
     import uvicorn
 
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -46,7 +46,7 @@ def test_study_round_trip_sr_matches_classify_study(tmp_path, serve_model, synta
     assert len(collector.received) == 1
     sr = read_sr(collector.received[0])
     assert sr["study_uid"] == study_uid and sr["patient_id"] == "P-7"
-    assert abs(sr["measurements"]["Probability of COVID-19"] - expected.probability) <= 1e-6
+    assert abs(sr["measurements"]["Probability"] - expected.probability) <= 1e-6
     assert sr["measurements"]["Slices used"] == expected.slices_used
     assert sr["finding"] == ("Present" if expected.label == "CT_COVID" else "Absent")
     assert sr["references"] == [top["sop_instance_uid"] for top in answer["result"]["top_slices"]]
@@ -190,26 +190,39 @@ def test_tls_needs_the_right_ca(tmp_path, serve_model):
         assert send_files(files[:1], port) is None  # plain DICOM to a TLS port
 
 
-def test_a_study_without_an_answer_gets_no_sr_but_its_reason(tmp_path, serve_model):
-    """Only a scout (no axial series): no SR; the reason in /v1/studies/{uid} and the metrics."""
+def test_a_study_no_rule_accepts_is_not_eligible_with_why(tmp_path, serve_model, caplog):
+    """The node applies its rules: a scout-only study (the defaults) and an 8-slice axial one
+    (``min-slices`` 10 from the configuration) get no SR; /v1/studies/{uid}, the status page,
+    the metrics and the log say "not eligible" and why, and it is no error."""
     from fastapi.testclient import TestClient
 
     from ctedge.core.phantom_studies import write_scout
     from ctedge.edge.serve.http import create_app
+    from ctedge.edge.study.rules import SeriesRules
 
-    study_uid = "1.2.826.0.1.3680043.10.1.77"
-    write_scout(tmp_path / "scout", np.random.default_rng(9), study_uid, "P-9")
+    scout_uid = "1.2.826.0.1.3680043.10.1.77"
+    write_scout(tmp_path / "scout", np.random.default_rng(9), scout_uid, "P-9")
+    short_uid = write_study(tmp_path / "short", np.random.default_rng(10), True, slices=8, scout=False)
     collector = Collector().start()
     try:
-        with running_service(tmp_path, serve_model, destination=[collector.destination]) as service, \
+        with caplog.at_level(logging.INFO, logger="ctedge"), \
+                running_service(tmp_path, serve_model, destination=[collector.destination],
+                                rules=SeriesRules(min_slices=10)) as service, \
                 TestClient(create_app(service)) as client:
             assert send_files(study_files(tmp_path / "scout"), service.node.port) == [0, 0]
-            answer = wait_for(lambda: client.get(f"/v1/studies/{study_uid}").json().get("result"), what="answer")
-            metrics = client.get("/metrics").text
+            assert send_files(study_files(tmp_path / "short"), service.node.port) == [0] * 8
+            views = [wait_for(lambda uid=uid: (view := client.get(f"/v1/studies/{uid}").json()).get("result") and view,
+                              what="the answer") for uid in (scout_uid, short_uid)]
+            metrics, page = client.get("/metrics").text, client.get("/").text
     finally:
         collector.stop()
-    assert answer["error"].startswith("not eligible: no series meets the rules") and answer["probability"] is None
-    assert "ctedge_studies_failed_total 1.0" in metrics and "ctedge_studies_answered_total 0.0" in metrics
+    scout, short = (view["result"] for view in views)
+    assert [view["status"] for view in views] == ["not eligible"] * 2 and {v["delivery"] for v in views} == {"none"}
+    assert scout["error"] is None and scout["probability"] is None and "LOCALIZER" in scout["not_eligible"]
+    assert "8 slice(s), fewer than min-slices 10" in short["not_eligible"]
+    assert "ctedge_studies_not_eligible_total 2.0" in metrics and "ctedge_studies_failed_total 0.0" in metrics
+    assert page.count("not eligible: no series meets the rules") == 2
+    assert caplog.text.count("not eligible: no series meets the rules") == 2 and "min-slices 10" in caplog.text
     assert collector.received == []
 
 

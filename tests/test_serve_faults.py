@@ -150,7 +150,8 @@ def test_a_full_disk_pauses_the_node_and_it_resumes_by_itself(tmp_path, serve_mo
 
 def test_a_transient_classification_error_is_retried_a_data_error_is_final(tmp_path, serve_model, monkeypatch):
     """A classification that raises is tried again with backoff, up to ``classify_retries``; then
-    the error is the answer. A study with no axial series (a data error) is answered at once."""
+    the error is the answer. A study with no series the rules accept is answered at once: not
+    eligible, not an error, no SR."""
     from ctedge.core.phantom_studies import write_scout
 
     study_uid = write_study(tmp_path / "s", np.random.default_rng(42), True, slices=8, scout=False)
@@ -169,9 +170,11 @@ def test_a_transient_classification_error_is_retried_a_data_error_is_final(tmp_p
         assert send_files(study_files(tmp_path / "s"), service.node.port) == [0] * 8
         assert send_files(study_files(tmp_path / "scout"), service.node.port) == [0, 0]
         answer = wait_for(lambda: service.study_view(study_uid)[1].get("result"), what="the final answer")
-        data_error = wait_for(lambda: service.study_view(scout_uid)[1].get("result"), what="the scout's answer")
+        scout = wait_for(lambda: (view := service.study_view(scout_uid)[1]).get("result") and view,
+                         what="the scout's answer")
     assert calls.count(study_uid) == 3 and answer["error"].startswith("internal error (MemoryError")
-    assert calls.count(scout_uid) == 1 and data_error["error"].startswith("not eligible: no series meets the rules")
+    assert calls.count(scout_uid) == 1 and scout["status"] == "not eligible" and scout["delivery"] == "none"
+    assert scout["result"]["error"] is None and scout["result"]["not_eligible"].startswith("no series meets the rules")
 
 
 def test_a_loop_that_dies_is_restarted_and_readyz_says_so_meanwhile(tmp_path, serve_model, monkeypatch):

@@ -37,22 +37,30 @@ def answered(tmp_path_factory, serve_model):
                                     StudyOptions())
 
 
+PRIVATE_SCHEME_WARNING = "Warning - Unrecognized defined term <99CTEDGE> for value 1 of attribute <Coding Scheme Designator>"
+
+
 def _dciodvfy(data: bytes, tmp_path: Path) -> list[str]:
+    """dciodvfy's errors and warnings, but those about DICOMDIR keys the phantom study lacks."""
     path = tmp_path / "object.dcm"
     path.write_bytes(data)
     done = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True)
-    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+    return [line for line in (done.stdout + done.stderr).splitlines()
+            if line.startswith(("Error", "Warning")) and "needed to build DICOMDIR" not in line]
 
 
 def test_the_sr_and_the_capture_pass_dciodvfy(answered, tmp_path):
     """No error from dciodvfy for a COMPLETE SR, a PARTIAL one that supersedes it, and the
-    Secondary Capture."""
+    Secondary Capture; the SRs' one warning left is dciodvfy not knowing the private scheme of the
+    one code DICOM has none for ("slices used"), though it is declared (this dicom3tools warns
+    about the declaration itself too)."""
     require(DCIODVFY)
     _, answer = answered
     first = sr_bytes(build_sr(answer.result, answer.evidence, ALGORITHM, 1))
     second = sr_bytes(build_sr(answer.result, answer.evidence, ALGORITHM, 2, first, incomplete="a gap"))
     capture = sr_bytes(build_capture(answer.result, answer.evidence, ALGORITHM, 1))
-    assert [_dciodvfy(data, tmp_path) for data in (first, second, capture)] == [[], [], []]
+    assert [_dciodvfy(data, tmp_path) for data in (first, second)] == [[PRIVATE_SCHEME_WARNING] * 2] * 2
+    assert [line for line in _dciodvfy(capture, tmp_path) if line.startswith("Error")] == []
     assert pydicom.dcmread(io.BytesIO(second)).CompletionFlag == "PARTIAL"
 
 

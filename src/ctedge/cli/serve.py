@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from enum import Enum
@@ -53,6 +54,17 @@ DrainSeconds = Annotated[Optional[float], _opt("On SIGTERM, what open associatio
                                                "[30].")]
 LogFormatOpt = Annotated[Optional[LogFormat], _opt("Log lines on stderr: text (one line a record, ISO time) or json "
                                                    "(one object a line) [text].")]
+# DICOMweb peers and poll mode (issue 26)
+DicomWebToken = Annotated[Optional[str], typer.Option(
+    "--dicomweb-token", envvar="CTEDGE_DICOMWEB_TOKEN", show_default=False,
+    help="Bearer token for dicomweb: destinations and a dicomweb: --poll (or CTEDGE_DICOMWEB_TOKEN).")]
+DicomWebUser = Annotated[Optional[str], _opt("... or basic auth: the user; the password from CTEDGE_DICOMWEB_PASSWORD.",
+                                             "--dicomweb-user")]
+Poll = Annotated[Optional[str], _opt("Ask this PACS for new CT studies, AET@HOST:PORT (C-FIND, C-GET: it must know "
+                                     "--ae-title) or dicomweb:URL (QIDO-RS, WADO-RS), and classify them as if pushed.")]
+PollEvery = Annotated[Optional[float], _opt("Seconds between two polls [60].")]
+PollSince = Annotated[Optional[str], _opt("The first poll asks for StudyDate from this day, YYYYMMDD (later ones "
+                                          "from the day of the last poll) [today].")]
 
 
 @command
@@ -65,7 +77,8 @@ def serve(
     http_port: Annotated[Optional[int], _opt("HTTP port [8080].")] = None,
     allow: Annotated[Optional[list[str]], _opt(
         "Sender allowed to store: AET or AET@HOST (repeatable) [none: loopback peers only].")] = None,
-    destination: Annotated[Optional[list[str]], _opt("Where results go: AET@HOST:PORT (repeatable).")] = None,
+    destination: Annotated[Optional[list[str]], _opt("Where results go: AET@HOST:PORT (C-STORE) or dicomweb:URL "
+                                                     "(STOW-RS) (repeatable).")] = None,
     spool: Annotated[Optional[Path], _opt("Folder for received instances, results and the outbox "
                                           "[ctedge-spool].")] = None,
     quiet_seconds: Annotated[Optional[float], _opt("A study is complete after this long without a new "
@@ -102,13 +115,16 @@ def serve(
     drain_seconds: DrainSeconds = None,
     log_format: LogFormatOpt = None,
     rule: RuleOpt = None,
+    dicomweb_token: DicomWebToken = None, dicomweb_user: DicomWebUser = None, poll: Poll = None,
+    poll_every: PollEvery = None, poll_since: PollSince = None,
 ) -> None:
     """Run a DICOM node and an HTTP API with one loaded model.
 
-    Studies sent by C-STORE are answered after --quiet-seconds without a new
-    instance: a DICOM Comprehensive SR (TID 1500) goes to each --destination.
-    HTTP: POST /v1/studies, POST /v1/images, GET /v1/studies/UID, /v1/model,
-    /healthz, /readyz, /metrics, a status page at / and the API at /docs.
+    Studies sent by C-STORE or STOW-RS (POST /dicomweb/studies), or found by
+    --poll, are answered after --quiet-seconds without a new instance: a DICOM
+    Comprehensive SR (TID 1500) goes to each --destination. HTTP: POST
+    /v1/studies, POST /v1/images, GET /v1/studies/UID (and .../fhir),
+    /v1/model, /healthz, /readyz, /metrics, a status page at / and the API at /docs.
 
     Example: `ctedge serve exports/b3.onnx --host 0.0.0.0 --allow ORTHANC@10.0.0.5
     --destination ORTHANC@10.0.0.5:4242`
@@ -128,6 +144,7 @@ def serve(
     overrides = {name: value.value if isinstance(value, Enum) else value for name, value in given.items()
                  if name != "config"}
     overrides["rules"] = overrides.pop("rule")
+    overrides["dicomweb_password"] = os.environ.get("CTEDGE_DICOMWEB_PASSWORD")
     run_node(load_config(config, overrides))
 
 

@@ -24,7 +24,7 @@ UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID = 64
 MAX_TEXT = 256  # a header value kept from a PACS's answer (VR LO allows 64)
 STUDY_KEYS = ("StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "StudyTime", "ModalitiesInStudy",
-              "StudyDescription")
+              "StudyDescription", "NumberOfStudyRelatedInstances")
 SERIES_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDescription", "BodyPartExamined",
                "NumberOfSeriesRelatedInstances")
 CHECKED_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"]
@@ -67,6 +67,7 @@ class StudyRef:
     study_time: str = ""
     modalities: tuple[str, ...] = ()
     description: str = ""
+    instances: int | None = None  # NumberOfStudyRelatedInstances, when the PACS says
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Pulling from a PACS over DICOMweb: QIDO-RS for studies and their series, WADO-RS for the
-instances of one chosen series, streamed into a folder.
+instances of one chosen series, streamed into a folder; and STOW-RS of one file (the node's
+results), checked to have arrived.
 
 A small client on httpx rather than dicomweb-client: dicomweb-client reads a multipart
 body into memory until it finds the next boundary (the whole body when the boundary
@@ -14,6 +15,7 @@ from __future__ import annotations
 import email.message
 import json
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -37,8 +39,12 @@ TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "Patien
         "AccessionNumber": "00080050", "StudyDate": "00080020", "StudyTime": "00080030",
         "ModalitiesInStudy": "00080061", "StudyDescription": "00081030", "Modality": "00080060",
         "SeriesDescription": "0008103E", "BodyPartExamined": "00180015", "ImageType": "00080008",
-        "SliceThickness": "00180050", "NumberOfSeriesRelatedInstances": "00201209"}
-STUDY_FIELDS = ("PatientID", "AccessionNumber", "StudyDate", "StudyTime", "ModalitiesInStudy", "StudyDescription")
+        "SliceThickness": "00180050", "NumberOfSeriesRelatedInstances": "00201209",
+        "NumberOfStudyRelatedInstances": "00201208", "SOPInstanceUID": "00080018",
+        "ReferencedSOPSequence": "00081199", "FailedSOPSequence": "00081198", "ReferencedSOPInstanceUID": "00081155",
+        "FailureReason": "00081197"}
+STUDY_FIELDS = ("PatientID", "AccessionNumber", "StudyDate", "StudyTime", "ModalitiesInStudy", "StudyDescription",
+                "NumberOfStudyRelatedInstances")
 SERIES_FIELDS = ("Modality", "SeriesDescription", "BodyPartExamined", "ImageType", "SliceThickness",
                  "NumberOfSeriesRelatedInstances")
 
@@ -111,7 +117,8 @@ class DicomWebSource:
                 accession_number=text(_value(item, "AccessionNumber")), study_date=text(_value(item, "StudyDate")),
                 study_time=text(_value(item, "StudyTime")),
                 modalities=tuple(text(m) for m in _values(item, "ModalitiesInStudy")),
-                description=text(_value(item, "StudyDescription"))))
+                description=text(_value(item, "StudyDescription")),
+                instances=count(_value(item, "NumberOfStudyRelatedInstances"))))
         return list(studies.values())
 
     def find_series(self, study: StudyRef) -> list[SeriesRef]:
@@ -155,6 +162,46 @@ class DicomWebSource:
         if not sink.count:
             raise PullError(f"{self.name}: WADO-RS returned no instance for series {series_uid}")
         return sink.count
+
+    # --- STOW-RS ---------------------------------------------------------------------
+
+    def store(self, data: bytes, study_uid: str, sop_uid: str) -> None:
+        """Store one DICOM file (STOW-RS), sent with a Content-Length (Orthanc may answer a chunked
+        body 200 and store nothing); PullError unless the answer's ReferencedSOPSequence, or a
+        QIDO-RS after it, shows the instance stored."""
+        import httpx
+
+        boundary = uuid.uuid4().hex
+        body = b"".join((f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), data,
+                         f"\r\n--{boundary}--\r\n".encode()))
+        headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                   "Accept": DICOM_JSON}
+        content, limit = bytearray(), self.options.max_answer_bytes
+        try:
+            with self.client.stream("POST", self.base + "/studies", content=body, headers=headers) as response:
+                for chunk in self._chunks(response, time.monotonic() + self.options.deadline_s):
+                    content += chunk
+                    if len(content) > limit:
+                        raise PullError(f"{self.name}: STOW-RS answer larger than {limit:,} bytes; cut off")
+        except httpx.TimeoutException:
+            raise PullError(f"{self.name}: no answer to STOW-RS within {self.options.timeout_s:g} s") from None
+        except httpx.HTTPError as exc:
+            raise PullError(f"{self.name}: STOW-RS: {exc.__class__.__name__}: {exc}") from None
+        stored, failed = _stow_answer(bytes(content))
+        if sop_uid in failed:
+            raise PullError(f"{self.name}: STOW-RS refused the instance (HTTP {response.status_code}, FailureReason "
+                            f"0x{failed[sop_uid]:04X})")
+        if response.status_code not in (200, 202):
+            _check_status(response, self.name, "/studies")
+            raise PullError(f"{self.name}: STOW-RS answered HTTP {response.status_code}")
+        if sop_uid not in stored and not self.holds(study_uid, sop_uid):
+            raise PullError(f"{self.name}: STOW-RS answered HTTP {response.status_code} but the instance is not "
+                            "there (not in the answer's ReferencedSOPSequence, nor found by QIDO-RS)")
+
+    def holds(self, study_uid: str, sop_uid: str) -> bool:
+        """Whether QIDO-RS finds the instance in the study."""
+        answer = self._json(f"/studies/{study_uid}/instances", [("SOPInstanceUID", sop_uid)])
+        return any(_value(item, "SOPInstanceUID") == sop_uid for item in answer)
 
     # --- HTTP ------------------------------------------------------------------------
 
@@ -267,6 +314,29 @@ class _Parts:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _stow_answer(content: bytes) -> tuple[set[str], dict[str, int]]:
+    """The SOP Instance UIDs a Store Instances Response lists as stored, and those it lists as
+    failed with their FailureReason; empty when the answer is not DICOM JSON."""
+    try:
+        answer = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return set(), {}
+    if isinstance(answer, list) and answer:  # some servers wrap the dataset in an array
+        answer = answer[0]
+    if not isinstance(answer, dict):
+        return set(), {}
+
+    def items(tag: str) -> list[dict]:
+        entry = answer.get(tag)
+        values = entry.get("Value") if isinstance(entry, dict) else None
+        return [item for item in values if isinstance(item, dict)] if isinstance(values, list) else []
+
+    stored = {str(_value(item, "ReferencedSOPInstanceUID")) for item in items(TAGS["ReferencedSOPSequence"])}
+    failed = {str(_value(item, "ReferencedSOPInstanceUID")): count(_value(item, "FailureReason")) or 0
+              for item in items(TAGS["FailedSOPSequence"])}
+    return stored, failed
 
 
 def _values(item: dict, keyword: str) -> list:

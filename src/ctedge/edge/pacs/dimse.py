@@ -105,7 +105,8 @@ class DimseSource:
                 study_uid=uid, patient_id=text(ds.get("PatientID")), accession_number=text(ds.get("AccessionNumber")),
                 study_date=text(ds.get("StudyDate")), study_time=text(ds.get("StudyTime")),
                 modalities=tuple(text(m) for m in ([modalities] if isinstance(modalities, str) else modalities) if m),
-                description=text(ds.get("StudyDescription"))))
+                description=text(ds.get("StudyDescription")),
+                instances=count(ds.get("NumberOfStudyRelatedInstances"))))
         return list(studies.values())
 
     def find_series(self, study: StudyRef) -> list[SeriesRef]:

@@ -256,7 +256,7 @@ class Assembler:
 
     def _draft(self, study: StudyRow, answer: Answer, version: int, incomplete: str | None) -> AnswerDraft:
         result, sr, sr_uid, sc, sc_error = answer.result, None, None, None, None
-        if result.error is None:
+        if result.error is None and result.not_eligible is None:
             try:
                 dataset = build_sr(result, answer.evidence, self.algorithm, version,
                                    self.journal.previous_sr(study.id, study.version), incomplete)
@@ -283,5 +283,6 @@ class Assembler:
                 "study %s%s: %d instance(s), %s%s, %.2f s after its last instance", uid,
                 f" (PatientID {result.patient_id})" if self.log_phi else "", answered.instances,
                 f"error: {hash_uids(result.error)}" if result.error else
+                f"not eligible: {hash_uids(result.not_eligible)}" if result.not_eligible else
                 f"P={result.probability:.4f} {result.label} from {result.slices_used} slice(s)",
                 f", PARTIAL: {draft.completion_reason}" if draft.completion == "PARTIAL" else "", answered.latency_s)

@@ -7,6 +7,7 @@ import re
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from ctedge.core.choices import LogFormat
 from ctedge.core.errors import CtedgeError
@@ -57,6 +58,51 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class WebDestination:
+    """Where results go by STOW-RS: ``dicomweb:URL``, the DICOMweb service's base (credentials
+    in the URL or from ``--dicomweb-token``/``--dicomweb-user``; never in its name)."""
+
+    url: str
+
+    @classmethod
+    def parse(cls, text: str, param: str = "destination") -> WebDestination:
+        url = text.strip().removeprefix(WEB_PREFIX)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise CtedgeError(f"must be dicomweb:URL with an http(s) URL, e.g. dicomweb:http://pacs:8042/dicom-web, "
+                              f"not {_without_password(text)!r}", param=param)
+        return cls(url)
+
+    def __str__(self) -> str:
+        parts = urlsplit(self.url)
+        return WEB_PREFIX + urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
+
+
+WEB_PREFIX = "dicomweb:"
+
+
+def _without_password(text: str) -> str:
+    return re.sub(r"//[^/@]*@", "//…@", text)
+
+
+def parse_destination(text: str) -> Destination | WebDestination:
+    """``AET@HOST:PORT`` (C-STORE) or ``dicomweb:URL`` (STOW-RS)."""
+    return WebDestination.parse(text) if text.strip().startswith(WEB_PREFIX) else Destination.parse(text)
+
+
+def parse_poll(text: str) -> str:
+    """A PACS to poll, checked: ``AET@HOST:PORT`` or ``dicomweb:URL``."""
+    if text.strip().startswith(WEB_PREFIX):
+        WebDestination.parse(text, "poll")
+        return text.strip()
+    try:
+        Destination.parse(text)
+    except CtedgeError:
+        raise CtedgeError(f"must be AET@HOST:PORT or dicomweb:URL, not {text!r}", param="poll") from None
+    return text.strip()
+
+
 def check_ae(ae: str, param: str) -> None:
     if not AE_TITLE.match(ae) or ae.strip() != ae or "\\" in ae:
         raise CtedgeError(f"{ae!r} is not an AE title (1-16 printable ASCII characters, no backslash)",
@@ -84,7 +130,7 @@ class ServeConfig:
     dicom_port: int = 11112
     http_port: int = 8080
     allow: list[Peer] = field(default_factory=list)  # empty: loopback peers only
-    destination: list[Destination] = field(default_factory=list)
+    destination: list[Destination | WebDestination] = field(default_factory=list)
     spool: Path = Path("ctedge-spool")
     quiet_seconds: float = 5.0
     max_study_instances: int = 3000
@@ -129,6 +175,13 @@ class ServeConfig:
     log_format: str = LogFormat.text.value  # text (one line a record) or json (one object a line)
     # which series may be scored (issue 26 item 6)
     rules: SeriesRules = DEFAULT_RULES  # which series may be scored: the TOML's [rules] table, --rule
+    # DICOMweb peers (issue 26 items 4 and 5): dicomweb: destinations and a dicomweb: poll source
+    dicomweb_token: str | None = None  # bearer token for them
+    dicomweb_user: str | None = None  # ... or basic auth; the password from CTEDGE_DICOMWEB_PASSWORD
+    dicomweb_password: str | None = None
+    poll: str | None = None  # a PACS asked for new CT studies: AET@HOST:PORT or dicomweb:URL
+    poll_every: float = 60.0  # seconds between two polls
+    poll_since: str | None = None  # the first poll's StudyDate (YYYYMMDD); default today
 
     def check(self) -> None:
         check_ae(self.ae_title, "ae_title")
@@ -145,6 +198,7 @@ class ServeConfig:
             raise CtedgeError("checks senders' certificates on DICOM TLS, which needs --tls-cert and --tls-key too "
                               "(without them the node would speak plain DICOM)", param="tls_ca")
         self._check_guards()
+        self._check_dicomweb()
         for path in (self.model, self.tls_cert, self.tls_key, self.tls_ca):
             if path is not None and not Path(path).is_file():
                 raise CtedgeError(f"no such file: {path}")
@@ -183,6 +237,22 @@ class ServeConfig:
         if self.log_format not in LOG_FORMATS:
             raise CtedgeError(f"must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}", param="log_format")
 
+    def _check_dicomweb(self) -> None:
+        if self.dicomweb_token and self.dicomweb_user:
+            raise CtedgeError("and --dicomweb-user: give one", param="dicomweb_token")
+        if not self.poll_every > 0:
+            raise CtedgeError(f"must be more than 0, not {self.poll_every}", param="poll_every")
+        if self.poll_since is not None and not re.fullmatch(r"(19|20)\d\d(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])",
+                                                            str(self.poll_since)):
+            raise CtedgeError(f"must be a date YYYYMMDD, not {self.poll_since!r}", param="poll_since")
+        if self.poll is not None or any(isinstance(d, WebDestination) for d in self.destination):
+            try:
+                import httpx  # noqa: F401
+                import python_multipart  # noqa: F401
+            except ImportError as exc:
+                raise CtedgeError(f"DICOMweb destinations and --poll need the pacs extra ({exc.name} is missing): "
+                                  "pip install 'ctedge[serve]'", param="poll" if self.poll else "destination") from None
+
     @property
     def per_host_limit(self) -> int:
         """Associations one host may hold: ``max_associations_per_host``, else half of all."""
@@ -217,7 +287,9 @@ def _convert(name: str, value):
     if name == "allow":
         return [v if isinstance(v, Peer) else Peer.parse(v) for v in value]
     if name == "destination":
-        return [v if isinstance(v, Destination) else Destination.parse(v) for v in value]
+        return [v if isinstance(v, (Destination, WebDestination)) else parse_destination(v) for v in value]
+    if name == "poll" and value is not None:
+        return parse_poll(value)
     if name in ("model", "spool", "tls_cert", "tls_key", "tls_ca", "destination_tls_ca", "destination_tls_cert",
                 "destination_tls_key") and value is not None:
         return Path(value)

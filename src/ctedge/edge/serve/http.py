@@ -15,6 +15,7 @@ import base64
 import binascii
 import hmac
 import importlib.util
+import logging
 import shutil
 import socket
 import tempfile
@@ -30,7 +31,10 @@ from ctedge.core.errors import CtedgeError
 from ctedge.core.files import printable
 from ctedge.core.results import dumps
 from ctedge.edge.runtime import predict_images
+from ctedge.edge.serve import intake, stow
 from ctedge.edge.serve.assembler import QueueFull
+from ctedge.edge.serve.fhir import MEDIA_TYPE as FHIR_JSON
+from ctedge.edge.serve.fhir import observation
 from ctedge.edge.serve.pipeline import as_uploaded, classify_paths, study_document
 from ctedge.edge.serve.spool import uid_hash
 from ctedge.edge.serve.status import status_page
@@ -45,6 +49,7 @@ STUDY_SUFFIXES = ((b"PK\x03\x04", 0, ".zip"), (b"\x1f\x8b", 0, ".nii.gz"), (b"n+
 IMAGE_SUFFIXES = ((b"\x89PNG", 0, ".png"), (b"\xff\xd8", 0, ".jpg"), (b"DICM", 128, ".dcm"))
 UPLOADS = "uploads"  # under the spool: one temp folder per upload, removed after its answer (and at start)
 REALM = 'Bearer realm="ctedge serve", Basic realm="ctedge serve"'
+log = logging.getLogger(__name__)
 
 
 def listen(host: str, port: int, param: str) -> socket.socket:
@@ -242,6 +247,7 @@ def create_app(service) -> FastAPI:
     uploads.mkdir(parents=True, exist_ok=True)
     guarded = [Depends(authorised)]
     _classify_routes(app, service, guarded)
+    _dicomweb_routes(app, service, guarded)
     _lookup_routes(app, service, guarded)
     return app
 
@@ -279,6 +285,37 @@ def _classify_routes(app: FastAPI, service, guarded: list) -> None:
         service.metrics.http_requests.labels("images").inc()
         return _json(_without_paths(replace(document, predictions=rows).to_dict(), folder, path, name))
 
+def _dicomweb_routes(app: FastAPI, service, guarded: list) -> None:
+    """STOW-RS in: DICOM files into the spool and journal, as C-STORE brings them."""
+    uploads = service.config.spool / UPLOADS
+
+    @app.post("/dicomweb/studies", dependencies=guarded,
+              summary="STOW-RS: store DICOM instances (multipart/related; type=\"application/dicom\")")
+    async def store_instances(request: Request) -> Response:
+        counts, state = stow.StowCounts(), "aborted"
+        client = request.client.host if request.client else "?"
+        folder = Path(tempfile.mkdtemp(prefix="stow-", dir=uploads))
+        try:
+            if not await stow.receive(request, service, folder, counts):
+                raise HTTPException(400, "the multipart body ended before its closing boundary (truncated, or a "
+                                         "boundary that does not match); the instances before it were kept")
+            if not counts.outcomes:
+                raise HTTPException(400, "the multipart body holds no part")
+            refused = any(outcome.status == intake.OUT_OF_RESOURCES for _, outcome in counts.outcomes)
+            state = "refused" if refused else "released"
+            return stow.response(counts)
+        except HTTPException as exc:
+            if not counts.outcomes:
+                log.warning("STOW-RS from %s refused (HTTP %d): %s", client, exc.status_code, exc.detail)
+            raise
+        finally:
+            if any(outcome.status in (intake.SUCCESS, intake.DUPLICATE) for _, outcome in counts.outcomes):
+                await asyncio.to_thread(service.spool.association_closed, counts.key, state)
+            if counts.outcomes:
+                stow.log_request(counts, client, state)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
     """Answers to DICOM studies, the model, health, metrics and the status page."""
     config = service.config
@@ -289,6 +326,16 @@ def _lookup_routes(app: FastAPI, service, guarded: list) -> None:
         if document is None:
             raise HTTPException(404, f"no study {uid_hash(study_uid)} (hashed) received")
         return _json(document, status)
+
+    @app.get("/v1/studies/{study_uid}/fhir", dependencies=guarded,
+             summary="The answer to a study received over DICOM as a FHIR R4 Observation")
+    def get_study_fhir(study_uid: str) -> Response:
+        status, document = service.study_view(study_uid)
+        if document is None:
+            raise HTTPException(404, f"no study {uid_hash(study_uid)} (hashed) received")
+        if status != 200:  # still being received: no answer yet
+            return _json(document, status)
+        return Response(dumps(observation(document, service.algorithm, __version__)), media_type=FHIR_JSON)
 
     @app.get("/v1/model", dependencies=guarded, summary="The model and the runtime it runs on")
     def get_model() -> Response:

@@ -6,7 +6,8 @@ was answered, classification retries). ``instances``: one row per instance file 
 spool holds; a file without a row is an orphan, removed at start. ``answers``: each
 answer version with its result JSON and the exact SR and Secondary Capture bytes that
 go out, committed in one transaction with its ``deliveries`` (one per result and
-destination: pending, sent or failed, attempts, next try, last error).
+destination: pending, sent or failed, attempts, next try, last error). And ``polled``:
+what the poll (``--poll``) has seen on the PACS, so it never takes a study twice.
 
 Every transition is one transaction; ``Faults.hit`` follows each commit. Reads and
 writes share one connection under one lock (the node's work is small and serial).
@@ -88,6 +89,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_unsent ON deliveries (status, next_try) WHERE status != 'sent';
 CREATE INDEX IF NOT EXISTS answers_created ON answers (created);
+CREATE TABLE IF NOT EXISTS polled (         -- studies the poll has seen on the PACS: never taken twice
+    study_uid TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    checked REAL NOT NULL,                  -- when the poll last changed its row
+    instances INTEGER,                      -- NumberOfStudyRelatedInstances when last seen
+    status TEXT NOT NULL,                   -- waiting, retrieved, held (received otherwise), not eligible, failed
+    attempts INTEGER NOT NULL DEFAULT 0,    -- failed retrievals
+    detail TEXT                             -- not eligible: the result JSON; failed: the error
+);
+CREATE INDEX IF NOT EXISTS polled_checked ON polled (checked);
 """
 STUDY_COLUMNS = ("id, study_uid, key, created, last_arrival, instances, bytes, association_state, "
                  "answered_instances, version, attempts, next_try, last_error, resent")
@@ -109,6 +120,22 @@ class StudyRow:
     next_try: float
     last_error: str | None
     resent: int
+
+
+POLLED_COLUMNS = "study_uid, first_seen, checked, instances, status, attempts, detail"
+
+
+@dataclass(frozen=True)
+class PolledRow:
+    """What the poll made of one study it saw on the PACS."""
+
+    study_uid: str
+    first_seen: float
+    checked: float
+    instances: int | None
+    status: str
+    attempts: int
+    detail: str | None
 
 
 @dataclass(frozen=True)
@@ -343,6 +370,37 @@ class Journal:
     def next_delivery(self) -> float | None:
         """When the next unsent delivery is due (None: none)."""
         return self.value("SELECT MIN(next_try) FROM deliveries WHERE status != 'sent'")
+
+    # --- polling -------------------------------------------------------------------------
+
+    def polled(self, study_uid: str) -> PolledRow | None:
+        found = self.rows(f"SELECT {POLLED_COLUMNS} FROM polled WHERE study_uid=?", (study_uid,))
+        return PolledRow(*found[0]) if found else None
+
+    def poll_seen(self, study_uid: str, instances: int | None, status: str, detail: str | None = None,
+                  failed: bool = False) -> None:
+        """Record what the poll made of a study (``failed``: one more failed retrieval)."""
+        now = time.time()
+        with self.write(None) as db:
+            db.execute("INSERT INTO polled (study_uid, first_seen, checked, instances, status, attempts, detail) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (study_uid) DO UPDATE SET checked=excluded.checked, "
+                       "instances=excluded.instances, status=excluded.status, detail=excluded.detail, "
+                       "attempts=attempts+excluded.attempts",
+                       (study_uid, now, now, instances, status, int(failed), detail))
+
+    def recent_polled(self, limit: int) -> list[PolledRow]:
+        """The poll's last rows that are not a retrieved study (those have answers), newest first."""
+        return [PolledRow(*row) for row in self.rows(
+            f"SELECT {POLLED_COLUMNS} FROM polled WHERE status NOT IN ('retrieved', 'held') ORDER BY checked DESC "
+            "LIMIT ?", (limit,))]
+
+    def meta(self, key: str) -> str | None:
+        return self.value("SELECT value FROM meta WHERE key=?", (key,))
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.write(None) as db:
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                       (key, value))
 
     # --- retention -------------------------------------------------------------------
 

@@ -41,7 +41,8 @@ DATE = re.compile(r"\b(?:19|20)\d\d([-/.]?)(?:0[1-9]|1[0-2])\1(?:0[1-9]|[12]\d|3
 PERSON_NAME = re.compile(r"[^\s'\"^=()\[\]{},;]*\^[^\s'\"=()\[\]{},;]*")
 QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)|\"[^\"]*\"")  # not the apostrophe of "node's"
 FIRST_VALUE = re.compile(r"""['"]|:\s""")
-QUIET_LIBRARIES = {"pynetdicom": logging.CRITICAL, "highdicom": logging.WARNING, "uvicorn.access": logging.WARNING}
+QUIET_LIBRARIES = {"pynetdicom": logging.CRITICAL, "highdicom": logging.WARNING, "uvicorn.access": logging.WARNING,
+                   "httpx": logging.WARNING}  # httpx: a line per request to a DICOMweb peer (ours say what matters)
 
 
 def redact(text: str) -> str:

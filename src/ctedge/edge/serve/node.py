@@ -11,7 +11,6 @@ many at once and how long, PDU and instance sizes, UIDs) is ``guard``'s.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import ssl
 import time
 import uuid
@@ -19,22 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ctedge.core.errors import CtedgeError
+from ctedge.edge.serve import intake
 from ctedge.edge.serve.config import ServeConfig
-from ctedge.edge.serve.guard import Gate, GuardedAE, Limits, checked_store, uid_problem
-from ctedge.edge.serve.spool import Incoming, Spool, Stored, uid_hash
+from ctedge.edge.serve.guard import Gate, GuardedAE, Limits, checked_store
+from ctedge.edge.serve.intake import CT_IMAGE_STORAGE, REFUSED_SOP_CLASSES
+from ctedge.edge.serve.spool import Spool
 from ctedge.edge.serve.transport import start_server
 
 log = logging.getLogger(__name__)
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-REFUSED_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage is not supported yet",
-                       "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT is not supported yet"}
-STATUS = {Stored.STORED: 0x0000, Stored.STUDY_FULL: 0xA700, Stored.DISK_LOW: 0xA700, Stored.PAUSED: 0xA700}
-DUPLICATE = -1  # internal: acknowledged with 0x0000, counted as a duplicate
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-CANNOT_UNDERSTAND = 0xC000
-HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID",
-               "ImagesInAcquisition"]
 
 
 def decodable_syntaxes() -> list[str]:
@@ -61,15 +52,6 @@ def _make_ae(config: ServeConfig):
     limits = Limits(config.ae_title, config.max_associations, config.per_host_limit, config.associate_seconds,
                     config.idle_seconds, config.max_instance_bytes)
     return GuardedAE(limits, Gate(limits, config.admits, bool(config.allow)))
-
-
-def _expected(ds) -> int | None:
-    """The instance's ImagesInAcquisition when it gives a usable one (a hint, never a refusal)."""
-    try:
-        value = int(ds.get("ImagesInAcquisition") or 0)
-    except (TypeError, ValueError):
-        return None
-    return value if value > 0 else None
 
 
 @dataclass
@@ -170,52 +152,15 @@ class Node:
 
     def _store(self, event) -> int:
         c = self.counts.setdefault(id(event.assoc), AssociationCounts())
-        sop_class = str(event.request.AffectedSOPClassUID)
-        if sop_class in REFUSED_SOP_CLASSES:
-            log.warning("C-STORE refused: %s", REFUSED_SOP_CLASSES[sop_class])
-            c.refused += 1
-            return SOP_CLASS_NOT_SUPPORTED
-        if sop_class != CT_IMAGE_STORAGE:  # an SR, a dose report, a key image: nothing to classify
-            c.other += 1
-            return 0x0000
-        data = event.encoded_dataset()
-        status = self._keep(data, c.key)
-        if status == 0x0000:
-            c.stored += 1
-            c.bytes += len(data)
-        elif status == DUPLICATE:
-            c.duplicates += 1
-            status = 0x0000
-        else:
-            c.refused += 1
-            c.out_of_resources += status == 0xA700
-        return status
-
-    def _keep(self, data: bytes, association: str) -> int:
-        """Spool one CT instance; its DIMSE status (DUPLICATE: acknowledged, counted once)."""
-        import io
-
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
-            study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
-            incoming = Incoming(study_uid, sop_uid, str(ds.get("SeriesInstanceUID", "")), _expected(ds), data)
-        except Exception as exc:  # a dataset pydicom can't read, or without its UIDs
-            log.warning("C-STORE refused: unreadable dataset or no StudyInstanceUID/SOPInstanceUID (%s)",
-                        exc.__class__.__name__)
-            return CANNOT_UNDERSTAND
-        problem = uid_problem(ds)
-        if problem:  # never into the spool, nor into an SR
-            log.warning("C-STORE refused: %s", problem)
-            return CANNOT_UNDERSTAND
         self.on_received()
-        try:
-            stored = self.spool.store(incoming, association)
-        except (OSError, sqlite3.Error) as exc:  # a read-only spool, a broken journal: the sender keeps it
-            log.error("C-STORE of study %s refused (out of resources): cannot write the spool (%s)",
-                      uid_hash(study_uid), getattr(exc, "strerror", None) or exc)
-            return STATUS[Stored.DISK_LOW]
-        if stored in (Stored.STUDY_FULL, Stored.DISK_LOW, Stored.PAUSED):
-            log.warning("C-STORE of study %s refused (out of resources): %s", uid_hash(study_uid), stored.value)
-        return DUPLICATE if stored is Stored.DUPLICATE else STATUS[stored]
+        outcome = intake.sop_class_outcome(str(event.request.AffectedSOPClassUID))
+        if outcome is None:  # a CT image: parsed, checked, spooled
+            data = event.encoded_dataset()
+            outcome = intake.keep(self.spool, data, c.key)
+            c.bytes += len(data) if outcome.status == intake.SUCCESS else 0
+        c.stored += outcome.status == intake.SUCCESS
+        c.duplicates += outcome.status == intake.DUPLICATE
+        c.other += outcome.status == intake.OTHER
+        c.refused += not outcome.kept
+        c.out_of_resources += outcome.status == intake.OUT_OF_RESOURCES
+        return intake.SUCCESS if outcome.kept else outcome.status

@@ -1,5 +1,6 @@
 """Results on their way to the PACS: the outbox loop sends the journal's due deliveries by
-C-STORE (TLS with ``--destination-tls-ca``), each in its own try/except.
+C-STORE (TLS with ``--destination-tls-ca``) or, to a ``dicomweb:`` destination, by STOW-RS
+(checked to have arrived, see ``DicomWebSource.store``), each in its own try/except.
 
 A delivery is ``pending`` for its first ``retries`` attempts (backoff ``retry_seconds``,
 doubling, at most 5 minutes), then ``failed``: still tried every ``retry_failed_every``
@@ -17,7 +18,7 @@ import logging
 import ssl
 import time
 
-from ctedge.edge.serve.config import Destination
+from ctedge.edge.serve.config import Destination, WebDestination
 from ctedge.edge.serve.faults import Faults, is_disk_full
 from ctedge.edge.serve.journal import Due, Journal
 from ctedge.edge.serve.spool import uid_hash
@@ -30,10 +31,11 @@ IDLE_S = 1.0  # the longest the loop sleeps with nothing due
 class Outbox:
     """The outbox loop's step."""
 
-    def __init__(self, journal: Journal, destinations: list[Destination], ae_title: str, retries: int,
-                 retry_seconds: float, retry_failed_every: float, pause, faults: Faults,
-                 tls: ssl.SSLContext | None = None, timeout: float = 30.0, on_failed=None):
+    def __init__(self, journal: Journal, destinations: list[Destination | WebDestination], ae_title: str,
+                 retries: int, retry_seconds: float, retry_failed_every: float, pause, faults: Faults,
+                 tls: ssl.SSLContext | None = None, timeout: float = 30.0, on_failed=None, web_auth: dict | None = None):
         self.journal, self.destinations = journal, {str(d): d for d in destinations}
+        self.web_auth, self.web_clients = web_auth or {}, {}  # dicomweb: destination -> its DicomWebSource
         self.ae_title, self.retries, self.retry_seconds = ae_title, retries, retry_seconds
         self.retry_failed_every, self.pause, self.faults, self.tls, self.timeout = (
             retry_failed_every, pause, faults, tls, timeout)
@@ -66,7 +68,9 @@ class Outbox:
                 error = "destination no longer configured"
             else:
                 self.faults.check()
-                error = send(self.journal.delivery_data(due.id), destination, self.ae_title, self.tls, self.timeout)
+                data = self.journal.delivery_data(due.id)
+                error = self._store_web(data, destination, due.study_uid) if isinstance(destination, WebDestination) \
+                    else send(data, destination, self.ae_title, self.tls, self.timeout)
         if error is None:
             self.faults.hit("delivery.sent")
             self.journal.delivery_sent(due.id)
@@ -87,6 +91,35 @@ class Outbox:
         self.journal.delivery_failed(due.id, "pending", time.time() + backoff, error)
         log.warning("%s to %s: %s; attempt %d of %d, next in %.1f s", name, due.destination, error, attempts,
                     self.retries, backoff)
+
+
+    def _store_web(self, data: bytes, destination: WebDestination, study_uid: str) -> str | None:
+        """STOW-RS one result; None when it arrived, else the reason."""
+        from ctedge.edge.pacs import DicomWebSource, PullError, PullOptions
+
+        name = str(destination)
+        try:
+            sop_uid = str(_header(data).SOPInstanceUID)
+        except Exception as exc:  # damaged bytes: reported and retried like any failure
+            return f"unreadable result ({exc.__class__.__name__})"
+        try:
+            if name not in self.web_clients:
+                self.web_clients[name] = DicomWebSource(destination.url, options=PullOptions(timeout_s=self.timeout),
+                                                        **self.web_auth)
+            self.web_clients[name].store(data, study_uid, sop_uid)
+        except PullError as exc:
+            return str(exc).removeprefix(name.removeprefix("dicomweb:") + ": ")
+        return None
+
+    def close(self) -> None:
+        for client in self.web_clients.values():
+            client.close()
+
+
+def _header(data: bytes):
+    import pydicom
+
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
 
 
 def client_tls(ca, cert=None, key=None) -> ssl.SSLContext | None:

@@ -17,7 +17,10 @@ from ctedge.edge.study.select import find_gaps, order_slices
 
 EVIDENCE_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
                  "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
-                 "StudyTime", "ReferringPhysicianName", "SpecificCharacterSet"]
+                 "StudyTime", "ReferringPhysicianName", "SpecificCharacterSet",
+                 # what the SR's Image Library says of each referenced slice (TID 1602/1604)
+                 "Modality", "FrameOfReferenceUID", "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient",
+                 "ImagePositionPatient", "SliceThickness"]
 
 
 @dataclass
@@ -40,9 +43,7 @@ def classify_spooled(clf, folder: Path, study_uid: str, options: StudyOptions) -
         gaps = find_gaps(order_slices(study.series[result.series_uid])[1]) if result.series_uid else []
     finally:
         study.close()
-    if result.not_eligible:  # no SR; the node's own "not eligible" status comes with its journal (issue 26)
-        return Answer(replace(result, error=f"not eligible: {result.not_eligible}"))
-    if result.error or not result.series_uid:
+    if result.error or result.not_eligible or not result.series_uid:  # no SR: nothing to reference
         return Answer(result, gaps=gaps)
     evidence = [pydicom.dcmread(top.source, stop_before_pixels=True, specific_tags=EVIDENCE_TAGS)
                 for top in result.top_slices]

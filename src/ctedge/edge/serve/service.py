@@ -18,6 +18,7 @@ from ctedge.edge.serve.disk import DiskWatch, Pause
 from ctedge.edge.serve.faults import Faults
 from ctedge.edge.serve.node import Node
 from ctedge.edge.serve.outbox import Outbox, client_tls
+from ctedge.edge.serve.poll import Poller, poll_source
 from ctedge.edge.serve.retention import Retention
 from ctedge.edge.serve.spool import Spool, hash_uids, uid_hash
 from ctedge.edge.serve.sr import Algorithm
@@ -39,6 +40,8 @@ class Metrics:
                                  "duplicate or refused)", registry=self.registry)
         self.answered = Counter("ctedge_studies_answered", "Studies answered", registry=self.registry)
         self.failed = Counter("ctedge_studies_failed", "Studies without an answer (error)", registry=self.registry)
+        self.not_eligible = Counter("ctedge_studies_not_eligible", "Studies with no series the rules accept (no "
+                                    "answer, not an error)", registry=self.registry)
         self.partial = Counter("ctedge_studies_partial", "Studies answered as PARTIAL (maybe incomplete)",
                                registry=self.registry)
         self.latency = Histogram("ctedge_answer_latency_seconds", "Last instance received -> answer committed "
@@ -79,7 +82,7 @@ class Service:
         self.journal = self.spool.journal
         self.clf = Classifier(config.model, config.provider, config.threads, runtime=config.runtime,
                               precision=config.precision)
-        self.options = StudyOptions(max_slices=config.max_slices)
+        self.options = StudyOptions(max_slices=config.max_slices, rules=config.rules)
         self.algorithm = Algorithm("ctedge " + config.model.stem, __version__, file_digest(config.model),
                                    self.clf.threshold)
         self.errors: deque[str] = deque(maxlen=20)
@@ -95,12 +98,19 @@ class Service:
         self.outbox = Outbox(self.journal, config.destination, config.ae_title, config.retries, config.retry_seconds,
                              config.retry_failed_every, self.pause, self.faults,
                              client_tls(config.destination_tls_ca, config.destination_tls_cert,
-                                        config.destination_tls_key), config.destination_timeout, self._error)
+                                        config.destination_tls_key), config.destination_timeout, self._error,
+                             web_auth(config))
         self.disk = DiskWatch(config.spool, self.journal, self.pause, config.min_free_disk, config.disk_check_seconds)
         self.retention = Retention(self.spool, config.keep_days, config.max_spool, config.retention_seconds)
+        self.poller = None
+        if config.poll:
+            source = poll_source(config.poll, config.ae_title, web_auth(config), config.max_study_bytes,
+                                 config.max_study_instances, config.destination_timeout)
+            self.poller = Poller(self.spool, source, config.rules, config.poll_every, self.pause,
+                                 self.metrics.not_eligible.inc, config.poll_since)
         self.loops = {name: Loop(name, step) for name, step in (
             ("assembler", self.assembler.step), ("outbox", self.outbox.step), ("disk", self.disk.step),
-            ("retention", self.retention.step))}
+            ("retention", self.retention.step), *((("poll", self.poller.step),) if self.poller else ()))}
         self.supervisor = Supervisor(list(self.loops.values()), backoff=config.loop_restart_seconds)
 
     def _error(self, message: str) -> None:
@@ -113,6 +123,9 @@ class Service:
         if answered.result.error:
             self.metrics.failed.inc()
             self._error(f"study {uid_hash(answered.study_uid)}: {answered.result.error}")
+            return
+        if answered.result.not_eligible:
+            self.metrics.not_eligible.inc()
             return
         self.metrics.answered.inc()
         self.metrics.latency.observe(answered.latency_s)
@@ -140,8 +153,14 @@ class Service:
         if self.disk.low():
             reasons.append("free disk below --min-free-disk: C-STOREs are refused")
         last_error = self.assembler.last_error or self.outbox.last_error
-        return not reasons, {"ready": not reasons, "reasons": reasons, "loops": self.supervisor.states(),
-                             "disk": self.disk.to_dict(), "pause": pause, "last_error": last_error}
+        document = {"ready": not reasons, "reasons": reasons, "loops": self.supervisor.states(),
+                    "disk": self.disk.to_dict(), "pause": pause, "last_error": last_error}
+        if self.poller is not None:
+            document["poll"] = poll = self.poller.to_dict()
+            if poll["failing"]:
+                reasons.append(f"the poll of {poll['source']} fails: {poll['failing']}")
+        document["ready"] = not reasons
+        return not reasons, document
 
     def start(self) -> None:
         self.disk.step()
@@ -155,4 +174,12 @@ class Service:
         self.node.stop()
         self.supervisor.stop()
         self.worker.stop()
+        self.outbox.close()
+        if self.poller is not None:
+            self.poller.source.close()
         self.spool.close()
+
+
+def web_auth(config: ServeConfig) -> dict:
+    """The credentials for the node's DICOMweb peers (DicomWebSource's keywords)."""
+    return {"token": config.dicomweb_token, "user": config.dicomweb_user, "password": config.dicomweb_password}

@@ -49,6 +49,18 @@ def hash_uids(text: str) -> str:
     return UID_PATTERN.sub(lambda match: "uid:" + uid_hash(match.group()), text)
 
 
+def durable_move(source: Path, path: Path) -> None:
+    """Move a file already written under the spool (a STOW-RS part, a pulled instance) to
+    ``path`` as ``atomic_write`` leaves a file: fsync, rename, fsync the folder."""
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(source, path)
+    sync_folder(path.parent)
+
+
 class Stored(Enum):
     """What became of one received instance (the node maps it to a DIMSE status)."""
 
@@ -61,13 +73,19 @@ class Stored(Enum):
 
 @dataclass(frozen=True)
 class Incoming:
-    """One C-STORE's dataset and what its header says."""
+    """One received instance and what its header says: its bytes (a C-STORE's dataset), or a
+    file under the spool that is moved into place (a STOW-RS part, a pulled instance)."""
 
     study_uid: str
     sop_uid: str
     series_uid: str
     expected: int | None  # ImagesInAcquisition
-    data: bytes
+    data: bytes | None = None
+    path: Path | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else Path(self.path).stat().st_size
 
 
 def lock_spool(root: Path) -> int:
@@ -198,7 +216,7 @@ class Spool:
         held = self.journal.value("SELECT instances FROM studies WHERE study_uid=?", (incoming.study_uid,)) or 0
         if held + arriving >= self.max_study_instances:
             return Stored.STUDY_FULL
-        if self.free_bytes() - len(incoming.data) < self.min_free_disk:
+        if self.free_bytes() - incoming.size < self.min_free_disk:
             return Stored.DISK_LOW
         return None
 
@@ -206,10 +224,14 @@ class Spool:
         name = f"{uuid.uuid4().hex}.dcm"
         path = self.folder(key) / name
         try:
-            atomic_write(incoming.data, path, fresh_name=True)
+            size = incoming.size
+            if incoming.data is not None:
+                atomic_write(incoming.data, path, fresh_name=True)
+            else:
+                durable_move(incoming.path, path)
             self.faults.hit("instance.written")
             self.journal.add_instance(NewInstance(incoming.study_uid, incoming.sop_uid, incoming.series_uid, name,
-                                                  len(incoming.data), incoming.expected, association), key)
+                                                  size, incoming.expected, association), key)
             with self.lock:
                 self.keys.pop(incoming.study_uid, None)  # the journal has it now
         except BaseException as exc:

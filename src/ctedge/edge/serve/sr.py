@@ -2,7 +2,12 @@
 
 The report holds the finding (COVID-19: Present or Absent), the patient probability,
 the threshold, the number of slices used (an integer), the algorithm (name, version,
-model sha256) and the top slices as referenced images. Patient and study attributes are
+model sha256) and the top slices as referenced images, in the structure the open
+viewers' TID 1500 loaders read (OHIF's cornerstone-dicom-sr, dwv): the root 126000
+Imaging Measurement Report with template DCMR 1500, its 111028 Image Library (the top
+slices), 126010 Imaging Measurements with one 125007 group holding the 112039/112040
+tracking identifiers, and every NUM with content of its own (OHIF reads each NUM's
+ContentSequence). The private coding scheme is declared (CodingSchemeIdentificationSequence). Patient and study attributes are
 copied from the received instances; type-2 ones a de-identified study lacks
 (PatientName, PatientBirthDate...) are left empty, never invented, and so are values
 that break their VR (a PatientBirthDate "1961-05-12"), with a warning that names the
@@ -20,8 +25,10 @@ from ctedge.edge.serve.spool import uid_hash
 
 log = logging.getLogger(__name__)
 
-# Codes: SNOMED CT where one exists; the rest in ctedge's own (private) scheme.
+# Codes: SNOMED CT or DICOM where one exists; the rest in ctedge's own (private) scheme, declared in the SR.
 SCHEME = "99CTEDGE"
+SCHEME_NAME = "ctedge codes"
+SCHEME_ORGANIZATION = "ctedge project"
 TYPE2_FROM_EVIDENCE = ("PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
                        "StudyTime", "ReferringPhysicianName", "PatientID")
 
@@ -42,9 +49,9 @@ def _codes():
         "covid": Code("840539006", "SCT", "COVID-19"),
         "present": Code("52101004", "SCT", "Present"),
         "absent": Code("2667000", "SCT", "Absent"),
-        "probability": Code("probability", SCHEME, "Probability of COVID-19"),
-        "threshold": Code("threshold", SCHEME, "Decision threshold"),
-        "slices": Code("slices-used", SCHEME, "Slices used"),
+        "probability": Code("122157", "DCM", "Probability"),  # of the group's finding, COVID-19
+        "threshold": Code("122411", "DCM", "Threshold Value"),
+        "slices": Code("slices-used", SCHEME, "Slices used"),  # DICOM has no code for it
         "unit": Code("1", "UCUM", "no units"),
         "slice_unit": Code("{slices}", "UCUM", "slices"),
     }
@@ -117,11 +124,13 @@ def build_sr(result, evidence: list, algorithm: Algorithm, version: int, previou
                                                      identifier="COVID-19 classification"),
         finding_type=c["covid"],
         algorithm_id=algorithm_id,
-        measurements=[
+        measurements=[  # each with the algorithm that made it (and so a ContentSequence, which OHIF reads)
             hd.sr.Measurement(name=c["probability"], value=float(result.probability), unit=c["unit"],
                               algorithm_id=algorithm_id),
-            hd.sr.Measurement(name=c["threshold"], value=float(algorithm.threshold), unit=c["unit"]),
-            hd.sr.Measurement(name=c["slices"], value=DS(str(int(result.slices_used))), unit=c["slice_unit"]),
+            hd.sr.Measurement(name=c["threshold"], value=float(algorithm.threshold), unit=c["unit"],
+                              algorithm_id=algorithm_id),
+            hd.sr.Measurement(name=c["slices"], value=DS(str(int(result.slices_used))), unit=c["slice_unit"],
+                              algorithm_id=algorithm_id),
         ],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(c["covid"], c["present" if positive else "absent"])],
         source_images=[hd.sr.SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
@@ -131,19 +140,63 @@ def build_sr(result, evidence: list, algorithm: Algorithm, version: int, previou
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_device_uid(algorithm), name=algorithm.name, model_name=algorithm.version))
+    copies = _evidence(evidence, result.study_uid)
+    library = _library_images(copies, result.study_uid)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=c["procedure"], imaging_measurements=[group])
+        procedure_reported=c["procedure"], imaging_measurements=[group], referenced_images=library or None)
+    if not library:
+        _add_empty_library(report[0])
     previous_versions = [pydicom.dcmread(io.BytesIO(previous))] if previous else None
     sr = hd.sr.Comprehensive3DSR(
-        evidence=_evidence(evidence, result.study_uid), content=report[0],
+        evidence=copies, content=report[0],
         series_instance_uid=derived_uid("sr-series", result.study_uid, algorithm, version), series_number=9901,
         sop_instance_uid=derived_uid("sr", result.study_uid, algorithm, version), instance_number=version,
         manufacturer="ctedge", is_complete=incomplete is None, previous_versions=previous_versions)
     sr.SeriesDescription = f"ctedge COVID-19 result v{version}"
+    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     if incomplete is not None:
         sr.CompletionFlagDescription = f"incomplete study: {incomplete}"[:64]  # LO
     return sr
+
+def _library_images(evidence: list, study_uid: str) -> list:
+    """The referenced slices whose Image Library entry can be described (Rows, Columns,
+    PixelSpacing, orientation and position: TID 1602/1604); another is left out, with a warning."""
+    import highdicom as hd
+
+    described = []
+    for ds in evidence:
+        try:
+            hd.sr.ImageLibraryEntryDescriptors(ds)
+        except Exception as exc:  # a header highdicom cannot describe: the SR goes without that entry
+            log.warning("SR of study %s: a referenced slice left out of the Image Library (%s)", uid_hash(study_uid),
+                        exc.__class__.__name__)
+            continue
+        described.append(ds)
+    return described
+
+
+def _add_empty_library(root) -> None:
+    """An empty 111028 Image Library before Imaging Measurements: viewers look it up by name."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    items = root.ContentSequence
+    where = next(i for i, item in enumerate(items) if item.ConceptNameCodeSequence[0].CodeValue == "126010")
+    items.insert(where, library)
+
+
+def _private_scheme():
+    """The CodingSchemeIdentificationSequence item that declares ctedge's private codes."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator, item.CodingSchemeName = SCHEME, SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = SCHEME_ORGANIZATION
+    return item
+
 
 def generate_device_uid(algorithm: Algorithm) -> str:
     from pydicom.uid import generate_uid
@@ -177,5 +230,7 @@ def read_sr(data) -> dict:
                 out["references"].append(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
             walk(item.get("ContentSequence", []))
 
-    walk(ds.ContentSequence)
+    for item in ds.ContentSequence:  # the Imaging Measurements (not the Image Library's descriptors)
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010":
+            walk(item.ContentSequence)
     return out

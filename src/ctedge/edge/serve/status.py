@@ -5,6 +5,7 @@ journal; no patient data (study UIDs hashed)."""
 from __future__ import annotations
 
 import html
+import json
 import time
 
 from ctedge.edge.serve import views
@@ -20,9 +21,40 @@ def _row(line: views.AnswerLine) -> str:
     cells = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(line.created)), uid_hash(line.study_uid),
              f"v{line.version}", line.completion, str(result.get("slices_used", "")),
              "" if result.get("probability") is None else f"{result['probability']:.4f}",
-             result.get("label") or f"no answer: {redact(str(result.get('error')))}", f"{line.latency_s:.2f} s"]
+             _label(result), f"{line.latency_s:.2f} s"]
     return ("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
             + f"<td{DELIVERY_STYLE.get(line.delivery, '')}>{html.escape(line.delivery)}</td></tr>")
+
+
+def _label(result: dict) -> str:
+    """The answer's label, or why there is none (redacted)."""
+    status = views.answer_status(result)
+    if status == "answered":
+        return result.get("label") or ""
+    return f"{status}: {redact(str(result.get('error') or result.get('not_eligible')))}"
+
+
+def _polled(service) -> str:
+    """With --poll: the poll's state and the studies it saw but did not take (not eligible, waiting, failing)."""
+    if service.poller is None:
+        return ""
+    poll = service.poller.to_dict()
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(poll["last_poll"])) if poll["last_poll"] else "never"
+    state = f'<span class="failed">failing: {html.escape(poll["failing"])}</span>' if poll["failing"] \
+        else f"{poll['last_found']} CT stud(ies) found"
+    rows = "".join(
+        f"<tr><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row.checked))}</td>"
+        f"<td>{uid_hash(row.study_uid)}</td><td>{html.escape(row.status)}</td>"
+        f"<td>{html.escape(redact(_poll_reason(row)))}</td></tr>" for row in service.journal.recent_polled(20))
+    return (f"<h2>Polled from {html.escape(poll['source'])}</h2><p>Every {poll['every_s']:g} s; last poll {when}: "
+            f"{state}.</p><table><tr><th>time</th><th>study (hashed UID)</th><th>status</th><th>why</th></tr>"
+            f"{rows or '<tr><td colspan=4>none left aside</td></tr>'}</table>")
+
+
+def _poll_reason(row) -> str:
+    if row.status == "not eligible":
+        return json.loads(row.detail)["not_eligible"]
+    return row.detail or views.POLL_WORDS.get(row.status, "")
 
 
 def status_page(service, now: float) -> str:
@@ -51,6 +83,6 @@ results pending {counts["pending"]}, {failed}, studies being received {counts["r
 <h2>Last studies</h2>
 <table><tr><th>time</th><th>study (hashed UID)</th><th>answer</th><th>completion</th><th>slices used</th>
 <th>probability</th><th>label</th><th>latency</th><th>result sent</th></tr>{rows}</table>
-<h2>Errors</h2><ul>{errors}</ul>
+{_polled(service)}<h2>Errors</h2><ul>{errors}</ul>
 <p><small>{time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))} · <a href="/docs">API</a> ·
 <a href="/metrics">metrics</a></small></p></body></html>"""
