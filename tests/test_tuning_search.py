@@ -40,7 +40,7 @@ def test_chief_and_two_workers_run_every_trial_once(tmp_path, phantom_data):
         port = s.getsockname()[1]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     base = [sys.executable, "-m", "ctedge.cli", *tune_args(phantom_data, tmp_path, "none")[:-2],
-            "--project", "dist", "--max-trials", "2", "--epochs", "1", "--oracle", f"127.0.0.1:{port}"]
+            "--project", "dist", "--max-trials", "2", "--epochs", "1", "--eager", "--oracle", f"127.0.0.1:{port}"]
     chief = subprocess.Popen(base + ["--role", "chief", "--json", str(tmp_path / "chief.json")], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_port(port, chief, 180)  # the chief computes the cached features, then serves the oracle
@@ -63,8 +63,8 @@ def test_naive_mode_trains_full_models_in_a_fresh_process(tmp_path, phantom_data
     pile up in the search's process; their checkpoints still load."""
     import os
 
-    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, "none", "--no-cache"), "--max-trials", "1",
-                                 "--epochs", "1", "--json", str(tmp_path / "s.json")])
+    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, "none", "--no-cache", "--eager"),
+                                 "--max-trials", "1", "--epochs", "1", "--json", str(tmp_path / "s.json")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "s.json").read_text())
     trial = summary["trials"][0]
@@ -87,7 +87,7 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
 
     args = ["tune", str(phantom_data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
             "--max-trials", "1",
-            "--epochs", "1", "--views", "1", "--directory", str(tmp_path), "--project", "r"]
+            "--epochs", "1", "--views", "1", "--eager", "--directory", str(tmp_path), "--project", "r"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     best = tmp_path / "r" / "best_model.keras"
@@ -102,7 +102,7 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
 
 
 def test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts(tmp_path, phantom_data, trained_run):
-    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, trained_run, "--algorithm", "hyperband"),
+    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, trained_run, "--algorithm", "hyperband", "--eager"),
                                  "--max-trials", "4", "--epochs", "3", "--json", str(tmp_path / "h.json")])
     # max 3 epochs, factor 3: the first bracket trains 3 trials for 1 epoch, then the best on to 3
     assert result.exit_code == 0, result.output
