@@ -8,33 +8,33 @@ tests go first, spread over the chunks by cost (longest first, each to the least
 chunk), and those that need the trained-model fixtures go together into one chunk, which
 builds them while the others run slow tests of their own.
 
-The figures are CPU seconds measured on this project's 2-core machine; they only decide
-the order, so a stale one costs balance, never a result (tests/test_code_shape.py checks
-that every name below still names a test).
+The figures are seconds measured on this project's 2-core machine (CPU; wall where a test
+mostly waits); they only decide the order, so a stale one costs balance, never a result
+(tests/test_code_shape.py checks that every name below still names a test).
 """
 
 from __future__ import annotations
 
 # Tests (FILE::NAME) and whole files (FILE: its tests stay together, as they share a
-# module fixture such as a Ray cluster) with their CPU seconds here.
+# module fixture such as a Ray cluster) with their seconds here.
 SLOWEST = {
-    "test_tuning_search.py::test_chief_and_two_workers_run_every_trial_once": 45,
-    "test_export.py::test_efficientnetb3_itself_converts_with_parity": 33,
-    "test_hardening.py::test_a_killed_training_run_resumes_with_every_epoch_once": 30,
-    "test_tuning_search.py::test_naive_mode_trains_full_models_in_a_fresh_process": 24,
-    "test_cli_train_evaluate.py::test_demo_study_runs_the_whole_study_path": 21,
-    "test_tuning_search.py::test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts": 16,
-    "test_cli_train_evaluate.py::test_training_is_repeatable_with_a_seed": 14,
-    "test_cli_train_evaluate.py::test_demo_runs_end_to_end": 12,
-    "test_tuning_search.py::test_random_init_backbone_of_the_best_model_is_the_one_features_came_from": 12,
-    "test_report.py::test_report_is_one_self_contained_page_with_every_section": 9,
-    "test_archive_ray.py": 8,
-    "test_serve_restart.py": 8,
+    "test_export.py::test_efficientnetb3_itself_converts_with_parity": 36,
+    "test_hardening.py::test_a_killed_training_run_resumes_with_every_epoch_once": 33,
+    "test_tuning_search.py::test_chief_and_two_workers_run_every_trial_once": 30,
+    "test_tuning_search.py::test_naive_mode_trains_full_models_in_a_fresh_process": 20,
+    "test_tuning_search.py::test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts": 18,
+    "test_archive_ray.py": 15,  # 10 s of CPU, 21 s of wall (the cluster starts)
+    "test_cli_train_evaluate.py::test_demo_study_runs_the_whole_study_path": 14,
+    "test_report.py::test_report_is_one_self_contained_page_with_every_section": 11,
+    "test_tuning_search.py::test_random_init_backbone_of_the_best_model_is_the_one_features_came_from": 10,
+    "test_serve_restart.py": 10,
+    "test_cli_train_evaluate.py::test_training_is_repeatable_with_a_seed": 8,
+    "test_cli_train_evaluate.py::test_demo_runs_end_to_end": 8,
     "test_model.py::test_local_weights_file_gets_the_imagenet_preprocessing": 7,
 }
 # The session fixtures that train, export or tune (conftest.py), with their CPU seconds:
 # a chunk whose tests need them builds them once.
-TRAINED = {"trained": 30, "trained_run": 0, "exported": 13, "onnx_model": 0, "trained_backbone": 2, "tuned": 19}
+TRAINED = {"trained": 30, "trained_run": 0, "exported": 13, "onnx_model": 0, "trained_backbone": 2, "tuned": 17}
 
 
 def _cost(nodeid: str) -> tuple[str, float] | None:
