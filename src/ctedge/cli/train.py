@@ -167,7 +167,7 @@ def demo(
 ) -> None:
     """Generate synthetic CT-like phantoms, train a small model (weights none, 64 px),
     evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU.
-    Example: `ctedge demo -o demo` (a smoke run: `ctedge demo --backbone tiny --epochs 1`)
+    Example: `ctedge demo -o demo` (a smoke run: `ctedge demo --backbone tiny --epochs 1 --eager`)
 
     `ctedge demo --study` does it for whole CT studies (see README, "Whole CT studies"):
     `ctedge demo --study` then `ctedge report demo-study/run --study --data demo-study/studies/test`
