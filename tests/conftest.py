@@ -27,9 +27,17 @@ from typer.testing import CliRunner  # noqa: E402
 from ctedge.cli import app  # noqa: E402
 from ctedge.core.phantoms import make_dataset  # noqa: E402
 from helpers import TRAIN_SIZE, brightness_onnx, tune_args  # noqa: E402
+from slowest import order_for_workers  # noqa: E402
 
 runner = CliRunner()
 T = TypeVar("T")
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (the project's --dist worksteal), the slowest tests first, spread
+    over the workers (tests/slowest.py). Each worker collects, so each reorders alike."""
+    items[:] = order_for_workers(items, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 @contextmanager

@@ -105,8 +105,9 @@ def test_train_and_tune_write_the_same_settings(monkeypatch, tmp_path):
     import ctedge.training.tuning
 
     seen = {}
-    monkeypatch.setattr(ctedge.training.train, "train", lambda data, train, model, preprocess, *rest: seen.update(
-        train=(data, model, preprocess, train)) or {"result": {"epochs_run": 0, "seconds": 0.0, "images_per_s": 0.0}, "splits": {}})
+    monkeypatch.setattr(ctedge.training.train, "train", lambda data, train, model, preprocess, *rest, eager: seen.update(
+        train=(data, model, preprocess, train), eager=eager) or {"result": {"epochs_run": 0, "seconds": 0.0,
+                                                                           "images_per_s": 0.0}, "splits": {}})
     monkeypatch.setattr(ctedge.training.tuning, "tune", lambda data, model, preprocess, options, space, *rest: seen.update(
         tune=(data, model, preprocess, options, space)) or {"role": "worker", "tuner_id": "-", "trials_run": [], "project": "p"})
     flags = ["--clean", "report", "--positive", "CT_COVID", "--test-fraction", "0.3", "--val-fraction", "0.25",
@@ -114,7 +115,7 @@ def test_train_and_tune_write_the_same_settings(monkeypatch, tmp_path):
              "--window-high", "300", "--rotation", "5", "--shift", "0.05", "--zoom", "0", "--no-flip",
              "--weights", "none", "--backbone", "tiny", "--fine-tune-blocks", "2", "--train-backbone",
              "--batch-size", "8", "--patience", "3", "--epochs", "4", "--units", "64", "--dropout", "0.2",
-             "--lr", "1e-4"]
+             "--lr", "1e-4", "--eager"]
     train = runner.invoke(app, ["train", "data", "-o", str(tmp_path / "run"), *flags])
     assert train.exit_code == 0, train.output
     tune = runner.invoke(app, ["tune", "data", "--directory", str(tmp_path / "t"), *flags])
@@ -128,6 +129,7 @@ def test_train_and_tune_write_the_same_settings(monkeypatch, tmp_path):
     head = {"units": tune_model.units, "dropout": tune_model.dropout}  # searched by tune
     assert tune_model == type(model)(**{**model.to_dict(), **head})
     assert (tune_options.batch_size, tune_options.patience, tune_options.epochs) == (8, 3, 4)
+    assert seen["eager"] is tune_options.eager is True  # run eagerly, no graph tracing
 
 
 def test_library_errors_name_the_parameter_and_the_cli_shows_the_flag(tmp_path):

@@ -58,3 +58,20 @@ def test_cli_lint_passes_and_catches_what_it_names(tmp_path):
                                      "    return 'SHORTCUT'\n")
     found = lint.findings(tmp_path / "bad.py")
     assert [line.split(": ", 1)[0].rsplit(":", 1)[1] for line in found] == ["4", "5", "6"]
+
+
+def test_the_slowest_tests_table_names_tests_that_exist():
+    """tests/slowest.py orders the run by name: a renamed or deleted test would silently
+    fall out of the order (and its worker's share of slow tests)."""
+    from slowest import SLOWEST
+
+    tests = Path(__file__).resolve().parent
+    missing = []
+    for key in SLOWEST:
+        file, _, name = key.partition("::")
+        path = tests / file
+        defined = {node.name for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.FunctionDef)} if path.is_file() else set()
+        if not path.is_file() or (name and name not in defined):
+            missing.append(key)
+    assert missing == []

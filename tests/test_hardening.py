@@ -406,8 +406,8 @@ def test_workers_do_not_take_the_lock(tmp_path, monkeypatch):
 
 def test_a_killed_training_run_resumes_with_every_epoch_once(tmp_path):
     """Killed after its first epoch, a two-epoch run resumes for the second (12 small
-    phantoms, batches of 4 with no remainder: the kill and the resume are tested, not
-    the training)."""
+    phantoms, batches of 4 with no remainder, --eager: the kill and the resume are tested,
+    not the training; the session's `trained` run is the graph-mode one)."""
     import csv
     import time
 
@@ -417,7 +417,7 @@ def test_a_killed_training_run_resumes_with_every_epoch_once(tmp_path):
     run = tmp_path / "run"
     args = ["train", str(data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
             "--epochs", "2", "--batch-size", "4", "--units", "8", "--test-fraction", "0", "--val-fraction", "0.34",
-            "-o", str(run)]
+            "--eager", "-o", str(run)]
     victim = subprocess.Popen([sys.executable, "-m", "ctedge.cli", *args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = run / "resume" / "state.json"

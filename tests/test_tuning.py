@@ -157,3 +157,16 @@ def test_a_cached_epoch_is_one_pass_over_the_images_each_as_one_of_its_views():
         again.start_at(epoch)
         assert (again[0][0] == batches[0][0]).all()
     assert seen_views == set(range(views))
+
+
+def test_eager_trials_are_compiled_to_run_eagerly():
+    """tune --eager reaches every trial's model (here a head on cached features); the default
+    stays graph mode."""
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.training.model import ModelConfig
+    from ctedge.training.tuning import HeadHyperModel, SearchSpace
+
+    hp = SearchSpace().hyperparameters()
+    for eager in (False, True):
+        hypermodel = HeadHyperModel((2, 2, 8), ModelConfig(backbone="tiny"), PreprocessConfig(image_size=48), eager)
+        assert hypermodel.build(hp).run_eagerly is eager

@@ -14,14 +14,14 @@ from helpers import tune_args
 runner = CliRunner()
 
 
-def wait_for_port(port: int, process, seconds: float) -> None:
-    """Until something listens on 127.0.0.1:port; fails early if ``process`` died."""
+def wait_for_port(port: int, chief, seconds: float) -> None:
+    """Until something listens on 127.0.0.1:port; fails early if the ``chief`` thread ended."""
     import socket
     import time
 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[0]
+        assert chief.is_alive(), "the chief ended before serving the oracle"
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -30,27 +30,41 @@ def wait_for_port(port: int, process, seconds: float) -> None:
 
 
 def test_chief_and_two_workers_run_every_trial_once(tmp_path, phantom_data):
+    """`tune --role chief` serves Keras Tuner's oracle and two `tune --role worker` processes
+    share its trials, each run once. The chief runs here, on a thread (it only computes the
+    cached features, serves and saves; a process of its own cost another TensorFlow import);
+    the workers are processes of their own, as on other machines."""
     import os
     import socket
     import subprocess
     import sys
+    import threading
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    base = [sys.executable, "-m", "ctedge.cli", *tune_args(phantom_data, tmp_path, "none")[:-2],
-            "--project", "dist", "--max-trials", "2", "--epochs", "1", "--oracle", f"127.0.0.1:{port}"]
-    chief = subprocess.Popen(base + ["--role", "chief", "--json", str(tmp_path / "chief.json")], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_port(port, chief, 180)  # the chief computes the cached features, then serves the oracle
-    workers = [subprocess.Popen(base + ["--role", "worker", "--tuner-id", f"w{i}",
-                                        "--json", str(tmp_path / f"w{i}.json")], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in (1, 2)]
-    for process in [*workers, chief]:
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output
+    distributed = ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID")
+    env = {**{k: v for k, v in os.environ.items() if k not in distributed}, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [*tune_args(phantom_data, tmp_path, "none")[:-2], "--project", "dist", "--max-trials", "2",
+            "--epochs", "1", "--eager", "--oracle", f"127.0.0.1:{port}"]
+    chief_ran = []
+    chief = threading.Thread(target=lambda: chief_ran.append(runner.invoke(
+        app, [*args, "--role", "chief", "--json", str(tmp_path / "chief.json")])), daemon=True)
+    chief.start()
+    try:
+        wait_for_port(port, chief, 180)  # the chief computes the cached features, then serves the oracle
+        workers = [subprocess.Popen([sys.executable, "-m", "ctedge.cli", *args, "--role", "worker", "--tuner-id",
+                                     f"w{i}", "--json", str(tmp_path / f"w{i}.json")], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for i in (1, 2)]
+        for process in workers:
+            output, _ = process.communicate(timeout=300)
+            assert process.returncode == 0, output
+        chief.join(300)
+        assert chief_ran and chief_ran[0].exit_code == 0, chief_ran and chief_ran[0].output
+    finally:
+        for name in distributed:  # the chief's CLI set them for this process
+            os.environ.pop(name, None)
     ran = [json.loads((tmp_path / f"w{i}.json").read_text())["trials_run"] for i in (1, 2)]
     summary = json.loads((tmp_path / "chief.json").read_text())
     assert sorted(ran[0] + ran[1]) == sorted(t["trial"] for t in summary["trials"])
@@ -63,8 +77,8 @@ def test_naive_mode_trains_full_models_in_a_fresh_process(tmp_path, phantom_data
     pile up in the search's process; their checkpoints still load."""
     import os
 
-    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, "none", "--no-cache"), "--max-trials", "1",
-                                 "--epochs", "1", "--json", str(tmp_path / "s.json")])
+    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, "none", "--no-cache", "--eager"),
+                                 "--max-trials", "1", "--epochs", "1", "--json", str(tmp_path / "s.json")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "s.json").read_text())
     trial = summary["trials"][0]
@@ -87,7 +101,7 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
 
     args = ["tune", str(phantom_data), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
             "--max-trials", "1",
-            "--epochs", "1", "--views", "1", "--directory", str(tmp_path), "--project", "r"]
+            "--epochs", "1", "--views", "1", "--eager", "--directory", str(tmp_path), "--project", "r"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     best = tmp_path / "r" / "best_model.keras"
@@ -102,7 +116,7 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
 
 
 def test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts(tmp_path, phantom_data, trained_run):
-    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, trained_run, "--algorithm", "hyperband"),
+    result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, trained_run, "--algorithm", "hyperband", "--eager"),
                                  "--max-trials", "4", "--epochs", "3", "--json", str(tmp_path / "h.json")])
     # max 3 epochs, factor 3: the first bracket trains 3 trials for 1 epoch, then the best on to 3
     assert result.exit_code == 0, result.output

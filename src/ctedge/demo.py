@@ -16,10 +16,10 @@ from ctedge.core.results import Scores
 
 
 def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
-             backbone: str = "b3", progress: ProgressFn | None = None) -> dict:
+             backbone: str = "b3", progress: ProgressFn | None = None, eager: bool = False) -> dict:
     """Phantoms -> train (weights none, 64 px, whole network, lr 1e-3, no augmentation:
     from scratch on 128 images it keeps the model from learning in a few epochs)
-    -> evaluate on the held-out test part."""
+    -> evaluate on the held-out test part. ``eager``: train without graph tracing."""
     from ctedge.core.data import DataOptions
     from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
     from ctedge.evaluation.evaluate import evaluate
@@ -34,7 +34,7 @@ def run_demo(out: str | Path = "demo", epochs: int = 12, per_class: int = 200,
           TrainConfig(epochs=epochs, learning_rate=1e-3, patience=epochs),
           ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
           PreprocessConfig(image_size=64, augment=AugmentConfig(rotation_deg=0.0, shift=0.0, horizontal_flip=False, zoom=0.0)),
-          run_dir, progress=progress)
+          run_dir, progress=progress, eager=eager)
     report = evaluate(run_dir / "model.keras", data, split="test", resamples=500, progress=progress)
     verdict, above = against_chance(report, "test")
     return {"data": str(data), "run_dir": str(run_dir), "evaluation": report,
@@ -84,14 +84,14 @@ def write_patients(root: Path, rng: np.random.Generator, first: int, count: int,
 
 def run_study_demo(out: str | Path = "demo-study", epochs: int = 12, patients: int = 32, slices: int = 24,
                    backbone: str = "b3", size: int = 64, seed: int = 0,
-                   progress: ProgressFn | None = None) -> dict:
+                   progress: ProgressFn | None = None, eager: bool = False) -> dict:
     """The whole study path on phantom patients (``patients`` per class, half held out):
 
     DICOM studies -> the training patients' lung slices as PNG class folders (a
     positive patient's slices where the phantom put ground glass, as a reader marks
     slices; all lung slices of a negative patient) -> train as ``run_demo`` does,
     splitting by patient -> ONNX -> ``predict --study`` on two held-out patients and
-    patient-level evaluation on all held-out ones."""
+    patient-level evaluation on all held-out ones. ``eager``: train without graph tracing."""
     from ctedge.core.data import DataOptions
     from ctedge.core.phantom_studies import opacity_slices
     from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
@@ -125,7 +125,7 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 12, patients: i
           ModelConfig(weights="none", backbone=backbone, units=64, freeze_backbone=False),
           PreprocessConfig(image_size=size, augment=AugmentConfig(rotation_deg=0.0, shift=0.0, horizontal_flip=False,
                                                                  zoom=0.0)),
-          run_dir, progress=progress)
+          run_dir, progress=progress, eager=eager)
     seconds["train"] = time.perf_counter() - started - sum(seconds.values())
     onnx = run_dir / "model.onnx"
     export_onnx(run_dir / "model.keras", onnx, ExportOptions(check_data=str(slice_root), check_count=16))

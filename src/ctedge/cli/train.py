@@ -68,6 +68,9 @@ Dropout = Annotated[Optional[float], typer.Option(
 LearningRate = Annotated[Optional[float], typer.Option(
     "--lr", help=f"Adam learning rate (default the paper's {TrainConfig.learning_rate}; tune: the first "
                  "trial's).")]
+Eager = Annotated[bool, typer.Option(
+    "--eager", help="Run Keras eagerly, without graph tracing: faster for a few dozen small images (smoke runs, "
+                    "tests), slower on real data; for debugging.")]
 
 
 @command(tensorflow=True)
@@ -103,6 +106,7 @@ def train(
     checkpoint_best: Annotated[bool, typer.Option(help="Keep the epoch with the best validation AUC.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its "
                                          "last finished epoch (same options; --epochs may grow).")] = False,
+    eager: Eager = False,
     json_out: JsonOut = None,
 ) -> None:
     """Train EfficientNetB3 + the paper's head on a data folder.
@@ -128,7 +132,7 @@ def train(
                          freeze_backbone=freeze_backbone, fine_tune_blocks=fine_tune_blocks),
             preprocess_config(image_size=image_size, window_low=window_low, window_high=window_high, centre=centre,
                               rotation=rotation, shift=shift, flip=flip, zoom=zoom),
-            run_dir, resume, bars)
+            run_dir, resume, bars, eager=eager)
     result = summary["result"]
     for name, part in summary["splits"].items():
         if part["unreadable"]:
@@ -159,10 +163,11 @@ def demo(
                                         "predict --study and patient-level evaluation on held-out patients.")] = False,
     patients: Annotated[int, typer.Option(help="--study: phantom patients per class, half held out.")] = 32,
     slices: Annotated[int, typer.Option(help="--study: slices per axial series (64x64 px).")] = 24,
+    eager: Eager = False,
 ) -> None:
     """Generate synthetic CT-like phantoms, train a small model (weights none, 64 px),
     evaluate it on held-out phantoms. Runs in a few minutes on a 2-core CPU.
-    Example: `ctedge demo -o demo` (a smoke run: `ctedge demo --backbone tiny --epochs 1`)
+    Example: `ctedge demo -o demo` (a smoke run: `ctedge demo --backbone tiny --epochs 1 --eager`)
 
     `ctedge demo --study` does it for whole CT studies (see README, "Whole CT studies"):
     `ctedge demo --study` then `ctedge report demo-study/run --study --data demo-study/studies/test`
@@ -173,7 +178,7 @@ def demo(
 
         with Bars() as bars:
             report = run_study_demo(out or Path("demo-study"), epochs or 12, patients, slices, backbone,
-                                    progress=bars)
+                                    progress=bars, eager=eager)
         for r in report["predicted"]:
             console.print(f"predict --study {r['input']}: P = {r['probability']:.3f} ({r['label']}), "
                           f"{r['slices_used']} of {r['slices_total']} slices classified; plot {r['plot']}",
@@ -196,7 +201,7 @@ def demo(
     from ctedge.demo import run_demo
 
     with Bars() as bars:
-        report = run_demo(out or Path("demo"), epochs or 12, per_class, backbone, progress=bars)
+        report = run_demo(out or Path("demo"), epochs or 12, per_class, backbone, progress=bars, eager=eager)
     print_metrics(report["evaluation"])
     console.print(report["verdict"])
     console.print(f"data: {report['data']}\nrun:  {report['run_dir']}\n"
@@ -340,6 +345,7 @@ def tune(
                     ] = None,
     oracle: Annotated[Optional[str], typer.Option(help="Distributed: the chief's HOST:PORT.")] = None,
     tuner_id: Annotated[Optional[str], typer.Option(help="Distributed: this worker's id.")] = None,
+    eager: Eager = False,
     json_out: JsonOut = None,
 ) -> None:
     """Search head width, learning rate and dropout around the paper's defaults with
@@ -370,7 +376,7 @@ def tune(
             TuneOptions(algorithm=algorithm, max_trials=max_trials, epochs=epochs, time_budget_min=time_budget,
                         objective=objective, directory=str(directory), project=project, overwrite=overwrite,
                         views=views, fine_tune=fine_tune, cache=cache, batch_size=batch_size, patience=patience,
-                        seed=seed),
+                        seed=seed, eager=eager),
             _search_space(search_space, units, learning_rate, dropout), bars)
     _print_trials(summary, objective)
     write_json(summary, json_out)

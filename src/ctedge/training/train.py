@@ -192,9 +192,12 @@ def resume_state(run_dir: Path, settings: dict, resume: bool) -> dict | None:
     return state
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
+def compile_model(model: keras.Model, learning_rate: float, eager: bool = False) -> None:
+    """Adam, binary cross-entropy, AUC and accuracy. ``eager``: Keras's ``run_eagerly`` (no
+    graph tracing: faster for a few dozen small images, slower on real data; for debugging)."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
-                  metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+                  metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+                  run_eagerly=eager)
 
 
 def fit(model: keras.Model, train: LoadedSplit, val: LoadedSplit | None, config: TrainConfig,
@@ -256,12 +259,13 @@ def _all_layers(model: keras.Model):
 
 def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfig,
           preprocess_config: PreprocessConfig, run_dir: Path | None = None, resume: bool = False,
-          progress: ProgressFn | None = None) -> dict:
+          progress: ProgressFn | None = None, eager: bool = False) -> dict:
     """Train and write the run folder; returns the run's config/summary dict.
 
     ``resume``: continue the interrupted run in ``run_dir`` from its last finished
     epoch (weights, optimizer state, data order, best-so-far and early stopping).
-    ``progress`` hears decoding, epochs and batches (``ctedge.core.progress``)."""
+    ``progress`` hears decoding, epochs and batches (``ctedge.core.progress``).
+    ``eager``: run Keras eagerly, without graph tracing (``compile_model``)."""
     for name in ("epochs", "batch_size"):
         if getattr(train_config, name) < 1:
             raise CtedgeError(f"must be at least 1, not {getattr(train_config, name)}", param=name)
@@ -280,7 +284,7 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
     train_part, val_part = parts["train"], parts["val"]
     has_val = bool(len(val_part.y))
     model = build_model(model_config, preprocess_config)
-    compile_model(model, train_config.learning_rate)
+    compile_model(model, train_config.learning_rate, eager)
     if state:
         model.optimizer.build(model.trainable_variables)
         model.load_weights(run_dir / RESUME_DIR / state["weights"])

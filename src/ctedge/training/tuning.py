@@ -117,11 +117,12 @@ class HeadHyperModel(kt.HyperModel):
     """A trial's model: the head on cached features, or the full classifier."""
 
     def __init__(self, feature_shape: tuple | None, model_config: ModelConfig,
-                 preprocess_config: PreprocessConfig):
+                 preprocess_config: PreprocessConfig, eager: bool = False):
         super().__init__()
         self.feature_shape = feature_shape
         self.model_config = model_config
         self.preprocess_config = preprocess_config
+        self.eager = eager  # compile_model's: no graph tracing
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         units, dropout = hp.get("units"), hp.get("dropout") if "dropout" in hp.values else 0.0
@@ -131,7 +132,7 @@ class HeadHyperModel(kt.HyperModel):
         else:
             config = ModelConfig(**{**self.model_config.to_dict(), "units": units, "dropout": dropout})
             model = build_model(config, self.preprocess_config)
-        compile_model(model, hp.get("learning_rate"))
+        compile_model(model, hp.get("learning_rate"), self.eager)
         return model
 
 
@@ -281,6 +282,7 @@ class TuneOptions:
     fine_tune: bool = False
     cache: bool = True  # False: the naive way, backbone recomputed every epoch
     trial_processes: bool | None = None  # None: full-model trials each in a fresh process, head trials in this one
+    eager: bool = False  # trials run eagerly, no graph tracing (train's --eager)
     batch_size: int = 16
     patience: int = 5
     seed: int = 42
@@ -414,14 +416,14 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
         x = ViewBatches(features["train_x"], features["train_y"], options.views, options.batch_size,
                         options.seed)
         validation = (features["val_x"], features["val_y"])
-        hypermodel = HeadHyperModel(features["train_x"].shape[1:], model_config, preprocess)
+        hypermodel = HeadHyperModel(features["train_x"].shape[1:], model_config, preprocess, options.eager)
     else:  # augmented batches, as `ctedge train` feeds them
         x = AugmentedBatches(parts["train"].x, parts["train"].y, options.batch_size,
                              preprocess.augment, options.seed)
         validation = (parts["val"].x, parts["val"].y.astype("float32"))
         full = ModelConfig(**{**model_config.to_dict(),
                               "freeze_backbone": False if options.fine_tune else model_config.freeze_backbone})
-        hypermodel = HeadHyperModel(None, full, preprocess)
+        hypermodel = HeadHyperModel(None, full, preprocess, options.eager)
     tuner = CtedgeTuner(oracle=_oracle(options, space), hypermodel=hypermodel, seed=options.seed,
                         trial_processes=not cached if options.trial_processes is None else options.trial_processes,
                         directory=options.directory, project_name=project, overwrite=False, progress=progress)
