@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +103,20 @@ def write_archive(folder: Path, count: int, zipped: int = 0, size: int = 48, sli
             study = study.with_suffix(".zip")
         paths.append(study)
     return paths
+
+
+def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range (32768 and up on Linux): a
+    port the kernel handed out by ``bind(0)`` may be taken by any outgoing connection (an HTTP
+    upload to Orthanc, say) before the test listens on it. Each xdist worker draws from its own
+    band so that two workers never pick the same port."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 20000 + (worker % 8) * 1500
+    for port in random.sample(range(low, low + 1500), 1500):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free loopback port in {low}-{low + 1499}")

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,9 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImage
 from ctedge.edge.serve.config import Destination, ServeConfig
 from ctedge.edge.serve.node import CT_IMAGE_STORAGE
 from ctedge.edge.serve.service import Service
-from helpers import brightness_onnx
+from helpers import brightness_onnx, free_port
 
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):

@@ -9,7 +9,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from ctedge.cli import app
-from helpers import tune_args
+from helpers import free_port, tune_args
 
 runner = CliRunner()
 
@@ -35,14 +35,11 @@ def test_chief_and_two_workers_run_every_trial_once(tmp_path, phantom_data):
     cached features, serves and saves; a process of its own cost another TensorFlow import);
     the workers are processes of their own, as on other machines."""
     import os
-    import socket
     import subprocess
     import sys
     import threading
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     distributed = ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID")
     env = {**{k: v for k, v in os.environ.items() if k not in distributed}, "TF_CPP_MIN_LOG_LEVEL": "3"}
     args = [*tune_args(phantom_data, tmp_path, "none")[:-2], "--project", "dist", "--max-trials", "2",
