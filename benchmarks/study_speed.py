@@ -83,7 +83,7 @@ def as_nifti(series: Path, out: Path) -> Path:
     if out.is_file():
         return out
     (study,) = find_studies(series)
-    chosen, _ = select_series(study)
+    chosen = select_series(study).series_uid
     ordered, positions, _ = order_slices(study.series[chosen])
     volume = np.stack([slice_hu(ref) for ref in ordered], axis=-1)  # rows, cols, slices
     spacing = float(np.median(np.diff(positions)))
