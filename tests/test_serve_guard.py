@@ -105,6 +105,23 @@ def test_bare_connections_are_dropped_within_the_deadline(tmp_path, serve_model)
             assert _closed_by_node(http, within=0.3)
 
 
+def test_a_request_that_arrived_whole_is_negotiated_past_the_deadline(tmp_path, serve_model, monkeypatch):
+    """The deadline bounds what the peer sends, not the node's own work: a sender whose whole
+    A-ASSOCIATE-RQ arrived in time is not dropped when the node (a loaded machine, here a slow
+    admission check) negotiates it after the deadline."""
+    from ctedge.edge.serve.guard import Gate
+
+    admit = Gate.admit
+
+    def slow_admit(self, assoc):
+        time.sleep(0.8)
+        return admit(self, assoc)
+
+    monkeypatch.setattr(Gate, "admit", slow_admit)
+    with running_service(tmp_path, serve_model, associate_seconds=0.5) as service:
+        assert _echo(service.node.port)
+
+
 def test_associations_are_capped_per_host_and_in_all_and_come_back(tmp_path, serve_model):
     """--max-associations 4 (2 a host): a host's third association is rejected (transient, local
     limit exceeded) while another host gets in; a released slot comes back; a fifth association

@@ -8,9 +8,10 @@ included), ``maximum_pdu_size`` (announced to the peer, never enforced on receip
 reader reads whatever length a PDU header announces) and ``require_called_aet``. What this
 module adds:
 
-* a deadline to negotiate: a connection without an association ``associate_seconds``
-  after it was accepted (TLS handshake included, done in its own thread, not the accept
-  loop) is dropped;
+* a deadline to ask: a connection whose A-ASSOCIATE-RQ has not arrived whole
+  ``associate_seconds`` after it was accepted (TLS: handshake and negotiation, the handshake
+  done in its own thread, not the accept loop) is dropped; negotiating a request that did
+  arrive is the node's own work and may take longer on a loaded machine;
 * slots counted per host: at most ``max_associations`` negotiated associations, at most
   ``max_associations_per_host`` from one host (beyond: A-ASSOCIATE-RJ, transient, local
   limit exceeded); connections not yet negotiated are bounded apart (``CONNECTIONS_PER_SLOT``

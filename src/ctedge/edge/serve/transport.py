@@ -28,6 +28,9 @@ from ctedge.edge.serve.guard import ASSOCIATE_RQ_MAX, CappedBuffer, Gate, Guarde
 
 log = logging.getLogger(__name__)
 ACCEPT_POLL_S = 0.2  # how soon the accept loop notices it should stop
+# A plain connection's A-ASSOCIATE-RQ has arrived whole before negotiation starts: what is left
+# is the node's own work, given this long beyond the peer's deadline (a loaded machine is slow)
+NEGOTIATION_GRACE_S = 10.0
 
 
 class PduLimitedSocket(AssociationSocket):
@@ -108,7 +111,8 @@ class GuardedHandler(RequestHandler):
             assoc.dimse.__class__ = CappedDimse
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
-            assoc.join(max(0.0, deadline - time.monotonic()))
+            tls = isinstance(self.request, ssl.SSLSocket)  # only the request's first bytes are known to be here
+            assoc.join(max(0.0, deadline - time.monotonic()) + (0.0 if tls else NEGOTIATION_GRACE_S))
             if assoc.is_alive() and not (assoc.is_established or assoc.is_rejected or assoc.is_aborted
                                          or assoc.is_released or getattr(assoc.dul.socket, "refused", False)):
                 self._dropped(limits)
