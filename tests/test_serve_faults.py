@@ -126,7 +126,8 @@ def test_a_full_disk_pauses_the_node_and_it_resumes_by_itself(tmp_path, serve_mo
     collector = Collector().start()
     try:
         with running_service(tmp_path, serve_model, faults=Faults(hook=disk), destination=[collector.destination],
-                             quiet_seconds=1.0) as service, TestClient(create_app(service)) as client:
+                             quiet_seconds=3.0) as service, TestClient(create_app(service)) as client:
+            # (3 s quiet: the disk must be full again before it ends, on a loaded machine too)
             assert send_files(files[:2], service.node.port) == [0, 0]
             wait_for(lambda: service.study_view(study_uid)[1]["association"] == "released", what="the release")
             full.set()
