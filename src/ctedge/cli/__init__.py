@@ -5,7 +5,7 @@ TensorFlow only inside the commands that need it, so `predict` and `bench` run o
 base install and `ctedge --help` loads no numpy, OpenCV, pydicom or engine.
 """
 
-from ctedge.cli.common import app, flag
+from ctedge.cli.commands import app, flag
 
 __all__ = ["app", "flag"]
 

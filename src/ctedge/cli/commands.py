@@ -1,16 +1,22 @@
-"""Which module defines each `ctedge` command, and the group that loads it only when
-used: `ctedge --help` lists the commands from ``COMMANDS`` (no command module, so no
-numpy, OpenCV, pydicom or engine is imported), and a command's module, with what it
-imports, is loaded when that command runs or shows its own help. A test keeps the
-table and the modules in step.
+"""The `ctedge` group: which module defines each command, loaded only when used, and
+the group's own options. `ctedge --help` lists the commands from ``COMMANDS`` as plain
+click help (no command module, so no numpy, OpenCV, pydicom or engine, and not rich's
+markdown), and a command's module, with what it imports, is loaded when that command
+runs or shows its own help. A test keeps the table and the modules in step.
 """
 
 from __future__ import annotations
 
 import importlib
+from contextvars import ContextVar
+from typing import Annotated
 
 import typer
 from typer.core import TyperCommand, TyperGroup
+
+from ctedge import __version__
+from ctedge.core.errors import CtedgeError
+from ctedge.core.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 # command -> (its module, the line `ctedge --help` shows: the first sentence of its docstring),
 # in the workflow's order
@@ -69,8 +75,62 @@ class LazyCommands(TyperGroup):
         return built if built.name == cmd_name else None
 
     def format_help(self, ctx, formatter) -> None:
-        self.listing = True
+        # plain click help: the listing needs no markup, and rich's markdown costs ~0.1 s to import
+        self.listing, markup, self.rich_markup_mode = True, self.rich_markup_mode, None
         try:
             super().format_help(ctx, formatter)
         finally:
-            self.listing = False
+            self.listing, self.rich_markup_mode = False, markup
+
+
+app = typer.Typer(cls=LazyCommands, add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Put a chest-CT COVID-19 classifier onto edge hardware.\n\n"
+                       "Workflow: ctedge train DATA (or ctedge tune DATA), "
+                       "ctedge export --onnx, ctedge bench.")
+
+# Library parameter -> the flag that sets it, where the two names differ
+# (otherwise --name-with-dashes); a library error about a parameter shows the flag.
+FLAGS = {"learning_rate": "--lr", "run_dir": "--out", "rotation_deg": "--rotation", "horizontal_flip": "--flip",
+         "time_budget_min": "--time-budget", "explain_count": "--explain", "series_uid": "--series",
+         "data": "--data", "split_dir": "--split-dir", "cpus_per_actor": "--ray-cpus", "rules": "--rule"}
+
+
+def flag(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+# What the group's options (--verbose, --max-pixels, --max-bytes) set for the command of
+# this invocation; typer does not keep click's context stack, and the library never
+# reads this: commands pass the values on as arguments.
+_GIVEN: ContextVar[dict | None] = ContextVar("ctedge_given", default=None)
+
+
+def group_option(key: str, default):
+    return (_GIVEN.get() or {}).get(key, default)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ctedge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+         verbose_flag: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
+                                               "and C++ log lines (hidden by default).")] = False,
+         max_pixels: Annotated[int, typer.Option(
+             envvar="CTEDGE_MAX_PIXELS", help="Refuse images of more pixels than this, read from the "
+             "file header before decoding (every command).")] = DEFAULT_MAX_PIXELS,
+         max_bytes: Annotated[int, typer.Option(
+             envvar="CTEDGE_MAX_BYTES", help="Refuse a zip entry or NIfTI volume of more bytes than this "
+             "uncompressed, read from its header before inflating (--study).")] = DEFAULT_MAX_BYTES) -> None:
+    """Put a chest-CT COVID-19 classifier onto edge hardware."""
+    from ctedge.core.limits import check_budgets
+
+    try:
+        check_budgets(max_pixels=max_pixels, max_bytes=max_bytes)
+    except CtedgeError as exc:
+        raise typer.BadParameter(exc.detail, param_hint=flag(exc.param)) from None
+    _GIVEN.set({"verbose": verbose_flag, "max_pixels": max_pixels, "max_bytes": max_bytes})

@@ -1,4 +1,4 @@
-"""What every command shares: the app, option groups, the error handler, output writers."""
+"""What every command shares: option groups, the error handler, output writers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterable
-from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -17,8 +16,7 @@ import typer
 from rich.markup import escape
 from rich.text import Text
 
-from ctedge import __version__
-from ctedge.cli.commands import LazyCommands, registry
+from ctedge.cli.commands import flag, group_option, registry
 from ctedge.core.choices import (
     Aggregate,
     Backbone,
@@ -37,22 +35,6 @@ if TYPE_CHECKING:  # the library's types, imported by the commands that use them
     from ctedge.edge.study import StudyOptions
 
 log = logging.getLogger(__name__)
-
-app = typer.Typer(cls=LazyCommands, add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
-                  help="Put a chest-CT COVID-19 classifier onto edge hardware.\n\n"
-                       "Workflow: `ctedge train DATA` (or `ctedge tune DATA`), "
-                       "`ctedge export --onnx`, `ctedge bench`.")
-
-# Library parameter -> the flag that sets it, where the two names differ
-# (otherwise --name-with-dashes); a library error about a parameter shows the flag.
-FLAGS = {"learning_rate": "--lr", "run_dir": "--out", "rotation_deg": "--rotation", "horizontal_flip": "--flip",
-         "time_budget_min": "--time-budget", "explain_count": "--explain", "series_uid": "--series",
-         "data": "--data", "split_dir": "--split-dir", "cpus_per_actor": "--ray-cpus", "rules": "--rule"}
-
-
-def flag(param: str) -> str:
-    return FLAGS.get(param, "--" + param.replace("_", "-"))
-
 
 # --- option groups: each defined once, used by every command that takes it ------
 
@@ -188,19 +170,9 @@ class PrintableLog(logging.Filter):
         return True
 
 
-# What the `ctedge` group's options (--verbose, --max-pixels, --max-bytes) set for the
-# command of this invocation; typer does not keep click's context stack, and the library
-# never reads this: commands pass the values on as arguments.
-_GIVEN: ContextVar[dict | None] = ContextVar("ctedge_given", default=None)
-
-
-def _given(key: str, default):
-    return (_GIVEN.get() or {}).get(key, default)
-
-
 def verbose() -> bool:
     """Whether ``ctedge --verbose`` was given."""
-    return bool(_given("verbose", False))
+    return bool(group_option("verbose", False))
 
 
 def _setup_logging() -> None:
@@ -380,44 +352,17 @@ def exit_if_failed(failed: int, total: int) -> None:
         raise typer.Exit(ExitCode.FAILED)
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"ctedge {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Print the version and exit.")] = False,
-         verbose_flag: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up "
-                                               "and C++ log lines (hidden by default).")] = False,
-         max_pixels: Annotated[int, typer.Option(
-             envvar="CTEDGE_MAX_PIXELS", help="Refuse images of more pixels than this, read from the "
-             "file header before decoding (every command).")] = DEFAULT_MAX_PIXELS,
-         max_bytes: Annotated[int, typer.Option(
-             envvar="CTEDGE_MAX_BYTES", help="Refuse a zip entry or NIfTI volume of more bytes than this "
-             "uncompressed, read from its header before inflating (--study).")] = DEFAULT_MAX_BYTES) -> None:
-    """Put a chest-CT COVID-19 classifier onto edge hardware."""
-    from ctedge.core.limits import check_budgets
-
-    try:
-        check_budgets(max_pixels=max_pixels, max_bytes=max_bytes)
-    except CtedgeError as exc:
-        raise typer.BadParameter(exc.detail, param_hint=flag(exc.param)) from None
-    _GIVEN.set({"verbose": verbose_flag, "max_pixels": max_pixels, "max_bytes": max_bytes})
-
-
 def pixel_budget() -> int:
     """The pixel budget given to `ctedge` (--max-pixels, CTEDGE_MAX_PIXELS), passed to
     whatever reads an image."""
-    return _given("max_pixels", DEFAULT_MAX_PIXELS)
+    return group_option("max_pixels", DEFAULT_MAX_PIXELS)
 
 
 def study_options(**options) -> StudyOptions:
     """StudyOptions with the read budgets given to `ctedge` (--max-pixels, --max-bytes)."""
     from ctedge.edge.study import StudyOptions
 
-    return StudyOptions(max_pixels=pixel_budget(), max_bytes=_given("max_bytes", DEFAULT_MAX_BYTES), **options)
+    return StudyOptions(max_pixels=pixel_budget(), max_bytes=group_option("max_bytes", DEFAULT_MAX_BYTES), **options)
 
 
 def figure(value: float | None, digits: int = 3) -> str:
