@@ -37,11 +37,13 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parents[1] / "tests"))
 from make_b3 import make_b3  # noqa: E402
 from results_io import write_results
 from study_speed import make_study  # noqa: E402
 
 from ctedge.edge.bench import machine_info  # noqa: E402
+from helpers import free_port  # noqa: E402  (below the ephemeral range: an outgoing connection can't take it)
 
 HOST = "127.0.0.1"
 STORESCU = "/usr/bin/storescu"  # dcmtk's (pynetdicom installs an app of the same name)
@@ -62,14 +64,6 @@ for cx in StoragePresentationContexts:
     ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
 ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, store)])
 '''
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 class Destination:

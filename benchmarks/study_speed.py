@@ -6,6 +6,7 @@ with ``--series DIR`` also a real DICOM series against the same series as one
 
     python benchmarks/study_speed.py --series ../shared/data/ct-study/C3N-00247
                                                 # writes benchmarks/results/study_speed.{json,md}
+    python benchmarks/study_speed.py --baseline 15671a6   # fresh processes of that commit too, interleaved
 
 The model has random weights (benchmarks/make_b3.py; timing only) and lives with
 the study in runs/bench-study/ (git-ignored). Each configuration is timed
@@ -18,6 +19,7 @@ compare the configurations within one run of this script only.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -25,11 +27,13 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from baseline import baseline_env  # noqa: E402
 from make_b3 import make_b3  # noqa: E402
 from results_io import write_results
 
@@ -51,9 +55,10 @@ def make_study(folder: Path, slices: int = 300, size: int = 512) -> Path:
 
 
 def fresh_process(model: Path, study: Path, options: StudyOptions, provider: str, runtime: str,
-                  precision: str, runs: int) -> dict:
+                  precision: str, runs: int, env: dict | None = None) -> dict:
     """Command start to the patient's answer: `ctedge predict --study` in a new process,
-    ``runs`` times (the benchmark runs the CLI; the library never does): wall and CPU."""
+    ``runs`` times (the benchmark runs the CLI; the library never does): wall and CPU;
+    ``env``: another commit's code (``baseline_env``)."""
     command = [sys.executable, "-m", "ctedge", "predict", str(model), str(study), "--study",
                "--max-slices", str(options.max_slices), "--aggregate", str(options.aggregate),
                "--provider", provider, "--runtime", runtime, "--precision", precision]
@@ -63,7 +68,7 @@ def fresh_process(model: Path, study: Path, options: StudyOptions, provider: str
     for _ in range(runs):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         walls.append(time.perf_counter() - started)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
@@ -71,6 +76,21 @@ def fresh_process(model: Path, study: Path, options: StudyOptions, provider: str
             raise SystemExit(f"`{' '.join(command)}` failed: {done.stderr[-500:]}")
     return {"runs": walls, "median": float(np.median(walls)), "cpu_runs": cpus, "cpu_median": float(np.median(cpus)),
             "command": " ".join(["ctedge", *command[3:]])}
+
+
+def interleaved(jobs: dict[str, Callable[[], dict]], runs: int) -> dict[str, dict]:
+    """Each job (a one-run ``fresh_process``) ``runs`` times, the jobs taking turns, so a
+    change in the machine's speed shows in all of them alike; the runs merged per job."""
+    rows: dict[str, list[dict]] = {name: [] for name in jobs}
+    for _ in range(runs):
+        for name, job in jobs.items():
+            rows[name].append(job())
+    merged = {}
+    for name, done in rows.items():
+        walls, cpus = [w for r in done for w in r["runs"]], [c for r in done for c in r["cpu_runs"]]
+        merged[name] = {"runs": walls, "median": float(np.median(walls)), "cpu_runs": cpus,
+                        "cpu_median": float(np.median(cpus)), "command": done[0]["command"]}
+    return merged
 
 
 def as_nifti(series: Path, out: Path) -> Path:
@@ -97,19 +117,15 @@ def nifti_against_dicom(model: Path, series: Path, work: Path, runtime: str, pre
     """Fresh `predict --study` on a DICOM folder and on the same series as .nii.gz, interleaved."""
     volume = as_nifti(series, work / f"{series.name}.nii.gz")
     options = StudyOptions()
-    folder, nifti = [], []
-    for _ in range(runs):
-        folder.append(fresh_process(model, series, options, "cpu", runtime, precision, 1))
-        nifti.append(fresh_process(model, volume, options, "cpu", runtime, precision, 1))
-    median = {name: float(np.median([r["median"] for r in rows])) for name, rows in (("dicom", folder),
-                                                                                       ("nifti", nifti))}
+    done = interleaved({name: functools.partial(fresh_process, model, path, options, "cpu", runtime, precision, 1)
+                        for name, path in (("dicom", series), ("nifti", volume))}, runs)
     return {"series": str(series), "nifti": str(volume), "runtime": runtime, "precision": precision,
-            "dicom_s": median["dicom"], "nifti_s": median["nifti"], "ratio": median["nifti"] / median["dicom"],
-            "dicom_cpu_s": float(np.median([r["cpu_median"] for r in folder])),
-            "nifti_cpu_s": float(np.median([r["cpu_median"] for r in nifti]))}
+            "dicom_s": done["dicom"]["median"], "nifti_s": done["nifti"]["median"],
+            "ratio": done["nifti"]["median"] / done["dicom"]["median"],
+            "dicom_cpu_s": done["dicom"]["cpu_median"], "nifti_cpu_s": done["nifti"]["cpu_median"]}
 
 
-def markdown(results: list[dict], nifti: dict | None = None) -> str:
+def markdown(results: list[dict], nifti: dict | None = None, baseline: str | None = None) -> str:
     m, first = results[0]["machine"], results[0]
     load = first.get("load_average_1_5_15", {}).get("before")
     lines = [f"# Whole-study speed (`benchmarks/study_speed.py`, {time.strftime('%Y-%m-%d')})", "",
@@ -122,7 +138,8 @@ def markdown(results: list[dict], nifti: dict | None = None) -> str:
              "| engine | selection | slices used / sampled / total | headers+selection s | decode+preprocess s (CPU, "
              "threads) | waiting for decode s | inference s | aggregation s | pipeline wall s | "
              "in-process wall s | slices/s | pipeline / (used x batched per-slice) | fresh process: "
-             "command start to answer s | its CPU s |", "|" + "---|" * 14]
+             "command start to answer s | its CPU s |" + (f" the same at {baseline} s |" if baseline else ""),
+             "|" + "---|" * (15 if baseline else 14)]
     for r in results:
         d = r["median"]
         step = r["options"]["slice_step"]
@@ -131,13 +148,17 @@ def markdown(results: list[dict], nifti: dict | None = None) -> str:
                      + " | ".join(f"{d[s]:.3f}" for s in STAGES)
                      + f" | {d['pipeline_wall_s']:.2f} | {d['wall_s']:.2f} | {d['slices_per_s']:.1f} | "
                      f"{d['target_ratio']:.2f} | {r['process_wall_s']['median']:.2f} | "
-                     f"{r['process_wall_s']['cpu_median']:.2f} |")
+                     f"{r['process_wall_s']['cpu_median']:.2f} |"
+                     + (f" {r['baseline_process_wall_s']['median']:.2f} |" if baseline else ""))
     if "load_average_1_5_15" in results[-1]:
         load = results[-1]["load_average_1_5_15"]
         lines += ["", f"Load average (1/5/15 min) before: {load['before']}, after: {load['after']}."]
     lines += ["", f"Batched inference alone (batch 8): {results[0]['per_slice_inference_s'] * 1000:.1f} ms per "
               f"slice; model load {results[0]['session_s']:.2f} s.", "",
               "Commands: " + "; ".join(f"`{r['process_wall_s']['command']}`" for r in results), ""]
+    if baseline:
+        lines += [f"The last column: commit {baseline}'s `src/` (`git archive`) as the same fresh command, run by "
+                  "the same Python and packages through PYTHONPATH, its runs interleaved with today's.", ""]
     if nifti:
         lines += [f"A real series against itself as one .nii.gz ({nifti['runtime']} {nifti['precision']}, fresh "
                   f"processes, medians): DICOM folder {nifti['dicom_s']:.2f} s ({nifti['dicom_cpu_s']:.2f} s CPU), "
@@ -156,7 +177,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "study_speed")
     parser.add_argument("--series", type=Path, default=None,
                         help="A real DICOM series: also timed against itself as one .nii.gz.")
+    parser.add_argument("--baseline", metavar="REV", help="Also time this commit's `predict --study` (e.g. 15671a6, "
+                                                          "before the restructure), interleaved, on this machine.")
     args = parser.parse_args()
+    commit, old_env = baseline_env(args.baseline, args.work) if args.baseline else (None, None)
     model = args.model or make_b3(args.work)
     study = make_study(args.work / f"ct{args.slices}-{args.size}", args.slices, args.size)
     results = []
@@ -164,13 +188,21 @@ def main() -> None:
     for (runtime, precision), step in itertools.product(ENGINES, (None, 1)):
         options = StudyOptions(slice_step=step)
         report = bench_study(model, study, options, "cpu", None, args.runs, runtime=runtime, precision=precision)
-        report["process_wall_s"] = fresh_process(model, study, options, "cpu", runtime, precision, args.runs)
+        jobs = {"today": functools.partial(fresh_process, model, study, options, "cpu", runtime, precision, 1)}
+        if commit:
+            jobs["baseline"] = functools.partial(fresh_process, model, study, options, "cpu", runtime, precision, 1,
+                                                 old_env)
+        done = interleaved(jobs, args.runs)
+        report["process_wall_s"] = done["today"]
+        if commit:
+            report["baseline_process_wall_s"] = {**done["baseline"], "commit": commit}
         report["load_average_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
         results.append(report)
         print(json.dumps(report["median"]), report["process_wall_s"]["median"], flush=True)
     nifti = args.series and nifti_against_dicom(model, args.series, args.work, *ENGINES[-1], args.runs)
-    write_results(args.out, {"studies": results, "nifti_against_dicom": nifti or None}, markdown(results, nifti))
-    print(markdown(results, nifti))
+    write_results(args.out, {"studies": results, "nifti_against_dicom": nifti or None, "baseline": commit},
+                  markdown(results, nifti, commit))
+    print(markdown(results, nifti, commit))
 
 
 if __name__ == "__main__":
