@@ -187,6 +187,32 @@ def test_openvino_cache_is_reused_but_never_stale(tmp_path, cache):
     assert len(list(Path(cache).glob("*/ctedge-metadata.json"))) == 1  # the old version's folder went
 
 
+def test_onnxruntime_keeps_its_optimized_graph_and_never_a_stale_or_broken_one(tmp_path, cache, monkeypatch):
+    import onnxruntime as ort
+
+    opened = []
+    session = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda source, *a, **k: opened.append(source) or session(source, *a, **k))
+    model = brightness_onnx(tmp_path / "m.onnx", threshold=0.5)
+    x = np.full((2, 32, 32, 3), 120, np.float32)
+    first = Classifier(model, runtime="onnxruntime", cache_dir=cache).predict_arrays(x)
+    (kept,) = Path(cache).glob("*/optimized-*.onnx")
+    assert opened == [str(model)] and [p.name for p in kept.parent.iterdir()] == [kept.name]  # no partial file
+    clf = Classifier(model, runtime="onnxruntime", cache_dir=cache)
+    assert opened[-1] == str(kept) and clf.threshold == 0.5  # the metadata came along
+    assert np.array_equal(clf.predict_arrays(x), first)
+    kept.write_bytes(b"not a model")  # damaged: optimized again, and kept again
+    assert np.array_equal(Classifier(model, runtime="onnxruntime", cache_dir=cache).predict_arrays(x), first)
+    assert opened[-2:] == [str(kept), str(model)] and kept.stat().st_size > 100
+    brightness_onnx(model, threshold=0.7, gain=-0.1)  # the same file name, a new model
+    clf = Classifier(model, runtime="onnxruntime", cache_dir=cache)
+    assert opened[-1] == str(model) and clf.threshold == 0.7 and clf.predict_arrays(x)[0] < 0.5
+    assert len(list(Path(cache).glob("*/optimized-*.onnx"))) == 1  # the old version's folder went
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a cache that can't be written: the model starts without it
+    assert Classifier(model, runtime="onnxruntime", cache_dir=str(blocked)).threshold == 0.7
+
+
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 

@@ -100,7 +100,8 @@ PrecisionOpt = Annotated[Optional[Precision], typer.Option(
     "needed), int8 the IR from `export --openvino`; onnxruntime: fp16/int8 run the NAME_fp16/NAME_int8.onnx "
     "files from export. Default: auto's choice, else fp32.")]
 CacheDir = Annotated[Optional[Path], typer.Option(
-    help="OpenVINO compiled-model cache (default ~/.cache/ctedge/openvino): a second start skips compiling.")]
+    help="Engine cache: OpenVINO's compiled models, onnxruntime's CPU-optimized graphs (default "
+         "~/.cache/ctedge/ENGINE): a second start skips compiling.")]
 
 # whole-study classification (predict --study, evaluate --study)
 SeriesOpt = Annotated[Optional[str], typer.Option("--series", help="--study: classify this SeriesInstanceUID.")]

@@ -1,5 +1,7 @@
 """onnxruntime behind the engine protocol: one session on one provider (cpu, cuda,
-tensorrt), with the provider options chosen here and recorded in results.
+tensorrt), with the provider options chosen here and recorded in results. On the CPU
+the graph onnxruntime optimizes at start is kept in the engine cache, so a second
+start loads it instead of optimizing again (B3: 0.26 -> 0.10 s, the same outputs).
 
 onnxruntime is imported inside the functions only (listing engines must not load it).
 """
@@ -9,14 +11,18 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ctedge.core.errors import CtedgeError
+from ctedge.edge.engines.machine import isa_features, machine_key
 from ctedge.edge.engines.registry import (
     EngineConfig,
     default_cache_dir,
+    model_cache,
     register_engine,
     variant_file,
     variant_path,
@@ -127,16 +133,61 @@ def session_options(threads: int | None = None):
     return options
 
 
-def ort_session(path: Path | bytes, device: str, options: dict[str, str], threads: int | None = None):
+def optimized_path(path: Path, cache_dir: str | None) -> Path | None:
+    """Where this model's graph, as onnxruntime optimizes it for this CPU, is kept: the
+    model's folder in the cache (its path, size and mtime), named by onnxruntime's version
+    and the CPU (the saved graph holds CPU-specific layouts); None without a usable cache."""
+    import onnxruntime as ort
+
+    folder = model_cache(Path(cache_dir) if cache_dir else default_cache_dir("onnxruntime"), path)
+    if folder is None:
+        return None
+    cpu = sorted(name for name, present in isa_features().items() if present)
+    key = hashlib.sha256(f"{ort.__version__}|{machine_key()}|{cpu}".encode()).hexdigest()[:16]
+    return folder / f"optimized-{key}.onnx"
+
+
+def _optimized_session(path: Path, optimized: Path, threads: int | None, providers: list):
+    """A CPU session from the kept optimized graph, or, the first time, from the model,
+    keeping the graph it optimized (written aside, then renamed: never half a file)."""
+    import onnxruntime as ort
+
+    if optimized.is_file():
+        try:
+            return ort.InferenceSession(str(optimized), session_options(threads), providers=providers,
+                                        enable_fallback=0)
+        except Exception as exc:  # a damaged file in the cache: optimize the model again
+            log.warning("%s: unusable (%s); optimizing %s again", optimized, exc, path.name)
+    options = session_options(threads)
+    partial = optimized.with_name(f".{optimized.name}.{os.getpid()}.partial")
+    options.optimized_model_filepath = str(partial)
+    options.log_severity_level = 3  # its warning that the graph is for this machine: that is what the key says
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
+        os.replace(partial, optimized)
+        return session
+    except Exception as exc:  # the cache can't be written (a full disk, say): start without it
+        log.warning("%s: not kept in the cache (%s)", optimized, exc)
+        partial.unlink(missing_ok=True)
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers, enable_fallback=0)
+
+
+def ort_session(path: Path | bytes, device: str, options: dict[str, str], threads: int | None = None,
+                cache_dir: str | None = None):
     """An InferenceSession on exactly ``device``: no fallback list (onnxruntime would print
-    its retry to stdout), and the provider it reports must be the one asked for."""
+    its retry to stdout), and the provider it reports must be the one asked for. A file on
+    the CPU: its optimized graph kept in, and loaded from, the engine cache."""
     import onnxruntime as ort
 
     if device in GPU_DEVICES:
         preload_gpu_libraries()
-    source = path if isinstance(path, bytes) else str(path)
-    session = ort.InferenceSession(source, session_options(threads), providers=session_providers(device, options),
-                                   enable_fallback=0)
+    providers = session_providers(device, options)
+    optimized = optimized_path(path, cache_dir) if device == "cpu" and isinstance(path, Path) else None
+    if optimized is not None:
+        session = _optimized_session(path, optimized, threads, providers)
+    else:
+        source = path if isinstance(path, bytes) else str(path)
+        session = ort.InferenceSession(source, session_options(threads), providers=providers, enable_fallback=0)
     if session.get_providers()[0] != PROVIDERS[device]:
         raise CtedgeError(f"{PROVIDERS[device]} could not start (onnxruntime runs on "
                           f"{', '.join(session.get_providers())}); see onnxruntime's message above",
@@ -159,7 +210,7 @@ class OrtEngine:
         self._options = provider_options(self.device, config.precision, fixed_shape=config.fixed_batch is not None,
                                          cache_dir=config.cache_dir, extra=config.provider_options)
         try:
-            self._session = ort_session(self.path, self.device, self._options, config.threads)
+            self._session = ort_session(self.path, self.device, self._options, config.threads, config.cache_dir)
         except CtedgeError:
             raise
         except Exception as exc:  # ORT raises its own types for a non-ONNX file or a bad option

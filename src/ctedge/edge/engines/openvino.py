@@ -9,11 +9,9 @@ one ``Core`` per process, as OpenVINO recommends.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import queue
-import shutil
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +21,7 @@ from ctedge.core.files import atomic_write
 from ctedge.edge.engines.registry import (
     EngineConfig,
     default_cache_dir,
+    model_cache,
     register_engine,
     variant_file,
     variant_path,
@@ -49,26 +48,6 @@ def core():
 
 def capabilities(device: str = "CPU") -> list[str]:
     return list(core().get_property(device, "OPTIMIZATION_CAPABILITIES"))
-
-
-def model_cache(root: Path, path: Path) -> Path | None:
-    """This model file's own cache folder, keyed by its path, size and modification
-    time: OpenVINO keys a model compiled from a path by the path alone, so a model
-    re-exported under the same name would get the old compiled blob. Folders of
-    earlier versions of the same path are removed."""
-    stat = path.stat()
-    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    version = hashlib.sha256(f"{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = root / f"{where}-{version}"
-    try:
-        if not folder.is_dir():
-            for old in root.glob(f"{where}-*"):
-                shutil.rmtree(old, ignore_errors=True)
-            folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        log.warning("OpenVINO cache %s not usable (%s); compiling without a cache", root, exc)
-        return None
-    return folder
 
 
 def cached_metadata(cache: Path | None) -> dict[str, str] | None:

@@ -13,14 +13,19 @@ Adding an engine: one module with a ``@register_engine`` factory, one line in
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from ctedge.core.errors import CtedgeError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # numpy only in annotations: listing engines (the CLI's choices) loads no numpy
     import numpy as np
@@ -37,7 +42,7 @@ class EngineConfig:
     precision: str | None = None  # None: auto's choice, else fp32
     provider: str = "auto"  # a device of the engine, or auto: the engine's best device here
     threads: int | None = None
-    cache_dir: str | None = None  # OpenVINO compiled-model cache (default: ~/.cache/ctedge/openvino)
+    cache_dir: str | None = None  # engine cache: OpenVINO blobs, ORT CPU graphs (default ~/.cache/ctedge/ENGINE)
     provider_options: dict[str, str] = field(default_factory=dict)  # backend options (KEY=VALUE)
     fixed_batch: int | None = None  # every call has this batch size (the Classifier pads): one input shape
 
@@ -178,6 +183,27 @@ def default_cache_dir(engine: str) -> Path:
     """Where an engine keeps what it builds once (compiled models, TensorRT engines)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ctedge" / engine
+
+
+def model_cache(root: Path, path: Path) -> Path | None:
+    """This model file's own folder in an engine's cache, keyed by its path, size and
+    modification time (OpenVINO keys a model compiled from a path by the path alone, so a
+    model re-exported under the same name would get the old compiled blob). Folders of
+    earlier versions of the same path are removed; None (and a warning) when the cache
+    can't be written."""
+    stat = path.stat()
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    version = hashlib.sha256(f"{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = root / f"{where}-{version}"
+    try:
+        if not folder.is_dir():
+            for old in root.glob(f"{where}-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("engine cache %s not usable (%s); starting without it", root, exc)
+        return None
+    return folder
 
 
 def open_engine(model: Path, config: EngineConfig) -> Engine:
