@@ -187,7 +187,8 @@ def test_openvino_cache_is_reused_but_never_stale(tmp_path, cache):
     assert len(list(Path(cache).glob("*/ctedge-metadata.json"))) == 1  # the old version's folder went
 
 
-def test_onnxruntime_keeps_its_optimized_graph_and_never_a_stale_or_broken_one(tmp_path, cache, monkeypatch):
+def test_onnxruntime_keeps_its_optimized_graph_and_never_a_stale_or_broken_one(tmp_path, cache, monkeypatch,
+                                                                               caplog):
     import onnxruntime as ort
 
     opened = []
@@ -211,6 +212,11 @@ def test_onnxruntime_keeps_its_optimized_graph_and_never_a_stale_or_broken_one(t
     blocked = tmp_path / "a-file"
     blocked.write_text("")  # a cache that can't be written: the model starts without it
     assert Classifier(model, runtime="onnxruntime", cache_dir=str(blocked)).threshold == 0.7
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")  # the model's own error, not the cache's
+    caplog.clear()
+    with pytest.raises(CtedgeError, match="junk.onnx: not a loadable ONNX model"):
+        Classifier(tmp_path / "junk.onnx", runtime="onnxruntime", cache_dir=cache)
+    assert "cache" not in caplog.text
 
 
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -166,10 +166,11 @@ def _optimized_session(path: Path, optimized: Path, threads: int | None, provide
         session = ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
         os.replace(partial, optimized)
         return session
-    except Exception as exc:  # the cache can't be written (a full disk, say): start without it
-        log.warning("%s: not kept in the cache (%s)", optimized, exc)
+    except Exception as exc:  # the model itself, or a cache that can't be written (a full disk, say)
         partial.unlink(missing_ok=True)
-        return ort.InferenceSession(str(path), session_options(threads), providers=providers, enable_fallback=0)
+        session = ort.InferenceSession(str(path), session_options(threads), providers=providers, enable_fallback=0)
+        log.warning("%s: not kept in the cache (%s)", optimized, exc)  # the model loads: the cache failed
+        return session
 
 
 def ort_session(path: Path | bytes, device: str, options: dict[str, str], threads: int | None = None,
