@@ -39,7 +39,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture
 def cache(tmp_path):
-    return str(tmp_path / "ov-cache")
+    return str(tmp_path / "engine-cache")
 
 
 def test_openvino_gives_the_rows_onnxruntime_gives(model, images, tmp_path, cache):
@@ -203,8 +203,13 @@ def test_onnxruntime_keeps_its_optimized_graph_and_never_a_stale_or_broken_one(t
     assert opened[-1] == str(kept) and clf.threshold == 0.5  # the metadata came along
     assert np.array_equal(clf.predict_arrays(x), first)
     kept.write_bytes(b"not a model")  # damaged: optimized again, and kept again
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    torn = kept.with_name(f".{kept.name}.{dead.pid}.abc.tmp.onnx")  # a first start killed mid-write
+    torn.write_bytes(b"half")
     assert np.array_equal(Classifier(model, runtime="onnxruntime", cache_dir=cache).predict_arrays(x), first)
     assert opened[-2:] == [str(kept), str(model)] and kept.stat().st_size > 100
+    assert [p.name for p in kept.parent.iterdir()] == [kept.name]  # the torn temp file went
     brightness_onnx(model, threshold=0.7, gain=-0.1)  # the same file name, a new model
     clf = Classifier(model, runtime="onnxruntime", cache_dir=cache)
     assert opened[-1] == str(model) and clf.threshold == 0.7 and clf.predict_arrays(x)[0] < 0.5

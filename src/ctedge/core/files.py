@@ -32,9 +32,10 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
 
 
 def temp_name(path: Path, suffix: str = "") -> Path:
-    """A temp file beside ``path`` naming this process: ``.NAME.PID.tmp`` + ``suffix``
-    (a writer such as ``model.save`` may need its own suffix)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    """A temp file beside ``path``, new for each call and naming this process (for
+    ``remove_stale_temps``): ``.NAME.PID.TOKEN.tmp`` + ``suffix`` (a writer such as
+    ``model.save`` may need its own suffix)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp{suffix}")
 
 
 def remove_stale_temps(path: Path) -> None:
@@ -80,7 +81,7 @@ def atomic_write(data: bytes, path: Path, *, durable: bool = True, fresh_name: b
     caller made the name up just now (a spool entry), so there are none to look for.
     A failed write (disk full, ``ulimit -f``) raises ``WriteError`` naming ``path``."""
     target = output_target(Path(path))
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    tmp = temp_name(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not fresh_name:

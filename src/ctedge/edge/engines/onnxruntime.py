@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ctedge.core.errors import CtedgeError
+from ctedge.core.files import remove_stale_temps, temp_name
 from ctedge.edge.engines.machine import isa_features, machine_key
 from ctedge.edge.engines.registry import (
     EngineConfig,
@@ -149,7 +150,8 @@ def optimized_path(path: Path, cache_dir: str | None) -> Path | None:
 
 def _optimized_session(path: Path, optimized: Path, threads: int | None, providers: list):
     """A CPU session from the kept optimized graph, or, the first time, from the model,
-    keeping the graph it optimized (written aside, then renamed: never half a file)."""
+    keeping the graph it optimized (written to a temp file, synced, then renamed: never
+    half a file; a killed first start's temp file goes at the next)."""
     import onnxruntime as ort
 
     if optimized.is_file():
@@ -158,12 +160,15 @@ def _optimized_session(path: Path, optimized: Path, threads: int | None, provide
                                         enable_fallback=0)
         except Exception as exc:  # a damaged file in the cache: optimize the model again
             log.warning("%s: unusable (%s); optimizing %s again", optimized, exc, path.name)
+    remove_stale_temps(optimized)
+    partial = temp_name(optimized, ".onnx")
     options = session_options(threads)
-    partial = optimized.with_name(f".{optimized.name}.{os.getpid()}.partial")
     options.optimized_model_filepath = str(partial)
     options.log_severity_level = 3  # its warning that the graph is for this machine: that is what the key says
     try:
         session = ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(partial, optimized)
         return session
     except Exception as exc:  # the model itself, or a cache that can't be written (a full disk, say)
