@@ -7,6 +7,7 @@ runs or shows its own help. A test keeps the table and the modules in step.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from contextvars import ContextVar
 from typing import Annotated
@@ -53,6 +54,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 registry = typer.Typer(rich_markup_mode="markdown")
 
 
+@functools.lru_cache(maxsize=1)
+def _built(registered: int):
+    """The registry's commands as click commands, built again only when a module has filed
+    more (``registered``: how many); one lookup no longer rebuilds every loaded command."""
+    return typer.main.get_command(registry)
+
+
 class LazyCommands(TyperGroup):
     """The `ctedge` group over ``COMMANDS``: a command's module is imported on first use;
     the group's own help shows the table's lines instead of importing every module."""
@@ -69,7 +77,7 @@ class LazyCommands(TyperGroup):
         if self.listing:
             return TyperCommand(name=cmd_name, short_help=summary)
         importlib.import_module(module)
-        built = typer.main.get_command(registry)
+        built = _built(len(registry.registered_commands))
         if isinstance(built, TyperGroup):
             return built.commands.get(cmd_name)
         return built if built.name == cmd_name else None
