@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from baseline import baseline_env  # noqa: E402
 from make_b3 import make_b3  # noqa: E402
-from results_io import write_results  # noqa: E402
+from results_io import machine_sentence, write_results  # noqa: E402
 
 from ctedge.edge.bench import machine_info  # noqa: E402
 
@@ -69,10 +69,8 @@ def imports(args: list[str], env: dict | None = None) -> dict:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
     lines = [f"# Start-up (`benchmarks/startup_speed.py`, {time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}. Load average "
-             f"before {report['load_before']}, after {report['load_after']}. Model: `{report['model']}` "
+             machine_sentence(report) + f" Model: `{report['model']}` "
              f"(benchmarks/make_b3.py: EfficientNetB3 at 300 px, random weights), one {report['image_px']} px PNG. "
              f"Medians of {report['runs']} fresh processes per command, commands interleaved.", "",
              "| command | wall s (median) | CPU s (median) | import time s (-X importtime) | heavy packages imported |"

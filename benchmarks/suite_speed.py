@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baseline import code_env, commit_of, exported  # noqa: E402
-from results_io import write_results  # noqa: E402
+from results_io import machine_sentence, write_results  # noqa: E402
 
 from ctedge.edge.bench import machine_info  # noqa: E402
 
@@ -62,10 +62,8 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
     lines = [f"# Test suite (`benchmarks/suite_speed.py`, {time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}. Load average "
-             f"before {report['load_before']}, after {report['load_after']}. `pytest -q {' '.join(report['args'])}` "
+             machine_sentence(report) + f" `pytest -q {' '.join(report['args'])}` "
              f"(the project's addopts: xdist on every core) on each commit's `git archive` tree with this Python "
              f"and its packages; CTEDGE_REQUIRE_PACS={report['require_pacs'] or 'unset'}. "
              f"Medians of {report['runs']} run(s), commits interleaved.", "",
