@@ -240,6 +240,27 @@ def test_an_unwritable_output_is_named_before_any_work(tmp_path, args, option):
     assert f"{option} {blocker}/" in result.stderr, result.stderr  # the output, not the missing input
 
 
+def test_an_output_folder_that_refuses_new_files_is_named_before_any_work(tmp_path, model, monkeypatch):
+    """os.access answers yes to root for /proc, where no file can be made (the prediction
+    ran, its table printed, then --json failed); a folder that refuses to create is
+    simulated for other users, to whom os.access already says no."""
+    import ctedge.core.files as files
+
+    real_open = os.open
+
+    def refusing(path, flags, *args):
+        if flags & os.O_CREAT and os.path.dirname(path) == str(tmp_path / "out"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(files.os, "open", refusing)
+    image = png(tmp_path / "x.png")
+    result = runner.invoke(app, ["predict", str(model), str(image), "--json", str(tmp_path / "out" / "p.json")])
+    assert result.exit_code == 2 and "--json" in result.stderr and "not writable" in result.stderr, result.output
+    assert "probability" not in result.stdout  # nothing was predicted
+
+
 def test_json_and_csv_are_replaced_whole(tmp_path):
     """Atomic: a new file is renamed over the old one (a hard link to the old keeps it)."""
     model = brightness_onnx(tmp_path / "m.onnx")

@@ -142,8 +142,14 @@ def check_writable(path: Path, what: str, folder: bool = False) -> None:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CtedgeError(f"{what} {path}: cannot create {target} ({exc.strerror})") from None
-    if not os.access(target, os.W_OK) or (not folder and path.exists() and not os.access(path, os.W_OK)):
+    if not folder and path.exists() and not os.access(path, os.W_OK):
         raise CtedgeError(f"{what} {path}: not writable")
+    probe = temp_name(target / "ctedge-probe")  # os.access says yes to root, even where nothing can be made
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise CtedgeError(f"{what} {path}: not writable ({exc.strerror})") from None
 
 
 def same_file(a: Path, b: Path) -> bool:
