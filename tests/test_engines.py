@@ -18,7 +18,7 @@ from ctedge.edge import engines
 from ctedge.edge.engines import onnxruntime as ort_engine
 from ctedge.edge.engines import registry
 from ctedge.edge.engines.openvino import capabilities
-from ctedge.edge.runtime import Classifier
+from ctedge.edge.runtime import Classifier, load_in_background
 from helpers import brightness_onnx, gray_image
 
 runner = CliRunner()
@@ -354,6 +354,32 @@ def test_a_new_engine_is_one_registration(model, recording):
     x = np.full((3, 32, 32, 3), 51, np.float32)
     np.testing.assert_allclose(clf.predict_arrays(x), [0.2] * 3, rtol=1e-6)
     assert clf.providers == ["recording cpu"] and "recording" in engines.engine_names()
+
+
+def test_a_model_loading_in_the_background_has_its_backend_imported_by_the_caller(model, recording, tmp_path,
+                                                                                   monkeypatch):
+    """The backend's import (Python, holding the GIL) runs in the calling thread, before
+    the build is handed to the pool; a missing model is named by the build, importing nothing."""
+    (tmp_path / "ctedge_test_backend.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ctedge_test_backend", raising=False)
+    registry.register_engine("late", package="ctedge_test_backend", extra="-", accepts=(".onnx",),
+                             devices=("cpu",), precisions=("fp32",), thread_safe=True)(Recording)
+
+    class Held:  # a pool that runs nothing until asked
+        def submit(self, fn, *args, **kwargs):
+            self.job = lambda: fn(*args, **kwargs)
+            return "future"
+
+    pool = Held()
+    assert load_in_background(pool, model, runtime="late") == "future"
+    assert "ctedge_test_backend" in sys.modules
+    assert pool.job().runtime == "late"
+    del sys.modules["ctedge_test_backend"]
+    load_in_background(pool, tmp_path / "gone.onnx", runtime="late")
+    assert "ctedge_test_backend" not in sys.modules
+    with pytest.raises(CtedgeError, match="model not found: .*gone.onnx"):
+        pool.job()
 
 
 def test_an_engine_not_registered_thread_safe_serves_one_call_at_a_time(model, recording):

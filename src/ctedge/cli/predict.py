@@ -187,7 +187,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     from rich.table import Table
 
     from ctedge.core.results import dumps
-    from ctedge.edge.runtime import Classifier
+    from ctedge.edge.runtime import load_in_background
     from ctedge.edge.study import CSV_FIELDS, csv_row, predict_studies, studies_report
 
     check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True),
@@ -198,9 +198,10 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
         console.print(shown(f"{r.input}: {r.study_uid or '-'} done"))
 
     with ThreadPoolExecutor(1, thread_name_prefix="ctedge-load") as pool:  # the model loads while headers are read
-        loading = pool.submit(Classifier, model, provider, threads, runtime=runtime, precision=precision,
-                              cache_dir=str(cache_dir) if cache_dir else None, provider_options=provider_options,
-                              pad=pad, fixed_batch=options.batch_size, max_pixels=options.max_pixels)
+        loading = load_in_background(pool, model, provider, threads, runtime=runtime, precision=precision,
+                                     cache_dir=str(cache_dir) if cache_dir else None,
+                                     provider_options=provider_options, pad=pad, fixed_batch=options.batch_size,
+                                     max_pixels=options.max_pixels)
         results = (predict_studies(loading, paths, options, progress=progress) if pull is None
                    else _pulled(loading.result(), pull, options, progress))
     clf = loading.result()

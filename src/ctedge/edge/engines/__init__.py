@@ -20,6 +20,7 @@ from ctedge.edge.engines.registry import (
     all_precisions,
     engine_names,
     get_engine,
+    import_backend,
     installed,
     no_engine_message,
     open_engine,
@@ -31,8 +32,8 @@ from ctedge.edge.engines.registry import (
 
 __all__ = ["CHOICE_SUFFIX", "BenchRuntime", "Engine", "EngineConfig", "EngineSpec", "Precision", "Provider",
            "Runtime", "all_devices", "all_precisions", "choice_path", "cpu_name", "engine_names", "get_engine",
-           "installed", "isa_features", "machine_key", "no_engine_message", "open_engine", "register_engine",
-           "require", "resolve", "saved_choice", "variant_file", "variant_path"]
+           "import_backend", "installed", "isa_features", "machine_key", "no_engine_message", "open_engine",
+           "register_engine", "require", "resolve", "saved_choice", "variant_file", "variant_path"]
 
 
 def _choice(name: str, values: tuple[str, ...], doc: str) -> type[Choice]:

@@ -138,6 +138,11 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(get_engine(name).package) is not None
 
 
+def import_backend(name: str) -> None:
+    """Import engine ``name``'s backend package now, in the calling thread."""
+    importlib.import_module(get_engine(name).package)
+
+
 def no_engine_message() -> str:
     extras = [spec.extra for spec in _registered().values()]
     return "no inference engine is installed: install one with " + ", or ".join(extras)
