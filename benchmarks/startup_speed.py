@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baseline import baseline_env  # noqa: E402
+from baseline import baseline_env, with_bytecode  # noqa: E402
 from make_b3 import make_b3  # noqa: E402
 from results_io import machine_sentence, write_results  # noqa: E402
 
@@ -84,7 +84,8 @@ def markdown(report: dict) -> str:
                         if then else ""))
     if report.get("baseline"):
         lines += ["", f"The baseline: commit {report['baseline']}'s `src/` (`git archive`), run by the same Python "
-                      "and packages through PYTHONPATH, its runs interleaved with today's; ratio = today / then."]
+                      "and packages through PYTHONPATH, its runs interleaved with today's; ratio = today / then. "
+                      "Both with their bytecode written, as an install has it."]
     lines += ["", "Commands: " + "; ".join(f"`ctedge {' '.join(row['args'])}`" for row in report["commands"].values()),
               ""]
     return "\n".join(lines)
@@ -108,6 +109,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(image), phantom(np.random.default_rng(0), 512, True))
     runs = commands(model, image)
+    with_bytecode()
     commit, old_env = baseline_env(args.baseline, args.work) if args.baseline else (None, None)
     codes = {"today": None, **({"baseline": old_env} if commit else {})}
     for command, env in itertools.product(runs.values(), codes.values()):  # untimed: caches, the OS file cache

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baseline import baseline_env  # noqa: E402
+from baseline import baseline_env, with_bytecode  # noqa: E402
 from make_b3 import make_b3  # noqa: E402
 from results_io import write_results
 
@@ -158,7 +158,8 @@ def markdown(results: list[dict], nifti: dict | None = None, baseline: str | Non
               "Commands: " + "; ".join(f"`{r['process_wall_s']['command']}`" for r in results), ""]
     if baseline:
         lines += [f"The last column: commit {baseline}'s `src/` (`git archive`) as the same fresh command, run by "
-                  "the same Python and packages through PYTHONPATH, its runs interleaved with today's.", ""]
+                  "the same Python and packages through PYTHONPATH, its runs interleaved with today's; both with their "
+                  "bytecode written, as an install has it.", ""]
     if nifti:
         lines += [f"A real series against itself as one .nii.gz ({nifti['runtime']} {nifti['precision']}, fresh "
                   f"processes, medians): DICOM folder {nifti['dicom_s']:.2f} s ({nifti['dicom_cpu_s']:.2f} s CPU), "
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="REV", help="Also time this commit's `predict --study` (e.g. 15671a6, "
                                                           "before the restructure), interleaved, on this machine.")
     args = parser.parse_args()
+    with_bytecode()
     commit, old_env = baseline_env(args.baseline, args.work) if args.baseline else (None, None)
     model = args.model or make_b3(args.work)
     study = make_study(args.work / f"ct{args.slices}-{args.size}", args.slices, args.size)
