@@ -51,15 +51,30 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _run_folder(tmp_path_factory) -> Path:
+    """The test run's own folder: under pytest-xdist every worker's basetemp sits in it."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory) -> Iterator[Path]:
+    """Engine caches (compiled models, optimized graphs) in the run's folder, shared by its
+    workers and subprocesses, not in the user's ~/.cache/ctedge (where each test model
+    left a folder: 1.2 GB after a few hundred runs)."""
+    folder = _run_folder(tmp_path_factory) / "engine-cache"
+    folder.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CTEDGE_CACHE_DIR", str(folder))
+        yield folder
+
+
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None], load: Callable[[Path], T]) -> T:
     """``load(folder)`` of a fixture that ``build(folder)`` makes once per test run: under
     pytest-xdist every worker's basetemp sits in the run's own folder, where the first
     worker builds it (under a lock; the others wait) and every worker reads it. A build
     that fails leaves nothing behind, so the next worker tries (and fails) again."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    shared = root / "shared-fixtures"
+    shared = _run_folder(tmp_path_factory) / "shared-fixtures"
     shared.mkdir(exist_ok=True)
     folder, done = shared / name, shared / f"{name}.done"
     with _locked(shared / f"{name}.lock"):

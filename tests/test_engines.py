@@ -187,6 +187,17 @@ def test_openvino_cache_is_reused_but_never_stale(tmp_path, cache):
     assert len(list(Path(cache).glob("*/ctedge-metadata.json"))) == 1  # the old version's folder went
 
 
+def test_without_cache_dir_engines_cache_under_ctedge_cache_dir(tmp_path, monkeypatch):
+    """CTEDGE_CACHE_DIR/ENGINE, where a model given no cache_dir keeps what its engine built
+    (the tests' own run folder: conftest's engine_cache)."""
+    monkeypatch.setenv("CTEDGE_CACHE_DIR", str(tmp_path / "caches"))
+    model = brightness_onnx(tmp_path / "m.onnx")
+    Classifier(model, runtime="openvino")
+    Classifier(model, runtime="onnxruntime", provider="cpu")
+    assert len(list((tmp_path / "caches" / "openvino").glob("*/ctedge-metadata.json"))) == 1
+    assert len(list((tmp_path / "caches" / "onnxruntime").glob("*/optimized-*.onnx"))) == 1
+
+
 def test_onnxruntime_keeps_its_optimized_graph_and_never_a_stale_or_broken_one(tmp_path, cache, monkeypatch,
                                                                                caplog):
     import onnxruntime as ort

@@ -185,7 +185,12 @@ def variant_file(name: str, model: Path, precision: str) -> Path:
 
 
 def default_cache_dir(engine: str) -> Path:
-    """Where an engine keeps what it builds once (compiled models, TensorRT engines)."""
+    """Where an engine keeps what it builds once (compiled models, TensorRT engines) when
+    no cache_dir is given: $CTEDGE_CACHE_DIR/ENGINE, else ~/.cache/ctedge/ENGINE (or under
+    $XDG_CACHE_HOME)."""
+    root = os.environ.get("CTEDGE_CACHE_DIR")
+    if root:
+        return Path(root) / engine
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ctedge" / engine
 
