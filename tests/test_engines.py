@@ -261,6 +261,8 @@ def test_a_device_this_onnxruntime_lacks_is_an_error_naming_what_it_has(model, m
         Classifier(model, provider="cuda", runtime="onnxruntime")
     with pytest.raises(CtedgeError, match="^provider for openvino must be auto, cpu, gpu, npu, not 'cuda'"):
         Classifier(model, provider="cuda", runtime="openvino")
+    bad = CliRunner().invoke(app, ["predict", str(model), str(model), "--runtime", "onnxruntime", "--provider", "gpu"])
+    assert bad.exit_code == 2 and "must be auto, cpu, cuda, tensorrt, not 'gpu'" in bad.stderr  # the CLI's choice
 
 
 def test_a_provider_that_does_not_start_is_an_error_and_nothing_is_retried(monkeypatch):

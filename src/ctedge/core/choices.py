@@ -11,10 +11,14 @@ from enum import Enum
 
 
 class Choice(str, Enum):
-    """A str enum whose str() and format() are its value."""
+    """A str enum whose str(), format() and repr() are its value's (a message quotes what
+    the user typed: 'gpu', not <Provider.gpu: 'gpu'>)."""
 
     def __str__(self) -> str:
         return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
