@@ -47,7 +47,7 @@ def with_bytecode(src: Path | None = None) -> None:
     process would compile ctedge from source again (tens of ms of each start-up figure)."""
     if src is None:
         src = Path(importlib.util.find_spec("ctedge").origin).parent
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)  # -q: only its errors
 
 
 def code_env(src: Path, label: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -393,6 +394,17 @@ def test_a_model_loading_in_the_background_has_its_backend_imported_by_the_calle
     assert "ctedge_test_backend" not in sys.modules
     with pytest.raises(CtedgeError, match="model not found: .*gone.onnx"):
         pool.job()
+
+
+def test_a_saved_choice_is_read_once_when_loading_in_the_background(model, tmp_path, caplog):
+    """The build gets the engine resolved before it: the same engine, one log line."""
+    saved = brightness_onnx(tmp_path / "m.onnx")
+    choice = {"runtime": "openvino", "precision": "fp32", "provider": "cpu", "machine": engines.machine_key()}
+    engines.choice_path(saved).write_text(json.dumps(choice))
+    with caplog.at_level("INFO", logger="ctedge"), ThreadPoolExecutor(1) as pool:
+        clf = load_in_background(pool, saved, cache_dir=str(tmp_path / "cache")).result()
+    assert (clf.runtime, clf.precision, clf.device) == ("openvino", "fp32", "cpu")
+    assert sum("runtime auto: openvino fp32" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_an_engine_not_registered_thread_safe_serves_one_call_at_a_time(model, recording):

@@ -101,7 +101,7 @@ PrecisionOpt = Annotated[Optional[Precision], typer.Option(
     "files from export. Default: auto's choice, else fp32.")]
 CacheDir = Annotated[Optional[Path], typer.Option(
     help="Engine cache: OpenVINO's compiled models, onnxruntime's CPU-optimized graphs (default "
-         "~/.cache/ctedge/ENGINE): a second start skips compiling.")]
+         "$CTEDGE_CACHE_DIR/ENGINE, else ~/.cache/ctedge/ENGINE): a second start skips compiling.")]
 
 # whole-study classification (predict --study, evaluate --study)
 SeriesOpt = Annotated[Optional[str], typer.Option("--series", help="--study: classify this SeriesInstanceUID.")]

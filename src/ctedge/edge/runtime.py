@@ -176,15 +176,19 @@ class Classifier:
 def load_in_background(pool: Executor, path: str | Path, provider: str = "auto", threads: int | None = None,
                        **options) -> Future[Classifier]:
     """``Classifier(path, provider, threads, **options)`` built in ``pool`` while the caller
-    goes on (reads a study's headers, say). The engine's backend is imported here first:
-    an import is Python that holds the GIL throughout, and beside the caller's own Python
-    work it slowed both (a 300-file header scan: 0.3 -> 0.7 s); the build itself
-    (compiling the graph) releases the GIL. A model file that is not there, or options
-    that do not resolve, are named by the Classifier (through the future) or here."""
+    goes on (reads a study's headers, say). The engine is resolved and its backend imported
+    here first: an import is Python that holds the GIL throughout, and beside the caller's
+    own Python work it slowed both (a 300-file header scan: 0.3 -> 0.7 s); the build itself
+    (compiling the graph) releases the GIL and gets the resolved engine, so a saved bench
+    choice is read (and logged) once. Options that do not resolve raise here; a model file
+    that is not there, or another bad option, is named by the Classifier (through the future)."""
     if Path(path).is_file():
-        config = EngineConfig(runtime=options.get("runtime", "auto"), precision=options.get("precision"),
-                              provider=provider, threads=threads)
-        import_backend(resolve(Path(path), config).runtime)
+        resolved = resolve(Path(path), EngineConfig(runtime=options.get("runtime", "auto"),
+                                                    precision=options.get("precision"), provider=provider,
+                                                    threads=threads))
+        import_backend(resolved.runtime)
+        provider, options = resolved.provider, {**options, "runtime": resolved.runtime,
+                                                "precision": resolved.precision}
     return pool.submit(Classifier, path, provider, threads, **options)
 
 

@@ -42,7 +42,7 @@ class EngineConfig:
     precision: str | None = None  # None: auto's choice, else fp32
     provider: str = "auto"  # a device of the engine, or auto: the engine's best device here
     threads: int | None = None
-    cache_dir: str | None = None  # engine cache: OpenVINO blobs, ORT CPU graphs (default ~/.cache/ctedge/ENGINE)
+    cache_dir: str | None = None  # engine cache: OpenVINO blobs, ORT CPU graphs (default: default_cache_dir)
     provider_options: dict[str, str] = field(default_factory=dict)  # backend options (KEY=VALUE)
     fixed_batch: int | None = None  # every call has this batch size (the Classifier pads): one input shape
 
