@@ -8,7 +8,6 @@ one ``Core`` per process, as OpenVINO recommends.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import queue
@@ -38,12 +37,23 @@ CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}  # what the device must offer for 
 POOL_SIZE = 4  # infer requests at most; made when first needed
 
 
-@functools.cache
-def core():
-    """The process's one OpenVINO Core."""
-    import openvino as ov
+_core: list = []  # the process's one Core, made by core()
+_core_lock = threading.Lock()
 
-    return ov.Core()
+
+def core():
+    """The process's one OpenVINO Core, made under a lock together with OpenVINO's first
+    numpy hand-off: that hand-off, made by two threads at once (their first ``infer``),
+    deadlocks in OpenVINO's bindings (a static initialiser entered with the GIL held;
+    7 of 20 processes hung with 8 threads' first calls at once)."""
+    with _core_lock:
+        if not _core:
+            import numpy as np
+            import openvino as ov
+
+            ov.Tensor(np.zeros(1, np.float32)).data  # sets the numpy bridge up in this thread
+            _core.append(ov.Core())
+        return _core[0]
 
 
 def capabilities(device: str = "CPU") -> list[str]:
