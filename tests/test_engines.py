@@ -500,6 +500,27 @@ def test_first_openvino_calls_from_8_threads_at_once_do_not_deadlock(model):
         assert done.returncode == 0
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_the_throughput_hint_gives_the_latency_hints_outputs_from_calls_at_once(onnx_model, runtime, cache):
+    latency = Classifier(onnx_model, runtime=runtime, threads=2, cache_dir=cache)
+    throughput = Classifier(onnx_model, runtime=runtime, threads=2, cache_dir=cache, hint="throughput")
+    x = np.random.default_rng(0).uniform(0, 255, (6, latency.size, latency.size, 3)).astype(np.float32)
+    with ThreadPoolExecutor(throughput.parallel) as pool:
+        at_once = np.concatenate(list(pool.map(lambda image: throughput.predict_arrays(image[None]), x)))
+    np.testing.assert_array_equal(at_once, latency.predict_arrays(x))
+    assert latency.parallel == 1
+    if runtime == "onnxruntime":  # one thread per call, as many calls as threads
+        assert throughput.parallel == 2
+    else:  # OpenVINO's own hint, recorded; its streams are its choice
+        assert throughput.engine_info.provider_options["PERFORMANCE_HINT"] == "THROUGHPUT"
+        assert latency.engine_info.provider_options["PERFORMANCE_HINT"] == "LATENCY"
+
+
+def test_an_unknown_hint_is_refused_by_name(model):
+    with pytest.raises(CtedgeError, match="^hint must be latency or throughput, not 'fast'"):
+        Classifier(model, hint="fast")
+
+
 def test_a_classifier_is_immutable_and_a_threshold_gives_a_copy(model):
     clf = Classifier(model, runtime="onnxruntime")
     with pytest.raises(AttributeError, match="immutable"):

@@ -11,6 +11,8 @@ import csv
 import json
 import shutil
 import sys
+import threading
+import time
 import zipfile
 
 import numpy as np
@@ -88,6 +90,42 @@ def test_slices_are_ordered_by_position_and_top_k_finds_the_ground_glass(tmp_pat
     p = np.array([s.probability for s in pos.slices])
     assert pos.probability == pytest.approx(np.sort(p)[-3:].mean())
     assert pos.label == clf.label(pos.probability)
+
+
+class Parallel:
+    """A classifier serving ``parallel`` calls at once: records each call's batch size
+    and how many calls ran at once (each call sleeps a little, so overlaps show)."""
+
+    def __init__(self, clf, parallel: int):
+        self.clf, self.parallel, self.sizes, self.running, self.most = clf, parallel, [], 0, 0
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.clf, name)
+
+    def predict_arrays(self, images):
+        with self.lock:
+            self.sizes.append(len(images))
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.02)
+        try:
+            return self.clf.predict_arrays(images)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_an_engine_serving_calls_at_once_gets_single_slices_that_many_at_once(tmp_path, clf):
+    rng = np.random.default_rng(1)
+    patient(tmp_path, rng, True, "P1", slices=16, no_lung=(0, 15))
+    one_at_a_time = only(st.predict_studies(clf, [tmp_path]))
+    parallel = Parallel(clf, 3)
+    at_once = only(st.predict_studies(parallel, [tmp_path]))
+    assert parallel.sizes == [1] * 14 and parallel.most == 3
+    assert [(s.index, s.probability) for s in at_once.slices] == [(s.index, s.probability)
+                                                                  for s in one_at_a_time.slices]
+    assert at_once.probability == one_at_a_time.probability and at_once.slices_used == 14
 
 
 def test_aggregates_and_their_order():

@@ -59,7 +59,9 @@ def predict(
     model: Annotated[Path, typer.Argument(help="Exported .onnx model (or OpenVINO IR .xml).")],
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders (searched recursively); "
                                                          "--study: studies (none with --from-*).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = StudyOptions.batch_size,
+    batch_size: Annotated[int, typer.Option(
+        help="Images per inference call (a study on a CPU: one slice per call, calls at once).")] = \
+        StudyOptions.batch_size,
     runtime: Annotated[Runtime, typer.Option(
         help="Engine; auto: what `ctedge bench --runtime all` found fastest here, saved beside the model, "
              "else onnxruntime.")] = Runtime.auto,
@@ -201,7 +203,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
         loading = load_in_background(pool, model, provider, threads, runtime=runtime, precision=precision,
                                      cache_dir=str(cache_dir) if cache_dir else None,
                                      provider_options=provider_options, pad=pad, fixed_batch=options.batch_size,
-                                     max_pixels=options.max_pixels)
+                                     max_pixels=options.max_pixels, hint="throughput")
         results = (predict_studies(loading, paths, options, progress=progress) if pull is None
                    else _pulled(loading.result(), pull, options, progress))
     clf = loading.result()

@@ -54,13 +54,16 @@ class Classifier:
     padding's outputs dropped, so the backend sees one input shape (None: on for a
     GPU, where it is also warmed up with that shape at start). ``max_pixels``: the
     pixel budget of every file this classifier reads (``ctedge --max-pixels``); a
-    larger file gets an error row, refused from its header.
+    larger file gets an error row, refused from its header. ``hint``: latency (each
+    call fastest) or throughput (most images per second from ``parallel`` calls at
+    once, as a study's pipeline makes them).
     """
 
     def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None, *,
                  runtime: str = "auto", precision: str | None = None, cache_dir: str | None = None,
                  provider_options: dict[str, str] | None = None, pad: bool | None = None,
-                 fixed_batch: int = DEFAULT_FIXED_BATCH, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 fixed_batch: int = DEFAULT_FIXED_BATCH, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 hint: str = "latency"):
         path = Path(path)
         if not path.is_file():
             raise CtedgeError(f"model not found: {path}")
@@ -70,7 +73,7 @@ class Classifier:
         config = resolve(path, EngineConfig(runtime=runtime, precision=precision, provider=provider,
                                             threads=threads, cache_dir=cache_dir,
                                             provider_options=dict(provider_options or {}),
-                                            fixed_batch=None if pad is False else fixed_batch))
+                                            fixed_batch=None if pad is False else fixed_batch, hint=hint))
         started = time.perf_counter()
         engine = open_engine(path, config)
         session_s = time.perf_counter() - started
@@ -113,6 +116,11 @@ class Classifier:
     @property
     def device(self) -> str:
         return self._engine.device
+
+    @property
+    def parallel(self) -> int:
+        """Calls at once that fill the device (more than 1 only under the throughput hint)."""
+        return self._engine.parallel if isinstance(self._guard, contextlib.nullcontext) else 1
 
     @property
     def providers(self) -> list[str]:

@@ -62,7 +62,7 @@ class StudyScorer:
         self.options, self.max_fetch_bytes = options, max_fetch_bytes
         self.classifier = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                                      cache_dir=cache_dir, fixed_batch=options.batch_size,
-                                     max_pixels=options.max_pixels)
+                                     max_pixels=options.max_pixels, hint="throughput")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         results = [result for reference in batch[INPUT]

@@ -11,7 +11,14 @@ from pathlib import Path
 from ctedge.core.errors import CtedgeError
 from ctedge.edge.engines import registry
 from ctedge.edge.engines.machine import machine_key
-from ctedge.edge.engines.registry import EngineConfig, all_precisions, engine_names, get_engine, no_engine_message
+from ctedge.edge.engines.registry import (
+    HINTS,
+    EngineConfig,
+    all_precisions,
+    engine_names,
+    get_engine,
+    no_engine_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +50,15 @@ def saved_choice(model: Path) -> dict | None:
 
 
 def validate(config: EngineConfig) -> None:
-    """Names the parameter of a runtime, precision, device or thread count that is not valid."""
+    """Names the parameter of a runtime, precision, device, thread count or hint that is not valid."""
     if config.runtime != "auto":
         get_engine(config.runtime)
     if config.precision is not None and config.precision not in all_precisions():
         raise CtedgeError(f"must be {', '.join(all_precisions())}, not {config.precision!r}", param="precision")
     if config.threads is not None and config.threads < 1:
         raise CtedgeError(f"must be at least 1, not {config.threads}", param="threads")
+    if config.hint not in HINTS:
+        raise CtedgeError(f"must be {' or '.join(HINTS)}, not {config.hint!r}", param="hint")
 
 
 def _auto_runtime(model: Path, provider: str) -> str:

@@ -112,7 +112,8 @@ class OpenVinoEngine:
         if config.precision == "int8":
             self.path = variant_file(self.name, path, "int8")
         check_device(ov_device, config.precision)
-        properties = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", **config.provider_options}
+        properties = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": config.hint.upper(),
+                      **config.provider_options}
         if config.threads:
             properties["INFERENCE_NUM_THREADS"] = config.threads
         cache = model_cache(Path(config.cache_dir) if config.cache_dir else default_cache_dir("openvino"), self.path)
@@ -129,6 +130,7 @@ class OpenVinoEngine:
             raise CtedgeError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0]})") from None
         self._options = {k: str(v) for k, v in properties.items() if k != "CACHE_DIR"}
         self._confirm(ov_device, hint)
+        self.parallel = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._idle: queue.Queue = queue.Queue()
         self._made, self._lock = 0, threading.Lock()
         self.inputs = {port.get_any_name(): [d.get_length() if d.is_static else None
@@ -160,7 +162,7 @@ class OpenVinoEngine:
             return self._idle.get_nowait()
         except queue.Empty:
             with self._lock:
-                if self._made < POOL_SIZE:
+                if self._made < max(POOL_SIZE, self.parallel):
                     self._made += 1
                     return self._compiled.create_infer_request()
             return self._idle.get()  # every request busy: wait for one

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:  # numpy only in annotations: listing engines (the CLI's choices) loads no numpy
     import numpy as np
 
+HINTS = ("latency", "throughput")  # what an engine is tuned for (OpenVINO's performance hints)
+
 # the modules whose import registers an engine, in order of preference for runtime="auto"
 ENGINE_MODULES = ("ctedge.edge.engines.onnxruntime", "ctedge.edge.engines.openvino")
 
@@ -45,6 +47,7 @@ class EngineConfig:
     cache_dir: str | None = None  # engine cache: OpenVINO blobs, ORT CPU graphs (default: default_cache_dir)
     provider_options: dict[str, str] = field(default_factory=dict)  # backend options (KEY=VALUE)
     fixed_batch: int | None = None  # every call has this batch size (the Classifier pads): one input shape
+    hint: str = "latency"  # each call fastest, or throughput: most images/s from ``Engine.parallel`` calls at once
 
 
 class Engine(Protocol):
@@ -56,6 +59,7 @@ class Engine(Protocol):
     device: str  # the device asked for and confirmed by the backend (cpu, cuda, tensorrt, gpu, ...)
     raw_metadata: dict[str, str]
     inputs: dict[str, list]  # input name -> shape, static dims as ints
+    parallel: int  # calls at once that fill the device (1 under the latency hint)
 
     @property
     def devices(self) -> list[str]:

@@ -81,7 +81,7 @@ class Service:
 
         self.journal = self.spool.journal
         self.clf = Classifier(config.model, config.provider, config.threads, runtime=config.runtime,
-                              precision=config.precision)
+                              precision=config.precision, hint="throughput")
         self.options = StudyOptions(max_slices=config.max_slices, rules=config.rules)
         self.algorithm = Algorithm("ctedge " + config.model.stem, __version__, file_digest(config.model),
                                    self.clf.threshold)

@@ -46,7 +46,7 @@ class StudyOptions:
     max_slices: int = DEFAULT_MAX_SLICES
     aggregate: str = "topk"
     top_k: int = DEFAULT_TOP_K
-    batch_size: int = 8
+    batch_size: int = 8  # slices per call on an engine serving one call at a time; else 1
     workers: int | None = None  # decode threads (default: the CPU count)
     keep_thumbnails: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS  # per slice, from its header
@@ -105,8 +105,9 @@ def classify_study(clf, study: Study, options: StudyOptions | None = None) -> St
     """One study -> one result; problems become ``warnings`` or ``error`` (never raised).
 
     ``clf`` is anything with ``predict_arrays``, ``label``, ``size``, ``window`` and
-    ``threshold`` (``ctedge.edge.runtime.Classifier`` or another backend); with
-    ``options.threshold`` also ``positive`` and ``negative`` (the model is not changed).
+    ``threshold`` (``ctedge.edge.runtime.Classifier`` or another backend; ``parallel``
+    if it serves several calls at once); with ``options.threshold`` also ``positive``
+    and ``negative`` (the model is not changed).
     """
     options = options or StudyOptions()
     started = time.perf_counter()
@@ -175,24 +176,35 @@ def _report_failures(draft: dict, failed: list[str], sampled: int) -> None:
 
 def _run_pipeline(clf, ordered: list[SliceRef], indices: list[int], options: StudyOptions,
                   draft: dict) -> tuple[list[float], list[int], dict[int, np.ndarray]]:
-    """Decode in worker threads while the main thread runs batched inference."""
+    """Decode in worker threads while the model runs: batches of ``options.batch_size``, or
+    on an engine serving ``clf.parallel`` > 1 calls at once (the throughput hint) single
+    slices, that many at a time (a 300-slice study, B3 on 2 cores: pipeline 1.1-1.2 s
+    instead of 1.4, the same probabilities)."""
     workers = options.workers or os.cpu_count() or 2
     prefetch = max(2 * options.batch_size, 2 * workers)
+    parallel = getattr(clf, "parallel", 1)
+    batch_size = options.batch_size if parallel == 1 else 1
     thumbnail = THUMBNAIL if options.keep_thumbnails else 0
     contract = getattr(clf, "contract", PREPROCESS_CONTRACT)
     probabilities: list[float] = []
     used: list[int] = []
     thumbnails: dict[int, np.ndarray] = {}
     batch: list = []
-    timing = {"decode_preprocess_cpu": 0.0, "decode_wait": 0.0, "inference": 0.0}
+    running: deque = deque()  # (batch, future of its outputs), oldest first
+    timing = {"decode_preprocess_cpu": 0.0, "decode_wait": 0.0}
+    calls: list[float] = []  # each inference call's seconds (calls overlap when parallel)
     failed: list[str] = []
     non_lung = 0
 
-    def infer() -> None:
+    def run(images: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
-        out = np.asarray(clf.predict_arrays(np.stack([d.image for _, d in batch])), float).reshape(-1)
-        timing["inference"] += time.perf_counter() - started
-        for (i, d), q in zip(batch, out):
+        out = np.asarray(clf.predict_arrays(images), float).reshape(-1)
+        calls.append(time.perf_counter() - started)
+        return out
+
+    def collect() -> None:
+        done, future = running.popleft()
+        for (i, d), q in zip(done, future.result()):
             if not np.isfinite(q):
                 failed.append(f"{ordered[i].name}: the model's output is {q}")
                 continue
@@ -200,10 +212,16 @@ def _run_pipeline(clf, ordered: list[SliceRef], indices: list[int], options: Stu
             used.append(i)
             if d.thumbnail is not None:
                 thumbnails[i] = d.thumbnail
+
+    def submit() -> None:
+        if len(running) == parallel:
+            collect()
+        running.append((list(batch), inference.submit(run, np.stack([d.image for _, d in batch]))))
         batch.clear()
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(workers, thread_name_prefix="ctedge-decode") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="ctedge-decode") as pool, \
+            ThreadPoolExecutor(parallel, thread_name_prefix="ctedge-infer") as inference:
         pending: deque = deque(
             (i, pool.submit(decode_slice, ordered[i], clf.window, clf.size, thumbnail, contract, options.max_pixels))
             for i in indices[:prefetch])
@@ -224,11 +242,13 @@ def _run_pipeline(clf, ordered: list[SliceRef], indices: list[int], options: Stu
                 non_lung += 1
             else:
                 batch.append((i, data))
-                if len(batch) == options.batch_size:
-                    infer()
+                if len(batch) == batch_size:
+                    submit()
         if batch:
-            infer()
-    timing["pipeline_wall"] = time.perf_counter() - started
+            submit()
+        while running:
+            collect()
+    timing.update(inference=sum(calls), pipeline_wall=time.perf_counter() - started)
     draft["timings_s"].update(timing)
     draft["slices_without_lung"] = non_lung
     _report_failures(draft, failed, len(indices))
