@@ -136,8 +136,8 @@ def markdown(results: list[dict], nifti: dict | None = None, baseline: str | Non
              f"{first['median']['slices_total']:.0f}-slice uncompressed axial series + a 2-image scout, shuffled file "
              "names. Medians of the runs shown.", "",
              "| engine | selection | slices used / sampled / total | headers+selection s | decode+preprocess s (CPU, "
-             "threads) | waiting for decode s | inference s | aggregation s | pipeline wall s | "
-             "in-process wall s | slices/s | pipeline / (used x batched per-slice) | fresh process: "
+             "threads) | waiting for decode s | inference s (its calls summed: they overlap) | aggregation s | "
+             "pipeline wall s | in-process wall s | slices/s | pipeline / (used x per-slice alone) | fresh process: "
              "command start to answer s | its CPU s |" + (f" the same at {baseline} s |" if baseline else ""),
              "|" + "---|" * (15 if baseline else 14)]
     for r in results:
@@ -153,8 +153,11 @@ def markdown(results: list[dict], nifti: dict | None = None, baseline: str | Non
     if "load_average_1_5_15" in results[-1]:
         load = results[-1]["load_average_1_5_15"]
         lines += ["", f"Load average (1/5/15 min) before: {load['before']}, after: {load['after']}."]
-    lines += ["", f"Batched inference alone (batch 8): {results[0]['per_slice_inference_s'] * 1000:.1f} ms per "
-              f"slice; model load {results[0]['session_s']:.2f} s.", "",
+    alone = {f"{r['runtime']} {r['precision']}": r for r in results}
+    lines += ["", "Inference alone, per slice, called as the pipeline calls it (on the CPU single slices, as many "
+              "at once as the engine serves): " + "; ".join(f"{name} {r['per_slice_inference_s'] * 1000:.1f} ms "
+                                                           f"(model load {r['session_s']:.2f} s)"
+                                                           for name, r in alone.items()) + ".", "",
               "Commands: " + "; ".join(f"`{r['process_wall_s']['command']}`" for r in results), ""]
     if baseline:
         lines += [f"The last column: commit {baseline}'s `src/` (`git archive`) as the same fresh command, run by "

@@ -198,7 +198,7 @@ def _print_study_bench(model: Path, report: dict, runs: int) -> None:
         table.add_row(stage, f"{med[stage]:.3f}")
     console.print(table)
     console.print(f"{med['slices_per_s']:.1f} slices/s; pipeline wall / (slices used x "
-                  f"{report['per_slice_inference_s'] * 1000:.1f} ms batched inference per slice) = "
+                  f"{report['per_slice_inference_s'] * 1000:.1f} ms a slice of inference alone) = "
                   f"{med['target_ratio']:.2f} (target <= {TARGET_RATIO}); model load {report['session_s']:.2f} s "
                   "(fresh-process start to answer: benchmarks/study_speed.py)", highlight=False)
 
