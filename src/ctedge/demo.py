@@ -132,7 +132,7 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 12, patients: i
     seconds["export"] = time.perf_counter() - started - sum(seconds.values())
     examples = [next(f for _, p, f, _ in testing if p == positive) for positive in (True, False)]
     plots = out / "predict-plots"
-    results = predict_studies(Classifier(onnx), examples, StudyOptions(keep_thumbnails=True))
+    results = predict_studies(Classifier(onnx, hint="throughput"), examples, StudyOptions(keep_thumbnails=True))
     from ctedge.core.plots import study_plot
 
     predicted = [{**r.to_dict(), "plot": str(study_plot(r, plots))} for r in results]

@@ -195,7 +195,7 @@ def _print_study_bench(model: Path, report: dict, runs: int) -> None:
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for stage in STAGES + ("pipeline_wall_s", "wall_s"):
-        table.add_row(stage, f"{med[stage]:.3f}")
+        table.add_row(stage + (" (calls summed)" if stage == "inference" else ""), f"{med[stage]:.3f}")
     console.print(table)
     console.print(f"{med['slices_per_s']:.1f} slices/s; pipeline wall / (slices used x "
                   f"{report['per_slice_inference_s'] * 1000:.1f} ms a slice of inference alone) = "

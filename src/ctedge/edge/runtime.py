@@ -119,8 +119,11 @@ class Classifier:
 
     @property
     def parallel(self) -> int:
-        """Calls at once that fill the device (more than 1 only under the throughput hint)."""
-        return self._engine.parallel if isinstance(self._guard, contextlib.nullcontext) else 1
+        """Calls at once that fill the device: more than 1 only under the throughput hint,
+        on a thread-safe engine, without padding (a padded call is a whole fixed batch)."""
+        if self.config.hint != "throughput" or self.fixed_batch or not isinstance(self._guard, contextlib.nullcontext):
+            return 1
+        return self._engine.parallel
 
     @property
     def providers(self) -> list[str]:

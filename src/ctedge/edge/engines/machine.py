@@ -44,6 +44,15 @@ def cpu_name() -> str:
     return _cpuinfo()[0] or platform.processor() or platform.machine()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or taskset's share,
+    not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def machine_key() -> str:
     """What a saved runtime choice is valid for: CPU model and core count."""
     return f"{cpu_name()} x{os.cpu_count()}"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ctedge.core.errors import CtedgeError
 from ctedge.core.files import remove_stale_temps, temp_name
-from ctedge.edge.engines.machine import isa_features, machine_key
+from ctedge.edge.engines.machine import isa_features, machine_key, usable_cpus
 from ctedge.edge.engines.registry import (
     EngineConfig,
     default_cache_dir,
@@ -218,7 +218,8 @@ class OrtEngine:
         self._options = provider_options(self.device, config.precision, fixed_shape=config.fixed_batch is not None,
                                          cache_dir=config.cache_dir, extra=config.provider_options)
         per_call = config.hint == "throughput" and self.device == "cpu"  # one thread per call, calls at once
-        self.parallel = (config.threads or os.cpu_count() or 1) if per_call else 1
+        self.parallel = (config.threads or usable_cpus()) if per_call else 1
+        self._session_options = {"intra_op_num_threads": "1"} if per_call else {}
         try:
             self._session = ort_session(self.path, self.device, self._options, 1 if per_call else config.threads,
                                         config.cache_dir)
@@ -236,7 +237,7 @@ class OrtEngine:
 
     @property
     def options(self) -> dict[str, str]:
-        return dict(self._options)
+        return {**self._options, **self._session_options}
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: images})[0][:, 0]

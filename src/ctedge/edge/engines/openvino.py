@@ -130,7 +130,8 @@ class OpenVinoEngine:
             raise CtedgeError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0]})") from None
         self._options = {k: str(v) for k, v in properties.items() if k != "CACHE_DIR"}
         self._confirm(ov_device, hint)
-        self.parallel = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.parallel = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) \
+            if config.hint == "throughput" else 1
         self._idle: queue.Queue = queue.Queue()
         self._made, self._lock = 0, threading.Lock()
         self.inputs = {port.get_any_name(): [d.get_length() if d.is_static else None

@@ -14,8 +14,9 @@ Stages on data, each in its own module:
    its slices ordered along the slice normal, every ``step``-th sampled.
 3. **hu** (``hu``): each sampled slice to HU through ``ctedge.core.dicom.dataset_hu``
    (the one DICOM path, also used by single images), the lung criterion.
-4. **pipeline** (``pipeline``): decoding in worker threads overlapped with batched
-   inference; too few positions or too many failed slices give an error.
+4. **pipeline** (``pipeline``): decoding in worker threads overlapped with inference
+   (single slices, calls at once, under the throughput hint; else batches); too few
+   positions or too many failed slices give an error.
 5. **aggregate** (``aggregate``): the patient's probability (default: mean of the
    top ``k`` slices), thresholded with the model's metadata threshold.
 
