@@ -96,7 +96,7 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 12, patients: i
     from ctedge.core.phantom_studies import opacity_slices
     from ctedge.core.preprocess import AugmentConfig, PreprocessConfig
     from ctedge.edge.runtime import Classifier
-    from ctedge.edge.study import StudyOptions, export_slices, find_studies, predict_studies
+    from ctedge.edge.study import STUDY_HINT, StudyOptions, export_slices, find_studies, predict_studies
     from ctedge.evaluation.evaluate import evaluate_studies
     from ctedge.training.export import ExportOptions, export_onnx
     from ctedge.training.model import ModelConfig
@@ -132,7 +132,7 @@ def run_study_demo(out: str | Path = "demo-study", epochs: int = 12, patients: i
     seconds["export"] = time.perf_counter() - started - sum(seconds.values())
     examples = [next(f for _, p, f, _ in testing if p == positive) for positive in (True, False)]
     plots = out / "predict-plots"
-    results = predict_studies(Classifier(onnx, hint="throughput"), examples, StudyOptions(keep_thumbnails=True))
+    results = predict_studies(Classifier(onnx, hint=STUDY_HINT), examples, StudyOptions(keep_thumbnails=True))
     from ctedge.core.plots import study_plot
 
     predicted = [{**r.to_dict(), "plot": str(study_plot(r, plots))} for r in results]

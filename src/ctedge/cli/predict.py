@@ -190,7 +190,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
 
     from ctedge.core.results import dumps
     from ctedge.edge.runtime import load_in_background
-    from ctedge.edge.study import CSV_FIELDS, csv_row, predict_studies, studies_report
+    from ctedge.edge.study import CSV_FIELDS, STUDY_HINT, csv_row, predict_studies, studies_report
 
     check_outputs((csv_out, "--csv"), (json_out, "--json"), (plot, "--plot", True),
                   inputs=[*model_files(model), *paths])
@@ -203,7 +203,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
         loading = load_in_background(pool, model, provider, threads, runtime=runtime, precision=precision,
                                      cache_dir=str(cache_dir) if cache_dir else None,
                                      provider_options=provider_options, pad=pad, fixed_batch=options.batch_size,
-                                     max_pixels=options.max_pixels, hint="throughput")
+                                     max_pixels=options.max_pixels, hint=STUDY_HINT)
         results = (predict_studies(loading, paths, options, progress=progress) if pull is None
                    else _pulled(loading.result(), pull, options, progress))
     clf = loading.result()

@@ -213,7 +213,7 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     from ctedge.core.data import discover
     from ctedge.core.files import check_writable
     from ctedge.edge.runtime import Classifier
-    from ctedge.edge.study import StudyOptions, predict_studies
+    from ctedge.edge.study import STUDY_HINT, StudyOptions, predict_studies
 
     model_path = Path(model_path)
     if model_path.suffix.lower() != ".onnx":
@@ -223,7 +223,7 @@ def evaluate_studies(model_path: str | Path, data_root: str | Path, threshold: f
     out = Path(out_dir or model_path.parent / "eval-studies")  # where `report --study` looks
     check_writable(out, "--out", folder=True)
     clf = Classifier(model_path, provider, threads, runtime=runtime, precision=precision, cache_dir=cache_dir,
-                     max_pixels=options.max_pixels, hint="throughput")  # as predict --study runs it
+                     max_pixels=options.max_pixels, hint=STUDY_HINT)
     if positive is None and (Path(data_root) / clf.positive).is_dir():
         positive = clf.positive
     dataset = discover(data_root, positive, studies=True)

@@ -23,7 +23,7 @@ from ctedge.core.results import StudyResult
 from ctedge.edge.batch.storage import FetchError, fetch, filesystem, is_url
 from ctedge.edge.batch.table import results_table
 from ctedge.edge.runtime import Classifier
-from ctedge.edge.study import StudyOptions, predict_studies
+from ctedge.edge.study import STUDY_HINT, StudyOptions, predict_studies
 
 INPUT = "input"  # the column of study references a batch holds
 LIST_SUFFIX = ".txt"  # an input naming a list of references, one a line
@@ -62,7 +62,7 @@ class StudyScorer:
         self.options, self.max_fetch_bytes = options, max_fetch_bytes
         self.classifier = Classifier(model, provider, threads, runtime=runtime, precision=precision,
                                      cache_dir=cache_dir, fixed_batch=options.batch_size,
-                                     max_pixels=options.max_pixels, hint="throughput")
+                                     max_pixels=options.max_pixels, hint=STUDY_HINT)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         results = [result for reference in batch[INPUT]

@@ -23,7 +23,7 @@ from ctedge.edge.serve.retention import Retention
 from ctedge.edge.serve.spool import Spool, hash_uids, uid_hash
 from ctedge.edge.serve.sr import Algorithm
 from ctedge.edge.serve.supervisor import Loop, Supervisor
-from ctedge.edge.study import StudyOptions
+from ctedge.edge.study import STUDY_HINT, StudyOptions
 
 log = logging.getLogger(__name__)
 RECENT = 50  # answers the status page lists
@@ -81,7 +81,7 @@ class Service:
 
         self.journal = self.spool.journal
         self.clf = Classifier(config.model, config.provider, config.threads, runtime=config.runtime,
-                              precision=config.precision, hint="throughput")
+                              precision=config.precision, hint=STUDY_HINT)
         self.options = StudyOptions(max_slices=config.max_slices, rules=config.rules)
         self.algorithm = Algorithm("ctedge " + config.model.stem, __version__, file_digest(config.model),
                                    self.clf.threshold)

@@ -33,6 +33,7 @@ from ctedge.edge.study.pipeline import (
     CSV_FIELDS,
     DEFAULT_MAX_SLICES,
     MIN_POSITIONS,
+    STUDY_HINT,
     StudyOptions,
     classify_study,
     csv_row,
@@ -58,7 +59,7 @@ from ctedge.edge.study.select import (
     usability_problem,
 )
 
-__all__ = ["AGGREGATES", "studies_report", "CSV_FIELDS", "DEFAULT_MAX_BYTES", "DEFAULT_RULES", "Selection",
+__all__ = ["AGGREGATES", "STUDY_HINT", "studies_report", "CSV_FIELDS", "DEFAULT_MAX_BYTES", "DEFAULT_RULES", "Selection",
            "SeriesFacts", "SeriesRules", "usability_problem", "DEFAULT_MAX_SLICES", "DEFAULT_TOP_K", "LUNG_HU",
            "LUNG_MIN_FRACTION", "MIN_POSITIONS", "STAGES", "TARGET_RATIO", "RejectedSeries", "SliceRef",
            "SliceScore", "StudiesReport", "Study", "StudyOptions", "StudyResult", "aggregate", "bench_study",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ctedge.core.errors import CtedgeError
-from ctedge.edge.study.pipeline import StudyOptions, predict_studies
+from ctedge.edge.study.pipeline import STUDY_HINT, StudyOptions, call_size, predict_studies
 
 STAGES = ("headers_selection", "decode_preprocess_cpu", "decode_wait", "inference", "aggregation")
 TARGET_RATIO = 1.1  # bench --study: pipeline wall / inference alone, at most this
@@ -40,16 +40,14 @@ def bench_study(model: str | Path, folder: str | Path, options: StudyOptions | N
         raise CtedgeError(f"must be at least 1, not {runs}", param="study_runs")
     started = time.perf_counter()
     clf = Classifier(model, provider, threads, runtime=runtime, precision=precision, cache_dir=cache_dir,
-                     provider_options=provider_options, pad=pad, max_pixels=options.max_pixels, hint="throughput")
+                     provider_options=provider_options, pad=pad, max_pixels=options.max_pixels, hint=STUDY_HINT)
     session_s = time.perf_counter() - started
-    slices = options.batch_size if clf.parallel == 1 else 2 * clf.parallel  # every call slot used twice
+    size = call_size(clf.parallel, options.batch_size)
+    slices = 2 * size * clf.parallel  # every call slot used twice
     x = np.random.default_rng(0).uniform(0, 255, (slices, clf.size, clf.size, 3)).astype(np.float32)
-    with ThreadPoolExecutor(clf.parallel) as pool:
-        def alone():  # as the pipeline calls the model: one batch, or single slices at once
-            return clf.predict_arrays(x) if clf.parallel == 1 else \
-                list(pool.map(lambda image: clf.predict_arrays(image[None]), x))
-
-        alone_ms = stats_ms(time_calls(alone, 1, 5, None))
+    calls = [x[start:start + size] for start in range(0, slices, size)]
+    with ThreadPoolExecutor(clf.parallel) as pool:  # as the pipeline calls the model
+        alone_ms = stats_ms(time_calls(lambda: list(pool.map(clf.predict_arrays, calls)), 1, 5, None))
     per_slice_s = alone_ms["p50"] / 1000 / slices
     rows = [_timed_run(clf, folder, options, per_slice_s) for _ in range(runs)]
     median = {key: float(np.median([row[key] for row in rows])) for key in rows[0] if key != "probability"}

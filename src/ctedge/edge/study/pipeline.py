@@ -36,6 +36,12 @@ DEFAULT_MAX_SLICES = 64
 MIN_POSITIONS = 8  # distinct slice positions a patient's answer needs
 MAX_FAILED_SHARE = 0.5  # of the sampled slices; more failing: no answer
 THUMBNAIL = 96
+STUDY_HINT = "throughput"  # how every study path builds its Classifier: single slices, calls at once
+
+
+def call_size(parallel: int, batch_size: int) -> int:
+    """Slices per inference call: one when the engine serves calls at once, else a batch."""
+    return batch_size if parallel == 1 else 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,7 +190,7 @@ def _run_pipeline(clf, ordered: list[SliceRef], indices: list[int], options: Stu
     workers = options.workers or usable_cpus()
     prefetch = max(2 * options.batch_size, 2 * workers)
     parallel = getattr(clf, "parallel", 1)
-    batch_size = options.batch_size if parallel == 1 else 1
+    batch_size = call_size(parallel, options.batch_size)
     thumbnail = THUMBNAIL if options.keep_thumbnails else 0
     contract = getattr(clf, "contract", PREPROCESS_CONTRACT)
     probabilities: list[float] = []
