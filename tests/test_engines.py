@@ -522,6 +522,51 @@ def test_the_throughput_hint_gives_the_latency_hints_outputs_from_calls_at_once(
     assert padded.parallel == 1  # a padded call is a whole fixed batch: never single slices at once
 
 
+def test_openvino_under_the_throughput_hint_compiles_one_image_per_call_and_keeps_it(onnx_model, cache):
+    # a dynamic batch made OpenVINO prepare the input shape at each start's first call (0.2 s for B3)
+    import openvino as ov
+
+    latency = Classifier(onnx_model, runtime="openvino", cache_dir=cache)
+    x = np.random.default_rng(1).uniform(0, 255, (5, latency.size, latency.size, 3)).astype(np.float32)
+    expected = latency.predict_arrays(x)
+    for start in ("first", "warm"):
+        throughput = Classifier(onnx_model, runtime="openvino", cache_dir=cache, hint="throughput")
+        np.testing.assert_allclose(throughput.predict_arrays(x), expected, rtol=0, atol=1e-6)  # 5 calls of one
+        np.testing.assert_allclose(throughput.predict_arrays(x[2:3]), expected[2:3], rtol=0, atol=1e-6)
+        (kept,) = Path(cache).glob("*/one-image.xml")
+        assert sorted(p.name for p in kept.parent.glob("*one-image*")) == ["one-image.bin", "one-image.xml"]
+        assert ov.Core().read_model(str(kept)).inputs[0].get_partial_shape()[0] == ov.Dimension(1)
+
+
+def test_openvino_one_image_model_survives_a_damaged_or_unwritable_cache(tmp_path, cache, monkeypatch, caplog):
+    import openvino as ov
+
+    model = brightness_onnx(tmp_path / "m.onnx")
+    x = np.full((3, 32, 32, 3), 120, np.float32)
+    expected = Classifier(model, runtime="openvino", cache_dir=cache).predict_arrays(x)
+    Classifier(model, runtime="openvino", cache_dir=cache, hint="throughput")
+    (kept,) = Path(cache).glob("*/one-image.xml")
+    kept.write_text("<net broken")
+    clf = Classifier(model, runtime="openvino", cache_dir=cache, hint="throughput")  # made again
+    np.testing.assert_allclose(clf.predict_arrays(x), expected, rtol=0, atol=1e-6)
+    assert "unusable" in caplog.text and ov.Core().read_model(str(kept)).inputs[0].get_partial_shape()[0] == 1
+    kept.unlink()
+    kept.with_suffix(".bin").unlink()
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("Exception from src/core/src/pass/serialize.cpp: No space left on device")
+
+    monkeypatch.setattr(ov, "save_model", full_disk)
+    clf = Classifier(model, runtime="openvino", cache_dir=cache, hint="throughput")
+    np.testing.assert_allclose(clf.predict_arrays(x), expected, rtol=0, atol=1e-6)
+    assert "not kept in the cache (Exception from" in caplog.text
+    assert not [p.name for p in kept.parent.glob("*one-image*")]  # no partial files left behind
+    no_cache = tmp_path / "a-file"
+    no_cache.write_text("not a folder")
+    clf = Classifier(model, runtime="openvino", cache_dir=str(no_cache), hint="throughput")
+    np.testing.assert_allclose(clf.predict_arrays(x), expected, rtol=0, atol=1e-6)
+
+
 def test_an_unknown_hint_is_refused_by_name(model):
     with pytest.raises(CtedgeError, match="^hint must be latency or throughput, not 'fast'"):
         Classifier(model, hint="fast")

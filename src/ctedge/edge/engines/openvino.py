@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ctedge.core.errors import CtedgeError
-from ctedge.core.files import atomic_write
+from ctedge.core.files import atomic_write, remove_stale_temps, temp_name
 from ctedge.edge.engines.registry import (
     EngineConfig,
     default_cache_dir,
@@ -121,11 +122,15 @@ class OpenVinoEngine:
             properties["CACHE_DIR"] = str(cache)
         try:
             self.raw_metadata = cached_metadata(cache)
+            model = None
             if self.raw_metadata is None:  # first start: read the model for its metadata
-                self.raw_metadata = ov_metadata(core().read_model(str(self.path)))
+                model = core().read_model(str(self.path))
+                self.raw_metadata = ov_metadata(model)
                 remember_metadata(cache, self.raw_metadata)
-            # compiled from the path: with a warm cache OpenVINO loads the blob and never parses the model
-            self._compiled = core().compile_model(str(self.path), ov_device, properties)
+            if self.device == "cpu" and config.hint == "throughput":
+                self._compiled = compile_one_image(self.path, cache, ov_device, properties, model)
+            else:  # from the path: with a warm cache OpenVINO loads the blob and never parses the model
+                self._compiled = core().compile_model(str(self.path), ov_device, properties)
         except RuntimeError as exc:
             raise CtedgeError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0]})") from None
         self._options = {k: str(v) for k, v in properties.items() if k != "CACHE_DIR"}
@@ -134,8 +139,11 @@ class OpenVinoEngine:
             if config.hint == "throughput" else 1
         self._idle: queue.Queue = queue.Queue()
         self._made, self._lock = 0, threading.Lock()
-        self.inputs = {port.get_any_name(): [d.get_length() if d.is_static else None
-                                             for d in port.get_partial_shape()]
+        shape = self._compiled.inputs[0].get_partial_shape()
+        self._one_image = shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_static \
+            and shape[0].get_length() == 1  # a call of several images runs them one by one
+        self.inputs = {port.get_any_name(): [None if (i == 0 and self._one_image) or not d.is_static
+                                             else d.get_length() for i, d in enumerate(port.get_partial_shape())]
                        for port in self._compiled.inputs}
 
     def _confirm(self, device: str, hint: str) -> None:
@@ -171,9 +179,64 @@ class OpenVinoEngine:
     def run(self, images: np.ndarray) -> np.ndarray:
         request = self._borrow()
         try:
+            if self._one_image and len(images) != 1:
+                import numpy as np
+
+                return np.array([request.infer({0: image[None]})[0][0, 0] for image in images], np.float32)
             return request.infer({0: images})[0][:, 0].copy()
         finally:
             self._idle.put(request)
+
+
+ONE_IMAGE = "one-image.xml"  # in the model's cache folder: the model with a batch of one
+
+
+def compile_one_image(path: Path, cache: Path | None, device: str, properties: dict, model=None):
+    """The model compiled for one image per call (its batch dimension fixed to 1), as the
+    throughput hint calls it. OpenVINO's CPU plugin prepares every new input shape of a
+    dynamic model at its first call (0.2 s for B3 at 300 px, each start, on a study's
+    critical path); a static shape is prepared when compiling, while the headers are read.
+    The outputs are the dynamic model's, bit for bit. The reshaped model is kept as IR in
+    the model's cache folder (temp files, then renamed: ``.bin`` before ``.xml``), so later
+    starts compile from that path and load OpenVINO's cached blob; without a cache it is
+    reshaped in memory at each start."""
+    kept = cache / ONE_IMAGE if cache is not None else None
+    if kept is not None and kept.is_file():
+        try:
+            return core().compile_model(str(kept), device, properties)
+        except RuntimeError as exc:  # a damaged file in the cache: made again
+            log.warning("%s: unusable (%s); made again from %s", kept, str(exc).splitlines()[0], path.name)
+    model = model or core().read_model(str(path))
+    shape = model.inputs[0].get_partial_shape()
+    if shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_dynamic:
+        shape[0] = 1
+        model.reshape({model.inputs[0]: shape})
+    if kept is not None:
+        try:
+            _keep(model, kept)
+            return core().compile_model(str(kept), device, properties)
+        except OSError as exc:  # a cache that can't be written (a full disk, say): the model still loads
+            log.warning("%s: not kept in the cache (%s)", kept, exc)
+    return core().compile_model(model, device, properties)
+
+
+def _keep(model, kept: Path) -> None:
+    """``model`` saved as IR at ``kept`` (float32 weights, as read): never half a file."""
+    import openvino as ov
+
+    remove_stale_temps(kept)
+    partial = temp_name(kept, ".xml")
+    try:
+        ov.save_model(model, str(partial), compress_to_fp16=False)
+        for written, final in ((partial.with_suffix(".bin"), kept.with_suffix(".bin")), (partial, kept)):
+            with open(written, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(written, final)
+    except RuntimeError as exc:  # OpenVINO's own write error
+        raise OSError(str(exc).splitlines()[0]) from None
+    finally:
+        partial.unlink(missing_ok=True)
+        partial.with_suffix(".bin").unlink(missing_ok=True)
 
 
 def about() -> dict:
