@@ -206,7 +206,8 @@ def compile_one_image(path: Path, cache: Path | None, device: str, properties: d
             return core().compile_model(str(kept), device, properties)
         except RuntimeError as exc:  # a damaged file in the cache: made again
             log.warning("%s: unusable (%s); made again from %s", kept, str(exc).splitlines()[0], path.name)
-    model = model or core().read_model(str(path))
+    if model is None:
+        model = core().read_model(str(path))
     shape = model.inputs[0].get_partial_shape()
     if shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_dynamic:
         shape[0] = 1
