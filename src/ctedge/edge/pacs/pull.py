@@ -67,7 +67,8 @@ def pull_studies(clf, source: StudySource, query: dict[str, str], options: Study
 
 
 def pull_study(clf, source: StudySource, study: StudyRef, options: StudyOptions) -> StudyResult:
-    """One study from the PACS to one result; problems become the row's error (never raised)."""
+    """One study from the PACS to one result; its problems become the row's error (never
+    raised; the model failing raises, as in ``classify_study``)."""
     name = source.describe(study)
     row = dict(input=name, study_uid=study.study_uid, patient_id=study.patient_id,
                accession_number=study.accession_number, study_date=study.study_date)

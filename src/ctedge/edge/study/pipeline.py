@@ -109,7 +109,8 @@ def _no_series_error(options: StudyOptions, rejected) -> str:
 
 
 def classify_study(clf, study: Study, options: StudyOptions | None = None) -> StudyResult:
-    """One study -> one result; problems become ``warnings`` or ``error`` (never raised).
+    """One study -> one result; the study's problems become ``warnings`` or ``error`` (never
+    raised); the model failing (its engine raising) is raised, so a caller may retry (serve does).
 
     ``clf`` is anything with ``predict_arrays``, ``label``, ``size``, ``window`` and
     ``threshold`` (``ctedge.edge.runtime.Classifier`` or another backend; ``parallel``
@@ -264,7 +265,8 @@ def _run_pipeline(clf, ordered: list[SliceRef], indices: list[int], options: Stu
 
 def predict_studies(clf, paths: list[str | Path], options: StudyOptions | None = None,
                     progress=None) -> list[StudyResult]:
-    """Every study under every path, one result each (errors as rows, never raised);
+    """Every study under every path, one result each (the studies' errors as rows; the model
+    failing raises, as in ``classify_study``);
     ``progress(result)`` after each. ``clf`` may be a ``Future`` of the classifier (a
     model loading in another thread): the first input's headers are read while it
     loads; a load that failed raises here."""
