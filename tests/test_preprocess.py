@@ -83,3 +83,26 @@ def test_augmentation_is_seeded_and_changes_the_image():
     assert np.array_equal(a, b)
     assert not np.allclose(a, image)
 
+
+
+def test_hu_to_gray_is_the_window_map_bit_for_bit_and_leaves_its_input_alone():
+    """Computed in place for speed: the same float32 values as the plain formula, any input dtype."""
+    from ctedge.core.imageio import hu_to_gray
+
+    rng = np.random.default_rng(2)
+    for hu in (rng.uniform(-3000, 3000, (64, 48)).astype(np.float32), rng.uniform(-3000, 3000, (8, 8)),
+               rng.integers(-2048, 3000, (16, 16)).astype(np.int16)):
+        before = hu.copy()
+        plain = np.clip((hu.astype(np.float32) - -1000.0) / 1400.0, 0.0, 1.0) * 255.0
+        gray = hu_to_gray(hu, (-1000.0, 400.0))
+        assert gray.dtype == np.float32 and np.array_equal(gray, plain)
+        assert np.array_equal(hu, before)
+
+
+def test_a_square_image_is_only_resized_and_every_channel_is_the_gray():
+    gray = np.random.default_rng(3).uniform(0, 255, (96, 96)).astype(np.float32)
+    resized = cv2.resize(gray, (48, 48), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(letterbox(gray, 48), resized)
+    image = to_model_input(gray, 48)
+    assert image.shape == (48, 48, 3) and image.dtype == np.float32
+    assert all(np.array_equal(image[..., c], resized) for c in range(3))
