@@ -522,13 +522,16 @@ def test_the_throughput_hint_gives_the_latency_hints_outputs_from_calls_at_once(
     assert padded.parallel == 1  # a padded call is a whole fixed batch: never single slices at once
 
 
-def test_openvino_under_the_throughput_hint_compiles_one_image_per_call_and_keeps_it(onnx_model, cache):
+def test_openvino_under_the_throughput_hint_compiles_one_image_per_call_and_keeps_it(onnx_model, cache, caplog):
     # a dynamic batch made OpenVINO prepare the input shape at each start's first call (0.2 s for B3)
     import openvino as ov
+
+    from ctedge.edge.engines.openvino import OpenVinoEngine
 
     latency = Classifier(onnx_model, runtime="openvino", cache_dir=cache)
     x = np.random.default_rng(1).uniform(0, 255, (5, latency.size, latency.size, 3)).astype(np.float32)
     expected = latency.predict_arrays(x)
+    made = None
     for start in ("first", "warm"):
         throughput = Classifier(onnx_model, runtime="openvino", cache_dir=cache, hint="throughput")
         np.testing.assert_allclose(throughput.predict_arrays(x), expected, rtol=0, atol=1e-6)  # 5 calls of one
@@ -536,6 +539,12 @@ def test_openvino_under_the_throughput_hint_compiles_one_image_per_call_and_keep
         (kept,) = Path(cache).glob("*/one-image.xml")
         assert sorted(p.name for p in kept.parent.glob("*one-image*")) == ["one-image.bin", "one-image.xml"]
         assert ov.Core().read_model(str(kept)).inputs[0].get_partial_shape()[0] == ov.Dimension(1)
+        made = made or kept.stat().st_mtime_ns
+        assert kept.stat().st_mtime_ns == made  # the warm start compiled the kept file, not a new one
+    assert "not usable" not in caplog.text
+    engine = OpenVinoEngine(onnx_model, engines.EngineConfig(runtime="openvino", precision="fp32", provider="cpu",
+                                                            cache_dir=cache, hint="throughput"))
+    assert [shape[0] for shape in engine.inputs.values()] == [None]  # any number of images per call
 
 
 def test_openvino_one_image_model_survives_a_damaged_or_unwritable_cache(tmp_path, cache, monkeypatch, caplog):
@@ -547,13 +556,18 @@ def test_openvino_one_image_model_survives_a_damaged_or_unwritable_cache(tmp_pat
     Classifier(model, runtime="openvino", cache_dir=cache, hint="throughput")
     (kept,) = Path(cache).glob("*/one-image.xml")
     kept.write_text("<net broken")
+    stale = kept.with_name(".one-image.xml.999999999.dead.tmp.bin")  # a killed writer's (no such process)
+    stale.write_bytes(b"partial")
     clf = Classifier(model, runtime="openvino", cache_dir=cache, hint="throughput")  # made again
     np.testing.assert_allclose(clf.predict_arrays(x), expected, rtol=0, atol=1e-6)
-    assert "unusable" in caplog.text and ov.Core().read_model(str(kept)).inputs[0].get_partial_shape()[0] == 1
+    assert "not usable" in caplog.text and ov.Core().read_model(str(kept)).inputs[0].get_partial_shape()[0] == 1
+    assert not stale.exists()
     kept.unlink()
     kept.with_suffix(".bin").unlink()
+    save = ov.save_model
 
-    def full_disk(*args, **kwargs):
+    def full_disk(model, path, **options):  # the partial files are written, then the disk is full
+        save(model, path, **options)
         raise RuntimeError("Exception from src/core/src/pass/serialize.cpp: No space left on device")
 
     monkeypatch.setattr(ov, "save_model", full_disk)
@@ -565,6 +579,20 @@ def test_openvino_one_image_model_survives_a_damaged_or_unwritable_cache(tmp_pat
     no_cache.write_text("not a folder")
     clf = Classifier(model, runtime="openvino", cache_dir=str(no_cache), hint="throughput")
     np.testing.assert_allclose(clf.predict_arrays(x), expected, rtol=0, atol=1e-6)
+
+
+def test_openvino_keeps_a_model_whose_batch_is_fixed_as_it_is(tmp_path, cache):
+    import onnx
+
+    model = brightness_onnx(tmp_path / "m.onnx")
+    graph = onnx.load(model)
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # exported with a batch of 2
+    onnx.save(graph, model)
+    x = np.full((2, 32, 32, 3), 120, np.float32)
+    clf = Classifier(model, runtime="openvino", cache_dir=cache, hint="throughput")
+    np.testing.assert_allclose(clf.predict_arrays(x), Classifier(model, runtime="openvino", cache_dir=cache)
+                               .predict_arrays(x), rtol=0, atol=1e-6)
+    assert not list(Path(cache).glob("*/*one-image*"))  # nothing to reshape: no copy kept
 
 
 def test_an_unknown_hint_is_refused_by_name(model):

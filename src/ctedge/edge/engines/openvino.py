@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ctedge.core.errors import CtedgeError
-from ctedge.core.files import atomic_write, remove_stale_temps, temp_name
+from ctedge.core.files import atomic_write, remove_stale_temps, sync_folder, temp_name
 from ctedge.edge.engines.registry import (
     EngineConfig,
     default_cache_dir,
@@ -127,9 +127,10 @@ class OpenVinoEngine:
                 model = core().read_model(str(self.path))
                 self.raw_metadata = ov_metadata(model)
                 remember_metadata(cache, self.raw_metadata)
-            if self.device == "cpu" and config.hint == "throughput":
-                self._compiled = compile_one_image(self.path, cache, ov_device, properties, model)
-            else:  # from the path: with a warm cache OpenVINO loads the blob and never parses the model
+            self._compiled = compile_one_image(self.path, cache, ov_device, properties, model) \
+                if self.device == "cpu" and config.hint == "throughput" else None
+            self._one_image = self._compiled is not None  # a call of several images runs them one by one
+            if self._compiled is None:  # from the path: with a warm cache OpenVINO loads the blob, never the model
                 self._compiled = core().compile_model(str(self.path), ov_device, properties)
         except RuntimeError as exc:
             raise CtedgeError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0]})") from None
@@ -139,9 +140,6 @@ class OpenVinoEngine:
             if config.hint == "throughput" else 1
         self._idle: queue.Queue = queue.Queue()
         self._made, self._lock = 0, threading.Lock()
-        shape = self._compiled.inputs[0].get_partial_shape()
-        self._one_image = shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_static \
-            and shape[0].get_length() == 1  # a call of several images runs them one by one
         self.inputs = {port.get_any_name(): [None if (i == 0 and self._one_image) or not d.is_static
                                              else d.get_length() for i, d in enumerate(port.get_partial_shape())]
                        for port in self._compiled.inputs}
@@ -192,37 +190,44 @@ ONE_IMAGE = "one-image.xml"  # in the model's cache folder: the model with a bat
 
 
 def compile_one_image(path: Path, cache: Path | None, device: str, properties: dict, model=None):
-    """The model compiled for one image per call (its batch dimension fixed to 1), as the
-    throughput hint calls it. OpenVINO's CPU plugin prepares every new input shape of a
-    dynamic model at its first call (0.2 s for B3 at 300 px, each start, on a study's
-    critical path); a static shape is prepared when compiling, while the headers are read.
-    The outputs are the dynamic model's, bit for bit. The reshaped model is kept as IR in
-    the model's cache folder (temp files, then renamed: ``.bin`` before ``.xml``), so later
-    starts compile from that path and load OpenVINO's cached blob; without a cache it is
-    reshaped in memory at each start."""
+    """The model compiled for one image per call (its dynamic batch fixed to 1), as the
+    throughput hint calls it; None for a model whose batch is not dynamic, or that OpenVINO
+    cannot reshape (compiled from its path as it is). OpenVINO's CPU plugin prepares every
+    new input shape of a dynamic model at its first call (0.2 s for B3 at 300 px, each start,
+    on a study's critical path); a static shape is prepared when compiling, while the headers
+    are read. The outputs were the dynamic model's, bit for bit, on every slice of the studies
+    measured. The reshaped model is kept as IR in the model's cache folder (``_keep``), so
+    later starts compile from that path and load OpenVINO's cached blob; without a cache it is
+    reshaped in memory at each start (as is, each start, a model whose batch is fixed)."""
     kept = cache / ONE_IMAGE if cache is not None else None
     if kept is not None and kept.is_file():
         try:
             return core().compile_model(str(kept), device, properties)
-        except RuntimeError as exc:  # a damaged file in the cache: made again
-            log.warning("%s: unusable (%s); made again from %s", kept, str(exc).splitlines()[0], path.name)
+        except RuntimeError as exc:  # a damaged file, say: made again from the model
+            log.warning("%s: not usable (%s); made again from %s", kept, str(exc).splitlines()[0], path.name)
     if model is None:
         model = core().read_model(str(path))
     shape = model.inputs[0].get_partial_shape()
-    if shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_dynamic:
-        shape[0] = 1
+    if shape.rank.is_dynamic or shape.rank.get_length() == 0 or shape[0].is_static:
+        return None
+    shape[0] = 1
+    try:
         model.reshape({model.inputs[0]: shape})
-    if kept is not None:
-        try:
-            _keep(model, kept)
-            return core().compile_model(str(kept), device, properties)
-        except OSError as exc:  # a cache that can't be written (a full disk, say): the model still loads
-            log.warning("%s: not kept in the cache (%s)", kept, exc)
-    return core().compile_model(model, device, properties)
+        if kept is not None:
+            try:
+                _keep(model, kept)
+                return core().compile_model(str(kept), device, properties)
+            except OSError as exc:  # a cache that can't be written (a full disk, say): the model still loads
+                log.warning("%s: not kept in the cache (%s)", kept, exc)
+        return core().compile_model(model, device, properties)
+    except RuntimeError as exc:  # a graph whose batch can't be fixed: its dynamic batch, as the latency hint has it
+        log.warning("%s: not compiled for one image per call (%s)", path.name, str(exc).splitlines()[0])
+        return None
 
 
 def _keep(model, kept: Path) -> None:
-    """``model`` saved as IR at ``kept`` (float32 weights, as read): never half a file."""
+    """``model`` saved as IR at ``kept``, its weights as read (no FP16 compression): temp
+    files, synced, renamed ``.bin`` before ``.xml`` (the file looked for), the folder synced."""
     import openvino as ov
 
     remove_stale_temps(kept)
@@ -233,6 +238,7 @@ def _keep(model, kept: Path) -> None:
             with open(written, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(written, final)
+        sync_folder(kept.parent)
     except RuntimeError as exc:  # OpenVINO's own write error
         raise OSError(str(exc).splitlines()[0]) from None
     finally:
