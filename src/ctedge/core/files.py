@@ -113,6 +113,14 @@ def _write_error(path: Path, exc: OSError) -> WriteError:
     return error
 
 
+def replace_synced(written: Path, final: Path) -> None:
+    """A temp file another writer filled (a library saving a model) synced to disk, then
+    renamed onto ``final``: never half a file there."""
+    with open(written, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(written, final)
+
+
 def sync_folder(folder: Path) -> None:
     """fsync a folder, so a rename or a new file in it survives a crash."""
     fd = os.open(folder, os.O_RDONLY)

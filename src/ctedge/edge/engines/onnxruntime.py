@@ -15,12 +15,11 @@ import ctypes.util
 import functools
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ctedge.core.errors import CtedgeError
-from ctedge.core.files import remove_stale_temps, temp_name
+from ctedge.core.files import remove_stale_temps, replace_synced, temp_name
 from ctedge.edge.engines.machine import isa_features, machine_key, usable_cpus
 from ctedge.edge.engines.registry import (
     EngineConfig,
@@ -169,9 +168,7 @@ def _optimized_session(path: Path, optimized: Path, threads: int | None, provide
     options.log_severity_level = 3  # its warning that the graph is for this machine: that is what the key says
     try:
         session = ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
-        with open(partial, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(partial, optimized)
+        replace_synced(partial, optimized)
         return session
     except Exception as exc:  # the model itself, or a cache that can't be written (a full disk, say)
         partial.unlink(missing_ok=True)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ctedge.core.errors import CtedgeError
-from ctedge.core.files import atomic_write, remove_stale_temps, sync_folder, temp_name
+from ctedge.core.files import atomic_write, remove_stale_temps, replace_synced, sync_folder, temp_name
 from ctedge.edge.engines.registry import (
     EngineConfig,
     default_cache_dir,
@@ -234,10 +233,8 @@ def _keep(model, kept: Path) -> None:
     partial = temp_name(kept, ".xml")
     try:
         ov.save_model(model, str(partial), compress_to_fp16=False)
-        for written, final in ((partial.with_suffix(".bin"), kept.with_suffix(".bin")), (partial, kept)):
-            with open(written, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(written, final)
+        replace_synced(partial.with_suffix(".bin"), kept.with_suffix(".bin"))
+        replace_synced(partial, kept)
         sync_folder(kept.parent)
     except RuntimeError as exc:  # OpenVINO's own write error
         raise OSError(str(exc).splitlines()[0]) from None
