@@ -122,6 +122,32 @@ def test_precise_batchnorm_sets_moving_stats_to_the_data_average():
     assert model.layers[-1].momentum == 0.99
 
 
+def test_a_compiled_model_traces_its_training_step_once_and_loads_the_optimizer_state(tmp_path):
+    """compile_model builds Adam before the first step: TensorFlow traces the step once (left
+    to Keras, it made Adam's slots inside the first trace and traced twice), and weights saved
+    after training load the optimizer's state too (a resume, a Hyperband warm start go on)."""
+    from ctedge.training.train import compile_model
+
+    def small() -> keras.Model:
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(layers.Dense(3)(inputs)))
+        compile_model(model, 1e-2)
+        return model
+
+    model, traces = small(), []
+    step = model.train_step
+    model.train_step = lambda data: traces.append(1) or step(data)
+    x, y = np.random.default_rng(0).normal(size=(8, 4)).astype("float32"), np.array([0, 1] * 4, "float32")
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    assert len(traces) == 1
+    model.save_weights(tmp_path / "trial.weights.h5")
+    again = small()
+    again.load_weights(tmp_path / "trial.weights.h5")
+    assert int(again.optimizer.iterations.numpy()) == 4
+    for saved, loaded in zip(model.optimizer.variables, again.optimizer.variables):
+        np.testing.assert_array_equal(np.array(saved), np.array(loaded))
+
+
 def test_train_backbone_on_pretrained_weights_keeps_batchnorm_statistics(trained_backbone):
     """--train-backbone with pretrained weights: a training step moves the
     convolutions but not BatchNorm's moving mean/variance."""

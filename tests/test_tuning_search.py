@@ -112,7 +112,7 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
     np.testing.assert_allclose(rebuilt / scale, cached / scale, atol=1e-3)
 
 
-def test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts(tmp_path, phantom_data, trained_run):
+def test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts(tmp_path, phantom_data, trained_run, recwarn):
     result = runner.invoke(app, [*tune_args(phantom_data, tmp_path, trained_run, "--algorithm", "hyperband", "--eager"),
                                  "--max-trials", "4", "--epochs", "3", "--json", str(tmp_path / "h.json")])
     # max 3 epochs, factor 3: the first bracket trains 3 trials for 1 epoch, then the best on to 3
@@ -127,6 +127,8 @@ def test_hyperband_trains_brackets_with_epoch_budgets_and_warm_starts(tmp_path, 
         parent = trials[t["parent"]]
         assert (t["units"], t["learning_rate"]) == (parent["units"], parent["learning_rate"])
         assert t["initial_epoch"] == parent["epochs"] < t["epochs"]
+    skipped = [str(w.message) for w in recwarn if "Skipping variable loading" in str(w.message)]
+    assert not skipped, skipped  # the warm start brought Adam's state along with the weights
 
 
 def test_bayesian_later_trials_depend_on_earlier_scores(tmp_path):

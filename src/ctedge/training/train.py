@@ -193,11 +193,17 @@ def resume_state(run_dir: Path, settings: dict, resume: bool) -> dict | None:
 
 
 def compile_model(model: keras.Model, learning_rate: float, eager: bool = False) -> None:
-    """Adam, binary cross-entropy, AUC and accuracy. ``eager``: Keras's ``run_eagerly`` (no
-    graph tracing: faster for a few dozen small images, slower on real data; for debugging)."""
+    """Adam, binary cross-entropy, AUC and accuracy, the optimizer built on the model's
+    trainable variables. Left to Keras (no distribution strategy), Adam's slots are made
+    inside the first traced training step, and TensorFlow traces that step twice (once
+    making variables, once not); built here, it is traced once, and weights loaded before
+    fitting (a resume, a Hyperband warm start) bring the optimizer's state with them.
+    ``eager``: Keras's ``run_eagerly`` (no graph tracing: faster for a few dozen small
+    images, slower on real data; for debugging)."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
                   run_eagerly=eager)
+    model.optimizer.build(model.trainable_variables)
 
 
 def fit(model: keras.Model, train: LoadedSplit, val: LoadedSplit | None, config: TrainConfig,
@@ -286,7 +292,6 @@ def train(data: DataOptions, train_config: TrainConfig, model_config: ModelConfi
     model = build_model(model_config, preprocess_config)
     compile_model(model, train_config.learning_rate, eager)
     if state:
-        model.optimizer.build(model.trainable_variables)
         model.load_weights(run_dir / RESUME_DIR / state["weights"])
         read_history(run_dir / "history.csv", done)
         report(progress, "epochs", f"resuming {run_dir} after epoch {done} of {train_config.epochs}",

@@ -22,7 +22,6 @@ import logging
 import multiprocessing
 import os
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,21 +169,14 @@ def rss_mb() -> float:
     return float("nan")
 
 
-@contextlib.contextmanager
-def weights_only_warm_start():
-    """A Hyperband warm start restores weights, not the optimizer: by design, so quietly."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
-        yield
-
-
 class CtedgeTuner(kt.Hyperband):
     """Times each trial, remembers which it ran, and clears Keras's global
     state after each, so memory does not grow trial after trial.
 
     A ``kt.Hyperband`` so that its ``run_trial`` and ``_build_hypermodel`` run:
     with a Hyperband oracle a trial trains ``tuner/initial_epoch`` to
-    ``tuner/epochs``, warm-started from its parent trial's best checkpoint;
+    ``tuner/epochs``, warm-started from its parent trial's best checkpoint (weights and
+    Adam's state: ``compile_model`` builds the optimizer before the load);
     other oracles set no ``tuner/*`` values and those steps do nothing. Its
     ``__init__`` (which would make a second oracle) is skipped for Tuner's."""
 
@@ -216,10 +208,6 @@ class CtedgeTuner(kt.Hyperband):
         result = keras.callbacks.History()
         result.history = history
         return result
-
-    def _build_hypermodel(self, hp):
-        with weights_only_warm_start():
-            return super()._build_hypermodel(hp)
 
     def run_trial(self, trial, *args, **kwargs):
         started = time.perf_counter()
@@ -260,8 +248,7 @@ def fit_trial(hypermodel: kt.HyperModel, hp_config: dict, warm_start: str | None
     hp = kt.HyperParameters.from_config(hp_config)
     model = hypermodel.build(hp)
     if warm_start:  # as kt.Hyperband._build_hypermodel does in the search's process
-        with weights_only_warm_start():
-            model.load_weights(warm_start)
+        model.load_weights(warm_start)
     history = hypermodel.fit(hp, model, *args, **kwargs)
     return history.history, model.get_build_config(), os.getpid()
 
@@ -443,9 +430,7 @@ def _search(data: DataOptions, model_config: ModelConfig, preprocess: Preprocess
         raise CtedgeError(f"no trial completed in {project_dir}; see the trial folders there")
     best_hp = {k: v for k, v in tuner.get_best_hyperparameters(1)[0].values.items()
                if not k.startswith("tuner/")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # optimizer state is not restored, by design
-        best = tuner.get_best_models(1)[0]
+    best = tuner.get_best_models(1)[0]
     if cached:
         model = assemble(best, model_config, preprocess, best_hp, backbone())
         how = "backbone + the best trial's head, restored from its checkpoint"
