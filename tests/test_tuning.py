@@ -170,3 +170,23 @@ def test_eager_trials_are_compiled_to_run_eagerly():
     for eager in (False, True):
         hypermodel = HeadHyperModel((2, 2, 8), ModelConfig(backbone="tiny"), PreprocessConfig(image_size=48), eager)
         assert hypermodel.build(hp).run_eagerly is eager
+
+
+def test_backbone_features_of_several_arrays_share_one_traced_extractor(monkeypatch):
+    """Train views and val through one extractor: its predict step is traced for a full batch
+    and for the other sizes once (an extractor per array traced again for each), and each
+    array's features are what an extractor of its own gives, bit for bit."""
+    from ctedge.core.preprocess import PreprocessConfig
+    from ctedge.training.features import backbone_features
+    from ctedge.training.model import build_backbone
+
+    preprocess, backbone = PreprocessConfig(image_size=32), build_backbone("none", 32, "tiny")
+    rng = np.random.default_rng(0)
+    train, val = (rng.uniform(-1000, 400, (n, 32, 32, 3)).astype("float32") for n in (6, 3))
+    traces, step = [], keras.Model.predict_step
+    monkeypatch.setattr(keras.Model, "predict_step", lambda self, data: traces.append(1) or step(self, data))
+    together = backbone_features(backbone, preprocess, train, val, batch_size=4)
+    assert len(traces) == 2  # (4, ...) then (None, ...) for the 2 and the 3 left over
+    alone = [backbone_features(backbone, preprocess, x, batch_size=4)[0] for x in (train, val)]
+    for shared, own in zip(together, alone):
+        np.testing.assert_array_equal(shared, own)

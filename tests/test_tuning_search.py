@@ -106,7 +106,7 @@ def test_random_init_backbone_of_the_best_model_is_the_one_features_came_from(tm
     preprocess = PreprocessConfig(image_size=32)
     _, parts = load_data(RunConfig.load(best).data, preprocess, parts=("val",))
     cached = np.load(next((tmp_path / "r").glob("features-*.npz")))["val_x"]
-    rebuilt = backbone_features(backbone_of(model), preprocess, parts["val"].x)
+    (rebuilt,) = backbone_features(backbone_of(model), preprocess, parts["val"].x)
     scale = np.abs(cached).max()  # a random backbone's features are tiny (~1e-6): compare relative to them
     assert scale > 0
     np.testing.assert_allclose(rebuilt / scale, cached / scale, atol=1e-3)
