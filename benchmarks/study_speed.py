@@ -93,6 +93,48 @@ def interleaved(jobs: dict[str, Callable[[], dict]], runs: int) -> dict[str, dic
     return merged
 
 
+HEADER_SCAN = """
+import json, statistics, sys, time
+import pydicom  # noqa: F401  (imported up front: the scan, not the import, is timed)
+try:
+    from ctedge.edge.study import find_studies, select_series
+except ImportError:  # before the restructure (15671a6)
+    from ctedge.study import find_studies, select_series
+runs = []
+for _ in range(int(sys.argv[2]) + 1):  # the first one warms the page cache and the lookups
+    started = time.perf_counter()
+    (study,) = find_studies(sys.argv[1])
+    select_series(study)
+    runs.append(time.perf_counter() - started)
+print(json.dumps(runs[1:]))
+"""
+
+
+def header_scan(study: Path, runs: int, env: dict | None = None) -> list[float]:
+    """``find_studies`` + ``select_series`` on ``study``, ``runs`` times in one fresh process
+    after a warm-up (pydicom imported first), with ``env``'s code (``baseline_env``): the
+    headers-and-selection row of issue 29."""
+    done = subprocess.run([sys.executable, "-c", HEADER_SCAN, str(study), str(runs)], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"the header scan of {study} failed: {done.stderr[-500:]}")
+    return json.loads(done.stdout)
+
+
+def header_scans(study: Path, runs: int, old_env: dict | None) -> dict:
+    """Today's header scan and, with ``old_env``, the baseline's, in turns (``runs`` each)."""
+    today: list[float] = []
+    baseline: list[float] = []
+    for _ in range(runs):
+        today += header_scan(study, 3)
+        if old_env:
+            baseline += header_scan(study, 3, old_env)
+    result = {"study": str(study), "runs": today, "median": float(np.median(today))}
+    if old_env:
+        result["baseline"] = {"runs": baseline, "median": float(np.median(baseline))}
+    return result
+
+
 def as_nifti(series: Path, out: Path) -> Path:
     """A DICOM series as one .nii.gz (int16 HU, the slice positions' spacing), through
     ctedge's own reader, for the NIfTI-against-DICOM comparison."""
@@ -125,7 +167,8 @@ def nifti_against_dicom(model: Path, series: Path, work: Path, runtime: str, pre
             "dicom_cpu_s": done["dicom"]["cpu_median"], "nifti_cpu_s": done["nifti"]["cpu_median"]}
 
 
-def markdown(results: list[dict], nifti: dict | None = None, baseline: str | None = None) -> str:
+def markdown(results: list[dict], nifti: dict | None = None, baseline: str | None = None,
+             headers: dict | None = None) -> str:
     m, first = results[0]["machine"], results[0]
     load = first.get("load_average_1_5_15", {}).get("before")
     lines = [f"# Whole-study speed (`benchmarks/study_speed.py`, {time.strftime('%Y-%m-%d')})", "",
@@ -163,6 +206,12 @@ def markdown(results: list[dict], nifti: dict | None = None, baseline: str | Non
         lines += [f"The last column: commit {baseline}'s `src/` (`git archive`) as the same fresh command, run by "
                   "the same Python and packages through PYTHONPATH, its runs interleaved with today's; both with their "
                   "bytecode written, as an install has it.", ""]
+    if headers:
+        lines += [f"Headers and series selection alone (`find_studies` + `select_series` on `{headers['study']}`, "
+                  "warm, in fresh processes taking turns, medians): "
+                  f"**{headers['median']:.3f} s**" + (f" against {headers['baseline']['median']:.3f} s at {baseline} "
+                                                      f"({headers['median'] / headers['baseline']['median']:.2f}x)"
+                                                      if "baseline" in headers else "") + ".", ""]
     if nifti:
         lines += [f"A real series against itself as one .nii.gz ({nifti['runtime']} {nifti['precision']}, fresh "
                   f"processes, medians): DICOM folder {nifti['dicom_s']:.2f} s ({nifti['dicom_cpu_s']:.2f} s CPU), "
@@ -204,10 +253,11 @@ def main() -> None:
         report["load_average_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
         results.append(report)
         print(json.dumps(report["median"]), report["process_wall_s"]["median"], flush=True)
+    headers = header_scans(study, args.runs, old_env)
     nifti = args.series and nifti_against_dicom(model, args.series, args.work, *ENGINES[-1], args.runs)
-    write_results(args.out, {"studies": results, "nifti_against_dicom": nifti or None, "baseline": commit},
-                  markdown(results, nifti, commit))
-    print(markdown(results, nifti, commit))
+    write_results(args.out, {"studies": results, "headers": headers, "nifti_against_dicom": nifti or None,
+                             "baseline": commit}, markdown(results, nifti, commit, headers))
+    print(markdown(results, nifti, commit, headers))
 
 
 if __name__ == "__main__":
