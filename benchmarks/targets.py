@@ -54,11 +54,18 @@ def _load(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _command(startup: dict, label: str) -> dict:
+    """One command's figures from startup_speed.json; a results file from another version of
+    that benchmark is named, not a KeyError."""
+    if label not in startup.get("commands", {}):
+        raise SystemExit(f"{RESULTS / 'startup_speed.json'}: no '{label}' row; rerun benchmarks/startup_speed.py")
+    return startup["commands"][label]
+
+
 def rows() -> tuple[list[Row], dict]:
     """The issue's rows from the results files, and the machine the study benchmark ran on."""
     startup, study, suite = _load("startup_speed"), _load("study_speed"), _load("suite_speed")
-    png = startup["commands"]["predict one PNG, onnxruntime fp32"]
-    helps = startup["commands"]["ctedge --help"]
+    png, helps = (_command(startup, label) for label in ("predict one PNG, onnxruntime fp32", "ctedge --help"))
     fastest = next(r for r in study["studies"] if (r["runtime"], r["precision"]) == ("openvino", "bf16")
                    and not r["options"]["slice_step"])
     today, old = (statistics.median(run["wall_s"] for run in suite["commits"][k]["runs"]) for k in ("today", "baseline"))
