@@ -1,7 +1,7 @@
 """Start-up (issue 29): fresh processes, from command start to exit, for `ctedge --help`
 and for one prediction the way an edge box runs it (`ctedge predict MODEL one.png` on
-onnxruntime; OpenVINO BF16 with a warm compiled-model cache beside it), EfficientNetB3
-at 300 px. Each command runs --runs times, the commands interleaved; medians of the
+onnxruntime; on OpenVINO at its fastest precision here, BF16 where the CPU has it, with a
+warm compiled-model cache beside it), EfficientNetB3 at 300 px. Each command runs --runs times, the commands interleaved; medians of the
 wall time and of the process's CPU time (user + sys), and the heavy packages each one
 imports (``python -X importtime``), with the machine they ran on.
 
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from baseline import baseline_env, with_bytecode  # noqa: E402
 from make_b3 import make_b3  # noqa: E402
 from results_io import machine_sentence, write_results  # noqa: E402
+from study_speed import openvino_precision  # noqa: E402
 
 from ctedge.edge.bench import machine_info  # noqa: E402
 
@@ -40,10 +41,12 @@ HEAVY = ("numpy", "cv2", "PIL", "pydicom", "nibabel", "onnxruntime", "openvino",
 
 
 def commands(model: Path, image: Path) -> dict[str, list[str]]:
+    precision = openvino_precision()
     return {"ctedge --help": ["--help"],
             "predict one PNG, onnxruntime fp32": ["predict", str(model), str(image), "--runtime", "onnxruntime"],
-            "predict one PNG, OpenVINO BF16 (warm cache)": ["predict", str(model), str(image), "--runtime",
-                                                            "openvino", "--precision", "bf16"]}
+            f"predict one PNG, OpenVINO {precision.upper()} (warm cache)": ["predict", str(model), str(image),
+                                                                         "--runtime", "openvino", "--precision",
+                                                                         precision]}
 
 
 def timed(args: list[str], env: dict | None = None) -> tuple[float, float]:

@@ -66,8 +66,8 @@ def rows() -> tuple[list[Row], dict]:
     """The issue's rows from the results files, and the machine the study benchmark ran on."""
     startup, study, suite = _load("startup_speed"), _load("study_speed"), _load("suite_speed")
     png, helps = (_command(startup, label) for label in ("predict one PNG, onnxruntime fp32", "ctedge --help"))
-    fastest = next(r for r in study["studies"] if (r["runtime"], r["precision"]) == ("openvino", "bf16")
-                   and not r["options"]["slice_step"])
+    fastest = min((r for r in study["studies"] if not r["options"]["slice_step"]),
+                  key=lambda r: r["process_wall_s"]["median"])
     today, old = (statistics.median(run["wall_s"] for run in suite["commits"][k]["runs"]) for k in ("today", "baseline"))
     found = [
         Row("process start -> first prediction, edge install (`ctedge predict MODEL one.png`, onnxruntime)", 0.5, "s",
@@ -75,7 +75,8 @@ def rows() -> tuple[list[Row], dict]:
             "startup_speed"),
         Row("`ctedge --help`", 0.3, "s", helps["wall_s"]["median"],
             helps.get("baseline", {}).get("wall_s", {}).get("median"), None, "startup_speed"),
-        Row("300-slice 512x512 study (+ a scout) -> patient answer, fastest engine (OpenVINO BF16)", 1.5, "s",
+        Row("300-slice 512x512 study (+ a scout) -> patient answer, fastest engine "
+            f"({fastest['runtime']} {fastest['precision']} here)", 1.5, "s",
             fastest["process_wall_s"]["median"], fastest.get("baseline_process_wall_s", {}).get("median"),
             (1.71, 2.23), "study_speed"),
     ]
