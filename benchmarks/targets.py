@@ -103,9 +103,10 @@ def markdown(found: list[Row], machine: dict) -> str:
     lines = ["# Issue 29's targets against the committed benchmark results (`benchmarks/targets.py`)", "",
              f"Machine of the figures: {machine['cpu']}, {machine['cores']} cores (each results file describes "
              "its own run). \"15671a6 here\": that commit's code timed by the same benchmark on the same machine, "
-             "interleaved. \"Asked ratio\": the target over 15671a6's figure on the project's AMD EPYC, where the "
-             "targets were set (its worst and best reading): a ratio here within it would meet the target there "
-             "if both commits scale alike between the CPUs (an estimate).", "",
+             "interleaved. \"Asked ratio\": the target over 15671a6's figure on the AMD EPYC where issue 29 set the "
+             "targets (its worst and best reading; a CPU with BF16, where OpenVINO BF16 was the fastest engine, so "
+             "not necessarily the machine here): a ratio here within it would meet the target there if both commits "
+             "scale alike between the CPUs (an estimate).", "",
              "| | target | here | met here | 15671a6 here | ratio | asked ratio | ratio within it | from |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in found:
