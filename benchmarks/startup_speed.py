@@ -1,9 +1,10 @@
 """Start-up (issue 29): fresh processes, from command start to exit, for `ctedge --help`
 and for one prediction the way an edge box runs it (`ctedge predict MODEL one.png` on
 onnxruntime; on OpenVINO at its fastest precision here, BF16 where the CPU has it, with a
-warm compiled-model cache beside it), EfficientNetB3 at 300 px. Each command runs --runs times, the commands interleaved; medians of the
-wall time and of the process's CPU time (user + sys), and the heavy packages each one
-imports (``python -X importtime``), with the machine they ran on.
+warm compiled-model cache beside it), EfficientNetB3 at 300 px. Each command runs --runs
+times, the commands interleaved; medians of the wall time and of the process's CPU time
+(user + sys), and the heavy packages each one imports (``python -X importtime``), with
+the machine they ran on.
 
     python benchmarks/startup_speed.py            # writes benchmarks/results/startup_speed.{json,md}
     python benchmarks/startup_speed.py --baseline 15671a6   # and that commit's figures, same machine, same run
@@ -41,7 +42,7 @@ HEAVY = ("numpy", "cv2", "PIL", "pydicom", "nibabel", "onnxruntime", "openvino",
 
 
 def commands(model: Path, image: Path) -> dict[str, list[str]]:
-    precision = openvino_precision()
+    precision = openvino_precision(model)
     return {"ctedge --help": ["--help"],
             "predict one PNG, onnxruntime fp32": ["predict", str(model), str(image), "--runtime", "onnxruntime"],
             f"predict one PNG, OpenVINO {precision.upper()} (warm cache)": ["predict", str(model), str(image),

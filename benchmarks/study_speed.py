@@ -38,17 +38,20 @@ from make_b3 import make_b3  # noqa: E402
 from results_io import write_results
 
 from ctedge.core.phantom_studies import fixed_uid, phantom_volume, write_scout, write_series  # noqa: E402
+from ctedge.edge.engines import get_engine  # noqa: E402
 from ctedge.edge.study import STAGES, StudyOptions, bench_study  # noqa: E402
 
 
-def openvino_precision() -> str:
-    """OpenVINO's fastest precision on this CPU: bf16 where it has BF16 (AVX-512 BF16, AMX), else fp32."""
-    from ctedge.edge.engines.openvino import capabilities
+def openvino_precision(model: Path) -> str:
+    """OpenVINO's fastest float precision for ``model`` on this CPU, from the engine's own
+    variant list: bf16 where the CPU has BF16 (AVX-512 BF16, AMX), else fp32."""
+    offered = {precision for precision, _ in get_engine("openvino").variants(model, ["cpu"])}
+    return "bf16" if "bf16" in offered else "fp32"
 
-    return "bf16" if "BF16" in capabilities("CPU") else "fp32"
 
-
-ENGINES = (("onnxruntime", "fp32"), ("openvino", openvino_precision()))  # fp32 baseline, the fastest variant here
+def engines(model: Path) -> tuple[tuple[str, str], ...]:
+    """(runtime, precision) timed: onnxruntime fp32, the baseline, and OpenVINO's fastest here."""
+    return ("onnxruntime", "fp32"), ("openvino", openvino_precision(model))
 
 
 def make_study(folder: Path, slices: int = 300, size: int = 512) -> Path:
@@ -245,9 +248,10 @@ def main() -> None:
     commit, old_env = baseline_env(args.baseline, args.work) if args.baseline else (None, None)
     model = args.model or make_b3(args.work)
     study = make_study(args.work / f"ct{args.slices}-{args.size}", args.slices, args.size)
+    timed_engines = engines(model)
     results = []
     load_before = os.getloadavg()
-    for (runtime, precision), step in itertools.product(ENGINES, (None, 1)):
+    for (runtime, precision), step in itertools.product(timed_engines, (None, 1)):
         options = StudyOptions(slice_step=step)
         report = bench_study(model, study, options, "cpu", None, args.runs, runtime=runtime, precision=precision)
         jobs = {"today": functools.partial(fresh_process, model, study, options, "cpu", runtime, precision, 1)}
@@ -262,7 +266,7 @@ def main() -> None:
         results.append(report)
         print(json.dumps(report["median"]), report["process_wall_s"]["median"], flush=True)
     headers = header_scans(study, args.runs, old_env)
-    nifti = args.series and nifti_against_dicom(model, args.series, args.work, *ENGINES[-1], args.runs)
+    nifti = args.series and nifti_against_dicom(model, args.series, args.work, *timed_engines[-1], args.runs)
     write_results(args.out, {"studies": results, "headers": headers, "nifti_against_dicom": nifti or None,
                              "baseline": commit}, markdown(results, nifti, commit, headers))
     print(markdown(results, nifti, commit, headers))

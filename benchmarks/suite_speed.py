@@ -64,7 +64,8 @@ def median_of(runs: list[dict], key: str) -> float:
 def markdown(report: dict) -> str:
     lines = [f"# Test suite (`benchmarks/suite_speed.py`, {time.strftime('%Y-%m-%d')})", "",
              machine_sentence(report) + f" `pytest -q {' '.join(report['args'])}` "
-             f"(each commit's own addopts: pytest-xdist's `-n auto`, 2 workers on 2 cores at 15671a6, one more than the cores since f69163e) on each commit's `git archive` tree with this Python "
+             f"(each commit's own addopts and conftest: pytest-xdist's `-n auto`) on each commit's `git archive` tree "
+             "with this Python "
              f"and its packages; CTEDGE_REQUIRE_PACS={report['require_pacs'] or 'unset'}. "
              f"Medians of {report['runs']} run(s), commits interleaved.", "",
              "| commit | tests | passed | failed | wall s | CPU s | wall s per 100 tests |",

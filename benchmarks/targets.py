@@ -5,11 +5,12 @@ figure on that same machine.
     python benchmarks/targets.py   # reads results/{startup,study,suite}_speed.json,
                                    # writes results/targets.{json,md}
 
-The targets were set on the project's 2-core AMD EPYC against 15671a6's figures there.
-On another CPU an absolute target may be out of reach for either commit, so each row
-also gives the ratio to 15671a6 on the same machine beside the ratio the target asks
-of 15671a6's EPYC figure (target / that figure): a ratio within it would meet the target
-there if both commits scale alike between the two CPUs, an estimate, not a measurement.
+The targets were set on issue 29's 2-core AMD EPYC (one with BF16) against 15671a6's
+figures there. On another CPU an absolute target may be out of reach for either commit,
+so each row also gives the ratio to 15671a6 on the same machine beside the ratio the
+target asks of 15671a6's EPYC figure (target / that figure): a ratio within it would meet
+the target there if both commits scale alike between the two CPUs, an estimate, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Row:
     unit: str
     here: float
     baseline_here: float | None = None  # 15671a6 on the same machine
-    baseline_epyc: tuple[float, float] | None = None  # 15671a6 on the project's EPYC (the issue's range)
+    baseline_epyc: tuple[float, float] | None = None  # 15671a6 on issue 29's EPYC (its range)
     source: str = ""
 
     @property

@@ -37,7 +37,9 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto``: one worker more than the usable cores, at most 4 (``--maxprocesses``).
     Many tests mostly wait (a PACS peer, a node's retry, a Ray cluster starting); the extra
     worker runs beside them: on 2 cores 3 workers took 230-238 s against 252-255 s for 2."""
-    return len(os.sched_getaffinity(0)) + 1
+    from ctedge.edge.engines.machine import usable_cpus
+
+    return usable_cpus() + 1
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection
