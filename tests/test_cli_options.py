@@ -206,3 +206,24 @@ def test_cli_defaults_are_the_librarys():
                     assert (str(default) if isinstance(default, Path) else default) == f.default, (command, f.name)
                     checked += 1
     assert checked > 30
+
+
+def test_a_table_into_a_pipe_keeps_every_cell_and_columns_still_rules(capsys, monkeypatch):
+    """Rich draws into a file or a pipe 80 columns wide, cutting a wide table's cells to "…"
+    (`ctedge bench 2> bench.txt` kept no engine's name); ctedge's console draws there at the
+    table's own width, and COLUMNS, where set, still decides."""
+    from rich.table import Table
+
+    from ctedge.core.progress import console
+
+    table = Table()
+    for name in "abcdefghijkl":
+        table.add_column(name)
+    table.add_row(*["long-cell-text"] * 12)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console.print(table)
+    drawn = capsys.readouterr().err
+    assert drawn.count("long-cell-text") == 12 and "…" not in drawn
+    monkeypatch.setenv("COLUMNS", "80")
+    console.print(table)
+    assert "long-cell-text" not in capsys.readouterr().err

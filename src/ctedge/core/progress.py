@@ -6,13 +6,30 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 T = TypeVar("T")
-console = Console(stderr=True, soft_wrap=True)
+PIPE_COLUMNS = 1024  # into a file or a pipe, COLUMNS unset: tables at their own width (bench's: ~420)
+
+
+class _Console(Console):
+    """Rich's console. Rich draws into a file or a pipe (a log, CI, ``2> out.txt``) 80
+    columns wide and cuts a wider table's cells to "…"; here tables keep their own width
+    there (nothing ctedge prints fills the console's width), or follow COLUMNS."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or os.environ.get("COLUMNS"):
+            return size
+        return ConsoleDimensions(max(size.width, PIPE_COLUMNS), size.height)
+
+
+console = _Console(stderr=True, soft_wrap=True)
 
 
 @dataclass(frozen=True)
