@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import tempfile
 
 import numpy as np
@@ -45,10 +46,12 @@ def studies_of(document: dict) -> dict:
     return {s["study_uid"]: s for s in document["studies"]}
 
 
-def test_pulled_studies_get_the_answers_of_predict_study_on_the_same_files(tmp_path, orthanc, model):
+def test_pulled_studies_get_the_answers_of_predict_study_on_the_same_files(tmp_path, orthanc, model, caplog):
     """C-FIND + C-GET and QIDO-RS + WADO-RS, each with the default query (CT studies of today):
     the same probabilities as `predict --study` on the files Orthanc holds (<= 1e-6), only the
-    chosen series retrieved, a localizer-only study not eligible without retrieving anything."""
+    chosen series retrieved, a localizer-only study not eligible without retrieving anything.
+    The command's log has no line per HTTP request (httpx's, with the query's values in its URLs)."""
+    caplog.set_level(logging.INFO)  # the CLI's level
     rng = np.random.default_rng(50)
     uids = [pacs_study(tmp_path / "files", rng, positive, f"EQ{n}") for n, positive in enumerate((True, False))]
     scout_only = pacs_study(tmp_path / "scout", rng, False, "EQ-SCOUT", axial=False)
@@ -73,6 +76,7 @@ def test_pulled_studies_get_the_answers_of_predict_study_on_the_same_files(tmp_p
             assert [r["description"] for r in pulled[uid]["series_rejected"]] == ["SCOUT"]  # judged, not retrieved
         assert pulled[scout_only]["error"] is None and "SCOUT" in pulled[scout_only]["not_eligible"]
         assert pulled[scout_only]["timings_s"] == {}  # nothing retrieved
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("httpx")] == []
 
 
 def test_a_study_the_pacs_fails_to_return_is_an_error_row_and_the_others_go_on(tmp_path, orthanc, model,

@@ -183,6 +183,8 @@ def _setup_logging() -> None:
     handler.addFilter(PrintableLog())
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler])
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    # a line per DICOMweb request, its URL holding the query's values (a PatientID): ctedge's lines say what matters
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _terminated(signum, frame) -> None:
