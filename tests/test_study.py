@@ -280,26 +280,29 @@ def test_nifti_volume_and_a_message_without_nibabel(tmp_path, clf, monkeypatch):
 
 
 def test_cli_predict_study_writes_json_csv_and_plots(tmp_path, model):
+    """Study P1 given twice (its folder and a zip of it) gets two plots, not one overwritten."""
     rng = np.random.default_rng(9)
     write_study(tmp_path / "p1", rng, True, patient_id="P1")
     write_study(tmp_path / "p2", rng, False, patient_id="P2")
+    again = shutil.make_archive(str(tmp_path / "p1-again"), "zip", tmp_path / "p1")
     out = tmp_path / "out"
-    result = runner.invoke(app, ["predict", str(model), str(tmp_path / "p1"), str(tmp_path / "p2"),
+    result = runner.invoke(app, ["predict", str(model), str(tmp_path / "p1"), str(tmp_path / "p2"), again,
                                  str(tmp_path / "missing"), "--study", "--aggregate", "max",
                                  "--json", str(out / "s.json"), "--csv", str(out / "s.csv"),
                                  "--plot", str(out / "plots")])
     assert result.exit_code == 1, result.output  # the missing study fails, the others go on
     studies = json.loads((out / "s.json").read_text())["studies"]
-    assert [s["patient_id"] for s in studies] == ["P1", "P2", ""]
+    assert [s["patient_id"] for s in studies] == ["P1", "P2", "P1", ""]
     first = studies[0]
     for key in ("study_uid", "series_uid", "slices_total", "slices_used", "probability", "label",
                 "top_slices", "warnings", "error", "slices"):
         assert key in first
     assert first["probability"] == max(s["probability"] for s in first["slices"])
     assert list(first["top_slices"][0]) == st.SliceScore.keys() and first["top_slices"][0]["sop_instance_uid"]
-    assert studies[2]["error"] == "no such file or folder"
-    assert len((out / "s.csv").read_text().strip().splitlines()) == 4
-    assert len(list((out / "plots").glob("*.png"))) == 2
+    assert studies[3]["error"] == "no such file or folder"
+    assert len((out / "s.csv").read_text().strip().splitlines()) == 5
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert len(plots) == 3 and plots[0].startswith("P1_") and plots[1] == plots[0].replace(".png", "_2.png")
 
 
 def test_plot_without_matplotlib_names_the_eval_extra(tmp_path, model, monkeypatch):

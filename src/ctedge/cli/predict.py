@@ -222,9 +222,10 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     for warning in report.warnings:
         console.print(Text.assemble(("warning:", "bold red"), " ", clean(warning)))
     if plot is not None:
+        written: set[Path] = set()
         for r in results:
             if r.answered:
-                console.print(shown(f"plot: {plots.study_plot(r, plot)}"))
+                console.print(shown(f"plot: {plots.study_plot(r, plot, written)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_text(dumps(report), json_out)
     skipped = sum(r.not_eligible is not None for r in results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import matplotlib
@@ -83,19 +84,29 @@ def latency_histogram(samples_ms: dict[str, np.ndarray], path: Path) -> Path:
     return _finish(fig, ax, path)
 
 
-def study_plot_path(patient_id: str | None, study_uid: str | None, folder: Path) -> Path:
-    """``PATIENT_UIDTAIL.png`` inside ``folder``: both parts come from the study's
+def study_plot_path(patient_id: str | None, study_uid: str | None, folder: Path,
+                    taken: Collection[Path] = ()) -> Path:
+    """``PATIENT_UIDTAIL.png`` inside ``folder`` (``_2``, ``_3``... after it when ``taken``
+    holds it: the same study given twice in one run); both parts come from the study's
     files, so they are sanitised and the name checked to stay in the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tail = safe_name((study_uid or "")[-12:]) if study_uid else "study"
-    return safe_child(folder, f"{safe_name(patient_id or 'study', 40)}_{tail}.png")
+    stem = f"{safe_name(patient_id or 'study', 40)}_{tail}"
+    path, copy = safe_child(folder, f"{stem}.png"), 1
+    while path in taken:
+        copy += 1
+        path = safe_child(folder, f"{stem}_{copy}.png")
+    return path
 
 
-def study_plot(result, folder: Path) -> Path:
+def study_plot(result, folder: Path, taken: set[Path] | None = None) -> Path:
     """One study (``ctedge.edge.study.StudyResult``): slice probability against slice
-    position with the patient's probability, and the top slices as thumbnails."""
-    path = study_plot_path(result.patient_id, result.study_uid, folder)
+    position with the patient's probability, and the top slices as thumbnails.
+    ``taken``: the plots this run wrote so far (the new one is added)."""
+    path = study_plot_path(result.patient_id, result.study_uid, folder, taken or ())
+    if taken is not None:
+        taken.add(path)
     top = result.top_slices
     columns = max(1, len(top))
     fig = plt.figure(figsize=(max(8, 1.6 * columns), 5.5))
