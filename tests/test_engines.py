@@ -163,6 +163,31 @@ def test_bench_runtime_all_scores_every_variant_and_saves_the_fastest(tmp_path, 
     assert (clf.runtime, clf.precision) == (best["runtime"], best["precision"])
 
 
+def test_a_variant_file_given_itself_runs_and_reports_as_its_precision(tmp_path, exported, images, cache):
+    """`predict`/`bench` on export's m_fp16.onnx itself: the fp16 file, reported as fp16 (it was
+    reported as fp32, and `bench --runtime all` ran it twice, as "fp32" and as fp16);
+    another --precision on it is refused, naming the model it was exported from."""
+    import shutil
+
+    fp16 = Path(shutil.copy(exported[0].with_name("tiny_fp16.onnx"), tmp_path / "m_fp16.onnx"))
+    clf = Classifier(fp16, cache_dir=cache)
+    assert (clf.runtime, clf.precision) == ("onnxruntime", "fp16")
+    image = next(images.rglob("*.png"))
+    out = tmp_path / "p.json"
+    done = runner.invoke(app, ["predict", str(fp16), str(image), "--json", str(out), "--cache-dir", cache])
+    assert done.exit_code == 0, done.output
+    assert json.loads(out.read_text())["precision"] == "fp16" and "onnxruntime fp16" in done.stderr
+    refused = runner.invoke(app, ["predict", str(fp16), str(image), "--precision", "fp32"])
+    assert refused.exit_code == 2 and "m_fp16.onnx is the fp16 file of m.onnx" in refused.stderr, refused.output
+    bench = tmp_path / "b.json"
+    done = runner.invoke(app, ["bench", str(fp16), "--runtime", "all", "--provider", "cpu", "--data", str(images),
+                               "--runs", "1", "--warmup", "0", "--batch-sizes", "1", "--cache-dir", cache,
+                               "--json", str(bench)])
+    assert done.exit_code == 0, done.output
+    rows = [(r["runtime"], r["precision"]) for r in json.loads(bench.read_text())["results"]]
+    assert [row for row in rows if row[0] == "onnxruntime"] == [("onnxruntime", "fp16")]
+
+
 def test_bench_accuracy_on_one_split_only(tmp_path, images):
     from ctedge.edge.bench import BenchOptions, accuracy_files
 

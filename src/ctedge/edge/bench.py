@@ -420,7 +420,7 @@ def bench_onnx(path: Path, provider: str, options: BenchOptions, files: list[Pat
                labels: np.ndarray | None) -> dict:
     """One model on one onnxruntime provider (kept for benchmarks/edge_speed.py)."""
     single = BenchOptions(**{**asdict(options), "runtime": "onnxruntime", "provider": provider,
-                             "precision": "fp32"})
+                             "precision": None})  # the file as it is (a variant file at its own precision)
     accuracy = (files, labels, f"{len(files)} images") if labels is not None else None
     return bench_model(path, single, files, accuracy)[0].to_dict()
 

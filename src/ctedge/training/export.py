@@ -168,10 +168,10 @@ def sample_images(folder: str | None, config: PreprocessConfig, count: int, seed
 
 # --- parity ------------------------------------------------------------------
 
-def engine_probabilities(runtime: str, path: Path, images: np.ndarray, precision: str = "fp32",
+def engine_probabilities(runtime: str, path: Path, images: np.ndarray, precision: str | None = None,
                          cache_dir: str | None = None, batch: int = 16) -> np.ndarray:
     """The parity gate's run: the file on the engine ``Classifier`` uses (from the
-    registry), on the CPU; ``precision`` fp32 runs the file as it is."""
+    registry), on the CPU; ``precision`` None runs the file as it is (a variant file at its own)."""
     from ctedge.edge import engines
 
     config = engines.resolve(path, engines.EngineConfig(runtime=runtime, precision=precision, provider="cpu",

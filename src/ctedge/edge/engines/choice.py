@@ -18,6 +18,7 @@ from ctedge.edge.engines.registry import (
     engine_names,
     get_engine,
     no_engine_message,
+    variant_stem,
 )
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ def check_fits(config: EngineConfig, model: Path) -> None:
 def resolve(model: Path, config: EngineConfig) -> EngineConfig:
     """Fill in runtime="auto" and precision=None: the saved bench choice (unless an explicit
     precision or device differs from it), else the first installed engine that runs the file
-    on that device (onnxruntime; OpenVINO for an IR .xml or an Intel GPU/NPU) at fp32."""
+    on that device (onnxruntime; OpenVINO for an IR .xml or an Intel GPU/NPU) at fp32; an
+    export variant file (``m_fp16.onnx``) at its own precision, another one asked for refused."""
     validate(config)
     runtime, precision, provider = config.runtime, config.precision, config.provider
     if runtime == "auto":
@@ -112,6 +114,10 @@ def resolve(model: Path, config: EngineConfig) -> EngineConfig:
         else:
             runtime = _auto_runtime(model, provider)
     registry.require(runtime)
-    resolved = replace(config, runtime=runtime, precision=precision or "fp32", provider=provider)
+    own = registry.file_precision(runtime, model)  # a variant file given itself runs as what it is
+    if own and config.precision not in (None, own):
+        raise CtedgeError(f"{model.name} is the {own} file of {variant_stem(model)}.onnx: --precision {config.precision} "
+                          f"runs from that model, --precision {own} (or none) from this file", param="precision")
+    resolved = replace(config, runtime=runtime, precision=own or precision or "fp32", provider=provider)
     check_fits(resolved, model)
     return resolved

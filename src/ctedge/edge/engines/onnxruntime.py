@@ -24,6 +24,7 @@ from ctedge.edge.engines.machine import isa_features, machine_key, usable_cpus
 from ctedge.edge.engines.registry import (
     EngineConfig,
     default_cache_dir,
+    file_precision,
     model_cache,
     register_engine,
     variant_file,
@@ -247,11 +248,14 @@ def about() -> dict:
 
 
 def variants(model: Path, devices: list[str]) -> list[tuple[str, str]]:
-    """(precision, device) pairs this machine can run: fp32, and each variant file export wrote."""
+    """(precision, device) pairs this machine can run: fp32, and each variant file export wrote
+    (a variant file given itself: its own precision only)."""
+    own = file_precision("onnxruntime", model)
     found = []
     for device in [d for d in usable_devices()[::-1] if d in devices]:
-        found.append(("fp32", device))
-        found += [(p, device) for p in ("fp16", "int8") if variant_path("onnxruntime", model, p).is_file()]
+        found += [(own, device)] if own else \
+            [("fp32", device)] + [(p, device) for p in ("fp16", "int8")
+                                  if variant_path("onnxruntime", model, p).is_file()]
     return found
 
 

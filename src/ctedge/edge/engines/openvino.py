@@ -20,6 +20,7 @@ from ctedge.core.files import atomic_write, remove_stale_temps, replace_synced, 
 from ctedge.edge.engines.registry import (
     EngineConfig,
     default_cache_dir,
+    file_precision,
     model_cache,
     register_engine,
     variant_file,
@@ -250,7 +251,10 @@ def about() -> dict:
 
 
 def variants(model: Path, devices: list[str]) -> list[tuple[str, str]]:
-    """(precision, device) pairs on the CPU: fp32, bf16/fp16 where the CPU has them, the INT8 IR."""
+    """(precision, device) pairs on the CPU: fp32, bf16/fp16 where the CPU has them, the INT8 IR
+    (that IR given itself: int8 only)."""
+    if file_precision("openvino", model):
+        return [("int8", "cpu")]
     found = [("fp32", "cpu")] + [(p, "cpu") for p in ("bf16", "fp16") if CAPABILITY[p] in capabilities("CPU")]
     if variant_path("openvino", model, "int8").is_file():
         found.append(("int8", "cpu"))

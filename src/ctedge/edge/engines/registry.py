@@ -170,6 +170,14 @@ def variant_stem(model: Path) -> str:
     return model.stem
 
 
+def file_precision(name: str, model: Path) -> str | None:
+    """The precision of ``model`` when it is one of engine ``name``'s variant files
+    (``m_fp16.onnx``: fp16); None for any other file."""
+    spec = get_engine(name)
+    return next((precision for precision, (suffix, _) in spec.files.items()
+                 if precision in spec.precisions and model.name.endswith(suffix)), None)
+
+
 def variant_path(name: str, model: Path, precision: str) -> Path:
     """Where engine ``name``'s file for ``precision`` sits beside ``model`` (maybe absent)."""
     entry = get_engine(name).files.get(precision)
