@@ -48,7 +48,7 @@ from ctedge.cli.pull import (
     pull_request,
 )
 from ctedge.core.choices import Aggregate
-from ctedge.core.errors import CtedgeError, ExitCode
+from ctedge.core.errors import CtedgeError, ExitCode, ModelFailed
 from ctedge.core.progress import console
 from ctedge.edge.engines import Provider, Runtime
 from ctedge.edge.study import DEFAULT_MAX_SLICES, DEFAULT_TOP_K, SeriesRules, StudyOptions
@@ -196,7 +196,10 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
                   inputs=[*model_files(model), *paths])
     plots = plots_module("--plot") if plot is not None else None
 
+    answered, failure = [], None
+
     def progress(r) -> None:
+        answered.append(r)
         console.print(shown(f"{r.input}: {r.study_uid or '-'} done"))
 
     with ThreadPoolExecutor(1, thread_name_prefix="ctedge-load") as pool:  # the model loads while headers are read
@@ -204,8 +207,13 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
                                      cache_dir=str(cache_dir) if cache_dir else None,
                                      provider_options=provider_options, pad=pad, fixed_batch=options.batch_size,
                                      max_pixels=options.max_pixels, hint=STUDY_HINT)
-        results = (predict_studies(loading, paths, options, progress=progress) if pull is None
-                   else _pulled(loading.result(), pull, options, progress))
+        try:
+            results = (predict_studies(loading, paths, options, progress=progress) if pull is None
+                       else _pulled(loading.result(), pull, options, progress))
+        except Exception as exc:  # the model failing part way (memory, a lost device): keep what it answered
+            if not answered:
+                raise
+            results, failure = answered, exc
     clf = loading.result()
     table = Table(title=shown(f"{model.name} on {clf.runtime} {clf.precision} ({clf.providers[0]}): "
                                f"P({clf.positive}) per study, threshold {clf.threshold}, aggregate {options.aggregate}"))
@@ -228,6 +236,9 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
                 console.print(shown(f"plot: {plots.study_plot(r, plot, written)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_text(dumps(report), json_out)
+    if failure is not None:
+        raise ModelFailed(f"the model failed after {len(results)} stud(ies) ({failure.__class__.__name__}: "
+                          f"{failure}); their rows are written, the remaining inputs were not classified")
     skipped = sum(r.not_eligible is not None for r in results)
     if skipped:
         console.print(f"[yellow]{skipped} of {len(results)} stud(ies) not eligible under the rules (--rule)[/]")

@@ -47,6 +47,13 @@ class UnreadableImage(CtedgeError):
         self.reason = reason
 
 
+class ModelFailed(CtedgeError):
+    """The model's engine raised part way through a run (memory, a lost device); what was
+    answered before it is kept."""
+
+    exit_code = ExitCode.FAILED
+
+
 class CheckFailed(CtedgeError):
     """A verification (parity, checker, tolerance) refused the result."""
 
