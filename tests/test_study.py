@@ -305,9 +305,11 @@ def test_cli_predict_study_writes_json_csv_and_plots(tmp_path, model):
     assert len(plots) == 3 and plots[0].startswith("P1_") and plots[1] == plots[0].replace(".png", "_2.png")
 
 
-def test_a_model_failing_mid_run_keeps_the_studies_answered_before_it(tmp_path, model, monkeypatch):
-    """The engine raising on the second study (memory, a lost device): the first study's row is
-    in --csv and --json, the command names the failure and exits 1 (it lost every row)."""
+@pytest.mark.parametrize("failure", ["engine", "interrupt"])
+def test_a_model_failing_mid_run_keeps_the_studies_answered_before_it(tmp_path, model, monkeypatch, failure):
+    """The engine raising on the second study (memory, a lost device), or Ctrl-C there: the first
+    study's row is in --csv and --json, and the command says what happened, exiting 1 (or 130
+    when interrupted). It lost every row."""
     from ctedge.edge.study import pipeline
 
     rng = np.random.default_rng(11)
@@ -317,15 +319,19 @@ def test_a_model_failing_mid_run_keeps_the_studies_answered_before_it(tmp_path, 
 
     def failing_on_p2(clf, study, options):
         if study.patient_id == "P2":
-            raise RuntimeError("CUDA failure 700: an illegal memory access")
+            raise KeyboardInterrupt if failure == "interrupt" else RuntimeError("CUDA failure 700: an illegal "
+                                                                                "memory access")
         return classify(clf, study, options)
 
     monkeypatch.setattr(pipeline, "classify_study", failing_on_p2)
     out = tmp_path / "out"
     result = runner.invoke(app, ["predict", str(model), str(tmp_path / "p1"), str(tmp_path / "p2"), "--study",
                                  "--json", str(out / "s.json"), "--csv", str(out / "s.csv")])
-    assert result.exit_code == 1, result.output
-    assert "the model failed after 1 stud(ies)" in result.stderr and "illegal memory access" in result.stderr
+    if failure == "interrupt":
+        assert result.exit_code == 130 and "stopped after 1 stud(ies)" in result.stderr, result.output
+    else:
+        assert result.exit_code == 1, result.output
+        assert "the model failed after 1 stud(ies)" in result.stderr and "illegal memory access" in result.stderr
     assert [s["patient_id"] for s in json.loads((out / "s.json").read_text())["studies"]] == ["P1"]
     with open(out / "s.csv") as f:
         assert [row["patient_id"] for row in csv.DictReader(f)] == ["P1"]

@@ -210,8 +210,8 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
         try:
             results = (predict_studies(loading, paths, options, progress=progress) if pull is None
                        else _pulled(loading.result(), pull, options, progress))
-        except Exception as exc:  # the model failing part way (memory, a lost device): keep what it answered
-            if not answered:
+        except (Exception, KeyboardInterrupt) as exc:  # the model failing (memory, a lost device), Ctrl-C or
+            if not answered:                                # SIGTERM part way: keep the studies it answered
                 raise
             results, failure = answered, exc
     clf = loading.result()
@@ -236,6 +236,9 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
                 console.print(shown(f"plot: {plots.study_plot(r, plot, written)}"))
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_text(dumps(report), json_out)
+    if isinstance(failure, KeyboardInterrupt):
+        console.print(f"[yellow]stopped after {len(results)} stud(ies): their rows are written[/]")
+        raise failure
     if failure is not None:
         raise ModelFailed(f"the model failed after {len(results)} stud(ies) ({failure.__class__.__name__}: "
                           f"{failure}); their rows are written, the remaining inputs were not classified")
