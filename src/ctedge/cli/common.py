@@ -24,6 +24,7 @@ from ctedge.core.choices import (
 )
 from ctedge.core.errors import CtedgeError, ExitCode
 from ctedge.core.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ctedge.core.logs import quiet_libraries
 from ctedge.core.progress import console
 from ctedge.edge.engines import Precision, Provider
 
@@ -182,9 +183,7 @@ def _setup_logging() -> None:
     handler = RichHandler(console=console, show_path=False)
     handler.addFilter(PrintableLog())
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler])
-    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
-    # a line per DICOMweb request, its URL holding the query's values (a PatientID): ctedge's lines say what matters
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    quiet_libraries()
 
 
 def _terminated(signum, frame) -> None:

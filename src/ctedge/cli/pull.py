@@ -70,12 +70,9 @@ def pull_source(from_pacs: str | None, from_dicomweb: str | None, *, ae_title: s
 
     options = PullOptions(max_bytes=max_bytes, **({} if max_studies is None else {"max_studies": max_studies}))
     if from_pacs:
-        import logging
-
         from pynetdicom import _config
 
-        # its lines name identifiers (PatientID) and repeat ours, which say why; not even formatted
-        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        # its identifiers (PatientID) not even formatted for its (quiet: core.logs) logger
         _config.LOG_RESPONSE_IDENTIFIERS = _config.LOG_REQUEST_IDENTIFIERS = False
         return DimseSource(from_pacs, ae_title, options)
     return DicomWebSource(from_dicomweb, token=token, user=user, password=password, options=options)

@@ -32,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ctedge.core.files import printable
+from ctedge.core.logs import quiet_libraries
 from ctedge.edge.serve.spool import uid_hash
 
 THROTTLE_S = 60.0
@@ -41,8 +42,6 @@ DATE = re.compile(r"\b(?:19|20)\d\d([-/.]?)(?:0[1-9]|1[0-2])\1(?:0[1-9]|[12]\d|3
 PERSON_NAME = re.compile(r"[^\s'\"^=()\[\]{},;]*\^[^\s'\"=()\[\]{},;]*")
 QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)|\"[^\"]*\"")  # not the apostrophe of "node's"
 FIRST_VALUE = re.compile(r"""['"]|:\s""")
-QUIET_LIBRARIES = {"pynetdicom": logging.CRITICAL, "highdicom": logging.WARNING, "uvicorn.access": logging.WARNING,
-                   "httpx": logging.WARNING}  # httpx: a line per request to a DICOMweb peer (ours say what matters)
 
 
 def redact(text: str) -> str:
@@ -169,8 +168,7 @@ def setup_logging(fmt: str = "text", log_phi: bool = False, level: int = logging
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for name, library_level in QUIET_LIBRARIES.items():
-        logging.getLogger(name).setLevel(library_level)
+    quiet_libraries()
     if log_phi:  # the library's own message is the point of --log-phi: hand its values through
         _warnings_log.warning("--log-phi: patient data and UIDs are written to this log unredacted")
     warnings.showwarning = functools.partial(_show_warning, log_phi=log_phi)
