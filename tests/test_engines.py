@@ -178,7 +178,8 @@ def test_a_variant_file_given_itself_runs_and_reports_as_its_precision(tmp_path,
     assert done.exit_code == 0, done.output
     assert json.loads(out.read_text())["precision"] == "fp16" and "onnxruntime fp16" in done.stderr
     refused = runner.invoke(app, ["predict", str(fp16), str(image), "--precision", "fp32"])
-    assert refused.exit_code == 2 and "m_fp16.onnx is the fp16 file of m.onnx" in refused.stderr, refused.output
+    assert refused.exit_code == 2, refused.output
+    assert "--precision fp32: m_fp16.onnx is the fp16 file exported from m.onnx" in refused.stderr
     bench = tmp_path / "b.json"
     done = runner.invoke(app, ["bench", str(fp16), "--runtime", "all", "--provider", "cpu", "--data", str(images),
                                "--runs", "1", "--warmup", "0", "--batch-sizes", "1", "--cache-dir", cache,

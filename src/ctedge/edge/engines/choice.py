@@ -116,8 +116,9 @@ def resolve(model: Path, config: EngineConfig) -> EngineConfig:
     registry.require(runtime)
     own = registry.file_precision(runtime, model)  # a variant file given itself runs as what it is
     if own and config.precision not in (None, own):
-        raise CtedgeError(f"{model.name} is the {own} file of {variant_stem(model)}.onnx: --precision {config.precision} "
-                          f"runs from that model, --precision {own} (or none) from this file", param="precision")
+        raise CtedgeError(f"{config.precision}: {model.name} is the {own} file exported from "
+                          f"{variant_stem(model)}.onnx; run that model for {config.precision}, or this file at {own}",
+                          param="precision")
     resolved = replace(config, runtime=runtime, precision=own or precision or "fp32", provider=provider)
     check_fits(resolved, model)
     return resolved

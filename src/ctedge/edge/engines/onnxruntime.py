@@ -250,13 +250,12 @@ def about() -> dict:
 def variants(model: Path, devices: list[str]) -> list[tuple[str, str]]:
     """(precision, device) pairs this machine can run: fp32, and each variant file export wrote
     (a variant file given itself: its own precision only)."""
+    usable = [d for d in usable_devices()[::-1] if d in devices]
     own = file_precision("onnxruntime", model)
-    found = []
-    for device in [d for d in usable_devices()[::-1] if d in devices]:
-        found += [(own, device)] if own else \
-            [("fp32", device)] + [(p, device) for p in ("fp16", "int8")
-                                  if variant_path("onnxruntime", model, p).is_file()]
-    return found
+    if own:
+        return [(own, device) for device in usable]
+    kept = [p for p in ("fp16", "int8") if variant_path("onnxruntime", model, p).is_file()]
+    return [(p, device) for device in usable for p in ("fp32", *kept)]
 
 
 @register_engine("onnxruntime", package="onnxruntime",

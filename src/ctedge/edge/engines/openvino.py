@@ -253,8 +253,9 @@ def about() -> dict:
 def variants(model: Path, devices: list[str]) -> list[tuple[str, str]]:
     """(precision, device) pairs on the CPU: fp32, bf16/fp16 where the CPU has them, the INT8 IR
     (that IR given itself: int8 only)."""
-    if file_precision("openvino", model):
-        return [("int8", "cpu")]
+    own = file_precision("openvino", model)
+    if own:
+        return [(own, "cpu")]
     found = [("fp32", "cpu")] + [(p, "cpu") for p in ("bf16", "fp16") if CAPABILITY[p] in capabilities("CPU")]
     if variant_path("openvino", model, "int8").is_file():
         found.append(("int8", "cpu"))
