@@ -185,6 +185,7 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     """`predict --study`: one row per study, details below the table; exit 1 if any failed.
     ``pull``: (source, query) to pull the studies from a PACS instead of ``paths``."""
     from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
 
     from rich.table import Table
 
@@ -229,6 +230,11 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     report = studies_report(clf, model, options, results)
     for warning in report.warnings:
         console.print(Text.assemble(("warning:", "bold red"), " ", clean(warning)))
+    if failure is not None:  # --json says the run stopped short, not only the exit code
+        cause = "interrupted" if isinstance(failure, KeyboardInterrupt) else \
+            f"the model failed: {failure.__class__.__name__}: {failure}"
+        stopped = f"stopped after {len(results)} stud(ies) ({cause}); the remaining inputs were not classified"
+        report = replace(report, warnings=(*report.warnings, stopped))
     if plot is not None:
         written: set[Path] = set()
         for r in results:
@@ -237,11 +243,10 @@ def predict_studies_command(model: Path, paths: list[Path], options: StudyOption
     write_csv([csv_row(r) for r in results], CSV_FIELDS, csv_out)
     write_text(dumps(report), json_out)
     if isinstance(failure, KeyboardInterrupt):
-        console.print(f"[yellow]stopped after {len(results)} stud(ies): their rows are written[/]")
+        console.print(shown(f"{stopped}; their rows are written", "yellow"))
         raise failure
     if failure is not None:
-        raise ModelFailed(f"the model failed after {len(results)} stud(ies) ({failure.__class__.__name__}: "
-                          f"{failure}); their rows are written, the remaining inputs were not classified")
+        raise ModelFailed(f"{stopped}; their rows are written")
     skipped = sum(r.not_eligible is not None for r in results)
     if skipped:
         console.print(f"[yellow]{skipped} of {len(results)} stud(ies) not eligible under the rules (--rule)[/]")
